@@ -1,0 +1,1 @@
+"""Offline training workspace: datasets, algorithms, evaluation and model-bundle export."""

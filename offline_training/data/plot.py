@@ -1,0 +1,52 @@
+"""Reward-versus-cost scatter plot of a dataset's trajectories, like DSRL's CR-plots."""
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from offline_training.data.tasks import get_task
+from offline_training.data.trajectories import trajectory_returns
+
+
+def plot_returns(data, out_path, task=None, title: Optional[str] = None,
+                 kappas=(5, 10, 20, 40)) -> Path:
+    """
+    Save a PNG with one point per trajectory: cost return (x) against reward return (y).
+
+    Dashed lines mark the cost thresholds ``kappas``; with a task, the DSRL cost cut-off and the
+    DSRL reward bounds used for normalisation are drawn too, so coverage can be read off.
+    """
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    reward_returns, cost_returns, _, _ = trajectory_returns(data)
+    spec = get_task(task) if task is not None else None
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    ax.scatter(cost_returns, reward_returns, s=6, alpha=0.5, color='tab:blue', linewidths=0,
+               label=f'{reward_returns.size} trajectories')
+    for kappa in kappas:
+        ax.axvline(kappa, color='tab:green', linestyle=':', linewidth=0.8)
+    if kappas:
+        ax.plot([], [], color='tab:green', linestyle=':', label=f'kappa = {list(kappas)}')
+    if spec is not None:
+        ax.axvline(spec.max_cost, color='tab:red', linestyle='--', linewidth=1,
+                   label=f'DSRL cost cut-off {spec.max_cost:g}')
+        for bound in (spec.min_reward, spec.max_reward):
+            ax.axhline(bound, color='grey', linestyle='--', linewidth=0.8)
+        ax.plot([], [], color='grey', linestyle='--', label='DSRL reward bounds')
+    ax.set_xlabel('cost return')
+    ax.set_ylabel('reward return')
+    ax.set_title(title or (f'{spec.name}: reward vs cost per trajectory' if spec
+                           else 'reward vs cost per trajectory'))
+    ax.grid(alpha=0.3)
+    ax.legend(loc='lower right', fontsize=8)
+    if reward_returns.size:
+        ax.set_xlim(left=min(-1.0, float(np.min(cost_returns)) - 1))
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,86 @@
+"""Packaging: package.xml, the installable wheel, entry points and the layer rules."""
+
+import configparser
+from importlib import metadata
+from pathlib import Path
+import subprocess
+import sys
+import zipfile
+
+from catkin_pkg.package import parse_package
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MESSAGE_PACKAGES = {'std_msgs', 'sensor_msgs', 'geometry_msgs', 'nav_msgs', 'diagnostic_msgs',
+                    'std_srvs', 'lifecycle_msgs'}
+
+
+def test_package_xml_is_a_valid_format3_ament_python_package():
+    package = parse_package(str(ROOT / 'package.xml'))
+    package.validate()
+    assert package.package_format == 3
+    assert package.name == 'saferl_ros'
+    assert package.get_build_type() == 'ament_python'
+    exec_depends = {d.name for d in package.exec_depends}
+    assert {'rclpy'} | MESSAGE_PACKAGES <= exec_depends
+    test_depends = {d.name for d in package.test_depends}
+    assert {'ament_flake8', 'ament_pep257', 'launch_pytest'} <= test_depends
+
+
+def test_setup_cfg_installs_scripts_where_ros2_run_looks():
+    config = configparser.ConfigParser()
+    config.read(ROOT / 'setup.cfg')
+    assert config['develop']['script_dir'] == '$base/lib/saferl_ros'
+    assert config['install']['install_scripts'] == '$base/lib/saferl_ros'
+
+
+def test_every_console_script_resolves_to_a_callable():
+    scripts = [ep for ep in metadata.entry_points(group='console_scripts')
+               if ep.value.split('.')[0] in ('saferl_ros', 'offline_training')]
+    names = {ep.name for ep in scripts}
+    assert 'saferl-data' in names
+    for entry_point in scripts:
+        assert callable(entry_point.load()), entry_point
+
+
+def test_wheel_contains_packages_data_files_and_ament_marker(tmp_path):
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation',
+                    '--quiet', '-w', str(tmp_path), str(ROOT)], check=True, timeout=240)
+    wheel = next(tmp_path.glob('saferl_ros-*.whl'))
+    names = zipfile.ZipFile(wheel).namelist()
+    data = 'saferl_ros-0.1.0.data/data/'
+    assert data + 'share/ament_index/resource_index/packages/saferl_ros' in names
+    assert data + 'share/saferl_ros/package.xml' in names
+    assert 'saferl_ros/__init__.py' in names
+    assert 'offline_training/data/dataset.py' in names
+    for folder in ('launch', 'config', 'models'):
+        expected = {f'{data}share/saferl_ros/{p.relative_to(ROOT)}'
+                    for p in (ROOT / folder).rglob('*') if p.is_file()}
+        assert expected <= set(names), f'{folder}/ files missing from the wheel'
+    assert not [n for n in names if n.startswith('test/')]
+
+
+def _modules(package):
+    return sorted(str(p.relative_to(ROOT).with_suffix('')).replace('/', '.')
+                  for p in (ROOT / package).rglob('*.py'))
+
+
+def _imported_after(modules):
+    """Import ``modules`` in a fresh interpreter; return the top-level packages it loaded."""
+    code = ('import importlib, sys\n'
+            f'for m in {modules!r}:\n'
+            '    importlib.import_module(m)\n'
+            'print(" ".join(sorted({m.split(".")[0] for m in sys.modules})))\n')
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                            cwd=ROOT, timeout=240)
+    assert result.returncode == 0, result.stderr
+    return set(result.stdout.split())
+
+
+@pytest.mark.parametrize('package, forbidden', [('saferl_ros', 'torch'),
+                                                ('offline_training', 'rclpy')])
+def test_layer_rules(package, forbidden):
+    # DESIGN.md: deployment needs only numpy + onnxruntime + rclpy; training never needs rclpy.
+    loaded = _imported_after(_modules(package))
+    assert package in loaded
+    assert forbidden not in loaded, f'importing {package} modules imports {forbidden}'
