@@ -8,8 +8,6 @@ import sys
 
 import h5py
 import numpy as np
-import pytest
-
 from offline_training.data import cli
 from offline_training.data.dataset import (DatasetError, DatasetNotFoundError, file_sha256,
                                            load_dataset, resolve_dataset_path, validate_file,
@@ -18,6 +16,7 @@ from offline_training.data.synthetic import synthetic_dataset
 from offline_training.data.tasks import get_task, TASK_NAMES, TASKS
 from offline_training.data.trajectories import (normalized_score, split_trajectories,
                                                 trajectory_returns)
+import pytest
 
 
 def _write_raw(path, data, attrs=None):
@@ -160,7 +159,8 @@ def _bad_cases(arrays):
     ends = arrays['timeouts'] | arrays['terminals']
     joined = ends.copy()
     joined[int(np.flatnonzero(ends)[0])] = False
-    yield 'lost boundary', changed(timeouts=joined, terminals=np.zeros(n, bool)), 'timeouts', 'boundary is missing its terminal or timeout'
+    yield 'lost boundary', changed(timeouts=joined, terminals=np.zeros(n, bool)), 'timeouts', \
+        'boundary is missing its terminal or timeout'
 
 
 @pytest.mark.parametrize('case', range(11))
@@ -246,9 +246,9 @@ def test_split_trajectories_matches_a_plain_loop(ballcircle_arrays):
     start, expected = 0, []
     for t, end in enumerate(ends):
         if end:
-            expected.append((start, t + 1, float(np.sum(ballcircle_arrays['rewards'][start:t + 1],
-                                                         dtype=np.float64)),
-                             float(np.sum(ballcircle_arrays['costs'][start:t + 1]))))
+            rewards = ballcircle_arrays['rewards'][start:t + 1].astype(np.float64)
+            costs = ballcircle_arrays['costs'][start:t + 1]
+            expected.append((start, t + 1, float(rewards.sum()), float(costs.sum())))
             start = t + 1
     assert [(tr.start, tr.stop) for tr in trajectories] == [e[:2] for e in expected]
     np.testing.assert_allclose([tr.reward_return for tr in trajectories],

@@ -84,3 +84,27 @@ def test_layer_rules(package, forbidden):
     loaded = _imported_after(_modules(package))
     assert package in loaded
     assert forbidden not in loaded, f'importing {package} modules imports {forbidden}'
+
+
+def test_colcon_builds_the_package_in_a_workspace(tmp_path):
+    # The build a ROS 2 user runs: colcon with its ROS extension picks up package.xml and builds
+    # the ament_python package; scripts land in lib/saferl_ros, where `ros2 run` looks.
+    source = tmp_path / 'src' / 'saferl_ros'
+    tracked = subprocess.run(['git', 'ls-files'], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    for name in tracked:
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            (source / name).write_bytes((ROOT / name).read_bytes())
+    colcon = Path(sys.executable).with_name('colcon')
+    result = subprocess.run([str(colcon), 'build', '--packages-select', 'saferl_ros'],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    install = tmp_path / 'install' / 'saferl_ros'
+    assert (install / 'share' / 'saferl_ros' / 'package.xml').is_file()
+    assert (install / 'share' / 'ament_index' / 'resource_index' / 'packages' /
+            'saferl_ros').is_file()
+    scripts = {ep.name for ep in metadata.entry_points(group='console_scripts')
+               if ep.value.split('.')[0] in ('saferl_ros', 'offline_training')}
+    installed = {p.name for p in (install / 'lib' / 'saferl_ros').iterdir()}
+    assert scripts <= installed

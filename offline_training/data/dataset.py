@@ -221,8 +221,9 @@ def validate_arrays(data: Dict[str, np.ndarray], task=None, source='<arrays>') -
         broken = inside[jump.max(axis=1) > CONTINUITY_ATOL]
         if broken.size:
             bad('timeouts', f'{broken.size} transitions inside an episode have '
-                            f'next_observations[t] != observations[t+1] (first at index {broken[0]}): an episode '
-                            'boundary is missing its terminal or timeout flag')
+                            'next_observations[t] != observations[t+1] (first at index '
+                            f'{broken[0]}): an episode boundary is missing its terminal or '
+                            'timeout flag')
     if spec is not None:
         _, _, starts, stops = trajectory_returns(arrays)
         too_long = np.flatnonzero(stops - starts > spec.horizon)
