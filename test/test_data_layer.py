@@ -9,6 +9,7 @@ import sys
 import h5py
 import numpy as np
 from offline_training.data import cli
+from offline_training.data import dataset as dataset_module
 from offline_training.data.dataset import (DatasetError, DatasetNotFoundError, file_sha256,
                                            load_dataset, resolve_dataset_path, validate_file,
                                            write_dataset)
@@ -225,6 +226,7 @@ def test_wrong_task_is_reported(tmp_path):
 def test_missing_dataset_explains_where_to_put_it(tmp_path, monkeypatch):
     monkeypatch.setenv('DSRL_DATASET_DIR', str(tmp_path))
     monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+    monkeypatch.setattr(dataset_module, 'PROJECT_DATASET_DIR', tmp_path / 'project')
     with pytest.raises(DatasetNotFoundError) as err:
         resolve_dataset_path(task='CarRun')
     message = str(err.value)

@@ -43,9 +43,22 @@ def test_every_console_script_resolves_to_a_callable():
         assert callable(entry_point.load()), entry_point
 
 
+def _copy_tracked_files(destination):
+    """Copy the git-tracked files (a clean checkout) to ``destination``; return it."""
+    tracked = subprocess.run(['git', 'ls-files'], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    for name in tracked:
+        if (ROOT / name).is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            (destination / name).write_bytes((ROOT / name).read_bytes())
+    return destination
+
+
 def test_wheel_contains_packages_data_files_and_ament_marker(tmp_path):
+    # Build from a copy: setuptools leaves a build/ folder in the source tree it builds.
+    source = _copy_tracked_files(tmp_path / 'src')
     subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation',
-                    '--quiet', '-w', str(tmp_path), str(ROOT)], check=True, timeout=240)
+                    '--quiet', '-w', str(tmp_path), str(source)], check=True, timeout=240)
     wheel = next(tmp_path.glob('saferl_ros-*.whl'))
     names = zipfile.ZipFile(wheel).namelist()
     data = 'saferl_ros-0.1.0.data/data/'
@@ -54,8 +67,8 @@ def test_wheel_contains_packages_data_files_and_ament_marker(tmp_path):
     assert 'saferl_ros/__init__.py' in names
     assert 'offline_training/data/dataset.py' in names
     for folder in ('launch', 'config', 'models'):
-        expected = {f'{data}share/saferl_ros/{p.relative_to(ROOT)}'
-                    for p in (ROOT / folder).rglob('*') if p.is_file()}
+        expected = {f'{data}share/saferl_ros/{p.relative_to(source)}'
+                    for p in (source / folder).rglob('*') if p.is_file()}
         assert expected <= set(names), f'{folder}/ files missing from the wheel'
     assert not [n for n in names if n.startswith('test/')]
 
@@ -89,13 +102,7 @@ def test_layer_rules(package, forbidden):
 def test_colcon_builds_the_package_in_a_workspace(tmp_path):
     # The build a ROS 2 user runs: colcon with its ROS extension picks up package.xml and builds
     # the ament_python package; scripts land in lib/saferl_ros, where `ros2 run` looks.
-    source = tmp_path / 'src' / 'saferl_ros'
-    tracked = subprocess.run(['git', 'ls-files'], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.split()
-    for name in tracked:
-        if (ROOT / name).is_file():
-            (source / name).parent.mkdir(parents=True, exist_ok=True)
-            (source / name).write_bytes((ROOT / name).read_bytes())
+    _copy_tracked_files(tmp_path / 'src' / 'saferl_ros')
     colcon = Path(sys.executable).with_name('colcon')
     result = subprocess.run([str(colcon), 'build', '--packages-select', 'saferl_ros'],
                             cwd=tmp_path, capture_output=True, text=True, timeout=240)

@@ -61,11 +61,21 @@ class DatasetNotFoundError(DatasetError, FileNotFoundError):
     """No dataset file at the given path or in the dataset directories."""
 
 
+# Where `saferl-data collect` writes by default: datasets/ at the root of the source checkout.
+PROJECT_DATASET_DIR = Path(__file__).resolve().parents[2] / 'datasets'
+
+
 def dataset_dirs() -> List[Path]:
-    """Return where datasets are looked for: $DSRL_DATASET_DIR, then dsrl's ~/.dsrl/datasets."""
+    """
+    Return where datasets are looked for, in order.
+
+    $DSRL_DATASET_DIR (if set), the project's datasets/ folder (where collection writes), then
+    dsrl's own cache ~/.dsrl/datasets.
+    """
     dirs = []
     if os.environ.get('DSRL_DATASET_DIR'):
         dirs.append(Path(os.environ['DSRL_DATASET_DIR']).expanduser())
+    dirs.append(PROJECT_DATASET_DIR)
     dirs.append(Path('~/.dsrl/datasets').expanduser())
     return dirs
 
@@ -260,8 +270,8 @@ def load_dataset(path=None, task=None, validate=True) -> Dict[str, np.ndarray]:
     """
     Load a DSRL dataset as DSRL does: float32 arrays, 1-D rewards, costs and flags.
 
-    ``path`` is a file; without it the task's file is looked up in $DSRL_DATASET_DIR and
-    ~/.dsrl/datasets. Never downloads. Raises DatasetError listing every problem found.
+    ``path`` is a file; without it the task's file is looked up in the folders of
+    `dataset_dirs`. Never downloads. Raises DatasetError listing every problem found.
     Extra keys (recording extras) are returned unchanged.
     """
     path = resolve_dataset_path(path, task)
