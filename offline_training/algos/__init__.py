@@ -1,0 +1,29 @@
+"""
+Offline safe-RL algorithms (FISOR and baselines) sharing one training framework.
+
+Each algorithm module provides: a dataclass config with the paper's values as defaults,
+``PRESETS``, ``make_config(preset, **overrides)``, ``resolve_config(config, task)``,
+``prepare_arrays(data, config)``, ``build_model(obs_dim, act_dim, config)`` and
+``make_trainer(model, config)`` whose ``update(buffer)`` runs one training iteration.
+"""
+
+from importlib import import_module
+from types import ModuleType
+from typing import Dict, Tuple
+
+# Algorithm name (as in the model bundle manifest) -> (module, fixed config values).
+ALGORITHMS: Dict[str, Tuple[str, dict]] = {
+    'fisor': ('offline_training.algos.fisor', {}),
+    'bc_all': ('offline_training.algos.bc', {'mode': 'all'}),
+    'bc_safe': ('offline_training.algos.bc', {'mode': 'safe'}),
+    'bcq_lag': ('offline_training.algos.bcq_lag', {}),
+}
+
+
+def get_algorithm(name: str) -> Tuple[ModuleType, dict]:
+    """Return (module, fixed config overrides) of an algorithm name such as 'fisor'."""
+    key = name.lower().replace('-', '_')
+    if key not in ALGORITHMS:
+        raise KeyError(f'unknown algorithm {name!r}; choose one of {sorted(ALGORITHMS)}')
+    module_name, fixed = ALGORITHMS[key]
+    return import_module(module_name), dict(fixed)

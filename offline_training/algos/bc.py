@@ -1,0 +1,140 @@
+"""
+Behaviour cloning baselines of OSRL: BC-All (every transition) and BC-Safe (safe episodes).
+
+BC-Safe keeps only the trajectories whose undiscounted cost return is <= kappa (OSRL's
+``bc_mode='safe'`` with gamma = 1). The policy is a deterministic tanh MLP trained by mean squared
+error, with OSRL's defaults (hidden 256x256, lr 1e-3, batch 512, 100k steps).
+"""
+
+from dataclasses import dataclass, fields
+from typing import Dict, Tuple
+
+import numpy as np
+from offline_training.algos.common import clip_actions, mlp, ReplayBuffer
+from offline_training.data.trajectories import trajectory_returns
+import torch
+from torch import nn
+
+NAME = 'bc'
+MODES = ('all', 'safe')
+
+
+@dataclass
+class BCConfig:
+    """BC hyperparameters; defaults are OSRL's bc_configs.py."""
+
+    mode: str = 'all'                # 'all' (BC-All) or 'safe' (BC-Safe)
+    cost_limit: float = 10.0         # kappa: BC-Safe keeps episodes with cost return <= kappa
+    steps: int = 100_000
+    batch_size: int = 512
+    actor_lr: float = 1e-3
+    hidden: Tuple[int, ...] = (256, 256)
+
+    def __post_init__(self):
+        self.hidden = tuple(int(h) for h in self.hidden)
+        if self.mode not in MODES:
+            raise ValueError(f'unknown BC mode {self.mode!r}; use one of {MODES}')
+
+
+# BC is cheap: the OSRL defaults already run at a useful rate on 2 cores, so 'cpu' only halves
+# the batch (see docs/algorithms.md).
+PRESETS: Dict[str, dict] = {'paper': {}, 'cpu': {'batch_size': 256}}
+
+
+def make_config(preset: str = 'paper', **overrides) -> BCConfig:
+    """Return the config of a named preset with ``overrides`` applied."""
+    if preset not in PRESETS:
+        raise KeyError(f'unknown BC preset {preset!r}; choose one of {sorted(PRESETS)}')
+    unknown = sorted(set(overrides) - {f.name for f in fields(BCConfig)})
+    if unknown:
+        raise KeyError(f'unknown BC config fields {unknown}')
+    return BCConfig(**{**PRESETS[preset], **overrides})
+
+
+def resolve_config(config: BCConfig, task) -> BCConfig:
+    """Return ``config`` unchanged (BC has no task-dependent values)."""
+    return config
+
+
+def bc_loss(pred: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Return the behaviour-cloning loss: mean squared error (OSRL BC)."""
+    return (pred - actions).pow(2).mean()
+
+
+def safe_transition_mask(data: Dict[str, np.ndarray], cost_limit: float) -> np.ndarray:
+    """Return a boolean mask of transitions in trajectories with cost return <= cost_limit."""
+    _, cost_returns, starts, stops = trajectory_returns(data)
+    keep = cost_returns <= cost_limit
+    mask = np.zeros(len(data['observations']), dtype=bool)
+    for start, stop in zip(starts[keep], stops[keep]):
+        mask[start:stop] = True
+    return mask
+
+
+def prepare_arrays(data: Dict[str, np.ndarray], config: BCConfig) -> Dict[str, np.ndarray]:
+    """Return the (observation, action) pairs BC trains on; BC-Safe filters episodes first."""
+    obs = np.asarray(data['observations'], dtype=np.float32)
+    act = clip_actions(data['actions'], 1.0)
+    if config.mode == 'safe':
+        keep = safe_transition_mask(data, config.cost_limit)
+        if not keep.any():
+            _, cost_returns, _, _ = trajectory_returns(data)
+            raise ValueError(f'BC-Safe: no trajectory has cost return <= {config.cost_limit} '
+                             f'(smallest is {cost_returns.min():.1f}); raise cost_limit')
+        obs, act = obs[keep], act[keep]
+    return {'obs': obs, 'act': act}
+
+
+class BCModel(nn.Module):
+    """Deterministic policy a = tanh(MLP(s)) in [-1, 1] (OSRL's MLPActor)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, config: BCConfig):
+        super().__init__()
+        self.obs_dim, self.act_dim = int(obs_dim), int(act_dim)
+        self.actor = mlp([obs_dim, *config.hidden, act_dim], nn.ReLU, nn.Tanh)
+
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        """Return the action [B, act_dim]."""
+        return self.actor(obs)
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        return self.act(observation)
+
+    def export_modules(self) -> Dict[str, nn.Module]:
+        """Return the modules the ONNX export traces (policy only; BC has no critic)."""
+        return {'policy': self}
+
+
+def build_model(obs_dim: int, act_dim: int, config: BCConfig) -> BCModel:
+    """Return a freshly initialised BCModel."""
+    return BCModel(obs_dim, act_dim, config)
+
+
+class BCTrainer:
+    """Adam on the MSE loss."""
+
+    def __init__(self, model: BCModel, config: BCConfig):
+        self.model, self.config = model, config
+        self.opt = torch.optim.Adam(model.actor.parameters(), lr=config.actor_lr)
+
+    def update(self, buffer: ReplayBuffer) -> Dict[str, torch.Tensor]:
+        """One gradient step on a batch."""
+        batch = buffer.sample(self.config.batch_size)
+        loss = bc_loss(self.model.act(batch['obs']), batch['act'])
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return {'loss/bc': loss.detach()}
+
+    def state_dict(self) -> dict:
+        """Return the optimiser state."""
+        return {'opt': self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the optimiser state."""
+        self.opt.load_state_dict(state['opt'])
+
+
+def make_trainer(model: BCModel, config: BCConfig) -> BCTrainer:
+    """Return the trainer of ``model``."""
+    return BCTrainer(model, config)

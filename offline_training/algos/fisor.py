@@ -1,0 +1,454 @@
+"""
+FISOR: feasibility-guided safe offline RL with a diffusion policy (Zheng et al., ICLR 2024).
+
+A PyTorch port of the paper and of the official JAX code (ZhengYinan-AIR/FISOR, jaxrl5), see
+/work/shared/research/fisor.md. Three decoupled objectives are trained concurrently:
+
+1. the largest feasible region: V_h by reversed expectile regression (Eq. 8) and two Q_h heads by
+   the discounted feasible Bellman operator (Eq. 9), with h = -1 when safe and h = M = 25 when the
+   step has a cost;
+2. the reward advantage with IQL: V_r (Eq. 15) and two Q_r heads (Eq. 16) on scaled rewards;
+3. the policy: a diffusion model trained by weighted denoising (Eq. 14) with the feasibility-
+   dependent weights of Eq. 13.
+
+Sign conventions (used by the runtime monitor too): V_h(s) <= 0 means the state is feasible,
+max_j Q_h^j(s, a) <= 0 means the action keeps it feasible. Inference samples N candidates with
+DDPM from the EMA noise model and returns the one with the smallest max-of-heads target Q_h.
+"""
+
+from copy import deepcopy
+from dataclasses import dataclass, fields, replace
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+from offline_training.algos.common import (
+    clip_actions, cosine_lr_scheduler, ddpm_sample, DiffusionSchedule, EpsilonNet,
+    expectile_loss, QEnsemble, ReplayBuffer, reversed_expectile_loss, soft_update, ValueNet)
+import torch
+from torch import nn
+
+NAME = 'fisor'
+
+
+@dataclass
+class FisorConfig:
+    """FISOR hyperparameters; the defaults are the paper's Table 5 / the official config."""
+
+    # --- schedule
+    steps: int = 1_000_000              # training iterations (paper: 1e6)
+    actor_batch_size: int = 1024        # one actor update sees this many samples ...
+    actor_updates_per_step: int = 2     # ... and there are two per iteration (paper: batch 2048)
+    critic_batch_size: int = 256        # critics/values see the first 256 rows of the batch
+    # --- critics (Eq. 8, 9, 15, 16)
+    gamma: float = 0.99
+    critic_hidden: Tuple[int, ...] = (256, 256)
+    num_q_heads: int = 2                # min of 2 Q_r, max of 2 Q_h (App. D.3)
+    expectile: float = 0.9              # tau of V_r (Eq. 15, upper expectile)
+    feasibility_expectile: float = 0.9  # tau of V_h (Eq. 8, reversed / lower expectile)
+    violation_value: float = 25.0       # h(s) = M when c(s) > 0 ...
+    safe_value: float = -1.0            # ... and -1 otherwise (App. D.3)
+    critic_lr: float = 3e-4
+    value_lr: float = 3e-4
+    critic_tau: float = 0.005           # Polyak rate of the Q_r / Q_h targets (code default)
+    normalize_returns: bool = True      # r <- r * H / (R_max - R_min) (official code)
+    reward_scale: Optional[float] = None  # resolved from the task when normalize_returns
+    # --- policy weights (Eq. 13)
+    reward_temperature: float = 3.0     # alpha_1
+    cost_temperature: float = 5.0       # alpha_2
+    reward_weight_max: float = 100.0    # exp(alpha_1 A_r) clipped to (-inf, 100]
+    cost_weight_max: float = 150.0      # exp(-alpha_2 A_h) clipped to (-inf, 150]
+    # --- diffusion actor (Eq. 14)
+    actor_hidden: int = 256
+    actor_blocks: int = 3
+    actor_dropout: float = 0.1
+    time_dim: int = 64
+    cond_hidden: Tuple[int, ...] = (128, 128)
+    diffusion_steps: int = 5            # T
+    beta_min: float = 0.1
+    beta_max: float = 10.0
+    actor_lr: float = 3e-4
+    actor_decay_steps: int = 3_000_000  # cosine decay over actor optimiser steps (code)
+    actor_ema: float = 0.001            # EMA rate of the sampling copy of the noise model
+    # --- inference
+    num_candidates: int = 16            # N
+    fallback_candidates: int = 64       # candidates of the fallback (argmin Q_h) selection
+    clip_sampler: bool = True
+    ddpm_temperature: float = 1.0
+
+    def __post_init__(self):
+        self.critic_hidden = tuple(int(h) for h in self.critic_hidden)
+        self.cond_hidden = tuple(int(h) for h in self.cond_hidden)
+        if self.critic_batch_size > self.actor_batch_size * self.actor_updates_per_step:
+            raise ValueError('critic_batch_size must not exceed actor_batch_size * '
+                             'actor_updates_per_step (critics use the first rows of the batch)')
+
+
+# Named presets. 'paper' is the paper/official configuration. 'cpu' keeps every equation and the
+# update structure but shrinks the diffusion network, the batches and the number of steps so that
+# a run finishes in about an hour on a 2-core laptop (see docs/algorithms.md for the figures).
+PRESETS: Dict[str, dict] = {
+    'paper': {},
+    'cpu': {'steps': 100_000, 'actor_batch_size': 256, 'actor_updates_per_step': 2,
+            'critic_batch_size': 256, 'actor_hidden': 128, 'actor_blocks': 2,
+            'actor_decay_steps': 300_000},
+}
+
+
+def make_config(preset: str = 'paper', **overrides) -> FisorConfig:
+    """Return the config of a named preset with ``overrides`` applied."""
+    if preset not in PRESETS:
+        raise KeyError(f'unknown FISOR preset {preset!r}; choose one of {sorted(PRESETS)}')
+    names = {f.name for f in fields(FisorConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise KeyError(f'unknown FISOR config fields {unknown}')
+    return FisorConfig(**{**PRESETS[preset], **overrides})
+
+
+def resolve_config(config: FisorConfig, task) -> FisorConfig:
+    """Fill in task-dependent values: reward_scale = H / (R_max - R_min) (official code)."""
+    if config.normalize_returns and config.reward_scale is None:
+        config = replace(config, reward_scale=float(
+            task.horizon / (task.max_reward - task.min_reward)))
+    return config
+
+
+# --------------------------------------------------------------------------- losses (pure)
+
+def feasibility_h(costs: torch.Tensor, violation_value: float = 25.0,
+                  safe_value: float = -1.0) -> torch.Tensor:
+    """Return the constraint-violation h(s): M where the cost is > 0, -1 elsewhere (App. D.3)."""
+    return torch.where(costs > 0, torch.full_like(costs, violation_value),
+                       torch.full_like(costs, safe_value))
+
+
+def feasible_bellman_target(h: torch.Tensor, v_h_next: torch.Tensor, mask: torch.Tensor,
+                            gamma: float) -> torch.Tensor:
+    """
+    Return the Q_h regression target of Eq. 9.
+
+    (1 - gamma) h + gamma max(h, V_h(s')) while the episode goes on (mask = 1); at a terminal or
+    a timeout (mask = 0) the target is h(s) itself, as in the official code.
+    """
+    bootstrap = (1.0 - gamma) * h + gamma * torch.maximum(h, v_h_next)
+    return mask * bootstrap + (1.0 - mask) * h
+
+
+def critic_mse(q_heads: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Return the mean over heads and batch of (Q^j(s, a) - target)^2 (Eq. 9 and Eq. 16)."""
+    return (q_heads - target.unsqueeze(0)).pow(2).mean()
+
+
+def feasible_value_loss(q_h_target_heads: torch.Tensor, v_h: torch.Tensor,
+                        tau: float) -> torch.Tensor:
+    """Return Eq. 8: reversed expectile of u = max_j Qbar_h^j(s, a) - V_h(s)."""
+    u = q_h_target_heads.max(dim=0).values - v_h
+    return reversed_expectile_loss(u, tau).mean()
+
+
+def reward_value_loss(q_r_target_heads: torch.Tensor, v_r: torch.Tensor,
+                      tau: float) -> torch.Tensor:
+    """Return Eq. 15: IQL expectile of u = min_j Qbar_r^j(s, a) - V_r(s)."""
+    u = q_r_target_heads.min(dim=0).values - v_r
+    return expectile_loss(u, tau).mean()
+
+
+def reward_target(rewards: torch.Tensor, v_r_next: torch.Tensor, mask: torch.Tensor,
+                  gamma: float) -> torch.Tensor:
+    """Return the Q_r regression target of Eq. 16: r + gamma mask V_r(s')."""
+    return rewards + gamma * mask * v_r_next
+
+
+def policy_weights(q_r: torch.Tensor, v_r: torch.Tensor, q_h: torch.Tensor, v_h: torch.Tensor,
+                   config: FisorConfig) -> torch.Tensor:
+    """
+    Return the weights w(s, a) of Eq. 13 as the official code computes them.
+
+    Feasible state (V_h <= 0) and feasible action (Q_h <= 0): clip(exp(alpha_1 (Q_r - V_r)), 0,
+    100). Feasible state, infeasible action: 0. Infeasible state (V_h > 0): clip(exp(alpha_2
+    (V_h - Q_h)), 0, 150). q_r is the min over the target Q_r heads, q_h the max over Q_h heads.
+    """
+    infeasible_state = (v_h > 0).to(q_r.dtype)
+    feasible_pair = ((v_h <= 0) & (q_h <= 0)).to(q_r.dtype)
+    w_infeasible = torch.exp(config.cost_temperature * (v_h - q_h)).clamp(
+        0.0, config.cost_weight_max)
+    w_feasible = torch.exp(config.reward_temperature * (q_r - v_r)).clamp(
+        0.0, config.reward_weight_max)
+    return infeasible_state * w_infeasible + feasible_pair * w_feasible
+
+
+def weighted_denoising_loss(eps_pred: torch.Tensor, eps: torch.Tensor,
+                            weights: torch.Tensor) -> torch.Tensor:
+    """Return Eq. 14: mean_b [ w_b * sum_dims (eps_theta - eps)^2 ]."""
+    return (weights * (eps_pred - eps).pow(2).sum(dim=-1)).mean()
+
+
+# --------------------------------------------------------------------------- the model
+
+class FisorModel(nn.Module):
+    """
+    All FISOR networks, plus sampling and action selection with explicit noise.
+
+    Networks: ``actor`` (trained noise model), ``actor_ema`` (its EMA, used for sampling),
+    ``q_r``/``q_r_target``/``v_r`` (reward), ``q_h``/``q_h_target``/``v_h`` (feasibility), and the
+    ``schedule`` buffers. Observations are raw (the official code does not normalise them);
+    actions live in [-1, 1].
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, config: FisorConfig):
+        super().__init__()
+        self.obs_dim, self.act_dim = int(obs_dim), int(act_dim)
+        self.diffusion_steps = config.diffusion_steps
+        self.clip_sampler = config.clip_sampler
+        self.ddpm_temperature = config.ddpm_temperature
+        self.num_candidates = config.num_candidates
+        self.fallback_candidates = config.fallback_candidates
+        self.actor = EpsilonNet(obs_dim, act_dim, config.actor_hidden, config.actor_blocks,
+                                config.actor_dropout, config.time_dim, config.cond_hidden)
+        self.actor_ema = deepcopy(self.actor)
+        self.q_r = QEnsemble(obs_dim, act_dim, config.critic_hidden, config.num_q_heads)
+        self.q_r_target = deepcopy(self.q_r)
+        self.v_r = ValueNet(obs_dim, config.critic_hidden)
+        self.q_h = QEnsemble(obs_dim, act_dim, config.critic_hidden, config.num_q_heads)
+        self.q_h_target = deepcopy(self.q_h)
+        self.v_h = ValueNet(obs_dim, config.critic_hidden)
+        self.schedule = DiffusionSchedule(config.diffusion_steps, config.beta_min,
+                                          config.beta_max)
+        for frozen in (self.actor_ema, self.q_r_target, self.q_h_target):
+            frozen.requires_grad_(False)
+        self.actor_ema.eval()
+
+    def train(self, mode: bool = True):
+        """Set training mode; the EMA sampling copy always stays in eval mode (no dropout)."""
+        super().train(mode)
+        self.actor_ema.eval()
+        return self
+
+    # ---------------------------------------------------------------- inference
+    def noise_shape(self, batch: int, num_candidates: Optional[int] = None) -> Tuple[int, ...]:
+        """Return the shape of the sampler noise: [batch, N, T + 1, act_dim]."""
+        num = self.num_candidates if num_candidates is None else num_candidates
+        return (batch, num, self.diffusion_steps + 1, self.act_dim)
+
+    def sample_noise(self, batch: int, num_candidates: Optional[int] = None,
+                     generator: Optional[torch.Generator] = None,
+                     device: Optional[torch.device] = None) -> torch.Tensor:
+        """Draw standard normal sampler noise of noise_shape(batch, num_candidates)."""
+        device = device if device is not None else self.schedule.betas.device
+        return torch.randn(self.noise_shape(batch, num_candidates), generator=generator,
+                           device=device)
+
+    def sample_candidates(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Denoise ``noise`` [B, N, T+1, A] into N candidate actions per state: [B, N, A]."""
+        return ddpm_sample(self.actor_ema, self.schedule, obs, noise, clip=self.clip_sampler,
+                           temperature=self.ddpm_temperature)
+
+    def q_h_max(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """Return max_j Qbar_h^j(s, a) over the target heads (what FISOR selects with): [B]."""
+        return self.q_h_target(obs, act).max(dim=0).values
+
+    def select_safest(self, obs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """
+        Return, per state, the candidate [B, N, A] with the smallest max-of-heads Q_h: [B, A].
+
+        This is FISOR's action selection ('minqc') and also the infeasible-region (fallback)
+        policy: argmin Q_h ignores reward and picks the action that minimises the worst future
+        violation. Ties go to the first candidate (as torch.argmin and ONNX ArgMin do).
+        """
+        batch, num, act_dim = candidates.shape
+        obs_rep = obs.unsqueeze(1).expand(batch, num, obs.shape[-1]).reshape(batch * num, -1)
+        q_h = self.q_h_max(obs_rep, candidates.reshape(batch * num, act_dim)).reshape(batch, num)
+        best = torch.argmin(q_h, dim=1)
+        index = best.view(batch, 1, 1).expand(batch, 1, act_dim)
+        return torch.gather(candidates, 1, index).squeeze(1)
+
+    def act(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Return FISOR's action [B, A]: N DDPM candidates, argmin of max-of-heads Q_h."""
+        return self.select_safest(obs, self.sample_candidates(obs, noise))
+
+    def fallback(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """
+        Return the infeasible-region (recovery) action: the same argmin-Q_h selection.
+
+        Pass noise with ``fallback_candidates`` candidates to search more actions than the
+        policy does.
+        """
+        return self.select_safest(obs, self.sample_candidates(obs, noise))
+
+    def feasibility(self, obs: torch.Tensor, act: torch.Tensor
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Return (V_h(s), max_j Qbar_h^j(s, a)), each [B]; <= 0 means feasible."""
+        return self.v_h(obs), self.q_h_max(obs, act)
+
+    def export_modules(self) -> Dict[str, nn.Module]:
+        """Return the modules the ONNX export traces: policy, critic and fallback."""
+        return {'policy': FisorPolicy(self), 'critic': FisorCritic(self),
+                'fallback': FisorFallback(self)}
+
+
+class FisorPolicy(nn.Module):
+    """ONNX-exportable policy: (observation [B, obs], noise [B, N, T+1, A]) -> action [B, A]."""
+
+    def __init__(self, model: FisorModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, observation: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self.model.act(observation, noise)
+
+
+class FisorFallback(FisorPolicy):
+    """ONNX-exportable fallback: argmin max-of-heads Q_h over the candidates of ``noise``."""
+
+    def forward(self, observation: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self.model.fallback(observation, noise)
+
+
+class FisorCritic(nn.Module):
+    """ONNX-exportable feasibility critic: (observation, action) -> (v_h [B], q_h [B])."""
+
+    def __init__(self, model: FisorModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, observation: torch.Tensor, action: torch.Tensor):
+        return self.model.feasibility(observation, action)
+
+
+def build_model(obs_dim: int, act_dim: int, config: FisorConfig) -> FisorModel:
+    """Return a freshly initialised FisorModel."""
+    return FisorModel(obs_dim, act_dim, config)
+
+
+# --------------------------------------------------------------------------- training
+
+def prepare_arrays(data: Dict[str, np.ndarray], config: FisorConfig) -> Dict[str, np.ndarray]:
+    """
+    Turn a DSRL dataset dict into the arrays FISOR trains on.
+
+    Actions are clipped to +-(1 - 1e-5), rewards multiplied by reward_scale, costs relabelled to
+    h, and mask = 1 - (terminal or timeout): the official code cuts bootstrapping at timeouts.
+    """
+    if config.normalize_returns and config.reward_scale is None:
+        raise ValueError('FisorConfig.reward_scale is unset; call resolve_config(config, task) '
+                         'or set normalize_returns=False')
+    scale = config.reward_scale if config.normalize_returns else 1.0
+    costs = np.asarray(data['costs'], dtype=np.float32).reshape(-1)
+    done = (np.asarray(data['terminals']).reshape(-1) > 0) | \
+        (np.asarray(data['timeouts']).reshape(-1) > 0)
+    return {
+        'obs': np.asarray(data['observations'], dtype=np.float32),
+        'act': clip_actions(data['actions']),
+        'reward': np.asarray(data['rewards'], dtype=np.float32).reshape(-1) * scale,
+        'h': np.where(costs > 0, config.violation_value, config.safe_value).astype(np.float32),
+        'next_obs': np.asarray(data['next_observations'], dtype=np.float32),
+        'mask': (~done).astype(np.float32),
+    }
+
+
+class FisorTrainer:
+    """Optimisers and the one-iteration update of the official code."""
+
+    def __init__(self, model: FisorModel, config: FisorConfig):
+        self.model, self.config = model, config
+        # AdamW with weight decay 0 and a cosine-decayed learning rate, as optax in the code.
+        self.actor_opt = torch.optim.AdamW(model.actor.parameters(), lr=config.actor_lr,
+                                           weight_decay=0.0)
+        self.actor_sched = cosine_lr_scheduler(self.actor_opt, config.actor_decay_steps)
+        self.q_r_opt = torch.optim.Adam(model.q_r.parameters(), lr=config.critic_lr)
+        self.v_r_opt = torch.optim.Adam(model.v_r.parameters(), lr=config.value_lr)
+        self.q_h_opt = torch.optim.Adam(model.q_h.parameters(), lr=config.critic_lr)
+        self.v_h_opt = torch.optim.Adam(model.v_h.parameters(), lr=config.value_lr)
+
+    @staticmethod
+    def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def actor_update(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """One weighted denoising step (Eq. 14) on ``batch``; weights from Eq. 13."""
+        m, c = self.model, self.config
+        obs, act = batch['obs'], batch['act']
+        with torch.no_grad():
+            q_r = m.q_r_target(obs, act).min(dim=0).values
+            q_h = m.q_h_target(obs, act).max(dim=0).values
+            weights = policy_weights(q_r, m.v_r(obs), q_h, m.v_h(obs), c)
+        t = torch.randint(0, c.diffusion_steps, (obs.shape[0],), device=obs.device)
+        eps = torch.randn_like(act)
+        a_t = m.schedule.q_sample(act, t, eps)
+        eps_pred = m.actor(a_t, obs, t.to(obs.dtype).unsqueeze(-1))
+        loss = weighted_denoising_loss(eps_pred, eps, weights)
+        self._step(self.actor_opt, loss)
+        self.actor_sched.step()
+        soft_update(m.actor_ema, m.actor, c.actor_ema)
+        return {'loss/actor': loss.detach(), 'weights/mean': weights.mean(),
+                'weights/zero_fraction': (weights == 0).float().mean()}
+
+    def critic_update(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """V_r (Eq. 15), Q_r (Eq. 16), V_h (Eq. 8), Q_h (Eq. 9), in the code's order."""
+        m, c = self.model, self.config
+        obs, act, next_obs, mask = batch['obs'], batch['act'], batch['next_obs'], batch['mask']
+        with torch.no_grad():
+            q_r_targets = m.q_r_target(obs, act)
+        v_r_loss = reward_value_loss(q_r_targets, m.v_r(obs), c.expectile)
+        self._step(self.v_r_opt, v_r_loss)
+
+        with torch.no_grad():
+            target_r = reward_target(batch['reward'], m.v_r(next_obs), mask, c.gamma)
+        q_r_loss = critic_mse(m.q_r(obs, act), target_r)
+        self._step(self.q_r_opt, q_r_loss)
+        soft_update(m.q_r_target, m.q_r, c.critic_tau)
+
+        with torch.no_grad():
+            q_h_targets = m.q_h_target(obs, act)
+        v_h = m.v_h(obs)
+        v_h_loss = feasible_value_loss(q_h_targets, v_h, c.feasibility_expectile)
+        self._step(self.v_h_opt, v_h_loss)
+
+        with torch.no_grad():
+            target_h = feasible_bellman_target(batch['h'], m.v_h(next_obs), mask, c.gamma)
+        q_h_loss = critic_mse(m.q_h(obs, act), target_h)
+        self._step(self.q_h_opt, q_h_loss)
+        soft_update(m.q_h_target, m.q_h, c.critic_tau)
+        return {'loss/v_r': v_r_loss.detach(), 'loss/q_r': q_r_loss.detach(),
+                'loss/v_h': v_h_loss.detach(), 'loss/q_h': q_h_loss.detach(),
+                'value/v_h_mean': v_h.detach().mean(),
+                'value/feasible_fraction': (v_h.detach() <= 0).float().mean()}
+
+    def update(self, buffer: ReplayBuffer) -> Dict[str, torch.Tensor]:
+        """
+        One training iteration: two actor updates on halves of the batch, then the critics.
+
+        The actor weights use the critics as they are before this iteration's critic updates,
+        and the critics train on the first critic_batch_size rows, as in the official code.
+        """
+        c = self.config
+        batch = buffer.sample(c.actor_batch_size * c.actor_updates_per_step)
+        logs: Dict[str, torch.Tensor] = {}
+        for k in range(c.actor_updates_per_step):
+            part = slice(k * c.actor_batch_size, (k + 1) * c.actor_batch_size)
+            logs.update(self.actor_update({key: v[part] for key, v in batch.items()}))
+        critic_part = {key: v[:c.critic_batch_size] for key, v in batch.items()}
+        logs.update(self.critic_update(critic_part))
+        logs['lr/actor'] = torch.tensor(self.actor_sched.get_last_lr()[0])
+        return logs
+
+    def state_dict(self) -> dict:
+        """Return the optimiser and scheduler states (the model is saved separately)."""
+        return {'actor_opt': self.actor_opt.state_dict(),
+                'actor_sched': self.actor_sched.state_dict(),
+                'q_r_opt': self.q_r_opt.state_dict(), 'v_r_opt': self.v_r_opt.state_dict(),
+                'q_h_opt': self.q_h_opt.state_dict(), 'v_h_opt': self.v_h_opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the states saved by state_dict()."""
+        self.actor_opt.load_state_dict(state['actor_opt'])
+        self.actor_sched.load_state_dict(state['actor_sched'])
+        for name in ('q_r_opt', 'v_r_opt', 'q_h_opt', 'v_h_opt'):
+            getattr(self, name).load_state_dict(state[name])
+
+
+def make_trainer(model: FisorModel, config: FisorConfig) -> FisorTrainer:
+    """Return the trainer of ``model``."""
+    return FisorTrainer(model, config)

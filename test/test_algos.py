@@ -1,0 +1,326 @@
+"""Unit tests of the algorithm pieces: every loss against values computed by hand."""
+
+import math
+
+import numpy as np
+from offline_training.algos import bc, bcq_lag, fisor, get_algorithm
+from offline_training.algos.common import (
+    cosine_decay, ddpm_sample, DiffusionSchedule, expectile_loss, QEnsemble, ReplayBuffer,
+    reversed_expectile_loss, soft_update, vp_beta_schedule)
+from offline_training.algos.toy_data import synthetic_dataset
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+def t(values):
+    return torch.tensor(values, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+def test_expectile_losses_by_hand():
+    u = t([-2.0, 0.5, 1.0])
+    # IQL (Eq. 15): weight 1 - tau below zero, tau above.
+    assert torch.allclose(expectile_loss(u, 0.9), t([0.1 * 4, 0.9 * 0.25, 0.9]))
+    # FISOR's reversed expectile (Eq. 8): weight tau below zero, 1 - tau above.
+    assert torch.allclose(reversed_expectile_loss(u, 0.9), t([0.9 * 4, 0.1 * 0.25, 0.1]))
+
+
+def test_vp_schedule_matches_jaxrl5_values():
+    betas = vp_beta_schedule(5, 0.1, 10.0)
+    assert torch.allclose(betas, t([0.1959, 0.4588, 0.6358, 0.7549, 0.8350]), atol=1e-4)
+    schedule = DiffusionSchedule(5)
+    assert torch.allclose(schedule.alpha_bars,
+                          t([0.80413, 0.43518, 0.15850, 0.03885, 0.00641]), atol=1e-4)
+    x0, eps = t([[0.5]]), t([[2.0]])
+    expected = math.sqrt(0.43518) * 0.5 + math.sqrt(1 - 0.43518) * 2.0
+    assert schedule.q_sample(x0, torch.tensor([1]), eps).item() == pytest.approx(expected, 1e-4)
+
+
+def test_soft_update_and_cosine_decay():
+    target, source = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    torch.nn.init.zeros_(target.weight)
+    torch.nn.init.ones_(source.weight)
+    soft_update(target, source, 0.1)
+    assert torch.allclose(target.weight, torch.full((1, 2), 0.1))
+    assert cosine_decay(0, 100) == 1.0
+    assert cosine_decay(50, 100) == pytest.approx(0.5)
+    assert cosine_decay(100, 100) == pytest.approx(0.0)
+    assert cosine_decay(250, 100) == pytest.approx(0.0)
+
+
+def test_q_ensemble_heads_are_independent_networks():
+    torch.manual_seed(0)
+    q = QEnsemble(3, 2, (8,), num_heads=2)
+    out = q(torch.randn(5, 3), torch.randn(5, 2))
+    assert out.shape == (2, 5)
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_replay_buffer_vectorised_sampling_is_seeded():
+    arrays = {'obs': np.arange(20, dtype=np.float32).reshape(10, 2),
+              'act': np.arange(10, dtype=np.float32)}
+    a = ReplayBuffer(arrays, 'cpu', seed=3).sample(6)
+    b = ReplayBuffer(arrays, 'cpu', seed=3).sample(6)
+    assert torch.equal(a['obs'], b['obs'])
+    # rows stay aligned across keys
+    assert torch.equal(a['obs'][:, 0] / 2, a['act'])
+    with pytest.raises(ValueError, match='different lengths'):
+        ReplayBuffer({'obs': np.zeros((3, 2)), 'act': np.zeros(4)}, 'cpu')
+
+
+# --------------------------------------------------------------------------- FISOR losses
+
+def test_feasibility_h_relabels_costs():
+    h = fisor.feasibility_h(t([0.0, 1.0, 0.5, 0.0]))
+    assert torch.equal(h, t([-1.0, 25.0, 25.0, -1.0]))
+
+
+def test_feasible_bellman_target_with_terminal_and_timeout():
+    h = t([-1.0, -1.0, 25.0, -1.0, 25.0])
+    v_next = t([-0.5, 3.0, -1.0, 7.0, 5.0])
+    mask = t([1.0, 1.0, 1.0, 0.0, 0.0])   # the last two end the episode (terminal or timeout)
+    target = fisor.feasible_bellman_target(h, v_next, mask, gamma=0.9)
+    expected = t([0.1 * -1 + 0.9 * -0.5,   # safe now and later: the discounted mix
+                  0.1 * -1 + 0.9 * 3.0,    # safe now, V_h(s') > h: the future violation counts
+                  0.1 * 25 + 0.9 * 25.0,   # unsafe now: max(h, V_h(s')) = h
+                  -1.0, 25.0])             # done: the target is h(s) itself
+    assert torch.allclose(target, expected)
+
+
+def test_prepare_arrays_masks_terminals_and_timeouts():
+    data = synthetic_dataset(size=6, horizon=3)
+    data['terminals'][1] = 1.0
+    data['costs'][:] = t([0, 1, 0, 0, 2, 0]).numpy()
+    data['actions'][0] = [1.0, -1.0]
+    config = fisor.make_config('paper', reward_scale=2.0)
+    arrays = fisor.prepare_arrays(data, config)
+    assert arrays['mask'].tolist() == [1, 0, 0, 1, 1, 0]  # terminal at 1, timeouts at 2 and 5
+    assert arrays['h'].tolist() == [-1, 25, -1, -1, 25, -1]
+    assert np.allclose(arrays['reward'], data['rewards'] * 2.0)
+    assert np.abs(arrays['act']).max() < 1.0   # clipped to +-(1 - 1e-5)
+
+
+def test_value_losses_by_hand():
+    heads = t([[1.0, -1.0], [3.0, -2.0]])            # [2 heads, batch 2]
+    # V_h: u = max heads - V_h = [3, -1] - [2, 0] = [1, -1] -> (0.1 * 1 + 0.9 * 1) / 2
+    assert fisor.feasible_value_loss(heads, t([2.0, 0.0]), 0.9).item() == pytest.approx(0.5)
+    # V_r: u = min heads - V_r = [1, -2] -> (0.9 * 1 + 0.1 * 4) / 2
+    assert fisor.reward_value_loss(heads, t([0.0, 0.0]), 0.9).item() == pytest.approx(0.65)
+
+
+def test_critic_losses_by_hand():
+    heads = t([[1.0, 2.0], [3.0, 4.0]])
+    assert fisor.critic_mse(heads, t([1.0, 1.0])).item() == pytest.approx((0 + 1 + 4 + 9) / 4)
+    target = fisor.reward_target(t([1.0, 2.0]), t([10.0, 10.0]), t([1.0, 0.0]), 0.9)
+    assert torch.allclose(target, t([10.0, 2.0]))
+
+
+def test_policy_weights_at_boundaries_and_clips():
+    config = fisor.FisorConfig()
+    q_r = t([0.5, 0.5, 0.1, 0.0, 2.0, 0.0, 0.0])
+    v_r = t([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    q_h = t([-0.1, 0.1, 0.0, 0.0, -1.0, -1.0, 3.0])
+    v_h = t([-0.5, -0.5, 0.0, 1e-6, -1.0, 1.0, 1.0])
+    w = fisor.policy_weights(q_r, v_r, q_h, v_h, config)
+    expected = [
+        math.exp(3 * 0.5),         # feasible state and action: exp(alpha_1 A_r)
+        0.0,                       # feasible state, Q_h > 0: dropped
+        math.exp(3 * 0.1),         # V_h = 0 and Q_h = 0 count as feasible (<= 0)
+        math.exp(5 * (1e-6 - 0)),  # V_h just above 0: infeasible branch exp(alpha_2 (V_h - Q_h))
+        100.0,                     # exp(3 * 2) = 403 clipped at 100
+        150.0,                     # exp(5 * 2) clipped at 150
+        math.exp(5 * (1 - 3)),     # infeasible state, worse action: small weight
+    ]
+    assert torch.allclose(w, t(expected), rtol=1e-5)
+
+
+def test_weighted_denoising_loss_by_hand():
+    eps_pred = t([[1.0, 0.0], [0.0, 2.0]])
+    loss = fisor.weighted_denoising_loss(eps_pred, torch.zeros(2, 2), t([2.0, 0.5]))
+    assert loss.item() == pytest.approx((2.0 * 1.0 + 0.5 * 4.0) / 2)
+
+
+def test_paper_preset_has_the_paper_values():
+    c = fisor.make_config('paper')
+    assert (c.steps, c.actor_batch_size * c.actor_updates_per_step, c.critic_batch_size) == (
+        1_000_000, 2048, 256)
+    assert (c.expectile, c.feasibility_expectile, c.violation_value, c.safe_value) == (
+        0.9, 0.9, 25.0, -1.0)
+    assert (c.reward_temperature, c.cost_temperature) == (3.0, 5.0)
+    assert (c.reward_weight_max, c.cost_weight_max) == (100.0, 150.0)
+    assert (c.diffusion_steps, c.beta_min, c.beta_max, c.num_candidates) == (5, 0.1, 10.0, 16)
+    assert (c.actor_ema, c.critic_tau, c.actor_lr, c.gamma) == (0.001, 0.005, 3e-4, 0.99)
+    cpu = fisor.make_config('cpu')
+    assert cpu.steps < c.steps and cpu.actor_hidden < c.actor_hidden
+    with pytest.raises(KeyError, match='unknown FISOR preset'):
+        fisor.make_config('gpu-cluster')
+
+
+# --------------------------------------------------------------------------- FISOR sampler
+
+def _reference_ddpm(noise, schedule, clip=True):
+    """DDPM with a zero noise predictor, written out with numpy."""
+    betas = schedule.betas.double().numpy()
+    alphas = 1 - betas
+    x = noise[:, :, 0].astype(np.float64)
+    steps = len(betas)
+    for k in range(steps):
+        step = steps - 1 - k
+        x = x / np.sqrt(alphas[step])
+        if step > 0:
+            x = x + np.sqrt(betas[step]) * noise[:, :, k + 1]
+        if clip:
+            x = np.clip(x, -1, 1)
+    return x
+
+
+def test_ddpm_sampler_clips_and_uses_the_given_noise():
+    schedule = DiffusionSchedule(5)
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(2, 3, 6, 2)).astype(np.float32) * 0.3
+    noise[0, 0, 0] = [5.0, -5.0]   # would leave [-1, 1] without the clip
+
+    def zero_eps(x, obs, t_in):
+        assert t_in.shape == (x.shape[0], 1)
+        return torch.zeros_like(x)
+
+    obs = torch.zeros(2, 4)
+    out = ddpm_sample(zero_eps, schedule, obs, torch.from_numpy(noise))
+    assert out.shape == (2, 3, 2)
+    assert np.allclose(out.numpy(), _reference_ddpm(noise, schedule), atol=1e-5)
+    assert out.abs().max() <= 1.0
+    unclipped = ddpm_sample(zero_eps, schedule, obs, torch.from_numpy(noise), clip=False)
+    assert unclipped.abs().max() > 1.0
+    # the draw of the last step (t = 0) is not used, as in jaxrl5's sampler
+    changed = noise.copy()
+    changed[:, :, -1] += 10.0
+    assert torch.equal(out, ddpm_sample(zero_eps, schedule, obs, torch.from_numpy(changed)))
+    with pytest.raises(ValueError, match='noise must have shape'):
+        ddpm_sample(zero_eps, schedule, obs, torch.zeros(2, 3, 5, 2))
+
+
+def _small_fisor(obs_dim=4, act_dim=2):
+    config = fisor.make_config('cpu', actor_hidden=32, actor_blocks=1, critic_hidden=(32, 32),
+                               cond_hidden=(16, 16), time_dim=8, reward_scale=1.0)
+    torch.manual_seed(0)
+    return fisor.build_model(obs_dim, act_dim, config).eval(), config
+
+
+def test_select_safest_takes_argmin_of_max_head_q_h():
+    model, _ = _small_fisor()
+    obs = torch.zeros(2, 4)
+    candidates = t([[[0.3, 0.0], [-0.2, 0.5], [0.9, 0.9]],
+                    [[0.1, 0.0], [0.1, 1.0], [0.4, 0.0]]])
+    # A Q_h that is the first action coordinate: the safest candidate has the smallest one.
+    model.q_h_max = lambda o, a: a[:, 0]
+    chosen = model.select_safest(obs, candidates)
+    assert torch.equal(chosen, t([[-0.2, 0.5], [0.1, 0.0]]))   # a tie goes to the first
+
+
+def test_select_safest_uses_max_over_q_h_heads():
+    model, _ = _small_fisor()
+    obs, act = torch.randn(5, 4), torch.rand(5, 2) * 2 - 1
+    heads = model.q_h_target(obs, act)
+    assert torch.equal(model.q_h_max(obs, act), heads.max(dim=0).values)
+    v_h, q_h = model.feasibility(obs, act)
+    assert v_h.shape == q_h.shape == (5,)
+
+
+def test_fisor_act_is_a_function_of_the_noise():
+    model, config = _small_fisor()
+    obs = torch.randn(3, 4)
+    noise = model.sample_noise(3, generator=torch.Generator().manual_seed(1))
+    assert noise.shape == (3, config.num_candidates, config.diffusion_steps + 1, 2)
+    a1, a2 = model.act(obs, noise), model.act(obs, noise.clone())
+    assert torch.equal(a1, a2) and a1.shape == (3, 2) and a1.abs().max() <= 1.0
+    assert not torch.equal(a1, model.act(obs, model.sample_noise(3)))
+    # the candidates the policy chooses from are the sampler's output for that noise
+    candidates = model.sample_candidates(obs, noise)
+    assert torch.equal(a1, model.select_safest(obs, candidates))
+    fallback = model.fallback(obs, model.sample_noise(3, config.fallback_candidates))
+    assert fallback.shape == (3, 2)
+    modules = model.export_modules()
+    assert torch.equal(modules['policy'](obs, noise), a1)
+
+
+def test_ema_copy_stays_in_eval_mode():
+    model, _ = _small_fisor()
+    model.train()
+    assert model.actor.training and not model.actor_ema.training
+
+
+# --------------------------------------------------------------------------- baselines
+
+def test_bc_safe_keeps_trajectories_within_kappa():
+    data = synthetic_dataset(size=9, horizon=3)
+    data['costs'][:] = t([0, 0, 0, 2, 2, 1, 9, 9, 9]).numpy()   # returns 0, 5, 27
+    mask = bc.safe_transition_mask(data, 10.0)
+    assert mask.tolist() == [True] * 6 + [False] * 3
+    config = bc.make_config('paper', mode='safe', cost_limit=10.0)
+    assert len(bc.prepare_arrays(data, config)['obs']) == 6
+    with pytest.raises(ValueError, match='no trajectory'):
+        bc.prepare_arrays(data, bc.make_config('paper', mode='safe', cost_limit=-1.0))
+    assert bc.bc_loss(t([[1.0, 0.0]]), t([[0.0, 0.0]])).item() == pytest.approx(0.5)
+
+
+def test_vae_loss_by_hand():
+    loss = bcq_lag.vae_loss(t([[1.0, 0.0]]), t([[0.0, 0.0]]), mean=t([[0.0, 1.0]]),
+                            std=t([[1.0, 1.0]]), beta=0.5)
+    # MSE 0.5; KL elements 0 and 0.5, mean 0.25
+    assert loss.item() == pytest.approx(0.5 + 0.5 * 0.25)
+
+
+def test_bcq_targets_and_critic_loss_by_hand():
+    q1, q2 = t([1.0, 4.0, 2.0, 0.0]), t([3.0, 2.0, 2.0, 1.0])
+    target = bcq_lag.soft_clipped_target(q1, q2, 0.75, batch=2)
+    # per pair 0.75 min + 0.25 max = [1.5, 2.5, 2.0, 0.25]; max over 2 samples per state
+    assert torch.allclose(target, t([2.5, 2.0]))
+    heads = t([[1.0, 2.0], [3.0, 4.0]])
+    assert bcq_lag.critic_loss(heads, t([1.0, 1.0])).item() == pytest.approx(0.5 + 6.5)
+    q1_min, q2_min = bcq_lag.double_q_min(t([[1.0], [2.0], [0.0], [5.0]]), num_q=2)
+    assert (q1_min.item(), q2_min.item()) == (1.0, 0.0)
+    actor = bcq_lag.lagrangian_actor_loss(t([1.0, 3.0]), t([2.0, 0.0]), t(0.5), 1.0)
+    assert actor.item() == pytest.approx(-2.0 + 0.5 * 0.0)
+
+
+def test_pid_lagrangian_by_hand():
+    pid = bcq_lag.PIDLagrangian(0.1, 0.003, 0.001, threshold=1.0)
+    # error 2, integral 2, derivative 2
+    assert pid.control(t([3.0, 3.0])).item() == pytest.approx(0.1 * 2 + 0.003 * 2 + 0.001 * 2)
+    # error -0.5: P term off, integral 1.5, derivative relu(-2.5) = 0
+    assert pid.control(t([0.5])).item() == pytest.approx(0.003 * 1.5)
+    # error -6: the integral cannot go below zero, multiplier 0
+    assert pid.control(t([-5.0])).item() == pytest.approx(0.0)
+    restored = bcq_lag.PIDLagrangian(0.1, 0.003, 0.001, threshold=1.0)
+    restored.load_state_dict(pid.state_dict())
+    assert restored.control(t([2.0])).item() == pytest.approx(pid.control(t([2.0])).item())
+
+
+def test_bcq_qc_threshold_is_osrl_formula():
+    config = bcq_lag.make_config('paper', cost_limit=10.0, episode_len=200)
+    gamma = 0.99
+    assert config.qc_threshold == pytest.approx(10 * (1 - gamma ** 200) / (1 - gamma) / 200)
+    assert (config.phi, config.lmbda, config.sample_action_num, config.vae_hidden) == (
+        0.05, 0.75, 10, 400)
+    assert config.pid == (0.1, 0.003, 0.001)
+
+
+def test_bcq_policy_is_deterministic_and_bounded():
+    config = bcq_lag.make_config('paper', episode_len=100, vae_hidden=16,
+                                 actor_hidden=(16,), critic_hidden=(16,))
+    model = bcq_lag.build_model(4, 2, config).eval()
+    obs = torch.randn(7, 4)
+    assert torch.equal(model.act(obs), model.act(obs))
+    assert model.act(obs).abs().max() <= 1.0
+    assert model.cost_q(obs, model.act(obs)).shape == (7,)
+    assert model.cost_threshold == pytest.approx(config.qc_threshold)
+
+
+def test_registry_names():
+    module, fixed = get_algorithm('bc-safe')
+    assert module is bc and fixed == {'mode': 'safe'}
+    with pytest.raises(KeyError, match='unknown algorithm'):
+        get_algorithm('cql')

@@ -1,0 +1,218 @@
+"""Training plumbing: real short runs, resume after a kill, deterministic seeding, the CLI."""
+
+import os
+from pathlib import Path
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+from offline_training.algos import bcq_lag, get_algorithm
+from offline_training.algos.common import ReplayBuffer, set_seed
+from offline_training.algos.toy_data import rollout_dataset, synthetic_dataset
+from offline_training.data.dataset import write_dataset
+from offline_training.data.tasks import get_task
+from offline_training.train import load_run, main, train
+import pytest
+import torch
+import yaml
+
+torch.set_num_threads(1)
+
+TASK = 'BallCircle'
+# Small networks so that a few hundred real optimisation steps take seconds on one core.
+TINY = {
+    'fisor': {'actor_hidden': 64, 'actor_blocks': 1, 'actor_batch_size': 128,
+              'critic_batch_size': 128, 'critic_hidden': (64, 64)},
+    'bc_all': {'batch_size': 128},
+    'bc_safe': {'batch_size': 128, 'cost_limit': 100.0},
+    'bcq_lag': {'batch_size': 64, 'vae_hidden': 64, 'actor_hidden': (64, 64),
+                'critic_hidden': (64, 64)},
+}
+
+
+@pytest.fixture(scope='module')
+def dataset():
+    """Ten episodes of a heuristic in the real BallCircle simulation (2000 transitions)."""
+    return rollout_dataset(TASK, episodes=10, seed=0)
+
+
+def _train_steps(algo, data, steps):
+    set_seed(0)
+    module, fixed = get_algorithm(algo)
+    config = module.resolve_config(module.make_config('cpu', **TINY[algo], **fixed),
+                                   get_task(TASK))
+    buffer = ReplayBuffer(module.prepare_arrays(data, config), 'cpu')
+    model = module.build_model(buffer.data['obs'].shape[1], buffer.data['act'].shape[1], config)
+    trainer = module.make_trainer(model, config)
+    history = [{k: float(v) for k, v in trainer.update(buffer).items()} for _ in range(steps)]
+
+    def mean(key, part):
+        return float(np.mean([h[key] for h in part]))
+    return history, mean
+
+
+# Loss -> the factor by which the mean of the last 30 steps must be below the first 30.
+FALLING = {
+    'fisor': {'loss/q_h': 2.0, 'loss/q_r': 2.0, 'loss/v_r': 2.0, 'loss/actor': 1.3},
+    'bc_all': {'loss/bc': 1.05},
+    'bc_safe': {'loss/bc': 1.05},
+    'bcq_lag': {'loss/critic': 2.0, 'loss/cost_critic': 2.0, 'loss/vae': 1.2},
+}
+
+
+@pytest.mark.parametrize('algo', sorted(FALLING))
+def test_short_training_run_losses_fall(algo, dataset):
+    history, mean = _train_steps(algo, dataset, 300)
+    for key, factor in FALLING[algo].items():
+        first, last = mean(key, history[:30]), mean(key, history[-30:])
+        assert np.isfinite(last)
+        assert last * factor < first, f'{algo} {key}: {first:.4g} -> {last:.4g}'
+
+
+def _checkpoint(run_dir):
+    return torch.load(Path(run_dir) / 'checkpoint.pt', weights_only=False)
+
+
+def _assert_same_state(a, b, exact=True):
+    def same(x, y):
+        return torch.equal(x, y) if exact else torch.allclose(x.float(), y.float(), atol=1e-5)
+    assert a['step'] == b['step']
+    for key, value in a['model'].items():
+        assert same(value, b['model'][key]), key
+
+    def flatten(obj, prefix=''):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                yield from flatten(v, f'{prefix}/{k}')
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                yield from flatten(v, f'{prefix}/{i}')
+        else:
+            yield prefix, obj
+    trainer_b = dict(flatten(b['trainer']))
+    for key, value in flatten(a['trainer']):
+        if isinstance(value, torch.Tensor):
+            assert same(value, trainer_b[key]), key
+        else:
+            assert value == trainer_b[key], key
+
+
+@pytest.mark.parametrize('algo', ['fisor', 'bcq_lag'])
+def test_resume_continues_with_the_same_state(algo, dataset, tmp_path):
+    kwargs = {'data': dataset, 'steps': 20, 'device': 'cpu', 'log_every': 5,
+              'checkpoint_every': 5, 'overrides': TINY[algo], 'progress': False,
+              'preset': 'cpu'}
+    straight = train(algo, TASK, seed=0, out=tmp_path / 'straight', **kwargs)
+    interrupted = tmp_path / 'interrupted'
+    train(algo, TASK, seed=0, out=interrupted, stop_after=10, **kwargs)   # "killed" at 10
+    assert _checkpoint(interrupted)['step'] == 10
+    assert not (interrupted / 'summary.yaml').exists()
+    train(algo, TASK, seed=0, out=interrupted, **kwargs)                  # restarted
+    summary = yaml.safe_load((interrupted / 'summary.yaml').read_text())
+    assert summary['step'] == 20 and summary['steps_this_session'] == 10
+    _assert_same_state(_checkpoint(straight), _checkpoint(interrupted))
+
+
+def test_seeding_is_deterministic(dataset, tmp_path):
+    kwargs = {'data': dataset, 'steps': 10, 'device': 'cpu', 'checkpoint_every': 10,
+              'overrides': TINY['fisor'], 'progress': False, 'preset': 'cpu'}
+    a = _checkpoint(train('fisor', TASK, seed=3, out=tmp_path / 'a', **kwargs))
+    b = _checkpoint(train('fisor', TASK, seed=3, out=tmp_path / 'b', **kwargs))
+    c = _checkpoint(train('fisor', TASK, seed=4, out=tmp_path / 'c', **kwargs))
+    _assert_same_state(a, b)
+    key = 'actor.body.out.weight'
+    assert not torch.equal(a['model'][key], c['model'][key])
+
+
+def test_resume_refuses_another_runs_checkpoint(dataset, tmp_path):
+    kwargs = {'data': dataset, 'steps': 2, 'device': 'cpu', 'progress': False, 'preset': 'cpu'}
+    train('bc_all', TASK, seed=0, out=tmp_path, overrides=TINY['bc_all'], **kwargs)
+    with pytest.raises(ValueError, match='belongs to bc_all seed 0'):
+        train('bc_all', TASK, seed=1, out=tmp_path, overrides=TINY['bc_all'], **kwargs)
+    with pytest.raises(ValueError, match=r"different \['batch_size'\]"):
+        train('bc_all', TASK, seed=0, out=tmp_path, overrides={'batch_size': 32}, **kwargs)
+
+
+@pytest.fixture(scope='module')
+def dataset_file(dataset, tmp_path_factory):
+    path = tmp_path_factory.mktemp('data') / 'SafetyBallCircle-v0-test-10.hdf5'
+    write_dataset(path, dataset, TASK)
+    return path
+
+
+def _set_args(algo):
+    return [arg for key, value in TINY[algo].items()
+            for arg in ('--set', f'{key}={list(value) if isinstance(value, tuple) else value}')]
+
+
+def test_cli_writes_the_run_layout_and_load_run_rebuilds_the_model(dataset_file, tmp_path):
+    out = tmp_path / 'run'
+    code = main(['fisor', '--task', TASK, '--preset', 'cpu', '--seed', '0', '--dataset',
+                 str(dataset_file), '--steps', '6', '--out', str(out), '--device', 'cpu',
+                 '--log-every', '2', '--no-progress', *_set_args('fisor')])
+    assert code == 0
+    config = yaml.safe_load((out / 'config.yaml').read_text())
+    assert config['algorithm'] == 'fisor' and config['task']['name'] == TASK
+    assert config['dataset']['sha256'] and len(config['dataset']['sha256']) == 64
+    assert config['algo_config']['actor_hidden'] == 64
+    assert config['algo_config']['reward_scale'] == pytest.approx(
+        200 / (get_task(TASK).max_reward - get_task(TASK).min_reward))
+    assert list((out / 'tb').glob('events.out.tfevents.*'))
+    assert yaml.safe_load((out / 'summary.yaml').read_text())['step'] == 6
+    algo, loaded_config, model = load_run(out)
+    assert algo == 'fisor' and loaded_config['checkpoint_step'] == 6
+    obs = torch.zeros(2, 8)
+    action = model.act(obs, model.sample_noise(2))
+    assert action.shape == (2, 2) and not model.training
+    assert main(['fisor', '--task', TASK, '--dataset', str(tmp_path / 'missing.hdf5'),
+                 '--out', str(tmp_path / 'x'), '--no-progress']) == 2
+
+
+def test_killed_process_resumes_at_its_checkpoint(dataset_file, tmp_path):
+    out = tmp_path / 'run'
+    args = ['bc_all', '--task', TASK, '--dataset', str(dataset_file), '--out', str(out),
+            '--device', 'cpu', '--threads', '1', '--checkpoint-every', '50', '--no-progress',
+            *_set_args('bc_all')]
+    env = dict(os.environ, PYTHONWARNINGS='ignore')
+    proc = subprocess.Popen([sys.executable, '-m', 'offline_training.train', *args,
+                             '--steps', '100000000'], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not (out / 'checkpoint.pt').exists() and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    step = _checkpoint(out)['step']
+    assert step >= 50 and step % 50 == 0
+    assert main([*args, '--steps', str(step + 30)]) == 0
+    summary = yaml.safe_load((out / 'summary.yaml').read_text())
+    assert summary['step'] == step + 30 and summary['steps_this_session'] == 30
+
+
+def test_bcq_lag_trains_from_any_dataset_dict():
+    data = synthetic_dataset(obs_dim=5, act_dim=3, size=500, horizon=50)
+    config = bcq_lag.make_config('cpu', steps=5, episode_len=50, **TINY['bcq_lag'])
+    model = bcq_lag.train_bcq_lag(data, config, device='cpu', seed=0)
+    assert not model.training
+    action = model.act(torch.zeros(4, 5))
+    assert action.shape == (4, 3) and action.abs().max() <= 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (none visible)')
+@pytest.mark.parametrize('algo', ['fisor', 'bcq_lag'])
+def test_cuda_training_and_resume(algo, dataset, tmp_path):
+    kwargs = {'data': dataset, 'steps': 10, 'device': 'cuda', 'checkpoint_every': 5,
+              'overrides': TINY[algo], 'progress': False, 'preset': 'cpu'}
+    straight = train(algo, TASK, seed=0, out=tmp_path / 'straight', **kwargs)
+    train(algo, TASK, seed=0, out=tmp_path / 'resumed', stop_after=5, **kwargs)
+    resumed = train(algo, TASK, seed=0, out=tmp_path / 'resumed', **kwargs)
+    assert yaml.safe_load((straight / 'config.yaml').read_text())['device'].startswith('cuda')
+    # cuBLAS may pick different kernels between processes, so allow rounding differences.
+    _assert_same_state(_checkpoint(straight), _checkpoint(resumed), exact=False)
+    _, _, model = load_run(resumed)
+    assert next(model.parameters()).device.type == 'cpu'
