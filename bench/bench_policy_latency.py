@@ -1,0 +1,143 @@
+"""
+Per-action latency of the FISOR policy at batch 1: torch eager versus ONNX Runtime.
+
+The policy is FISOR's whole sampler (N = 16 candidates, T = 5 DDPM steps, argmin over the
+max-of-heads Q_h), with the paper's network sizes by default (ln_resnet 256 x 3 blocks, critics
+256 x 256). Latency does not depend on the weights, so a freshly initialised model is exported
+and timed. Both run in this process, one thread each (torch.set_num_threads(1); onnxruntime
+intra_op_num_threads=1, as the runtime uses), on the same observations and noise.
+
+    python bench/bench_policy_latency.py [--preset paper|cpu] [--iterations 1000]
+
+Reference: FISOR's sampler is ~7 ms per action in the DRCORL paper's comparison; the target here
+is <= 1 ms per action with ONNX Runtime on a 2-core CPU.
+"""
+
+import argparse
+import os
+from pathlib import Path
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from offline_training.evaluate import machine_info  # noqa: E402
+
+
+def timings(calls: dict, iterations: int, warmup: int) -> dict:
+    """
+    Return per-call (wall, CPU) times [ms] of every call, measured round-robin.
+
+    Each iteration times every call once, in turn, so all of them see the same background load
+    (this machine's 2 cores are shared); their ratio is fair even when the absolute figures move.
+    The CPU time (``time.thread_time``) counts only what this thread computed: with one thread,
+    torch and ONNX Runtime run their kernels in the calling thread, so it is the latency the call
+    would have on an idle core, undisturbed by other processes taking the CPU away.
+    """
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    wall = {name: np.empty(iterations) for name in calls}
+    cpu = {name: np.empty(iterations) for name in calls}
+    for i in range(iterations):
+        for name, call in calls.items():
+            start, start_cpu = time.perf_counter_ns(), time.thread_time_ns()
+            call()
+            cpu[name][i] = (time.thread_time_ns() - start_cpu) / 1e6
+            wall[name][i] = (time.perf_counter_ns() - start) / 1e6
+    return {name: (wall[name], cpu[name]) for name in calls}
+
+
+def stats(times) -> dict:
+    """Return p50, p99 and mean of the wall times and p50 and mean of the CPU times [ms]."""
+    wall, cpu = times
+    return {'p50': float(np.percentile(wall, 50)), 'p99': float(np.percentile(wall, 99)),
+            'mean': float(wall.mean()), 'cpu_p50': float(np.percentile(cpu, 50)),
+            'cpu_mean': float(cpu.mean())}
+
+
+def line(name: str, s: dict) -> str:
+    """Format one row of the result table."""
+    return (f'{name:<28} wall p50 {s["p50"]:7.3f}  p99 {s["p99"]:7.3f}  mean {s["mean"]:7.3f} ms'
+            f' | CPU p50 {s["cpu_p50"]:7.3f}  mean {s["cpu_mean"]:7.3f} ms')
+
+
+def main(argv=None) -> int:
+    """Run the benchmark and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip())
+    parser.add_argument('--preset', default='paper', choices=['paper', 'cpu'],
+                        help="FISOR network sizes: 'paper' (default) or the 'cpu' preset")
+    parser.add_argument('--task', default='BallCircle')
+    parser.add_argument('--iterations', type=int, default=1000)
+    parser.add_argument('--warmup', type=int, default=50)
+    parser.add_argument('--torch-threads', type=int, default=1)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from offline_training.algos import fisor
+    from offline_training.data.tasks import get_task
+    from offline_training.export import fisor_plan, write_bundle
+    from saferl_ros.bundle import load_bundle
+
+    torch.set_num_threads(args.torch_threads)
+    spec = get_task(args.task)
+    config = fisor.resolve_config(fisor.make_config(args.preset), spec)
+    torch.manual_seed(0)
+    model = fisor.build_model(spec.obs_dim, spec.act_dim, config).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = load_bundle(write_bundle(fisor_plan(model, config), Path(tmp) / 'bench',
+                                          spec.name))
+    rng = np.random.default_rng(0)
+    obs = rng.normal(scale=0.3, size=(1, spec.obs_dim)).astype(np.float32)
+    noise = bundle.sample_noise(1, rng)
+    fallback_noise = bundle.sample_noise(1, rng, graph='fallback')
+    act = bundle.policy(obs, noise)
+    obs_t, noise_t = torch.as_tensor(obs), torch.as_tensor(noise)
+
+    def torch_policy():
+        with torch.no_grad():
+            return model.act(obs_t, noise_t)
+
+    def torch_policy_with_noise():
+        with torch.no_grad():  # includes drawing the noise, as a controller would
+            return model.act(obs_t, model.sample_noise(1))
+
+    calls = {
+        'torch eager policy': torch_policy,
+        'torch eager policy + noise': torch_policy_with_noise,
+        'onnxruntime policy': lambda: bundle.policy(obs, noise),
+        'onnxruntime policy + noise': lambda: bundle.policy(obs, rng=rng),
+        'onnxruntime critic': lambda: bundle.critic(obs, act),
+        f'onnxruntime fallback (N={model.fallback_candidates})':
+            lambda: bundle.fallback(obs, fallback_noise),
+    }
+    load_before = os.getloadavg()
+    measured = timings(calls, args.iterations, args.warmup)
+    results = {name: stats(t) for name, t in measured.items()}
+    diff = float(np.abs(torch_policy().numpy() - bundle.policy(obs, noise)).max())
+    info = machine_info()
+    print(f'FISOR policy latency at batch 1, preset {args.preset!r} (actor {config.actor_hidden} '
+          f'x {config.actor_blocks} blocks, N = {config.num_candidates}, T = '
+          f'{config.diffusion_steps}), task {spec.name}, {args.iterations} calls after '
+          f'{args.warmup} warm-up')
+    print(f'machine: {info["cpu"]}, {info["cores"]} cores, 1-min load average '
+          f'{load_before[0]:.2f} before / {os.getloadavg()[0]:.2f} after; python '
+          f'{info["python"]}, torch '
+          f'{info["torch"]} ({args.torch_threads} thread), onnxruntime {info["onnxruntime"]} '
+          '(1 intra-op thread), numpy ' + info['numpy'])
+    for name, s in results.items():
+        print(line(name, s))
+    ratio = results['torch eager policy']['p50'] / results['onnxruntime policy']['p50']
+    ratio_cpu = (results['torch eager policy']['cpu_p50']
+                 / results['onnxruntime policy']['cpu_p50'])
+    print(f'speed-up torch eager / onnxruntime: {ratio:.1f}x (wall p50), {ratio_cpu:.1f}x (CPU '
+          f'p50); max |torch - onnx| action difference: {diff:.2e}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

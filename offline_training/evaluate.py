@@ -1,0 +1,532 @@
+"""
+Evaluate policies in Bullet-Safety-Gym and build the results table: ``saferl-eval``.
+
+    saferl-eval RUN_OR_BUNDLE [MORE...] --episodes 20 --seeds 0 1 2 [-o results/NAME.json]
+    saferl-eval table results/*.json -o docs/results.md [--kappa 5] [--plot-dir docs/img/results]
+
+A source is a ``saferl-train`` run folder (the torch model) or a model bundle (its ONNX graphs
+through the runtime loader, exactly as the ROS nodes run it). Both act through the same policy
+graph with the same noise stream, so a run and its bundle choose the same action for the same
+observation (within float precision; over an episode, PyBullet's contacts can amplify a 1e-7
+difference into a different trajectory, so compare actions, not returns, for parity).
+
+Scores follow DSRL exactly (``offline_training.data.trajectories.normalized_score``):
+``R_norm = (R - R_min) / (R_max - R_min)``, ``C_norm = (C + eps) / (kappa + eps)`` with
+``eps = 1`` only when ``kappa = 0``; safe means ``C_norm <= 1``. Each evaluation seed (and each
+source, e.g. runs of different training seeds) is one unit: the unit's mean over its episodes;
+the reported mean +- std is over units (over episodes when there is a single unit).
+FISOR's paper evaluates Bullet-Safety-Gym at kappa = 5 with 20 episodes x 3 seeds
+(research/fisor.md §4.3, §5.2); DSRL's benchmark uses kappa in {10, 20, 40}.
+"""
+
+import argparse
+import csv
+from datetime import datetime, timezone
+import json
+import os
+from pathlib import Path
+import platform
+import sys
+from typing import Dict, List, Sequence
+
+import numpy as np
+from offline_training.data.tasks import get_task
+from offline_training.data.trajectories import normalized_score
+from tqdm import tqdm
+
+KAPPAS = (5, 10, 20, 40)
+TABLE_KAPPA = 5  # FISOR's Table 1 kappa for Bullet-Safety-Gym (research/fisor.md §4.3)
+# FISOR paper, Table 1 (normalised reward, normalised cost), Bullet-Safety-Gym rows, kappa = 5,
+# 20 episodes x 3 seeds (research/fisor.md §5.3). Shown next to our numbers for reference.
+PAPER = {
+    'bc_all': {'AntRun': (0.73, 11.73), 'BallRun': (0.67, 11.38), 'CarRun': (0.96, 1.88),
+               'DroneRun': (0.55, 5.21), 'AntCircle': (0.65, 19.45),
+               'BallCircle': (0.72, 10.02), 'CarCircle': (0.65, 11.16),
+               'DroneCircle': (0.82, 13.78)},
+    'bcq_lag': {'AntRun': (0.65, 3.30), 'BallRun': (0.43, 6.25), 'CarRun': (0.84, 2.51),
+                'DroneRun': (0.80, 17.98), 'AntCircle': (0.67, 19.13),
+                'BallCircle': (0.67, 8.50), 'CarCircle': (0.68, 8.84),
+                'DroneCircle': (0.95, 18.56)},
+    'fisor': {'AntRun': (0.45, 0.03), 'BallRun': (0.18, 0.00), 'CarRun': (0.73, 0.14),
+              'DroneRun': (0.30, 0.55), 'AntCircle': (0.20, 0.00), 'BallCircle': (0.34, 0.00),
+              'CarCircle': (0.40, 0.11), 'DroneCircle': (0.48, 0.00)},
+}
+
+
+def machine_info() -> dict:
+    """Return the CPU model, core count and library versions (for every measured figure)."""
+    cpu = platform.processor() or 'unknown'
+    try:
+        with open('/proc/cpuinfo') as stream:
+            for line in stream:
+                if line.startswith('model name'):
+                    cpu = line.split(':', 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {'cpu': cpu, 'cores': os.cpu_count(), 'platform': platform.platform(),
+            'python': platform.python_version(), 'numpy': np.__version__}
+    for module in ('torch', 'onnxruntime', 'pybullet'):
+        try:
+            info[module] = __import__(module).__version__
+        except (ImportError, AttributeError):
+            info[module] = None
+    return info
+
+
+# --------------------------------------------------------------------------- agents
+
+class Agent:
+    """A policy that maps one raw observation to one action, drawing noise from ``rng``."""
+
+    name: str
+    kind: str  # 'bundle' or 'run'
+    algorithm: str
+    task: str
+
+    def act(self, obs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        raise NotImplementedError
+
+
+class BundleAgent(Agent):
+    """A model bundle run by the runtime loader (ONNX Runtime), as the ROS nodes run it."""
+
+    def __init__(self, path):
+        from saferl_ros.bundle import load_bundle
+        self.bundle = load_bundle(path)
+        self.name, self.kind = self.bundle.name, 'bundle'
+        self.algorithm, self.task = self.bundle.algorithm, self.bundle.task_name
+
+    def act(self, obs, rng):
+        return self.bundle.policy(obs, rng=rng)[0]
+
+
+class RunAgent(Agent):
+    """
+    A saferl-train run's torch model, acting through the graph the export would trace.
+
+    The noise is drawn with the same shape and the same generator calls as the bundle draws it,
+    so a run and its exported bundle choose the same actions for the same observations.
+    """
+
+    def __init__(self, path):
+        import torch
+
+        from offline_training.algos import get_algorithm
+        from offline_training.export import plan_for
+        from offline_training.train import load_run
+
+        self._torch = torch
+        algorithm, run_config, model = load_run(path)
+        module, _ = get_algorithm(algorithm)
+        config = module.make_config('paper', **run_config['algo_config'])
+        self.graph = plan_for(algorithm, model, config).graphs['policy']
+        self.name, self.kind = Path(path).resolve().name, 'run'
+        self.algorithm, self.task = algorithm, run_config['task']['name']
+        noise = self.graph.inputs.get('noise')
+        self.noise_shape = None if noise is None else tuple(noise[1:])
+
+    def act(self, obs, rng):
+        torch = self._torch
+        args = [torch.as_tensor(np.asarray(obs, dtype=np.float32)[None])]
+        if self.noise_shape is not None:
+            args.append(torch.as_tensor(rng.standard_normal((1, *self.noise_shape),
+                                                            dtype=np.float32)))
+        with torch.no_grad():
+            return self.graph.module(*args)[0].numpy()
+
+
+def load_agent(path) -> Agent:
+    """Return the agent of a bundle folder (manifest.yaml) or a run folder (config.yaml)."""
+    path = Path(path)
+    if (path / 'manifest.yaml').is_file():
+        return BundleAgent(path)
+    if (path / 'config.yaml').is_file():
+        return RunAgent(path)
+    raise FileNotFoundError(f'{path}: neither a model bundle (manifest.yaml) nor a saferl-train '
+                            'run folder (config.yaml + checkpoint.pt)')
+
+
+# --------------------------------------------------------------------------- rollouts
+
+def episode_seed(seed: int, episode: int) -> int:
+    """Return the seed of one evaluation episode (distinct across seeds and episodes)."""
+    return int(seed) * 100_003 + int(episode)
+
+
+def rollout(agent: Agent, env, seed: int, episode: int) -> dict:
+    """
+    Run one episode; return its undiscounted reward and cost returns and length.
+
+    bullet_safety_gym's reset ignores ``seed`` and draws the start state from NumPy's global
+    generator, so that generator is seeded here; the policy's noise has its own generator.
+    """
+    seed_value = episode_seed(seed, episode)
+    np.random.seed(seed_value)
+    rng = np.random.default_rng(seed_value)
+    obs, _ = env.reset(seed=seed_value)
+    reward = cost = 0.0
+    length = 0
+    done = False
+    while not done:
+        action = agent.act(obs, rng)
+        obs, r, terminated, truncated, info = env.step(action)
+        reward += float(r)
+        cost += float(info.get('cost', 0.0))
+        length += 1
+        done = terminated or truncated
+    return {'seed': int(seed), 'episode': int(episode), 'reward': reward, 'cost': cost,
+            'length': length}
+
+
+def _mean_std(values) -> Dict[str, float]:
+    values = np.asarray(values, dtype=np.float64)
+    return {'mean': float(values.mean()), 'std': float(values.std()) if len(values) > 1 else 0.0}
+
+
+def summarize(task, episodes: List[dict], kappas: Sequence[float] = KAPPAS) -> dict:
+    """
+    Aggregate episodes into raw and normalised scores per kappa.
+
+    Units are (source, seed) pairs: mean +- std over unit means when there are several units,
+    over episodes when there is one (``std_over`` says which).
+    """
+    units: Dict[tuple, List[dict]] = {}
+    for row in episodes:
+        units.setdefault((row.get('source', ''), row['seed']), []).append(row)
+    several = len(units) > 1
+
+    def aggregate(values_of):
+        if several:
+            return _mean_std([np.mean([values_of(r) for r in rows]) for rows in units.values()])
+        return _mean_std([values_of(r) for r in episodes])
+
+    summary = {'std_over': 'seeds' if several else 'episodes', 'units': len(units),
+               'episodes': len(episodes),
+               'reward': aggregate(lambda r: r['reward']), 'cost': aggregate(lambda r: r['cost']),
+               'length': aggregate(lambda r: r['length']), 'normalized': {}}
+    for kappa in kappas:
+        def norm(row, index, k=kappa):
+            return float(normalized_score(task, row['reward'], row['cost'], k)[index])
+        summary['normalized'][str(kappa)] = {
+            'reward': aggregate(lambda r: norm(r, 0)), 'cost': aggregate(lambda r: norm(r, 1)),
+            'safe_fraction': float(np.mean([norm(r, 1) <= 1.0 for r in episodes])),
+        }
+    return summary
+
+
+def evaluate(sources: Sequence, episodes: int = 20, seeds: Sequence[int] = (0,),
+             kappas: Sequence[float] = KAPPAS, progress: bool = True) -> dict:
+    """
+    Roll out every source for ``episodes`` episodes per seed; return the results dict.
+
+    All sources must be of one task and one algorithm (e.g. the runs of several training seeds,
+    or one bundle); evaluate different algorithms separately and combine them with ``table``.
+    """
+    agents = [load_agent(s) for s in sources]
+    tasks = {a.task for a in agents}
+    algorithms = {a.algorithm for a in agents}
+    if len(tasks) != 1 or len(algorithms) != 1:
+        raise ValueError(f'evaluate one task and algorithm at a time; got tasks {sorted(tasks)} '
+                         f'and algorithms {sorted(algorithms)}')
+    spec = get_task(tasks.pop())
+    rows = []
+    env = spec.make_env()
+    bar = tqdm(total=len(agents) * len(seeds) * episodes, desc=f'eval {spec.name}',
+               disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    try:
+        for agent, source in zip(agents, sources):
+            for seed in seeds:
+                for episode in range(episodes):
+                    row = rollout(agent, env, seed, episode)
+                    row['source'] = str(source)
+                    rows.append(row)
+                    bar.update(1)
+                    bar.set_postfix(reward=f'{row["reward"]:.1f}', cost=f'{row["cost"]:.0f}',
+                                    refresh=False)
+    finally:
+        bar.close()
+        env.close()
+    return {
+        'name': agents[0].name if len(agents) == 1 else f'{agents[0].algorithm}-{spec.name}',
+        'task': spec.name, 'algorithm': agents[0].algorithm,
+        'kinds': sorted({a.kind for a in agents}), 'sources': [str(s) for s in sources],
+        'episodes_per_seed': episodes, 'seeds': [int(s) for s in seeds],
+        'kappas': [float(k) for k in kappas],
+        'constants': {'max_reward': spec.max_reward, 'min_reward': spec.min_reward,
+                      'horizon': spec.horizon},
+        'summary': summarize(spec.name, rows, kappas),
+        'episodes': rows,
+        'machine': machine_info(),
+        'created': datetime.now(timezone.utc).isoformat(timespec='seconds'),
+    }
+
+
+def write_results(results: dict, out) -> Path:
+    """Write results as JSON and the per-episode rows as CSV next to it; return the JSON path."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + '\n')
+    with open(out.with_suffix('.csv'), 'w', newline='') as stream:
+        writer = csv.writer(stream)
+        kappas = results['kappas']
+        norm_columns = [f'{n}_norm_k{k:g}' for k in kappas for n in ('reward', 'cost')]
+        writer.writerow(['task', 'algorithm', 'source', 'seed', 'episode', 'reward', 'cost',
+                         'length'] + norm_columns)
+        for row in results['episodes']:
+            norms = []
+            for k in kappas:
+                norms += list(normalized_score(results['task'], row['reward'], row['cost'], k))
+            writer.writerow([results['task'], results['algorithm'], row['source'], row['seed'],
+                             row['episode'], f'{row["reward"]:.4f}', f'{row["cost"]:.1f}',
+                             row['length']] + [f'{v:.4f}' for v in norms])
+    return out
+
+
+def format_summary(results: dict) -> str:
+    """Return a human-readable summary of one evaluation."""
+    s = results['summary']
+    lines = [f'{results["name"]} ({results["algorithm"]}, {results["task"]}): '
+             f'{s["episodes"]} episodes, seeds {results["seeds"]}, mean +- std over '
+             f'{s["std_over"]}',
+             f'  raw reward {s["reward"]["mean"]:.2f} +- {s["reward"]["std"]:.2f}, raw cost '
+             f'{s["cost"]["mean"]:.2f} +- {s["cost"]["std"]:.2f}, length '
+             f'{s["length"]["mean"]:.0f}']
+    for kappa, n in s['normalized'].items():
+        lines.append(f'  kappa {float(kappa):>4g}: R_norm {n["reward"]["mean"]:.3f} +- '
+                     f'{n["reward"]["std"]:.3f}, C_norm {n["cost"]["mean"]:.3f} +- '
+                     f'{n["cost"]["std"]:.3f}, safe episodes {100 * n["safe_fraction"]:.0f}%')
+    return '\n'.join(lines)
+
+
+# --------------------------------------------------------------------------- results table
+
+def merge_results(results: Sequence[dict]) -> Dict[tuple, dict]:
+    """Group results by (task, algorithm) and re-aggregate the episodes of each group."""
+    groups: Dict[tuple, List[dict]] = {}
+    for result in results:
+        groups.setdefault((result['task'], result['algorithm']), []).append(result)
+    merged = {}
+    for (task, algorithm), items in groups.items():
+        episodes = [dict(row, source=row.get('source', item['name']))
+                    for item in items for row in item['episodes']]
+        kappas = sorted({k for item in items for k in item['kappas']})
+        merged[(task, algorithm)] = {
+            'summary': summarize(task, episodes, kappas), 'kappas': kappas,
+            'names': [item['name'] for item in items],
+            'kinds': sorted({k for item in items for k in item['kinds']}),
+            'episodes_per_seed': sorted({item['episodes_per_seed'] for item in items}),
+            'seeds': sorted({s for item in items for s in item['seeds']})}
+    return merged
+
+
+def _cell(stat: dict) -> str:
+    return f'{stat["mean"]:.2f} ± {stat["std"]:.2f}'
+
+
+def results_table(results: Sequence[dict], kappa: float = TABLE_KAPPA) -> str:
+    """Return the markdown results table at ``kappa`` (unsafe costs, C_norm > 1, in bold)."""
+    merged = merge_results(results)
+    tasks = sorted({t for t, _ in merged}, key=lambda t: (t.endswith('Run'), t))
+    algorithms = sorted({a for _, a in merged})
+    head = ['Task'] + [f'{a} R↑ | {a} C↓' for a in algorithms]
+    head += [f'paper {a} R / C' for a in algorithms if a in PAPER]
+    lines = ['| ' + ' | '.join(head) + ' |',
+             '|' + '---|' * (1 + 2 * len(algorithms) + sum(a in PAPER for a in algorithms))]
+    for task in tasks:
+        cells = [task]
+        for algorithm in algorithms:
+            entry = merged.get((task, algorithm))
+            norm = entry and entry['summary']['normalized'].get(str(float(kappa)))
+            if not norm:
+                cells += ['–', '–']
+                continue
+            cost = _cell(norm['cost'])
+            cells += [_cell(norm['reward']), f'**{cost}**' if norm['cost']['mean'] > 1 else cost]
+        for algorithm in algorithms:
+            if algorithm in PAPER:
+                paper = PAPER[algorithm].get(task)
+                cells.append(f'{paper[0]:.2f} / {paper[1]:.2f}' if paper else '–')
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    details = []
+    for (task, algorithm), entry in sorted(merged.items()):
+        s = entry['summary']
+        details.append(f'- {task} / {algorithm}: {s["episodes"]} episodes '
+                       f'({", ".join(str(e) for e in entry["episodes_per_seed"])} per seed), '
+                       f'seeds {entry["seeds"]}, {len(entry["names"])} source(s) '
+                       f'[{", ".join(entry["names"])}] ({"/".join(entry["kinds"])}); '
+                       f'raw reward {s["reward"]["mean"]:.1f}, raw cost {s["cost"]["mean"]:.1f}; '
+                       f'± is the std over {s["std_over"]}')
+    return '\n'.join(lines + [''] + details) + '\n'
+
+
+def results_csv(results: Sequence[dict], path) -> None:
+    """Write every (task, algorithm, kappa) aggregate as one CSV row."""
+    merged = merge_results(results)
+    with open(path, 'w', newline='') as stream:
+        writer = csv.writer(stream)
+        writer.writerow(['task', 'algorithm', 'kappa', 'reward_norm_mean', 'reward_norm_std',
+                         'cost_norm_mean', 'cost_norm_std', 'safe_episode_fraction',
+                         'reward_raw_mean', 'cost_raw_mean', 'episodes', 'units', 'std_over',
+                         'sources'])
+        for (task, algorithm), entry in sorted(merged.items()):
+            s = entry['summary']
+            for kappa, n in s['normalized'].items():
+                writer.writerow([task, algorithm, kappa, f'{n["reward"]["mean"]:.4f}',
+                                 f'{n["reward"]["std"]:.4f}', f'{n["cost"]["mean"]:.4f}',
+                                 f'{n["cost"]["std"]:.4f}', f'{n["safe_fraction"]:.3f}',
+                                 f'{s["reward"]["mean"]:.3f}', f'{s["cost"]["mean"]:.3f}',
+                                 s['episodes'], s['units'], s['std_over'],
+                                 ';'.join(entry['names'])])
+
+
+def reward_cost_plots(results: Sequence[dict], out_dir, kappa: float = TABLE_KAPPA) -> List[Path]:
+    """Draw one normalised reward-vs-cost plot per task (safe region: C_norm <= 1)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    merged = merge_results(results)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for task in sorted({t for t, _ in merged}):
+        fig, ax = plt.subplots(figsize=(5.2, 4.0))
+        ax.axvspan(0, 1, color='tab:green', alpha=0.08, label='safe ($C_{norm} \\leq 1$)')
+        ax.axvline(1.0, color='tab:green', ls='--', lw=1)
+        for index, (algorithm, color) in enumerate(zip(
+                sorted(a for t, a in merged if t == task), plt.cm.tab10.colors)):
+            norm = merged[(task, algorithm)]['summary']['normalized'].get(str(float(kappa)))
+            if norm:
+                ax.errorbar(norm['cost']['mean'], norm['reward']['mean'],
+                            xerr=norm['cost']['std'], yerr=norm['reward']['std'], fmt='o',
+                            color=color, capsize=3, label=f'{algorithm} (ours)')
+            paper = PAPER.get(algorithm, {}).get(task)
+            if paper:
+                ax.plot(paper[1], paper[0], marker='s', mfc='none', color=color, ls='none',
+                        label=f'{algorithm} (paper)')
+        ax.set_xlabel(f'normalised cost (kappa = {kappa:g})')
+        ax.set_ylabel('normalised reward')
+        ax.set_title(f'{task}: reward vs cost')
+        ax.set_xlim(left=-0.5)
+        ax.legend(fontsize=7, loc='best')
+        fig.tight_layout()
+        png = out_dir / f'reward_cost_{task}.png'
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
+        written.append(png)
+    return written
+
+
+def write_table(result_files: Sequence, out, kappa: float = TABLE_KAPPA,
+                plot_dir=None, notes=None) -> Path:
+    """
+    Write the markdown table (and the CSV and plots next to it) from results JSON files.
+
+    ``notes``: a markdown file appended below the table (what was run, what is missing).
+    """
+    results = [json.loads(Path(f).read_text()) for f in result_files]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_dir = Path(plot_dir) if plot_dir is not None else out.parent / 'img' / 'results'
+    body = results_table(results, kappa)
+    machines = sorted({f'{r["machine"]["cpu"]} ({r["machine"]["cores"]} cores)' for r in results
+                       if 'machine' in r})
+    header = (
+        '# Results\n\n'
+        f'<!-- generated by `saferl-eval table {" ".join(str(f) for f in result_files)} -o {out} '
+        f'--kappa {kappa:g}{f" --notes {notes}" if notes is not None else ""}`; edit the '
+        'sources, not this page -->\n\n'
+        f'Normalised reward (R↑) and cost (C↓) at κ = {kappa:g}, normalised as DSRL does, '
+        'mean ± std (over evaluation seeds, or over episodes for a single seed). Costs above 1 '
+        '(unsafe) are in bold. The paper columns are Table 1 of the FISOR paper (κ = 5, 20 '
+        'episodes × 3 seeds, the hosted DSRL datasets); ours use the datasets collected here, so '
+        'they are '
+        'comparable in protocol but not in data. Other κ: the CSV next to this file. Plots: '
+        f'`{plot_dir}`. '
+        f'Machine: {"; ".join(machines) or "unknown"}.\n\n')
+    extra = f'\n{Path(notes).read_text()}' if notes is not None else ''
+    out.write_text(header + body + extra)
+    results_csv(results, out.with_suffix('.csv'))
+    reward_cost_plots(results, plot_dir, kappa)
+    return out
+
+
+# --------------------------------------------------------------------------- command line
+
+def _table_main(argv) -> int:
+    parser = argparse.ArgumentParser(
+        prog='saferl-eval table', description='Build the markdown/CSV results table and the '
+        'reward-cost plots from saferl-eval results files.')
+    parser.add_argument('results', nargs='+', help='results JSON files written by saferl-eval')
+    parser.add_argument('-o', '--out', required=True, help='markdown file, e.g. docs/results.md '
+                        '(the CSV is written next to it)')
+    parser.add_argument('--kappa', type=float, default=TABLE_KAPPA,
+                        help=f'cost threshold of the table (default {TABLE_KAPPA}, as FISOR)')
+    parser.add_argument('--plot-dir', default=None,
+                        help='folder of the reward-cost PNGs (default OUT_DIR/img/results)')
+    parser.add_argument('--notes', default=None,
+                        help='markdown file appended below the table (runs, caveats)')
+    args = parser.parse_args(argv)
+    out = write_table(args.results, args.out, args.kappa, args.plot_dir, args.notes)
+    print(f'saferl-eval: wrote {out} and {out.with_suffix(".csv")}')
+    return 0
+
+
+def main(argv=None) -> int:
+    """Command-line entry point of saferl-eval."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == 'table':
+        return _table_main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog='saferl-eval', description='Roll out runs or bundles in Bullet-Safety-Gym and report '
+        'raw and DSRL-normalised reward and cost. `saferl-eval table ...` builds the results '
+        'table.')
+    parser.add_argument('sources', nargs='+',
+                        help='bundle folders or saferl-train run folders (one task and '
+                        'algorithm)')
+    parser.add_argument('--episodes', type=int, default=20, help='episodes per seed (default 20)')
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0],
+                        help='evaluation seeds (default 0)')
+    parser.add_argument('--kappa', type=float, nargs='+', default=list(KAPPAS),
+                        help='cost thresholds for the normalised cost (default 5 10 20 40)')
+    parser.add_argument('-o', '--out', default=None,
+                        help='results JSON (default results/NAME.json; the CSV goes next to it)')
+    parser.add_argument('--update-manifest', action='store_true',
+                        help="store the summary in the bundle manifest's metrics")
+    parser.add_argument('--threads', type=int, default=1, help='torch threads for run folders')
+    parser.add_argument('--no-progress', action='store_true')
+    args = parser.parse_args(argv)
+    if args.episodes < 1:
+        parser.error('--episodes must be >= 1')
+    if any(not (Path(s) / 'manifest.yaml').is_file() for s in args.sources):
+        import torch  # only run folders need torch; bundles run on onnxruntime alone
+        torch.set_num_threads(args.threads)
+    try:
+        results = evaluate(args.sources, args.episodes, args.seeds, args.kappa,
+                           progress=not args.no_progress)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f'saferl-eval: error: {err}', file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path('results') / f'{results["name"]}.json'
+    write_results(results, out)
+    if args.update_manifest:
+        from offline_training.export import update_metrics
+        for source in args.sources:
+            if (Path(source) / 'manifest.yaml').is_file():
+                update_metrics(source, {'evaluation': _manifest_metrics(results, out)})
+    print(format_summary(results))
+    print(f'saferl-eval: wrote {out} and {out.with_suffix(".csv")}')
+    return 0
+
+
+def _manifest_metrics(results: dict, out: Path) -> dict:
+    s = results['summary']
+    return {'episodes_per_seed': results['episodes_per_seed'], 'seeds': results['seeds'],
+            'std_over': s['std_over'], 'reward': s['reward'], 'cost': s['cost'],
+            'normalized': s['normalized'], 'results_file': str(out),
+            'created': results['created']}
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,432 @@
+"""
+Model bundles: load, verify and run the ONNX graphs an offline training run exported.
+
+A bundle is a folder (``models/<name>/``) written by ``saferl-export``::
+
+    manifest.yaml   format, task, observation channels, action bounds, graphs, critic, provenance,
+                    evaluation metrics, and the sha256 of every other file
+    policy.onnx     proposes an action; FISOR's whole sampler (N candidates, T denoising steps,
+                    argmin over max-of-heads Q_h) with the noise as an explicit input
+    critic.onnx     V_h(s) and max_j Q_h^j(s, a) (kind ``feasibility``) or Q_c(s, a) (``cost``)
+    fallback.onnx   the infeasible-region policy (FISOR: argmin Q_h over more candidates)
+    golden.npz      inputs and the outputs the exporting torch model produced for them
+
+Every graph takes RAW observations: the normalisation is inside the graph, so a robot feeds the
+vector exactly as the simulator builds it. ``load_bundle`` refuses a bundle whose format version,
+checksums, dimensions or golden outputs do not match, with a :class:`BundleError` that names the
+file or field, what was expected and found, and the fix.
+
+This module is part of the runtime core: numpy, onnxruntime and pyyaml only (never torch), so a
+robot needs none of the training stack. See docs/bundle.md for the full contract.
+"""
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import onnxruntime as ort
+import yaml
+
+FORMAT = 'saferl_bundle/1'
+MANIFEST = 'manifest.yaml'
+GOLDEN = 'golden.npz'
+GRAPH_NAMES = ('policy', 'critic', 'fallback')
+CRITIC_KINDS = ('feasibility', 'cost', 'none')
+# Outputs of the critic graph for each critic kind (docs/bundle.md).
+CRITIC_OUTPUTS = {'feasibility': ('v_h', 'q_h'), 'cost': ('q_c',), 'none': ()}
+GOLDEN_ATOL = 1e-4
+BATCH = 'batch'  # name of the dynamic batch dimension in the manifest's shapes
+REEXPORT = 're-export the bundle with `saferl-export RUN -o DIR`'
+
+
+class BundleError(RuntimeError):
+    """A model bundle that cannot be used: the message names the file or field and the fix."""
+
+
+def sha256_file(path) -> str:
+    """Return the hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as stream:
+        for block in iter(lambda: stream.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def golden_key(graph: str, tensor: str) -> str:
+    """Return the golden.npz key of one input or output tensor of one graph."""
+    return f'{graph}.{tensor}'
+
+
+def make_session(path, threads: int = 1) -> ort.InferenceSession:
+    """
+    Open an ONNX Runtime CPU session with ``threads`` intra-op threads (1 for low latency).
+
+    One thread avoids the thread-pool hand-off that dominates a batch-1 call on a small CPU and
+    leaves the other cores to the ROS executor and the simulator.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=options,
+                                providers=['CPUExecutionProvider'])
+
+
+class _Graph:
+    """One ONNX graph of a bundle with the input and output names the manifest declares."""
+
+    def __init__(self, name: str, path: Path, spec: dict):
+        self.name = name
+        self.path = path
+        self.inputs: Dict[str, list] = dict(spec.get('inputs') or {})
+        self.outputs: Dict[str, list] = dict(spec.get('outputs') or {})
+        try:
+            self.session = make_session(path)
+        except Exception as exc:  # onnxruntime raises several unrelated exception types
+            raise BundleError(f'{path}: onnxruntime cannot load the {name} graph ({exc}); '
+                              f'{REEXPORT}') from exc
+        self._output_names = list(self.outputs)
+
+    def run(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        values = self.session.run(self._output_names, feeds)
+        return dict(zip(self._output_names, values))
+
+
+class Bundle:
+    """A verified model bundle; call :func:`load_bundle` to get one."""
+
+    def __init__(self, path: Path, manifest: dict, manifest_sha256: str,
+                 graphs: Dict[str, _Graph]):
+        self.path = path
+        self.manifest = manifest
+        self.sha256 = manifest_sha256
+        self._graphs = graphs
+        obs = manifest['observation']
+        act = manifest['action']
+        self.name: str = manifest['name']
+        self.algorithm: str = manifest['algorithm']
+        self.task_name: str = manifest['task']['name']
+        self.obs_channels: List[str] = list(obs['channels'])
+        self.obs_dim: int = int(obs['dim'])
+        self.act_dim: int = int(act['dim'])
+        self.action_low = np.asarray(act['low'], dtype=np.float32)
+        self.action_high = np.asarray(act['high'], dtype=np.float32)
+        self.critic_kind: str = manifest['critic']['kind']
+        self.has_fallback: bool = 'fallback' in graphs
+        self._rng = np.random.default_rng()
+
+    # -- description ---------------------------------------------------------------------------
+
+    @property
+    def critic_config(self) -> dict:
+        """Return the manifest's critic section (kind and thresholds or budget)."""
+        return dict(self.manifest['critic'])
+
+    def noise_shape(self, graph: str = 'policy', batch: int = 1) -> Optional[tuple]:
+        """Return the shape of ``graph``'s noise input for ``batch`` rows (None: no noise)."""
+        spec = self._graph(graph).inputs.get('noise')
+        if spec is None:
+            return None
+        return tuple(batch if d == BATCH else int(d) for d in spec)
+
+    def __repr__(self) -> str:
+        return (f'Bundle({self.name!r}, algorithm={self.algorithm!r}, task={self.task_name!r}, '
+                f'critic={self.critic_kind!r}, graphs={sorted(self._graphs)})')
+
+    # -- inference -----------------------------------------------------------------------------
+
+    def sample_noise(self, batch: int, rng: Optional[np.random.Generator] = None,
+                     graph: str = 'policy') -> Optional[np.ndarray]:
+        """Draw standard normal noise of the shape ``graph`` takes (None if it takes none)."""
+        shape = self.noise_shape(graph, batch)
+        if shape is None:
+            return None
+        rng = self._rng if rng is None else rng
+        return rng.standard_normal(shape, dtype=np.float32)
+
+    def policy(self, obs, noise=None, rng: Optional[np.random.Generator] = None) -> np.ndarray:
+        """
+        Return actions [B, act_dim] for raw observations [B, obs_dim] (or one [obs_dim]).
+
+        ``noise`` makes a stochastic policy reproducible; without it, noise is drawn from ``rng``
+        (or the bundle's own generator).
+        """
+        return self._act('policy', obs, noise, rng)
+
+    def fallback(self, obs, noise=None, rng: Optional[np.random.Generator] = None) -> np.ndarray:
+        """Return the infeasible-region (fallback) policy's actions [B, act_dim]."""
+        if not self.has_fallback:
+            raise BundleError(f'{self.path}: bundle {self.name!r} has no fallback graph; use a '
+                              'bundle with one for the monitor, or configure a fixed safe action')
+        return self._act('fallback', obs, noise, rng)
+
+    def critic(self, obs, act) -> Dict[str, np.ndarray]:
+        """Return {'v_h': [B], 'q_h': [B]} (feasibility) or {'q_c': [B]} (cost) for (s, a)."""
+        if self.critic_kind == 'none':
+            raise BundleError(f'{self.path}: bundle {self.name!r} has no critic (critic kind '
+                              "'none'); a safety monitor needs a bundle with a feasibility or "
+                              'cost critic')
+        obs = self._obs(obs)
+        act = np.asarray(act, dtype=np.float32)
+        if act.ndim == 1:
+            act = act[None]
+        if act.shape != (obs.shape[0], self.act_dim):
+            raise BundleError(f'critic: action has shape {act.shape}, expected '
+                              f'({obs.shape[0]}, {self.act_dim}) to match the observation batch')
+        return self._graphs['critic'].run({'observation': obs, 'action': act})
+
+    def _graph(self, name: str) -> _Graph:
+        if name not in self._graphs:
+            raise BundleError(f'{self.path}: bundle {self.name!r} has no {name} graph')
+        return self._graphs[name]
+
+    def _obs(self, obs) -> np.ndarray:
+        obs = np.asarray(obs, dtype=np.float32)
+        if obs.ndim == 1:
+            obs = obs[None]
+        if obs.ndim != 2 or obs.shape[1] != self.obs_dim:
+            raise BundleError(f'observation has shape {obs.shape}, expected [batch, '
+                              f'{self.obs_dim}] (channels {self.obs_channels})')
+        return obs
+
+    def _act(self, name: str, obs, noise, rng) -> np.ndarray:
+        graph = self._graph(name)
+        obs = self._obs(obs)
+        feeds = {'observation': obs}
+        if 'noise' in graph.inputs:
+            if noise is None:
+                noise = self.sample_noise(obs.shape[0], rng, graph=name)
+            noise = np.asarray(noise, dtype=np.float32)
+            expected = self.noise_shape(name, obs.shape[0])
+            if noise.shape != expected:
+                raise BundleError(f'{name}: noise has shape {noise.shape}, expected {expected}; '
+                                  'use bundle.sample_noise(batch, rng, graph=...) to make it')
+            feeds['noise'] = noise
+        return graph.run(feeds)['action']
+
+
+# -- loading and verification ------------------------------------------------------------------
+
+
+def _require(mapping, key: str, where: str, kind=None):
+    if not isinstance(mapping, dict) or key not in mapping:
+        raise BundleError(f'{where}: field {key!r} is missing; {REEXPORT}')
+    value = mapping[key]
+    if kind is not None and not isinstance(value, kind):
+        raise BundleError(f'{where}: field {key!r} should be a {kind.__name__}, found '
+                          f'{type(value).__name__} ({value!r}); {REEXPORT}')
+    return value
+
+
+def _read_manifest(path: Path):
+    """Return (manifest dict, sha256 of its bytes), hashing exactly the bytes that were parsed."""
+    file = path / MANIFEST
+    if not path.is_dir():
+        raise BundleError(f'{path}: not a model bundle folder (it does not exist or is a file); '
+                          f'point at the folder `saferl-export` wrote, e.g. models/<name>/')
+    if not file.is_file():
+        raise BundleError(f'{file}: missing; a bundle folder must contain {MANIFEST}; '
+                          f'{REEXPORT}')
+    data = file.read_bytes()
+    try:
+        manifest = yaml.safe_load(data.decode('utf-8'))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise BundleError(f'{file}: not valid YAML ({exc}); {REEXPORT}') from exc
+    if not isinstance(manifest, dict):
+        raise BundleError(f'{file}: expected a mapping, found {type(manifest).__name__}; '
+                          f'{REEXPORT}')
+    found = manifest.get('format')
+    if found != FORMAT:
+        raise BundleError(
+            f'{file}: field format is {found!r}, expected {FORMAT!r}: this runtime reads only '
+            f'{FORMAT} bundles; {REEXPORT} with the saferl_ros version you deploy')
+    return manifest, hashlib.sha256(data).hexdigest()
+
+
+def _check_manifest(manifest: dict, where: str) -> None:
+    for key in ('name', 'algorithm'):
+        _require(manifest, key, where, str)
+    task = _require(manifest, 'task', where, dict)
+    _require(task, 'name', f'{where} task')
+    obs = _require(manifest, 'observation', where, dict)
+    dim = _require(obs, 'dim', f'{where} observation', int)
+    channels = _require(obs, 'channels', f'{where} observation', list)
+    if len(channels) != dim:
+        raise BundleError(f'{where}: observation.channels has {len(channels)} names, expected '
+                          f'observation.dim = {dim}; {REEXPORT}')
+    norm = obs.get('normalization')
+    if norm is not None:
+        for key in ('mean', 'std'):
+            values = _require(norm, key, f'{where} observation.normalization', list)
+            if len(values) != dim:
+                raise BundleError(f'{where}: observation.normalization.{key} has {len(values)} '
+                                  f'entries, expected {dim}; {REEXPORT}')
+    act = _require(manifest, 'action', where, dict)
+    act_dim = _require(act, 'dim', f'{where} action', int)
+    for key in ('low', 'high'):
+        values = _require(act, key, f'{where} action', list)
+        if len(values) != act_dim:
+            raise BundleError(f'{where}: action.{key} has {len(values)} entries, expected '
+                              f'action.dim = {act_dim}; {REEXPORT}')
+    critic = _require(manifest, 'critic', where, dict)
+    kind = _require(critic, 'kind', f'{where} critic', str)
+    if kind not in CRITIC_KINDS:
+        raise BundleError(f'{where}: critic.kind is {kind!r}, expected one of {CRITIC_KINDS}; '
+                          f'{REEXPORT}')
+    if kind == 'feasibility':
+        _require(critic, 'threshold_v', f'{where} critic')
+        _require(critic, 'threshold_q', f'{where} critic')
+    if kind == 'cost':
+        _require(critic, 'budget', f'{where} critic')
+    graphs = _require(manifest, 'graphs', where, dict)
+    _require(graphs, 'policy', f'{where} graphs', dict)
+    unknown = sorted(set(graphs) - set(GRAPH_NAMES))
+    if unknown:
+        raise BundleError(f'{where}: graphs has unknown entries {unknown}, expected a subset of '
+                          f'{GRAPH_NAMES}; {REEXPORT}')
+    if (kind == 'none') != ('critic' not in graphs):
+        raise BundleError(f'{where}: critic.kind is {kind!r} but graphs '
+                          f'{"has" if "critic" in graphs else "lacks"} a critic entry; '
+                          f'{REEXPORT}')
+    _require(manifest, 'files', where, dict)
+
+
+def _check_files(path: Path, manifest: dict) -> None:
+    files = manifest['files']
+    needed = [GOLDEN] + [g['file'] for g in manifest['graphs'].values()]
+    for name in needed:
+        if name not in files:
+            raise BundleError(f'{path / MANIFEST}: files has no sha256 for {name}; {REEXPORT}')
+    for name, expected in files.items():
+        if Path(name).name != name or name in ('', '.', '..', MANIFEST):
+            raise BundleError(f'{path / MANIFEST}: files lists {name!r}; entries must be plain '
+                              f'file names inside the bundle folder (not {MANIFEST}); '
+                              f'{REEXPORT}')
+        file = path / name
+        if not file.is_file():
+            raise BundleError(f'{file}: missing (the manifest lists it with sha256 '
+                              f'{str(expected)[:12]}...); copy the whole bundle folder or '
+                              f'{REEXPORT}')
+        found = sha256_file(file)
+        if found != expected:
+            raise BundleError(f'{file}: sha256 mismatch, manifest expects {expected}, file has '
+                              f'{found}; the file was modified or corrupted; {REEXPORT}')
+
+
+def _expected_shape(spec, graph: str, tensor: str, where: str) -> list:
+    if not isinstance(spec, list) or not spec:
+        raise BundleError(f'{where}: graphs.{graph}.{tensor} shape should be a non-empty list, '
+                          f'found {spec!r}; {REEXPORT}')
+    return spec
+
+
+def _fmt(shape) -> str:
+    """Format a shape the way the manifest writes it: [batch, 8]."""
+    return '[' + ', '.join(str(d) for d in shape) + ']'
+
+
+def _check_graph(graph: _Graph, manifest: dict, where: str) -> None:
+    """Compare the ONNX graph's declared inputs/outputs with the manifest and its dimensions."""
+    obs_dim = manifest['observation']['dim']
+    act_dim = manifest['action']['dim']
+    known = {'observation': [BATCH, obs_dim], 'action': [BATCH, act_dim]}
+    for tensor, spec in graph.inputs.items():
+        spec = _expected_shape(spec, graph.name, tensor, where)
+        if tensor in known and spec != known[tensor]:
+            raise BundleError(f'{where}: graphs.{graph.name}.inputs.{tensor} is {_fmt(spec)}, '
+                              f'expected {_fmt(known[tensor])} from observation.dim/action.dim; '
+                              f'{REEXPORT}')
+        if tensor == 'noise' and (len(spec) != 4 or spec[0] != BATCH or spec[-1] != act_dim):
+            raise BundleError(f'{where}: graphs.{graph.name}.inputs.noise is {_fmt(spec)}, '
+                              f'expected [batch, candidates, steps, {act_dim}]; {REEXPORT}')
+    onnx_inputs = {i.name: i.shape for i in graph.session.get_inputs()}
+    onnx_outputs = {o.name: o.shape for o in graph.session.get_outputs()}
+    for side, declared, actual in (('inputs', graph.inputs, onnx_inputs),
+                                   ('outputs', graph.outputs, onnx_outputs)):
+        if set(declared) != set(actual):
+            raise BundleError(f'{graph.path}: ONNX {side} are {sorted(actual)}, the manifest '
+                              f'declares {sorted(declared)}; {REEXPORT}')
+        for tensor, spec in declared.items():
+            spec = _expected_shape(spec, graph.name, tensor, where)
+            onnx_shape = actual[tensor]
+            fixed_ok = len(onnx_shape) == len(spec) and all(
+                isinstance(o, str) or o is None or o == s
+                for o, s in zip(onnx_shape, spec) if s != BATCH)
+            if not fixed_ok:
+                raise BundleError(f'{graph.path}: {tensor} has ONNX shape {_fmt(onnx_shape)}, the '
+                                  f'manifest declares {_fmt(spec)}; {REEXPORT}')
+            if spec[0] == BATCH and isinstance(onnx_shape[0], int):
+                raise BundleError(f'{graph.path}: {tensor} has a fixed batch dimension '
+                                  f'{onnx_shape[0]}, expected a dynamic one; {REEXPORT}')
+    if graph.name in ('policy', 'fallback'):
+        if list(graph.outputs) != ['action'] or graph.outputs['action'] != [BATCH, act_dim]:
+            raise BundleError(f'{where}: graphs.{graph.name}.outputs should be '
+                              f'{{action: [batch, {act_dim}]}}, found {graph.outputs}; '
+                              f'{REEXPORT}')
+    if graph.name == 'critic':
+        kind = manifest['critic']['kind']
+        expected = set(CRITIC_OUTPUTS[kind])
+        if set(graph.outputs) != expected:
+            raise BundleError(f'{where}: graphs.critic.outputs are {sorted(graph.outputs)}, a '
+                              f'{kind} critic has {sorted(expected)}; {REEXPORT}')
+
+
+def _check_golden(path: Path, graphs: Dict[str, _Graph], atol: float) -> None:
+    file = path / GOLDEN
+    try:
+        golden = dict(np.load(file, allow_pickle=False))
+    except Exception as exc:  # a corrupt zip raises zipfile/ValueError/OSError variants
+        raise BundleError(f'{file}: cannot be read ({exc}); {REEXPORT}') from exc
+    for graph in graphs.values():
+        feeds = {}
+        for tensor in graph.inputs:
+            key = golden_key(graph.name, tensor)
+            if key not in golden:
+                raise BundleError(f'{file}: array {key!r} is missing (golden input of the '
+                                  f'{graph.name} graph); {REEXPORT}')
+            feeds[tensor] = golden[key].astype(np.float32, copy=False)
+        outputs = graph.run(feeds)
+        for tensor, value in outputs.items():
+            key = golden_key(graph.name, tensor)
+            if key not in golden:
+                raise BundleError(f'{file}: array {key!r} is missing (golden output of the '
+                                  f'{graph.name} graph); {REEXPORT}')
+            expected = golden[key]
+            if expected.shape != value.shape:
+                raise BundleError(f'{file}: {key} has shape {expected.shape}, the ONNX graph '
+                                  f'gives {value.shape}; {REEXPORT}')
+            error = float(np.max(np.abs(expected - value))) if value.size else 0.0
+            if not np.isfinite(value).all() or error > atol:
+                raise BundleError(
+                    f'{graph.path}: golden output {key} differs from what the exporting torch '
+                    f'model produced by up to {error:.3g} (tolerance {atol:g}); the graph does '
+                    f'not compute what was trained (or onnxruntime differs); {REEXPORT} and '
+                    'check onnxruntime is the pinned version')
+
+
+def load_bundle(path, verify_golden: bool = True, golden_atol: float = GOLDEN_ATOL) -> Bundle:
+    """
+    Load and verify the bundle in folder ``path``; raise BundleError if it cannot be used.
+
+    Checks, in order: the format version, the manifest's fields and dimensions, every file's
+    sha256, each ONNX graph's inputs and outputs against the manifest, and (``verify_golden``)
+    that the graphs reproduce the exporting torch model's outputs on golden.npz within
+    ``golden_atol``.
+    """
+    path = Path(os.path.expanduser(str(path))).resolve()
+    manifest, manifest_sha256 = _read_manifest(path)
+    where = str(path / MANIFEST)
+    _check_manifest(manifest, where)
+    _check_files(path, manifest)
+    graphs = {}
+    for name, spec in manifest['graphs'].items():
+        file = _require(spec, 'file', f'{where} graphs.{name}', str)
+        graphs[name] = _Graph(name, path / file, spec)
+        _check_graph(graphs[name], manifest, where)
+    if verify_golden:
+        _check_golden(path, graphs, golden_atol)
+    return Bundle(path, manifest, manifest_sha256, graphs)

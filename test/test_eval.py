@@ -1,0 +1,102 @@
+"""Evaluation: DSRL's normalisation exactly, real PyBullet rollouts of a bundle, results table."""
+
+import json
+
+import numpy as np
+from offline_training.data.tasks import get_task
+from offline_training.evaluate import (evaluate, load_agent, main, rollout, summarize,
+                                       write_results, write_table)
+from offline_training.export import make_test_bundle
+import pytest
+
+
+@pytest.fixture(scope='module')
+def bundle(tmp_path_factory):
+    import torch
+    torch.set_num_threads(1)
+    return make_test_bundle(tmp_path_factory.mktemp('eval') / 'fisor', train_steps=5)
+
+
+def test_normalisation_equals_dsrl_get_normalized_score():
+    env = get_task('BallCircle').make_env(offline=True)
+    dsrl_env = env.unwrapped
+    rows = [{'seed': 0, 'episode': i, 'reward': r, 'cost': c, 'length': 200}
+            for i, (r, c) in enumerate([(0.0, 0.0), (350.5, 3.0), (881.46, 41.0), (-5.0, 7.0)])]
+    summary = summarize('BallCircle', rows, kappas=(0, 5, 10, 20, 40))
+    for kappa in (0, 5, 10, 20, 40):
+        dsrl_env.set_target_cost(kappa)
+        expected = np.array([dsrl_env.get_normalized_score(r['reward'], r['cost'])
+                             for r in rows])
+        ours = summary['normalized'][str(kappa)]
+        assert ours['reward']['mean'] == pytest.approx(expected[:, 0].mean(), abs=1e-12)
+        assert ours['cost']['mean'] == pytest.approx(expected[:, 1].mean(), abs=1e-12)
+        assert ours['reward']['std'] == pytest.approx(expected[:, 0].std(), abs=1e-12)
+        assert ours['safe_fraction'] == pytest.approx(np.mean(expected[:, 1] <= 1))
+    env.close()
+
+
+def test_units_are_seeds_when_there_are_several():
+    rows = [{'seed': s, 'episode': e, 'reward': 100.0 * s + e, 'cost': float(s), 'length': 1}
+            for s in (0, 1) for e in (0, 1)]
+    summary = summarize('BallCircle', rows, kappas=(10,))
+    assert summary['std_over'] == 'seeds' and summary['units'] == 2
+    assert summary['reward'] == {'mean': 50.5, 'std': 50.0}  # seed means 0.5 and 100.5
+
+
+def test_bundle_rollouts_in_pybullet(bundle, tmp_path):
+    results = evaluate([bundle], episodes=2, seeds=[0], progress=False)
+    rows = results['episodes']
+    assert len(rows) == 2 and all(r['length'] == 200 for r in rows)  # BallCircle horizon
+    assert all(np.isfinite(r['reward']) and 0 <= r['cost'] <= 200 for r in rows)
+    assert results['kinds'] == ['bundle'] and results['algorithm'] == 'fisor'
+    assert set(results['summary']['normalized']) == {'5', '10', '20', '40'}
+    # Seeded: the same episode again gives the same returns.
+    agent = load_agent(bundle)
+    env = get_task('BallCircle').make_env()
+    again = rollout(agent, env, 0, 1)
+    env.close()
+    assert again['reward'] == pytest.approx(rows[1]['reward'])
+    assert again['cost'] == rows[1]['cost']
+    out = write_results(results, tmp_path / 'res' / 'fisor.json')
+    assert json.loads(out.read_text())['summary']['episodes'] == 2
+    assert len(out.with_suffix('.csv').read_text().splitlines()) == 3
+    table = write_table([out], tmp_path / 'docs' / 'results.md', kappa=5)
+    text = table.read_text()
+    assert '| BallCircle |' in text and 'paper fisor' in text
+    assert (tmp_path / 'docs' / 'img' / 'results' / 'reward_cost_BallCircle.png').is_file()
+    assert 'BallCircle,fisor,5.0,' in table.with_suffix('.csv').read_text()
+
+
+def test_saferl_eval_cli(bundle, tmp_path, capfd):
+    out = tmp_path / 'r.json'
+    assert main([str(bundle), '--episodes', '1', '--seeds', '3', '-o', str(out),
+                 '--no-progress', '--update-manifest']) == 0
+    printed = capfd.readouterr().out
+    assert 'kappa    5' in printed and 'R_norm' in printed
+    from saferl_ros.bundle import load_bundle
+    metrics = load_bundle(bundle).manifest['metrics']['evaluation']
+    assert metrics['seeds'] == [3] and '10' in metrics['normalized']
+    (tmp_path / 'notes.md').write_text('## Status\n\nOnly a test bundle.\n')
+    assert main(['table', str(out), '-o', str(tmp_path / 'results.md'), '--notes',
+                 str(tmp_path / 'notes.md')]) == 0
+    assert (tmp_path / 'results.md').read_text().endswith('Only a test bundle.\n')
+    assert main([str(tmp_path / 'missing'), '--episodes', '1']) == 2
+
+
+def test_run_folder_and_its_bundle_act_alike(tmp_path, ballcircle_arrays):
+    from offline_training.export import _TEST_CONFIGS, export_run
+    from offline_training.train import train
+    run = train('fisor', 'BallCircle', preset='cpu', data=ballcircle_arrays, steps=3,
+                out=tmp_path / 'run', overrides=_TEST_CONFIGS['fisor'], progress=False)
+    torch_agent = load_agent(run)
+    onnx_agent = load_agent(export_run(run, tmp_path / 'bundle'))
+    assert (torch_agent.kind, onnx_agent.kind) == ('run', 'bundle')
+    env = get_task('BallCircle').make_env()
+    np.random.seed(0)
+    obs, _ = env.reset(seed=0)
+    rng_torch, rng_onnx = np.random.default_rng(7), np.random.default_rng(7)
+    for _ in range(20):  # real observations along a real trajectory
+        action = onnx_agent.act(obs, rng_onnx)
+        np.testing.assert_allclose(torch_agent.act(obs, rng_torch), action, atol=1e-4)
+        obs, *_ = env.step(action)
+    env.close()
