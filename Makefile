@@ -15,11 +15,12 @@ export RMW_IMPLEMENTATION ?= rmw_fastrtps_cpp
 export DSRL_SUPPRESS_IMPORT_ERROR := 1
 export MPLBACKEND := Agg
 
-.PHONY: help venv check-env test lint lock clean-venv
+.PHONY: help venv check-env test demo lint lock clean-venv
 
 help:
 	@echo "make venv       create .venv with every dependency at its pinned version"
 	@echo "make test       create the environment if missing, then run the whole test suite"
+	@echo "make demo       run the shipped FISOR bundle in the simulated ROS 2 loop for 3 episodes"
 	@echo "make lint       flake8 + pep257 with ament's settings"
 	@echo "make check-env  check that the simulator and dataset environment ids register"
 	@echo "make lock       re-resolve requirements/constraints.txt from requirements.txt"
@@ -41,6 +42,9 @@ check-env:
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: venv
+	$(BIN)/saferl-demo --episodes 3
 
 lint: venv
 	$(BIN)/python -m pytest test/test_flake8.py test/test_pep257.py

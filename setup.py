@@ -41,6 +41,18 @@ setup(
         'console_scripts': [
             # Command-line tools of the offline workspace.
             'saferl-data = offline_training.data.cli:main',
+            'saferl-train = offline_training.train:main',
+            'saferl-export = offline_training.export:main',
+            'saferl-eval = offline_training.evaluate:main',
+            # ROS 2 nodes (lifecycle; `--autostart` configures + activates from a plain shell).
+            'sim_node = saferl_ros.nodes.sim_node:main',
+            'controller_node = saferl_ros.nodes.controller_node:main',
+            'safety_monitor_node = saferl_ros.nodes.safety_monitor_node:main',
+            'recorder_node = saferl_ros.nodes.recorder_node:main',
+            'robot_adapter_node = saferl_ros.nodes.robot_adapter_node:main',
+            # The node graph of a parameters file in one process, and the demo.
+            'saferl-bringup = saferl_ros.bringup:main',
+            'saferl-demo = saferl_ros.demo:main',
         ],
     },
 )

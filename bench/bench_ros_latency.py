@@ -1,0 +1,308 @@
+"""
+End-to-end control latency of the ROS 2 loop: observation published -> final command received.
+
+The controller and the safety monitor run as separate processes (console scripts, as on a robot)
+with the FISOR bundle; this process plays the robot: it publishes BallCircle observations at a
+fixed rate (50 Hz and 100 Hz), stamps each with its publish time and records when the proposal
+(controller) and the final command (monitor) come back. Beside it, in the same run, the rclpy
+transport floor: a ping-pong between this process and an echo process on the same QoS.
+
+    python bench/bench_ros_latency.py [--bundle models/fisor-ballcircle] [--samples 1000]
+
+Without --bundle it uses models/fisor-ballcircle if present, else an untrained FISOR bundle with
+the paper's network sizes (latency does not depend on the weights). Target: p99 <= 5 ms at 50 Hz
+on 2 cores.
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def paper_bundle(out_dir: Path, task: str = 'BallCircle') -> str:
+    """Export an untrained FISOR model with the paper's sizes (N = 16, T = 5) as a bundle."""
+    import torch
+
+    from offline_training.algos import fisor
+    from offline_training.data.tasks import get_task
+    from offline_training.export import fisor_plan, write_bundle
+
+    torch.set_num_threads(1)
+    spec = get_task(task)
+    config = fisor.resolve_config(fisor.make_config('paper'), spec)
+    torch.manual_seed(0)
+    model = fisor.build_model(spec.obs_dim, spec.act_dim, config).eval()
+    return str(write_bundle(fisor_plan(model, config), out_dir / 'fisor-paper-untrained',
+                            spec.name))
+
+
+def stats(ms) -> dict:
+    """Return p50/p99/max/mean of milliseconds."""
+    ms = np.asarray(ms, np.float64)
+    if ms.size == 0:
+        return {'n': 0}
+    return {'n': int(ms.size), 'p50': float(np.percentile(ms, 50)),
+            'p99': float(np.percentile(ms, 99)), 'max': float(ms.max()),
+            'mean': float(ms.mean())}
+
+
+def compute_only(bundle_dir: str, observations: np.ndarray, n: int = 500) -> dict:
+    """Time the bundle's graphs in this process (what the nodes compute, without transport)."""
+    from saferl_ros.bundle import load_bundle
+    bundle = load_bundle(bundle_dir)
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, call in (
+            ('policy', lambda o: bundle.policy(o, rng=rng)),
+            ('critic', lambda o: bundle.critic(o, np.zeros((1, bundle.act_dim), np.float32))),
+            ('fallback', lambda o: bundle.fallback(o, rng=rng))):
+        times = []
+        for i in range(n):
+            obs = observations[i % len(observations)][None]
+            start = time.perf_counter_ns()
+            call(obs)
+            times.append((time.perf_counter_ns() - start) / 1e6)
+        out[name] = stats(times[20:])
+    return out
+
+
+def echo_main() -> int:
+    """Echo process: republish every ping as a pong."""
+    import rclpy
+    from rclpy.node import Node
+    from sensor_msgs.msg import JointState
+
+    from saferl_ros.nodes.common import COMMAND_QOS
+    rclpy.init()
+    node = Node('latency_echo')
+    pub = node.create_publisher(JointState, 'pong', COMMAND_QOS)
+    node.create_subscription(JointState, 'ping', pub.publish, COMMAND_QOS)
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, Exception):  # ExternalShutdownException on SIGINT
+        pass
+    return 0
+
+
+def sim_observations(bundle_dir: str, n: int = 400) -> np.ndarray:
+    """Return BallCircle observations visited by the bundle's own policy (what the loop sees)."""
+    from saferl_ros.bundle import load_bundle
+    from saferl_ros.sim import SimEpisodes
+    bundle = load_bundle(bundle_dir)
+    rng = np.random.default_rng(0)
+    sim = SimEpisodes('BallCircle', seed=0)
+    obs = [sim.reset()]
+    while len(obs) < n:
+        result = sim.step(bundle.policy(obs[-1][None], rng=rng)[0])
+        obs.append(result.observation)
+        if result.terminated or result.truncated:
+            obs.append(sim.reset())
+    sim.close()
+    return np.asarray(obs[:n], np.float32)
+
+
+def start(executable: str, args: list, log: Path, priority: int = 0) -> subprocess.Popen:
+    """Start a console-script node (configured and activated) in its own process."""
+    exe = shutil.which(executable, path=os.path.dirname(sys.executable)) or executable
+    rt = ['--realtime-priority', str(priority)] if priority else []
+    return subprocess.Popen([exe, '--autostart'] + rt + ['--ros-args'] + args,
+                            stdout=open(log, 'w'),
+                            stderr=subprocess.STDOUT,
+                            env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+
+
+def main(argv=None) -> int:
+    """Run the benchmark; print and optionally save the table."""
+    parser = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0])
+    parser.add_argument('--bundle', default=None,
+                        help="bundle folder, 'paper' (untrained FISOR, paper sizes) or 'test' "
+                             "(make_test_bundle's tiny FISOR); default models/fisor-ballcircle")
+    parser.add_argument('--realtime-priority', type=int, default=0,
+                        help='run the nodes and this process with SCHED_FIFO at this priority '
+                             '(what a robot deployment does; needs CAP_SYS_NICE)')
+    parser.add_argument('--pass-through', action='store_true',
+                        help='monitor thresholds +1e9: every proposal passes (no fallback), '
+                             'the common case of a trained policy in the feasible region')
+    parser.add_argument('--rates', type=float, nargs='+', default=[50.0, 100.0])
+    parser.add_argument('--samples', type=int, default=1000)
+    parser.add_argument('--warmup', type=int, default=50)
+    parser.add_argument('--pings', type=int, default=1000)
+    parser.add_argument('--json', default=None, help='write the results here')
+    parser.add_argument('--echo', action='store_true', help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.echo:
+        return echo_main()
+    os.environ.setdefault('ROS_DOMAIN_ID', str(90 + os.getpid() % 40))
+    os.environ.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
+
+    from offline_training.evaluate import machine_info
+    tmp = Path(tempfile.mkdtemp(prefix='bench-ros-'))
+    bundle = args.bundle
+    if bundle == 'paper':
+        bundle = paper_bundle(tmp)
+    elif bundle == 'test':
+        from offline_training.export import make_test_bundle
+        bundle = str(make_test_bundle(tmp / 'test-fisor'))
+    elif bundle is None:
+        shipped = REPO / 'models' / 'fisor-ballcircle'
+        bundle = str(shipped) if (shipped / 'manifest.yaml').is_file() else paper_bundle(tmp)
+    observations = sim_observations(bundle)
+    compute = compute_only(bundle, observations)
+
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from sensor_msgs.msg import JointState
+
+    from saferl_ros.monitor import MonitorState
+    from saferl_ros.nodes import common
+    from saferl_ros.observation import channel_names
+
+    procs = [
+        start('controller_node', ['-p', f'bundle:={bundle}'], tmp / 'controller.log',
+              args.realtime_priority),
+        start('safety_monitor_node', ['-p', f'bundle:={bundle}', '-p',
+                                      'observation_timeout:=1.0', '-p',
+                                      'proposal_timeout:=1.0', '-p', 'watchdog_rate_hz:=0.0']
+              + (['-p', 'threshold_v:=1e9', '-p', 'threshold_q:=1e9'] if args.pass_through
+                 else []),
+              tmp / 'monitor.log', args.realtime_priority),
+        subprocess.Popen([sys.executable, __file__, '--echo'], env=os.environ.copy()),
+    ]
+    rclpy.init()
+    results_rt = False
+    if args.realtime_priority:
+        from saferl_ros.nodes.common import set_realtime_priority
+        results_rt = set_realtime_priority(args.realtime_priority)
+    node = Node('latency_bench')
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    names = channel_names('BallCircle')
+    sent, proposed, final, verdicts, pongs = {}, {}, {}, {}, {}
+
+    def now_ns():
+        return time.time_ns()
+
+    node.create_subscription(JointState, common.PROPOSED, lambda m: proposed.setdefault(
+        common.stamp_to_ns(m.header.stamp), now_ns()), common.COMMAND_QOS)
+    node.create_subscription(JointState, common.FINAL, lambda m: final.setdefault(
+        common.stamp_to_ns(m.header.stamp), now_ns()), common.COMMAND_QOS)
+    node.create_subscription(JointState, common.VERDICT, lambda m: verdicts.setdefault(
+        common.stamp_to_ns(m.header.stamp), int(m.position[0])), common.RECORD_QOS)
+    node.create_subscription(JointState, 'pong', lambda m: pongs.setdefault(
+        common.stamp_to_ns(m.header.stamp), now_ns()), common.COMMAND_QOS)
+    obs_pub = node.create_publisher(JointState, common.OBSERVATION, common.SENSOR_QOS)
+    ping_pub = node.create_publisher(JointState, 'ping', common.COMMAND_QOS)
+
+    def wait(condition, timeout):
+        deadline = time.monotonic() + timeout
+        while not condition() and time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.001)
+        return condition()
+
+    results = {'machine': machine_info(), 'bundle': bundle, 'samples': args.samples,
+               'pass_through': args.pass_through,
+               'realtime_priority': args.realtime_priority if args.realtime_priority and
+               results_rt else 0,
+               'compute_ms': compute, 'rates': {}}
+    try:
+        ready = wait(lambda: node.count_subscribers(common.OBSERVATION) >= 2 and
+                     node.count_publishers(common.FINAL) >= 1 and
+                     node.count_subscribers('ping') >= 1, 60.0)
+        if not ready:
+            raise RuntimeError(f'nodes did not come up; logs in {tmp}')
+        time.sleep(1.0)
+        # Transport floor: one JointState of the observation's size, ping -> pong, back to back.
+        rtt = []
+        for i in range(args.pings + 20):
+            stamp = now_ns()
+            ping_pub.publish(common.joint_state(names, observations[i % len(observations)],
+                                                stamp))
+            if wait(lambda: stamp in pongs, 1.0) and i >= 20:
+                rtt.append((pongs[stamp] - stamp) / 1e6)
+        results['pingpong_rtt_ms'] = stats(rtt)
+        results['pingpong_one_way_ms'] = stats(np.asarray(rtt) / 2)
+        for rate in args.rates:
+            sent.clear()
+            stamps = []
+            period = 1.0 / rate
+            next_time = time.monotonic()
+            for i in range(args.samples + args.warmup):
+                next_time += period
+                stamp = now_ns()
+                obs_pub.publish(common.joint_state(names, observations[i % len(observations)],
+                                                   stamp))
+                if i >= args.warmup:
+                    stamps.append(stamp)
+                while time.monotonic() < next_time:
+                    executor.spin_once(timeout_sec=max(0.0, next_time - time.monotonic()))
+            wait(lambda: stamps[-1] in final, 2.0)
+            got = [s for s in stamps if s in final and s in proposed]
+            total = [(final[s] - s) / 1e6 for s in got]
+            to_proposal = [(proposed[s] - s) / 1e6 for s in got]
+            monitor_stage = [(final[s] - proposed[s]) / 1e6 for s in got]
+            states = np.array([verdicts.get(s, -1) for s in got])
+            results['rates'][str(int(rate))] = {
+                'total_ms': stats(total), 'observation_to_proposal_ms': stats(to_proposal),
+                'proposal_to_final_ms': stats(monitor_stage),
+                'lost': len(stamps) - len(got),
+                'fallback_share': float(np.isin(states, [MonitorState.INTERVENING,
+                                                         MonitorState.RECOVERY]).mean())}
+    finally:
+        executor.remove_node(node)
+        node.destroy_node()
+        rclpy.try_shutdown()
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    results['loadavg'] = os.getloadavg()
+    print_results(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + '\n')
+    return 0
+
+
+def print_results(r: dict) -> None:
+    """Print the results as a markdown table."""
+    m = r['machine']
+    print(f'machine: {m["cpu"]}, {m["cores"]} cores, {m["platform"]}, python {m["python"]}, '
+          f'onnxruntime {m["onnxruntime"]}; load average {r.get("loadavg")}')
+    print(f'bundle: {r["bundle"]}' + ('  (monitor pass-through)' if r['pass_through'] else '')
+          + (f'  (SCHED_FIFO {r["realtime_priority"]})' if r['realtime_priority'] else ''))
+
+    def row(name, s):
+        return (f'| {name} | {s.get("n", 0)} | {s.get("p50", float("nan")):.3f} | '
+                f'{s.get("p99", float("nan")):.3f} | {s.get("max", float("nan")):.3f} |')
+    print('| stage | n | p50 [ms] | p99 [ms] | max [ms] |')
+    print('|---|---|---|---|---|')
+    for name, s in r['compute_ms'].items():
+        print(row(f'compute only: {name} graph (in-process)', s))
+    print(row('rclpy transport floor: ping-pong round trip', r['pingpong_rtt_ms']))
+    print(row('rclpy transport floor: one way (RTT / 2)', r['pingpong_one_way_ms']))
+    for rate, s in r['rates'].items():
+        print(row(f'{rate} Hz: observation -> proposal (controller)',
+                  s['observation_to_proposal_ms']))
+        print(row(f'{rate} Hz: proposal -> final command (monitor)', s['proposal_to_final_ms']))
+        print(row(f'{rate} Hz: **observation -> final command**', s['total_ms']))
+    for rate, s in r['rates'].items():
+        print(f'{rate} Hz: lost {s["lost"]}, fallback share {s["fallback_share"]:.2f}')
+
+
+if __name__ == '__main__':
+    sys.exit(main())

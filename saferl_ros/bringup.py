@@ -1,0 +1,287 @@
+"""
+saferl-bringup: start the node graph of a ROS 2 parameters file in one process.
+
+``ros2 launch`` exists only with a ROS 2 distro. This entry point reads the same parameter files
+the launch files pass to their nodes (``config/*.yaml``, standard ``node_name: ros__parameters:``
+layout), creates the nodes named there in one process, spins them on an rclpy executor and drives
+their lifecycle transitions: configure every node (any failure stops here, nothing is activated,
+the robot stays stopped), activate recorder -> monitor -> controller -> source (sim or robot
+adapter, so every consumer is listening before the first observation), and on exit deactivate in
+the reverse order (the monitor's deactivate publishes the safe action; the recorder's closes and
+consolidates the run).
+
+Example::
+
+    saferl-bringup config/demo.yaml --episodes 3
+    saferl-bringup config/sim.yaml --set controller_node.bundle=models/mine --duration 60
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from typing import Dict, List, Optional
+
+import yaml
+
+NODE_ORDER = ('recorder_node', 'safety_monitor_node', 'controller_node', 'robot_adapter_node',
+              'sim_node')
+
+
+def node_classes() -> Dict[str, type]:
+    """Return {node name: class} of every node the bringup knows."""
+    from saferl_ros.nodes.controller_node import ControllerNode
+    from saferl_ros.nodes.recorder_node import RecorderNode
+    from saferl_ros.nodes.robot_adapter_node import RobotAdapterNode
+    from saferl_ros.nodes.safety_monitor_node import SafetyMonitorNode
+    from saferl_ros.nodes.sim_node import SimNode
+    return {'sim_node': SimNode, 'controller_node': ControllerNode,
+            'safety_monitor_node': SafetyMonitorNode, 'recorder_node': RecorderNode,
+            'robot_adapter_node': RobotAdapterNode}
+
+
+class BringupError(RuntimeError):
+    """A parameters file or override that cannot be used."""
+
+
+def load_parameters(path) -> Dict[str, dict]:
+    """
+    Read a ROS 2 parameters file into {node name: {parameter: value}}.
+
+    Accepts ``/node:`` and ``node:`` keys and merges ``/**`` (all nodes) entries into each node.
+    """
+    try:
+        raw = yaml.safe_load(open(path)) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise BringupError(f'{path}: cannot read the parameters file ({exc})') from exc
+    common = (raw.get('/**') or {}).get('ros__parameters', {})
+    nodes = {}
+    for key, body in raw.items():
+        if key == '/**':
+            continue
+        if not isinstance(body, dict) or 'ros__parameters' not in body:
+            raise BringupError(f'{path}: entry {key!r} has no ros__parameters mapping (expected '
+                               'the standard `node_name: {ros__parameters: {...}}` layout)')
+        nodes[key.strip('/')] = {**common, **(body['ros__parameters'] or {})}
+    return nodes
+
+
+def apply_overrides(nodes: Dict[str, dict], overrides: List[str]) -> None:
+    """Apply ``node.param=value`` strings (value parsed as YAML) in place."""
+    for item in overrides:
+        key, sep, text = item.partition('=')
+        node, dot, param = key.partition('.')
+        if not sep or not dot:
+            raise BringupError(f'--set {item!r}: expected NODE.PARAM=VALUE, e.g. '
+                               'controller_node.bundle=models/fisor-ballcircle')
+        nodes.setdefault(node, {})[param] = yaml.safe_load(text)
+
+
+def parameter_overrides(node_class, params: dict):
+    """Return rclpy Parameters for ``params``, coerced to the node's declared types."""
+    from rclpy.parameter import Parameter
+    module = sys.modules[node_class.__module__]
+    declared = {p.name: p for p in module.PARAMS}
+    out = []
+    for name, value in params.items():
+        if name in ('use_sim_time',):
+            out.append(Parameter(name, value=value))
+            continue
+        if name not in declared:
+            raise BringupError(f'{node_class.__name__}: unknown parameter {name!r}; known: '
+                               f'{sorted(declared)} (see docs/ros.md)')
+        default = declared[name].default
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(default, list) and isinstance(value, list) and default and \
+                isinstance(default[0], float):
+            value = [float(v) for v in value]
+        if isinstance(default, float) and value is None:
+            value = math.nan
+        out.append(Parameter(name, value=value))
+    return out
+
+
+class Graph:
+    """The nodes of one parameters file in one process."""
+
+    def __init__(self, nodes: Dict[str, dict], namespace: str = ''):
+        import rclpy
+        from rclpy.executors import SingleThreadedExecutor
+        classes = node_classes()
+        unknown = sorted(set(nodes) - set(classes))
+        if unknown:
+            raise BringupError(f'unknown node(s) {unknown} in the parameters file; known: '
+                               f'{sorted(classes)}')
+        if not rclpy.ok():
+            rclpy.init()
+        self.executor = SingleThreadedExecutor()
+        self.nodes = {}
+        for name in NODE_ORDER:
+            if name in nodes:
+                overrides = parameter_overrides(classes[name], nodes[name])
+                try:
+                    node = classes[name](name, namespace=namespace,
+                                         parameter_overrides=overrides)
+                except Exception as exc:  # rclpy's parameter type/range exceptions
+                    self.shutdown()
+                    raise BringupError(f'{name}: {exc}') from exc
+                self.nodes[name] = node
+                self.executor.add_node(node)
+
+    def configure(self) -> List[str]:
+        """Configure every node; return the errors of those that failed."""
+        from rclpy.lifecycle import TransitionCallbackReturn
+        errors = []
+        for name, node in self.nodes.items():
+            if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                errors.append(f'{name}: {node.last_error}')
+        return errors
+
+    def activate(self) -> None:
+        """Activate in NODE_ORDER (consumers first, the observation source last)."""
+        for node in self.nodes.values():
+            node.trigger_activate()
+
+    def deactivate(self) -> None:
+        """Deactivate the source first and the recorder last (after the last steps arrived)."""
+        from lifecycle_msgs.msg import State
+        active = [n for n in reversed(list(self.nodes.values()))
+                  if n._state_machine.current_state[0] == State.PRIMARY_STATE_ACTIVE]
+        recorder = self.nodes.get('recorder_node')
+        for node in active:
+            if node is not recorder:
+                node.trigger_deactivate()
+        # Let the last messages (final steps, the monitor's safe stop) reach the recorder: spin
+        # until nothing new has arrived for 0.3 s (at most 3 s).
+        start = last_change = time.monotonic()
+        seen = None
+        while time.monotonic() - last_change < 0.3 and time.monotonic() - start < 3.0:
+            self.executor.spin_once(timeout_sec=0.02)
+            count = recorder.received if recorder is not None else 0
+            if count != seen:
+                seen, last_change = count, time.monotonic()
+        if recorder in active:
+            recorder.trigger_deactivate()
+
+    def spin_until(self, done, timeout: Optional[float]) -> bool:
+        """Spin until ``done()`` or ``timeout`` seconds; return whether done() became true."""
+        start = time.monotonic()
+        while not done():
+            if timeout is not None and time.monotonic() - start > timeout:
+                return False
+            self.executor.spin_once(timeout_sec=0.05)
+        return True
+
+    def shutdown(self) -> None:
+        """Destroy the nodes and shut rclpy down."""
+        import rclpy
+        for node in self.nodes.values():
+            self.executor.remove_node(node)
+            node.destroy_node()
+        rclpy.try_shutdown()
+
+
+def summarize(graph: Graph) -> dict:
+    """Collect per-episode results from the sim, monitor and recorder nodes."""
+    sim = graph.nodes.get('sim_node')
+    rec = graph.nodes.get('recorder_node')
+    mon = graph.nodes.get('safety_monitor_node')
+    episodes = [dict(e) for e in (sim.episode_summaries if sim else [])]
+    recorded = {}
+    if rec is not None and rec.writer is not None:
+        recorded = {e['episode']: e for e in rec.writer.index['episodes']}
+    for e in episodes:
+        e['fallback_steps'] = recorded.get(e['episode'], {}).get('fallback_steps')
+    latency = sim.latency.summary() if sim else {}
+    return {'episodes': episodes, 'latency': latency,
+            'monitor': mon.monitor.counters.as_dict() if mon and mon.monitor else None,
+            'recording': str(rec.last_output) if rec and rec.last_output else None,
+            'run_dir': rec.run_dir if rec and rec.writer else None}
+
+
+def print_summary(summary: dict, out=sys.stdout) -> None:
+    """Print the per-episode table and the totals."""
+    print(f'{"episode":>7} {"steps":>5} {"reward":>9} {"cost":>6} {"R_norm":>7} '
+          f'{"C_norm(k=10)":>12} {"fallback":>8} {"missed":>6} {"lat p50":>8} {"lat p99":>8}',
+          file=out)
+    for e in summary['episodes']:
+        lat = e.get('latency') or {}
+        print(f'{e["episode"]:>7} {e["steps"]:>5} {e["reward"]:>9.2f} {e["cost"]:>6.0f} '
+              f'{e.get("normalized_reward", math.nan):>7.3f} '
+              f'{e.get("normalized_cost_kappa10", math.nan):>12.2f} '
+              f'{e["fallback_steps"] if e["fallback_steps"] is not None else "-":>8} '
+              f'{e["missed"]:>6} {lat.get("p50_ms", math.nan):>6.2f}ms '
+              f'{lat.get("p99_ms", math.nan):>6.2f}ms', file=out)
+    lat = summary['latency'] or {}
+    if lat:
+        print(f'control latency (observation published -> final command at the sim) over '
+              f'{lat["count"]} steps: p50 {lat["p50_ms"]:.2f} ms, p99 {lat["p99_ms"]:.2f} ms, '
+              f'max {lat["max_ms"]:.2f} ms', file=out)
+    if summary['monitor']:
+        print(f'monitor: {json.dumps(summary["monitor"])}', file=out)
+    if summary['recording']:
+        print(f'recording: {summary["recording"]}  (check: saferl-data validate '
+              f'{summary["recording"]})', file=out)
+
+
+def run(config, episodes: Optional[int] = None, overrides: Optional[List[str]] = None,
+        duration: Optional[float] = None, namespace: str = '', quiet: bool = False) -> dict:
+    """
+    Bring the graph of ``config`` up, run it, bring it down; return the summary.
+
+    ``episodes`` overrides sim_node.episodes and ends the run when they are done; ``duration``
+    [s] ends it otherwise. Raises BringupError if a node fails to configure.
+    """
+    nodes = load_parameters(config)
+    apply_overrides(nodes, list(overrides or []))
+    if episodes is not None and 'sim_node' in nodes:
+        nodes['sim_node']['episodes'] = int(episodes)
+    graph = Graph(nodes, namespace=namespace)
+    try:
+        errors = graph.configure()
+        if errors:
+            raise BringupError('configure failed, nothing was activated (the robot stays '
+                               'stopped):\n  ' + '\n  '.join(errors))
+        graph.activate()
+        sim = graph.nodes.get('sim_node')
+        done = (lambda: sim.done) if sim is not None and sim.cfg['episodes'] else (lambda: False)
+        try:
+            graph.spin_until(done, duration)
+        except KeyboardInterrupt:
+            pass
+        graph.deactivate()
+        summary = summarize(graph)
+    finally:
+        graph.shutdown()
+    if not quiet:
+        print_summary(summary)
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser."""
+    parser = argparse.ArgumentParser(prog='saferl-bringup',
+                                     description=__doc__.strip().split('\n')[0])
+    parser.add_argument('config', help='ROS 2 parameters file, e.g. config/demo.yaml')
+    parser.add_argument('--episodes', type=int, help='run this many sim episodes, then stop')
+    parser.add_argument('--duration', type=float, help='stop after this many seconds')
+    parser.add_argument('--set', dest='overrides', action='append', default=[],
+                        metavar='NODE.PARAM=VALUE', help='override a parameter (repeatable)')
+    parser.add_argument('--namespace', default='', help='ROS namespace for every node')
+    return parser
+
+
+def main(argv=None) -> int:
+    """Console script saferl-bringup."""
+    args = build_parser().parse_args(argv)
+    if args.episodes is None and args.duration is None:
+        print('saferl-bringup: running until Ctrl-C (use --episodes or --duration to stop '
+              'automatically)', file=sys.stderr)
+    try:
+        run(args.config, args.episodes, args.overrides, args.duration, args.namespace)
+    except BringupError as exc:
+        print(f'saferl-bringup: {exc}', file=sys.stderr)
+        return 1
+    return 0

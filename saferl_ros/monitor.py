@@ -1,0 +1,322 @@
+"""
+The safety monitor's rule, without ROS: pass a proposed action or replace it with a fallback.
+
+FISOR (Zheng et al., ICLR 2024) learns a feasibility value V_h(s) and action values Q_h^j(s, a)
+(j over an ensemble of heads) with the Hamilton-Jacobi reachability sign convention: h = -1 safe,
+h = +M unsafe, so ``<= 0`` means feasible. The monitor applies, for observation s and proposal a
+(DESIGN.md "The safety monitor's rule"):
+
+1. invalid input (wrong size, NaN/Inf) -> the configured safe action, state FAULT;
+   an observation or proposal older than its timeout -> the safe action, state STALE;
+2. v = V_h(s), q = max_j Q_h^j(s, a)  (the critic graph already takes the max over heads);
+3. v <= thr_v and q <= thr_q -> pass a through, state NOMINAL;
+4. otherwise the fallback (FISOR's infeasible-region policy: argmin over candidates of max-of-heads
+   Q_h), state INTERVENING (s feasible, a not) or RECOVERY (s infeasible); once the fallback
+   takes over it keeps control for at least ``min_hold`` seconds so the command does not chatter
+   between proposal and fallback;
+5. a cost critic (Q_c(s, a), DRCORL / BCQ-Lag) uses q_c <= budget in place of step 3's test;
+6. the monitor's bundle may differ from the controller's, so it shields any policy, also one with
+   no critics of its own.
+
+Time is the observations' stamps (seconds) plus a receive clock the caller passes in, so the same
+decisions come out in a lock-step simulation, on a robot and in the unit tests.
+"""
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+import math
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+
+class MonitorState(IntEnum):
+    """Verdict of one decision; the numeric codes are what recordings store."""
+
+    NOMINAL = 0      # proposal passed through
+    INTERVENING = 1  # state feasible, proposed action not: fallback action
+    RECOVERY = 2     # state infeasible: fallback (recovery) action
+    STALE = 3        # observation or proposal too old, or controller silent: safe action
+    FAULT = 4        # invalid input or critic output: safe action
+    INACTIVE = 5     # monitor not active (lifecycle inactive, deactivated): safe action
+
+
+# Diagnostic levels (diagnostic_msgs/DiagnosticStatus: OK 0, WARN 1, ERROR 2) per state.
+STATE_LEVEL = {MonitorState.NOMINAL: 0, MonitorState.INTERVENING: 1, MonitorState.RECOVERY: 1,
+               MonitorState.STALE: 2, MonitorState.FAULT: 2, MonitorState.INACTIVE: 1}
+
+
+class MonitorConfigError(ValueError):
+    """A monitor configuration that cannot be used (names the parameter and the fix)."""
+
+
+@dataclass
+class MonitorConfig:
+    """Monitor parameters; None thresholds are read from the monitor bundle's manifest."""
+
+    # Feasibility thresholds (FISOR: 0.0, i.e. feasible means V_h <= 0 and Q_h <= 0).
+    threshold_v: Optional[float] = None
+    threshold_q: Optional[float] = None
+    # Cost budget for a cost critic (Q_c(s, a) <= budget).
+    budget: Optional[float] = None
+    # An observation older than this when the decision is made is stale [s].
+    observation_timeout: float = 0.25
+    # A proposal that answers an observation older than this is stale [s]; also how long the
+    # monitor waits for the controller after an observation before it stops the robot.
+    proposal_timeout: float = 0.25
+    # Once the fallback takes over it keeps control at least this long [s] (anti-chattering).
+    min_hold: float = 0.1
+    # The action published on FAULT, STALE and INACTIVE (None: zeros, clipped into the bounds).
+    safe_action: Optional[Sequence[float]] = None
+    # 'bundle': the monitor bundle's fallback graph (FISOR's recovery policy); 'safe_action':
+    # always the safe action. 'bundle' falls back to the safe action if the bundle has none.
+    fallback: str = 'bundle'
+    # Seed of the noise the diffusion fallback draws (reproducible evaluations).
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise MonitorConfigError naming the first bad parameter."""
+        for name in ('observation_timeout', 'proposal_timeout'):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise MonitorConfigError(f'{name} is {value!r}; it must be a positive number of '
+                                         'seconds (e.g. 0.25 = several control periods)')
+        if not (math.isfinite(self.min_hold) and self.min_hold >= 0):
+            raise MonitorConfigError(f'min_hold is {self.min_hold!r}; it must be >= 0 seconds')
+        if self.fallback not in ('bundle', 'safe_action'):
+            raise MonitorConfigError(f"fallback is {self.fallback!r}; use 'bundle' (the bundle's "
+                                     "recovery policy) or 'safe_action'")
+        for name in ('threshold_v', 'threshold_q', 'budget'):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise MonitorConfigError(f'{name} is {value!r}; it must be a finite number, or '
+                                         'unset to use the bundle manifest')
+
+
+@dataclass
+class Verdict:
+    """One decision: the action to apply and why."""
+
+    state: MonitorState
+    action: np.ndarray
+    proposed: Optional[np.ndarray]
+    stamp: float
+    reason: str = ''
+    v_h: float = math.nan
+    q_h: float = math.nan
+    q_c: float = math.nan
+
+    @property
+    def passed(self) -> bool:
+        """Return True if the proposal was applied unchanged."""
+        return self.state == MonitorState.NOMINAL
+
+
+@dataclass
+class MonitorCounters:
+    """How many decisions ended in each state, and how long the monitor took."""
+
+    counts: Dict[str, int] = field(default_factory=lambda: {s.name: 0 for s in MonitorState})
+    decisions: int = 0
+    interventions: int = 0   # fallback episodes started (NOMINAL -> INTERVENING/RECOVERY)
+
+    def add(self, verdict: Verdict, started_fallback: bool) -> None:
+        """Count one verdict."""
+        self.counts[verdict.state.name] += 1
+        self.decisions += 1
+        self.interventions += int(started_fallback)
+
+    def as_dict(self) -> Dict[str, int]:
+        """Return the counters as a flat dict (for diagnostics and episode summaries)."""
+        return {'decisions': self.decisions, 'interventions': self.interventions,
+                **{k.lower(): v for k, v in self.counts.items()}}
+
+
+def _finite_vector(value, size: int) -> Optional[np.ndarray]:
+    """Return ``value`` as a float32 vector of ``size`` finite entries, or None."""
+    try:
+        array = np.asarray(value, dtype=np.float32).reshape(-1)
+    except (TypeError, ValueError):
+        return None
+    if array.shape != (size,) or not np.isfinite(array).all():
+        return None
+    return array
+
+
+class SafetyMonitor:
+    """
+    Apply the rule to (observation, proposal) pairs with a bundle's critic and fallback.
+
+    ``bundle`` is a :class:`saferl_ros.bundle.Bundle` (or anything with the same ``critic``,
+    ``fallback``, ``critic_kind``, ``critic_config``, ``has_fallback``, ``obs_dim``, ``act_dim``,
+    ``action_low``, ``action_high`` and ``sample_noise``).
+    """
+
+    def __init__(self, bundle, config: Optional[MonitorConfig] = None):
+        self.bundle = bundle
+        self.config = config or MonitorConfig()
+        self.config.validate()
+        if bundle.critic_kind == 'none':
+            raise MonitorConfigError(
+                f'monitor bundle {getattr(bundle, "name", "?")!r} has no critic (critic kind '
+                "'none'); give the monitor a bundle with a feasibility or cost critic "
+                '(monitor_bundle parameter); it may differ from the controller bundle')
+        critic = dict(bundle.critic_config)
+        cfg = self.config
+        self.kind = bundle.critic_kind
+        if self.kind == 'feasibility':
+            self.threshold_v = float(cfg.threshold_v if cfg.threshold_v is not None
+                                     else critic['threshold_v'])
+            self.threshold_q = float(cfg.threshold_q if cfg.threshold_q is not None
+                                     else critic['threshold_q'])
+        else:
+            self.budget = float(cfg.budget if cfg.budget is not None else critic['budget'])
+        self.obs_dim, self.act_dim = int(bundle.obs_dim), int(bundle.act_dim)
+        self.low = np.asarray(bundle.action_low, dtype=np.float32)
+        self.high = np.asarray(bundle.action_high, dtype=np.float32)
+        safe = np.zeros(self.act_dim, np.float32) if cfg.safe_action is None else \
+            _finite_vector(cfg.safe_action, self.act_dim)
+        if safe is None:
+            raise MonitorConfigError(
+                f'safe_action is {list(cfg.safe_action)!r}; it must hold {self.act_dim} finite '
+                'numbers (one per action dimension), e.g. all zeros = stop')
+        self.safe_action = np.clip(safe, self.low, self.high)
+        self.use_bundle_fallback = cfg.fallback == 'bundle' and bundle.has_fallback
+        self.rng = np.random.default_rng(cfg.seed)
+        self.counters = MonitorCounters()
+        self.hold_until = -math.inf     # stamp until which the fallback keeps control
+        self.last: Optional[Verdict] = None
+
+    # -- the rule ------------------------------------------------------------------------------
+
+    def decide(self, observation, proposed, obs_stamp: float, proposal_stamp: float,
+               now: float) -> Verdict:
+        """
+        Return the verdict for one proposal (steps 1-5 of the rule).
+
+        ``obs_stamp`` is the observation's stamp, ``proposal_stamp`` the stamp the proposal
+        carries (that of the observation it answers), ``now`` the current time on the same clock.
+        """
+        obs = _finite_vector(observation, self.obs_dim)
+        if obs is None:
+            return self._stop(MonitorState.FAULT, obs_stamp, proposed, _describe(
+                'observation', observation, self.obs_dim))
+        act = _finite_vector(proposed, self.act_dim)
+        if act is None:
+            return self._stop(MonitorState.FAULT, obs_stamp, proposed, _describe(
+                'proposed action', proposed, self.act_dim))
+        age = now - obs_stamp
+        if age > self.config.observation_timeout:
+            return self._stop(MonitorState.STALE, obs_stamp, act,
+                              f'observation is {age * 1e3:.0f} ms old (timeout '
+                              f'{self.config.observation_timeout * 1e3:.0f} ms)')
+        lag = now - proposal_stamp
+        if lag > self.config.proposal_timeout or proposal_stamp < obs_stamp:
+            return self._stop(MonitorState.STALE, obs_stamp, act,
+                              f'proposal answers an observation {lag * 1e3:.0f} ms old (timeout '
+                              f'{self.config.proposal_timeout * 1e3:.0f} ms)' if
+                              proposal_stamp >= obs_stamp else
+                              'proposal answers an older observation than the latest one')
+        act = np.clip(act, self.low, self.high)
+        values = self.bundle.critic(obs[None], act[None])
+        values = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in values.items()}
+        if not all(math.isfinite(v) for v in values.values()):
+            return self._stop(MonitorState.FAULT, obs_stamp, act, f'critic returned {values}',
+                              values)
+        if self.kind == 'feasibility':
+            state_ok = values['v_h'] <= self.threshold_v          # step 3, V_h(s) <= thr_v
+            action_ok = values['q_h'] <= self.threshold_q         # max_j Q_h^j(s, a) <= thr_q
+        else:
+            state_ok = True                                       # refined below if needed
+            action_ok = values['q_c'] <= self.budget              # step 5, Q_c(s, a) <= budget
+        holding = obs_stamp < self.hold_until
+        if state_ok and action_ok and not holding:
+            return self._record(Verdict(MonitorState.NOMINAL, act, act, obs_stamp, 'feasible',
+                                        **values), started=False)
+        fallback = self._fallback(obs)
+        if fallback is None:
+            return self._stop(MonitorState.FAULT, obs_stamp, act,
+                              'fallback policy returned NaN/Inf', values)
+        if self.kind == 'cost' and not action_ok:
+            # No V for the state: call it infeasible when even the fallback exceeds the budget.
+            fallback_q = float(np.asarray(self.bundle.critic(obs[None], fallback[None])['q_c'])
+                               .reshape(-1)[0])
+            state_ok = math.isfinite(fallback_q) and fallback_q <= self.budget
+        state = MonitorState.INTERVENING if state_ok else MonitorState.RECOVERY
+        if state_ok and action_ok:
+            reason = 'holding the fallback (min_hold)'
+        elif not state_ok:
+            reason = 'state infeasible' + (f' (V_h={values["v_h"]:.3g} > {self.threshold_v:g})'
+                                           if self.kind == 'feasibility' else '')
+        elif self.kind == 'feasibility':
+            reason = f'action infeasible (Q_h={values["q_h"]:.3g} > {self.threshold_q:g})'
+        else:
+            reason = f'cost over budget (Q_c={values["q_c"]:.3g} > {self.budget:g})'
+        fallback_states = (MonitorState.INTERVENING, MonitorState.RECOVERY)
+        started = self.last is None or self.last.state not in fallback_states
+        if not holding or not (state_ok and action_ok):
+            self.hold_until = obs_stamp + self.config.min_hold
+        return self._record(Verdict(state, fallback, act, obs_stamp, reason, **values),
+                            started=started)
+
+    def watchdog(self, last_obs_stamp: Optional[float], last_decided_stamp: Optional[float],
+                 now: float) -> Optional[Verdict]:
+        """
+        Return a STALE stop if the inputs went silent, else None.
+
+        Called periodically by the node: no observation for ``observation_timeout``, or an
+        observation left unanswered by the controller for ``proposal_timeout``.
+        """
+        if last_obs_stamp is None:
+            return None  # nothing seen yet: the node publishes INACTIVE/safe until then
+        if now - last_obs_stamp > self.config.observation_timeout:
+            return self._stop(MonitorState.STALE, last_obs_stamp, None,
+                              f'no observation for {(now - last_obs_stamp) * 1e3:.0f} ms')
+        unanswered = last_decided_stamp is None or last_decided_stamp < last_obs_stamp
+        if unanswered and now - last_obs_stamp > self.config.proposal_timeout:
+            return self._stop(MonitorState.STALE, last_obs_stamp, None,
+                              f'controller silent: no proposal for the observation of '
+                              f'{(now - last_obs_stamp) * 1e3:.0f} ms ago')
+        return None
+
+    def stop(self, state: MonitorState, stamp: float, reason: str) -> Verdict:
+        """Return (and count) a safe-action verdict, e.g. INACTIVE on deactivate."""
+        return self._stop(state, stamp, None, reason)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _fallback(self, obs: np.ndarray) -> Optional[np.ndarray]:
+        if not self.use_bundle_fallback:
+            return self.safe_action.copy()
+        noise = self.bundle.sample_noise(1, self.rng, graph='fallback')
+        action = self.bundle.fallback(obs[None], noise=noise)
+        action = _finite_vector(action, self.act_dim)
+        return None if action is None else np.clip(action, self.low, self.high)
+
+    def _stop(self, state, stamp, proposed, reason, values=None) -> Verdict:
+        proposed = _finite_vector(proposed, self.act_dim) if proposed is not None else None
+        self.hold_until = -math.inf
+        return self._record(Verdict(state, self.safe_action.copy(), proposed, stamp, reason,
+                                    **(values or {})), started=False)
+
+    def _record(self, verdict: Verdict, started: bool) -> Verdict:
+        self.counters.add(verdict, started)
+        self.last = verdict
+        return verdict
+
+
+def _describe(what: str, value, size: int) -> str:
+    """Say why an input vector is invalid."""
+    try:
+        array = np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        return f'{what} is not numeric'
+    if array.size != size:
+        return f'{what} has {array.size} entries, expected {size}'
+    bad = np.flatnonzero(~np.isfinite(array))
+    return f'{what} holds NaN/Inf at index {bad.tolist()}'
+
+
+def state_names() -> List[str]:
+    """Return the state names in code order (index = numeric code)."""
+    return [s.name for s in sorted(MonitorState)]

@@ -1,0 +1,234 @@
+"""
+What every saferl_ros node shares: topic names, QoS, message helpers, declared parameters.
+
+Messages are standard types only (DESIGN.md), so the package runs with the ROS 2 wheels from the
+Python package index and with any distro:
+
+- vectors with named entries are ``sensor_msgs/JointState``: ``name`` = channel names,
+  ``position`` = values, ``header.stamp`` = the stamp of the observation the message belongs to;
+- status is ``diagnostic_msgs/DiagnosticStatus`` (and ``DiagnosticArray`` on /diagnostics);
+- episode events are ``std_msgs/String`` holding one JSON object.
+"""
+
+from dataclasses import dataclass
+import json
+import math
+import os
+import signal
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+from builtin_interfaces.msg import Time
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from lifecycle_msgs.msg import State
+from rcl_interfaces.msg import FloatingPointRange, ParameterDescriptor
+import rclpy
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.lifecycle import TransitionCallbackReturn
+from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy)
+from rclpy.signals import SignalHandlerOptions
+from sensor_msgs.msg import JointState
+from std_msgs.msg import String
+
+# Topic names, relative so that a namespace (or remapping) moves the whole graph.
+OBSERVATION = 'observation'          # sim/robot adapter -> controller, monitor
+PROPOSED = 'action/proposed'         # controller -> monitor
+FINAL = 'action/final'               # monitor -> sim/robot adapter
+STEP = 'step'                        # sim/robot adapter -> recorder: one DSRL transition
+EPISODE = 'episode'                  # sim/robot adapter: episode start/end events (JSON)
+VERDICT = 'monitor/verdict'          # monitor -> recorder: state code and critic values
+STATUS = 'monitor/status'            # monitor: current state, reliable + transient local
+DIAGNOSTICS = '/diagnostics'
+
+# DESIGN.md "Topics, timing and QoS".
+SENSOR_QOS = QoSProfile(depth=5, history=HistoryPolicy.KEEP_LAST,
+                        reliability=ReliabilityPolicy.BEST_EFFORT,
+                        durability=DurabilityPolicy.VOLATILE)
+COMMAND_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
+                         reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.VOLATILE)
+STATUS_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
+                        reliability=ReliabilityPolicy.RELIABLE,
+                        durability=DurabilityPolicy.TRANSIENT_LOCAL)
+# Records (transitions, verdicts, episode events) must not be dropped: reliable with a queue.
+RECORD_QOS = QoSProfile(depth=200, history=HistoryPolicy.KEEP_LAST,
+                        reliability=ReliabilityPolicy.RELIABLE,
+                        durability=DurabilityPolicy.VOLATILE)
+DIAGNOSTICS_QOS = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST,
+                             reliability=ReliabilityPolicy.RELIABLE)
+
+# Names of the scalar entries of a STEP message; observation/next-observation/action entries
+# follow as 'observation/<channel>', 'next_observation/<channel>', 'action/<i>'.
+STEP_SCALARS = ('reward', 'cost', 'terminated', 'truncated', 'episode', 'step', 'missed')
+VERDICT_SCALARS = ('state', 'v_h', 'q_h', 'q_c')
+
+
+def action_names(act_dim: int) -> List[str]:
+    """Return the channel names of an action vector."""
+    return [f'action_{i}' for i in range(act_dim)]
+
+
+def stamp_to_ns(stamp: Time) -> int:
+    """Return a builtin_interfaces/Time as integer nanoseconds."""
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def ns_to_stamp(ns: int) -> Time:
+    """Return integer nanoseconds as builtin_interfaces/Time."""
+    return Time(sec=int(ns // 1_000_000_000), nanosec=int(ns % 1_000_000_000))
+
+
+def joint_state(names: Sequence[str], values, stamp_ns: int, frame: str = '') -> JointState:
+    """Build a named vector message stamped ``stamp_ns``."""
+    msg = JointState()
+    msg.header.stamp = ns_to_stamp(stamp_ns)
+    msg.header.frame_id = frame
+    msg.name = list(names)
+    msg.position = [float(v) for v in values]
+    return msg
+
+
+def json_msg(value: dict) -> String:
+    """Wrap a dict as a std_msgs/String holding JSON."""
+    return String(data=json.dumps(value, default=float))
+
+
+def diagnostic(name: str, level: int, message: str, values: Dict[str, Any],
+               hardware_id: str = 'saferl_ros') -> DiagnosticStatus:
+    """Build a DiagnosticStatus with string key-values."""
+    status = DiagnosticStatus(level=bytes([level]), name=name, message=message,
+                              hardware_id=hardware_id)
+    status.values = [KeyValue(key=str(k), value=_fmt(v)) for k, v in values.items()]
+    return status
+
+
+def diagnostic_array(node, statuses: List[DiagnosticStatus]) -> DiagnosticArray:
+    """Wrap statuses in a DiagnosticArray stamped now."""
+    array = DiagnosticArray(status=statuses)
+    array.header.stamp = node.get_clock().now().to_msg()
+    return array
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return 'nan' if math.isnan(value) else f'{value:.6g}'
+    return str(value)
+
+
+@dataclass
+class Param:
+    """One node parameter: name, default (its type is the parameter's type), description."""
+
+    name: str
+    default: Any
+    description: str
+    read_only: bool = False
+    min_value: Optional[float] = None
+
+
+def declare(node, params: Sequence[Param]) -> None:
+    """Declare every parameter with a descriptor (description, type, range)."""
+    for p in params:
+        descriptor = ParameterDescriptor(description=p.description, read_only=p.read_only)
+        if p.min_value is not None and isinstance(p.default, float):
+            descriptor.floating_point_range = [FloatingPointRange(
+                from_value=float(p.min_value), to_value=float('inf'), step=0.0)]
+        node.declare_parameter(p.name, p.default, descriptor)
+
+
+def values(node, params: Sequence[Param]) -> Dict[str, Any]:
+    """Return the current value of each declared parameter."""
+    return {p.name: node.get_parameter(p.name).value for p in params}
+
+
+class ConfigError(ValueError):
+    """A parameter value that cannot be used (names the parameter and the fix)."""
+
+
+def fail(node, error: Exception) -> TransitionCallbackReturn:
+    """Log why a transition failed (one clear line) and return FAILURE."""
+    node.get_logger().error(f'{node.get_name()}: configure failed: {error}')
+    node.last_error = str(error)
+    return TransitionCallbackReturn.FAILURE
+
+
+def require_positive(config: Dict[str, Any], *names: str) -> None:
+    """Raise ConfigError unless every named parameter is a positive finite number."""
+    for name in names:
+        value = config[name]
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ConfigError(f'parameter {name} is {value!r}; it must be a positive number')
+
+
+def optional_float(value: float) -> Optional[float]:
+    """Map a NaN parameter (ROS has no None) to None."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def set_realtime_priority(priority: int, logger=None) -> bool:
+    """Switch this process to SCHED_FIFO at ``priority``; warn and go on if not permitted."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+        return True
+    except (PermissionError, OSError, AttributeError) as exc:
+        if logger is not None:
+            logger.warning(f'cannot set SCHED_FIFO priority {priority} ({exc}); running with '
+                           'normal priority (grant rtprio in /etc/security/limits.conf)')
+        return False
+
+
+def run_node(node_class, args=None):
+    """
+    Spin one lifecycle node; with --autostart configure and activate it first.
+
+    Used by every console script: ``ros2 run`` / launch files manage the lifecycle themselves,
+    a plain shell passes --autostart. ``--realtime-priority N`` runs the process with SCHED_FIFO
+    priority N (needs CAP_SYS_NICE / rtprio in limits.conf, as Nav2's use_realtime_priority), so a
+    loaded CPU does not delay its wake-ups. Exits non-zero if configure fails.
+    """
+    argv = list(sys.argv if args is None else args)
+    autostart = '--autostart' in argv
+    argv = [a for a in argv if a != '--autostart']
+    priority = 0
+    if '--realtime-priority' in argv:
+        i = argv.index('--realtime-priority')
+        priority = int(argv[i + 1])
+        del argv[i:i + 2]
+    # Our own SIGINT/SIGTERM handling (not rclpy's, which invalidates the context at once): on
+    # Ctrl-C or `kill` the node is deactivated while it can still publish, so the monitor sends
+    # its safe action, the adapter a zero command and the recorder closes its run.
+    rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    node = node_class()
+    if priority:
+        set_realtime_priority(priority, node.get_logger())
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    code = 0
+    try:
+        if autostart:
+            if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                node.get_logger().fatal(f'{node.get_name()}: configure failed; the robot stays '
+                                        f'stopped: {node.last_error}')
+                code = 1
+            elif node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
+                code = 1
+        if code == 0:
+            executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        try:
+            if node._state_machine.current_state[0] == State.PRIMARY_STATE_ACTIVE:
+                node.trigger_deactivate()
+                for _ in range(5):   # let the safe stop go out
+                    executor.spin_once(timeout_sec=0.01)
+        except Exception as exc:  # shutting down anyway: report, do not mask the exit
+            node.get_logger().error(f'deactivate on exit failed: {exc}')
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return code

@@ -1,0 +1,242 @@
+"""
+recorder_node: every rollout becomes DSRL-format offline data (and optionally an MCAP bag).
+
+Each ``step`` message (one DSRL transition, from sim_node or robot_adapter_node) is joined by
+stamp with the monitor's verdict for the same observation (proposed action, state, critic values)
+and handed to :class:`saferl_ros.recorder.RecordingWriter`, which commits every finished episode
+atomically: a crash or kill loses at most the episode in progress. activate starts a run folder,
+deactivate closes it (the partial episode is kept as a truncation) and consolidates the run into
+``recording.hdf5``. With ``mcap: true`` the raw topics are also written, byte for byte, to
+``<run>/raw.mcap`` with ROS 2 schema names, so ``ros2 bag play`` replays them.
+"""
+
+from collections import OrderedDict
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from geometry_msgs.msg import Twist, TwistStamped
+from nav_msgs.msg import Odometry
+import numpy as np
+from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
+from rclpy.serialization import deserialize_message
+from saferl_ros.nodes.common import (COMMAND_QOS, declare, DIAGNOSTICS, DIAGNOSTICS_QOS, EPISODE,
+                                     fail, FINAL, OBSERVATION, Param, PROPOSED, RECORD_QOS,
+                                     run_node, SENSOR_QOS, stamp_to_ns, STATUS, STATUS_QOS, STEP,
+                                     STEP_SCALARS, values, VERDICT)
+from saferl_ros.observation import channel_names
+from saferl_ros.recorder import new_run_dir, RecordingWriter, Step
+from sensor_msgs.msg import JointState
+from std_msgs.msg import String
+
+PARAMS = [
+    Param('task', 'BallCircle', 'Task of the recorded data (DSRL name).'),
+    Param('output_dir', 'recordings', 'Folder that receives one run folder per activation.'),
+    Param('run_name', '', "Run folder name (default: 'run_<UTC time>')."),
+    Param('bundle', '', "Controller bundle folder; its manifest's sha256 is stored."),
+    Param('monitor_bundle', '', "Monitor bundle folder; its manifest's sha256 is stored."),
+    Param('join_timeout', 0.5, 'Wait this long for the verdict of a step before writing it '
+          'without one [s].', min_value=0.0),
+    Param('mcap', False, 'Also write the raw topics to <run>/raw.mcap (ros2 bag compatible).'),
+    Param('consolidate', True, 'On deactivate, write all episodes into <run>/recording.hdf5.'),
+]
+
+# Topics written to MCAP: (topic, message class, type name, QoS).
+MCAP_TOPICS = [
+    (OBSERVATION, JointState, 'sensor_msgs/msg/JointState', SENSOR_QOS),
+    (PROPOSED, JointState, 'sensor_msgs/msg/JointState', COMMAND_QOS),
+    (FINAL, JointState, 'sensor_msgs/msg/JointState', COMMAND_QOS),
+    (STEP, JointState, 'sensor_msgs/msg/JointState', RECORD_QOS),
+    (VERDICT, JointState, 'sensor_msgs/msg/JointState', RECORD_QOS),
+    (EPISODE, String, 'std_msgs/msg/String', RECORD_QOS),
+    (STATUS, DiagnosticStatus, 'diagnostic_msgs/msg/DiagnosticStatus', STATUS_QOS),
+    (DIAGNOSTICS, DiagnosticArray, 'diagnostic_msgs/msg/DiagnosticArray', DIAGNOSTICS_QOS),
+    ('odom', Odometry, 'nav_msgs/msg/Odometry', SENSOR_QOS),
+    ('cmd_vel', Twist, 'geometry_msgs/msg/Twist', COMMAND_QOS),
+]
+
+
+def _qos_yaml(qos) -> str:
+    """Describe a QoS profile the way rosbag2 stores offered_qos_profiles."""
+    return (f'- history: {int(qos.history)}\n  depth: {qos.depth}\n'
+            f'  reliability: {int(qos.reliability)}\n  durability: {int(qos.durability)}\n'
+            '  deadline:\n    sec: 0\n    nsec: 0\n  lifespan:\n    sec: 0\n    nsec: 0\n'
+            '  liveliness: 1\n  liveliness_lease_duration:\n    sec: 0\n    nsec: 0\n'
+            '  avoid_ros_namespace_conventions: false\n')
+
+
+class RecorderNode(LifecycleNode):
+    """Write the loop's transitions as DSRL data, episode by episode."""
+
+    def __init__(self, name: str = 'recorder_node', **kwargs):
+        super().__init__(name, **kwargs)
+        declare(self, PARAMS)
+        self.writer: Optional[RecordingWriter] = None
+        self.mcap = None
+        self.active = False
+        self.last_error = ''
+        self.run_dirs: List[str] = []
+        self.received = 0
+        self.last_output = None
+
+    def on_configure(self, state) -> TransitionCallbackReturn:
+        """Validate the parameters and hash the bundles; subscribe."""
+        from saferl_ros.bundle import MANIFEST, sha256_file
+        try:
+            cfg = values(self, PARAMS)
+            self.channels = channel_names(cfg['task'])
+            self.hashes = {}
+            for key in ('bundle', 'monitor_bundle'):
+                if cfg[key]:
+                    manifest = f'{cfg[key]}/{MANIFEST}'
+                    self.hashes[f'{key}_sha256'] = sha256_file(manifest)
+                    self.hashes[f'{key}_path'] = cfg[key]
+        except Exception as exc:  # unknown task, unreadable bundle manifest
+            return fail(self, exc)
+        self.cfg = cfg
+        self.obs_dim = len(self.channels)
+        self.pending: List[tuple] = []
+        self.verdicts: 'OrderedDict[int, np.ndarray]' = OrderedDict()
+        self.create_subscription(JointState, STEP, self._on_step, RECORD_QOS)
+        self.create_subscription(JointState, VERDICT, self._on_verdict, RECORD_QOS)
+        self.create_timer(0.05, self._flush)
+        if cfg['mcap']:
+            for topic, cls, type_name, qos in MCAP_TOPICS:
+                self.create_subscription(
+                    cls, topic, lambda data, t=topic: self._on_raw(t, data), qos, raw=True)
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state) -> TransitionCallbackReturn:
+        """Open a new run folder."""
+        from saferl_ros.mcap_log import McapLog
+        root = self.cfg['output_dir']
+        run_dir = (f'{root}/{self.cfg["run_name"]}' if self.cfg['run_name']
+                   else str(new_run_dir(root)))
+        self.act_dim = None
+        self.episode = None
+        self.run_dir = run_dir
+        self.writer = None
+        if self.cfg['mcap']:
+            os.makedirs(run_dir, exist_ok=True)
+            self.mcap = McapLog(f'{run_dir}/raw.mcap',
+                                metadata={'task': self.cfg['task'], **self.hashes})
+            for topic, _, type_name, qos in MCAP_TOPICS:
+                self.mcap.add_topic(self.resolve_topic_name(topic), type_name, _qos_yaml(qos))
+        self.active = True
+        self.get_logger().info(f'recording to {run_dir}')
+        return super().on_activate(state)
+
+    def on_deactivate(self, state) -> TransitionCallbackReturn:
+        """Write what is pending, keep the partial episode, consolidate the run."""
+        self.active = False
+        self._flush(force=True)
+        if self.writer is not None:
+            self.last_output = self.writer.close(consolidate_run=self.cfg['consolidate'])
+            self.run_dirs.append(self.run_dir)
+            self.get_logger().info(f'closed {self.run_dir} ({len(self.writer.index["episodes"])}'
+                                   f' episodes) -> {self.last_output}')
+        if self.mcap is not None:
+            self.mcap.close()
+            self.mcap = None
+        return super().on_deactivate(state)
+
+    def on_shutdown(self, state) -> TransitionCallbackReturn:
+        """Close the run if still active."""
+        if self.active:
+            self.on_deactivate(state)
+        return TransitionCallbackReturn.SUCCESS
+
+    # -- joining -------------------------------------------------------------------------------
+
+    def _on_raw(self, topic: str, data: bytes):
+        if self.active and self.mcap is not None:
+            self.mcap.write(self.resolve_topic_name(topic), data,
+                            self.get_clock().now().nanoseconds)
+
+    def _on_verdict(self, msg: JointState):
+        if not self.active:
+            return
+        # The first verdict for an observation decided the applied action; later ones for the
+        # same stamp (watchdog repeats) are not what was applied to it.
+        self.verdicts.setdefault(stamp_to_ns(msg.header.stamp),
+                                 np.asarray(msg.position, np.float64))
+        while len(self.verdicts) > 2000:
+            self.verdicts.popitem(last=False)
+        self._flush()
+
+    def _on_step(self, msg: JointState):
+        if not self.active:
+            return
+        self.received += 1
+        self.pending.append((stamp_to_ns(msg.header.stamp), np.asarray(msg.position),
+                             list(msg.name), time.monotonic()))
+        self._flush()
+
+    def _flush(self, force: bool = False):
+        now = time.monotonic()
+        while self.pending:
+            stamp, vals, names, received = self.pending[0]
+            if not force and stamp not in self.verdicts and \
+                    now - received < self.cfg['join_timeout']:
+                return
+            self.pending.pop(0)
+            self._write(stamp, vals, names, self.verdicts.pop(stamp, None))
+
+    def _write(self, stamp: int, vals: np.ndarray, names: List[str], verdict):
+        n = len(STEP_SCALARS)
+        obs_dim = self.obs_dim
+        if self.writer is None:
+            self.act_dim = len(vals) - n - 2 * obs_dim
+            if self.act_dim <= 0 or names[n:n + obs_dim] != [f'observation/{c}'
+                                                             for c in self.channels]:
+                self.get_logger().error(
+                    f'step message does not carry {self.cfg["task"]} observations '
+                    f'({names[n:n + 3]}...); check the recorder task parameter',
+                    throttle_duration_sec=5.0)
+                self.act_dim = None
+                return
+            self.writer = RecordingWriter(self.run_dir, self.cfg['task'], obs_dim, self.act_dim,
+                                          attrs=dict(self.hashes))
+        scalars: Dict[str, float] = dict(zip(STEP_SCALARS, vals[:n]))
+        episode = int(scalars['episode'])
+        if self.episode is not None and episode != self.episode and self.writer.steps:
+            self.writer.end_episode(terminal=False, timeout=True, info={'cut': True})
+        self.episode = episode
+        step = Step(observation=vals[n:n + obs_dim],
+                    next_observation=vals[n + obs_dim:n + 2 * obs_dim],
+                    action=vals[n + 2 * obs_dim:], reward=scalars['reward'],
+                    cost=scalars['cost'], stamp_ns=stamp, missed=bool(scalars['missed']))
+        if verdict is not None:
+            step.verdict = int(verdict[0])
+            step.v_h, step.q_h, step.q_c = (float(v) for v in verdict[1:4])
+            proposed = verdict[4:]
+            step.proposed = None if np.isnan(proposed).all() else proposed
+        self.writer.add(step)
+        if scalars['terminated'] or scalars['truncated']:
+            missed = int(sum(s.missed for s in self.writer.steps))
+            self.writer.end_episode(terminal=bool(scalars['terminated']),
+                                    timeout=bool(scalars['truncated']), info={'missed': missed})
+
+
+def read_mcap(path) -> Dict[str, list]:
+    """Return {topic: [deserialized message, ...]} of an MCAP written by this node (for tests)."""
+    from mcap.reader import make_reader
+    classes = {type_name: cls for _, cls, type_name, _ in MCAP_TOPICS}
+    classes['geometry_msgs/msg/TwistStamped'] = TwistStamped
+    out: Dict[str, list] = {}
+    with open(path, 'rb') as stream:
+        for schema, channel, message in make_reader(stream).iter_messages():
+            out.setdefault(channel.topic, []).append(
+                deserialize_message(message.data, classes[schema.name]))
+    return out
+
+
+def main(args=None):
+    """Console script: recorder_node [--autostart] [--ros-args -p output_dir:=DIR ...]."""
+    sys.exit(run_node(RecorderNode, args))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,226 @@
+"""
+safety_monitor_node: check every proposed action with learned critics; fall back when needed.
+
+The rule lives in :mod:`saferl_ros.monitor` (unit-tested without ROS); this node pairs each
+proposal with the observation it answers (by stamp), publishes the final action with that stamp,
+the verdict and critic values (monitor/verdict, for the recorder), the current state
+(monitor/status: reliable + transient local, so a late subscriber sees it) and /diagnostics with
+the counters. A watchdog publishes the safe action (STALE) when observations stop or the
+controller falls silent; deactivate publishes it once (INACTIVE). An unconfigured monitor (e.g.
+its bundle failed verification) publishes nothing, so the robot side's command timeout holds the
+robot stopped.
+"""
+
+from collections import OrderedDict
+import math
+import sys
+from typing import Optional
+
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+import numpy as np
+from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
+from saferl_ros.monitor import MonitorConfig, MonitorState, SafetyMonitor, STATE_LEVEL, Verdict
+from saferl_ros.nodes.common import (action_names, COMMAND_QOS, declare, diagnostic,
+                                     diagnostic_array, DIAGNOSTICS, DIAGNOSTICS_QOS, fail, FINAL,
+                                     joint_state, OBSERVATION, optional_float, Param, PROPOSED,
+                                     RECORD_QOS, run_node, SENSOR_QOS, stamp_to_ns, STATUS,
+                                     STATUS_QOS, values, VERDICT, VERDICT_SCALARS)
+from saferl_ros.observation import channel_names, check_channels, ObservationError
+from sensor_msgs.msg import JointState
+
+PARAMS = [
+    Param('bundle', '', 'Monitor bundle folder: its critic judges and its fallback replaces '
+          "proposals. May differ from the controller's bundle (it can shield any policy)."),
+    Param('task', '', "Task whose observation layout is expected (default: the bundle's)."),
+    Param('threshold_v', math.nan, 'Feasible state if V_h(s) <= threshold_v (NaN: manifest).'),
+    Param('threshold_q', math.nan, 'Feasible action if max_j Q_h^j(s,a) <= threshold_q (NaN: '
+          'manifest).'),
+    Param('budget', math.nan, 'Cost critic: pass if Q_c(s,a) <= budget (NaN: manifest).'),
+    Param('observation_timeout', 0.25, 'An observation older than this is stale [s].',
+          min_value=0.0),
+    Param('proposal_timeout', 0.25, 'A proposal answering an observation older than this is '
+          'stale; also how long the controller may stay silent [s].', min_value=0.0),
+    Param('min_hold', 0.1, 'The fallback keeps control at least this long [s] (anti-chatter).',
+          min_value=0.0),
+    Param('safe_action', [0.0], 'Action on FAULT/STALE/INACTIVE (one per dimension, or one '
+          'value for all).'),
+    Param('fallback', 'bundle', "'bundle' (the bundle's recovery policy) or 'safe_action'."),
+    Param('seed', 0, 'Seed of the fallback policy noise.'),
+    Param('verify_golden', True, 'Check the ONNX graphs against golden.npz at configure.'),
+    Param('watchdog_rate_hz', 20.0, 'How often the watchdog checks for silent inputs [Hz].',
+          min_value=0.0),
+    Param('diagnostics_period', 1.0, 'Publish /diagnostics at least this often [s].',
+          min_value=0.0),
+]
+
+
+class SafetyMonitorNode(LifecycleNode):
+    """Pass, replace or stop: the safety layer between controller and robot."""
+
+    def __init__(self, name: str = 'safety_monitor_node', **kwargs):
+        super().__init__(name, **kwargs)
+        declare(self, PARAMS)
+        self.monitor: Optional[SafetyMonitor] = None
+        self.active = False
+        self.last_error = ''
+
+    def on_configure(self, state) -> TransitionCallbackReturn:
+        """Load + verify the monitor bundle, validate every parameter, build the rule."""
+        from saferl_ros.bundle import load_bundle
+        try:
+            cfg = values(self, PARAMS)
+            if not cfg['bundle']:
+                raise ValueError('parameter bundle is empty; set it to a bundle folder with a '
+                                 'critic, e.g. models/fisor-ballcircle')
+            bundle = load_bundle(cfg['bundle'], verify_golden=cfg['verify_golden'])
+            channels = channel_names(cfg['task'] or bundle.task_name)
+            check_channels(channels, bundle.obs_channels, source=f'bundle {bundle.name}')
+            safe = list(cfg['safe_action'])
+            if len(safe) == 1:
+                safe = safe * bundle.act_dim
+            monitor = SafetyMonitor(bundle, MonitorConfig(
+                threshold_v=optional_float(cfg['threshold_v']),
+                threshold_q=optional_float(cfg['threshold_q']),
+                budget=optional_float(cfg['budget']),
+                observation_timeout=cfg['observation_timeout'],
+                proposal_timeout=cfg['proposal_timeout'], min_hold=cfg['min_hold'],
+                safe_action=safe, fallback=cfg['fallback'], seed=cfg['seed']))
+        except Exception as exc:  # BundleError, ObservationError, MonitorConfigError
+            return fail(self, exc)
+        self.cfg, self.bundle, self.monitor, self.channels = cfg, bundle, monitor, channels
+        self.act_names = action_names(bundle.act_dim)
+        self.verdict_names = list(VERDICT_SCALARS) + [f'proposed/{i}'
+                                                      for i in range(bundle.act_dim)]
+        self.observations: 'OrderedDict[int, Optional[np.ndarray]]' = OrderedDict()
+        self.last_obs_ns: Optional[int] = None
+        self.last_decided_ns: Optional[int] = None
+        self.last_state: Optional[MonitorState] = None
+        self.final_pub = self.create_publisher(JointState, FINAL, COMMAND_QOS)
+        self.verdict_pub = self.create_publisher(JointState, VERDICT, RECORD_QOS)
+        self.status_pub = self.create_publisher(DiagnosticStatus, STATUS, STATUS_QOS)
+        self.diag_pub = self.create_publisher(DiagnosticArray, DIAGNOSTICS, DIAGNOSTICS_QOS)
+        self.create_subscription(JointState, OBSERVATION, self._on_observation, SENSOR_QOS)
+        self.create_subscription(JointState, PROPOSED, self._on_proposal, COMMAND_QOS)
+        if cfg['watchdog_rate_hz'] > 0:
+            self.create_timer(1.0 / cfg['watchdog_rate_hz'], self._on_watchdog)
+        if cfg['diagnostics_period'] > 0:
+            self.create_timer(cfg['diagnostics_period'], self._publish_diagnostics)
+        self._publish_status(monitor.stop(MonitorState.INACTIVE, 0.0, 'configured, inactive'))
+        self.get_logger().info(
+            f'configured with {bundle!r} (sha256 {bundle.sha256[:12]}), critic {monitor.kind}, '
+            f'fallback {"bundle policy" if monitor.use_bundle_fallback else "safe action"}')
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state) -> TransitionCallbackReturn:
+        """Start judging proposals."""
+        self.active = True
+        self.observations.clear()
+        self.last_obs_ns = self.last_decided_ns = None
+        return super().on_activate(state)
+
+    def on_deactivate(self, state) -> TransitionCallbackReturn:
+        """Safe stop: publish the safe action once and ignore inputs."""
+        self.active = False
+        stamp = self.get_clock().now().nanoseconds
+        self._publish(self.monitor.stop(MonitorState.INACTIVE, stamp * 1e-9, 'deactivated'),
+                      stamp)
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state) -> TransitionCallbackReturn:
+        """Drop the bundle."""
+        self.monitor = None
+        return TransitionCallbackReturn.SUCCESS
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        return self.get_clock().now().nanoseconds * 1e-9
+
+    def _on_observation(self, msg: JointState):
+        if not self.active:
+            return
+        stamp = stamp_to_ns(msg.header.stamp)
+        obs: Optional[np.ndarray] = np.asarray(msg.position, np.float32)
+        if list(msg.name) != self.channels:
+            obs = None   # remembered as invalid: its proposal gets a FAULT verdict
+            try:
+                check_channels(self.channels, msg.name, source='incoming')
+            except ObservationError as exc:
+                self.get_logger().error(str(exc), throttle_duration_sec=2.0)
+                self._publish(self.monitor.stop(MonitorState.FAULT, stamp * 1e-9, str(exc)),
+                              stamp)
+                self.last_decided_ns = stamp
+        self.observations[stamp] = obs
+        while len(self.observations) > 32:
+            self.observations.popitem(last=False)
+        self.last_obs_ns = stamp if self.last_obs_ns is None else max(self.last_obs_ns, stamp)
+
+    def _on_proposal(self, msg: JointState):
+        if not self.active:
+            return
+        stamp = stamp_to_ns(msg.header.stamp)
+        if stamp not in self.observations:
+            verdict = self.monitor.stop(MonitorState.STALE, stamp * 1e-9,
+                                        'proposal answers an unknown or expired observation')
+        elif self.observations[stamp] is None:
+            verdict = self.monitor.stop(MonitorState.FAULT, stamp * 1e-9,
+                                        'observation channels do not match the bundle')
+        else:
+            verdict = self.monitor.decide(self.observations[stamp], list(msg.position),
+                                          obs_stamp=stamp * 1e-9, proposal_stamp=stamp * 1e-9,
+                                          now=self._now())
+        self.last_decided_ns = stamp if self.last_decided_ns is None else \
+            max(self.last_decided_ns, stamp)
+        self._publish(verdict, stamp)
+
+    def _on_watchdog(self):
+        if not self.active or self.monitor is None:
+            return
+        verdict = self.monitor.watchdog(
+            None if self.last_obs_ns is None else self.last_obs_ns * 1e-9,
+            None if self.last_decided_ns is None else self.last_decided_ns * 1e-9, self._now())
+        if verdict is not None:
+            self._publish(verdict, self.last_obs_ns)
+            self.last_decided_ns = self.last_obs_ns
+
+    # -- outputs -------------------------------------------------------------------------------
+
+    def _publish(self, verdict: Verdict, stamp_ns: int):
+        self.final_pub.publish(joint_state(self.act_names, verdict.action, stamp_ns))
+        proposed = verdict.proposed if verdict.proposed is not None else \
+            np.full(len(self.act_names), np.nan)
+        self.verdict_pub.publish(joint_state(
+            self.verdict_names, [float(verdict.state), verdict.v_h, verdict.q_h, verdict.q_c,
+                                 *proposed], stamp_ns, verdict.state.name))
+        if verdict.state != self.last_state:
+            self._publish_status(verdict)
+            self._publish_diagnostics()
+            if verdict.state in (MonitorState.STALE, MonitorState.FAULT):
+                self.get_logger().warning(f'{verdict.state.name}: {verdict.reason}')
+
+    def _status(self, verdict: Verdict) -> DiagnosticStatus:
+        counters = self.monitor.counters.as_dict()
+        return diagnostic(f'{self.get_name()}: safety monitor', STATE_LEVEL[verdict.state],
+                          verdict.state.name, {
+                              'reason': verdict.reason, 'v_h': verdict.v_h,
+                              'q_h': verdict.q_h, 'q_c': verdict.q_c,
+                              'stamp': verdict.stamp, 'bundle': self.bundle.name,
+                              'bundle_sha256': self.bundle.sha256, **counters})
+
+    def _publish_status(self, verdict: Verdict):
+        self.last_state = verdict.state
+        self.status_pub.publish(self._status(verdict))
+
+    def _publish_diagnostics(self):
+        if self.monitor is None or self.monitor.last is None:
+            return
+        self.diag_pub.publish(diagnostic_array(self, [self._status(self.monitor.last)]))
+
+
+def main(args=None):
+    """Console script: safety_monitor_node [--autostart] [--ros-args -p bundle:=DIR ...]."""
+    sys.exit(run_node(SafetyMonitorNode, args))
+
+
+if __name__ == '__main__':
+    main()

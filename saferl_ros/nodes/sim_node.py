@@ -1,0 +1,338 @@
+"""
+sim_node: a Bullet-Safety-Gym task as a ROS 2 robot.
+
+Publishes the stamped, named observation, one DSRL transition per step and episode events, and
+applies the final command. Two timing modes (parameter ``mode``):
+
+- ``lockstep``: the simulator steps when the command answering the current observation arrives
+  (its stamp equals the observation's); if none arrives within ``command_timeout`` it applies
+  the safe action and counts a miss. Reproducible evaluations.
+- ``realtime``: steps at ``rate_hz`` with the latest command (zero-order hold); a command older
+  than ``command_timeout`` is replaced by the safe action. What a physical robot does.
+
+For Ball and Car it also publishes ``odom`` (nav_msgs/Odometry) and can take ``cmd_vel``
+(geometry_msgs/Twist or TwistStamped) instead of the action, so it stands in for a mobile robot
+behind robot_adapter_node.
+"""
+
+import json
+import math
+import sys
+import time
+from typing import List, Optional
+
+from geometry_msgs.msg import Twist, TwistStamped
+from nav_msgs.msg import Odometry
+import numpy as np
+from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
+from saferl_ros.nodes.common import (action_names, COMMAND_QOS, ConfigError, declare, EPISODE,
+                                     fail, FINAL, joint_state, json_msg, OBSERVATION, Param,
+                                     RECORD_QOS, require_positive, run_node, SENSOR_QOS,
+                                     stamp_to_ns, STEP, STEP_SCALARS, values)
+from saferl_ros.observation import parse_task
+from saferl_ros.policy_runner import LatencyStats
+from saferl_ros.robot_adapter import RobotConfig, RobotTask
+from sensor_msgs.msg import JointState
+from std_msgs.msg import String
+
+PARAMS = [
+    Param('task', 'BallCircle', 'Bullet-Safety-Gym task (BallCircle, CarRun, ...).'),
+    Param('seed', 0, 'Seed of the first episode; episode k is reset with seed + k.'),
+    Param('mode', 'lockstep', "'lockstep' (step when the command for the current observation "
+          "arrives) or 'realtime' (step at rate_hz with the latest command)."),
+    Param('rate_hz', 0.0, 'realtime: step rate [Hz]. lockstep: the most observations per second '
+          '(0 = as fast as the loop answers).', min_value=0.0),
+    Param('command_timeout', 0.5, 'lockstep: wait this long for the command, then apply the safe '
+          'action and count a miss. realtime: a command older than this is replaced by the safe '
+          'action [s].', min_value=0.0),
+    Param('safe_action', [0.0], 'Action applied on a missed or stale command (one value per '
+          'action dimension, or a single value for all).'),
+    Param('episodes', 0, 'Stop stepping after this many episodes (0 = run until deactivated).'),
+    Param('horizon', 0, 'Episode length in steps (0 = the DSRL horizon of the task).'),
+    Param('min_subscribers', 1, 'Publish the first observation only when this many subscribers '
+          'listen to it (controller + monitor = 2), so no step is lost at start-up.'),
+    Param('wait_for_recorder', False, 'Also wait until a recorder subscribes to the step topic.'),
+    Param('publish_odometry', True, 'Ball/Car: also publish nav_msgs/Odometry on odom.'),
+    Param('publish_loop_topics', True, 'Publish observation, step and episode topics. false: '
+          'behave as a bare robot (odom out, cmd_vel in) behind robot_adapter_node.'),
+    Param('command_input', 'action', "'action' (JointState on action/final), 'twist' "
+          "(geometry_msgs/Twist on cmd_vel) or 'twist_stamped' (TwistStamped on cmd_vel)."),
+    Param('max_linear', 0.3, 'Twist input: speed that maps to a full action [m/s].',
+          min_value=0.0),
+    Param('max_angular', 1.0, 'Twist input: yaw rate that maps to a full action [rad/s].',
+          min_value=0.0),
+]
+
+
+class SimNode(LifecycleNode):
+    """The simulator behind the standard robot interface."""
+
+    def __init__(self, name: str = 'sim_node', **kwargs):
+        super().__init__(name, **kwargs)
+        declare(self, PARAMS)
+        self.sim = None
+        self.timer = None
+        self.done = False
+        self.episode_summaries: List[dict] = []
+        self.last_error = ''
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def on_configure(self, state) -> TransitionCallbackReturn:
+        """Validate the parameters, create the simulator, publishers and subscriptions."""
+        from saferl_ros.sim import SimEpisodes
+        try:
+            cfg = values(self, PARAMS)
+            agent, _ = parse_task(cfg['task'])
+            if cfg['mode'] not in ('lockstep', 'realtime'):
+                raise ConfigError(f"parameter mode is {cfg['mode']!r}; use 'lockstep' or "
+                                  "'realtime'")
+            if cfg['mode'] == 'realtime':
+                require_positive(cfg, 'rate_hz')
+            require_positive(cfg, 'command_timeout')
+            if cfg['command_input'] not in ('action', 'twist', 'twist_stamped'):
+                raise ConfigError(f"parameter command_input is {cfg['command_input']!r}; use "
+                                  "'action', 'twist' or 'twist_stamped'")
+            mobile = agent in ('Ball', 'Car')
+            if not cfg['publish_loop_topics'] and not (mobile and cfg['publish_odometry']):
+                raise ConfigError('publish_loop_topics false needs a mobile agent (Ball/Car) '
+                                  'with publish_odometry true: odometry is all it publishes')
+            if cfg['command_input'] != 'action' and not mobile:
+                raise ConfigError(f"command_input {cfg['command_input']!r} needs a mobile agent "
+                                  f'(Ball/Car); {cfg["task"]} takes its action vector')
+            self.sim = SimEpisodes(cfg['task'], seed=cfg['seed'], horizon=cfg['horizon'] or None)
+            safe = list(cfg['safe_action'])
+            if len(safe) == 1:
+                safe = safe * self.sim.act_dim
+            if len(safe) != self.sim.act_dim or not all(math.isfinite(v) for v in safe):
+                raise ConfigError(f'parameter safe_action is {safe}; give {self.sim.act_dim} '
+                                  'finite values (or one for all)')
+            self.cfg = cfg
+            self.safe_action = np.clip(np.asarray(safe, np.float32), self.sim.action_low,
+                                       self.sim.action_high)
+            self.robot = RobotTask(RobotConfig(task=cfg['task'], max_linear=cfg['max_linear'],
+                                               max_angular=cfg['max_angular'])) if mobile else None
+        except Exception as exc:  # any bad parameter or simulator failure fails configure
+            if self.sim is not None:
+                self.sim.close()
+                self.sim = None
+            return fail(self, exc)
+        self.names = self.sim.channels
+        self.act_names = action_names(self.sim.act_dim)
+        self.step_names = (list(STEP_SCALARS) + [f'observation/{n}' for n in self.names]
+                           + [f'next_observation/{n}' for n in self.names]
+                           + [f'action/{i}' for i in range(self.sim.act_dim)])
+        loop = cfg['publish_loop_topics']
+        self.obs_pub = self.create_publisher(JointState, OBSERVATION, SENSOR_QOS) if loop else None
+        self.step_pub = self.create_publisher(JointState, STEP, RECORD_QOS) if loop else None
+        self.episode_pub = self.create_publisher(String, EPISODE, RECORD_QOS) if loop else None
+        self.odom_pub = self.create_publisher(Odometry, 'odom', SENSOR_QOS) \
+            if self.robot is not None and cfg['publish_odometry'] else None
+        if cfg['command_input'] == 'action':
+            self.create_subscription(JointState, FINAL, self._on_action, COMMAND_QOS)
+        elif cfg['command_input'] == 'twist':
+            self.create_subscription(Twist, 'cmd_vel', self._on_twist, COMMAND_QOS)
+        else:
+            self.create_subscription(TwistStamped, 'cmd_vel', self._on_twist, COMMAND_QOS)
+        self.get_logger().info(f'configured {self.sim.task} ({cfg["mode"]}, horizon '
+                               f'{self.sim.horizon}, {cfg["command_input"]} input)')
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state) -> TransitionCallbackReturn:
+        """Start the first episode once the subscribers are there, and the step timer."""
+        self.active = True
+        self.done = False
+        self.stamp_ns: Optional[int] = None     # stamp of the observation awaiting a command
+        self.published_at = 0.0
+        self.next_publish = 0.0
+        self.pending_obs = False
+        self.started = False
+        self.command = None                     # realtime: latest (action, receive time)
+        self.latency = LatencyStats()
+        self.episode_latency = LatencyStats()
+        self.misses = 0
+        self.episode_misses = 0
+        period = 1.0 / self.cfg['rate_hz'] if self.cfg['mode'] == 'realtime' else 0.002
+        self.timer = self.create_timer(period, self._on_timer)
+        return super().on_activate(state)
+
+    def on_deactivate(self, state) -> TransitionCallbackReturn:
+        """Stop stepping (the robot stands still: nothing more is applied)."""
+        self.active = False
+        if self.timer is not None:
+            self.destroy_timer(self.timer)
+            self.timer = None
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state) -> TransitionCallbackReturn:
+        """Release the simulator."""
+        if self.sim is not None:
+            self.sim.close()
+            self.sim = None
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state) -> TransitionCallbackReturn:
+        """Release the simulator."""
+        return self.on_cleanup(state)
+
+    # -- loop ----------------------------------------------------------------------------------
+
+    def _ready(self) -> bool:
+        topic = OBSERVATION if self.cfg['publish_loop_topics'] else 'odom'
+        if self.count_subscribers(topic) < self.cfg['min_subscribers']:
+            return False
+        if self.cfg['wait_for_recorder'] and self.count_subscribers(STEP) < 1:
+            return False
+        return True
+
+    def _on_timer(self):
+        if not self.active or self.done:
+            return
+        now = time.monotonic()
+        if not self.started:
+            if not self._ready():
+                return
+            self.started = True
+            self._begin_episode()
+            return
+        if self.cfg['mode'] == 'realtime':
+            action, fresh = self.safe_action, False
+            if self.command is not None and now - self.command[1] <= self.cfg['command_timeout']:
+                action, fresh = self.command[0], True
+            self._step(action, missed=not fresh)
+            return
+        if self.pending_obs and now >= self.next_publish:
+            self._publish_observation()
+        elif self.stamp_ns is not None and now - self.published_at > self.cfg['command_timeout']:
+            self._step(self.safe_action, missed=True)
+
+    def _on_action(self, msg: JointState):
+        action = np.asarray(msg.position, np.float32)
+        if action.shape != (self.sim.act_dim,) or not np.isfinite(action).all():
+            self.get_logger().error(f'ignoring command with {len(msg.position)} entries or '
+                                    f'NaN (expected {self.sim.act_dim} finite values)')
+            return
+        self._command(action, stamp_to_ns(msg.header.stamp))
+
+    def _on_twist(self, msg):
+        twist = msg.twist if isinstance(msg, TwistStamped) else msg
+        action = self.robot.action_from_command(twist.linear.x, twist.linear.y, twist.angular.z,
+                                                self.sim.robot_state())
+        stamp = stamp_to_ns(msg.header.stamp) if isinstance(msg, TwistStamped) else None
+        self._command(action, stamp)
+
+    def _command(self, action: np.ndarray, stamp_ns: Optional[int]):
+        if not getattr(self, 'active', False) or self.done:
+            return
+        if self.cfg['mode'] == 'realtime':
+            self.command = (action, time.monotonic())
+            if stamp_ns is not None and stamp_ns == self.stamp_ns:   # answers the latest one
+                latency = (self.get_clock().now().nanoseconds - stamp_ns) * 1e-9
+                self.latency.add(latency)
+                self.episode_latency.add(latency)
+            return
+        if self.stamp_ns is None or (stamp_ns is not None and stamp_ns != self.stamp_ns):
+            return  # answers an older observation (or arrives between steps): not ours
+        latency = self.get_clock().now().nanoseconds - self.stamp_ns
+        self.latency.add(latency * 1e-9)
+        self.episode_latency.add(latency * 1e-9)
+        self._step(action, missed=False)
+
+    def _begin_episode(self):
+        self.sim.reset()
+        self.episode_latency = LatencyStats()
+        self.episode_misses = 0
+        self._emit(self.episode_pub, json_msg({'event': 'start', 'episode': self.sim.episode,
+                                               'task': self.sim.task}))
+        self._publish_observation()
+
+    def _publish_observation(self):
+        self.pending_obs = False
+        self.stamp_ns = self.get_clock().now().nanoseconds
+        self.published_at = time.monotonic()
+        if self.odom_pub is not None:
+            self.odom_pub.publish(self._odometry(self.stamp_ns))
+        self._emit(self.obs_pub, joint_state(self.names, self.sim.observation, self.stamp_ns,
+                                             self.sim.task))
+
+    @staticmethod
+    def _emit(publisher, msg):
+        if publisher is not None:   # None: topic disabled (publish_loop_topics false)
+            publisher.publish(msg)
+
+    def _odometry(self, stamp_ns: int) -> Odometry:
+        state = self.sim.robot_state()
+        msg = Odometry()
+        msg.header = joint_state([], [], stamp_ns, 'odom').header
+        msg.child_frame_id = 'base_link'
+        msg.pose.pose.position.x, msg.pose.pose.position.y = state.x, state.y
+        msg.pose.pose.orientation.z = math.sin(state.yaw / 2)
+        msg.pose.pose.orientation.w = math.cos(state.yaw / 2)
+        msg.twist.twist.linear.x, msg.twist.twist.linear.y = state.v_forward, state.v_left
+        msg.twist.twist.angular.z = state.yaw_rate
+        return msg
+
+    def _step(self, action, missed: bool):
+        obs = self.sim.observation
+        stamp = self.stamp_ns if self.stamp_ns is not None else \
+            self.get_clock().now().nanoseconds
+        self.stamp_ns = None
+        applied = np.clip(np.asarray(action, np.float32), self.sim.action_low,
+                          self.sim.action_high)
+        result = self.sim.step(applied)
+        self.misses += int(missed)
+        self.episode_misses += int(missed)
+        scalars = [result.reward, result.cost, float(result.terminated),
+                   float(result.truncated), self.sim.episode, self.sim.steps, float(missed)]
+        self._emit(self.step_pub, joint_state(
+            self.step_names, np.concatenate([scalars, obs, result.observation, applied]), stamp,
+            self.sim.task))
+        if result.terminated or result.truncated:
+            self._end_episode(result.terminated)
+            return
+        if self.cfg['mode'] == 'realtime':
+            self.stamp_ns = self.get_clock().now().nanoseconds
+            self._emit(self.obs_pub, joint_state(self.names, self.sim.observation,
+                                                 self.stamp_ns, self.sim.task))
+            if self.odom_pub is not None:
+                self.odom_pub.publish(self._odometry(self.stamp_ns))
+            return
+        rate = self.cfg['rate_hz']
+        if rate > 0:
+            self.pending_obs = True
+            self.next_publish = self.published_at + 1.0 / rate
+        else:
+            self._publish_observation()
+
+    def _end_episode(self, terminated: bool):
+        from saferl_ros.sim import normalized_score
+        summary = {'event': 'end', 'episode': self.sim.episode, 'task': self.sim.task,
+                   'steps': self.sim.steps, 'reward': self.sim.episode_reward,
+                   'cost': self.sim.episode_cost, 'terminated': terminated,
+                   'missed': self.episode_misses, 'latency': self.episode_latency.summary()}
+        try:
+            r_norm, c_norm = normalized_score(self.sim.task, summary['reward'], summary['cost'],
+                                              kappa=10.0)
+            summary.update(normalized_reward=r_norm, normalized_cost_kappa10=c_norm)
+        except ImportError:
+            pass
+        self.episode_summaries.append(summary)
+        self._emit(self.episode_pub, json_msg(summary))
+        self.get_logger().info('episode ' + json.dumps(
+            {k: summary[k] for k in ('episode', 'steps', 'reward', 'cost', 'missed')},
+            default=float))
+        if self.cfg['episodes'] and len(self.episode_summaries) >= self.cfg['episodes']:
+            self.done = True
+            self._emit(self.episode_pub, json_msg({'event': 'done',
+                                                   'episodes': len(self.episode_summaries)}))
+            return
+        self._begin_episode()
+
+
+def main(args=None):
+    """Console script: sim_node [--autostart] [--ros-args ...]."""
+    sys.exit(run_node(SimNode, args))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,176 @@
+"""The safety monitor's rule (DESIGN.md), decided without ROS."""
+
+import math
+
+import numpy as np
+import pytest
+from saferl_ros.monitor import (MonitorConfig, MonitorConfigError, MonitorState, SafetyMonitor,
+                                state_names)
+
+
+class FakeBundle:
+    """A bundle whose critic is a known function: V_h(s) = s[0], max_j Q_h(s, a) = s[0] + a[0]."""
+
+    name = 'fake'
+    obs_dim = 3
+    act_dim = 2
+    action_low = np.array([-1, -1], np.float32)
+    action_high = np.array([1, 1], np.float32)
+    has_fallback = True
+
+    def __init__(self, kind='feasibility'):
+        self.critic_kind = kind
+        self.critic_config = ({'kind': kind, 'threshold_v': 0.0, 'threshold_q': 0.0}
+                              if kind == 'feasibility' else {'kind': kind, 'budget': 0.5})
+        self.fallback_calls = 0
+
+    def critic(self, obs, act):
+        if self.critic_kind == 'feasibility':
+            return {'v_h': obs[:, 0], 'q_h': obs[:, 0] + act[:, 0]}
+        return {'q_c': obs[:, 0] + act[:, 0]}
+
+    def fallback(self, obs, noise=None):
+        self.fallback_calls += 1
+        return np.array([[-0.5, 0.25]], np.float32)   # "steer away"
+
+    def sample_noise(self, batch, rng, graph='policy'):
+        return None
+
+
+def monitor(kind='feasibility', **cfg):
+    return SafetyMonitor(FakeBundle(kind), MonitorConfig(**cfg))
+
+
+FEASIBLE_S = [-1.0, 0.0, 0.0]     # V_h = -1
+INFEASIBLE_S = [0.5, 0.0, 0.0]    # V_h = 0.5
+
+
+def test_feasible_proposal_passes_through_unchanged():
+    m = monitor()
+    v = m.decide(FEASIBLE_S, [0.3, -0.2], obs_stamp=1.0, proposal_stamp=1.0, now=1.01)
+    assert v.state == MonitorState.NOMINAL
+    np.testing.assert_allclose(v.action, [0.3, -0.2])
+    assert v.v_h == -1.0 and v.q_h == pytest.approx(-0.7)
+    assert m.bundle.fallback_calls == 0
+
+
+def test_infeasible_action_in_feasible_state_intervenes_with_fallback():
+    m = monitor(min_hold=0.0)
+    v = m.decide(FEASIBLE_S, [1.0, 0.0], 1.0, 1.0, 1.0)   # Q_h = 0 -> boundary is feasible
+    assert v.state == MonitorState.NOMINAL
+    v = m.decide([-0.5, 0, 0], [0.9, 0.0], 2.0, 2.0, 2.0)  # Q_h = 0.4 > 0
+    assert v.state == MonitorState.INTERVENING
+    np.testing.assert_allclose(v.action, [-0.5, 0.25])
+    np.testing.assert_allclose(v.proposed, [0.9, 0.0])
+    assert 'action infeasible' in v.reason
+    assert m.counters.interventions == 1
+
+
+def test_infeasible_state_is_recovery():
+    m = monitor()
+    v = m.decide(INFEASIBLE_S, [-1.0, 0.0], 1.0, 1.0, 1.0)  # Q_h = -0.5 fine, V_h = 0.5 not
+    assert v.state == MonitorState.RECOVERY
+    np.testing.assert_allclose(v.action, [-0.5, 0.25])
+
+
+def test_thresholds_override_the_manifest():
+    m = monitor(threshold_v=1.0, threshold_q=1.0)
+    assert m.decide(INFEASIBLE_S, [0.4, 0], 1.0, 1.0, 1.0).state == MonitorState.NOMINAL
+    m = monitor(threshold_v=-5.0)   # forces every state infeasible
+    assert m.decide(FEASIBLE_S, [0, 0], 1.0, 1.0, 1.0).state == MonitorState.RECOVERY
+
+
+def test_min_hold_prevents_chattering():
+    m = monitor(min_hold=0.1)
+    dt = 0.02
+    states = []
+    for k in range(10):
+        s = INFEASIBLE_S if k == 2 else FEASIBLE_S
+        states.append(m.decide(s, [0, 0], k * dt, k * dt, k * dt).state)
+    # fallback at step 2 keeps control until stamp 0.04 + 0.1 = 0.14 (steps 3..6), then passes
+    assert states[:2] == [MonitorState.NOMINAL] * 2
+    assert states[2] == MonitorState.RECOVERY
+    assert states[3:7] == [MonitorState.INTERVENING] * 4
+    assert states[7:] == [MonitorState.NOMINAL] * 3
+    assert m.counters.interventions == 1
+    assert m.counters.counts['INTERVENING'] == 4
+
+
+@pytest.mark.parametrize('obs, act, what', [
+    ([math.nan, 0, 0], [0, 0], 'NaN'),
+    ([0, 0], [0, 0], 'entries'),
+    (FEASIBLE_S, [0, math.inf], 'NaN/Inf'),
+    (FEASIBLE_S, [0, 0, 0], 'entries'),
+    (FEASIBLE_S, 'go', 'not numeric'),
+])
+def test_invalid_input_is_fault_with_safe_action(obs, act, what):
+    m = monitor(safe_action=[0.0, 0.0])
+    v = m.decide(obs, act, 1.0, 1.0, 1.0)
+    assert v.state == MonitorState.FAULT
+    assert what in v.reason
+    np.testing.assert_array_equal(v.action, [0, 0])
+
+
+def test_stale_observation_and_stale_proposal():
+    m = monitor(observation_timeout=0.1, proposal_timeout=0.05)
+    v = m.decide(FEASIBLE_S, [0, 0], obs_stamp=1.0, proposal_stamp=1.0, now=1.2)
+    assert v.state == MonitorState.STALE and 'observation' in v.reason
+    v = m.decide(FEASIBLE_S, [0, 0], obs_stamp=1.0, proposal_stamp=1.0, now=1.07)
+    assert v.state == MonitorState.STALE and 'proposal' in v.reason
+    v = m.decide(FEASIBLE_S, [0, 0], obs_stamp=1.0, proposal_stamp=0.98, now=1.0)
+    assert v.state == MonitorState.STALE and 'older observation' in v.reason
+
+
+def test_watchdog_stops_when_controller_or_sensor_falls_silent():
+    m = monitor(observation_timeout=0.2, proposal_timeout=0.1)
+    assert m.watchdog(None, None, 5.0) is None
+    assert m.watchdog(1.0, 1.0, 1.05) is None
+    v = m.watchdog(1.0, 0.98, 1.15)      # observation 1.0 unanswered for 150 ms
+    assert v.state == MonitorState.STALE and 'controller silent' in v.reason
+    v = m.watchdog(1.0, 1.0, 1.3)        # no observation for 300 ms
+    assert v.state == MonitorState.STALE and 'no observation' in v.reason
+
+
+def test_cost_critic_uses_budget():
+    m = monitor('cost', min_hold=0.0)
+    assert m.decide([0.1, 0, 0], [0.3, 0], 1, 1, 1).state == MonitorState.NOMINAL   # 0.4 <= 0.5
+    v = m.decide([0.1, 0, 0], [0.6, 0], 2, 2, 2)   # 0.7 > 0.5, fallback gives -0.4 -> feasible
+    assert v.state == MonitorState.INTERVENING and 'budget' in v.reason
+    v = m.decide([1.2, 0, 0], [0.6, 0], 3, 3, 3)   # even the fallback's 0.7 > 0.5
+    assert v.state == MonitorState.RECOVERY
+
+
+def test_safe_action_fallback_mode_and_clipping():
+    m = monitor(fallback='safe_action', safe_action=[0.0, -2.0])
+    np.testing.assert_allclose(m.safe_action, [0, -1])   # clipped into the action box
+    v = m.decide(INFEASIBLE_S, [0, 0], 1, 1, 1)
+    assert v.state == MonitorState.RECOVERY
+    np.testing.assert_allclose(v.action, [0, -1])
+    v = m.decide(FEASIBLE_S, [-3, 0.5], 10, 10, 10)
+    np.testing.assert_allclose(v.action, [-1, 0.5])     # proposals are clipped too
+
+
+def test_bundle_without_critic_is_refused():
+    with pytest.raises(MonitorConfigError, match='no critic'):
+        SafetyMonitor(FakeBundle('none'))
+
+
+@pytest.mark.parametrize('cfg, name', [
+    ({'observation_timeout': 0}, 'observation_timeout'),
+    ({'proposal_timeout': -1}, 'proposal_timeout'),
+    ({'fallback': 'nothing'}, 'fallback'),
+    ({'safe_action': [0]}, 'safe_action'),
+    ({'threshold_v': math.nan}, 'threshold_v'),
+])
+def test_bad_config_names_the_parameter(cfg, name):
+    with pytest.raises(MonitorConfigError, match=name):
+        monitor(**cfg)
+
+
+def test_counters_and_state_codes():
+    m = monitor()
+    m.decide(FEASIBLE_S, [0, 0], 1, 1, 1)
+    m.decide([math.nan] * 3, [0, 0], 1, 1, 1)
+    counts = m.counters.as_dict()
+    assert counts['decisions'] == 2 and counts['nominal'] == 1 and counts['fault'] == 1
+    assert state_names()[MonitorState.RECOVERY] == 'RECOVERY'

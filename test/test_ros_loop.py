@@ -1,0 +1,316 @@
+"""The ROS 2 loop in one process over real DDS: sim, controller, safety monitor, recorder."""
+
+import math
+import time
+
+from diagnostic_msgs.msg import DiagnosticStatus
+import numpy as np
+from offline_training.data.dataset import validate_file
+import pytest
+from rclpy.node import Node
+from saferl_ros.bringup import Graph, run
+from saferl_ros.bundle import load_bundle
+from saferl_ros.monitor import MonitorState
+from saferl_ros.nodes import common
+from saferl_ros.observation import channel_names
+from saferl_ros.sim import make_gym_env
+from sensor_msgs.msg import JointState
+from test_ros_support import (build_bundle, domain_fixture, recorded, spin_for,
+                              spin_until, tampered_copy)
+
+ros_domain = domain_fixture(61)
+CHANNELS = channel_names('BallCircle')
+
+
+@pytest.fixture(scope='module')
+def bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp('bundles')
+    fisor = build_bundle(root / 'fisor')
+    return {'fisor': fisor, 'bc_all': build_bundle(root / 'bc', algorithm='bc_all'),
+            'tampered': tampered_copy(fisor, root / 'tampered')}
+
+
+class Probe(Node):
+    """Collects messages of the loop's topics."""
+
+    def __init__(self):
+        super().__init__('probe')
+        self.msgs = {t: [] for t in (common.OBSERVATION, common.FINAL, common.PROPOSED,
+                                     common.STEP, common.STATUS)}
+        # Commands are keep-last-1 for the robot; the probe keeps a queue (reliable, depth 200)
+        # so that it sees every one, including those followed at once by the safe stop.
+        for topic, qos in ((common.OBSERVATION, common.SENSOR_QOS),
+                           (common.FINAL, common.RECORD_QOS),
+                           (common.PROPOSED, common.RECORD_QOS),
+                           (common.STEP, common.RECORD_QOS)):
+            self.create_subscription(JointState, topic,
+                                     lambda m, t=topic: self.msgs[t].append(m), qos)
+        self.create_subscription(DiagnosticStatus, common.STATUS,
+                                 lambda m: self.msgs[common.STATUS].append(m), common.STATUS_QOS)
+        self.obs_pub = self.create_publisher(JointState, common.OBSERVATION, common.SENSOR_QOS)
+        self.prop_pub = self.create_publisher(JointState, common.PROPOSED, common.COMMAND_QOS)
+
+    def now_ns(self) -> int:
+        return self.get_clock().now().nanoseconds
+
+
+def loop_params(bundles, tmp_path, sim=None, controller=None, monitor=None, recorder=True):
+    nodes = {
+        'sim_node': {'task': 'BallCircle', 'mode': 'lockstep', 'horizon': 25, 'episodes': 2,
+                     'command_timeout': 0.5, 'min_subscribers': 2,
+                     'wait_for_recorder': recorder, **(sim or {})},
+        'controller_node': {'bundle': bundles['fisor'], **(controller or {})},
+        'safety_monitor_node': {'bundle': bundles['fisor'], 'observation_timeout': 1.0,
+                                'proposal_timeout': 1.0, **(monitor or {})},
+    }
+    if recorder:
+        nodes['recorder_node'] = {'task': 'BallCircle', 'output_dir': str(tmp_path / 'rec'),
+                                  'run_name': 'run', 'bundle': bundles['fisor']}
+    return nodes
+
+
+def run_graph(nodes, probe=True, until_done=True, timeout=30.0):
+    graph = Graph(nodes)
+    p = Probe() if probe else None
+    if p:
+        graph.executor.add_node(p)
+    errors = graph.configure()
+    return graph, p, errors
+
+
+def finish(graph, probe):
+    graph.deactivate()
+    if probe:
+        graph.executor.remove_node(probe)
+        probe.destroy_node()
+    graph.shutdown()
+
+
+def test_feasible_actions_pass_through_and_the_recording_is_dsrl_data(bundles, tmp_path):
+    nodes = loop_params(bundles, tmp_path, monitor={'threshold_v': 1e6, 'threshold_q': 1e6})
+    graph, probe, errors = run_graph(nodes)
+    assert errors == []
+    graph.activate()
+    sim = graph.nodes['sim_node']
+    assert graph.spin_until(lambda: sim.done, 60.0)
+    finish(graph, probe)
+    # observation -> command: every final command answers an observation, with its stamp
+    # (the probe's observation subscription is best effort, so it may miss one; the recorded
+    # steps come over a reliable topic and name every observation the simulator stepped from)
+    data = recorded(tmp_path / 'rec' / 'run')
+    obs_stamps = {common.stamp_to_ns(m.header.stamp) for m in probe.msgs[common.OBSERVATION]}
+    finals = {common.stamp_to_ns(m.header.stamp) for m in probe.msgs[common.FINAL]}
+    assert len(obs_stamps) >= 45 and obs_stamps <= finals
+    assert set(data['stamps_ns'].tolist()) <= finals
+    assert sim.misses == 0
+    assert data['observations'].shape == (50, 8)
+    assert (data['verdicts'] == MonitorState.NOMINAL).all()
+    np.testing.assert_allclose(data['actions'], data['proposed_actions'], atol=1e-6)
+    out = tmp_path / 'rec' / 'run' / 'recording.hdf5'
+    assert validate_file(out) == []
+    dsrl = make_gym_env('OfflineBallCircle-v0').unwrapped.get_dataset(str(out))
+    assert dsrl['observations'].shape == (50, 8) and dsrl['timeouts'].sum() == 2
+
+
+@pytest.mark.parametrize('thresholds, state', [
+    ({'threshold_v': 1e6, 'threshold_q': -1e6}, MonitorState.INTERVENING),
+    ({'threshold_v': -1e6}, MonitorState.RECOVERY),
+])
+def test_infeasible_proposals_are_replaced_by_the_fallback(bundles, tmp_path, thresholds, state):
+    nodes = loop_params(bundles, tmp_path, sim={'episodes': 1, 'horizon': 15},
+                        monitor={**thresholds, 'seed': 3})
+    graph, probe, errors = run_graph(nodes, probe=False)
+    assert errors == []
+    graph.activate()
+    assert graph.spin_until(lambda: graph.nodes['sim_node'].done, 60.0)
+    finish(graph, None)
+    data = recorded(tmp_path / 'rec' / 'run')
+    assert (data['verdicts'] == state).all()
+    # The applied actions are exactly the fallback policy's, drawn with the monitor's seed.
+    bundle = load_bundle(bundles['fisor'])
+    rng = np.random.default_rng(3)
+    expected = [bundle.fallback(o[None], noise=bundle.sample_noise(1, rng, graph='fallback'))[0]
+                for o in data['observations']]
+    np.testing.assert_allclose(data['actions'], np.clip(expected, -1, 1), atol=1e-5)
+    assert not np.allclose(data['actions'], data['proposed_actions'])
+    assert np.isfinite(data['critic_v_h']).all() and np.isfinite(data['critic_q_h']).all()
+
+
+def test_monitor_stops_on_nan_stale_reordered_and_silent_controller(bundles, tmp_path):
+    nodes = {'safety_monitor_node': {'bundle': bundles['fisor'], 'observation_timeout': 0.3,
+                                     'proposal_timeout': 0.15, 'watchdog_rate_hz': 50.0,
+                                     'safe_action': [0.0, 0.0]}}
+    graph, probe, errors = run_graph(nodes)
+    assert errors == []
+    graph.activate()
+    assert spin_until(graph.executor, lambda: graph.nodes['safety_monitor_node']
+                      .count_subscribers(common.FINAL) >= 1, 5.0)
+    spin_for(graph.executor, 0.3)
+    finals = probe.msgs[common.FINAL]
+
+    def exchange(obs, names=CHANNELS, proposal=(0.5, 0.5), stamp=None, answer=True):
+        stamp = probe.now_ns() if stamp is None else stamp
+        probe.obs_pub.publish(common.joint_state(names, obs, stamp))
+        spin_for(graph.executor, 0.05)
+        if answer:
+            probe.prop_pub.publish(common.joint_state(['action_0', 'action_1'], proposal, stamp))
+        n = len(finals)
+        assert spin_until(graph.executor, lambda: len(finals) > n, 3.0)
+        return probe.msgs[common.STATUS][-1] if probe.msgs[common.STATUS] else None
+
+    monitor = graph.nodes['safety_monitor_node'].monitor
+    exchange([math.nan] + [0.0] * 7)
+    assert monitor.last.state == MonitorState.FAULT and 'NaN' in monitor.last.reason
+    assert list(finals[-1].position) == [0.0, 0.0]
+    exchange([0.0] * 8, stamp=probe.now_ns() - 2_000_000_000)      # 2 s old observation
+    assert monitor.last.state == MonitorState.STALE
+    swapped = list(CHANNELS)
+    swapped[0], swapped[1] = swapped[1], swapped[0]
+    exchange([0.0] * 8, names=swapped)
+    assert monitor.last.state == MonitorState.FAULT
+    assert 'channels do not match' in monitor.last.reason or 'order' in monitor.last.reason
+    exchange([0.0] * 8, proposal=(math.inf, 0.0))
+    assert monitor.last.state == MonitorState.FAULT
+    exchange([0.0] * 8, answer=False)                                # controller silent
+    assert monitor.last.state == MonitorState.STALE and 'silent' in monitor.last.reason
+    assert list(finals[-1].position) == [0.0, 0.0]
+    # The status topic is transient local: a subscriber that joins now still gets the state.
+    late = []
+    late_node = Node('late_subscriber')
+    late_node.create_subscription(DiagnosticStatus, common.STATUS, late.append,
+                                  common.STATUS_QOS)
+    graph.executor.add_node(late_node)
+    assert spin_until(graph.executor, lambda: late, 5.0)
+    assert late[-1].message in ('STALE', 'FAULT')
+    graph.executor.remove_node(late_node)
+    late_node.destroy_node()
+    finish(graph, probe)
+
+
+def test_controller_death_makes_the_monitor_stop_the_robot(bundles, tmp_path):
+    nodes = loop_params(bundles, tmp_path, sim={'episodes': 0, 'horizon': 200},
+                        monitor={'proposal_timeout': 0.1, 'observation_timeout': 0.5,
+                                 'threshold_v': 1e6, 'threshold_q': 1e6})
+    graph, probe, errors = run_graph(nodes)
+    assert errors == []
+    graph.activate()
+    sim = graph.nodes['sim_node']
+    assert spin_until(graph.executor, lambda: sim.sim.steps >= 20, 30.0)
+    controller = graph.nodes.pop('controller_node')
+    graph.executor.remove_node(controller)
+    controller.destroy_node()                      # the controller process is gone
+    steps_at_death = sim.sim.steps
+    assert spin_until(graph.executor, lambda: sim.sim.steps >= steps_at_death + 5, 10.0)
+    finish(graph, probe)
+    data = recorded(tmp_path / 'rec' / 'run')
+    after = data['verdicts'][steps_at_death + 1:]
+    assert (after == MonitorState.STALE).all() and after.size >= 4
+    np.testing.assert_array_equal(data['actions'][steps_at_death + 1:], 0.0)
+    assert sim.misses == 0     # the monitor answered every observation with the stop
+
+
+def test_tampered_or_mismatched_bundle_fails_configure_and_robot_stays_stopped(bundles,
+                                                                               tmp_path):
+    nodes = loop_params(bundles, tmp_path, sim={'episodes': 0, 'command_timeout': 0.05,
+                                                'min_subscribers': 1},
+                        controller={'task': 'BallRun'},
+                        monitor={'bundle': bundles['tampered']}, recorder=False)
+    graph, probe, errors = run_graph(nodes)
+    text = '\n'.join(errors)
+    assert 'safety_monitor_node' in text and 'sha256 mismatch' in text and 'policy.onnx' in text
+    assert 'controller_node' in text and 'observation channels do not match' in text
+    # Only the simulator is configured; it must apply nothing but the safe action.
+    sim = graph.nodes['sim_node']
+    sim.trigger_activate()
+    assert spin_until(graph.executor, lambda: len(probe.msgs[common.STEP]) >= 5, 10.0)
+    finish(graph, probe)
+    steps = np.array([m.position for m in probe.msgs[common.STEP]])
+    names = list(probe.msgs[common.STEP][0].name)
+    assert (steps[:, names.index('missed')] == 1).all()
+    np.testing.assert_array_equal(steps[:, [names.index('action/0'), names.index('action/1')]],
+                                  0.0)
+
+
+def test_policy_without_critics_is_shielded_by_another_bundle(bundles, tmp_path):
+    nodes = loop_params(bundles, tmp_path, sim={'episodes': 1, 'horizon': 20},
+                        controller={'bundle': bundles['bc_all']})
+    graph, probe, errors = run_graph(nodes, probe=False)
+    assert errors == []
+    graph.activate()
+    assert graph.spin_until(lambda: graph.nodes['sim_node'].done, 60.0)
+    finish(graph, None)
+    data = recorded(tmp_path / 'rec' / 'run')
+    assert np.isin(data['verdicts'], [0, 1, 2]).all() and np.isfinite(data['critic_q_h']).all()
+    # and a bundle without critics cannot be the monitor
+    graph, _, errors = run_graph({'safety_monitor_node': {'bundle': bundles['bc_all']}},
+                                 probe=False)
+    graph.shutdown()
+    assert 'no critic' in '\n'.join(errors)
+
+
+def test_bringup_runs_a_parameters_file(bundles, tmp_path):
+    b = bundles['fisor']
+    start = time.monotonic()
+    summary = run('config/demo.yaml', episodes=1, quiet=True, overrides=[
+        f'controller_node.bundle={b}', f'safety_monitor_node.bundle={b}',
+        f'recorder_node.bundle={b}', f'recorder_node.monitor_bundle={b}',
+        f'recorder_node.output_dir={tmp_path}', 'recorder_node.run_name=demo',
+        'sim_node.horizon=30'])
+    assert time.monotonic() - start < 60
+    assert len(summary['episodes']) == 1 and summary['episodes'][0]['steps'] == 30
+    assert summary['latency']['count'] == 30
+    assert validate_file(summary['recording']) == []
+    # The MCAP bag decodes with mcap-ros2-support's own reader (schema names pkg/msg/Type).
+    from mcap_ros2.reader import read_ros2_messages
+    topics = {}
+    for m in read_ros2_messages(str(tmp_path / 'demo' / 'raw.mcap')):
+        topics.setdefault(m.channel.topic, []).append(m)
+    assert len(topics['/step']) == 30 and len(topics['/observation']) == 30
+    assert topics['/step'][0].schema.name == 'sensor_msgs/msg/JointState'
+    assert list(topics['/observation'][0].ros_msg.name) == CHANNELS
+    assert topics['/monitor/status'][-1].schema.name == 'diagnostic_msgs/msg/DiagnosticStatus'
+
+
+def test_controller_refuses_reordered_channels_and_nan(bundles):
+    graph, probe, errors = run_graph({'controller_node': {'bundle': bundles['fisor']}})
+    assert errors == []
+    graph.activate()
+    controller = graph.nodes['controller_node']
+    assert spin_until(graph.executor, lambda: probe.count_subscribers(common.OBSERVATION) >= 2
+                      and probe.count_publishers(common.PROPOSED) >= 1, 5.0)
+    spin_for(graph.executor, 0.3)
+    swapped = list(CHANNELS)
+    swapped[2], swapped[3] = swapped[3], swapped[2]
+    for names, values in ((swapped, [0.1] * 8), (CHANNELS, [math.nan] + [0.1] * 7),
+                          (CHANNELS, [0.1] * 8)):
+        probe.obs_pub.publish(common.joint_state(names, values, probe.now_ns()))
+        spin_for(graph.executor, 0.2)
+    # Only the well-formed observation got a proposal; the other two were refused and counted.
+    assert len(probe.msgs[common.PROPOSED]) == 1 and controller.refused == 2
+    finish(graph, probe)
+
+
+@pytest.mark.parametrize('sim', [
+    {'mode': 'lockstep', 'rate_hz': 100.0},    # paced lock-step: at most 100 observations/s
+    {'mode': 'realtime', 'rate_hz': 50.0},     # fixed rate, zero-order hold
+])
+def test_timing_modes(bundles, tmp_path, sim):
+    nodes = loop_params(bundles, tmp_path, sim={'episodes': 1, 'horizon': 25, **sim})
+    graph, probe, errors = run_graph(nodes, probe=False)
+    assert errors == []
+    graph.activate()
+    start = time.monotonic()
+    node = graph.nodes['sim_node']
+    assert graph.spin_until(lambda: node.done, 30.0)
+    elapsed = time.monotonic() - start
+    finish(graph, None)
+    assert elapsed >= 24 / sim['rate_hz']          # the rate bounds the pace
+    data = recorded(tmp_path / 'rec' / 'run')
+    assert data['observations'].shape[0] == 25
+    assert validate_file(tmp_path / 'rec' / 'run' / 'recording.hdf5') == []
+    if sim['mode'] == 'lockstep':
+        assert node.misses == 0 and node.latency.summary()['count'] == 25
+    else:
+        # zero-order hold: the first step has no command yet (safe action, a miss); after
+        # that the loop keeps up with 50 Hz
+        assert node.misses <= 3 and node.latency.summary()['count'] >= 20
