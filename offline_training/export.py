@@ -34,7 +34,7 @@ import warnings
 
 import numpy as np
 from offline_training.data.tasks import get_task, TaskSpec
-from offline_training.train import code_version
+from offline_training.train import code_version, yaml_safe
 from saferl_ros import bundle as rt
 from saferl_ros.observation import channel_names
 import torch
@@ -255,7 +255,7 @@ def write_bundle(plan: ExportPlan, out_dir, task, name: Optional[str] = None,
             'files': files,
         }
         with open(tmp / rt.MANIFEST, 'w') as stream:
-            yaml.safe_dump(_plain(manifest), stream, sort_keys=False, width=120)
+            yaml.safe_dump(yaml_safe(manifest), stream, sort_keys=False, width=120)
         # The runtime's own verification (checksums, dims, golden outputs at the golden batch),
         # then batch 1, the size a controller runs at: a batch size baked into the graph by the
         # tracer would pass the first check and fail this one.
@@ -298,7 +298,7 @@ def update_metrics(bundle_dir, metrics: dict) -> None:
     """Store evaluation results in a bundle's manifest (the manifest is not in its own hashes)."""
     file = Path(bundle_dir) / rt.MANIFEST
     manifest = yaml.safe_load(file.read_text())
-    manifest['metrics'] = _plain(metrics)
+    manifest['metrics'] = yaml_safe(metrics)
     tmp = file.with_suffix('.yaml.tmp')
     with open(tmp, 'w') as stream:
         yaml.safe_dump(manifest, stream, sort_keys=False, width=120)
@@ -307,21 +307,6 @@ def update_metrics(bundle_dir, metrics: dict) -> None:
 
 def _floats(values) -> List[float]:
     return [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
-
-
-def _plain(value):
-    """Convert numpy scalars/arrays and tuples into YAML-safe Python values."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _plain(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 EXPORTERS: Dict[str, Callable[..., ExportPlan]] = {}

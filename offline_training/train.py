@@ -35,14 +35,18 @@ CONFIG = 'config.yaml'
 SUMMARY = 'summary.yaml'
 
 
-def _plain(value):
-    """Convert tuples and numpy scalars to YAML-safe Python values."""
+def yaml_safe(value):
+    """Convert tuples, numpy scalars/arrays and paths into YAML-safe Python values."""
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): yaml_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [yaml_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return yaml_safe(value.tolist())
     if isinstance(value, np.generic):
         return value.item()
+    if isinstance(value, Path):
+        return str(value)
     return value
 
 
@@ -71,7 +75,7 @@ def _atomic_torch_save(obj, path: Path) -> None:
 def _write_yaml(data: dict, path: Path) -> None:
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     with open(tmp, 'w') as f:
-        yaml.safe_dump(_plain(data), f, sort_keys=False)
+        yaml.safe_dump(yaml_safe(data), f, sort_keys=False)
     os.replace(tmp, path)
 
 
@@ -144,7 +148,7 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
                              f'not {algo} seed {seed}; choose another --out or delete it')
         with open(run_dir / CONFIG) as f:
             saved = yaml.safe_load(f)
-        changed = sorted(key for key, value in _plain(run_config['algo_config']).items()
+        changed = sorted(key for key, value in yaml_safe(run_config['algo_config']).items()
                          if key != 'steps' and saved['algo_config'].get(key) != value)
         if changed:
             raise ValueError(f'{run_dir} was trained with different {changed} '

@@ -5,6 +5,10 @@ import os
 os.environ.setdefault('DSRL_SUPPRESS_IMPORT_ERROR', '1')
 os.environ.setdefault('MPLBACKEND', 'Agg')
 os.environ.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
+# One intra-op thread for torch and onnxruntime's OpenMP: on 2 cores shared with DDS and PyBullet
+# a second thread makes small-batch training many times slower, not faster.
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+os.environ.setdefault('MKL_NUM_THREADS', '1')
 
 import sys  # noqa: E402
 
