@@ -15,12 +15,13 @@ export RMW_IMPLEMENTATION ?= rmw_fastrtps_cpp
 export DSRL_SUPPRESS_IMPORT_ERROR := 1
 export MPLBACKEND := Agg
 
-.PHONY: help venv check-env test demo lint lock clean-venv
+.PHONY: help venv check-env test demo data lint lock clean-venv
 
 help:
 	@echo "make venv       create .venv with every dependency at its pinned version"
 	@echo "make test       create the environment if missing, then run the whole test suite"
 	@echo "make demo       run the shipped FISOR bundle in the simulated ROS 2 loop for 3 episodes"
+	@echo "make data       train missing behaviour agents, then collect the six datasets into datasets/"
 	@echo "make lint       flake8 + pep257 with ament's settings"
 	@echo "make check-env  check that the simulator and dataset environment ids register"
 	@echo "make lock       re-resolve requirements/constraints.txt from requirements.txt"
@@ -45,6 +46,9 @@ test: venv
 
 demo: venv
 	$(BIN)/saferl-demo --episodes 3
+
+data: venv
+	$(BIN)/python -m offline_training.collection.train_all --collect
 
 lint: venv
 	$(BIN)/python -m pytest test/test_flake8.py test/test_pep257.py

@@ -6,6 +6,9 @@ Examples::
     saferl-data info datasets/SafetyBallCircle-v0-80-886.hdf5
     saferl-data validate recording.hdf5 --task BallCircle   # exit 1 and a list of problems if bad
     saferl-data plot datasets/SafetyBallCircle-v0-80-886.hdf5 -o ballcircle.png
+    saferl-data collect --task BallCircle               # regenerate from behavior_agents/
+    saferl-data train-behavior --task BallCircle        # (re)train the behaviour agents
+    saferl-data merge recordings/demo/run_* --dataset old.hdf5 --task BallCircle -o new.hdf5
 """
 
 import argparse
@@ -86,6 +89,68 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_collect(args) -> int:
+    """Roll the committed behaviour agents out and write a density-filtered dataset."""
+    from offline_training.collection.collect import collect_task
+
+    overrides = {}
+    if args.raw_factor is not None:
+        overrides['raw_factor'] = args.raw_factor
+    if args.episodes_per_setting is not None:
+        overrides['episodes_per_setting'] = args.episodes_per_setting
+    path = collect_task(args.task, agent_dir=args.agent_dir, out_dir=args.out_dir,
+                        out_path=args.out, seed=args.seed, **overrides)
+    print(f'wrote {path}')
+    return 0
+
+
+def cmd_train_behavior(args) -> int:
+    """Train (or resume) a task's behaviour agents."""
+    from offline_training.collection.behavior import DEFAULT_AGENT_ROOT
+    from offline_training.collection.train_all import train_task
+
+    name = get_task(args.task).name
+    overrides = {} if args.steps is None else {'total_steps': args.steps}
+    train_task(name, args.agent_dir or DEFAULT_AGENT_ROOT / name, **overrides)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    """Build a retraining dataset: an existing dataset plus robot/sim recordings."""
+    from pathlib import Path
+
+    from offline_training.data.dataset import REQUIRED_KEYS, validate_arrays, write_dataset
+    # The recorder's reader (numpy + h5py, no ROS): it lists the completed episodes of a run.
+    from saferl_ros.recorder import load_episodes, RecordingError
+
+    parts, sources = [], []
+    for item in ([args.dataset] if args.dataset else []) + list(args.recordings):
+        path = Path(item)
+        if path.is_dir():
+            try:   # a recorder run folder: its completed episodes (also after a crash)
+                data = load_episodes(path)
+            except RecordingError as err:
+                print(f'error: {err}', file=sys.stderr)
+                return 1
+            problems = validate_arrays(data, args.task, source=str(path))
+            if problems:
+                raise DatasetError(problems)
+        else:
+            data = load_dataset(path, task=args.task)
+        parts.append({k: np.asarray(data[k]) for k in REQUIRED_KEYS})
+        sources.append({'path': str(path), 'transitions': int(len(data['observations'])),
+                        **({'sha256': file_sha256(path)} if path.is_file() else {})})
+        print(f'{path}: {len(data["observations"])} transitions')
+    if not parts:
+        print('error: nothing to merge; give --dataset and/or recordings', file=sys.stderr)
+        return 1
+    merged = {k: np.concatenate([p[k] for p in parts]) for k in REQUIRED_KEYS}
+    manifest = write_dataset(args.output, merged, args.task, attrs={'merged_from': sources})
+    print(f'wrote {args.output}: {manifest["transitions"]} transitions, '
+          f'{manifest["trajectories"]} trajectories')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -104,6 +169,44 @@ def build_parser() -> argparse.ArgumentParser:
               cmd_validate)
     plot = with_path('plot', 'write a reward-versus-cost scatter plot (PNG)', cmd_plot)
     plot.add_argument('-o', '--output', required=True, help='output PNG path')
+
+    collect = sub.add_parser(
+        'collect', help='regenerate a dataset from the committed behaviour agents',
+        description='Roll every behaviour-agent checkpoint out (with and without action noise), '
+                    'density-filter the trajectories like DSRL and write '
+                    'Safety<Task>-v0-<cmax>-<ntraj>.hdf5.')
+    collect.add_argument('--task', required=True, help='task name, e.g. BallCircle')
+    collect.add_argument('--out', default=None, help='output file (default: DSRL name in '
+                                                     '--out-dir)')
+    collect.add_argument('--out-dir', default=None, help='default: datasets/ at the repo root')
+    collect.add_argument('--seed', type=int, default=0)
+    collect.add_argument('--agent-dir', default=None, help='default: behavior_agents/<Task>')
+    collect.add_argument('--raw-factor', type=float, default=None,
+                         help="raw pool size as a multiple of DSRL's count (default 1.5)")
+    collect.add_argument('--episodes-per-setting', type=int, default=None,
+                         help='episodes per (checkpoint, noise) pair; overrides --raw-factor')
+    collect.set_defaults(func=cmd_collect)
+
+    train = sub.add_parser(
+        'train-behavior', help='train or resume the behaviour agents of a task',
+        description='PPO-Lagrangian with an annealed cost budget; resumes from '
+                    'behavior_agents/<Task>/resume when killed and restarted.')
+    train.add_argument('--task', required=True, help='task name, e.g. BallCircle')
+    train.add_argument('--steps', type=int, default=None, help='total env steps (default: '
+                                                               'the task preset)')
+    train.add_argument('--agent-dir', default=None, help='default: behavior_agents/<Task>')
+    train.set_defaults(func=cmd_train_behavior)
+
+    merge = sub.add_parser(
+        'merge', help='build a retraining dataset from an existing dataset plus recordings',
+        description='Concatenate the DSRL keys of an existing dataset and of saferl_ros '
+                    'recordings (run folders written by recorder_node, also after a crash, or '
+                    'their recording.hdf5) into one validated DSRL file with provenance.')
+    merge.add_argument('recordings', nargs='*', help='recorder run folders or HDF5 files')
+    merge.add_argument('--dataset', help='existing DSRL dataset to extend')
+    merge.add_argument('--task', required=True, help='task name, e.g. BallCircle')
+    merge.add_argument('-o', '--output', required=True, help='output HDF5 file')
+    merge.set_defaults(func=cmd_merge)
     return parser
 
 
