@@ -1,4 +1,5 @@
-"""Tests of the dataset-collection pipeline: behaviour agents, rollouts, density filter, output.
+"""
+Tests of the dataset-collection pipeline: behaviour agents, rollouts, density filter, output.
 
 Real PyBullet environments and real PPO updates, kept tiny: a few short episodes per task and a
 few hundred training steps, so the whole file runs in well under a minute and a half on 2 cores.

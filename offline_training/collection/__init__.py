@@ -1,4 +1,5 @@
-"""Behaviour agents and rollout collection for DSRL-style offline datasets.
+"""
+Behaviour agents and rollout collection for DSRL-style offline datasets.
 
 ``lagrangian``: PID-Lagrangian multiplier and the annealed cost budget. ``behavior``:
 PPO-Lagrangian behaviour agents (stable-baselines3) with small, committed checkpoints.

@@ -1,4 +1,5 @@
-"""PPO-Lagrangian behaviour agents for DSRL-style data collection (stable-baselines3).
+"""
+PPO-Lagrangian behaviour agents for DSRL-style data collection (stable-baselines3).
 
 DSRL trained FSRL's TRPO-Lagrangian with a cost budget annealed over training (5 -> 100 for most
 Bullet tasks) and kept the trajectories of the whole run, so its datasets span poor to good and
@@ -148,7 +149,8 @@ class PenaltyState:
 
 
 class LagrangianPenaltyWrapper(gym.Wrapper):
-    """Replace the reward with ``(r - lambda * s * c) / (1 + lambda)``; report episode cost.
+    """
+    Replace the reward with ``(r - lambda * s * c) / (1 + lambda)``; report episode cost.
 
     ``s`` (``cost_scale``) converts one unit of cost into the task's typical per-step reward
     (DSRL's MAX_EPISODE_REWARD / horizon), so lambda is dimensionless and the same PID gains
@@ -248,7 +250,8 @@ def _save_checkpoint(path: Path, policy, meta: dict) -> None:
 
 
 def list_checkpoints(agent_dir) -> List[Path]:
-    """Return the frozen actors of an agent folder: the main run's, then each extra run's.
+    """
+    Return the frozen actors of an agent folder: the main run's, then each extra run's.
 
     Within a run the order is training order; extra runs (``<agent_dir>/<run>/``) follow in
     alphabetical order, so the list, and with it a collected dataset, is reproducible.
@@ -288,7 +291,8 @@ def _make_venv(config: BehaviorConfig, penalty: PenaltyState, seed: int):
 
 def train_behavior(config: BehaviorConfig, agent_dir=None, max_steps: Optional[int] = None,
                    progress: bool = True) -> dict:
-    """Train (or resume) a task's behaviour agent; return its final state dict.
+    """
+    Train (or resume) a task's behaviour agent; return its final state dict.
 
     ``agent_dir`` defaults to ``behavior_agents/<Task>``. A run that finds ``resume/`` there
     continues from it (its saved config wins over ``config`` except for ``total_steps``, which

@@ -1,4 +1,5 @@
-"""Roll behaviour-agent checkpoints out, density-filter the trajectories, write a DSRL dataset.
+"""
+Roll behaviour-agent checkpoints out, density-filter the trajectories, write a DSRL dataset.
 
 Every frozen actor in ``behavior_agents/<Task>/checkpoints`` is rolled out for whole episodes,
 deterministically (the mean action) and with Gaussian action noise of a few sizes, so the pool
@@ -60,7 +61,8 @@ class CollectConfig:
 
 @contextlib.contextmanager
 def seeded_global_rngs(seed: int):
-    """Seed numpy's and Python's global rngs for a block, then restore their previous states.
+    """
+    Seed numpy's and Python's global rngs for a block, then restore their previous states.
 
     Bullet-Safety-Gym ignores ``reset(seed=...)``: its initial positions and orientations come
     from the *global* ``np.random`` (and ``random`` for obstacles), so this is the only way to
@@ -126,7 +128,8 @@ def _allocate(total: int, weights: np.ndarray) -> np.ndarray:
 
 def allocation_weights(costs: np.ndarray, rewards: np.ndarray, setting: np.ndarray,
                        n_settings: int, cmax: float, bins: int = 20) -> np.ndarray:
-    """Return how much of the remaining rollout budget each setting should get.
+    """
+    Return how much of the remaining rollout budget each setting should get.
 
     A probe trajectory is worth the inverse of how many probe trajectories share its cell of a
     coarse (cost, reward) grid, and nothing above the cost cut-off; a setting's weight is the
@@ -153,7 +156,8 @@ def allocation_weights(costs: np.ndarray, rewards: np.ndarray, setting: np.ndarr
 
 def collect_pool(config: CollectConfig, checkpoints: Sequence[Path],
                  progress: bool = True) -> Tuple[List[Dict[str, np.ndarray]], List[dict]]:
-    """Roll out the (checkpoint, noise) settings; return trajectories and their provenance.
+    """
+    Roll out the (checkpoint, noise) settings; return trajectories and their provenance.
 
     Two passes. A probe of ``probe_episodes`` per setting shows where each one lands in the
     (cost, reward) plane; the rest of the budget goes preferentially to settings that land in

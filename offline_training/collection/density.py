@@ -1,4 +1,5 @@
-"""Density filter over (cost return, reward return), DSRL's ``grid_filter`` with a seeded rng.
+"""
+Density filter over (cost return, reward return), DSRL's ``grid_filter`` with a seeded rng.
 
 DSRL (``scripts/process_dataset.py``, ``dsrl.offline_env.grid_filter``) bins trajectories on a
 ``cbins x rbins`` grid over cost and reward return, drops cells that hold ``min_per_bin`` or fewer
@@ -49,7 +50,8 @@ def _bin_cells(costs: np.ndarray, rewards: np.ndarray, cfg: DensityFilterConfig)
 
 def grid_filter(cost_returns, reward_returns, cfg: DensityFilterConfig,
                 rng: np.random.Generator) -> np.ndarray:
-    """Return the sorted indices of the trajectories the density filter keeps.
+    """
+    Return the sorted indices of the trajectories the density filter keeps.
 
     With ``cfg.max_per_bin=None`` the cap is the smallest one whose result reaches
     ``cfg.target_count`` (or no cap when even that keeps fewer), so the dataset size lands near

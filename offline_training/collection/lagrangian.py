@@ -1,4 +1,5 @@
-"""Lagrange multiplier for the episode-cost constraint, and the annealed cost budget.
+"""
+Lagrange multiplier for the episode-cost constraint, and the annealed cost budget.
 
 Constrained RL maximises ``J_r(pi)`` subject to ``J_c(pi) <= d``; the Lagrangian relaxation
 optimises ``J_r - lambda * J_c`` and moves ``lambda >= 0`` against the constraint violation
@@ -12,7 +13,8 @@ from dataclasses import dataclass, field
 
 @dataclass
 class PIDLagrangian:
-    """PID Lagrange multiplier (Stooke et al. 2020, Algorithm 2).
+    """
+    PID Lagrange multiplier (Stooke et al. 2020, Algorithm 2).
 
     Defaults are FSRL's gains ``(K_p, K_i, K_d) = (0.05, 0.005, 0.1)`` that DSRL's
     ``train_trpol_expert.py`` uses, with costs measured as undiscounted episode cost.
@@ -34,7 +36,8 @@ class PIDLagrangian:
     _initialised: bool = field(default=False)
 
     def update(self, episode_cost: float, budget: float) -> float:
-        """Update with the latest mean episode cost ``J_c`` against budget ``d``; return lambda.
+        """
+        Update with the latest mean episode cost ``J_c`` against budget ``d``; return lambda.
 
         The integral is clamped at zero (anti-windup), so a long stretch below the budget does
         not store up negative "credit"; the multiplier itself is projected onto ``[0, max]``.
@@ -72,7 +75,8 @@ class PIDLagrangian:
 
 @dataclass(frozen=True)
 class BudgetSchedule:
-    """Cost budget annealed linearly over training, like FSRL's ``cost_limit_scheduler``.
+    """
+    Cost budget annealed linearly over training, like FSRL's ``cost_limit_scheduler``.
 
     The budget is ``start`` before ``frac_start`` of training, ``end`` after ``frac_end``, and
     linear in between. DSRL's default Bullet schedule is 5 -> 100 over epochs 100 -> 900 of 1000.

@@ -1,4 +1,5 @@
-"""Coverage of collected datasets against the DSRL datasets, as a markdown table and plots.
+"""
+Coverage of collected datasets against the DSRL datasets, as a markdown table and plots.
 
 ``python -m offline_training.collection.report [--dataset-dir datasets] [--img docs/img/datasets]``
 prints the per-task table used in docs/datasets.md and writes one reward-cost scatter per task.

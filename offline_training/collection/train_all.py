@@ -1,4 +1,5 @@
-"""Train the behaviour agents of several tasks one after another; finished tasks are skipped.
+"""
+Train the behaviour agents of several tasks one after another; finished tasks are skipped.
 
 Resumable: kill it at any time and run it again, each task continues from its last saved state in
 ``behavior_agents/<Task>/resume``. With ``--collect`` a task's dataset is collected as soon as its
