@@ -39,7 +39,7 @@ $(STAMP): $(REQ_FILES)
 	touch $(STAMP)
 
 check-env:
-	$(BIN)/python -m offline_training.envcheck
+	$(BIN)/python tools/check_env.py
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

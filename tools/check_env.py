@@ -1,6 +1,8 @@
 """
 Check the installed environment: simulator and DSRL ids register, ROS 2 and ONNX import.
 
+A tool, not part of either layer: it touches training (gymnasium, dsrl) and ROS (rclpy) alike.
+
 Run by ``make venv`` after installing bullet-safety-gym and dsrl without their stale pins, so a
 broken install fails at setup time with a clear message instead of deep inside a test.
 """
