@@ -6,11 +6,11 @@ BC-Safe keeps only the trajectories whose undiscounted cost return is <= kappa (
 error, with OSRL's defaults (hidden 256x256, lr 1e-3, batch 512, 100k steps).
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Dict, Tuple
 
 import numpy as np
-from offline_training.algos.common import clip_actions, mlp, ReplayBuffer
+from offline_training.algos.common import clip_actions, config_from_preset, mlp, ReplayBuffer
 from offline_training.data.trajectories import trajectory_returns
 import torch
 from torch import nn
@@ -43,12 +43,7 @@ PRESETS: Dict[str, dict] = {'paper': {}, 'cpu': {'batch_size': 256}}
 
 def make_config(preset: str = 'paper', **overrides) -> BCConfig:
     """Return the config of a named preset with ``overrides`` applied."""
-    if preset not in PRESETS:
-        raise KeyError(f'unknown BC preset {preset!r}; choose one of {sorted(PRESETS)}')
-    unknown = sorted(set(overrides) - {f.name for f in fields(BCConfig)})
-    if unknown:
-        raise KeyError(f'unknown BC config fields {unknown}')
-    return BCConfig(**{**PRESETS[preset], **overrides})
+    return config_from_preset(BCConfig, PRESETS, preset, overrides, 'BC')
 
 
 def resolve_config(config: BCConfig, task) -> BCConfig:

@@ -16,12 +16,12 @@ reuse it as their downstream learner.
 """
 
 from copy import deepcopy
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 from offline_training.algos.common import (
-    clip_actions, mlp, QEnsemble, ReplayBuffer, set_seed, soft_update)
+    clip_actions, config_from_preset, mlp, QEnsemble, ReplayBuffer, set_seed, soft_update)
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -82,12 +82,7 @@ PRESETS: Dict[str, dict] = {
 
 def make_config(preset: str = 'paper', **overrides) -> BCQLagConfig:
     """Return the config of a named preset with ``overrides`` applied."""
-    if preset not in PRESETS:
-        raise KeyError(f'unknown BCQ-Lag preset {preset!r}; choose one of {sorted(PRESETS)}')
-    unknown = sorted(set(overrides) - {f.name for f in fields(BCQLagConfig)})
-    if unknown:
-        raise KeyError(f'unknown BCQ-Lag config fields {unknown}')
-    return BCQLagConfig(**{**PRESETS[preset], **overrides})
+    return config_from_preset(BCQLagConfig, PRESETS, preset, overrides, 'BCQ-Lag')
 
 
 def resolve_config(config: BCQLagConfig, task) -> BCQLagConfig:

@@ -5,6 +5,7 @@ Everything here exists once; fisor.py, bc.py and bcq_lag.py import it. Initialis
 reference code each algorithm was written against (jaxrl5 for FISOR, torch defaults for OSRL).
 """
 
+from dataclasses import fields
 import math
 import random
 from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence
@@ -20,6 +21,22 @@ DATASET_KEYS = ('observations', 'next_observations', 'actions', 'rewards', 'cost
 
 
 # --------------------------------------------------------------------------- devices and seeding
+
+def config_from_preset(config_cls, presets: Mapping[str, dict], preset: str, overrides: dict,
+                       label: str):
+    """
+    Return ``config_cls`` built from the named preset with ``overrides`` applied.
+
+    Unknown presets and unknown field names raise KeyError naming ``label`` and the choices, so
+    a typo on the command line fails loudly instead of training with a default.
+    """
+    if preset not in presets:
+        raise KeyError(f'unknown {label} preset {preset!r}; choose one of {sorted(presets)}')
+    unknown = sorted(set(overrides) - {f.name for f in fields(config_cls)})
+    if unknown:
+        raise KeyError(f'unknown {label} config fields {unknown}')
+    return config_cls(**{**presets[preset], **overrides})
+
 
 def resolve_device(device: str = 'auto') -> torch.device:
     """Return the torch device for 'auto' (CUDA when present, else CPU), 'cpu' or 'cuda[:i]'."""

@@ -17,13 +17,14 @@ DDPM from the EMA noise model and returns the one with the smallest max-of-heads
 """
 
 from copy import deepcopy
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 from offline_training.algos.common import (
-    clip_actions, cosine_lr_scheduler, ddpm_sample, DiffusionSchedule, EpsilonNet,
-    expectile_loss, QEnsemble, ReplayBuffer, reversed_expectile_loss, soft_update, ValueNet)
+    clip_actions, config_from_preset, cosine_lr_scheduler, ddpm_sample, DiffusionSchedule,
+    EpsilonNet, expectile_loss, QEnsemble, ReplayBuffer, reversed_expectile_loss, soft_update,
+    ValueNet)
 import torch
 from torch import nn
 
@@ -96,13 +97,7 @@ PRESETS: Dict[str, dict] = {
 
 def make_config(preset: str = 'paper', **overrides) -> FisorConfig:
     """Return the config of a named preset with ``overrides`` applied."""
-    if preset not in PRESETS:
-        raise KeyError(f'unknown FISOR preset {preset!r}; choose one of {sorted(PRESETS)}')
-    names = {f.name for f in fields(FisorConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise KeyError(f'unknown FISOR config fields {unknown}')
-    return FisorConfig(**{**PRESETS[preset], **overrides})
+    return config_from_preset(FisorConfig, PRESETS, preset, overrides, 'FISOR')
 
 
 def resolve_config(config: FisorConfig, task) -> FisorConfig:
