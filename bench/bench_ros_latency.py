@@ -113,56 +113,52 @@ def sim_observations(bundle_dir: str, n: int = 400) -> np.ndarray:
     return np.asarray(obs[:n], np.float32)
 
 
-def start(executable: str, args: list, log: Path, priority: int = 0) -> subprocess.Popen:
+def start(executable: str, args: list, log: Path, priority: int = 0,
+          executor: str = 'events') -> subprocess.Popen:
     """Start a console-script node (configured and activated) in its own process."""
     exe = shutil.which(executable, path=os.path.dirname(sys.executable)) or executable
     rt = ['--realtime-priority', str(priority)] if priority else []
-    return subprocess.Popen([exe, '--autostart'] + rt + ['--ros-args'] + args,
-                            stdout=open(log, 'w'),
+    return subprocess.Popen([exe, '--autostart', '--executor', executor] + rt + ['--ros-args']
+                            + args, stdout=open(log, 'w'), stderr=subprocess.STDOUT,
+                            env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+
+
+CONFIG_OPTIONS = ('precompute', 'composed')
+
+
+def parse_config(name: str) -> dict:
+    """
+    Parse a configuration name EXECUTOR[+precompute][+composed], e.g. 'events+composed'.
+
+    precompute: the monitor computes the fallback when the observation arrives; composed: the
+    controller and the monitor share one process and executor (saferl-bringup), else two.
+    """
+    parts = name.split('+')
+    from saferl_ros.nodes.common import EXECUTORS
+    if parts[0] not in EXECUTORS or any(p not in CONFIG_OPTIONS for p in parts[1:]):
+        raise SystemExit(f'bad configuration {name!r}: use EXECUTOR[+precompute][+composed] '
+                         f'with EXECUTOR one of {EXECUTORS}')
+    return {'name': name, 'executor': parts[0], 'precompute': 'precompute' in parts[1:],
+            'composed': 'composed' in parts[1:]}
+
+
+def start_composed(bundle: str, monitor_params: dict, log: Path, executor: str,
+                   tmp: Path) -> subprocess.Popen:
+    """Start controller and monitor in one saferl-bringup process (one executor, one thread)."""
+    import yaml
+    config = tmp / f'composed-{executor}.yaml'
+    config.write_text(yaml.safe_dump({
+        'controller_node': {'ros__parameters': {'bundle': bundle}},
+        'safety_monitor_node': {'ros__parameters': monitor_params}}))
+    exe = shutil.which('saferl-bringup', path=os.path.dirname(sys.executable)) or \
+        'saferl-bringup'
+    return subprocess.Popen([exe, str(config), '--executor', executor], stdout=open(log, 'w'),
                             stderr=subprocess.STDOUT,
                             env={**os.environ, 'PYTHONUNBUFFERED': '1'})
 
 
-def main(argv=None) -> int:
-    """Run the benchmark; print and optionally save the table."""
-    parser = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0])
-    parser.add_argument('--bundle', default=None,
-                        help="bundle folder, 'paper' (untrained FISOR, paper sizes) or 'test' "
-                             "(make_test_bundle's tiny FISOR); default models/fisor-ballcircle")
-    parser.add_argument('--realtime-priority', type=int, default=0,
-                        help='run the nodes and this process with SCHED_FIFO at this priority '
-                             '(what a robot deployment does; needs CAP_SYS_NICE)')
-    parser.add_argument('--pass-through', action='store_true',
-                        help='monitor thresholds +1e9: every proposal passes (no fallback), '
-                             'the common case of a trained policy in the feasible region')
-    parser.add_argument('--rates', type=float, nargs='+', default=[50.0, 100.0])
-    parser.add_argument('--samples', type=int, default=1000)
-    parser.add_argument('--warmup', type=int, default=50)
-    parser.add_argument('--pings', type=int, default=1000)
-    parser.add_argument('--json', default=None, help='write the results here')
-    parser.add_argument('--echo', action='store_true', help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.echo:
-        return echo_main()
-    os.environ.setdefault('ROS_DOMAIN_ID', str(90 + os.getpid() % 40))
-    os.environ.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
-
-    from offline_training.evaluate import machine_info
-    tmp = Path(tempfile.mkdtemp(prefix='bench-ros-'))
-    bundle = args.bundle
-    if bundle == 'paper':
-        bundle = paper_bundle(tmp)
-    elif bundle == 'test':
-        from offline_training.export import make_test_bundle
-        bundle = str(make_test_bundle(tmp / 'test-fisor'))
-    elif bundle is None:
-        shipped = REPO / 'models' / 'fisor-ballcircle'
-        bundle = str(shipped) if (shipped / 'manifest.yaml').is_file() else paper_bundle(tmp)
-    observations = sim_observations(bundle)
-    compute = compute_only(bundle, observations)
-
-    import rclpy
-    from rclpy.executors import SingleThreadedExecutor
+def measure(config: dict, bundle: str, observations: np.ndarray, args, tmp: Path) -> dict:
+    """Start controller + monitor (+ echo) in one configuration; time the loop through them."""
     from rclpy.node import Node
     from sensor_msgs.msg import JointState
 
@@ -170,24 +166,27 @@ def main(argv=None) -> int:
     from saferl_ros.nodes import common
     from saferl_ros.observation import channel_names
 
-    procs = [
-        start('controller_node', ['-p', f'bundle:={bundle}'], tmp / 'controller.log',
-              args.realtime_priority),
-        start('safety_monitor_node', ['-p', f'bundle:={bundle}', '-p',
-                                      'observation_timeout:=1.0', '-p',
-                                      'proposal_timeout:=1.0', '-p', 'watchdog_rate_hz:=0.0']
-              + (['-p', 'threshold_v:=1e9', '-p', 'threshold_q:=1e9'] if args.pass_through
-                 else []),
-              tmp / 'monitor.log', args.realtime_priority),
-        subprocess.Popen([sys.executable, __file__, '--echo'], env=os.environ.copy()),
-    ]
-    rclpy.init()
-    results_rt = False
-    if args.realtime_priority:
-        from saferl_ros.nodes.common import set_realtime_priority
-        results_rt = set_realtime_priority(args.realtime_priority)
+    executor_kind, tag = config['executor'], config['name'].replace('+', '_')
+    monitor_params = {'bundle': bundle, 'observation_timeout': 1.0, 'proposal_timeout': 1.0,
+                      'watchdog_rate_hz': 0.0, 'precompute_fallback': config['precompute']}
+    if args.pass_through:
+        monitor_params.update(threshold_v=1e9, threshold_q=1e9)
+    if config['composed']:
+        procs = [start_composed(bundle, monitor_params, tmp / f'composed-{tag}.log',
+                                executor_kind, tmp)]
+    else:
+        monitor_args = []
+        for key, value in monitor_params.items():
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            monitor_args += ['-p', f'{key}:={text}']
+        procs = [
+            start('controller_node', ['-p', f'bundle:={bundle}'], tmp / f'controller-{tag}.log',
+                  args.realtime_priority, executor_kind),
+            start('safety_monitor_node', monitor_args, tmp / f'monitor-{tag}.log',
+                  args.realtime_priority, executor_kind)]
+    procs.append(subprocess.Popen([sys.executable, __file__, '--echo'], env=os.environ.copy()))
     node = Node('latency_bench')
-    executor = SingleThreadedExecutor()
+    executor = common.make_executor(executor_kind)
     executor.add_node(node)
     names = channel_names('BallCircle')
     sent, proposed, final, verdicts, pongs = {}, {}, {}, {}, {}
@@ -212,11 +211,7 @@ def main(argv=None) -> int:
             executor.spin_once(timeout_sec=0.001)
         return condition()
 
-    results = {'machine': machine_info(), 'bundle': bundle, 'samples': args.samples,
-               'pass_through': args.pass_through,
-               'realtime_priority': args.realtime_priority if args.realtime_priority and
-               results_rt else 0,
-               'compute_ms': compute, 'rates': {}}
+    result = {'config': config, 'rates': {}}
     try:
         ready = wait(lambda: node.count_subscribers(common.OBSERVATION) >= 2 and
                      node.count_publishers(common.FINAL) >= 1 and
@@ -232,8 +227,8 @@ def main(argv=None) -> int:
                                                 stamp))
             if wait(lambda: stamp in pongs, 1.0) and i >= 20:
                 rtt.append((pongs[stamp] - stamp) / 1e6)
-        results['pingpong_rtt_ms'] = stats(rtt)
-        results['pingpong_one_way_ms'] = stats(np.asarray(rtt) / 2)
+        result['pingpong_rtt_ms'] = stats(rtt)
+        result['pingpong_one_way_ms'] = stats(np.asarray(rtt) / 2)
         for rate in args.rates:
             sent.clear()
             stamps = []
@@ -254,7 +249,7 @@ def main(argv=None) -> int:
             to_proposal = [(proposed[s] - s) / 1e6 for s in got]
             monitor_stage = [(final[s] - proposed[s]) / 1e6 for s in got]
             states = np.array([verdicts.get(s, -1) for s in got])
-            results['rates'][str(int(rate))] = {
+            result['rates'][str(int(rate))] = {
                 'total_ms': stats(total), 'observation_to_proposal_ms': stats(to_proposal),
                 'proposal_to_final_ms': stats(monitor_stage),
                 'lost': len(stamps) - len(got),
@@ -263,7 +258,8 @@ def main(argv=None) -> int:
     finally:
         executor.remove_node(node)
         node.destroy_node()
-        rclpy.try_shutdown()
+        if hasattr(executor, 'shutdown'):
+            executor.shutdown()
         for proc in procs:
             proc.send_signal(signal.SIGINT)
         for proc in procs:
@@ -271,6 +267,71 @@ def main(argv=None) -> int:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    return result
+
+
+def main(argv=None) -> int:
+    """Run the benchmark; print and optionally save the table."""
+    parser = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0])
+    parser.add_argument('--bundle', default=None,
+                        help="bundle folder, 'paper' (untrained FISOR, paper sizes) or 'test' "
+                             "(make_test_bundle's tiny FISOR); default models/fisor-ballcircle")
+    parser.add_argument('--configs', nargs='+',
+                        default=['single', 'events', 'events+precompute', 'events+composed'],
+                        help='configurations to compare in this run, each '
+                             "EXECUTOR[+precompute][+composed]: the nodes' executor ('single' = "
+                             "rclpy's SingleThreadedExecutor, 'events' = EventsExecutor), whether "
+                             'the monitor computes the fallback while the controller runs, and '
+                             'whether controller and monitor share one process')
+    parser.add_argument('--realtime-priority', type=int, default=0,
+                        help='run the nodes and this process with SCHED_FIFO at this priority '
+                             '(what a robot deployment does; needs CAP_SYS_NICE)')
+    parser.add_argument('--pass-through', action='store_true',
+                        help='monitor thresholds +1e9: every proposal passes (no fallback), '
+                             'the common case of a trained policy in the feasible region')
+    parser.add_argument('--rates', type=float, nargs='+', default=[50.0, 100.0])
+    parser.add_argument('--samples', type=int, default=1000)
+    parser.add_argument('--warmup', type=int, default=50)
+    parser.add_argument('--pings', type=int, default=1000)
+    parser.add_argument('--json', default=None, help='write the results here')
+    parser.add_argument('--echo', action='store_true', help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.echo:
+        return echo_main()
+    configs = [parse_config(name) for name in args.configs]
+    os.environ.setdefault('ROS_DOMAIN_ID', str(90 + os.getpid() % 40))
+    os.environ.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
+
+    from offline_training.evaluate import machine_info
+    tmp = Path(tempfile.mkdtemp(prefix='bench-ros-'))
+    bundle = args.bundle
+    if bundle == 'paper':
+        bundle = paper_bundle(tmp)
+    elif bundle == 'test':
+        from offline_training.export import make_test_bundle
+        bundle = str(make_test_bundle(tmp / 'test-fisor'))
+    elif bundle is None:
+        shipped = REPO / 'models' / 'fisor-ballcircle'
+        bundle = str(shipped) if (shipped / 'manifest.yaml').is_file() else paper_bundle(tmp)
+    observations = sim_observations(bundle)
+    compute = compute_only(bundle, observations)
+
+    import rclpy
+    rclpy.init()
+    results_rt = False
+    if args.realtime_priority:
+        from saferl_ros.nodes.common import set_realtime_priority
+        results_rt = set_realtime_priority(args.realtime_priority)
+    results = {'machine': machine_info(), 'bundle': bundle, 'samples': args.samples,
+               'pass_through': args.pass_through,
+               'realtime_priority': args.realtime_priority if args.realtime_priority and
+               results_rt else 0,
+               'compute_ms': compute, 'configs': []}
+    try:
+        for config in configs:
+            results['configs'].append(measure(config, bundle, observations, args, tmp))
+    finally:
+        rclpy.try_shutdown()
     results['loadavg'] = os.getloadavg()
     print_results(results)
     if args.json:
@@ -279,29 +340,42 @@ def main(argv=None) -> int:
 
 
 def print_results(r: dict) -> None:
-    """Print the results as a markdown table."""
+    """Print the results as markdown tables, each configuration's p99 as a ratio to the first."""
     m = r['machine']
     print(f'machine: {m["cpu"]}, {m["cores"]} cores, {m["platform"]}, python {m["python"]}, '
           f'onnxruntime {m["onnxruntime"]}; load average {r.get("loadavg")}')
     print(f'bundle: {r["bundle"]}' + ('  (monitor pass-through)' if r['pass_through'] else '')
           + (f'  (SCHED_FIFO {r["realtime_priority"]})' if r['realtime_priority'] else ''))
 
-    def row(name, s):
+    def row(name, s, ratio=''):
         return (f'| {name} | {s.get("n", 0)} | {s.get("p50", float("nan")):.3f} | '
-                f'{s.get("p99", float("nan")):.3f} | {s.get("max", float("nan")):.3f} |')
+                f'{s.get("p99", float("nan")):.3f} | {s.get("max", float("nan")):.3f} |{ratio}')
     print('| stage | n | p50 [ms] | p99 [ms] | max [ms] |')
     print('|---|---|---|---|---|')
     for name, s in r['compute_ms'].items():
         print(row(f'compute only: {name} graph (in-process)', s))
-    print(row('rclpy transport floor: ping-pong round trip', r['pingpong_rtt_ms']))
-    print(row('rclpy transport floor: one way (RTT / 2)', r['pingpong_one_way_ms']))
-    for rate, s in r['rates'].items():
-        print(row(f'{rate} Hz: observation -> proposal (controller)',
-                  s['observation_to_proposal_ms']))
-        print(row(f'{rate} Hz: proposal -> final command (monitor)', s['proposal_to_final_ms']))
-        print(row(f'{rate} Hz: **observation -> final command**', s['total_ms']))
-    for rate, s in r['rates'].items():
-        print(f'{rate} Hz: lost {s["lost"]}, fallback share {s["fallback_share"]:.2f}')
+    base = r['configs'][0] if r['configs'] else None
+    for c in r['configs']:
+        name = c['config']['name']
+        note = f' (p99 ratio to {base["config"]["name"]} in the last column)'
+        print(f'\nconfiguration {name}' + (note if c is not base else ''))
+        print('| stage | n | p50 [ms] | p99 [ms] | max [ms] | p99 / first |')
+        print('|---|---|---|---|---|---|')
+
+        def ratio(stat, rate=None, key=None):
+            ref = base['pingpong_rtt_ms'] if rate is None else base['rates'][rate][key]
+            return f' {stat.get("p99", float("nan")) / ref.get("p99", float("nan")):.2f} |'
+        print(row('rclpy transport floor: ping-pong round trip', c['pingpong_rtt_ms'],
+                  ratio(c['pingpong_rtt_ms'])))
+        print(row('rclpy transport floor: one way (RTT / 2)', c['pingpong_one_way_ms'], ' |'))
+        for rate, s in c['rates'].items():
+            for key, label in (('observation_to_proposal_ms', 'observation -> proposal '
+                                                              '(controller)'),
+                               ('proposal_to_final_ms', 'proposal -> final command (monitor)'),
+                               ('total_ms', '**observation -> final command**')):
+                print(row(f'{rate} Hz: {label}', s[key], ratio(s[key], rate, key)))
+        print('; '.join(f'{rate} Hz: lost {s["lost"]}, fallback share {s["fallback_share"]:.2f}'
+                        for rate, s in c['rates'].items()))
 
 
 if __name__ == '__main__':

@@ -90,6 +90,12 @@ def _load_data(dataset, data, task) -> Tuple[Dict[str, np.ndarray], dict]:
     return loaded, {'path': str(path), 'sha256': file_sha256(path), 'source': 'file'}
 
 
+# Config fields a resumed run may change: the step budget and inference-only settings (they shape
+# the exported graphs, not the training).
+RESUME_MAY_CHANGE = frozenset({'steps', 'num_candidates', 'fallback_candidates', 'clip_sampler',
+                               'ddpm_temperature'})
+
+
 def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
           data: Optional[Dict[str, np.ndarray]] = None, steps: Optional[int] = None,
           out=None, device: str = 'auto', log_every: int = 1000,
@@ -149,7 +155,8 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
         with open(run_dir / CONFIG) as f:
             saved = yaml.safe_load(f)
         changed = sorted(key for key, value in yaml_safe(run_config['algo_config']).items()
-                         if key != 'steps' and saved['algo_config'].get(key) != value)
+                         if key not in RESUME_MAY_CHANGE
+                         and saved['algo_config'].get(key) != value)
         if changed:
             raise ValueError(f'{run_dir} was trained with different {changed} '
                              f'({[saved["algo_config"].get(k) for k in changed]}); resume with '

@@ -106,9 +106,10 @@ def parameter_overrides(node_class, params: dict):
 class Graph:
     """The nodes of one parameters file in one process."""
 
-    def __init__(self, nodes: Dict[str, dict], namespace: str = ''):
+    def __init__(self, nodes: Dict[str, dict], namespace: str = '', executor: str = 'single'):
         import rclpy
-        from rclpy.executors import SingleThreadedExecutor
+
+        from saferl_ros.nodes.common import make_executor
         classes = node_classes()
         unknown = sorted(set(nodes) - set(classes))
         if unknown:
@@ -116,7 +117,7 @@ class Graph:
                                f'{sorted(classes)}')
         if not rclpy.ok():
             rclpy.init()
-        self.executor = SingleThreadedExecutor()
+        self.executor = make_executor(executor)
         self.nodes = {}
         for name in NODE_ORDER:
             if name in nodes:
@@ -227,18 +228,20 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
 
 
 def run(config, episodes: Optional[int] = None, overrides: Optional[List[str]] = None,
-        duration: Optional[float] = None, namespace: str = '', quiet: bool = False) -> dict:
+        duration: Optional[float] = None, namespace: str = '', quiet: bool = False,
+        executor: str = 'single') -> dict:
     """
     Bring the graph of ``config`` up, run it, bring it down; return the summary.
 
     ``episodes`` overrides sim_node.episodes and ends the run when they are done; ``duration``
-    [s] ends it otherwise. Raises BringupError if a node fails to configure.
+    [s] ends it otherwise. ``executor``: 'events' or 'single' (saferl_ros.nodes.common
+    .make_executor). Raises BringupError if a node fails to configure.
     """
     nodes = load_parameters(config)
     apply_overrides(nodes, list(overrides or []))
     if episodes is not None and 'sim_node' in nodes:
         nodes['sim_node']['episodes'] = int(episodes)
-    graph = Graph(nodes, namespace=namespace)
+    graph = Graph(nodes, namespace=namespace, executor=executor)
     try:
         errors = graph.configure()
         if errors:
@@ -270,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--set', dest='overrides', action='append', default=[],
                         metavar='NODE.PARAM=VALUE', help='override a parameter (repeatable)')
     parser.add_argument('--namespace', default='', help='ROS namespace for every node')
+    # 'single' by default here: rclpy's (experimental) EventsExecutor raises InvalidHandle for
+    # events still queued for a node that was removed and destroyed, which a graph of several
+    # nodes in one process does on shutdown or when one node fails (measured in test_ros_loop).
+    parser.add_argument('--executor', default='single', choices=('events', 'single'),
+                        help="rclpy executor: 'single' (SingleThreadedExecutor, default) or "
+                             "'events' (EventsExecutor: lower overhead per callback)")
     return parser
 
 
@@ -280,7 +289,8 @@ def main(argv=None) -> int:
         print('saferl-bringup: running until Ctrl-C (use --episodes or --duration to stop '
               'automatically)', file=sys.stderr)
     try:
-        run(args.config, args.episodes, args.overrides, args.duration, args.namespace)
+        run(args.config, args.episodes, args.overrides, args.duration, args.namespace,
+            executor=args.executor)
     except BringupError as exc:
         print(f'saferl-bringup: {exc}', file=sys.stderr)
         return 1

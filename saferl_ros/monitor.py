@@ -190,12 +190,15 @@ class SafetyMonitor:
     # -- the rule ------------------------------------------------------------------------------
 
     def decide(self, observation, proposed, obs_stamp: float, proposal_stamp: float,
-               now: float) -> Verdict:
+               now: float, fallback: Optional[np.ndarray] = None) -> Verdict:
         """
         Return the verdict for one proposal (steps 1-5 of the rule).
 
         ``obs_stamp`` is the observation's stamp, ``proposal_stamp`` the stamp the proposal
         carries (that of the observation it answers), ``now`` the current time on the same clock.
+        ``fallback`` is the fallback action for this observation if the caller computed it in
+        advance (:meth:`fallback_for`, while the controller was still busy); else it is computed
+        here when the rule needs it.
         """
         obs = _finite_vector(observation, self.obs_dim)
         if obs is None:
@@ -233,7 +236,8 @@ class SafetyMonitor:
         if state_ok and action_ok and not holding:
             return self._record(Verdict(MonitorState.NOMINAL, act, act, obs_stamp, 'feasible',
                                         **values), started=False)
-        fallback = self._fallback(obs)
+        if fallback is None:
+            fallback = self.fallback_for(obs)
         if fallback is None:
             return self._stop(MonitorState.FAULT, obs_stamp, act,
                               'fallback policy returned NaN/Inf', values)
@@ -285,7 +289,16 @@ class SafetyMonitor:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _fallback(self, obs: np.ndarray) -> Optional[np.ndarray]:
+    def fallback_for(self, observation) -> Optional[np.ndarray]:
+        """
+        Return the fallback action for one observation (None if it or the result is not finite).
+
+        The node calls this when the observation arrives, so the fallback is ready when the
+        proposal comes and an intervention adds no compute to the control path.
+        """
+        obs = _finite_vector(observation, self.obs_dim)
+        if obs is None:
+            return None
         if not self.use_bundle_fallback:
             return self.safe_action.copy()
         noise = self.bundle.sample_noise(1, self.rng, graph='fallback')

@@ -73,6 +73,22 @@ def test_infeasible_state_is_recovery():
     np.testing.assert_allclose(v.action, [-0.5, 0.25])
 
 
+def test_precomputed_fallback_is_used_without_computing_another():
+    m = monitor(min_hold=0.0)
+    ready = m.fallback_for(INFEASIBLE_S)        # what the node computes on the observation
+    assert m.bundle.fallback_calls == 1
+    np.testing.assert_allclose(ready, [-0.5, 0.25])
+    v = m.decide(INFEASIBLE_S, [-1.0, 0.0], 1.0, 1.0, 1.0, fallback=ready)
+    assert v.state == MonitorState.RECOVERY and m.bundle.fallback_calls == 1
+    np.testing.assert_allclose(v.action, ready)
+    # A feasible proposal passes; the precomputed fallback is simply not used.
+    v = m.decide(FEASIBLE_S, [0.2, 0.1], 2.0, 2.0, 2.0, fallback=ready)
+    assert v.state == MonitorState.NOMINAL
+    np.testing.assert_allclose(v.action, [0.2, 0.1])
+    # An invalid observation has no fallback to precompute.
+    assert m.fallback_for([math.nan, 0.0, 0.0]) is None and m.bundle.fallback_calls == 1
+
+
 def test_thresholds_override_the_manifest():
     m = monitor(threshold_v=1.0, threshold_q=1.0)
     assert m.decide(INFEASIBLE_S, [0.4, 0], 1.0, 1.0, 1.0).state == MonitorState.NOMINAL

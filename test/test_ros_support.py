@@ -111,3 +111,18 @@ def test_tampered_copy_changes_the_policy_checksum(tmp_path):
     (src / 'policy.onnx').write_bytes(np.arange(64, dtype=np.uint8).tobytes())
     out = tampered_copy(str(src), tmp_path / 'c')
     assert sha256_file(Path(out) / 'policy.onnx') != sha256_file(src / 'policy.onnx')
+
+
+def test_make_executor_names_the_choices():
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from saferl_ros.nodes.common import make_executor
+    with pytest.raises(ValueError, match=r"unknown executor 'fast'.*events.*single"):
+        make_executor('fast')
+    with isolated_domain(57):
+        rclpy.init()
+        try:
+            assert isinstance(make_executor('single'), SingleThreadedExecutor)
+            assert type(make_executor('events')).__name__ == 'EventsExecutor'
+        finally:
+            rclpy.try_shutdown()

@@ -135,6 +135,18 @@ def test_resume_refuses_another_runs_checkpoint(dataset, tmp_path):
         train('bc_all', TASK, seed=0, out=tmp_path, overrides={'batch_size': 32}, **kwargs)
 
 
+def test_resume_accepts_changed_inference_settings(dataset, tmp_path):
+    kwargs = {'data': dataset, 'device': 'cpu', 'progress': False, 'preset': 'cpu'}
+    train('fisor', TASK, seed=0, out=tmp_path, steps=2, overrides=TINY['fisor'], **kwargs)
+    # The fallback's candidate count shapes the exported graph only: resuming with another one
+    # continues the run (and records the new value) instead of refusing it.
+    train('fisor', TASK, seed=0, out=tmp_path, steps=3,
+          overrides={**TINY['fisor'], 'fallback_candidates': 4}, **kwargs)
+    saved = yaml.safe_load(open(tmp_path / 'config.yaml'))
+    assert saved['algo_config']['fallback_candidates'] == 4
+    assert torch.load(tmp_path / 'checkpoint.pt', weights_only=False)['step'] == 3
+
+
 @pytest.fixture(scope='module')
 def dataset_file(dataset, tmp_path_factory):
     path = tmp_path_factory.mktemp('data') / 'SafetyBallCircle-v0-test-10.hdf5'

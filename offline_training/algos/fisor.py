@@ -72,7 +72,9 @@ class FisorConfig:
     actor_ema: float = 0.001            # EMA rate of the sampling copy of the noise model
     # --- inference
     num_candidates: int = 16            # N
-    fallback_candidates: int = 64       # candidates of the fallback (argmin Q_h) selection
+    # Candidates of the fallback (argmin Q_h) selection: the paper's N. 64 was measured to cost 4x
+    # the compute for the safety monitor's fallback (docs/ros.md, bench_ros_latency.py).
+    fallback_candidates: int = 16
     clip_sampler: bool = True
     ddpm_temperature: float = 1.0
 

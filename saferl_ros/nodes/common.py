@@ -181,23 +181,57 @@ def set_realtime_priority(priority: int, logger=None) -> bool:
         return False
 
 
-def run_node(node_class, args=None):
+EXECUTORS = ('events', 'single')
+
+
+def make_executor(kind: str = 'events'):
+    """
+    Return the executor that spins a node: 'events' or 'single'.
+
+    'events' is rclpy's EventsExecutor (rclpy.experimental): middleware events go into a C++
+    queue and each callback is dispatched without rebuilding a wait set, which is what Python's
+    SingleThreadedExecutor ('single', the classic one) does on every spin over all of a lifecycle
+    node's services, timers and subscriptions. bench/bench_ros_latency.py compares the two.
+    """
+    if kind == 'events':
+        from rclpy.experimental import EventsExecutor
+        return EventsExecutor()
+    if kind == 'single':
+        return SingleThreadedExecutor()
+    raise ValueError(f'unknown executor {kind!r}; choose one of {EXECUTORS}')
+
+
+def _pop_option(argv: List[str], flag: str, default: str) -> str:
+    """Remove ``flag VALUE`` from argv and return VALUE (or ``default``)."""
+    if flag not in argv:
+        return default
+    i = argv.index(flag)
+    if i + 1 >= len(argv):
+        raise SystemExit(f'{flag} needs a value')
+    value = argv[i + 1]
+    del argv[i:i + 2]
+    return value
+
+
+def run_node(node_class, args=None, executor: str = 'single'):
     """
     Spin one lifecycle node; with --autostart configure and activate it first.
 
     Used by every console script: ``ros2 run`` / launch files manage the lifecycle themselves,
     a plain shell passes --autostart. ``--realtime-priority N`` runs the process with SCHED_FIFO
     priority N (needs CAP_SYS_NICE / rtprio in limits.conf, as Nav2's use_realtime_priority), so a
-    loaded CPU does not delay its wake-ups. Exits non-zero if configure fails.
+    loaded CPU does not delay its wake-ups. ``--executor events|single`` picks the executor
+    (default: $SAFERL_EXECUTOR, else ``executor``: 'events' for the controller and the monitor,
+    which sit on the control path, 'single' for the others, see make_executor). Exits non-zero
+    if configure fails.
     """
     argv = list(sys.argv if args is None else args)
     autostart = '--autostart' in argv
     argv = [a for a in argv if a != '--autostart']
-    priority = 0
-    if '--realtime-priority' in argv:
-        i = argv.index('--realtime-priority')
-        priority = int(argv[i + 1])
-        del argv[i:i + 2]
+    priority = int(_pop_option(argv, '--realtime-priority', '0'))
+    executor_kind = _pop_option(argv, '--executor', os.environ.get('SAFERL_EXECUTOR', executor))
+    if executor_kind not in EXECUTORS:
+        raise SystemExit(f'--executor {executor_kind}: choose one of {EXECUTORS}')
     # Our own SIGINT/SIGTERM handling (not rclpy's, which invalidates the context at once): on
     # Ctrl-C or `kill` the node is deactivated while it can still publish, so the monitor sends
     # its safe action, the adapter a zero command and the recorder closes its run.
@@ -206,7 +240,7 @@ def run_node(node_class, args=None):
     node = node_class()
     if priority:
         set_realtime_priority(priority, node.get_logger())
-    executor = SingleThreadedExecutor()
+    executor = make_executor(executor_kind)
     executor.add_node(node)
     code = 0
     try:
@@ -218,7 +252,10 @@ def run_node(node_class, args=None):
             elif node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
                 code = 1
         if code == 0:
-            executor.spin()
+            # spin_once in a loop, not spin(): the EventsExecutor's spin() of these wheels
+            # busy-waits (70 % of a core while idle, measured); spin_once sleeps until an event.
+            while rclpy.ok():
+                executor.spin_once(timeout_sec=0.5)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

@@ -123,7 +123,7 @@ class ControllerNode(LifecycleNode):
 
 def main(args=None):
     """Console script: controller_node [--autostart] [--ros-args -p bundle:=DIR ...]."""
-    sys.exit(run_node(ControllerNode, args))
+    sys.exit(run_node(ControllerNode, args, executor='events'))   # on the control path
 
 
 if __name__ == '__main__':

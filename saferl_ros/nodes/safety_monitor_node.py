@@ -46,6 +46,10 @@ PARAMS = [
           'value for all).'),
     Param('fallback', 'bundle', "'bundle' (the bundle's recovery policy) or 'safe_action'."),
     Param('seed', 0, 'Seed of the fallback policy noise.'),
+    Param('precompute_fallback', True, 'Compute the fallback action as soon as the observation '
+          'arrives, while the controller computes its proposal (on another core), so that an '
+          'intervention adds no compute to the control path; costs one fallback evaluation per '
+          'observation.'),
     Param('verify_golden', True, 'Check the ONNX graphs against golden.npz at configure.'),
     Param('watchdog_rate_hz', 20.0, 'How often the watchdog checks for silent inputs [Hz].',
           min_value=0.0),
@@ -92,6 +96,7 @@ class SafetyMonitorNode(LifecycleNode):
         self.verdict_names = list(VERDICT_SCALARS) + [f'proposed/{i}'
                                                       for i in range(bundle.act_dim)]
         self.observations: 'OrderedDict[int, Optional[np.ndarray]]' = OrderedDict()
+        self.fallbacks: 'OrderedDict[int, np.ndarray]' = OrderedDict()
         self.last_obs_ns: Optional[int] = None
         self.last_decided_ns: Optional[int] = None
         self.last_state: Optional[MonitorState] = None
@@ -115,6 +120,7 @@ class SafetyMonitorNode(LifecycleNode):
         """Start judging proposals."""
         self.active = True
         self.observations.clear()
+        self.fallbacks.clear()
         self.last_obs_ns = self.last_decided_ns = None
         return super().on_activate(state)
 
@@ -153,6 +159,13 @@ class SafetyMonitorNode(LifecycleNode):
         self.observations[stamp] = obs
         while len(self.observations) > 32:
             self.observations.popitem(last=False)
+        if obs is not None and self.cfg['precompute_fallback'] and \
+                self.monitor.use_bundle_fallback:
+            fallback = self.monitor.fallback_for(obs)
+            if fallback is not None:
+                self.fallbacks[stamp] = fallback
+                while len(self.fallbacks) > 32:
+                    self.fallbacks.popitem(last=False)
         self.last_obs_ns = stamp if self.last_obs_ns is None else max(self.last_obs_ns, stamp)
 
     def _on_proposal(self, msg: JointState):
@@ -168,7 +181,8 @@ class SafetyMonitorNode(LifecycleNode):
         else:
             verdict = self.monitor.decide(self.observations[stamp], list(msg.position),
                                           obs_stamp=stamp * 1e-9, proposal_stamp=stamp * 1e-9,
-                                          now=self._now())
+                                          now=self._now(),
+                                          fallback=self.fallbacks.pop(stamp, None))
         self.last_decided_ns = stamp if self.last_decided_ns is None else \
             max(self.last_decided_ns, stamp)
         self._publish(verdict, stamp)
@@ -219,7 +233,7 @@ class SafetyMonitorNode(LifecycleNode):
 
 def main(args=None):
     """Console script: safety_monitor_node [--autostart] [--ros-args -p bundle:=DIR ...]."""
-    sys.exit(run_node(SafetyMonitorNode, args))
+    sys.exit(run_node(SafetyMonitorNode, args, executor='events'))   # on the control path
 
 
 if __name__ == '__main__':

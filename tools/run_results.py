@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""
+Train and evaluate every run behind docs/results.md, resumably, on N parallel CPU workers.
+
+    python tools/run_results.py --workers 2            # run (or resume) the whole grid
+    python tools/run_results.py --dry-run              # print the commands only
+
+Each job is one `saferl-train` command followed by one `saferl-eval` of that run folder
+(20 episodes, evaluation seed 0). Both commands resume or skip what is already done: a finished
+run is not retrained and an existing results file is not re-evaluated, so killing this script
+and starting it again loses at most the checkpoint interval of the jobs in flight.
+
+Results go to docs/results/runs/NAME.json; logs to runs/logs/NAME.log. Build the table with
+`python tools/run_results.py --table` (wraps `saferl-eval table`).
+"""
+
+import argparse
+from concurrent.futures import as_completed, ThreadPoolExecutor
+import os
+from pathlib import Path
+import subprocess
+import sys
+import time
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = ('BallCircle', 'CarCircle', 'DroneCircle', 'BallRun', 'CarRun', 'DroneRun')
+RESULTS_DIR = REPO / 'docs' / 'results' / 'runs'
+LOG_DIR = REPO / 'runs' / 'logs'
+
+# The grid. Steps are what two CPU cores allow in one working session (see docs/results.md);
+# every run uses the 'cpu' preset. BC-Safe is trained once per kappa (it keeps trajectories with
+# cost return <= kappa); BCQ-Lag targets kappa = 5, FISOR's threshold for these tasks.
+FISOR_STEPS = 12_000
+FISOR_SEEDS = (0, 1, 2)
+BASELINES = (
+    # (run tag, algorithm, steps, extra --set overrides)
+    ('bc_all', 'bc_all', 10_000, ()),
+    ('bc_safe-k5', 'bc_safe', 10_000, ('cost_limit=5',)),
+    ('bc_safe-k10', 'bc_safe', 10_000, ('cost_limit=10',)),
+    ('bcq_lag-k5', 'bcq_lag', 5_000, ('cost_limit=5',)),
+)
+EVAL_EPISODES = 20
+
+
+def jobs():
+    """Return the job list: per task FISOR seed 0 and the baselines, then FISOR seeds 1 and 2."""
+    out = []
+    for task in TASKS:
+        out.append(('fisor', 'fisor', task, 0, FISOR_STEPS, ()))
+        for tag, algo, steps, sets in BASELINES:
+            out.append((tag, algo, task, 0, steps, sets))
+    for seed in FISOR_SEEDS[1:]:
+        for task in TASKS:
+            out.append(('fisor', 'fisor', task, seed, FISOR_STEPS, ()))
+    return out
+
+
+def commands(job):
+    """Return (name, train command, eval command, results path) of one job."""
+    tag, algo, task, seed, steps, sets = job
+    name = f'{tag}-{task}-s{seed}'
+    run_dir = REPO / 'runs' / name
+    train = ['saferl-train', algo, '--task', task, '--preset', 'cpu', '--seed', str(seed),
+             '--steps', str(steps), '--out', str(run_dir), '--threads', '1', '--no-progress',
+             '--log-every', '500', '--checkpoint-every', '2000']
+    for item in sets:
+        train += ['--set', item]
+    results = RESULTS_DIR / f'{name}.json'
+    evaluate = ['saferl-eval', str(run_dir), '--episodes', str(EVAL_EPISODES), '--seeds', '0',
+                '--threads', '1', '--no-progress', '-o', str(results)]
+    return name, train, evaluate, results
+
+
+def run_job(job, dry_run=False):
+    """Train (or resume) one run and evaluate it unless its results exist; return a status."""
+    name, train, evaluate, results = commands(job)
+    if dry_run:
+        print(' '.join(train))
+        print(' '.join(evaluate))
+        return name, 'dry-run'
+    if results.exists():
+        return name, 'done already'
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    bin_dir = Path(sys.executable).parent
+    start = time.time()
+    with open(LOG_DIR / f'{name}.log', 'a') as log:
+        for cmd in (train, evaluate):
+            log.write(f'$ {" ".join(cmd)}\n')
+            log.flush()
+            cmd = [str(bin_dir / cmd[0])] + cmd[1:]
+            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            if code != 0:
+                return name, f'FAILED (exit {code}, see {LOG_DIR / (name + ".log")})'
+    return name, f'ok in {time.time() - start:.0f} s'
+
+
+def table():
+    """Build docs/results.md from every results file (wraps `saferl-eval table`)."""
+    files = sorted(str(p) for p in RESULTS_DIR.glob('*.json'))
+    cmd = [str(Path(sys.executable).parent / 'saferl-eval'), 'table', *files,
+           '-o', str(REPO / 'docs' / 'results.md'), '--kappa', '5', '--kappa', '10',
+           '--notes', str(REPO / 'docs' / 'results' / 'NOTES.md')]
+    return subprocess.call(cmd, cwd=REPO)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--workers', type=int, default=2, help='parallel jobs (one core each)')
+    parser.add_argument('--dry-run', action='store_true', help='print the commands only')
+    parser.add_argument('--table', action='store_true', help='only rebuild docs/results.md')
+    parser.add_argument('--only', nargs='*', default=None,
+                        help='run only the jobs whose name contains one of these strings')
+    args = parser.parse_args(argv)
+    if args.table:
+        return table()
+    todo = [j for j in jobs()
+            if args.only is None or any(s in commands(j)[0] for s in args.only)]
+    if args.dry_run:
+        for job in todo:
+            run_job(job, dry_run=True)
+        return 0
+    failed = 0
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        for future in as_completed([pool.submit(run_job, job) for job in todo]):
+            name, status = future.result()
+            print(f'{time.strftime("%H:%M:%S")} {name}: {status}', flush=True)
+            failed += status.startswith('FAILED')
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
