@@ -26,6 +26,7 @@ import json
 import os
 from pathlib import Path
 import platform
+import re
 import sys
 from typing import Dict, List, Sequence
 
@@ -301,18 +302,33 @@ def format_summary(results: dict) -> str:
 
 # --------------------------------------------------------------------------- results table
 
+def result_label(result: dict) -> str:
+    """
+    Return the table column of one results file.
+
+    Its ``label`` if set; else, for a run folder named LABEL-TASK-sSEED (tools/run_results.py,
+    e.g. bc_safe-k5-BallCircle-s0), LABEL, so variants of one algorithm (BC-Safe at two kappas)
+    stay apart; else the algorithm.
+    """
+    if result.get('label'):
+        return result['label']
+    match = re.fullmatch(rf'(.+)-{re.escape(result["task"])}-s\d+', result.get('name', ''))
+    return match.group(1) if match else result['algorithm']
+
+
 def merge_results(results: Sequence[dict]) -> Dict[tuple, dict]:
-    """Group results by (task, algorithm) and re-aggregate the episodes of each group."""
+    """Group results by (task, label) and re-aggregate the episodes of each group."""
     groups: Dict[tuple, List[dict]] = {}
     for result in results:
-        groups.setdefault((result['task'], result['algorithm']), []).append(result)
+        groups.setdefault((result['task'], result_label(result)), []).append(result)
     merged = {}
-    for (task, algorithm), items in groups.items():
+    for (task, label), items in groups.items():
         episodes = [dict(row, source=row.get('source', item['name']))
                     for item in items for row in item['episodes']]
         kappas = sorted({k for item in items for k in item['kappas']})
-        merged[(task, algorithm)] = {
+        merged[(task, label)] = {
             'summary': summarize(task, episodes, kappas), 'kappas': kappas,
+            'algorithm': items[0]['algorithm'],
             'names': [item['name'] for item in items],
             'kinds': sorted({k for item in items for k in item['kinds']}),
             'episodes_per_seed': sorted({item['episodes_per_seed'] for item in items}),
@@ -324,40 +340,49 @@ def _cell(stat: dict) -> str:
     return f'{stat["mean"]:.2f} ± {stat["std"]:.2f}'
 
 
-def results_table(results: Sequence[dict], kappa: float = TABLE_KAPPA) -> str:
+def results_table(results: Sequence[dict], kappa: float = TABLE_KAPPA,
+                  details: bool = True) -> str:
     """Return the markdown results table at ``kappa`` (unsafe costs, C_norm > 1, in bold)."""
     merged = merge_results(results)
     tasks = sorted({t for t, _ in merged}, key=lambda t: (t.endswith('Run'), t))
-    algorithms = sorted({a for _, a in merged})
-    head = ['Task'] + [f'{a} R↑ | {a} C↓' for a in algorithms]
-    head += [f'paper {a} R / C' for a in algorithms if a in PAPER]
+    labels = sorted({label for _, label in merged})
+    algorithm_of = {label: entry['algorithm'] for (_, label), entry in merged.items()}
+    paper = sorted({algorithm_of[label] for label in labels} & set(PAPER))
+    head = ['Task'] + [f'{label} R↑ | {label} C↓' for label in labels]
+    head += [f'paper {a} R / C' for a in paper]
     lines = ['| ' + ' | '.join(head) + ' |',
-             '|' + '---|' * (1 + 2 * len(algorithms) + sum(a in PAPER for a in algorithms))]
+             '|' + '---|' * (1 + 2 * len(labels) + len(paper))]
     for task in tasks:
         cells = [task]
-        for algorithm in algorithms:
-            entry = merged.get((task, algorithm))
+        for label in labels:
+            entry = merged.get((task, label))
             norm = entry and entry['summary']['normalized'].get(str(float(kappa)))
             if not norm:
                 cells += ['–', '–']
                 continue
             cost = _cell(norm['cost'])
             cells += [_cell(norm['reward']), f'**{cost}**' if norm['cost']['mean'] > 1 else cost]
-        for algorithm in algorithms:
-            if algorithm in PAPER:
-                paper = PAPER[algorithm].get(task)
-                cells.append(f'{paper[0]:.2f} / {paper[1]:.2f}' if paper else '–')
+        for algorithm in paper:
+            row = PAPER[algorithm].get(task)
+            cells.append(f'{row[0]:.2f} / {row[1]:.2f}' if row else '–')
         lines.append('| ' + ' | '.join(cells) + ' |')
-    details = []
-    for (task, algorithm), entry in sorted(merged.items()):
+    if not details:
+        return '\n'.join(lines) + '\n'
+    return '\n'.join(lines + [''] + results_details(merged)) + '\n'
+
+
+def results_details(merged: Dict[tuple, dict]) -> List[str]:
+    """Return one line per (task, label): episodes, seeds, sources, raw returns."""
+    out = []
+    for (task, label), entry in sorted(merged.items()):
         s = entry['summary']
-        details.append(f'- {task} / {algorithm}: {s["episodes"]} episodes '
-                       f'({", ".join(str(e) for e in entry["episodes_per_seed"])} per seed), '
-                       f'seeds {entry["seeds"]}, {len(entry["names"])} source(s) '
-                       f'[{", ".join(entry["names"])}] ({"/".join(entry["kinds"])}); '
-                       f'raw reward {s["reward"]["mean"]:.1f}, raw cost {s["cost"]["mean"]:.1f}; '
-                       f'± is the std over {s["std_over"]}')
-    return '\n'.join(lines + [''] + details) + '\n'
+        out.append(f'- {task} / {label}: {s["episodes"]} episodes '
+                   f'({", ".join(str(e) for e in entry["episodes_per_seed"])} per seed), '
+                   f'seeds {entry["seeds"]}, {len(entry["names"])} source(s) '
+                   f'[{", ".join(entry["names"])}] ({"/".join(entry["kinds"])}); '
+                   f'raw reward {s["reward"]["mean"]:.1f}, raw cost {s["cost"]["mean"]:.1f}; '
+                   f'± is the std over {s["std_over"]}')
+    return out
 
 
 def results_csv(results: Sequence[dict], path) -> None:
@@ -369,10 +394,10 @@ def results_csv(results: Sequence[dict], path) -> None:
                          'cost_norm_mean', 'cost_norm_std', 'safe_episode_fraction',
                          'reward_raw_mean', 'cost_raw_mean', 'episodes', 'units', 'std_over',
                          'sources'])
-        for (task, algorithm), entry in sorted(merged.items()):
+        for (task, label), entry in sorted(merged.items()):
             s = entry['summary']
             for kappa, n in s['normalized'].items():
-                writer.writerow([task, algorithm, kappa, f'{n["reward"]["mean"]:.4f}',
+                writer.writerow([task, label, kappa, f'{n["reward"]["mean"]:.4f}',
                                  f'{n["reward"]["std"]:.4f}', f'{n["cost"]["mean"]:.4f}',
                                  f'{n["cost"]["std"]:.4f}', f'{n["safe_fraction"]:.3f}',
                                  f'{s["reward"]["mean"]:.3f}', f'{s["cost"]["mean"]:.3f}',
@@ -390,65 +415,76 @@ def reward_cost_plots(results: Sequence[dict], out_dir, kappa: float = TABLE_KAP
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    suffix = '' if float(kappa) == float(TABLE_KAPPA) else f'_kappa{kappa:g}'
     for task in sorted({t for t, _ in merged}):
         fig, ax = plt.subplots(figsize=(5.2, 4.0))
         ax.axvspan(0, 1, color='tab:green', alpha=0.08, label='safe ($C_{norm} \\leq 1$)')
         ax.axvline(1.0, color='tab:green', ls='--', lw=1)
-        for index, (algorithm, color) in enumerate(zip(
-                sorted(a for t, a in merged if t == task), plt.cm.tab10.colors)):
-            norm = merged[(task, algorithm)]['summary']['normalized'].get(str(float(kappa)))
+        drawn_paper = set()
+        for label, color in zip(sorted(a for t, a in merged if t == task),
+                                plt.cm.tab10.colors):
+            norm = merged[(task, label)]['summary']['normalized'].get(str(float(kappa)))
             if norm:
                 ax.errorbar(norm['cost']['mean'], norm['reward']['mean'],
                             xerr=norm['cost']['std'], yerr=norm['reward']['std'], fmt='o',
-                            color=color, capsize=3, label=f'{algorithm} (ours)')
+                            color=color, capsize=3, label=f'{label} (ours)')
+            algorithm = merged[(task, label)]['algorithm']
             paper = PAPER.get(algorithm, {}).get(task)
-            if paper:
+            if paper and algorithm not in drawn_paper and float(kappa) == 5.0:
+                drawn_paper.add(algorithm)
                 ax.plot(paper[1], paper[0], marker='s', mfc='none', color=color, ls='none',
-                        label=f'{algorithm} (paper)')
+                        label=f'{algorithm} (paper, kappa 5)')
         ax.set_xlabel(f'normalised cost (kappa = {kappa:g})')
         ax.set_ylabel('normalised reward')
         ax.set_title(f'{task}: reward vs cost')
         ax.set_xlim(left=-0.5)
         ax.legend(fontsize=7, loc='best')
         fig.tight_layout()
-        png = out_dir / f'reward_cost_{task}.png'
+        png = out_dir / f'reward_cost_{task}{suffix}.png'
         fig.savefig(png, dpi=110)
         plt.close(fig)
         written.append(png)
     return written
 
 
-def write_table(result_files: Sequence, out, kappa: float = TABLE_KAPPA,
-                plot_dir=None, notes=None) -> Path:
+def write_table(result_files: Sequence, out, kappa=TABLE_KAPPA, plot_dir=None,
+                notes=None) -> Path:
     """
-    Write the markdown table (and the CSV and plots next to it) from results JSON files.
+    Write the markdown tables (and the CSV and plots next to them) from results JSON files.
 
-    ``notes``: a markdown file appended below the table (what was run, what is missing).
+    ``kappa``: one threshold or several (one table and one set of plots each; the first is the
+    main one). ``notes``: a markdown file appended below the tables (what was run, caveats).
     """
+    kappas = [float(k) for k in (kappa if isinstance(kappa, (list, tuple)) else [kappa])]
     results = [json.loads(Path(f).read_text()) for f in result_files]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_dir = Path(plot_dir) if plot_dir is not None else out.parent / 'img' / 'results'
-    body = results_table(results, kappa)
     machines = sorted({f'{r["machine"]["cpu"]} ({r["machine"]["cores"]} cores)' for r in results
                        if 'machine' in r})
+    kappa_args = ' '.join(f'{k:g}' for k in kappas)
+    files = ' '.join(str(f) for f in result_files)
     header = (
         '# Results\n\n'
-        f'<!-- generated by `saferl-eval table {" ".join(str(f) for f in result_files)} -o {out} '
-        f'--kappa {kappa:g}{f" --notes {notes}" if notes is not None else ""}`; edit the '
-        'sources, not this page -->\n\n'
-        f'Normalised reward (R↑) and cost (C↓) at κ = {kappa:g}, normalised as DSRL does, '
-        'mean ± std (over evaluation seeds, or over episodes for a single seed). Costs above 1 '
-        '(unsafe) are in bold. The paper columns are Table 1 of the FISOR paper (κ = 5, 20 '
-        'episodes × 3 seeds, the hosted DSRL datasets); ours use the datasets collected here, so '
-        'they are '
-        'comparable in protocol but not in data. Other κ: the CSV next to this file. Plots: '
-        f'`{plot_dir}`. '
+        f'<!-- generated by `saferl-eval table {files} -o {out} --kappa {kappa_args}'
+        f'{f" --notes {notes}" if notes is not None else ""}`; edit the sources, not this '
+        'page -->\n\n'
+        'Normalised reward (R↑) and cost (C↓), normalised as DSRL does, mean ± std (over '
+        'evaluation units: training seeds or evaluation seeds, or over episodes for a single '
+        'one). Costs above 1 (unsafe) are in bold. The paper columns are Table 1 of the FISOR '
+        'paper (κ = 5, 20 episodes × 3 seeds, the hosted DSRL datasets); ours use the datasets '
+        'collected here, so they are comparable in protocol but not in data. Other κ: the CSV '
+        f'next to this file. Plots: `{plot_dir}`. '
         f'Machine: {"; ".join(machines) or "unknown"}.\n\n')
+    sections = []
+    for k in kappas:
+        title = f'## κ = {k:g}' + (" (FISOR's threshold for these tasks)" if k == 5 else '')
+        sections.append(f'{title}\n\n' + results_table(results, k, details=False))
+        reward_cost_plots(results, plot_dir, k)
+    details = '## Evaluation units\n\n' + '\n'.join(results_details(merge_results(results)))
     extra = f'\n{Path(notes).read_text()}' if notes is not None else ''
-    out.write_text(header + body + extra)
+    out.write_text(header + '\n'.join(sections) + '\n' + details + '\n' + extra)
     results_csv(results, out.with_suffix('.csv'))
-    reward_cost_plots(results, plot_dir, kappa)
     return out
 
 
@@ -461,8 +497,9 @@ def _table_main(argv) -> int:
     parser.add_argument('results', nargs='+', help='results JSON files written by saferl-eval')
     parser.add_argument('-o', '--out', required=True, help='markdown file, e.g. docs/results.md '
                         '(the CSV is written next to it)')
-    parser.add_argument('--kappa', type=float, default=TABLE_KAPPA,
-                        help=f'cost threshold of the table (default {TABLE_KAPPA}, as FISOR)')
+    parser.add_argument('--kappa', type=float, nargs='+', default=[TABLE_KAPPA],
+                        help=f'cost thresholds, one table each (default {TABLE_KAPPA}, as FISOR; '
+                             'e.g. --kappa 5 10)')
     parser.add_argument('--plot-dir', default=None,
                         help='folder of the reward-cost PNGs (default OUT_DIR/img/results)')
     parser.add_argument('--notes', default=None,

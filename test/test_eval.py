@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 from offline_training.data.tasks import get_task
-from offline_training.evaluate import (evaluate, load_agent, main, rollout, summarize,
-                                       write_results, write_table)
+from offline_training.evaluate import (evaluate, load_agent, main, result_label, rollout,
+                                       summarize, write_results, write_table)
 from offline_training.export import make_test_bundle
 import pytest
 
@@ -100,3 +100,38 @@ def test_run_folder_and_its_bundle_act_alike(tmp_path, ballcircle_arrays):
         np.testing.assert_allclose(torch_agent.act(obs, rng_torch), action, atol=1e-4)
         obs, *_ = env.step(action)
     env.close()
+
+
+def _fake_result(name, algorithm, costs, task='BallCircle'):
+    rows = [{'reward': 400.0, 'cost': float(c), 'length': 200, 'seed': 0, 'episode': i,
+             'source': name} for i, c in enumerate(costs)]
+    return {'name': name, 'task': task, 'algorithm': algorithm, 'kinds': ['run'],
+            'sources': [name], 'episodes_per_seed': len(rows), 'seeds': [0],
+            'kappas': [5.0, 10.0], 'episodes': rows,
+            'summary': summarize(task, rows, (5.0, 10.0))}
+
+
+def test_table_keeps_variants_apart_and_writes_one_table_per_kappa(tmp_path):
+    files = []
+    for name, costs in (('bc_safe-k5-BallCircle-s0', [2, 4]),
+                        ('bc_safe-k10-BallCircle-s0', [8, 12]),
+                        ('fisor-BallCircle-s0', [0, 0]), ('fisor-BallCircle-s1', [0, 2])):
+        result = _fake_result(name, name.split('-')[0], costs)
+        files.append(tmp_path / f'{name}.json')
+        files[-1].write_text(json.dumps(result))
+    assert result_label(json.loads(files[0].read_text())) == 'bc_safe-k5'
+    assert result_label({'name': 'fisor-ballcircle', 'task': 'BallCircle',
+                         'algorithm': 'fisor'}) == 'fisor'     # a bundle: its algorithm
+    out = write_table(files, tmp_path / 'results.md', kappa=[5, 10])
+    text = out.read_text()
+    assert '## κ = 5' in text and '## κ = 10' in text
+    header = [line for line in text.splitlines() if line.startswith('| Task')][0]
+    assert 'bc_safe-k5 R↑' in header and 'bc_safe-k10 R↑' in header and 'paper fisor' in header
+    # bc_safe-k10: mean cost 10 -> C_norm 2.00 at kappa 5 (bold, unsafe), 1.00 at kappa 10.
+    k5, k10 = text.split('## κ = 10')
+    assert '**2.00 ± 0.40**' in k5 and '1.00 ± 0.20' in k10.split('## Evaluation units')[0]
+    # FISOR's two training seeds are two units: the std is over seeds.
+    assert 'BallCircle / fisor: 4 episodes' in text and 'std over seeds' in text
+    assert (tmp_path / 'img' / 'results' / 'reward_cost_BallCircle_kappa10.png').is_file()
+    csv_text = out.with_suffix('.csv').read_text()
+    assert 'BallCircle,bc_safe-k10,10.0,' in csv_text and 'BallCircle,bc_safe-k5,5.0,' in csv_text
