@@ -531,6 +531,10 @@ def main(argv=None) -> int:
                         help='results JSON (default results/NAME.json; the CSV goes next to it)')
     parser.add_argument('--update-manifest', action='store_true',
                         help="store the summary in the bundle manifest's metrics")
+    parser.add_argument('--label', default=None,
+                        help='column name in `saferl-eval table` (default: the run-name prefix, '
+                             'e.g. bc_safe-k5 for runs/bc_safe-k5-BallCircle-s0, else the '
+                             'algorithm)')
     parser.add_argument('--threads', type=int, default=1, help='torch threads for run folders')
     parser.add_argument('--no-progress', action='store_true')
     args = parser.parse_args(argv)
@@ -545,6 +549,8 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f'saferl-eval: error: {err}', file=sys.stderr)
         return 2
+    if args.label:
+        results['label'] = args.label
     out = Path(args.out) if args.out else Path('results') / f'{results["name"]}.json'
     write_results(results, out)
     if args.update_manifest:

@@ -70,7 +70,8 @@ def test_bundle_rollouts_in_pybullet(bundle, tmp_path):
 def test_saferl_eval_cli(bundle, tmp_path, capfd):
     out = tmp_path / 'r.json'
     assert main([str(bundle), '--episodes', '1', '--seeds', '3', '-o', str(out),
-                 '--no-progress', '--update-manifest']) == 0
+                 '--no-progress', '--update-manifest', '--label', 'fisor-test']) == 0
+    assert result_label(json.loads(out.read_text())) == 'fisor-test'
     printed = capfd.readouterr().out
     assert 'kappa    5' in printed and 'R_norm' in printed
     from saferl_ros.bundle import load_bundle

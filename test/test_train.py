@@ -180,6 +180,14 @@ def test_cli_writes_the_run_layout_and_load_run_rebuilds_the_model(dataset_file,
     assert action.shape == (2, 2) and not model.training
     assert main(['fisor', '--task', TASK, '--dataset', str(tmp_path / 'missing.hdf5'),
                  '--out', str(tmp_path / 'x'), '--no-progress']) == 2
+    # The TensorBoard scalars read back (every 2 steps) and plot without a TensorBoard server.
+    from offline_training import training_curves
+    scalars = training_curves.read_scalars(out, ['value/feasible_fraction', 'loss/actor'])
+    assert [step for step, _ in scalars['loss/actor']] == [2, 4, 6]
+    assert all(0.0 <= v <= 1.0 for _, v in scalars['value/feasible_fraction'])
+    png = tmp_path / 'curves.png'
+    assert training_curves.main([str(out), '-o', str(png)]) == 0 and png.stat().st_size > 0
+    assert training_curves.main([str(tmp_path / 'x'), '-o', str(png)]) == 2
 
 
 def test_killed_process_resumes_at_its_checkpoint(dataset_file, tmp_path):

@@ -1,0 +1,84 @@
+"""
+Plot TensorBoard scalars of saferl-train runs side by side (one panel per scalar).
+
+    python -m offline_training.training_curves runs/fisor-BallCircle-s0 runs/fisor-CarCircle-s0 \
+        --tags value/feasible_fraction value/v_h_mean -o docs/img/results/fisor-training.png
+
+Reads the run folders' ``tb/`` event files (every session of a resumed run), so no TensorBoard
+server is needed. Each curve is labelled with the run folder's name.
+"""
+
+import argparse
+from pathlib import Path
+import sys
+from typing import Dict, List, Sequence, Tuple
+
+DEFAULT_TAGS = ('value/feasible_fraction', 'value/v_h_mean', 'weights/zero_fraction',
+                'loss/actor')
+
+
+def read_scalars(run_dir, tags: Sequence[str]) -> Dict[str, List[Tuple[int, float]]]:
+    """Return {tag: [(step, value), ...]} of one run, sorted by step, later sessions winning."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tb = Path(run_dir) / 'tb'
+    if not tb.is_dir():
+        raise FileNotFoundError(f'{run_dir}: no tb/ folder (is it a saferl-train run folder?)')
+    out: Dict[str, Dict[int, float]] = {tag: {} for tag in tags}
+    for events in sorted(tb.glob('events.out.tfevents.*')):   # one file per session, in order
+        acc = EventAccumulator(str(events), size_guidance={'scalars': 0})
+        acc.Reload()
+        available = set(acc.Tags().get('scalars', []))
+        for tag in tags:
+            if tag in available:
+                out[tag].update({e.step: e.value for e in acc.Scalars(tag)})
+    return {tag: sorted(points.items()) for tag, points in out.items()}
+
+
+def plot_runs(run_dirs: Sequence, tags: Sequence[str], out, title: str = '') -> Path:
+    """Draw one panel per tag with one curve per run; return the PNG path."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tags), figsize=(4.2 * len(tags), 3.4), squeeze=False)
+    for run_dir in run_dirs:
+        scalars = read_scalars(run_dir, tags)
+        for ax, tag in zip(axes[0], tags):
+            if scalars[tag]:
+                steps, values = zip(*scalars[tag])
+                ax.plot(steps, values, lw=1.2, label=Path(run_dir).name)
+    for ax, tag in zip(axes[0], tags):
+        ax.set_title(tag, fontsize=9)
+        ax.set_xlabel('iteration')
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0])
+    parser.add_argument('runs', nargs='+', help='saferl-train run folders')
+    parser.add_argument('--tags', nargs='+', default=list(DEFAULT_TAGS),
+                        help=f'scalars to plot (default {" ".join(DEFAULT_TAGS)})')
+    parser.add_argument('-o', '--out', required=True, help='PNG file')
+    parser.add_argument('--title', default='')
+    args = parser.parse_args(argv)
+    try:
+        out = plot_runs(args.runs, args.tags, args.out, args.title)
+    except FileNotFoundError as exc:
+        print(f'training_curves: {exc}', file=sys.stderr)
+        return 2
+    print(f'training_curves: wrote {out}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
