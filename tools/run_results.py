@@ -4,6 +4,8 @@ Train and evaluate every run behind docs/results.md, resumably, on N parallel CP
 
     python tools/run_results.py --workers 2            # run (or resume) the whole grid
     python tools/run_results.py --dry-run              # print the commands only
+    python tools/run_results.py --preset paper --fisor-steps 1000000 --device cuda --workers 8 \
+        --runs-dir runs/paper --results-dir docs/results/paper-runs   # on a GPU machine
 
 Each job is one `saferl-train` command followed by one `saferl-eval` of that run folder
 (20 episodes, evaluation seed 0). Both commands resume or skip what is already done: a finished
@@ -16,11 +18,13 @@ Results go to docs/results/runs/NAME.json; logs to runs/logs/NAME.log. Build the
 
 import argparse
 from concurrent.futures import as_completed, ThreadPoolExecutor
+from dataclasses import dataclass
 import os
 from pathlib import Path
 import subprocess
 import sys
 import time
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ('BallCircle', 'CarCircle', 'DroneCircle', 'BallRun', 'CarRun', 'DroneRun')
@@ -42,38 +46,50 @@ BASELINES = (
 EVAL_EPISODES = 20
 
 
-def jobs():
+@dataclass
+class Grid:
+    """Where and how the grid runs; the defaults are the grid behind docs/results.md."""
+
+    preset: str = 'cpu'
+    fisor_steps: int = FISOR_STEPS
+    baseline_steps: Optional[int] = None     # None: each baseline's steps in BASELINES
+    device: str = 'cpu'
+    runs_dir: Path = REPO / 'runs'
+    results_dir: Path = RESULTS_DIR
+
+
+def jobs(grid: Grid = Grid()):
     """Return the job list: per task FISOR seed 0 and the baselines, then FISOR seeds 1 and 2."""
     out = []
     for task in TASKS:
-        out.append(('fisor', 'fisor', task, 0, FISOR_STEPS, ()))
+        out.append(('fisor', 'fisor', task, 0, grid.fisor_steps, ()))
         for tag, algo, steps, sets in BASELINES:
-            out.append((tag, algo, task, 0, steps, sets))
+            out.append((tag, algo, task, 0, grid.baseline_steps or steps, sets))
     for seed in FISOR_SEEDS[1:]:
         for task in TASKS:
-            out.append(('fisor', 'fisor', task, seed, FISOR_STEPS, ()))
+            out.append(('fisor', 'fisor', task, seed, grid.fisor_steps, ()))
     return out
 
 
-def commands(job):
+def commands(job, grid: Grid = Grid()):
     """Return (name, train command, eval command, results path) of one job."""
     tag, algo, task, seed, steps, sets = job
     name = f'{tag}-{task}-s{seed}'
-    run_dir = REPO / 'runs' / name
-    train = ['saferl-train', algo, '--task', task, '--preset', 'cpu', '--seed', str(seed),
+    run_dir = Path(grid.runs_dir) / name
+    train = ['saferl-train', algo, '--task', task, '--preset', grid.preset, '--seed', str(seed),
              '--steps', str(steps), '--out', str(run_dir), '--threads', '1', '--no-progress',
-             '--log-every', '500', '--checkpoint-every', '2000']
+             '--log-every', '500', '--checkpoint-every', '2000', '--device', grid.device]
     for item in sets:
         train += ['--set', item]
-    results = RESULTS_DIR / f'{name}.json'
+    results = Path(grid.results_dir) / f'{name}.json'
     evaluate = ['saferl-eval', str(run_dir), '--episodes', str(EVAL_EPISODES), '--seeds', '0',
                 '--threads', '1', '--no-progress', '-o', str(results)]
     return name, train, evaluate, results
 
 
-def run_job(job, dry_run=False):
+def run_job(job, grid: Grid = Grid(), dry_run=False):
     """Train (or resume) one run and evaluate it unless its results exist; return a status."""
-    name, train, evaluate, results = commands(job)
+    name, train, evaluate, results = commands(job, grid)
     if dry_run:
         print(' '.join(train))
         print(' '.join(evaluate))
@@ -147,18 +163,28 @@ def main(argv=None) -> int:
     parser.add_argument('--table', action='store_true', help='only rebuild docs/results.md')
     parser.add_argument('--only', nargs='*', default=None,
                         help='run only the jobs whose name contains one of these strings')
+    parser.add_argument('--preset', default='cpu', help="training preset ('cpu' or 'paper')")
+    parser.add_argument('--fisor-steps', type=int, default=FISOR_STEPS,
+                        help=f'FISOR iterations per run (default {FISOR_STEPS})')
+    parser.add_argument('--baseline-steps', type=int, default=None,
+                        help='iterations of every baseline run (default: per baseline, above)')
+    parser.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'auto'")
+    parser.add_argument('--runs-dir', type=Path, default=REPO / 'runs')
+    parser.add_argument('--results-dir', type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.table:
         return table()
-    todo = [j for j in jobs()
-            if args.only is None or any(s in commands(j)[0] for s in args.only)]
+    grid = Grid(args.preset, args.fisor_steps, args.baseline_steps, args.device, args.runs_dir,
+                args.results_dir)
+    todo = [j for j in jobs(grid)
+            if args.only is None or any(s in commands(j, grid)[0] for s in args.only)]
     if args.dry_run:
         for job in todo:
-            run_job(job, dry_run=True)
+            run_job(job, grid, dry_run=True)
         return 0
     failed = 0
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        for future in as_completed([pool.submit(run_job, job) for job in todo]):
+        for future in as_completed([pool.submit(run_job, job, grid) for job in todo]):
             name, status = future.result()
             print(f'{time.strftime("%H:%M:%S")} {name}: {status}', flush=True)
             failed += status.startswith('FAILED')
