@@ -481,7 +481,10 @@ def write_table(result_files: Sequence, out, kappa=TABLE_KAPPA, plot_dir=None,
     for k in kappas:
         title = f'## κ = {k:g}' + (" (FISOR's threshold for these tasks)" if k == 5 else '')
         sections.append(f'{title}\n\n' + results_table(results, k, details=False))
-        reward_cost_plots(results, plot_dir, k)
+        pngs = reward_cost_plots(results, plot_dir, k)
+        if k == kappas[0]:
+            links = ' '.join(f'![{png.stem}]({os.path.relpath(png, out.parent)})' for png in pngs)
+            sections.append(f'Reward against cost at κ = {k:g} (squares: the paper):\n\n{links}\n')
     details = '## Evaluation units\n\n' + '\n'.join(results_details(merge_results(results)))
     extra = f'\n{Path(notes).read_text()}' if notes is not None else ''
     out.write_text(header + '\n'.join(sections) + '\n' + details + '\n' + extra)

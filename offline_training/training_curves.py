@@ -11,7 +11,7 @@ server is needed. Each curve is labelled with the run folder's name.
 import argparse
 from pathlib import Path
 import sys
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 DEFAULT_TAGS = ('value/feasible_fraction', 'value/v_h_mean', 'weights/zero_fraction',
                 'loss/actor')
@@ -34,19 +34,23 @@ def read_scalars(run_dir, tags: Sequence[str]) -> Dict[str, List[Tuple[int, floa
     return {tag: sorted(points.items()) for tag, points in out.items()}
 
 
-def plot_runs(run_dirs: Sequence, tags: Sequence[str], out, title: str = '') -> Path:
-    """Draw one panel per tag with one curve per run; return the PNG path."""
+def plot_runs(run_dirs: Sequence, tags: Sequence[str], out, title: str = '',
+              labels: Optional[Sequence[str]] = None) -> Path:
+    """Draw one panel per tag with one curve per run (labelled by folder name); return the PNG."""
+    labels = list(labels) if labels else [Path(r).name for r in run_dirs]
+    if len(labels) != len(run_dirs):
+        raise ValueError(f'{len(labels)} labels for {len(run_dirs)} runs')
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(tags), figsize=(4.2 * len(tags), 3.4), squeeze=False)
-    for run_dir in run_dirs:
+    for run_dir, label in zip(run_dirs, labels):
         scalars = read_scalars(run_dir, tags)
         for ax, tag in zip(axes[0], tags):
             if scalars[tag]:
                 steps, values = zip(*scalars[tag])
-                ax.plot(steps, values, lw=1.2, label=Path(run_dir).name)
+                ax.plot(steps, values, lw=1.2, label=label)
     for ax, tag in zip(axes[0], tags):
         ax.set_title(tag, fontsize=9)
         ax.set_xlabel('iteration')
@@ -70,10 +74,12 @@ def main(argv=None) -> int:
                         help=f'scalars to plot (default {" ".join(DEFAULT_TAGS)})')
     parser.add_argument('-o', '--out', required=True, help='PNG file')
     parser.add_argument('--title', default='')
+    parser.add_argument('--labels', nargs='+', default=None,
+                        help='legend entries, one per run (default: the folder names)')
     args = parser.parse_args(argv)
     try:
-        out = plot_runs(args.runs, args.tags, args.out, args.title)
-    except FileNotFoundError as exc:
+        out = plot_runs(args.runs, args.tags, args.out, args.title, args.labels)
+    except (FileNotFoundError, ValueError) as exc:
         print(f'training_curves: {exc}', file=sys.stderr)
         return 2
     print(f'training_curves: wrote {out}')
