@@ -189,7 +189,7 @@ def measure(config: dict, bundle: str, observations: np.ndarray, args, tmp: Path
     executor = common.make_executor(executor_kind)
     executor.add_node(node)
     names = channel_names('BallCircle')
-    sent, proposed, final, verdicts, pongs = {}, {}, {}, {}, {}
+    proposed, final, verdicts, pongs = {}, {}, {}, {}
 
     def now_ns():
         return time.time_ns()
@@ -230,7 +230,6 @@ def measure(config: dict, bundle: str, observations: np.ndarray, args, tmp: Path
         result['pingpong_rtt_ms'] = stats(rtt)
         result['pingpong_one_way_ms'] = stats(np.asarray(rtt) / 2)
         for rate in args.rates:
-            sent.clear()
             stamps = []
             period = 1.0 / rate
             next_time = time.monotonic()

@@ -95,8 +95,8 @@ class SafetyMonitorNode(LifecycleNode):
         self.act_names = action_names(bundle.act_dim)
         self.verdict_names = list(VERDICT_SCALARS) + [f'proposed/{i}'
                                                       for i in range(bundle.act_dim)]
-        self.observations: 'OrderedDict[int, Optional[np.ndarray]]' = OrderedDict()
-        self.fallbacks: 'OrderedDict[int, np.ndarray]' = OrderedDict()
+        # stamp -> (observation or None if invalid, fallback precomputed for it or None)
+        self.observations: 'OrderedDict[int, tuple]' = OrderedDict()
         self.last_obs_ns: Optional[int] = None
         self.last_decided_ns: Optional[int] = None
         self.last_state: Optional[MonitorState] = None
@@ -120,7 +120,6 @@ class SafetyMonitorNode(LifecycleNode):
         """Start judging proposals."""
         self.active = True
         self.observations.clear()
-        self.fallbacks.clear()
         self.last_obs_ns = self.last_decided_ns = None
         return super().on_activate(state)
 
@@ -156,16 +155,13 @@ class SafetyMonitorNode(LifecycleNode):
                 self._publish(self.monitor.stop(MonitorState.FAULT, stamp * 1e-9, str(exc)),
                               stamp)
                 self.last_decided_ns = stamp
-        self.observations[stamp] = obs
-        while len(self.observations) > 32:
-            self.observations.popitem(last=False)
+        fallback = None
         if obs is not None and self.cfg['precompute_fallback'] and \
                 self.monitor.use_bundle_fallback:
             fallback = self.monitor.fallback_for(obs)
-            if fallback is not None:
-                self.fallbacks[stamp] = fallback
-                while len(self.fallbacks) > 32:
-                    self.fallbacks.popitem(last=False)
+        self.observations[stamp] = (obs, fallback)
+        while len(self.observations) > 32:
+            self.observations.popitem(last=False)
         self.last_obs_ns = stamp if self.last_obs_ns is None else max(self.last_obs_ns, stamp)
 
     def _on_proposal(self, msg: JointState):
@@ -175,14 +171,14 @@ class SafetyMonitorNode(LifecycleNode):
         if stamp not in self.observations:
             verdict = self.monitor.stop(MonitorState.STALE, stamp * 1e-9,
                                         'proposal answers an unknown or expired observation')
-        elif self.observations[stamp] is None:
+        elif self.observations[stamp][0] is None:
             verdict = self.monitor.stop(MonitorState.FAULT, stamp * 1e-9,
                                         'observation channels do not match the bundle')
         else:
-            verdict = self.monitor.decide(self.observations[stamp], list(msg.position),
-                                          obs_stamp=stamp * 1e-9, proposal_stamp=stamp * 1e-9,
-                                          now=self._now(),
-                                          fallback=self.fallbacks.pop(stamp, None))
+            obs, fallback = self.observations[stamp]
+            verdict = self.monitor.decide(obs, list(msg.position), obs_stamp=stamp * 1e-9,
+                                          proposal_stamp=stamp * 1e-9, now=self._now(),
+                                          fallback=fallback)
         self.last_decided_ns = stamp if self.last_decided_ns is None else \
             max(self.last_decided_ns, stamp)
         self._publish(verdict, stamp)
