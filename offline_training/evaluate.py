@@ -1,7 +1,8 @@
 """
 Evaluate policies in Bullet-Safety-Gym and build the results table: ``saferl-eval``.
 
-    saferl-eval RUN_OR_BUNDLE [MORE...] --episodes 20 --seeds 0 1 2 [-o results/NAME.json]
+    saferl-eval RUN_OR_BUNDLE --episodes 20 --seeds 0 1 2       # RUN_OR_BUNDLE/eval/results.json
+    saferl-eval RUN [MORE...] --episodes 20 -o results/NAME.json
     saferl-eval table results/*.json -o docs/results.md [--kappa 5] [--plot-dir docs/img/results]
 
 A source is a ``saferl-train`` run folder (the torch model) or a model bundle (its ONNX graphs
@@ -33,9 +34,12 @@ from typing import Dict, List, Sequence
 import numpy as np
 from offline_training.data.tasks import get_task
 from offline_training.data.trajectories import normalized_score
+from saferl_ros.errors import ConfigError, MissingFileError, reports_user_errors
 from tqdm import tqdm
 
 KAPPAS = (5, 10, 20, 40)
+# Default results file of one source, relative to its folder (the CSV goes next to it).
+DEFAULT_RESULTS = Path('eval') / 'results.json'
 TABLE_KAPPA = 5  # FISOR's Table 1 kappa for Bullet-Safety-Gym (research/fisor.md §4.3)
 # FISOR paper, Table 1 (normalised reward, normalised cost), Bullet-Safety-Gym rows, kappa = 5,
 # 20 episodes x 3 seeds (research/fisor.md §5.3). Shown next to our numbers for reference.
@@ -137,15 +141,23 @@ class RunAgent(Agent):
             return self.graph.module(*args)[0].numpy()
 
 
+def is_bundle(path) -> bool:
+    """Return whether folder ``path`` holds a bundle manifest (even a link the loader refuses)."""
+    return os.path.lexists(Path(path) / 'manifest.yaml')
+
+
 def load_agent(path) -> Agent:
     """Return the agent of a bundle folder (manifest.yaml) or a run folder (config.yaml)."""
     path = Path(path)
-    if (path / 'manifest.yaml').is_file():
+    if not path.is_dir():
+        raise MissingFileError(f'{path}: no such folder; give a model bundle folder (e.g. '
+                               'models/NAME) or a saferl-train run folder (e.g. runs/NAME)')
+    if is_bundle(path):
         return BundleAgent(path)
     if (path / 'config.yaml').is_file():
         return RunAgent(path)
-    raise FileNotFoundError(f'{path}: neither a model bundle (manifest.yaml) nor a saferl-train '
-                            'run folder (config.yaml + checkpoint.pt)')
+    raise MissingFileError(f'{path}: neither a model bundle (manifest.yaml) nor a saferl-train '
+                           'run folder (config.yaml + checkpoint.pt); point at one of those')
 
 
 # --------------------------------------------------------------------------- rollouts
@@ -228,8 +240,9 @@ def evaluate(sources: Sequence, episodes: int = 20, seeds: Sequence[int] = (0,),
     tasks = {a.task for a in agents}
     algorithms = {a.algorithm for a in agents}
     if len(tasks) != 1 or len(algorithms) != 1:
-        raise ValueError(f'evaluate one task and algorithm at a time; got tasks {sorted(tasks)} '
-                         f'and algorithms {sorted(algorithms)}')
+        raise ConfigError(f'evaluate one task and algorithm at a time; got tasks '
+                          f'{sorted(tasks)} and algorithms {sorted(algorithms)}; run saferl-eval '
+                          'once per task and algorithm and combine with `saferl-eval table`')
     spec = get_task(tasks.pop())
     rows = []
     env = spec.make_env()
@@ -447,6 +460,40 @@ def reward_cost_plots(results: Sequence[dict], out_dir, kappa: float = TABLE_KAP
     return written
 
 
+RESULT_FIELDS = {'name': str, 'task': str, 'algorithm': str, 'kinds': list, 'episodes': list,
+                 'kappas': list, 'seeds': list, 'episodes_per_seed': int}
+
+
+def read_results(path) -> dict:
+    """Return one results file written by saferl-eval; raise ConfigError naming what is wrong."""
+    fix = 'give the JSON files that saferl-eval wrote (saferl-eval SOURCE -o FILE.json)'
+    try:
+        text = Path(path).read_text(encoding='utf-8')
+    except FileNotFoundError:
+        raise MissingFileError(f'{path}: missing; {fix}') from None
+    except UnicodeDecodeError:
+        raise ConfigError(f'{path}: not a text file; {fix}') from None
+    try:
+        results = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f'{path}: not valid JSON ({error.msg} at line {error.lineno}); '
+                          f'{fix}') from None
+    if not isinstance(results, dict):
+        raise ConfigError(f'{path}: expected a JSON object, found {type(results).__name__}; '
+                          f'{fix}')
+    for key, kind in RESULT_FIELDS.items():
+        if not isinstance(results.get(key), kind):
+            found = 'missing' if key not in results else type(results[key]).__name__
+            raise ConfigError(f'{path}: field {key!r} should be a {kind.__name__}, found '
+                              f'{found}; {fix}')
+    for row in results['episodes']:
+        needed = ('seed', 'reward', 'cost', 'length')
+        if not isinstance(row, dict) or any(key not in row for key in needed):
+            raise ConfigError(f'{path}: an entry of episodes lacks seed, reward, cost or '
+                              f'length; {fix}')
+    return results
+
+
 def write_table(result_files: Sequence, out, kappa=TABLE_KAPPA, plot_dir=None,
                 notes=None) -> Path:
     """
@@ -456,7 +503,7 @@ def write_table(result_files: Sequence, out, kappa=TABLE_KAPPA, plot_dir=None,
     main one). ``notes``: a markdown file appended below the tables (what was run, caveats).
     """
     kappas = [float(k) for k in (kappa if isinstance(kappa, (list, tuple)) else [kappa])]
-    results = [json.loads(Path(f).read_text()) for f in result_files]
+    results = [read_results(f) for f in result_files]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_dir = Path(plot_dir) if plot_dir is not None else out.parent / 'img' / 'results'
@@ -514,6 +561,12 @@ def _table_main(argv) -> int:
     return 0
 
 
+def default_results_path(sources: Sequence) -> Path:
+    """Return the default results file of one source: SOURCE/eval/results.json."""
+    return Path(sources[0]) / DEFAULT_RESULTS
+
+
+@reports_user_errors('saferl-eval')
 def main(argv=None) -> int:
     """Command-line entry point of saferl-eval."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -532,7 +585,8 @@ def main(argv=None) -> int:
     parser.add_argument('--kappa', type=float, nargs='+', default=list(KAPPAS),
                         help='cost thresholds for the normalised cost (default 5 10 20 40)')
     parser.add_argument('-o', '--out', default=None,
-                        help='results JSON (default results/NAME.json; the CSV goes next to it)')
+                        help=f'results JSON; the CSV goes next to it (default, for one source: '
+                        f'SOURCE/{DEFAULT_RESULTS.as_posix()}; required for several)')
     parser.add_argument('--update-manifest', action='store_true',
                         help="store the summary in the bundle manifest's metrics")
     parser.add_argument('--label', default=None,
@@ -544,27 +598,36 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.episodes < 1:
         parser.error('--episodes must be >= 1')
-    if any(not (Path(s) / 'manifest.yaml').is_file() for s in args.sources):
+    if args.out is None and len(args.sources) > 1:
+        parser.error('several sources: give -o FILE.json for their combined results')
+    out = Path(args.out) if args.out else default_results_path(args.sources)
+    _check_writable(out)
+    if not all(is_bundle(s) for s in args.sources):
         import torch  # only run folders need torch; bundles run on onnxruntime alone
         torch.set_num_threads(args.threads)
-    try:
-        results = evaluate(args.sources, args.episodes, args.seeds, args.kappa,
-                           progress=not args.no_progress)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f'saferl-eval: error: {err}', file=sys.stderr)
-        return 2
+    results = evaluate(args.sources, args.episodes, args.seeds, args.kappa,
+                       progress=not args.no_progress)
     if args.label:
         results['label'] = args.label
-    out = Path(args.out) if args.out else Path('results') / f'{results["name"]}.json'
     write_results(results, out)
     if args.update_manifest:
         from offline_training.export import update_metrics
         for source in args.sources:
-            if (Path(source) / 'manifest.yaml').is_file():
+            if is_bundle(source):
                 update_metrics(source, {'evaluation': _manifest_metrics(results, out)})
     print(format_summary(results))
     print(f'saferl-eval: wrote {out} and {out.with_suffix(".csv")}')
     return 0
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before a long evaluation if the results file ``out`` cannot be written."""
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if folder.exists() and not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+        raise ConfigError(f'{out}: cannot be written ({folder} is not a writable folder); give '
+                          '-o FILE.json in a folder you can write to')
 
 
 def _manifest_metrics(results: dict, out: Path) -> dict:

@@ -36,6 +36,7 @@ import numpy as np
 from offline_training.data.tasks import get_task, TaskSpec
 from offline_training.train import code_version, yaml_safe
 from saferl_ros import bundle as rt
+from saferl_ros.errors import read_yaml_mapping, reports_user_errors, UnknownNameError
 from saferl_ros.observation import channel_names
 import torch
 from torch import nn
@@ -297,7 +298,7 @@ def check_parity(bundle: 'rt.Bundle', plan: ExportPlan, feeds: Dict[str, Dict[st
 def update_metrics(bundle_dir, metrics: dict) -> None:
     """Store evaluation results in a bundle's manifest (the manifest is not in its own hashes)."""
     file = Path(bundle_dir) / rt.MANIFEST
-    manifest = yaml.safe_load(file.read_text())
+    manifest = read_yaml_mapping(file, rt.REEXPORT)
     manifest['metrics'] = yaml_safe(metrics)
     tmp = file.with_suffix('.yaml.tmp')
     with open(tmp, 'w') as stream:
@@ -397,7 +398,8 @@ def plan_for(algorithm: str, model, config=None) -> ExportPlan:
     """Return the export plan of ``model`` trained by ``algorithm`` (a key of EXPORTERS)."""
     key = 'bc' if algorithm in ('bc_all', 'bc_safe') else algorithm
     if key not in EXPORTERS:
-        raise KeyError(f'no exporter for algorithm {algorithm!r}; known: {sorted(EXPORTERS)}')
+        raise UnknownNameError(f'no exporter for algorithm {algorithm!r}; known: '
+                               f'{sorted(EXPORTERS)}')
     return EXPORTERS[key](model, config)
 
 
@@ -522,6 +524,7 @@ def export_run(run_dir, out_dir, name: Optional[str] = None, seed: int = 0,
                         provenance=provenance, seed=seed, overwrite=overwrite)
 
 
+@reports_user_errors('saferl-export')
 def main(argv=None) -> int:
     """Command-line entry point of saferl-export."""
     parser = argparse.ArgumentParser(
@@ -541,13 +544,13 @@ def main(argv=None) -> int:
                         help='also draw V_h over the x-y plane (Circle tasks; default '
                         'OUT/feasibility.png, not part of the verified files)')
     args = parser.parse_args(argv)
+    for option, value in (('--candidates', args.candidates),
+                          ('--fallback-candidates', args.fallback_candidates)):
+        if value is not None and value < 1:
+            parser.error(f'{option} must be >= 1, got {value}')
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    try:
-        out = export_run(args.run, args.out, args.name, args.seed, args.candidates,
-                         args.fallback_candidates, overwrite=args.force)
-    except (FileNotFoundError, FileExistsError, KeyError, ValueError, rt.BundleError) as err:
-        print(f'saferl-export: error: {err}', file=sys.stderr)
-        return 2
+    out = export_run(args.run, args.out, args.name, args.seed, args.candidates,
+                     args.fallback_candidates, overwrite=args.force)
     print(f'saferl-export: wrote and verified {out}')
     if args.feasibility_plot is not None:
         from offline_training.feasibility_plot import plot_bundle_feasibility

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 import numpy as np
 from offline_training.data.tasks import get_task
+from saferl_ros.errors import ConfigError, reports_user_errors
 from saferl_ros.observation import (channel_names, channels, CIRCLE_RADIUS, CIRCLE_X_LIMIT,
                                     parse_task, WORLD_ENV_DIM)
 
@@ -47,8 +48,8 @@ def xy_observations(task, reference: np.ndarray, xs: np.ndarray, ys: np.ndarray)
     """
     agent, kind = parse_task(task)
     if kind != 'Circle':
-        raise ValueError(f'the feasibility picture is defined for the Circle tasks (the cost is '
-                         f'|x| > {CIRCLE_X_LIMIT:g}); {task} is a {kind} task')
+        raise ConfigError(f'the feasibility picture is defined for the Circle tasks (the cost '
+                          f'is |x| > {CIRCLE_X_LIMIT:g}); {task} is a {kind} task')
     names = channel_names(task)
     scale = {c.name: c.scale for c in channels(task)}
     grid_x, grid_y = np.meshgrid(xs, ys)
@@ -123,8 +124,8 @@ def plot_bundle_feasibility(bundle_dir, png, reference: Optional[np.ndarray] = N
     from saferl_ros.bundle import load_bundle
     bundle = load_bundle(bundle_dir)
     if bundle.critic_kind != 'feasibility':
-        raise ValueError(f'{bundle_dir}: critic kind {bundle.critic_kind!r} has no V_h; the '
-                         'feasibility picture needs a FISOR-style feasibility critic')
+        raise ConfigError(f'{bundle_dir}: critic kind {bundle.critic_kind!r} has no V_h; the '
+                          'feasibility picture needs a FISOR-style feasibility critic')
 
     def v_h(obs):
         return bundle.critic(obs, np.zeros((len(obs), bundle.act_dim), np.float32))['v_h']
@@ -139,7 +140,7 @@ def plot_run_feasibility(run_dir, png, reference: Optional[np.ndarray] = None) -
     from offline_training.train import load_run
     algorithm, run_config, model = load_run(run_dir)
     if not hasattr(model, 'v_h'):
-        raise ValueError(f'{run_dir}: {algorithm} has no feasible value V_h')
+        raise ConfigError(f'{run_dir}: {algorithm} has no feasible value V_h')
 
     def v_h(obs):
         with torch.no_grad():
@@ -148,6 +149,7 @@ def plot_run_feasibility(run_dir, png, reference: Optional[np.ndarray] = None) -
                             f'{Path(run_dir).name}: V_h over x-y', reference)
 
 
+@reports_user_errors('feasibility_plot')
 def main(argv=None) -> int:
     """Command-line entry point: draw the feasibility picture of a run or a bundle."""
     parser = argparse.ArgumentParser(
@@ -157,14 +159,10 @@ def main(argv=None) -> int:
     parser.add_argument('-o', '--out', required=True, help='PNG file')
     args = parser.parse_args(argv)
     source = Path(args.source)
-    try:
-        if (source / 'manifest.yaml').is_file():
-            summary = plot_bundle_feasibility(source, args.out)
-        else:
-            summary = plot_run_feasibility(source, args.out)
-    except (FileNotFoundError, ValueError) as err:
-        print(f'feasibility_plot: error: {err}', file=sys.stderr)
-        return 2
+    if (source / 'manifest.yaml').is_file():
+        summary = plot_bundle_feasibility(source, args.out)
+    else:
+        summary = plot_run_feasibility(source, args.out)
     print(f'{args.out}: ' + ', '.join(f'{k}={v:.3g}' for k, v in summary.items()))
     return 0
 

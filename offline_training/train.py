@@ -26,6 +26,9 @@ from offline_training.algos.common import (
 from offline_training.data.dataset import (
     DatasetError, file_sha256, load_dataset, resolve_dataset_path)
 from offline_training.data.tasks import get_task
+from saferl_ros.errors import (
+    ConfigError, MissingFileError, read_yaml_mapping, reports_user_errors, require_field,
+    UserError)
 import torch
 from tqdm import tqdm
 import yaml
@@ -125,8 +128,8 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
     buffer = ReplayBuffer(arrays, torch_device, seed=seed)
     obs_dim, act_dim = int(arrays['obs'].shape[1]), int(arrays['act'].shape[1])
     if (obs_dim, act_dim) != (spec.obs_dim, spec.act_dim):
-        raise ValueError(f'dataset has obs/act dims {obs_dim}/{act_dim} but task {spec.name} '
-                         f'expects {spec.obs_dim}/{spec.act_dim}; pass the matching --task')
+        raise ConfigError(f'dataset has obs/act dims {obs_dim}/{act_dim} but task {spec.name} '
+                          f'expects {spec.obs_dim}/{spec.act_dim}; pass the matching --task')
     model = module.build_model(obs_dim, act_dim, config).to(torch_device)
     trainer = module.make_trainer(model, config)
 
@@ -148,22 +151,22 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
     if ckpt_path.exists():
         # Load on the CPU: RNG and generator states must stay CPU tensors; load_state_dict
         # moves parameters and optimiser state to the model's device.
-        state = torch.load(ckpt_path, map_location='cpu', weights_only=False)
+        fix = 'choose another --out, or delete the run folder to start over'
+        state = _load_checkpoint(ckpt_path, 'cpu', fix)
         if state['algorithm'] != algo or state['seed'] != seed:
-            raise ValueError(f'{ckpt_path} belongs to {state["algorithm"]} seed {state["seed"]}, '
-                             f'not {algo} seed {seed}; choose another --out or delete it')
-        with open(run_dir / CONFIG) as f:
-            saved = yaml.safe_load(f)
+            raise ConfigError(f'{ckpt_path} belongs to {state["algorithm"]} seed '
+                              f'{state["seed"]}, not {algo} seed {seed}; choose another --out '
+                              'or delete it')
+        saved = read_yaml_mapping(run_dir / CONFIG, fix)
+        saved_algo = require_field(saved, 'algo_config', str(run_dir / CONFIG), dict, fix)
         changed = sorted(key for key, value in yaml_safe(run_config['algo_config']).items()
-                         if key not in RESUME_MAY_CHANGE
-                         and saved['algo_config'].get(key) != value)
+                         if key not in RESUME_MAY_CHANGE and saved_algo.get(key) != value)
         if changed:
-            raise ValueError(f'{run_dir} was trained with different {changed} '
-                             f'({[saved["algo_config"].get(k) for k in changed]}); resume with '
-                             'the same preset and --set values, or choose another --out')
-        model.load_state_dict(state['model'])
-        trainer.load_state_dict(state['trainer'])
-        buffer.load_state_dict(state['buffer'])
+            raise ConfigError(f'{run_dir} was trained with different {changed} '
+                              f'({[saved_algo.get(k) for k in changed]}); resume with '
+                              'the same preset and --set values, or choose another --out')
+        _restore(ckpt_path, fix, (model, state['model']), (trainer, state['trainer']),
+                 (buffer, state['buffer']))
         set_rng_state(state['rng'])
         step = int(state['step'])
         run_config['created'] = saved.get('created', run_config['created'])
@@ -211,26 +214,68 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
     return run_dir
 
 
+CHECKPOINT_KEYS = ('algorithm', 'seed', 'step', 'model', 'trainer', 'buffer', 'rng')
+
+
+def _load_checkpoint(path: Path, device, fix: str, keys=CHECKPOINT_KEYS) -> dict:
+    """Return the checkpoint dict in ``path``; raise ConfigError if it lacks one of ``keys``."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as error:  # torch raises pickle, zip and runtime errors for a bad file
+        raise ConfigError(f'{path}: not a readable checkpoint ({type(error).__name__}: '
+                          f'{str(error).splitlines()[0] if str(error) else ""}); {fix}') from None
+    missing = [key for key in keys if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ConfigError(f'{path}: not a saferl-train checkpoint (missing {missing}); {fix}')
+    return state
+
+
+def _restore(path: Path, fix: str, *pairs) -> None:
+    """Load each (object, state) pair of a checkpoint; a mismatch is a ConfigError on ``path``."""
+    for target, state in pairs:
+        try:
+            target.load_state_dict(state)
+        except ConfigError:
+            raise
+        except (RuntimeError, KeyError, ValueError, TypeError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ''
+            raise ConfigError(f'{path}: does not match the model its config.yaml describes '
+                              f'({type(error).__name__}: {first}); {fix}') from None
+
+
 def load_run(run_dir, device='cpu'):
     """
     Rebuild a trained model from a run folder: return (algo_name, config dict, model).
 
     ``config`` is the parsed config.yaml (``config['algo_config']`` holds the algorithm's
-    resolved fields); ``model`` is in eval mode on ``device``.
+    resolved fields); ``model`` is in eval mode on ``device``. A missing, unreadable or
+    inconsistent run folder raises a :class:`~saferl_ros.errors.UserError` that names the file.
     """
     run_dir = Path(run_dir)
+    fix = 'point at a finished or checkpointed saferl-train run folder (runs/ALGO-TASK-sSEED)'
+    if not run_dir.is_dir():
+        raise MissingFileError(f'{run_dir} does not exist, so it is not a finished or '
+                               'checkpointed saferl-train run; check the path (saferl-train '
+                               'writes runs/ALGO-TASK-sSEED by default)')
     for name in (CONFIG, CHECKPOINT):
         if not (run_dir / name).exists():
-            raise FileNotFoundError(f'{run_dir / name} is missing: {run_dir} is not a finished '
-                                    'or checkpointed saferl-train run')
-    with open(run_dir / CONFIG) as f:
-        run_config = yaml.safe_load(f)
-    algo = run_config['algorithm']
-    module, _ = get_algorithm(algo)
-    config = module.make_config('paper', **run_config['algo_config'])
-    model = module.build_model(run_config['obs_dim'], run_config['act_dim'], config)
-    state = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=False)
-    model.load_state_dict(state['model'])
+            raise MissingFileError(f'{run_dir / name} is missing: {run_dir} is not a finished '
+                                   'or checkpointed saferl-train run')
+    where = str(run_dir / CONFIG)
+    run_config = read_yaml_mapping(run_dir / CONFIG, fix)
+    algo = require_field(run_config, 'algorithm', where, str, fix)
+    algo_config = require_field(run_config, 'algo_config', where, dict, fix)
+    dims = [require_field(run_config, key, where, int, fix) for key in ('obs_dim', 'act_dim')]
+    task = require_field(run_config, 'task', where, dict, fix)
+    require_field(task, 'name', f'{where} task', str, fix)
+    try:
+        module, _ = get_algorithm(algo)
+        config = module.make_config('paper', **algo_config)
+    except UserError as error:
+        raise ConfigError(f'{where}: {error}') from None
+    model = module.build_model(*dims, config)
+    state = _load_checkpoint(run_dir / CHECKPOINT, device, fix, keys=('model', 'step'))
+    _restore(run_dir / CHECKPOINT, fix, (model, state['model']))
     run_config['checkpoint_step'] = int(state['step'])
     return algo, run_config, model.to(device).eval()
 
@@ -239,9 +284,15 @@ def _parse_override(text: str):
     if '=' not in text:
         raise argparse.ArgumentTypeError(f'--set expects KEY=VALUE, got {text!r}')
     key, value = text.split('=', 1)
-    return key, yaml.safe_load(value)
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        reason = getattr(error, 'problem', None) or error
+        raise argparse.ArgumentTypeError(f'--set {key}: {value!r} is not a YAML value '
+                                         f'({reason})')
 
 
+@reports_user_errors('saferl-train', expected=(DatasetError,))
 def main(argv=None) -> int:
     """Command-line entry point of saferl-train."""
     parser = argparse.ArgumentParser(
@@ -264,16 +315,14 @@ def main(argv=None) -> int:
                         help='override a config field, e.g. --set num_candidates=32')
     parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f'--steps must be >= 1, got {args.steps}')
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        run_dir = train(args.algo, args.task, args.preset, args.seed, dataset=args.dataset,
-                        steps=args.steps, out=args.out, device=args.device,
-                        log_every=args.log_every, checkpoint_every=args.checkpoint_every,
-                        overrides=dict(args.overrides), progress=not args.no_progress)
-    except (KeyError, ValueError, FileNotFoundError, RuntimeError, DatasetError) as err:
-        print(f'saferl-train: error: {err}', file=sys.stderr)
-        return 2
+    run_dir = train(args.algo, args.task, args.preset, args.seed, dataset=args.dataset,
+                    steps=args.steps, out=args.out, device=args.device,
+                    log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+                    overrides=dict(args.overrides), progress=not args.no_progress)
     print(run_dir)
     return 0
 

@@ -19,6 +19,7 @@ Example::
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from typing import Dict, List, Optional
@@ -45,25 +46,66 @@ class BringupError(RuntimeError):
     """A parameters file or override that cannot be used."""
 
 
+class _ParameterLoader(yaml.SafeLoader):
+    """
+    YAML as ROS 2 reads parameter files: ``1.0e9`` and ``1e-3`` are numbers.
+
+    PyYAML implements YAML 1.1, where a float needs a dot and a signed exponent, so ``1.0e9``
+    would arrive as the string '1.0e9' (and fail the node's type check with a confusing
+    message), while rcl's parser, which ``ros2 launch`` uses for the same file, reads a double.
+    """
+
+
+_ParameterLoader.add_implicit_resolver(
+    'tag:yaml.org,2002:float',
+    re.compile(r'^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?'
+               r'|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)'
+               r'|\.[0-9_]+(?:[eE][-+]?[0-9]+)?'
+               r'|[-+]?\.(?:inf|Inf|INF)'
+               r'|\.(?:nan|NaN|NAN))$'),
+    list('-+0123456789.'))
+
+
+def parse_value(text: str):
+    """Parse one parameter value as ROS 2 parameter files do (``1.0e9`` is a float)."""
+    return yaml.load(text, Loader=_ParameterLoader)
+
+
 def load_parameters(path) -> Dict[str, dict]:
     """
     Read a ROS 2 parameters file into {node name: {parameter: value}}.
 
     Accepts ``/node:`` and ``node:`` keys and merges ``/**`` (all nodes) entries into each node.
+    Raises BringupError naming the file and what to fix for anything else (an empty file, a
+    list or scalar at the top level, a node without ``ros__parameters``).
     """
+    layout = '`node_name: {ros__parameters: {param: value}}` (see config/sim.yaml)'
     try:
-        raw = yaml.safe_load(open(path)) or {}
+        with open(path) as stream:
+            raw = yaml.load(stream, Loader=_ParameterLoader)
     except (OSError, yaml.YAMLError) as exc:
         raise BringupError(f'{path}: cannot read the parameters file ({exc})') from exc
-    common = (raw.get('/**') or {}).get('ros__parameters', {})
+    if raw is None:
+        raise BringupError(f'{path}: the parameters file is empty; it must name the nodes to '
+                           f'start, as {layout}')
+    if not isinstance(raw, dict):
+        raise BringupError(f'{path}: the top level is a {type(raw).__name__}, not a mapping of '
+                           f'node names; write {layout}')
+    common_entry = raw.get('/**') or {}
+    common = common_entry.get('ros__parameters') if isinstance(common_entry, dict) else None
+    if '/**' in raw and not isinstance(common, dict):
+        raise BringupError(f"{path}: entry '/**' has no ros__parameters mapping; write {layout}")
     nodes = {}
     for key, body in raw.items():
         if key == '/**':
             continue
-        if not isinstance(body, dict) or 'ros__parameters' not in body:
-            raise BringupError(f'{path}: entry {key!r} has no ros__parameters mapping (expected '
-                               'the standard `node_name: {ros__parameters: {...}}` layout)')
-        nodes[key.strip('/')] = {**common, **(body['ros__parameters'] or {})}
+        params = body.get('ros__parameters') if isinstance(body, dict) else None
+        if not isinstance(params, dict):
+            raise BringupError(f'{path}: entry {key!r} has no ros__parameters mapping; write '
+                               f'{layout}')
+        nodes[str(key).strip('/')] = {**(common or {}), **params}
+    if not nodes:
+        raise BringupError(f'{path}: names no node; write {layout}')
     return nodes
 
 
@@ -75,7 +117,7 @@ def apply_overrides(nodes: Dict[str, dict], overrides: List[str]) -> None:
         if not sep or not dot:
             raise BringupError(f'--set {item!r}: expected NODE.PARAM=VALUE, e.g. '
                                'controller_node.bundle=models/fisor-ballcircle')
-        nodes.setdefault(node, {})[param] = yaml.safe_load(text)
+        nodes.setdefault(node, {})[param] = parse_value(text)
 
 
 def parameter_overrides(node_class, params: dict):
@@ -116,7 +158,10 @@ class Graph:
             raise BringupError(f'unknown node(s) {unknown} in the parameters file; known: '
                                f'{sorted(classes)}')
         if not rclpy.ok():
-            rclpy.init()
+            # No rclpy signal handlers: they would invalidate the context on Ctrl-C before the
+            # nodes can publish the safe stop and close the recording (StopSignals does it).
+            from rclpy.signals import SignalHandlerOptions
+            rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
         self.executor = make_executor(executor)
         self.nodes = {}
         for name in NODE_ORDER:
@@ -147,9 +192,8 @@ class Graph:
 
     def deactivate(self) -> None:
         """Deactivate the source first and the recorder last (after the last steps arrived)."""
-        from lifecycle_msgs.msg import State
-        active = [n for n in reversed(list(self.nodes.values()))
-                  if n._state_machine.current_state[0] == State.PRIMARY_STATE_ACTIVE]
+        from saferl_ros.nodes.common import node_is_active
+        active = [n for n in reversed(list(self.nodes.values())) if node_is_active(n)]
         recorder = self.nodes.get('recorder_node')
         for node in active:
             if node is not recorder:
@@ -168,11 +212,12 @@ class Graph:
 
     def spin_until(self, done, timeout: Optional[float]) -> bool:
         """Spin until ``done()`` or ``timeout`` seconds; return whether done() became true."""
+        from saferl_ros.nodes.common import SPIN_SLICE
         start = time.monotonic()
         while not done():
             if timeout is not None and time.monotonic() - start > timeout:
                 return False
-            self.executor.spin_once(timeout_sec=0.05)
+            self.executor.spin_once(timeout_sec=SPIN_SLICE)
         return True
 
     def shutdown(self) -> None:
@@ -216,7 +261,9 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
               f'{e["missed"]:>6} {lat.get("p50_ms", math.nan):>6.2f}ms '
               f'{lat.get("p99_ms", math.nan):>6.2f}ms', file=out)
     lat = summary['latency'] or {}
-    if lat:
+    if lat and not lat.get('count'):
+        print('control latency: no control step completed', file=out)
+    elif lat:
         print(f'control latency (observation published -> final command at the sim) over '
               f'{lat["count"]} steps: p50 {lat["p50_ms"]:.2f} ms, p99 {lat["p99_ms"]:.2f} ms, '
               f'max {lat["max_ms"]:.2f} ms', file=out)
@@ -237,30 +284,50 @@ def run(config, episodes: Optional[int] = None, overrides: Optional[List[str]] =
     [s] ends it otherwise. ``executor``: 'events' or 'single' (saferl_ros.nodes.common
     .make_executor). Raises BringupError if a node fails to configure.
     """
+    from saferl_ros.nodes.common import StopSignals
     nodes = load_parameters(config)
     apply_overrides(nodes, list(overrides or []))
-    if episodes is not None and 'sim_node' in nodes:
+    if episodes is not None:
+        if 'sim_node' not in nodes:
+            raise BringupError(f'{config}: --episodes counts simulator episodes, but the file '
+                               'starts no sim_node; use --duration (or Ctrl-C) to end the run')
+        if episodes < 1:
+            raise BringupError(f'--episodes {episodes}: give at least 1')
         nodes['sim_node']['episodes'] = int(episodes)
-    graph = Graph(nodes, namespace=namespace, executor=executor)
-    try:
-        errors = graph.configure()
-        if errors:
-            raise BringupError('configure failed, nothing was activated (the robot stays '
-                               'stopped):\n  ' + '\n  '.join(errors))
-        graph.activate()
-        sim = graph.nodes.get('sim_node')
-        done = (lambda: sim.done) if sim is not None and sim.cfg['episodes'] else (lambda: False)
+    if duration is not None and not (math.isfinite(duration) and duration > 0):
+        raise BringupError(f'--duration {duration}: give a positive number of seconds')
+    with StopSignals() as stop:
+        graph = Graph(nodes, namespace=namespace, executor=executor)
         try:
-            graph.spin_until(done, duration)
-        except KeyboardInterrupt:
-            pass
-        graph.deactivate()
-        summary = summarize(graph)
-    finally:
-        graph.shutdown()
+            errors = graph.configure()
+            if errors:
+                raise BringupError('configure failed, nothing was activated (the robot stays '
+                                   'stopped):\n  ' + '\n  '.join(errors))
+            sim = graph.nodes.get('sim_node')
+            finite = sim is not None and sim.cfg['episodes'] > 0
+            if not stop.requested:
+                graph.activate()
+                graph.spin_until(lambda: stop.requested or (finite and sim.done), duration)
+            # Orderly stop, also after SIGINT/SIGTERM: the context is still valid, so the
+            # monitor publishes its safe action and the recorder closes every file.
+            graph.deactivate()
+            summary = summarize(graph)
+        finally:
+            graph.shutdown()
+    summary['stopped_by'] = signal_name(stop.signum)
+    summary['exit_code'] = stop.exit_code(interrupted_work=finite or duration is not None)
     if not quiet:
+        if stop.requested:
+            print(f'saferl-bringup: stopped by {summary["stopped_by"]}; every node deactivated, '
+                  'the recording closed', file=sys.stderr)
         print_summary(summary)
     return summary
+
+
+def signal_name(signum: Optional[int]) -> Optional[str]:
+    """Return 'SIGINT' for a signal number (None for None)."""
+    import signal
+    return None if signum is None else signal.Signals(signum).name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,9 +356,13 @@ def main(argv=None) -> int:
         print('saferl-bringup: running until Ctrl-C (use --episodes or --duration to stop '
               'automatically)', file=sys.stderr)
     try:
-        run(args.config, args.episodes, args.overrides, args.duration, args.namespace,
-            executor=args.executor)
+        summary = run(args.config, args.episodes, args.overrides, args.duration,
+                      args.namespace, executor=args.executor)
     except BringupError as exc:
         print(f'saferl-bringup: {exc}', file=sys.stderr)
         return 1
-    return 0
+    return summary['exit_code']
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -14,19 +14,26 @@ A bundle is a folder (``models/<name>/``) written by ``saferl-export``::
 Every graph takes RAW observations: the normalisation is inside the graph, so a robot feeds the
 vector exactly as the simulator builds it. ``load_bundle`` refuses a bundle whose format version,
 checksums, dimensions or golden outputs do not match, with a :class:`BundleError` that names the
-file or field, what was expected and found, and the fix.
+file or field, what was expected and found, and the fix. Every file it reads must be a regular
+file directly inside the bundle folder (never a symbolic link, a device or a FIFO) and at most
+:data:`MAX_BUNDLE_FILE_BYTES` long; each is read once, and the bytes that were hashed are the
+bytes that are parsed.
 
 This module is part of the runtime core: numpy, onnxruntime and pyyaml only (never torch), so a
 robot needs none of the training stack. See docs/bundle.md for the full contract.
 """
 
+import errno
 import hashlib
+import io
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
+import stat
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import onnxruntime as ort
+from saferl_ros.errors import UserError
 import yaml
 
 FORMAT = 'saferl_bundle/1'
@@ -39,9 +46,18 @@ CRITIC_OUTPUTS = {'feasibility': ('v_h', 'q_h'), 'cost': ('q_c',), 'none': ()}
 GOLDEN_ATOL = 1e-4
 BATCH = 'batch'  # name of the dynamic batch dimension in the manifest's shapes
 REEXPORT = 're-export the bundle with `saferl-export RUN -o DIR`'
+# Largest file load_bundle reads (checked before reading): shipped graphs are a few MB, a
+# paper-size FISOR sampler tens of MB; anything larger is not a file saferl-export wrote.
+MAX_BUNDLE_FILE_BYTES = 256 << 20
+MAX_MANIFEST_BYTES = 4 << 20
+_CHUNK = 1 << 20
+# Flags of every open of a bundle file: never follow a symbolic link (the lstat check comes
+# first; this closes the gap between check and open) and never block on a FIFO put in its place.
+_OPEN_FLAGS = (os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_NONBLOCK', 0)
+               | getattr(os, 'O_CLOEXEC', 0) | getattr(os, 'O_BINARY', 0))
 
 
-class BundleError(RuntimeError):
+class BundleError(UserError, RuntimeError):
     """A model bundle that cannot be used: the message names the file or field and the fix."""
 
 
@@ -59,12 +75,13 @@ def golden_key(graph: str, tensor: str) -> str:
     return f'{graph}.{tensor}'
 
 
-def make_session(path, threads: int = 1) -> ort.InferenceSession:
+def make_session(model, threads: int = 1) -> ort.InferenceSession:
     """
     Open an ONNX Runtime CPU session with ``threads`` intra-op threads (1 for low latency).
 
-    One thread avoids the thread-pool hand-off that dominates a batch-1 call on a small CPU and
-    leaves the other cores to the ROS executor and the simulator.
+    ``model`` is the serialised ONNX model (bytes) or a path. One thread avoids the thread-pool
+    hand-off that dominates a batch-1 call on a small CPU and leaves the other cores to the ROS
+    executor and the simulator.
     """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -72,20 +89,25 @@ def make_session(path, threads: int = 1) -> ort.InferenceSession:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=options,
-                                providers=['CPUExecutionProvider'])
+    if not isinstance(model, (bytes, bytearray)):
+        model = str(model)
+    return ort.InferenceSession(model, sess_options=options, providers=['CPUExecutionProvider'])
 
 
 class _Graph:
-    """One ONNX graph of a bundle with the input and output names the manifest declares."""
+    """
+    One ONNX graph of a bundle with the input and output names the manifest declares.
 
-    def __init__(self, name: str, path: Path, spec: dict):
+    ``model`` is the graph's verified bytes; ``path`` names the file in messages.
+    """
+
+    def __init__(self, name: str, path: Path, spec: dict, model: bytes):
         self.name = name
         self.path = path
         self.inputs: Dict[str, list] = dict(spec.get('inputs') or {})
         self.outputs: Dict[str, list] = dict(spec.get('outputs') or {})
         try:
-            self.session = make_session(path)
+            self.session = make_session(model)
         except Exception as exc:  # onnxruntime raises several unrelated exception types
             raise BundleError(f'{path}: onnxruntime cannot load the {name} graph ({exc}); '
                               f'{REEXPORT}') from exc
@@ -222,16 +244,106 @@ def _require(mapping, key: str, where: str, kind=None):
     return value
 
 
+def is_plain_name(name) -> bool:
+    """Return whether ``name`` is a plain file name: no folder part, no ``..``, no NUL."""
+    return (isinstance(name, str) and name not in ('', '.', '..') and '/' not in name
+            and '\\' not in name and '\0' not in name and os.sep not in name
+            and (os.altsep is None or os.altsep not in name))
+
+
+_FILE_KINDS = ((stat.S_ISDIR, 'a folder'), (stat.S_ISFIFO, 'a FIFO (named pipe)'),
+               (stat.S_ISSOCK, 'a socket'), (stat.S_ISCHR, 'a character device'),
+               (stat.S_ISBLK, 'a block device'))
+
+
+def _not_regular(file: Path, mode: int) -> BundleError:
+    """Return the error for a bundle file that is not a regular file (``mode`` from lstat)."""
+    if stat.S_ISLNK(mode):
+        try:
+            target = os.readlink(file)  # the link's text; the target itself is never opened
+        except OSError:
+            target = 'TARGET'
+        return BundleError(f'{file} is a symbolic link (to {target}); a bundle holds regular '
+                           f'files only: copy the file in (`cp --remove-destination {target} '
+                           f'{file}`) or {REEXPORT}')
+    kind = next((text for test, text in _FILE_KINDS if test(mode)), 'not a regular file')
+    return BundleError(f'{file} is {kind}; a bundle holds regular files only: put the file '
+                       f'itself there or {REEXPORT}')
+
+
+def read_bundle_file(folder: Path, name: str, missing: str, keep: bool = True,
+                     limit: Optional[int] = None) -> Tuple[str, Optional[bytes]]:
+    """
+    Return (sha256, bytes or None) of file ``name`` of the resolved bundle folder ``folder``.
+
+    The file must be a regular file directly inside ``folder`` (checked with ``os.lstat``
+    before it is opened, and again on the open descriptor) of at most ``limit`` bytes; it is
+    opened with ``O_NOFOLLOW`` and read once, so the hash is that of the bytes returned.
+    ``missing`` ends the message when the file does not exist. ``keep=False`` only hashes.
+    ``limit`` defaults to MAX_BUNDLE_FILE_BYTES (read at call time).
+    """
+    limit = MAX_BUNDLE_FILE_BYTES if limit is None else limit
+    if not is_plain_name(name):
+        raise BundleError(f'{folder / MANIFEST}: names the file {name!r}; bundle files are plain '
+                          f'file names inside the bundle folder; {REEXPORT}')
+    file = folder / name
+    try:
+        info = os.lstat(file)
+    except (FileNotFoundError, NotADirectoryError):
+        raise BundleError(f'{file}: missing; {missing}') from None
+    except OSError as exc:
+        raise BundleError(f'{file}: cannot be examined ({exc.strerror}); check the bundle '
+                          f"folder's permissions") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise _not_regular(file, info.st_mode)
+    if info.st_size > limit:
+        raise BundleError(f'{file}: {info.st_size} bytes, more than the {limit} a bundle file '
+                          f'may have (saferl_ros.bundle.MAX_BUNDLE_FILE_BYTES); it is not a file '
+                          f'saferl-export wrote; {REEXPORT}')
+    if os.path.dirname(os.path.realpath(file)) != str(folder):
+        raise BundleError(f'{file}: resolves outside the bundle folder {folder}; a bundle holds '
+                          f'regular files only: copy the file in or {REEXPORT}')
+    try:
+        fd = os.open(file, _OPEN_FLAGS)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # replaced by a symbolic link after the check
+            raise _not_regular(file, stat.S_IFLNK) from None
+        raise BundleError(f'{file}: cannot be opened ({exc.strerror}); check its '
+                          f'permissions') from None
+    digest, chunks, size = hashlib.sha256(), [], 0
+    try:
+        opened = os.fstat(fd)
+        if (not stat.S_ISREG(opened.st_mode)
+                or (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino)):
+            raise BundleError(f'{file}: was replaced while being loaded; load the bundle again '
+                              f'once nothing writes to its folder')
+        while True:
+            chunk = os.read(fd, _CHUNK)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise BundleError(f'{file}: grew past {limit} bytes while being read; load the '
+                                  f'bundle again once nothing writes to its folder')
+            digest.update(chunk)
+            if keep:
+                chunks.append(chunk)
+    except OSError as exc:
+        raise BundleError(f'{file}: cannot be read ({exc.strerror}); {REEXPORT}') from None
+    finally:
+        os.close(fd)
+    return digest.hexdigest(), (b''.join(chunks) if keep else None)
+
+
 def _read_manifest(path: Path):
     """Return (manifest dict, sha256 of its bytes), hashing exactly the bytes that were parsed."""
     file = path / MANIFEST
     if not path.is_dir():
         raise BundleError(f'{path}: not a model bundle folder (it does not exist or is a file); '
                           f'point at the folder `saferl-export` wrote, e.g. models/<name>/')
-    if not file.is_file():
-        raise BundleError(f'{file}: missing; a bundle folder must contain {MANIFEST}; '
-                          f'{REEXPORT}')
-    data = file.read_bytes()
+    sha256, data = read_bundle_file(
+        path, MANIFEST, f'a bundle folder must contain {MANIFEST}; {REEXPORT}',
+        limit=MAX_MANIFEST_BYTES)
     try:
         manifest = yaml.safe_load(data.decode('utf-8'))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -244,7 +356,7 @@ def _read_manifest(path: Path):
         raise BundleError(
             f'{file}: field format is {found!r}, expected {FORMAT!r}: this runtime reads only '
             f'{FORMAT} bundles; {REEXPORT} with the saferl_ros version you deploy')
-    return manifest, hashlib.sha256(data).hexdigest()
+    return manifest, sha256
 
 
 def _check_manifest(manifest: dict, where: str) -> None:
@@ -295,26 +407,31 @@ def _check_manifest(manifest: dict, where: str) -> None:
     _require(manifest, 'files', where, dict)
 
 
-def _check_files(path: Path, manifest: dict) -> None:
+def _check_files(path: Path, manifest: dict) -> Dict[str, bytes]:
+    """Verify every listed file; return the bytes of the graphs and golden.npz, as hashed."""
     files = manifest['files']
-    needed = [GOLDEN] + [g['file'] for g in manifest['graphs'].values()]
+    where = path / MANIFEST
+    needed = [GOLDEN] + [_require(spec, 'file', f'{where} graphs.{graph}', str)
+                         for graph, spec in manifest['graphs'].items()]
     for name in needed:
         if name not in files:
-            raise BundleError(f'{path / MANIFEST}: files has no sha256 for {name}; {REEXPORT}')
+            raise BundleError(f'{where}: files has no sha256 for {name}; {REEXPORT}')
+    for name in files:
+        if not is_plain_name(name) or name == MANIFEST:
+            raise BundleError(f'{where}: files lists {name!r}; entries must be plain file names '
+                              f'inside the bundle folder (not {MANIFEST}); {REEXPORT}')
+    contents = {}
     for name, expected in files.items():
-        if Path(name).name != name or name in ('', '.', '..', MANIFEST):
-            raise BundleError(f'{path / MANIFEST}: files lists {name!r}; entries must be plain '
-                              f'file names inside the bundle folder (not {MANIFEST}); '
-                              f'{REEXPORT}')
-        file = path / name
-        if not file.is_file():
-            raise BundleError(f'{file}: missing (the manifest lists it with sha256 '
-                              f'{str(expected)[:12]}...); copy the whole bundle folder or '
-                              f'{REEXPORT}')
-        found = sha256_file(file)
+        found, data = read_bundle_file(
+            path, name, f'the manifest lists it with sha256 {str(expected)[:12]}...; copy the '
+            f'whole bundle folder or {REEXPORT}', keep=name in needed)
         if found != expected:
-            raise BundleError(f'{file}: sha256 mismatch, manifest expects {expected}, file has '
-                              f'{found}; the file was modified or corrupted; {REEXPORT}')
+            raise BundleError(f'{path / name}: sha256 mismatch, manifest expects {expected}, '
+                              f'file has {found}; the file was modified or corrupted; '
+                              f'{REEXPORT}')
+        if data is not None:
+            contents[name] = data
+    return contents
 
 
 def _expected_shape(spec, graph: str, tensor: str, where: str) -> list:
@@ -375,10 +492,10 @@ def _check_graph(graph: _Graph, manifest: dict, where: str) -> None:
                               f'{kind} critic has {sorted(expected)}; {REEXPORT}')
 
 
-def _check_golden(path: Path, graphs: Dict[str, _Graph], atol: float) -> None:
+def _check_golden(path: Path, data: bytes, graphs: Dict[str, _Graph], atol: float) -> None:
     file = path / GOLDEN
     try:
-        golden = dict(np.load(file, allow_pickle=False))
+        golden = dict(np.load(io.BytesIO(data), allow_pickle=False))
     except Exception as exc:  # a corrupt zip raises zipfile/ValueError/OSError variants
         raise BundleError(f'{file}: cannot be read ({exc}); {REEXPORT}') from exc
     for graph in graphs.values():
@@ -412,6 +529,8 @@ def load_bundle(path, verify_golden: bool = True, golden_atol: float = GOLDEN_AT
     """
     Load and verify the bundle in folder ``path``; raise BundleError if it cannot be used.
 
+    ``path`` itself may be a symbolic link (it is resolved once); every file read inside it must
+    be a regular file of at most MAX_BUNDLE_FILE_BYTES (see :func:`read_bundle_file`).
     Checks, in order: the format version, the manifest's fields and dimensions, every file's
     sha256, each ONNX graph's inputs and outputs against the manifest, and (``verify_golden``)
     that the graphs reproduce the exporting torch model's outputs on golden.npz within
@@ -421,12 +540,11 @@ def load_bundle(path, verify_golden: bool = True, golden_atol: float = GOLDEN_AT
     manifest, manifest_sha256 = _read_manifest(path)
     where = str(path / MANIFEST)
     _check_manifest(manifest, where)
-    _check_files(path, manifest)
+    contents = _check_files(path, manifest)
     graphs = {}
     for name, spec in manifest['graphs'].items():
-        file = _require(spec, 'file', f'{where} graphs.{name}', str)
-        graphs[name] = _Graph(name, path / file, spec)
+        graphs[name] = _Graph(name, path / spec['file'], spec, contents[spec['file']])
         _check_graph(graphs[name], manifest, where)
     if verify_golden:
-        _check_golden(path, graphs, golden_atol)
+        _check_golden(path, contents[GOLDEN], graphs, golden_atol)
     return Bundle(path, manifest, manifest_sha256, graphs)

@@ -20,16 +20,14 @@ import sys
 import tempfile
 
 from saferl_ros.bringup import BringupError, run
+from saferl_ros.paths import package_share
 
 DEFAULT_BUNDLE = 'models/fisor-ballcircle'
 
 
 def package_file(relative: str) -> Path:
-    """Return a file of the package: from the source tree, else from share/saferl_ros."""
-    here = Path(__file__).resolve().parents[1] / relative
-    if here.exists():
-        return here
-    return Path(sys.prefix) / 'share' / 'saferl_ros' / relative
+    """Return a file of the package (its share folder, or the source checkout)."""
+    return package_share() / relative
 
 
 def build_test_bundle(out_dir: str) -> str:
@@ -82,4 +80,4 @@ def main(argv=None) -> int:
     check = subprocess.run([sys.executable, '-m', 'offline_training.data.cli', 'validate',
                             summary['recording']], capture_output=True, text=True)
     print((check.stdout or check.stderr).strip())
-    return check.returncode
+    return check.returncode or summary['exit_code']

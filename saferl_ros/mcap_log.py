@@ -109,3 +109,70 @@ class McapLog:
             return
         self.writer.finish()
         self.stream.close()
+
+
+class McapSeries:
+    """
+    Raw topics as one MCAP file per episode, so a killed recorder loses only the open one.
+
+    An MCAP file is readable only once its summary and end magic are written (``finish``); a
+    process killed with SIGKILL never writes them. Each episode therefore goes to
+    ``<folder>/episode_<k>.mcap.partial``, which :meth:`rotate` (at the next episode's start
+    event) and :meth:`close` finish and rename to ``episode_<k>.mcap``: every ``.mcap`` file in
+    the folder is complete, and a ``.partial`` one is what a kill interrupted. Each file is a
+    self-contained bag that ``ros2 bag play`` replays.
+    """
+
+    def __init__(self, folder, metadata: Optional[Dict[str, str]] = None):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.metadata = dict(metadata or {})
+        self.topics: List[tuple] = []        # (topic, type name, qos yaml), for every file
+        self.index = -1
+        self.log: Optional[McapLog] = None
+        self.files: List[Path] = []          # finished files, in order
+        self.started = False
+        self.rotate()
+
+    def _name(self, index: int) -> Path:
+        return self.folder / f'episode_{index:06d}.mcap'
+
+    def add_topic(self, topic: str, type_name: str, qos_yaml: str = '') -> None:
+        """Register ``topic`` in the open file and in every later one."""
+        self.topics.append((topic, type_name, qos_yaml))
+        self.log.add_topic(topic, type_name, qos_yaml)
+
+    def write(self, topic: str, data: bytes, log_time_ns: int) -> None:
+        """Append one serialized message to the open file."""
+        self.log.write(topic, data, log_time_ns)
+
+    def episode_started(self) -> None:
+        """Start a new file at every episode start but the first (file k = episode k)."""
+        if self.started:
+            self.rotate()
+        self.started = True
+
+    def rotate(self) -> None:
+        """Finish the open file (if any) and start the next episode's."""
+        self._finish()
+        self.index += 1
+        partial = self._name(self.index).with_suffix('.mcap.partial')
+        self.log = McapLog(partial, metadata={**self.metadata, 'segment': self.index})
+        for topic, type_name, qos_yaml in self.topics:
+            self.log.add_topic(topic, type_name, qos_yaml)
+
+    def _finish(self) -> None:
+        if self.log is None:
+            return
+        self.log.close()
+        final = self._name(self.index)
+        if self.log.sequence:                 # keep only files that hold messages
+            os.replace(self.log.path, final)
+            self.files.append(final)
+        else:
+            self.log.path.unlink()
+        self.log = None
+
+    def close(self) -> None:
+        """Finish the open file."""
+        self._finish()

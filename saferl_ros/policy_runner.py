@@ -12,6 +12,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 from saferl_ros.observation import check_channels
+from saferl_ros.seeding import noise_rng
 
 
 class PolicyInputError(ValueError):
@@ -52,11 +53,11 @@ class PolicyRunner:
         self.bundle = bundle
         if channels is not None:
             check_channels(bundle.obs_channels, channels, source='controller')
-        self.rng = np.random.default_rng(seed)
+        self.rng = noise_rng(seed, 'controller')
         self.latency = LatencyStats()
         # Warm-up: the first onnxruntime call allocates; keep that out of the control loop.
         self.bundle.policy(np.zeros((1, bundle.obs_dim), np.float32), rng=self.rng)
-        self.rng = np.random.default_rng(seed)
+        self.rng = noise_rng(seed, 'controller')
 
     def act(self, observation) -> np.ndarray:
         """Return the policy's action for one observation (clipped to the action box)."""

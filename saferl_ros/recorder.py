@@ -44,7 +44,7 @@ RECORDING = 'recording.hdf5'
 DSRL_FLOAT = ('observations', 'next_observations', 'actions', 'rewards', 'costs')
 DSRL_FLAGS = ('terminals', 'timeouts')
 EXTRA_KEYS = ('episode_ids', 'stamps_ns', 'proposed_actions', 'verdicts', 'critic_v_h',
-              'critic_q_h', 'critic_q_c', 'missed')
+              'critic_q_h', 'critic_q_c', 'critic_risk_final', 'replaced', 'missed')
 # Bullet-Safety-Gym's action box; recordings store the applied (clipped) action.
 ACTION_LIMIT = 1.0
 
@@ -68,6 +68,8 @@ class Step:
     v_h: float = math.nan
     q_h: float = math.nan
     q_c: float = math.nan
+    risk_final: float = math.nan    # the critic's risk (Q_h or Q_c) of the applied action
+    replaced: bool = False          # the monitor applied its fallback instead of the proposal
     missed: bool = False
 
 
@@ -151,6 +153,8 @@ def steps_to_arrays(steps: List[Step], episode: int, terminal: bool, timeout: bo
         'critic_v_h': np.array([s.v_h for s in steps], np.float32),
         'critic_q_h': np.array([s.q_h for s in steps], np.float32),
         'critic_q_c': np.array([s.q_c for s in steps], np.float32),
+        'critic_risk_final': np.array([s.risk_final for s in steps], np.float32),
+        'replaced': np.array([s.replaced for s in steps], bool),
         'missed': np.array([s.missed for s in steps], bool),
     }
 
@@ -211,7 +215,12 @@ class RecordingWriter:
         entry = {'episode': self.episode, 'file': f'{EPISODES}/{path.name}',
                  'steps': len(self.steps), 'reward': float(arrays['rewards'].sum()),
                  'cost': float(arrays['costs'].sum()), 'terminal': bool(terminal),
-                 'fallback_steps': int(np.isin(arrays['verdicts'], (1, 2)).sum()),
+                 # steps where the monitor applied its fallback / judged the proposal unsafe
+                 # but kept it because no fallback was safer (verdict 1 or 2 = INTERVENING or
+                 # RECOVERY, saferl_ros.monitor.MonitorState)
+                 'fallback_steps': int(arrays['replaced'].sum()),
+                 'kept_steps': int((np.isin(arrays['verdicts'], (1, 2))
+                                    & ~arrays['replaced']).sum()),
                  **(info or {})}
         self.index['episodes'].append(entry)
         write_json_atomic(self.run_dir / INDEX, self.index)

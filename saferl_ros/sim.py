@@ -8,8 +8,10 @@ them (a physical robot has no simulator installed).
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 import math
+import random
 import sys
 from typing import Optional
+import warnings
 
 import numpy as np
 from saferl_ros.observation import channel_names, parse_task
@@ -18,6 +20,33 @@ from saferl_ros.observation import channel_names, parse_task
 # not import dsrl; test/test_ros_sim.py checks them against offline_training.data.tasks.
 HORIZONS = {'BallCircle': 200, 'CarCircle': 300, 'DroneCircle': 300, 'AntCircle': 500,
             'BallRun': 100, 'CarRun': 200, 'DroneRun': 200, 'AntRun': 200}
+
+# Simulated seconds per environment step: PyBullet time step x frame skip of
+# bullet_safety_gym.envs.builder.get_physics_parameters (Circle 1/60 s x 6, Run 1/120 s x 4,
+# DroneRun 1/120 s x 2). Used only if the environment does not report ``unwrapped.dt``;
+# test/test_reproducible.py checks them against it.
+CONTROL_PERIODS = {'BallCircle': 0.1, 'CarCircle': 0.1, 'DroneCircle': 0.1, 'AntCircle': 0.1,
+                   'BallRun': 1 / 30, 'CarRun': 1 / 30, 'DroneRun': 1 / 60, 'AntRun': 1 / 30}
+
+
+@contextmanager
+def seeded_global_rngs(seed: int):
+    """
+    Seed numpy's and Python's global rngs for a block, then restore their previous states.
+
+    Bullet-Safety-Gym ignores ``reset(seed=...)``: its initial positions and orientations come
+    from the *global* ``np.random`` (and ``random`` for obstacles), so this is the only way to
+    make an episode reproducible. Restoring the states keeps the side effect local. Shared by
+    SimEpisodes and offline_training.collection (which imports it from here).
+    """
+    np_state, py_state = np.random.get_state(), random.getstate()
+    np.random.seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
 
 
 @contextmanager
@@ -39,6 +68,23 @@ def original_std_streams():
         sys.stdout, sys.stderr = saved
 
 
+@contextmanager
+def quiet_observation_bounds_warning():
+    """
+    Hide one harmless warning of creating a Bullet-Safety-Gym environment inside the block.
+
+    The builder declares its observation space as ``Box(-1000, 1000, dtype=float64)`` with
+    float32 bounds; gymnasium's ``Box._cast_low`` compares them with float64's minimum, which
+    numpy first casts to float32: "RuntimeWarning: overflow encountered in cast" at every
+    environment creation. The bounds are right. Only that message from that gymnasium module
+    is ignored, and only inside the block (offline_training's environments use it too).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='overflow encountered in cast',
+                                category=RuntimeWarning, module=r'gymnasium\.spaces\.box')
+        yield
+
+
 def import_bullet_safety_gym():
     """Import bullet_safety_gym (registers the Safety*-v0 ids) even under redirected streams."""
     with original_std_streams():
@@ -52,7 +98,7 @@ def make_gym_env(env_id: str, **kwargs):
     """Create a Bullet-Safety-Gym (or dsrl) environment by id, safe under redirected streams."""
     import gymnasium as gym
     import_bullet_safety_gym()
-    with original_std_streams():
+    with original_std_streams(), quiet_observation_bounds_warning():
         return gym.make(env_id, **kwargs)
 
 
@@ -60,6 +106,19 @@ def task_name(task) -> str:
     """Return the canonical DSRL task name (``BallCircle``) for any accepted form."""
     agent, kind = parse_task(task)
     return agent + kind
+
+
+def control_period(env, task) -> float:
+    """
+    Return the simulated seconds one ``env.step`` advances.
+
+    Bullet-Safety-Gym reports it as ``env.unwrapped.dt`` (time step x frame skip); otherwise the
+    task's entry of CONTROL_PERIODS, else 1/50 s.
+    """
+    dt = getattr(getattr(env, 'unwrapped', env), 'dt', None)
+    if isinstance(dt, (int, float)) and math.isfinite(dt) and dt > 0:
+        return float(dt)
+    return CONTROL_PERIODS.get(task_name(task), 1 / 50)
 
 
 def make_env(task, horizon: Optional[int] = None):
@@ -85,6 +144,9 @@ class SimEpisodes:
     Run a task episode after episode; ``step`` applies one command.
 
     Keeps the episode bookkeeping (index, step count, returns) that the sim node publishes.
+    Episode k starts from the state that seed + k gives, whatever ran before it (the simulator's
+    global-rng draws are seeded, see seeded_global_rngs). ``dt`` is the simulated time of one
+    step [s].
     """
 
     task: str
@@ -99,11 +161,13 @@ class SimEpisodes:
     def __post_init__(self):
         self.task = task_name(self.task)
         self.horizon = self.horizon or HORIZONS[self.task]
-        self.env = make_env(self.task, self.horizon)
+        with seeded_global_rngs(self.seed):   # construction draws from them too
+            self.env = make_env(self.task, self.horizon)
         self.channels = channel_names(self.task)
         self.act_dim = int(self.env.action_space.shape[0])
         self.action_low = self.env.action_space.low.astype(np.float32)
         self.action_high = self.env.action_space.high.astype(np.float32)
+        self.dt = control_period(self.env, self.task)
 
     def reset(self) -> np.ndarray:
         """Start the next episode (seeded: seed + episode index) and return its observation."""
@@ -111,7 +175,9 @@ class SimEpisodes:
         self.steps = 0
         self.episode_reward = 0.0
         self.episode_cost = 0.0
-        obs, _ = self.env.reset(seed=self.seed + self.episode)
+        seed = self.seed + self.episode
+        with seeded_global_rngs(seed):
+            obs, _ = self.env.reset(seed=seed)
         self.observation = np.asarray(obs, dtype=np.float32)
         return self.observation
 

@@ -31,7 +31,7 @@ class FakeBundle:
 
     def fallback(self, obs, noise=None):
         self.fallback_calls += 1
-        return np.array([[-0.5, 0.25]], np.float32)   # "steer away"
+        return np.tile(np.array([[-0.5, 0.25]], np.float32), (len(obs), 1))   # "steer away"
 
     def sample_noise(self, batch, rng, graph='policy'):
         return None
@@ -68,19 +68,57 @@ def test_infeasible_action_in_feasible_state_intervenes_with_fallback():
 
 def test_infeasible_state_is_recovery():
     m = monitor()
-    v = m.decide(INFEASIBLE_S, [-1.0, 0.0], 1.0, 1.0, 1.0)  # Q_h = -0.5 fine, V_h = 0.5 not
-    assert v.state == MonitorState.RECOVERY
+    v = m.decide(INFEASIBLE_S, [0.0, 0.0], 1.0, 1.0, 1.0)  # V_h = 0.5, Q_h = 0.5; fallback's 0
+    assert v.state == MonitorState.RECOVERY and v.replaced
     np.testing.assert_allclose(v.action, [-0.5, 0.25])
+    assert v.q_h == pytest.approx(0.5) and v.risk_final == pytest.approx(0.0)
+    assert m.counters.replaced == 1 and m.counters.kept == 0
+
+
+def test_proposal_is_kept_when_no_fallback_is_safer():
+    # Q_h(proposal) = 0.5 - 1 = -0.5 < Q_h(fallback) = 0: replacing would make things worse.
+    m = monitor()
+    v = m.decide(INFEASIBLE_S, [-1.0, 0.0], 1.0, 1.0, 1.0)
+    assert v.state == MonitorState.RECOVERY and not v.replaced
+    np.testing.assert_allclose(v.action, [-1.0, 0.0])
+    assert 'proposal kept' in v.reason and v.risk_final == pytest.approx(-0.5)
+    counts = m.counters.as_dict()
+    assert counts['kept'] == 1 and counts['replaced'] == 0 and counts['interventions'] == 0
+
+
+def test_fallback_searches_several_samples_on_its_own_noise_stream():
+    class Noisy(FakeBundle):
+        def sample_noise(self, batch, rng, graph='policy'):
+            return rng.standard_normal((batch, 2)).astype(np.float32)
+
+        def fallback(self, obs, noise=None):
+            self.fallback_calls += 1
+            self.batches = len(obs)
+            return np.clip(noise, -1, 1)
+
+    bundle = Noisy()
+    m = SafetyMonitor(bundle, MonitorConfig(fallback_samples=8, seed=0))
+    choice = m.fallback_for(INFEASIBLE_S)
+    assert bundle.batches == 8 and bundle.fallback_calls == 1
+    # The chosen sample is the one the critic ranks safest (Q_h = s0 + a0: smallest a0).
+    expected = np.clip(np.random.default_rng(np.random.SeedSequence(0, spawn_key=(1,)))
+                       .standard_normal((8, 2)), -1, 1)
+    np.testing.assert_allclose(choice.action, expected[np.argmin(expected[:, 0])], rtol=1e-6)
+    # The controller's stream with the same seed differs from the monitor's.
+    from saferl_ros.seeding import noise_rng
+    assert not np.allclose(noise_rng(0, 'controller').standard_normal(4),
+                           noise_rng(0, 'monitor').standard_normal(4))
 
 
 def test_precomputed_fallback_is_used_without_computing_another():
     m = monitor(min_hold=0.0)
     ready = m.fallback_for(INFEASIBLE_S)        # what the node computes on the observation
     assert m.bundle.fallback_calls == 1
-    np.testing.assert_allclose(ready, [-0.5, 0.25])
-    v = m.decide(INFEASIBLE_S, [-1.0, 0.0], 1.0, 1.0, 1.0, fallback=ready)
+    np.testing.assert_allclose(ready.action, [-0.5, 0.25])
+    assert ready.risk == pytest.approx(0.0)
+    v = m.decide(INFEASIBLE_S, [0.0, 0.0], 1.0, 1.0, 1.0, fallback=ready)
     assert v.state == MonitorState.RECOVERY and m.bundle.fallback_calls == 1
-    np.testing.assert_allclose(v.action, ready)
+    np.testing.assert_allclose(v.action, ready.action)
     # A feasible proposal passes; the precomputed fallback is simply not used.
     v = m.decide(FEASIBLE_S, [0.2, 0.1], 2.0, 2.0, 2.0, fallback=ready)
     assert v.state == MonitorState.NOMINAL
@@ -157,11 +195,12 @@ def test_cost_critic_uses_budget():
 
 
 def test_safe_action_fallback_mode_and_clipping():
-    m = monitor(fallback='safe_action', safe_action=[0.0, -2.0])
-    np.testing.assert_allclose(m.safe_action, [0, -1])   # clipped into the action box
-    v = m.decide(INFEASIBLE_S, [0, 0], 1, 1, 1)
-    assert v.state == MonitorState.RECOVERY
-    np.testing.assert_allclose(v.action, [0, -1])
+    with pytest.raises(MonitorConfigError, match=r'outside the action bounds'):
+        monitor(fallback='safe_action', safe_action=[0.0, -2.0])
+    m = monitor(fallback='safe_action', safe_action=[-0.5, -1.0])
+    v = m.decide(INFEASIBLE_S, [0, 0], 1, 1, 1)     # Q_h 0.5; the safe action's Q_h is 0
+    assert v.state == MonitorState.RECOVERY and v.replaced
+    np.testing.assert_allclose(v.action, [-0.5, -1])
     v = m.decide(FEASIBLE_S, [-3, 0.5], 10, 10, 10)
     np.testing.assert_allclose(v.action, [-1, 0.5])     # proposals are clipped too
 
@@ -176,6 +215,8 @@ def test_bundle_without_critic_is_refused():
     ({'proposal_timeout': -1}, 'proposal_timeout'),
     ({'fallback': 'nothing'}, 'fallback'),
     ({'safe_action': [0]}, 'safe_action'),
+    ({'safe_action': [0.0, 1.5]}, 'safe_action'),
+    ({'fallback_samples': 0}, 'fallback_samples'),
     ({'threshold_v': math.nan}, 'threshold_v'),
 ])
 def test_bad_config_names_the_parameter(cfg, name):

@@ -13,6 +13,7 @@ from saferl_ros.bundle import load_bundle
 from saferl_ros.monitor import MonitorState
 from saferl_ros.nodes import common
 from saferl_ros.observation import channel_names
+from saferl_ros.seeding import noise_rng
 from saferl_ros.sim import make_gym_env
 from sensor_msgs.msg import JointState
 from test_ros_support import (build_bundle, domain_fixture, recorded, spin_for,
@@ -59,13 +60,16 @@ def loop_params(bundles, tmp_path, sim=None, controller=None, monitor=None, reco
         'sim_node': {'task': 'BallCircle', 'mode': 'lockstep', 'horizon': 25, 'episodes': 2,
                      'command_timeout': 0.5, 'min_subscribers': 2,
                      'wait_for_recorder': recorder, **(sim or {})},
-        'controller_node': {'bundle': bundles['fisor'], **(controller or {})},
-        'safety_monitor_node': {'bundle': bundles['fisor'], 'observation_timeout': 1.0,
-                                'proposal_timeout': 1.0, **(monitor or {})},
+        'controller_node': {'bundle': bundles['fisor'], 'use_sim_time': True,
+                            **(controller or {})},
+        'safety_monitor_node': {'bundle': bundles['fisor'], 'use_sim_time': True,
+                                'observation_timeout': 1.0, 'proposal_timeout': 1.0,
+                                **(monitor or {})},
     }
     if recorder:
         nodes['recorder_node'] = {'task': 'BallCircle', 'output_dir': str(tmp_path / 'rec'),
-                                  'run_name': 'run', 'bundle': bundles['fisor']}
+                                  'run_name': 'run', 'bundle': bundles['fisor'],
+                                  'use_sim_time': True}
     return nodes
 
 
@@ -118,7 +122,7 @@ def test_feasible_actions_pass_through_and_the_recording_is_dsrl_data(bundles, t
 ])
 def test_infeasible_proposals_are_replaced_by_the_fallback(bundles, tmp_path, thresholds, state):
     nodes = loop_params(bundles, tmp_path, sim={'episodes': 1, 'horizon': 15},
-                        monitor={**thresholds, 'seed': 3})
+                        monitor={**thresholds, 'seed': 3, 'fallback_samples': 1})
     graph, probe, errors = run_graph(nodes, probe=False)
     assert errors == []
     graph.activate()
@@ -126,13 +130,21 @@ def test_infeasible_proposals_are_replaced_by_the_fallback(bundles, tmp_path, th
     finish(graph, None)
     data = recorded(tmp_path / 'rec' / 'run')
     assert (data['verdicts'] == state).all()
-    # The applied actions are exactly the fallback policy's, drawn with the monitor's seed.
+    # The applied actions are exactly the fallback policy's, drawn from the monitor's own noise
+    # stream, wherever the critic ranks it safer than the proposal; the proposal elsewhere.
     bundle = load_bundle(bundles['fisor'])
-    rng = np.random.default_rng(3)
-    expected = [bundle.fallback(o[None], noise=bundle.sample_noise(1, rng, graph='fallback'))[0]
-                for o in data['observations']]
-    np.testing.assert_allclose(data['actions'], np.clip(expected, -1, 1), atol=1e-5)
-    assert not np.allclose(data['actions'], data['proposed_actions'])
+    rng = noise_rng(3, 'monitor')
+    expected = []
+    for obs, proposed, q_proposed in zip(data['observations'], data['proposed_actions'],
+                                         data['critic_q_h']):
+        fallback = np.clip(bundle.fallback(obs[None], noise=bundle.sample_noise(
+            1, rng, graph='fallback')), -1, 1)
+        q_fallback = float(bundle.critic(obs[None], fallback)['q_h'][0])
+        expected.append(fallback[0] if q_fallback < q_proposed else proposed)
+    np.testing.assert_allclose(data['actions'], expected, atol=1e-5)
+    assert data['replaced'].any()
+    changed = np.abs(data['actions'] - data['proposed_actions']).max(axis=1) > 1e-6
+    np.testing.assert_array_equal(changed, data['replaced'])
     assert np.isfinite(data['critic_v_h']).all() and np.isfinite(data['critic_q_h']).all()
 
 
@@ -188,9 +200,13 @@ def test_monitor_stops_on_nan_stale_reordered_and_silent_controller(bundles, tmp
 
 
 def test_controller_death_makes_the_monitor_stop_the_robot(bundles, tmp_path):
-    nodes = loop_params(bundles, tmp_path, sim={'episodes': 0, 'horizon': 200},
+    # Wall time: under simulation time the loop's clock stands still while the controller is
+    # silent, so the monitor's watchdog would not fire (the simulator's command_timeout acts).
+    nodes = loop_params(bundles, tmp_path, sim={'episodes': 0, 'horizon': 200,
+                                                'lockstep_time': 'wall'},
                         monitor={'proposal_timeout': 0.1, 'observation_timeout': 0.5,
-                                 'threshold_v': 1e6, 'threshold_q': 1e6})
+                                 'threshold_v': 1e6, 'threshold_q': 1e6,
+                                 'use_sim_time': False})
     graph, probe, errors = run_graph(nodes)
     assert errors == []
     graph.activate()
@@ -263,7 +279,7 @@ def test_bringup_runs_a_parameters_file(bundles, tmp_path):
     # The MCAP bag decodes with mcap-ros2-support's own reader (schema names pkg/msg/Type).
     from mcap_ros2.reader import read_ros2_messages
     topics = {}
-    for m in read_ros2_messages(str(tmp_path / 'demo' / 'raw.mcap')):
+    for m in read_ros2_messages(str(tmp_path / 'demo' / 'raw' / 'episode_000000.mcap')):
         topics.setdefault(m.channel.topic, []).append(m)
     assert len(topics['/step']) == 30 and len(topics['/observation']) == 30
     assert topics['/step'][0].schema.name == 'sensor_msgs/msg/JointState'

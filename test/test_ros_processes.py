@@ -59,7 +59,9 @@ def test_processes_loop_then_kill_recorder_and_controller(tmp_path):
             {k: p.poll() for k, p in procs.items()}
         procs['sim_node'] = start('sim_node', {'task': 'BallCircle', 'horizon': 80,
                                                'min_subscribers': 3, 'wait_for_recorder': True,
-                                               'command_timeout': 2.0})
+                                               'command_timeout': 2.0,
+                                               # the other processes run on wall time
+                                               'lockstep_time': 'wall'})
 
         def episode():
             return int(msgs['step'][-1].position[4]) if msgs['step'] else -1

@@ -11,6 +11,8 @@ from importlib import import_module
 from types import ModuleType
 from typing import Dict, Tuple
 
+from saferl_ros.errors import UnknownNameError
+
 # Algorithm name (as in the model bundle manifest) -> (module, fixed config values).
 ALGORITHMS: Dict[str, Tuple[str, dict]] = {
     'fisor': ('offline_training.algos.fisor', {}),
@@ -24,6 +26,6 @@ def get_algorithm(name: str) -> Tuple[ModuleType, dict]:
     """Return (module, fixed config overrides) of an algorithm name such as 'fisor'."""
     key = name.lower().replace('-', '_')
     if key not in ALGORITHMS:
-        raise KeyError(f'unknown algorithm {name!r}; choose one of {sorted(ALGORITHMS)}')
+        raise UnknownNameError(f'unknown algorithm {name!r}; choose one of {sorted(ALGORITHMS)}')
     module_name, fixed = ALGORITHMS[key]
     return import_module(module_name), dict(fixed)

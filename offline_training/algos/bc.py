@@ -12,6 +12,7 @@ from typing import Dict, Tuple
 import numpy as np
 from offline_training.algos.common import clip_actions, config_from_preset, mlp, ReplayBuffer
 from offline_training.data.trajectories import trajectory_returns
+from saferl_ros.errors import ConfigError
 import torch
 from torch import nn
 
@@ -33,7 +34,7 @@ class BCConfig:
     def __post_init__(self):
         self.hidden = tuple(int(h) for h in self.hidden)
         if self.mode not in MODES:
-            raise ValueError(f'unknown BC mode {self.mode!r}; use one of {MODES}')
+            raise ConfigError(f'unknown BC mode {self.mode!r}; use one of {MODES}')
 
 
 # BC is cheap: the OSRL defaults already run at a useful rate on 2 cores, so 'cpu' only halves
@@ -74,8 +75,8 @@ def prepare_arrays(data: Dict[str, np.ndarray], config: BCConfig) -> Dict[str, n
         keep = safe_transition_mask(data, config.cost_limit)
         if not keep.any():
             _, cost_returns, _, _ = trajectory_returns(data)
-            raise ValueError(f'BC-Safe: no trajectory has cost return <= {config.cost_limit} '
-                             f'(smallest is {cost_returns.min():.1f}); raise cost_limit')
+            raise ConfigError(f'BC-Safe: no trajectory has cost return <= {config.cost_limit} '
+                              f'(smallest is {cost_returns.min():.1f}); raise cost_limit')
         obs, act = obs[keep], act[keep]
     return {'obs': obs, 'act': act}
 

@@ -8,9 +8,12 @@ reference code each algorithm was written against (jaxrl5 for FISOR, torch defau
 from dataclasses import fields
 import math
 import random
+import types
+import typing
 from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
+from saferl_ros.errors import ConfigError, UnknownNameError
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -22,20 +25,99 @@ DATASET_KEYS = ('observations', 'next_observations', 'actions', 'rewards', 'cost
 
 # --------------------------------------------------------------------------- devices and seeding
 
+def _type_name(annotation) -> str:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return ' or '.join(_type_name(a) for a in typing.get_args(annotation))
+    if typing.get_origin(annotation) is tuple:
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f'a list of {_type_name(args[0])}'
+        return f'a list of {len(args)} values'
+    names = {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string',
+             type(None): 'null'}
+    return names.get(annotation, getattr(annotation, '__name__', str(annotation)))
+
+
+def _check_value(value, annotation):
+    """Return ``value`` (numeric text as a float) if it fits ``annotation``; raise TypeError."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return _check_value(value, option)
+            except TypeError:
+                pass
+        raise TypeError
+    if annotation is type(None):
+        if value is None:
+            return value
+        raise TypeError
+    if annotation is bool or annotation is str:
+        if isinstance(value, annotation):
+            return value
+        raise TypeError
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise TypeError
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        items = list(value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            kinds = [args[0]] * len(items)
+        elif len(args) == len(items):
+            kinds = list(args)
+        else:
+            raise TypeError
+        checked = [_check_value(item, kind) for item, kind in zip(items, kinds)]
+        return type(value)(checked)
+    return value
+
+
 def config_from_preset(config_cls, presets: Mapping[str, dict], preset: str, overrides: dict,
                        label: str):
     """
     Return ``config_cls`` built from the named preset with ``overrides`` applied.
 
-    Unknown presets and unknown field names raise KeyError naming ``label`` and the choices, so
-    a typo on the command line fails loudly instead of training with a default.
+    Unknown presets and unknown field names raise KeyError (:class:`UnknownNameError`) naming
+    ``label`` and the choices, and a value of the wrong type (a string for a number, a number
+    for a list) raises ValueError (:class:`ConfigError`) naming the field, so a typo on the
+    command line fails loudly instead of training with a default or crashing mid-run.
     """
     if preset not in presets:
-        raise KeyError(f'unknown {label} preset {preset!r}; choose one of {sorted(presets)}')
-    unknown = sorted(set(overrides) - {f.name for f in fields(config_cls)})
+        raise UnknownNameError(f'unknown {label} preset {preset!r}; choose one of '
+                               f'{sorted(presets)}')
+    kinds = {f.name: f.type for f in fields(config_cls)}
+    unknown = sorted(set(overrides) - set(kinds))
     if unknown:
-        raise KeyError(f'unknown {label} config fields {unknown}')
-    return config_cls(**{**presets[preset], **overrides})
+        raise UnknownNameError(f'unknown {label} config fields {unknown}; known fields: '
+                               f'{", ".join(sorted(kinds))}')
+    checked = {}
+    for name, value in overrides.items():
+        try:
+            checked[name] = _check_value(value, kinds[name])
+        except TypeError:
+            raise ConfigError(f'{label} config field {name!r} should be '
+                              f'{_type_name(kinds[name])}, found {type(value).__name__} '
+                              f'{value!r}; give a value of that type') from None
+    try:
+        return config_cls(**{**presets[preset], **checked})
+    except ValueError as error:  # __post_init__'s consistency checks
+        raise ConfigError(f'{label} config: {error}') from None
+
+
+class DeviceError(ConfigError, RuntimeError):
+    """A requested torch device that this machine does not have."""
 
 
 def resolve_device(device: str = 'auto') -> torch.device:
@@ -43,9 +125,13 @@ def resolve_device(device: str = 'auto') -> torch.device:
     if device == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     if str(device).startswith('cuda') and not torch.cuda.is_available():
-        raise RuntimeError(f'device {device!r} requested but CUDA is not available; '
-                           "use --device cpu or 'auto'")
-    return torch.device(device)
+        raise DeviceError(f'device {device!r} requested but CUDA is not available; '
+                          "use --device cpu or 'auto'")
+    try:
+        return torch.device(device)
+    except RuntimeError as error:
+        raise DeviceError(f'unknown device {device!r} ({error}); use --device auto, cpu or '
+                          'cuda[:i]') from None
 
 
 def set_seed(seed: int) -> None:
@@ -367,7 +453,8 @@ class ReplayBuffer:
             raise ValueError(f'ReplayBuffer arrays have different lengths: {sizes}')
         self.size = next(iter(sizes.values()))
         if self.size == 0:
-            raise ValueError('ReplayBuffer got an empty dataset')
+            raise ConfigError('ReplayBuffer got an empty dataset; give a dataset with '
+                              'transitions')
         self.device = torch.device(device)
         self.data = {key: torch.as_tensor(np.asarray(value, dtype=np.float32)).to(self.device)
                      for key, value in arrays.items()}
@@ -391,8 +478,8 @@ class ReplayBuffer:
     def load_state_dict(self, state: dict) -> None:
         """Restore the sampler state saved by state_dict()."""
         if state['size'] != self.size:
-            raise ValueError(f'checkpoint was trained on {state["size"]} transitions but the '
-                             f'dataset has {self.size}; resume with the same dataset')
+            raise ConfigError(f'checkpoint was trained on {state["size"]} transitions but the '
+                              f'dataset has {self.size}; resume with the same dataset')
         self.generator.set_state(state['generator'].cpu())
 
 
@@ -400,11 +487,12 @@ def check_dataset(data: Mapping[str, np.ndarray], keys: Iterable[str] = DATASET_
     """Check that ``data`` has the DSRL keys with one row per transition; return the size."""
     missing = [key for key in keys if key not in data]
     if missing:
-        raise KeyError(f'dataset is missing {missing}; expected the DSRL keys {list(keys)} '
-                       '(load it with offline_training.data.dataset.load_dataset)')
+        raise UnknownNameError(f'dataset is missing {missing}; expected the DSRL keys '
+                               f'{list(keys)} (load it with '
+                               'offline_training.data.dataset.load_dataset)')
     sizes = {key: len(data[key]) for key in keys}
     if len(set(sizes.values())) != 1:
-        raise ValueError(f'dataset arrays differ in length: {sizes}')
+        raise ConfigError(f'dataset arrays differ in length: {sizes}')
     return next(iter(sizes.values()))
 
 

@@ -25,6 +25,7 @@ from offline_training.algos.common import (
     clip_actions, config_from_preset, cosine_lr_scheduler, ddpm_sample, DiffusionSchedule,
     EpsilonNet, expectile_loss, QEnsemble, ReplayBuffer, reversed_expectile_loss, soft_update,
     ValueNet)
+from saferl_ros.errors import ConfigError
 import torch
 from torch import nn
 
@@ -82,8 +83,8 @@ class FisorConfig:
         self.critic_hidden = tuple(int(h) for h in self.critic_hidden)
         self.cond_hidden = tuple(int(h) for h in self.cond_hidden)
         if self.critic_batch_size > self.actor_batch_size * self.actor_updates_per_step:
-            raise ValueError('critic_batch_size must not exceed actor_batch_size * '
-                             'actor_updates_per_step (critics use the first rows of the batch)')
+            raise ConfigError('critic_batch_size must not exceed actor_batch_size * '
+                              'actor_updates_per_step (critics use the first rows of the batch)')
 
 
 # Named presets. 'paper' is the paper/official configuration. 'cpu' keeps every equation and the

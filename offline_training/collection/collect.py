@@ -12,11 +12,9 @@ Everything random comes from one ``numpy.random.SeedSequence(seed)``: episode ``
 environment seed and noise stream, so a dataset is reproducible from the committed checkpoints.
 """
 
-import contextlib
 from dataclasses import asdict, dataclass
 import math
 from pathlib import Path
-import random
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -26,6 +24,8 @@ from offline_training.collection.behavior import DEFAULT_AGENT_ROOT, list_checkp
 from offline_training.collection.density import DensityFilterConfig, grid_filter
 from offline_training.data.dataset import PROJECT_DATASET_DIR, write_dataset
 from offline_training.data.tasks import get_task, TaskSpec
+# The runtime core owns the helper (saferl_ros must not import offline_training).
+from saferl_ros.sim import seeded_global_rngs
 
 DEFAULT_DATASET_DIR = PROJECT_DATASET_DIR
 TRAJECTORY_KEYS = ('observations', 'next_observations', 'actions', 'rewards', 'costs',
@@ -57,25 +57,6 @@ class CollectConfig:
     cmax: Optional[float] = None
     target_count: Optional[int] = None  # None: DSRL's trajectory count
     max_steps: Optional[int] = None  # shorter episodes than the horizon (tests only)
-
-
-@contextlib.contextmanager
-def seeded_global_rngs(seed: int):
-    """
-    Seed numpy's and Python's global rngs for a block, then restore their previous states.
-
-    Bullet-Safety-Gym ignores ``reset(seed=...)``: its initial positions and orientations come
-    from the *global* ``np.random`` (and ``random`` for obstacles), so this is the only way to
-    make an episode reproducible. Restoring the states keeps the side effect local.
-    """
-    np_state, py_state = np.random.get_state(), random.getstate()
-    np.random.seed(seed)
-    random.seed(seed)
-    try:
-        yield
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
 
 
 def rollout(env, actor: NumpyActor, noise_std: float, env_seed: int,

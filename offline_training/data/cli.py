@@ -17,24 +17,35 @@ from typing import List, Optional
 
 import numpy as np
 
-from offline_training.data.dataset import (DatasetError, file_sha256, infer_task, load_dataset,
-                                           resolve_dataset_path, validate_file)
+from offline_training.data.dataset import (check_file, DatasetError, file_sha256, load_dataset,
+                                           resolve_dataset_path)
 from offline_training.data.plot import plot_returns
 from offline_training.data.tasks import get_task
 from offline_training.data.trajectories import trajectory_returns
 
 KAPPAS = (5, 10, 20, 40)
+# What the summaries and plots need: per-transition rewards, costs and episode ends.
+SUMMARY_KEYS = ('rewards', 'costs', 'terminals', 'timeouts')
 
 
 def _load(args):
-    """Load ``args.path`` (validated) and return (path, data, task spec)."""
+    """
+    Check ``args.path`` fully and load only its SUMMARY_KEYS; return (path, data, report).
+
+    The checks stream over the file (nothing is read before its declared layout is accepted),
+    and the observations, the bulk of a file, are never loaded.
+    """
     path = resolve_dataset_path(args.path, args.task)
-    data = load_dataset(path, task=args.task)
-    import h5py
-    with h5py.File(path, 'r') as h5:
-        attrs = dict(h5.attrs)
-    spec = get_task(args.task) if args.task else infer_task(path, attrs)
-    return path, data, spec
+    report = check_file(path, task=args.task, require_task=False)
+    if report.problems:
+        raise DatasetError(report.problems)
+    data = load_dataset(path, task=args.task, validate=False, keys=SUMMARY_KEYS)
+    return path, data, report
+
+
+def _print_notes(report, stream) -> None:
+    for note in report.notes:
+        print(f'  note: {note.key}: {note.message}', file=stream)
 
 
 def _row(name, values):
@@ -44,19 +55,20 @@ def _row(name, values):
 
 def cmd_info(args) -> int:
     """Print a summary table of a dataset."""
-    path, data, spec = _load(args)
+    path, data, report = _load(args)
+    spec = report.task
     reward_returns, cost_returns, starts, stops = trajectory_returns(data)
     lengths = (stops - starts).astype(np.float64)
     print(f'file         {path}')
     print(f'sha256       {file_sha256(path)}')
     print(f'task         {spec.name if spec else "unknown"}'
           + (f' ({spec.env_id}, horizon {spec.horizon})' if spec else ''))
-    print(f'transitions  {data["observations"].shape[0]}')
+    print(f'transitions  {data["rewards"].shape[0]}')
     print(f'trajectories {starts.size}'
           + (f'   (DSRL dataset: {spec.dsrl_num_trajectories})' if spec else ''))
     print('keys')
-    for key in sorted(data):
-        print(f'  {key:<22} {str(data[key].dtype):<8} {tuple(data[key].shape)}')
+    for key, (shape, dtype) in sorted(report.layout.items()):
+        print(f'  {key:<22} {str(dtype):<8} {shape}')
     print('per trajectory')
     print(_row('length', lengths))
     print(_row('reward return', reward_returns))
@@ -66,25 +78,30 @@ def cmd_info(args) -> int:
               f'cost cut-off {spec.max_cost:g}')
     shares = '   '.join(f'<= {k}: {np.mean(cost_returns <= k):6.1%}' for k in KAPPAS)
     print(f'cost return  {shares}')
+    if report.notes:
+        print('notes')
+        _print_notes(report, sys.stdout)
     return 0
 
 
 def cmd_validate(args) -> int:
     """Validate a file; print every problem and return 1 if there is any."""
-    problems = validate_file(args.path, task=args.task)
-    if problems:
-        print(f'INVALID: {len(problems)} problem(s) in {args.path}', file=sys.stderr)
-        for problem in problems:
+    report = check_file(args.path, task=args.task)
+    if report.problems:
+        print(f'INVALID: {len(report.problems)} problem(s) in {args.path}', file=sys.stderr)
+        for problem in report.problems:
             print(f'  - {problem.key}: {problem.message}', file=sys.stderr)
+        _print_notes(report, sys.stderr)
         return 1
     print(f'OK: {args.path} is a valid DSRL dataset')
+    _print_notes(report, sys.stdout)
     return 0
 
 
 def cmd_plot(args) -> int:
     """Write the reward-versus-cost scatter plot of a dataset."""
-    path, data, spec = _load(args)
-    out = plot_returns(data, args.output, task=spec)
+    path, data, report = _load(args)
+    out = plot_returns(data, args.output, task=report.task)
     print(f'wrote {out}')
     return 0
 

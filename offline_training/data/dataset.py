@@ -9,20 +9,22 @@ Every problem found names the file, the key and what is wrong, so that a user ca
 or the code that produced it. Nothing here downloads anything.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 import hashlib
 import json
 import os
 from pathlib import Path
 import re
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import h5py
 import numpy as np
 
 from offline_training.data.tasks import get_task, TaskSpec
 from offline_training.data.trajectories import trajectory_returns
+# The extras that saferl_ros recordings add (numpy + h5py module, no ROS): accepted without a note.
+from saferl_ros.recorder import EXTRA_KEYS as RECORDING_KEYS
 
 REQUIRED_KEYS = ('observations', 'next_observations', 'actions', 'rewards', 'costs',
                  'terminals', 'timeouts')
@@ -33,6 +35,29 @@ MANIFEST_SUFFIX = '.manifest.json'
 ACTION_BOUND = 1.0 + 1e-5
 # next_observations[t] must equal observations[t + 1] inside an episode, up to this tolerance.
 CONTINUITY_ATOL = 1e-4
+
+# What a file may declare, checked before anything is read (HDF5 lets a few KB declare any
+# shape; chunks never written read back as fill values, so reading would allocate it all).
+# Row limit: DSRL's largest Bullet-Safety-Gym dataset holds ~2.9 million transitions (AntCircle,
+# 5728 episodes of up to 500 steps) and the others 1-2 million; 20 million leaves room for merged
+# recordings, while 1e8 rows of 72 float32 columns would already need 29 GB for one key.
+MAX_ROWS = 20_000_000
+# Declared (uncompressed) bytes per byte actually stored. Deflate (gzip) cannot expand a byte
+# into more than ~1032 (shuffle and lzf expand less), so no real gzip'd array exceeds this, however
+# compressible: all-zero costs or flags, common in real files, compress 400-700:1, which is why a
+# bound on the whole file's ratio (e.g. 200:1) is not used per key. Unwritten chunks store 0.
+MAX_EXPANSION = 1100
+# Arrays declaring up to this many bytes pass the expansion rule whatever they store.
+SMALL_ARRAY_BYTES = 64 * 1024
+# Values are checked in blocks of rows of about BLOCK_BYTES per key, more (up to MAX_BLOCK_BYTES)
+# to cover whole chunks: the memory used stays bounded whatever the file's size. Whole chunks are
+# read at once, so a small HDF5 chunk cache per array suffices (HDF5 2.0's default is 8 MiB).
+BLOCK_BYTES = 1 << 20
+MAX_BLOCK_BYTES = 16 << 20
+CHUNK_CACHE_BYTES = 1 << 20
+_PLAIN_FIX = 'DSRL files hold plain datasets; rewrite the file with real arrays'
+_REWRITE_FIX = ('the file is damaged or not a DSRL dataset: regenerate it (saferl-data collect) '
+                'or copy the original file again')
 
 
 @dataclass(frozen=True)
@@ -127,40 +152,322 @@ def infer_task(path, attrs=None) -> Optional[TaskSpec]:
     return None
 
 
-def _read_arrays(path: Path, problems: List[Problem]):
-    """Read every dataset of an HDF5 file; record why not if it cannot be read."""
-    source = str(path)
-    if not path.is_file():
-        problems.append(Problem(source, '-', 'no such file'))
-        return None, None
-    if path.stat().st_size == 0:
-        problems.append(Problem(source, '-', 'file is empty (0 bytes)'))
-        return None, None
-    if not h5py.is_hdf5(path):
-        problems.append(Problem(source, '-', 'not an HDF5 file (bad signature)'))
-        return None, None
-    data, attrs = {}, {}
+def _human(nbytes: int) -> str:
+    """Return a byte count as a short human-readable string (e.g. ``3.2 GB``)."""
+    if nbytes < 1000:
+        return f'{nbytes} bytes'
+    value, unit = float(nbytes), 'bytes'
+    for unit in ('KB', 'MB', 'GB', 'TB'):
+        value /= 1000
+        if value < 1000:
+            break
+    return f'{value:.1f} {unit}'
+
+
+def _link_problem(h5: h5py.File, key: str) -> Optional[str]:
+    """Return why top-level name ``key`` is not a plain object of this file; never follows it."""
     try:
-        with h5py.File(path, 'r') as h5:
-            attrs = dict(h5.attrs)
-            for key, item in h5.items():
-                if not isinstance(item, h5py.Dataset):
-                    continue
-                try:
-                    data[key] = item[()]
-                except (OSError, ValueError) as err:
-                    problems.append(Problem(source, key, f'cannot be read (truncated or '
-                                                         f'corrupt file?): {err}'))
-    except OSError as err:
-        problems.append(Problem(source, '-', f'cannot be opened (truncated or corrupt file?): '
-                                             f'{err}'))
-        return None, None
-    return data, attrs
+        link = h5.get(key, getlink=True)
+    except (OSError, TypeError, ValueError, KeyError) as err:
+        return f'is a link of a kind h5py cannot inspect ({err}); {_PLAIN_FIX}'
+    if isinstance(link, h5py.HardLink):
+        return None
+    if isinstance(link, h5py.SoftLink):
+        return f'is a soft link to {link.path}; {_PLAIN_FIX}'
+    if isinstance(link, h5py.ExternalLink):
+        return f'is an external link to {link.path} in {link.filename}; {_PLAIN_FIX}'
+    return f'is a {type(link).__name__}, not a plain dataset; {_PLAIN_FIX}'
+
+
+def _storage_shortfall(ds: h5py.Dataset) -> Optional[Tuple[str, int, int, int]]:
+    """
+    Return how a dataset's declared size is not backed by stored data, or None if it is.
+
+    The result is (kind, declared bytes, stored bytes or chunks, expected chunks), kind being
+    ``unwritten``, ``chunks`` or ``expansion``. Reads metadata only. HDF5 lets a file declare
+    any shape, and chunks never written read back as fill values, so a few KB can declare
+    terabytes that reading would allocate. A real array has every chunk stored, and each stored
+    byte expands to at most ~1032 bytes (deflate's limit; shuffle and lzf expand less): a real
+    file, however compressible (all-zero costs compress ~600:1), passes all three rules.
+    """
+    if not ds.shape:
+        return None
+    declared = int(np.prod(ds.shape, dtype=np.int64)) * ds.dtype.itemsize
+    if declared == 0:
+        return None
+    stored = ds.id.get_storage_size()
+    if stored == 0:
+        return 'unwritten', declared, 0, 0
+    if ds.chunks:
+        expected = 1
+        for size, chunk in zip(ds.shape, ds.chunks):
+            expected *= -(-size // chunk)
+        try:
+            present = ds.id.get_num_chunks()
+        except (AttributeError, RuntimeError, OSError):   # HDF5 < 1.10.5 cannot count chunks
+            present = expected
+        if present < expected:
+            return 'chunks', declared, present, expected
+    if declared > MAX_EXPANSION * stored + SMALL_ARRAY_BYTES:
+        return 'expansion', declared, stored, 0
+    return None
+
+
+def _storage_problems(datasets: Dict[str, h5py.Dataset], source: str) -> List[Problem]:
+    """Return one problem per kind of storage shortfall, naming every key that has it."""
+    found: Dict[str, list] = {}
+    for key, item in datasets.items():
+        shortfall = _storage_shortfall(item)
+        if shortfall is not None:
+            found.setdefault(shortfall[0], []).append((key,) + shortfall[1:])
+    problems = []
+    for kind, entries in found.items():
+        keys = ', '.join(entry[0] for entry in entries)
+        declared = _human(sum(entry[1] for entry in entries))
+        if kind == 'unwritten':
+            what = f'{declared} declared, none of it stored in the file (never written)'
+        elif kind == 'chunks':
+            what = (f'{declared} declared, but only {sum(e[2] for e in entries)} of '
+                    f'{sum(e[3] for e in entries)} chunks stored (the rest was never written '
+                    'and would read as fill values)')
+        else:
+            what = (f'{declared} declared, but only {_human(sum(e[2] for e in entries))} stored, '
+                    f'more than gzip can expand ({MAX_EXPANSION}:1)')
+        problems.append(Problem(source, keys, f'{what}; {_REWRITE_FIX}'))
+    return problems
+
+
+def _task_attr(h5: h5py.File) -> dict:
+    """Return ``{'task': value}`` if the file has a task attribute (nothing else is read)."""
+    try:
+        return {'task': h5.attrs['task']} if 'task' in h5.attrs else {}
+    except (OSError, TypeError, ValueError):
+        return {}
+
+
+def _inspect_objects(h5: h5py.File, source: str, problems: List[Problem],
+                     notes: List[Problem]) -> Dict[str, h5py.Dataset]:
+    """
+    Return the plain datasets at the top of a file, reading no data.
+
+    Soft and external links are refused without being followed (dsrl's loader does not see
+    them, and an external link points anywhere, HDF5 or not), and so are virtual or externally
+    stored datasets, whose data lies in other files. A second name for an array already listed
+    (a hard link) is refused too, since dsrl's loader sees each array once. Groups and datasets
+    outside the DSRL and recording keys are notes, not problems.
+    """
+    datasets: Dict[str, h5py.Dataset] = {}
+    for key in h5.keys():
+        why = _link_problem(h5, key)
+        if why is not None:
+            problems.append(Problem(source, key, why))
+            continue
+        item = h5[key]
+        if not isinstance(item, h5py.Dataset):
+            kind = 'group' if isinstance(item, h5py.Group) else type(item).__name__
+            notes.append(Problem(source, key, f'{kind} outside the DSRL layout; ignored here '
+                                              "(dsrl's loader reads any datasets inside it)"))
+            continue
+        if item.is_virtual:
+            problems.append(Problem(source, key, 'is a virtual dataset whose data lies in other '
+                                                 f'files; {_PLAIN_FIX}'))
+            continue
+        if item.external:
+            files = ', '.join(str(entry[0]) for entry in item.external)
+            problems.append(Problem(source, key, f'keeps its data in external raw file(s) {files}'
+                                                 f'; {_PLAIN_FIX}'))
+            continue
+        alias = next((name for name, seen in datasets.items() if seen.id == item.id), None)
+        if alias is not None:
+            problems.append(Problem(source, key, 'is a second name (hard link) for the array '
+                                                 f"stored as '{alias}'; dsrl's loader sees only "
+                                                 f'one of them; {_PLAIN_FIX}'))
+            continue
+        datasets[key] = item
+        if key not in REQUIRED_KEYS and key not in RECORDING_KEYS:
+            notes.append(Problem(source, key, 'extra dataset, not a DSRL or recording key; '
+                                              'training ignores it'))
+    return datasets
+
+
+def _check_layout(arrays, spec: Optional[TaskSpec], bad) -> None:
+    """
+    Check the declared layout of the DSRL keys: shapes, row counts and dtypes; read no data.
+
+    ``arrays`` maps every required key to anything with ``shape`` and ``dtype`` (a numpy array
+    or an unread h5py dataset), so a file's declarations are checked before anything is read.
+    """
+    shapes = {k: tuple(arrays[k].shape or ()) for k in REQUIRED_KEYS}
+    n = shapes['observations'][0] if shapes['observations'] else 0
+    if n == 0:
+        bad('observations', 'contains no transitions')
+        return
+    if n > MAX_ROWS:
+        bad('observations', f'declares {n} rows, more than the {MAX_ROWS} accepted (DSRL '
+                            'datasets hold at most ~3 million); ' + _REWRITE_FIX)
+        return
+    expected_width = {'observations': spec.obs_dim if spec else None,
+                      'next_observations': spec.obs_dim if spec else None,
+                      'actions': spec.act_dim if spec else None}
+    for key in REQUIRED_KEYS:
+        shape, dtype = shapes[key], arrays[key].dtype
+        if shape[:1] != (n,):
+            bad(key, f'has {shape[0] if shape else 0} rows but observations has {n}')
+            continue
+        if key in expected_width:
+            if len(shape) != 2:
+                bad(key, f'must be 2-D (transitions x features), got shape {shape}')
+            elif expected_width[key] is not None and shape[1] != expected_width[key]:
+                what = 'observation' if 'observation' in key else 'action'
+                bad(key, f'has {shape[1]} columns but {spec.name} has a {what} size of '
+                         f'{expected_width[key]} (wrong task?)')
+            elif shape[1] == 0:
+                bad(key, f'has no columns, got shape {shape}')
+        elif len(shape) != 1 and shape[1:] != (1,):
+            bad(key, f'must be 1-D (one value per transition), got shape {shape}')
+        if key in FLOAT_KEYS and dtype.kind != 'f':
+            bad(key, f'must be floating point, got dtype {dtype}')
+        elif key in FLAG_KEYS and dtype.kind not in 'biuf':
+            bad(key, f'must be boolean or 0/1 numbers, got dtype {dtype}')
+
+
+def _block_rows(arrays) -> int:
+    """
+    Return how many rows `_check_values` reads at a time.
+
+    About BLOCK_BYTES of the widest key, and for a chunked file a whole number of the
+    observations' chunks, so that each chunk is decompressed once: a block reaches up to one
+    chunk's rows (h5py's chunks hold <= 1 MiB) but no more than MAX_BLOCK_BYTES of the widest key.
+    """
+    widest = max(max(1, int(np.prod(arrays[k].shape[1:], dtype=np.int64)))
+                 * arrays[k].dtype.itemsize for k in REQUIRED_KEYS)
+    step = max(1, BLOCK_BYTES // widest)
+    chunks = getattr(arrays['observations'], 'chunks', None)
+    if chunks:
+        if chunks[0] > step:
+            step = max(step, min(chunks[0], MAX_BLOCK_BYTES // widest))
+        else:
+            step -= step % chunks[0]
+    return step
+
+
+class _ReadError(Exception):
+    """A block of ``key`` could not be read from the file."""
+
+    def __init__(self, key: str, err: Exception):
+        super().__init__(key, err)
+        self.key, self.err = key, err
+
+
+def _check_values(arrays, spec: Optional[TaskSpec], bad) -> None:
+    """
+    Check the values of DSRL arrays whose layout is valid, streaming over blocks of rows.
+
+    ``arrays`` maps the required keys to numpy arrays or h5py datasets; only one block of rows
+    of each key is held at a time (see `_block_rows`), so a file is checked without loading it.
+    """
+    n = arrays['observations'].shape[0]
+    step = _block_rows(arrays)
+
+    def read(key, start, stop):
+        try:
+            return np.asarray(arrays[key][start:stop])
+        except (OSError, ValueError) as err:
+            raise _ReadError(key, err) from err
+
+    nonfinite = {k: [0, None] for k in FLOAT_KEYS}      # rows, first index
+    odd_flags: Dict[str, list] = {k: [] for k in FLAG_KEYS}
+    outside = [0, None, None]                           # rows, first index, first action
+    negative = 0
+    broken = [0, None]
+    too_long = [0, None]
+    episode_start, last_ends = 0, True
+    carried = None     # (t, next_observations[t]) for the last row t of a block inside an episode
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        rows = stop - start
+        block = {k: read(k, start, stop) for k in REQUIRED_KEYS}
+        for key in FLOAT_KEYS:
+            bad_rows = ~np.isfinite(block[key].reshape(rows, -1)).all(axis=1)
+            if bad_rows.any():
+                if nonfinite[key][1] is None:
+                    nonfinite[key][1] = start + int(np.argmax(bad_rows))
+                nonfinite[key][0] += int(bad_rows.sum())
+        for key in FLAG_KEYS:
+            values = block[key].reshape(-1)
+            odd = ~np.isin(values, (0, 1))
+            if odd.any():
+                odd_flags[key].append(np.unique(values[odd])[:5])
+
+        magnitude = np.abs(block['actions']).max(axis=1)
+        out = np.flatnonzero(magnitude > ACTION_BOUND)
+        if out.size:
+            if outside[1] is None:
+                outside[1:] = [start + int(out[0]), block['actions'][out[0]].copy()]
+            outside[0] += out.size
+        negative += int((block['costs'] < 0).sum())
+
+        ends = (block['terminals'].reshape(-1) != 0) | (block['timeouts'].reshape(-1) != 0)
+        last_ends = bool(ends[-1])
+        # next_observations[t] == observations[t + 1] inside episodes: the pair across the
+        # previous block's edge first (it has the lower index), then the pairs in this block.
+        if carried is not None:
+            if np.abs(carried[1] - block['observations'][0]).max() > CONTINUITY_ATOL:
+                broken[1] = carried[0] if broken[1] is None else broken[1]
+                broken[0] += 1
+        if rows > 1:
+            jump = block['next_observations'][:rows - 1] - block['observations'][1:]
+            np.abs(jump, out=jump)
+            jumped = np.flatnonzero((jump.max(axis=1) > CONTINUITY_ATOL) & ~ends[:rows - 1])
+            if jumped.size:
+                broken[1] = start + int(jumped[0]) if broken[1] is None else broken[1]
+                broken[0] += jumped.size
+        carried = None if last_ends else (stop - 1, block['next_observations'][-1].copy())
+        if spec is not None:
+            if stop == n:
+                ends[-1] = True        # the tail counts as an episode, as trajectory_returns does
+            stops = start + np.flatnonzero(ends) + 1
+            if stops.size:
+                starts = np.concatenate([[episode_start], stops[:-1]])
+                long_ones = np.flatnonzero(stops - starts > spec.horizon)
+                if long_ones.size:
+                    if too_long[1] is None:
+                        too_long[1] = int(starts[long_ones[0]])
+                    too_long[0] += long_ones.size
+                episode_start = int(stops[-1])
+
+    for key in FLOAT_KEYS:
+        count, first = nonfinite[key]
+        if count:
+            bad(key, f'{count} transitions hold NaN or Inf (first at index {first})')
+    for key in FLAG_KEYS:
+        if odd_flags[key]:
+            bad(key, f'must hold only 0/1, found {np.unique(np.concatenate(odd_flags[key]))[:5]}')
+    if any(v[0] for v in nonfinite.values()) or any(odd_flags.values()):
+        return
+
+    if outside[0]:
+        bad('actions', f'{outside[0]} actions lie outside the action space [-1, 1] '
+                       f'(first at index {outside[1]}: {outside[2]}); clip them when recording')
+    if negative:
+        bad('costs', f'{negative} negative costs; costs are >= 0')
+    if not last_ends:
+        bad('terminals', 'the last transition ends no episode (neither terminal nor timeout): '
+                         'the file is cut off mid-episode')
+    if broken[0]:
+        bad('timeouts', f'{broken[0]} transitions inside an episode have '
+                        'next_observations[t] != observations[t+1] (first at index '
+                        f'{broken[1]}): an episode boundary is missing its terminal or '
+                        'timeout flag')
+    if too_long[0]:
+        bad('timeouts', f'{too_long[0]} episodes are longer than the {spec.name} horizon of '
+                        f'{spec.horizon} steps (first starts at index {too_long[1]}): '
+                        'a timeout flag is missing')
 
 
 def validate_arrays(data: Dict[str, np.ndarray], task=None, source='<arrays>') -> List[Problem]:
     """Check DSRL arrays against the layout and, if known, the task; return every problem."""
-    problems = []
+    problems: List[Problem] = []
 
     def bad(key, message):
         problems.append(Problem(source, key, message))
@@ -171,77 +478,121 @@ def validate_arrays(data: Dict[str, np.ndarray], task=None, source='<arrays>') -
     if missing:
         return problems
     arrays = {k: np.asarray(data[k]) for k in REQUIRED_KEYS}
-    n = arrays['observations'].shape[0] if arrays['observations'].ndim else 0
-    if n == 0:
-        bad('observations', 'contains no transitions')
-        return problems
-
     spec = get_task(task) if task is not None else None
-    expected_width = {'observations': spec.obs_dim if spec else None,
-                      'next_observations': spec.obs_dim if spec else None,
-                      'actions': spec.act_dim if spec else None}
-    for key, array in arrays.items():
-        if array.shape[:1] != (n,):
-            bad(key, f'has {array.shape[0] if array.ndim else 0} rows but observations has {n}')
-            continue
-        if key in expected_width:
-            if array.ndim != 2:
-                bad(key, f'must be 2-D (transitions x features), got shape {array.shape}')
-            elif expected_width[key] is not None and array.shape[1] != expected_width[key]:
-                what = 'observation' if 'observation' in key else 'action'
-                bad(key, f'has {array.shape[1]} columns but {spec.name} has a {what} size of '
-                         f'{expected_width[key]} (wrong task?)')
-        elif array.ndim != 1 and array.shape[1:] != (1,):
-            bad(key, f'must be 1-D (one value per transition), got shape {array.shape}')
-        if key in FLOAT_KEYS and array.dtype.kind != 'f':
-            bad(key, f'must be floating point, got dtype {array.dtype}')
-        elif key in FLAG_KEYS and array.dtype.kind not in 'biuf':
-            bad(key, f'must be boolean or 0/1 numbers, got dtype {array.dtype}')
-    if problems:
-        return problems
-
-    for key in FLOAT_KEYS:
-        finite = np.isfinite(arrays[key])
-        if not finite.all():
-            rows = np.flatnonzero(~finite.reshape(n, -1).all(axis=1))
-            bad(key, f'{rows.size} transitions hold NaN or Inf (first at index {rows[0]})')
-    for key in FLAG_KEYS:
-        values = arrays[key].reshape(-1)
-        if not np.isin(values, (0, 1)).all():
-            odd = np.unique(values[~np.isin(values, (0, 1))])[:5]
-            bad(key, f'must hold only 0/1, found {odd}')
-    if problems:
-        return problems
-
-    actions = arrays['actions']
-    if np.abs(actions).max() > ACTION_BOUND:
-        rows = np.flatnonzero(np.abs(actions).max(axis=1) > ACTION_BOUND)
-        bad('actions', f'{rows.size} actions lie outside the action space [-1, 1] '
-                       f'(first at index {rows[0]}: {actions[rows[0]]}); clip them when recording')
-    if (arrays['costs'] < 0).any():
-        bad('costs', f'{int((arrays["costs"] < 0).sum())} negative costs; costs are >= 0')
-
-    ends = (arrays['terminals'].reshape(-1) != 0) | (arrays['timeouts'].reshape(-1) != 0)
-    if not ends[-1]:
-        bad('terminals', 'the last transition ends no episode (neither terminal nor timeout): '
-                         'the file is cut off mid-episode')
-    inside = np.flatnonzero(~ends[:-1])
-    if inside.size:
-        jump = np.abs(arrays['next_observations'][inside] - arrays['observations'][inside + 1])
-        broken = inside[jump.max(axis=1) > CONTINUITY_ATOL]
-        if broken.size:
-            bad('timeouts', f'{broken.size} transitions inside an episode have '
-                            'next_observations[t] != observations[t+1] (first at index '
-                            f'{broken[0]}): an episode boundary is missing its terminal or '
-                            'timeout flag')
-    if spec is not None:
-        _, _, starts, stops = trajectory_returns(arrays)
-        too_long = np.flatnonzero(stops - starts > spec.horizon)
-        if too_long.size:
-            bad('timeouts', f'{too_long.size} episodes are longer than the {spec.name} horizon of '
-                            f'{spec.horizon} steps (first starts at index {starts[too_long[0]]}): '
-                            'a timeout flag is missing')
+    _check_layout(arrays, spec, bad)
+    if not problems:
+        _check_values(arrays, spec, bad)
     return problems
+
+
+@dataclass
+class DatasetReport:
+    """
+    What `check_file` found in a dataset file.
+
+    ``problems`` make the file unusable; ``notes`` are warnings (extra groups or keys) that do
+    not. ``layout`` maps each plain dataset to its declared (shape, dtype); ``task`` is the task
+    used for the checks (None if unknown).
+    """
+
+    path: Path
+    problems: List[Problem] = field(default_factory=list)
+    notes: List[Problem] = field(default_factory=list)
+    layout: Dict[str, Tuple[tuple, np.dtype]] = field(default_factory=dict)
+    task: Optional[TaskSpec] = None
+
+
+def _open(path: Path, problems: List[Problem]) -> Optional[h5py.File]:
+    """Open an HDF5 file for reading; record why not and return None if it cannot be opened."""
+    source = str(path)
+    if not path.is_file():
+        problems.append(Problem(source, '-', 'no such file'))
+        return None
+    if path.stat().st_size == 0:
+        problems.append(Problem(source, '-', 'file is empty (0 bytes)'))
+        return None
+    if not h5py.is_hdf5(path):
+        problems.append(Problem(source, '-', 'not an HDF5 file (bad signature)'))
+        return None
+    try:
+        return h5py.File(path, 'r', rdcc_nbytes=CHUNK_CACHE_BYTES)
+    except OSError as err:
+        problems.append(Problem(source, '-', f'cannot be opened (truncated or corrupt file?): '
+                                             f'{err}'))
+        return None
+
+
+def _inspect(h5: h5py.File, report: DatasetReport, task, require_task: bool):
+    """
+    Run every check that reads no data; return the required datasets, or None on problems.
+
+    In order: links and odd objects, the task, missing keys, the declared layout (shapes, row
+    counts, the row limit, dtypes), then whether every declared array is backed by stored data.
+    """
+    source = str(report.path)
+    problems = report.problems
+    datasets = _inspect_objects(h5, source, problems, report.notes)
+    report.layout = {k: (tuple(d.shape) if d.shape is not None else None, d.dtype)
+                     for k, d in datasets.items()}
+    try:
+        report.task = get_task(task) if task is not None \
+            else infer_task(report.path, _task_attr(h5))
+    except KeyError as err:
+        problems.append(Problem(source, 'task', str(err.args[0])))
+        return None
+    if report.task is None and require_task:
+        problems.append(Problem(source, 'task', 'cannot tell which task this file is for '
+                                                '(no task attribute, no DSRL file name); '
+                                                'pass --task'))
+    missing = [k for k in REQUIRED_KEYS if k not in datasets]
+    for key in missing:
+        if not any(p.key == key for p in problems):     # a refused link says more than this
+            problems.append(Problem(source, key, 'required key is missing (DSRL files need '
+                                                 + ', '.join(REQUIRED_KEYS) + ')'))
+    if missing:
+        return None
+    layout_problems: List[Problem] = []
+    _check_layout(datasets, report.task,
+                  lambda key, message: layout_problems.append(Problem(source, key, message)))
+    problems.extend(layout_problems)
+    if layout_problems:
+        return None
+    problems.extend(_storage_problems(datasets, source))
+    if any(p.key != 'task' for p in problems):
+        return None
+    return datasets
+
+
+def check_file(path, task=None, values=True, require_task=True) -> DatasetReport:
+    """
+    Check a dataset file; return a DatasetReport (no problems means it is valid).
+
+    Everything the file declares (links, keys, shapes, row counts, dtypes, stored bytes) is
+    checked before any array is read; then, if ``values``, the values are checked in blocks of
+    rows, so memory stays bounded whatever the file's size. The task comes from ``task``, else
+    the file's ``task`` attribute, else its DSRL-style name; ``require_task`` makes an unknown
+    task a problem.
+    """
+    report = DatasetReport(Path(path))
+    h5 = _open(report.path, report.problems)
+    if h5 is None:
+        return report
+    with h5:
+        try:
+            datasets = _inspect(h5, report, task, require_task)
+            # Datasets come back only when every declaration is sound (an unknown task, if
+            # required, may have been reported: the task-independent value checks still run).
+            if datasets is not None and values:
+                _check_values(datasets, report.task, lambda key, message: report.problems.append(
+                    Problem(str(report.path), key, message)))
+        except _ReadError as err:
+            report.problems.append(Problem(str(report.path), err.key,
+                                           f'cannot be read (truncated or corrupt file?): '
+                                           f'{err.err}'))
+        except (OSError, ValueError) as err:
+            report.problems.append(Problem(str(report.path), '-',
+                                           f'cannot be read (truncated or corrupt file?): {err}'))
+    return report
 
 
 def validate_file(path, task=None) -> List[Problem]:
@@ -249,46 +600,40 @@ def validate_file(path, task=None) -> List[Problem]:
     Return every problem of a dataset file; an empty list means it is valid.
 
     The task comes from ``task``, else the file's ``task`` attribute, else its DSRL-style name.
+    See `check_file`, which also returns warning-level notes.
     """
-    path = Path(path)
-    problems: List[Problem] = []
-    data, attrs = _read_arrays(path, problems)
-    if data is None:
-        return problems
-    try:
-        spec = get_task(task) if task is not None else infer_task(path, attrs)
-    except KeyError as err:
-        return problems + [Problem(str(path), 'task', str(err.args[0]))]
-    if spec is None:
-        problems.append(Problem(str(path), 'task', 'cannot tell which task this file is for '
-                                                   '(no task attribute, no DSRL file name); '
-                                                   'pass --task'))
-    return problems + validate_arrays(data, spec, source=str(path))
+    return check_file(path, task).problems
 
 
-def load_dataset(path=None, task=None, validate=True) -> Dict[str, np.ndarray]:
+def load_dataset(path=None, task=None, validate=True, keys=None) -> Dict[str, np.ndarray]:
     """
     Load a DSRL dataset as DSRL does: float32 arrays, 1-D rewards, costs and flags.
 
     ``path`` is a file; without it the task's file is looked up in the folders of
     `dataset_dirs`. Never downloads. Raises DatasetError listing every problem found.
-    Extra keys (recording extras) are returned unchanged.
+    What the file declares is always checked before anything is read (`check_file`);
+    ``validate=False`` skips only the checks of the values. ``keys`` loads only those keys
+    (default: every plain dataset; extra keys such as recording extras are returned unchanged).
     """
     path = resolve_dataset_path(path, task)
-    problems: List[Problem] = []
-    data, attrs = _read_arrays(path, problems)
-    if data is None or problems:
-        raise DatasetError(problems)
-    if validate:
-        spec = get_task(task) if task is not None else infer_task(path, attrs)
-        problems = validate_arrays(data, spec, source=str(path))
-        if problems:
-            raise DatasetError(problems)
+    report = check_file(path, task, values=validate, require_task=False)
+    if report.problems:
+        raise DatasetError(report.problems)
+    wanted = list(report.layout) if keys is None else list(keys)
+    data: Dict[str, np.ndarray] = {}
+    with h5py.File(path, 'r') as h5:
+        for key in wanted:
+            try:
+                data[key] = h5[key][()]
+            except (OSError, ValueError, KeyError) as err:
+                raise DatasetError([Problem(str(path), key, f'cannot be read (truncated or '
+                                                            f'corrupt file?): {err}')]) from err
     for key in FLOAT_KEYS + FLAG_KEYS:
-        array = np.asarray(data[key])
-        if key not in ('observations', 'next_observations', 'actions'):
-            array = array.reshape(-1)
-        data[key] = array.astype(np.float32)
+        if key in data:
+            array = np.asarray(data[key])
+            if key not in ('observations', 'next_observations', 'actions'):
+                array = array.reshape(-1)
+            data[key] = array.astype(np.float32, copy=False)
     return data
 
 

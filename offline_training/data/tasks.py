@@ -15,6 +15,8 @@ from typing import Dict
 os.environ.setdefault('DSRL_SUPPRESS_IMPORT_ERROR', '1')
 
 from dsrl import infos as dsrl_infos  # noqa: E402
+from saferl_ros.errors import UnknownNameError  # noqa: E402
+from saferl_ros.sim import quiet_observation_bounds_warning  # noqa: E402
 
 TASK_NAMES = ('BallCircle', 'CarCircle', 'DroneCircle', 'AntCircle',
               'BallRun', 'CarRun', 'DroneRun', 'AntRun')
@@ -81,7 +83,8 @@ class TaskSpec:
         Create the gymnasium environment, time-limited to the DSRL horizon.
 
         ``offline=True`` gives dsrl's ``Offline<Task>-v0`` wrapper, whose ``get_dataset(h5path)``
-        and ``get_normalized_score`` are the reference implementations.
+        and ``get_normalized_score`` are the reference implementations; under gymnasium 1.x
+        call them on ``env.unwrapped`` (wrappers no longer forward attributes).
         """
         import bullet_safety_gym  # noqa: F401  (registers the Safety*-v0 ids)
         import dsrl  # noqa: F401  (registers the Offline*-v0 ids)
@@ -89,7 +92,8 @@ class TaskSpec:
 
         make_bullet_safety_gym_capture_safe()
         env_id = self.offline_id if offline else self.env_id
-        return gym.make(env_id, max_episode_steps=self.horizon, **kwargs)
+        with quiet_observation_bounds_warning():
+            return gym.make(env_id, max_episode_steps=self.horizon, **kwargs)
 
 
 def _build(name: str) -> TaskSpec:
@@ -129,6 +133,6 @@ def get_task(name) -> TaskSpec:
     for task_name, spec in TASKS.items():
         if task_name.lower() == key.lower():
             return spec
-    raise KeyError(
+    raise UnknownNameError(
         f'unknown task {name!r}: expected one of {", ".join(TASK_NAMES)} '
         '(or their DSRL ids such as OfflineBallCircle-v0)')

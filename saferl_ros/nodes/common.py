@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from lifecycle_msgs.msg import State
-from rcl_interfaces.msg import FloatingPointRange, ParameterDescriptor
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 import rclpy
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import TransitionCallbackReturn
@@ -60,7 +60,9 @@ DIAGNOSTICS_QOS = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST,
 # Names of the scalar entries of a STEP message; observation/next-observation/action entries
 # follow as 'observation/<channel>', 'next_observation/<channel>', 'action/<i>'.
 STEP_SCALARS = ('reward', 'cost', 'terminated', 'truncated', 'episode', 'step', 'missed')
-VERDICT_SCALARS = ('state', 'v_h', 'q_h', 'q_c')
+# v_h, q_h, q_c: the critic's outputs for the proposal; risk_final: the critic's risk (Q_h or
+# Q_c) of the action published; replaced: 1 if that action is the fallback's, not the proposal.
+VERDICT_SCALARS = ('state', 'v_h', 'q_h', 'q_c', 'risk_final', 'replaced')
 
 
 def action_names(act_dim: int) -> List[str]:
@@ -124,15 +126,27 @@ class Param:
     description: str
     read_only: bool = False
     min_value: Optional[float] = None
+    max_value: Optional[float] = None
 
 
 def declare(node, params: Sequence[Param]) -> None:
-    """Declare every parameter with a descriptor (description, type, range)."""
+    """
+    Declare every parameter with a descriptor (description, type, range).
+
+    rclpy enforces the range when a value is set (parameter file, --set, ros2 param set), so an
+    out-of-range value fails the node's creation with the parameter's name and range.
+    """
     for p in params:
         descriptor = ParameterDescriptor(description=p.description, read_only=p.read_only)
-        if p.min_value is not None and isinstance(p.default, float):
+        bounded = p.min_value is not None or p.max_value is not None
+        if bounded and isinstance(p.default, float):
             descriptor.floating_point_range = [FloatingPointRange(
-                from_value=float(p.min_value), to_value=float('inf'), step=0.0)]
+                from_value=float(-math.inf if p.min_value is None else p.min_value),
+                to_value=float(math.inf if p.max_value is None else p.max_value), step=0.0)]
+        elif bounded and isinstance(p.default, int) and not isinstance(p.default, bool):
+            descriptor.integer_range = [IntegerRange(
+                from_value=int(-2 ** 63 if p.min_value is None else p.min_value),
+                to_value=int(2 ** 63 - 1 if p.max_value is None else p.max_value), step=1)]
         node.declare_parameter(p.name, p.default, descriptor)
 
 
@@ -165,8 +179,59 @@ def optional_float(value: float) -> Optional[float]:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
+class StopSignals:
+    """
+    SIGINT and SIGTERM request an orderly stop instead of raising inside a callback.
+
+    rclpy's own handlers invalidate the context at once, so nothing can publish the safe stop or
+    close the recording afterwards ("context is not valid"); a KeyboardInterrupt raised in the
+    middle of a callback or a transition leaves it half done. Here a signal only sets
+    ``signum``; the spin loops poll :attr:`requested` (they spin in short slices) and then
+    deactivate every node while the context is still valid. Used as a context manager, the
+    previous handlers come back on exit (in-process tests run several graphs).
+    """
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._saved: Dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        """Return True once SIGINT or SIGTERM arrived."""
+        return self.signum is not None
+
+    def exit_code(self, interrupted_work: bool = True) -> int:
+        """
+        Return the process exit status after an orderly stop.
+
+        SIGTERM (a supervisor's stop) gives 0; SIGINT gives 130 (the shell's Ctrl-C status)
+        when it cut work short, 0 when stopping by Ctrl-C is the documented way to end.
+        """
+        if self.signum == signal.SIGINT and interrupted_work:
+            return 130
+        return 0
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __enter__(self) -> 'StopSignals':
+        """Install the handlers (only possible in the main thread; elsewhere a no-op)."""
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Restore the previous handlers."""
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+        self._saved.clear()
+
+
+# How long one spin slice may block: the longest delay between a signal and the start of the
+# orderly stop (Python runs signal handlers only between C calls).
+SPIN_SLICE = 0.1
 
 
 def set_realtime_priority(priority: int, logger=None) -> bool:
@@ -235,37 +300,49 @@ def run_node(node_class, args=None, executor: str = 'single'):
     # Our own SIGINT/SIGTERM handling (not rclpy's, which invalidates the context at once): on
     # Ctrl-C or `kill` the node is deactivated while it can still publish, so the monitor sends
     # its safe action, the adapter a zero command and the recorder closes its run.
-    rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    node = node_class()
-    if priority:
-        set_realtime_priority(priority, node.get_logger())
-    executor = make_executor(executor_kind)
-    executor.add_node(node)
-    code = 0
-    try:
-        if autostart:
-            if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
-                node.get_logger().fatal(f'{node.get_name()}: configure failed; the robot stays '
-                                        f'stopped: {node.last_error}')
-                code = 1
-            elif node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
-                code = 1
-        if code == 0:
-            # spin_once in a loop, not spin(): the EventsExecutor's spin() of these wheels
-            # busy-waits (70 % of a core while idle, measured); spin_once sleeps until an event.
-            while rclpy.ok():
-                executor.spin_once(timeout_sec=0.5)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
+    with StopSignals() as stop:
+        rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
+        node = node_class()
+        if priority:
+            set_realtime_priority(priority, node.get_logger())
+        executor = make_executor(executor_kind)
+        executor.add_node(node)
+        code = 0
         try:
-            if node._state_machine.current_state[0] == State.PRIMARY_STATE_ACTIVE:
-                node.trigger_deactivate()
-                for _ in range(5):   # let the safe stop go out
-                    executor.spin_once(timeout_sec=0.01)
-        except Exception as exc:  # shutting down anyway: report, do not mask the exit
-            node.get_logger().error(f'deactivate on exit failed: {exc}')
-        node.destroy_node()
-        rclpy.try_shutdown()
+            if autostart and not stop.requested:
+                if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                    node.get_logger().fatal(f'{node.get_name()}: configure failed; the robot '
+                                            f'stays stopped: {node.last_error}')
+                    code = 1
+                elif not stop.requested and \
+                        node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
+                    code = 1
+            # spin_once in short slices, not spin(): the EventsExecutor's spin() of these wheels
+            # busy-waits (70 % of a core while idle, measured); spin_once sleeps until an event,
+            # and the slice bounds how late a stop signal is noticed.
+            # A node whose work is done (sim_node after its `episodes`) sets `finished`: the
+            # process then ends as after a stop signal, so a launch file can end with it.
+            while code == 0 and rclpy.ok() and not stop.requested and \
+                    not getattr(node, 'finished', False):
+                executor.spin_once(timeout_sec=SPIN_SLICE)
+        except ExternalShutdownException:
+            pass
+        finally:
+            if stop.requested:
+                node.get_logger().info(f'{signal.Signals(stop.signum).name}: stopping')
+            try:
+                if node_is_active(node):
+                    node.trigger_deactivate()
+                    for _ in range(5):   # let the safe stop go out
+                        executor.spin_once(timeout_sec=0.01)
+            except Exception as exc:  # shutting down anyway: report, do not mask the exit
+                node.get_logger().error(f'deactivate on exit failed: {exc}')
+            executor.remove_node(node)
+            node.destroy_node()
+            rclpy.try_shutdown()
     return code
+
+
+def node_is_active(node) -> bool:
+    """Return True if a lifecycle node is in the ACTIVE primary state."""
+    return node._state_machine.current_state[0] == State.PRIMARY_STATE_ACTIVE

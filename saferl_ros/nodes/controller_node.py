@@ -9,6 +9,7 @@ the robot), never acted on. The proposal carries the observation's stamp.
 """
 
 import sys
+import time
 
 import numpy as np
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
@@ -17,11 +18,13 @@ from saferl_ros.nodes.common import (action_names, COMMAND_QOS, declare, diagnos
                                      joint_state, OBSERVATION, Param, PROPOSED, run_node,
                                      SENSOR_QOS, stamp_to_ns, values)
 from saferl_ros.observation import channel_names, check_channels, ObservationError
+from saferl_ros.paths import resolve_path
 from saferl_ros.policy_runner import LatencyStats, PolicyInputError, PolicyRunner
 from sensor_msgs.msg import JointState
 
 PARAMS = [
-    Param('bundle', '', 'Path of the model bundle folder (models/<name>/) whose policy runs.'),
+    Param('bundle', '', 'Model bundle folder whose policy runs: package://saferl_ros/models/'
+          '<name>, an absolute path, or relative (current folder, else the package share).'),
     Param('task', '', 'Task whose observation layout the robot publishes (default: the '
           "bundle's task); configure fails if the bundle expects other channels."),
     Param('seed', 0, 'Seed of the policy noise (diffusion policies), for reproducible runs.'),
@@ -51,7 +54,8 @@ class ControllerNode(LifecycleNode):
             if not cfg['bundle']:
                 raise ValueError('parameter bundle is empty; set it to a bundle folder, e.g. '
                                  'models/fisor-ballcircle')
-            bundle = load_bundle(cfg['bundle'], verify_golden=cfg['verify_golden'])
+            bundle = load_bundle(resolve_path(cfg['bundle'], 'parameter bundle'),
+                                 verify_golden=cfg['verify_golden'])
             self.channels = channel_names(cfg['task'] or bundle.task_name)
             check_channels(self.channels, bundle.obs_channels, source=f'bundle {bundle.name}')
             self.runner = PolicyRunner(bundle, self.channels, seed=cfg['seed'])
@@ -86,6 +90,7 @@ class ControllerNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _on_observation(self, msg: JointState):
+        received = time.perf_counter()
         if not self.active:
             return
         if list(msg.name) != self.channels:
@@ -104,7 +109,7 @@ class ControllerNode(LifecycleNode):
         stamp = stamp_to_ns(msg.header.stamp)
         self.pub.publish(joint_state(self.act_names, action, stamp, msg.header.frame_id))
         self.proposals += 1
-        self.loop_latency.add((self.get_clock().now().nanoseconds - stamp) * 1e-9)
+        self.loop_latency.add(time.perf_counter() - received)
 
     def _publish_diagnostics(self):
         policy = self.runner.latency.summary() if self.runner else {}
@@ -116,8 +121,10 @@ class ControllerNode(LifecycleNode):
              'proposals': self.proposals, 'refused_observations': self.refused,
              'policy_p50_ms': policy.get('p50_ms', float('nan')),
              'policy_p99_ms': policy.get('p99_ms', float('nan')),
-             'observation_to_proposal_p50_ms': loop['p50_ms'],
-             'observation_to_proposal_p99_ms': loop['p99_ms']})
+             # receive -> publish inside this node, on the steady clock: stamps may be
+             # simulation time (use_sim_time), where a stamp difference means nothing
+             'receive_to_proposal_p50_ms': loop['p50_ms'],
+             'receive_to_proposal_p99_ms': loop['p99_ms']})
         self.diag_pub.publish(diagnostic_array(self, [status]))
 
 

@@ -7,11 +7,13 @@ and handed to :class:`saferl_ros.recorder.RecordingWriter`, which commits every 
 atomically: a crash or kill loses at most the episode in progress. activate starts a run folder,
 deactivate closes it (the partial episode is kept as a truncation) and consolidates the run into
 ``recording.hdf5``. With ``mcap: true`` the raw topics are also written, byte for byte, to
-``<run>/raw.mcap`` with ROS 2 schema names, so ``ros2 bag play`` replays them.
+``<run>/raw/episode_<k>.mcap`` with ROS 2 schema names, one file per episode (finished at the
+next episode's start, so a killed recorder loses only the open one), and ``ros2 bag play``
+replays each.
 """
 
 from collections import OrderedDict
-import os
+import json
 import sys
 import time
 from typing import Dict, List, Optional
@@ -25,8 +27,9 @@ from rclpy.serialization import deserialize_message
 from saferl_ros.nodes.common import (COMMAND_QOS, declare, DIAGNOSTICS, DIAGNOSTICS_QOS, EPISODE,
                                      fail, FINAL, OBSERVATION, Param, PROPOSED, RECORD_QOS,
                                      run_node, SENSOR_QOS, stamp_to_ns, STATUS, STATUS_QOS, STEP,
-                                     STEP_SCALARS, values, VERDICT)
+                                     STEP_SCALARS, values, VERDICT, VERDICT_SCALARS)
 from saferl_ros.observation import channel_names
+from saferl_ros.paths import resolve_path
 from saferl_ros.recorder import new_run_dir, RecordingWriter, Step
 from sensor_msgs.msg import JointState
 from std_msgs.msg import String
@@ -39,7 +42,8 @@ PARAMS = [
     Param('monitor_bundle', '', "Monitor bundle folder; its manifest's sha256 is stored."),
     Param('join_timeout', 0.5, 'Wait this long for the verdict of a step before writing it '
           'without one [s].', min_value=0.0),
-    Param('mcap', False, 'Also write the raw topics to <run>/raw.mcap (ros2 bag compatible).'),
+    Param('mcap', False, 'Also write the raw topics to <run>/raw/episode_<k>.mcap, one file per '
+          'episode (ros2 bag compatible).'),
     Param('consolidate', True, 'On deactivate, write all episodes into <run>/recording.hdf5.'),
 ]
 
@@ -83,15 +87,18 @@ class RecorderNode(LifecycleNode):
 
     def on_configure(self, state) -> TransitionCallbackReturn:
         """Validate the parameters and hash the bundles; subscribe."""
-        from saferl_ros.bundle import MANIFEST, sha256_file
+        from saferl_ros.bundle import MANIFEST, read_bundle_file
         try:
             cfg = values(self, PARAMS)
             self.channels = channel_names(cfg['task'])
             self.hashes = {}
             for key in ('bundle', 'monitor_bundle'):
                 if cfg[key]:
-                    manifest = f'{cfg[key]}/{MANIFEST}'
-                    self.hashes[f'{key}_sha256'] = sha256_file(manifest)
+                    folder = resolve_path(cfg[key], f'parameter {key}').resolve()
+                    # the bundle layer's reader: a symlinked or oversized manifest is refused
+                    self.hashes[f'{key}_sha256'], _ = read_bundle_file(
+                        folder, MANIFEST, f'parameter {key} must name a bundle folder',
+                        keep=False)
                     self.hashes[f'{key}_path'] = cfg[key]
         except Exception as exc:  # unknown task, unreadable bundle manifest
             return fail(self, exc)
@@ -110,7 +117,7 @@ class RecorderNode(LifecycleNode):
 
     def on_activate(self, state) -> TransitionCallbackReturn:
         """Open a new run folder."""
-        from saferl_ros.mcap_log import McapLog
+        from saferl_ros.mcap_log import McapSeries
         root = self.cfg['output_dir']
         run_dir = (f'{root}/{self.cfg["run_name"]}' if self.cfg['run_name']
                    else str(new_run_dir(root)))
@@ -119,9 +126,8 @@ class RecorderNode(LifecycleNode):
         self.run_dir = run_dir
         self.writer = None
         if self.cfg['mcap']:
-            os.makedirs(run_dir, exist_ok=True)
-            self.mcap = McapLog(f'{run_dir}/raw.mcap',
-                                metadata={'task': self.cfg['task'], **self.hashes})
+            self.mcap = McapSeries(f'{run_dir}/raw',
+                                   metadata={'task': self.cfg['task'], **self.hashes})
             for topic, _, type_name, qos in MCAP_TOPICS:
                 self.mcap.add_topic(self.resolve_topic_name(topic), type_name, _qos_yaml(qos))
         self.active = True
@@ -151,9 +157,12 @@ class RecorderNode(LifecycleNode):
     # -- joining -------------------------------------------------------------------------------
 
     def _on_raw(self, topic: str, data: bytes):
-        if self.active and self.mcap is not None:
-            self.mcap.write(self.resolve_topic_name(topic), data,
-                            self.get_clock().now().nanoseconds)
+        if not (self.active and self.mcap is not None):
+            return
+        if topic == EPISODE and b'"start"' in data and \
+                json.loads(deserialize_message(data, String).data).get('event') == 'start':
+            self.mcap.episode_started()   # the previous episode's file is now complete
+        self.mcap.write(self.resolve_topic_name(topic), data, self.get_clock().now().nanoseconds)
 
     def _on_verdict(self, msg: JointState):
         if not self.active:
@@ -209,9 +218,12 @@ class RecorderNode(LifecycleNode):
                     action=vals[n + 2 * obs_dim:], reward=scalars['reward'],
                     cost=scalars['cost'], stamp_ns=stamp, missed=bool(scalars['missed']))
         if verdict is not None:
-            step.verdict = int(verdict[0])
-            step.v_h, step.q_h, step.q_c = (float(v) for v in verdict[1:4])
-            proposed = verdict[4:]
+            judged = dict(zip(VERDICT_SCALARS, verdict))
+            step.verdict = int(judged['state'])
+            step.v_h, step.q_h, step.q_c = (float(judged[k]) for k in ('v_h', 'q_h', 'q_c'))
+            step.risk_final = float(judged['risk_final'])
+            step.replaced = bool(judged['replaced'] == 1.0)
+            proposed = verdict[len(VERDICT_SCALARS):]
             step.proposed = None if np.isnan(proposed).all() else proposed
         self.writer.add(step)
         if scalars['terminated'] or scalars['truncated']:

@@ -40,7 +40,7 @@ PARAMS = [
     Param('horizon', 0, 'Steps per recorded episode (0 = the DSRL horizon of the task).'),
     Param('twist_stamped', False, 'Publish geometry_msgs/TwistStamped instead of Twist.'),
     Param('watchdog_rate_hz', 20.0, 'How often the command timeout is checked [Hz].',
-          min_value=0.0),
+          min_value=1.0, max_value=1000.0),
 ]
 
 

@@ -26,6 +26,7 @@ from saferl_ros.nodes.common import (action_names, COMMAND_QOS, declare, diagnos
                                      RECORD_QOS, run_node, SENSOR_QOS, stamp_to_ns, STATUS,
                                      STATUS_QOS, values, VERDICT, VERDICT_SCALARS)
 from saferl_ros.observation import channel_names, check_channels, ObservationError
+from saferl_ros.paths import resolve_path
 from sensor_msgs.msg import JointState
 
 PARAMS = [
@@ -45,14 +46,21 @@ PARAMS = [
     Param('safe_action', [0.0], 'Action on FAULT/STALE/INACTIVE (one per dimension, or one '
           'value for all).'),
     Param('fallback', 'bundle', "'bundle' (the bundle's recovery policy) or 'safe_action'."),
-    Param('seed', 0, 'Seed of the fallback policy noise.'),
+    Param('seed', 0, 'Seed of the fallback policy noise (a stream independent of the '
+          "controller's, also for equal seeds)."),
+    Param('fallback_samples', 2, 'Runs of the fallback graph per observation, each with its own '
+          'noise and candidates; the one the critic ranks safest is the fallback.',
+          min_value=1, max_value=256),
     Param('precompute_fallback', True, 'Compute the fallback action as soon as the observation '
           'arrives, while the controller computes its proposal (on another core), so that an '
           'intervention adds no compute to the control path; costs one fallback evaluation per '
           'observation.'),
     Param('verify_golden', True, 'Check the ONNX graphs against golden.npz at configure.'),
     Param('watchdog_rate_hz', 20.0, 'How often the watchdog checks for silent inputs [Hz].',
-          min_value=0.0),
+          min_value=1.0, max_value=1000.0),
+    Param('watchdog', True, 'Publish the safe action when observations or proposals stop. '
+          'false switches it off (logged as a warning): only for a robot whose own command '
+          'timeout stops it.'),
     Param('diagnostics_period', 1.0, 'Publish /diagnostics at least this often [s].',
           min_value=0.0),
 ]
@@ -76,7 +84,8 @@ class SafetyMonitorNode(LifecycleNode):
             if not cfg['bundle']:
                 raise ValueError('parameter bundle is empty; set it to a bundle folder with a '
                                  'critic, e.g. models/fisor-ballcircle')
-            bundle = load_bundle(cfg['bundle'], verify_golden=cfg['verify_golden'])
+            bundle = load_bundle(resolve_path(cfg['bundle'], 'parameter bundle'),
+                                 verify_golden=cfg['verify_golden'])
             channels = channel_names(cfg['task'] or bundle.task_name)
             check_channels(channels, bundle.obs_channels, source=f'bundle {bundle.name}')
             safe = list(cfg['safe_action'])
@@ -88,14 +97,15 @@ class SafetyMonitorNode(LifecycleNode):
                 budget=optional_float(cfg['budget']),
                 observation_timeout=cfg['observation_timeout'],
                 proposal_timeout=cfg['proposal_timeout'], min_hold=cfg['min_hold'],
-                safe_action=safe, fallback=cfg['fallback'], seed=cfg['seed']))
+                safe_action=safe, fallback=cfg['fallback'], seed=cfg['seed'],
+                fallback_samples=cfg['fallback_samples']))
         except Exception as exc:  # BundleError, ObservationError, MonitorConfigError
             return fail(self, exc)
         self.cfg, self.bundle, self.monitor, self.channels = cfg, bundle, monitor, channels
         self.act_names = action_names(bundle.act_dim)
         self.verdict_names = list(VERDICT_SCALARS) + [f'proposed/{i}'
                                                       for i in range(bundle.act_dim)]
-        # stamp -> (observation or None if invalid, fallback precomputed for it or None)
+        # stamp -> (observation or None if invalid, FallbackChoice precomputed for it or None)
         self.observations: 'OrderedDict[int, tuple]' = OrderedDict()
         self.last_obs_ns: Optional[int] = None
         self.last_decided_ns: Optional[int] = None
@@ -106,8 +116,11 @@ class SafetyMonitorNode(LifecycleNode):
         self.diag_pub = self.create_publisher(DiagnosticArray, DIAGNOSTICS, DIAGNOSTICS_QOS)
         self.create_subscription(JointState, OBSERVATION, self._on_observation, SENSOR_QOS)
         self.create_subscription(JointState, PROPOSED, self._on_proposal, COMMAND_QOS)
-        if cfg['watchdog_rate_hz'] > 0:
+        if cfg['watchdog']:
             self.create_timer(1.0 / cfg['watchdog_rate_hz'], self._on_watchdog)
+        else:
+            self.get_logger().warning('watchdog: false: the monitor will NOT stop the robot when '
+                                      'observations or proposals stop; the robot side must')
         if cfg['diagnostics_period'] > 0:
             self.create_timer(cfg['diagnostics_period'], self._publish_diagnostics)
         self._publish_status(monitor.stop(MonitorState.INACTIVE, 0.0, 'configured, inactive'))
@@ -201,7 +214,8 @@ class SafetyMonitorNode(LifecycleNode):
             np.full(len(self.act_names), np.nan)
         self.verdict_pub.publish(joint_state(
             self.verdict_names, [float(verdict.state), verdict.v_h, verdict.q_h, verdict.q_c,
-                                 *proposed], stamp_ns, verdict.state.name))
+                                 verdict.risk_final, float(verdict.replaced), *proposed],
+            stamp_ns, verdict.state.name))
         if verdict.state != self.last_state:
             self._publish_status(verdict)
             self._publish_diagnostics()
@@ -214,6 +228,7 @@ class SafetyMonitorNode(LifecycleNode):
                           verdict.state.name, {
                               'reason': verdict.reason, 'v_h': verdict.v_h,
                               'q_h': verdict.q_h, 'q_c': verdict.q_c,
+                              'risk_final': verdict.risk_final, 'replaced': verdict.replaced,
                               'stamp': verdict.stamp, 'bundle': self.bundle.name,
                               'bundle_sha256': self.bundle.sha256, **counters})
 

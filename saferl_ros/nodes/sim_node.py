@@ -6,9 +6,20 @@ applies the final command. Two timing modes (parameter ``mode``):
 
 - ``lockstep``: the simulator steps when the command answering the current observation arrives
   (its stamp equals the observation's); if none arrives within ``command_timeout`` it applies
-  the safe action and counts a miss. Reproducible evaluations.
+  the safe action and counts a miss. Reproducible evaluations: time is the simulation's. A
+  simulation clock starts at 0 at configure, advances by the environment's control period
+  (``SimEpisodes.dt``) per step and never goes back (not across episodes either); every
+  observation, transition and odometry message is stamped with it (``lockstep_time: wall``
+  stamps wall time instead).
 - ``realtime``: steps at ``rate_hz`` with the latest command (zero-order hold); a command older
-  than ``command_timeout`` is replaced by the safe action. What a physical robot does.
+  than ``command_timeout`` is replaced by the safe action. What a physical robot does; stamps
+  are wall time.
+
+Either way the stamp time is published on ``/clock`` (rosgraph_msgs/Clock, as Gazebo does)
+before each observation, so the other nodes run with ``use_sim_time: true`` in both modes. The
+node itself never follows ``/clock`` (``use_sim_time: true`` fails configure): it paces itself
+with a steady-clock timer and measures latency (observation published -> command received) with
+``time.monotonic``.
 
 For Ball and Car it also publishes ``odom`` (nav_msgs/Odometry) and can take ``cmd_vel``
 (geometry_msgs/Twist or TwistStamped) instead of the action, so it stands in for a mobile robot
@@ -24,24 +35,38 @@ from typing import List, Optional
 from geometry_msgs.msg import Twist, TwistStamped
 from nav_msgs.msg import Odometry
 import numpy as np
+from rclpy.clock import Clock as RclpyClock, ClockType
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rosgraph_msgs.msg import Clock
 from saferl_ros.nodes.common import (action_names, COMMAND_QOS, ConfigError, declare, EPISODE,
-                                     fail, FINAL, joint_state, json_msg, OBSERVATION, Param,
-                                     RECORD_QOS, require_positive, run_node, SENSOR_QOS,
-                                     stamp_to_ns, STEP, STEP_SCALARS, values)
+                                     fail, FINAL, joint_state, json_msg, ns_to_stamp,
+                                     OBSERVATION, Param, RECORD_QOS, require_positive, run_node,
+                                     SENSOR_QOS, stamp_to_ns, STEP, STEP_SCALARS, values)
 from saferl_ros.observation import parse_task
 from saferl_ros.policy_runner import LatencyStats
 from saferl_ros.robot_adapter import RobotConfig, RobotTask
 from sensor_msgs.msg import JointState
 from std_msgs.msg import String
 
+CLOCK = '/clock'
+# Reliable keep-last-1: compatible with rclpy's best-effort /clock subscription and with
+# reliable ones (rclcpp's, rosbag2's); only the newest time matters.
+CLOCK_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
+                       reliability=ReliabilityPolicy.RELIABLE,
+                       durability=DurabilityPolicy.VOLATILE)
+
 PARAMS = [
     Param('task', 'BallCircle', 'Bullet-Safety-Gym task (BallCircle, CarRun, ...).'),
     Param('seed', 0, 'Seed of the first episode; episode k is reset with seed + k.'),
     Param('mode', 'lockstep', "'lockstep' (step when the command for the current observation "
           "arrives) or 'realtime' (step at rate_hz with the latest command)."),
+    Param('lockstep_time', 'sim', "lockstep: the stamp time. 'sim' (a simulation clock from 0, "
+          "the control period per step: reproducible runs) or 'wall' (system time, as in "
+          'realtime: the other nodes can stay on wall time, so their watchdogs run while the '
+          'loop is silent; not reproducible).'),
     Param('rate_hz', 0.0, 'realtime: step rate [Hz]. lockstep: the most observations per second '
-          '(0 = as fast as the loop answers).', min_value=0.0),
+          '(0 = as fast as the loop answers). Range 0-1000.', min_value=0.0, max_value=1000.0),
     Param('command_timeout', 0.5, 'lockstep: wait this long for the command, then apply the safe '
           'action and count a miss. realtime: a command older than this is replaced by the safe '
           'action [s].', min_value=0.0),
@@ -61,6 +86,9 @@ PARAMS = [
           min_value=0.0),
     Param('max_angular', 1.0, 'Twist input: yaw rate that maps to a full action [rad/s].',
           min_value=0.0),
+    Param('publish_clock', True, 'Publish the stamp time on /clock before each observation '
+          '(lockstep: simulation time, realtime: wall time), so the other nodes can run with '
+          'use_sim_time: true. false when another source owns /clock.'),
 ]
 
 
@@ -75,6 +103,16 @@ class SimNode(LifecycleNode):
         self.done = False
         self.episode_summaries: List[dict] = []
         self.last_error = ''
+        self.sim_time_ns = 0        # lockstep: simulation clock [ns]
+        self.dt_ns = 0              # lockstep: its advance per step [ns]
+        # realtime stamps: wall time, never the node's clock (that would follow /clock, which
+        # this node publishes, if use_sim_time were set after configure)
+        self.wall_clock = RclpyClock(clock_type=ClockType.SYSTEM_TIME)
+
+    @property
+    def finished(self) -> bool:
+        """Return True once the requested episodes are done (its console script then exits)."""
+        return self.done
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -83,12 +121,19 @@ class SimNode(LifecycleNode):
         from saferl_ros.sim import SimEpisodes
         try:
             cfg = values(self, PARAMS)
+            if self.get_parameter('use_sim_time').value:
+                raise ConfigError('parameter use_sim_time is true; sim_node is the source of '
+                                  '/clock and runs on its own clock: set use_sim_time only on '
+                                  'the other nodes')
             agent, _ = parse_task(cfg['task'])
             if cfg['mode'] not in ('lockstep', 'realtime'):
                 raise ConfigError(f"parameter mode is {cfg['mode']!r}; use 'lockstep' or "
                                   "'realtime'")
             if cfg['mode'] == 'realtime':
                 require_positive(cfg, 'rate_hz')
+            if cfg['lockstep_time'] not in ('sim', 'wall'):
+                raise ConfigError(f"parameter lockstep_time is {cfg['lockstep_time']!r}; use "
+                                  "'sim' or 'wall'")
             require_positive(cfg, 'command_timeout')
             if cfg['command_input'] not in ('action', 'twist', 'twist_stamped'):
                 raise ConfigError(f"parameter command_input is {cfg['command_input']!r}; use "
@@ -108,8 +153,14 @@ class SimNode(LifecycleNode):
                 raise ConfigError(f'parameter safe_action is {safe}; give {self.sim.act_dim} '
                                   'finite values (or one for all)')
             self.cfg = cfg
-            self.safe_action = np.clip(np.asarray(safe, np.float32), self.sim.action_low,
-                                       self.sim.action_high)
+            self.dt_ns = int(round(self.sim.dt * 1e9))
+            self.sim_time_ns = 0
+            safe = np.asarray(safe, np.float32)
+            if np.any(safe < self.sim.action_low) or np.any(safe > self.sim.action_high):
+                raise ConfigError(f'parameter safe_action is {safe.tolist()}, outside the '
+                                  f'action bounds [{self.sim.action_low.tolist()}, '
+                                  f'{self.sim.action_high.tolist()}]; give values inside them')
+            self.safe_action = safe
             self.robot = RobotTask(RobotConfig(task=cfg['task'], max_linear=cfg['max_linear'],
                                                max_angular=cfg['max_angular'])) if mobile else None
         except Exception as exc:  # any bad parameter or simulator failure fails configure
@@ -128,6 +179,8 @@ class SimNode(LifecycleNode):
         self.episode_pub = self.create_publisher(String, EPISODE, RECORD_QOS) if loop else None
         self.odom_pub = self.create_publisher(Odometry, 'odom', SENSOR_QOS) \
             if self.robot is not None and cfg['publish_odometry'] else None
+        self.clock_pub = self.create_publisher(Clock, CLOCK, CLOCK_QOS) \
+            if cfg['publish_clock'] else None
         if cfg['command_input'] == 'action':
             self.create_subscription(JointState, FINAL, self._on_action, COMMAND_QOS)
         elif cfg['command_input'] == 'twist':
@@ -135,7 +188,8 @@ class SimNode(LifecycleNode):
         else:
             self.create_subscription(TwistStamped, 'cmd_vel', self._on_twist, COMMAND_QOS)
         self.get_logger().info(f'configured {self.sim.task} ({cfg["mode"]}, horizon '
-                               f'{self.sim.horizon}, {cfg["command_input"]} input)')
+                               f'{self.sim.horizon}, {cfg["command_input"]} input, '
+                               f'{self.sim.dt * 1e3:.1f} ms simulated per step)')
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state) -> TransitionCallbackReturn:
@@ -153,7 +207,9 @@ class SimNode(LifecycleNode):
         self.misses = 0
         self.episode_misses = 0
         period = 1.0 / self.cfg['rate_hz'] if self.cfg['mode'] == 'realtime' else 0.002
-        self.timer = self.create_timer(period, self._on_timer)
+        # Steady time, never the node's ROS clock: the pace must not depend on /clock.
+        self.timer = self.create_timer(period, self._on_timer,
+                                       clock=RclpyClock(clock_type=ClockType.STEADY_TIME))
         return super().on_activate(state)
 
     def on_deactivate(self, state) -> TransitionCallbackReturn:
@@ -224,18 +280,18 @@ class SimNode(LifecycleNode):
     def _command(self, action: np.ndarray, stamp_ns: Optional[int]):
         if not getattr(self, 'active', False) or self.done:
             return
+        # Latency on the steady clock (stamps may be simulation time).
+        latency = time.monotonic() - self.published_at
         if self.cfg['mode'] == 'realtime':
             self.command = (action, time.monotonic())
             if stamp_ns is not None and stamp_ns == self.stamp_ns:   # answers the latest one
-                latency = (self.get_clock().now().nanoseconds - stamp_ns) * 1e-9
                 self.latency.add(latency)
                 self.episode_latency.add(latency)
             return
         if self.stamp_ns is None or (stamp_ns is not None and stamp_ns != self.stamp_ns):
             return  # answers an older observation (or arrives between steps): not ours
-        latency = self.get_clock().now().nanoseconds - self.stamp_ns
-        self.latency.add(latency * 1e-9)
-        self.episode_latency.add(latency * 1e-9)
+        self.latency.add(latency)
+        self.episode_latency.add(latency)
         self._step(action, missed=False)
 
     def _begin_episode(self):
@@ -246,9 +302,20 @@ class SimNode(LifecycleNode):
                                                'task': self.sim.task}))
         self._publish_observation()
 
+    def _now_ns(self) -> int:
+        """Return the stamp time: the simulation clock (lockstep) or wall time."""
+        if self.cfg['mode'] == 'lockstep' and self.cfg['lockstep_time'] == 'sim':
+            return self.sim_time_ns
+        return self.wall_clock.now().nanoseconds
+
     def _publish_observation(self):
+        """Publish /clock, then odometry and the observation of the current state, stamped now."""
         self.pending_obs = False
-        self.stamp_ns = self.get_clock().now().nanoseconds
+        self.stamp_ns = self._now_ns()
+        if self.clock_pub is not None:
+            msg = Clock()
+            msg.clock = ns_to_stamp(self.stamp_ns)
+            self.clock_pub.publish(msg)
         self.published_at = time.monotonic()
         if self.odom_pub is not None:
             self.odom_pub.publish(self._odometry(self.stamp_ns))
@@ -274,12 +341,12 @@ class SimNode(LifecycleNode):
 
     def _step(self, action, missed: bool):
         obs = self.sim.observation
-        stamp = self.stamp_ns if self.stamp_ns is not None else \
-            self.get_clock().now().nanoseconds
+        stamp = self.stamp_ns if self.stamp_ns is not None else self._now_ns()
         self.stamp_ns = None
         applied = np.clip(np.asarray(action, np.float32), self.sim.action_low,
                           self.sim.action_high)
         result = self.sim.step(applied)
+        self.sim_time_ns += self.dt_ns      # lockstep time; also after the episode's last step
         self.misses += int(missed)
         self.episode_misses += int(missed)
         scalars = [result.reward, result.cost, float(result.terminated),
@@ -291,11 +358,7 @@ class SimNode(LifecycleNode):
             self._end_episode(result.terminated)
             return
         if self.cfg['mode'] == 'realtime':
-            self.stamp_ns = self.get_clock().now().nanoseconds
-            self._emit(self.obs_pub, joint_state(self.names, self.sim.observation,
-                                                 self.stamp_ns, self.sim.task))
-            if self.odom_pub is not None:
-                self.odom_pub.publish(self._odometry(self.stamp_ns))
+            self._publish_observation()
             return
         rate = self.cfg['rate_hz']
         if rate > 0:

@@ -1,0 +1,120 @@
+"""
+Errors a user can fix, and how every command-line tool reports them: one line, no traceback.
+
+A :class:`UserError` says what is wrong with something the user gave (a file, a folder, a config
+value, a name) and how to fix it; its message names the file or field. Command-line entry points
+wrap their ``main`` with :func:`reports_user_errors`, which prints such an error as
+``PROG: error: MESSAGE`` on stderr and returns exit status 2. Any other exception is a bug and
+keeps its traceback.
+
+Both layers import this module: the runtime core (``saferl_ros``, never torch) and the offline
+workspace (``offline_training``, never rclpy). It needs the standard library and pyyaml only.
+"""
+
+import functools
+import sys
+from typing import Callable, Tuple, Type
+
+import yaml
+
+EXIT_USER_ERROR = 2
+
+# Operating-system errors about a path the user gave: their message names the path.
+PATH_ERRORS: Tuple[Type[BaseException], ...] = (
+    FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+class UserError(Exception):
+    """A problem with the user's input: the message names the file or field and the fix."""
+
+    def __str__(self) -> str:
+        """Return the message itself (a KeyError subclass would otherwise quote it)."""
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
+
+class ConfigError(UserError, ValueError):
+    """A bad value: in a config, a YAML or JSON file, a run folder or a command-line option."""
+
+
+class UnknownNameError(UserError, KeyError):
+    """An unknown or missing name: a task, an algorithm, a preset, a config field, a key."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user pointed at (or one it must contain) does not exist."""
+
+
+def error_lines(error: BaseException) -> list:
+    """Return the lines of an error's message (a KeyError's message without its quotes)."""
+    if isinstance(error, KeyError) and not isinstance(error, UserError) and len(error.args) == 1:
+        text = str(error.args[0])
+    else:
+        text = str(error) or type(error).__name__
+    return [line for line in text.splitlines() if line.strip()] or [type(error).__name__]
+
+
+def reports_user_errors(prog: str, expected: Tuple[Type[BaseException], ...] = ()):
+    """
+    Decorate a command-line ``main(argv=None) -> int`` to report user errors in one line.
+
+    :class:`UserError`, :data:`PATH_ERRORS` and the ``expected`` exception types are printed as
+    ``PROG: error: MESSAGE`` on stderr (one line per line of the message, normally one) and
+    the function returns :data:`EXIT_USER_ERROR`; anything else propagates with its traceback.
+    """
+    caught = (UserError, *PATH_ERRORS, *expected)
+
+    def wrap(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def run(argv=None) -> int:
+            try:
+                return main(argv)
+            except caught as error:
+                for line in error_lines(error):
+                    print(f'{prog}: error: {line}', file=sys.stderr)
+                return EXIT_USER_ERROR
+        return run
+    return wrap
+
+
+def read_yaml_mapping(path, fix: str) -> dict:
+    """
+    Return the mapping in YAML file ``path``; raise a one-line :class:`UserError` otherwise.
+
+    A missing file raises :class:`MissingFileError`; unparsable YAML, an empty document or a
+    document that is not a mapping (a list, a string) raises :class:`ConfigError`. ``fix`` ends
+    every message: what the user should do about it.
+    """
+    try:
+        with open(path, 'rb') as stream:
+            text = stream.read().decode('utf-8')
+    except FileNotFoundError:
+        raise MissingFileError(f'{path}: missing; {fix}') from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f'{path}: not UTF-8 text ({error.reason} at byte {error.start}); '
+                          f'{fix}') from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        where = getattr(error, 'problem_mark', None)
+        line = f' at line {where.line + 1}' if where is not None else ''
+        reason = getattr(error, 'problem', None) or type(error).__name__
+        raise ConfigError(f'{path}: not valid YAML ({reason}{line}); {fix}') from None
+    if data is None:
+        raise ConfigError(f'{path}: empty, expected a mapping of fields; {fix}')
+    if not isinstance(data, dict):
+        raise ConfigError(f'{path}: expected a mapping of fields, found a '
+                          f'{type(data).__name__}; {fix}')
+    return data
+
+
+def require_field(mapping: dict, key: str, where: str, kind=None, fix: str = ''):
+    """Return ``mapping[key]``; raise :class:`ConfigError` naming ``where`` and ``key``."""
+    tail = f'; {fix}' if fix else ''
+    if key not in mapping:
+        raise ConfigError(f'{where}: field {key!r} is missing{tail}')
+    value = mapping[key]
+    if kind is not None and not isinstance(value, kind):
+        names = ' or '.join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ConfigError(f'{where}: field {key!r} should be a {names}, found '
+                          f'{type(value).__name__} {value!r}{tail}')
+    return value

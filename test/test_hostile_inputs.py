@@ -1,0 +1,319 @@
+"""
+Hostile and mistaken inputs: symlinked or oversized bundle files, bad run folders and YAML.
+
+Every case must fail early with one line that names the file and the fix, never follow a
+link, never read a file it is about to refuse, and never print a traceback.
+"""
+
+import builtins
+import io
+import json
+import os
+from pathlib import Path
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+from saferl_ros import bundle as rt
+from saferl_ros.bundle import BundleError, load_bundle
+from saferl_ros.errors import ConfigError, MissingFileError, read_yaml_mapping, UserError
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / 'models' / 'bc_all-ballcircle'
+SHA256 = re.compile(r'\b[0-9a-f]{64}\b')
+
+
+@pytest.fixture
+def bundle_copy(tmp_path):
+    """Return a writable copy of the shipped BC-All bundle (the smallest one)."""
+    return Path(shutil.copytree(SHIPPED, tmp_path / 'bc_all-ballcircle'))
+
+
+@pytest.fixture
+def opened(monkeypatch):
+    """Record the path of every file opened through open(), io.open() and os.open()."""
+    paths = []
+
+    def spy(original):
+        def wrapper(file, *args, **kwargs):
+            if isinstance(file, (str, bytes, os.PathLike)):
+                paths.append(os.path.realpath(os.fsdecode(file)))
+            return original(file, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(builtins, 'open', spy(builtins.open))
+    monkeypatch.setattr(io, 'open', spy(io.open))
+    monkeypatch.setattr(os, 'open', spy(os.open))
+    return paths
+
+
+def one_line_error(text: str, *needles) -> str:
+    """Assert ``text`` (stderr) is one error line without a traceback that names every needle."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert 'Traceback' not in text, text
+    assert len(lines) == 1, text
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- bundle files
+
+@pytest.mark.parametrize('target', ['system', 'copy'])
+def test_symlinked_bundle_file_is_refused_before_it_is_opened(
+        bundle_copy, tmp_path, opened, target):
+    if target == 'system':
+        link_to = Path('/etc/passwd')
+    else:  # a link to the very file: the checksum would match, the link is refused anyway
+        link_to = tmp_path / 'elsewhere' / 'policy.onnx'
+        link_to.parent.mkdir()
+        shutil.copy(SHIPPED / 'policy.onnx', link_to)
+    (bundle_copy / 'policy.onnx').unlink()
+    (bundle_copy / 'policy.onnx').symlink_to(link_to)
+    opened.clear()
+    with pytest.raises(BundleError) as info:
+        load_bundle(bundle_copy)
+    message = str(info.value)
+    assert 'policy.onnx is a symbolic link' in message and 'regular files only' in message
+    assert '\n' not in message and not SHA256.search(message)
+    assert str(link_to.resolve()) not in opened
+    assert str(bundle_copy / 'manifest.yaml') in opened  # the spy works
+
+
+def test_symlinked_manifest_is_refused(bundle_copy, tmp_path, opened):
+    moved = tmp_path / 'manifest.yaml'
+    shutil.move(bundle_copy / 'manifest.yaml', moved)
+    (bundle_copy / 'manifest.yaml').symlink_to(moved)
+    with pytest.raises(BundleError, match='manifest.yaml is a symbolic link'):
+        load_bundle(bundle_copy)
+    assert str(moved) not in opened
+
+
+def test_bundle_folder_may_be_a_symlink(bundle_copy, tmp_path):
+    link = tmp_path / 'current'
+    link.symlink_to(bundle_copy, target_is_directory=True)
+    bundle = load_bundle(link)
+    assert bundle.path == bundle_copy.resolve() and bundle.name == 'bc_all-ballcircle'
+
+
+@pytest.mark.parametrize('kind', ['fifo', 'folder'])
+def test_non_regular_bundle_files_are_refused(bundle_copy, kind):
+    policy = bundle_copy / 'policy.onnx'
+    policy.unlink()
+    if kind == 'fifo':
+        os.mkfifo(policy)  # opening it for reading would block forever
+        expected = 'policy.onnx is a FIFO'
+    else:
+        policy.mkdir()
+        expected = 'policy.onnx is a folder'
+    with pytest.raises(BundleError, match=expected):
+        load_bundle(bundle_copy)
+
+
+def test_oversized_bundle_file_is_refused_unread(bundle_copy, monkeypatch, opened):
+    monkeypatch.setattr(rt, 'MAX_BUNDLE_FILE_BYTES', 1 << 20)
+    golden = bundle_copy / 'golden.npz'
+    with open(golden, 'r+b') as stream:
+        stream.truncate(10 << 30)  # 10 GB, sparse: no disk space, no time
+    opened.clear()
+    with pytest.raises(BundleError, match=r'golden.npz: 10737418240 bytes, more than the '
+                                          r'1048576 a bundle file may have'):
+        load_bundle(bundle_copy)
+    assert str(golden) not in opened
+
+
+@pytest.mark.parametrize('name', ['../policy.onnx', 'sub/policy.onnx', '..', ''])
+def test_manifest_file_names_must_be_plain(bundle_copy, name):
+    manifest = yaml.safe_load((bundle_copy / 'manifest.yaml').read_text())
+    manifest['files'][name] = manifest['files']['policy.onnx']
+    (bundle_copy / 'manifest.yaml').write_text(yaml.safe_dump(manifest))
+    with pytest.raises(BundleError, match='plain file names'):
+        load_bundle(bundle_copy)
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+@pytest.mark.parametrize('text, found', [('', 'empty'), ('- a\n- b\n', 'found a list'),
+                                         ('just text', 'found a str'),
+                                         ('a: [1\n', 'not valid YAML')])
+def test_yaml_mapping_helper_rejects_non_mappings(tmp_path, text, found):
+    path = tmp_path / 'config.yaml'
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        read_yaml_mapping(path, 'FIX IT')
+    assert str(info.value).startswith(f'{path}: ') and found in str(info.value)
+    assert str(info.value).endswith('FIX IT') and '\n' not in str(info.value)
+    with pytest.raises(MissingFileError, match='missing; FIX IT'):
+        read_yaml_mapping(tmp_path / 'nothing.yaml', 'FIX IT')
+
+
+def test_config_values_are_type_checked():
+    from offline_training.algos import fisor
+    with pytest.raises(ConfigError, match="FISOR config field 'steps' should be an integer, "
+                                          "found str 'abc'"):
+        fisor.make_config('cpu', steps='abc')
+    with pytest.raises(ConfigError, match="'critic_hidden' should be a list of an integer"):
+        fisor.make_config('cpu', critic_hidden=[64, 'x'])
+    assert fisor.make_config('cpu', actor_lr='1e-4').actor_lr == 1e-4  # YAML 1.1 reads a str
+    with pytest.raises(KeyError, match='unknown task'):  # still a KeyError for callers
+        from offline_training.data.tasks import get_task
+        get_task('BallSquare')
+
+
+# --------------------------------------------------------------------------- command lines
+
+def _run_folder(tmp_path, config_text=None, checkpoint=b'not a checkpoint'):
+    run = tmp_path / 'run'
+    run.mkdir()
+    if config_text is not None:
+        (run / 'config.yaml').write_text(config_text)
+    if checkpoint is not None:
+        (run / 'checkpoint.pt').write_bytes(checkpoint)
+    return run
+
+
+GOOD_CONFIG = ('algorithm: bc_all\nobs_dim: 8\nact_dim: 2\ntask: {name: BallCircle}\n'
+               'algo_config: {hidden: [16, 16]}\n')
+
+
+@pytest.mark.parametrize('case, needle', [
+    ('missing', 'does not exist'),
+    ('no config', 'config.yaml is missing'),
+    ('empty', 'config.yaml: empty'),
+    ('list', 'config.yaml: expected a mapping of fields, found a list'),
+    ('unknown algorithm', "config.yaml: unknown algorithm 'sac'"),
+    ('bad field', "config.yaml: BC config field 'hidden' should be"),
+    ('no field', "config.yaml: field 'obs_dim' is missing"),
+    ('garbage checkpoint', 'checkpoint.pt: not a readable checkpoint'),
+    ('foreign checkpoint', "checkpoint.pt: not a saferl-train checkpoint (missing ['model'"),
+])
+def test_export_and_eval_report_bad_run_folders_in_one_line(tmp_path, capsys, case, needle):
+    from offline_training import evaluate, export
+    texts = {'no config': None, 'empty': '', 'list': '- algorithm: bc_all\n',
+             'unknown algorithm': GOOD_CONFIG.replace('bc_all', 'sac'),
+             'bad field': GOOD_CONFIG.replace('[16, 16]', 'wide'),
+             'no field': GOOD_CONFIG.replace('obs_dim: 8\n', '')}
+    if case == 'missing':
+        run = tmp_path / 'nothing'
+    else:
+        run = _run_folder(tmp_path, texts.get(case, GOOD_CONFIG))
+        if case == 'foreign checkpoint':
+            torch.save({'weights': 1}, run / 'checkpoint.pt')
+    assert export.main([str(run), '-o', str(tmp_path / 'bundle')]) == 2
+    one_line_error(capsys.readouterr().err, 'saferl-export: error: ', run, needle)
+    assert not (tmp_path / 'bundle').exists()
+    if case in ('missing', 'no config'):  # saferl-eval does not know what it was meant to be
+        needle = {'missing': 'no such folder', 'no config': 'neither a model bundle'}[case]
+    assert evaluate.main([str(run), '--episodes', '1', '--no-progress']) == 2
+    one_line_error(capsys.readouterr().err, 'saferl-eval: error: ', run, needle)
+
+
+def test_eval_reports_bad_bundles_in_one_line(bundle_copy, tmp_path, capsys):
+    from offline_training.evaluate import main
+    with open(bundle_copy / 'policy.onnx', 'r+b') as stream:  # tamper with one byte
+        stream.seek(100)
+        byte = stream.read(1)
+        stream.seek(100)
+        stream.write(bytes([byte[0] ^ 1]))
+    assert main([str(bundle_copy), '--episodes', '1', '--no-progress']) == 2
+    one_line_error(capsys.readouterr().err, 'saferl-eval: error: ',
+                   bundle_copy / 'policy.onnx', 'sha256 mismatch', 're-export')
+    (bundle_copy / 'manifest.yaml').write_text('- not\n- a mapping\n')
+    assert main([str(bundle_copy), '--episodes', '1', '--no-progress']) == 2
+    one_line_error(capsys.readouterr().err, bundle_copy / 'manifest.yaml', 'expected a mapping')
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    assert main([str(empty), '--episodes', '1', '--no-progress']) == 2
+    one_line_error(capsys.readouterr().err, empty, 'neither a model bundle')
+    assert main(['table', str(bundle_copy / 'manifest.yaml'), '-o', str(tmp_path / 't.md')]) == 2
+    one_line_error(capsys.readouterr().err, 'manifest.yaml: not valid JSON')
+    (tmp_path / 'list.json').write_text('[1, 2]')
+    assert main(['table', str(tmp_path / 'list.json'), '-o', str(tmp_path / 't.md')]) == 2
+    one_line_error(capsys.readouterr().err, 'list.json: expected a JSON object, found list')
+    assert not (tmp_path / 't.md').exists()
+
+
+def test_saferl_eval_command_on_a_symlinked_bundle_file(bundle_copy, tmp_path):
+    """The installed command, in a fresh process: exit 2, one line, no traceback."""
+    (bundle_copy / 'golden.npz').unlink()
+    (bundle_copy / 'golden.npz').symlink_to('/etc/passwd')
+    command = Path(sys.executable).parent / 'saferl-eval'
+    argv = [str(command)]
+    if not command.exists():
+        argv = [sys.executable, '-m', 'offline_training.evaluate']
+    result = subprocess.run(argv + [str(bundle_copy), '--episodes', '1', '--no-progress'],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    one_line_error(result.stderr, 'saferl-eval: error: ', bundle_copy / 'golden.npz',
+                   'is a symbolic link', 'regular files only')
+    assert not (tmp_path / 'results').exists()
+
+
+@pytest.mark.parametrize('argv, needle', [
+    (['fisor', '--task', 'BallSquare'], "unknown task 'BallSquare'"),
+    (['fisor', '--task', 'BallCircle', '--set', 'steps=abc'],
+     "FISOR config field 'steps' should be an integer, found str 'abc'"),
+    (['bc_all', '--task', 'BallCircle', '--set', 'widht=3'], "unknown BC config fields ['widht']"),
+    (['bc_all', '--task', 'BallCircle', '--preset', 'huge'], "unknown BC preset 'huge'"),
+])
+def test_train_reports_bad_values_in_one_line(tmp_path, capsys, argv, needle):
+    from offline_training.train import main
+    assert main(argv + ['--out', str(tmp_path / 'run'), '--no-progress']) == 2
+    one_line_error(capsys.readouterr().err, 'saferl-train: error: ', needle)
+
+
+def test_train_rejects_unknown_algorithms_and_bad_set_values(capsys):
+    from offline_training.train import main
+    for argv in (['sac', '--task', 'BallCircle'],
+                 ['fisor', '--task', 'BallCircle', '--set', 'steps=[1'],
+                 ['fisor', '--task', 'BallCircle', '--steps', '0']):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert 'Traceback' not in err and 'saferl-train: error:' in err
+
+
+def test_user_errors_keep_their_builtin_types():
+    from offline_training.algos import get_algorithm
+    with pytest.raises(KeyError) as info:
+        get_algorithm('sac')
+    assert isinstance(info.value, UserError) and str(info.value).startswith('unknown algorithm')
+    assert issubclass(BundleError, RuntimeError) and issubclass(BundleError, UserError)
+
+
+# --------------------------------------------------------------------------- smaller items
+
+def test_creating_an_environment_warns_nothing():
+    from offline_training.data.tasks import get_task
+    spec = get_task('BallCircle')
+    spec.make_env().close()  # imports and registers everything outside the strict block
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        env = spec.make_env()
+        env.close()
+
+
+def test_eval_writes_next_to_the_source_by_default(bundle_copy, tmp_path, monkeypatch, capfd):
+    from offline_training.evaluate import main
+    work = tmp_path / 'work'
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main([str(bundle_copy), '--episodes', '1', '--no-progress']) == 0
+    out = bundle_copy / 'eval' / 'results.json'
+    assert json.loads(out.read_text())['name'] == 'bc_all-ballcircle'
+    assert out.with_suffix('.csv').is_file() and not any(work.iterdir())
+    assert str(out) in capfd.readouterr().out
+    load_bundle(bundle_copy)  # eval/ is not part of the verified files
+    with pytest.raises(SystemExit):
+        main([str(bundle_copy), str(bundle_copy), '--episodes', '1'])
+    assert 'give -o' in capfd.readouterr().err
+    blocked = tmp_path / 'a-file'
+    blocked.write_text('')
+    assert main([str(bundle_copy), '-o', str(blocked / 'r.json'), '--no-progress']) == 2
+    one_line_error(capfd.readouterr().err, blocked / 'r.json', 'cannot be written', 'give -o')

@@ -1,0 +1,431 @@
+"""
+The fault matrix: what reaches the robot, and what is left on disk, when something goes wrong.
+
+Over real DDS; faults about processes (kills, signals) use real processes. Each case asserts the
+command the robot receives (the safe action or a judged one, never the unsafe input) and the
+files left behind. Finding numbers refer to the safety-defects report these tests keep fixed.
+"""
+
+import json
+import math
+import os
+from pathlib import Path
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from diagnostic_msgs.msg import DiagnosticStatus
+import numpy as np
+from offline_training.data.dataset import validate_file
+import pytest
+from rclpy.node import Node
+from saferl_ros.bringup import BringupError, Graph, main as bringup_main, run
+from saferl_ros.monitor import MonitorState
+from saferl_ros.nodes import common
+from saferl_ros.observation import channel_names
+from saferl_ros.paths import package_share, PathResolutionError, resolve_path
+from saferl_ros.recorder import load_episodes, read_index
+from sensor_msgs.msg import JointState
+from test_ros_support import (build_bundle, domain_fixture, REPO, spin_for, spin_until,
+                              start_node, tampered_copy)
+
+ros_domain = domain_fixture(64)
+CHANNELS = channel_names('BallCircle')
+SHIPPED_FISOR = str(REPO / 'models' / 'fisor-ballcircle')
+SHIPPED_BC_ALL = str(REPO / 'models' / 'bc_all-ballcircle')
+FALLBACK = (MonitorState.INTERVENING, MonitorState.RECOVERY)
+
+
+@pytest.fixture(scope='module')
+def bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp('bundles')
+    fisor = build_bundle(root / 'fisor')
+    symlinked = root / 'symlinked'
+    shutil.copytree(fisor, symlinked)
+    (symlinked / 'policy.onnx').unlink()
+    (symlinked / 'policy.onnx').symlink_to(Path(fisor) / 'policy.onnx')
+    return {'fisor': fisor, 'tampered': tampered_copy(fisor, root / 'tampered'),
+            'symlinked': str(symlinked),
+            'car': build_bundle(root / 'car', task='CarCircle')}
+
+
+class Robot(Node):
+    """Plays the robot and the controller: publishes observations and proposals, logs commands."""
+
+    def __init__(self):
+        super().__init__('fault_probe')
+        self.final, self.status = [], []
+        self.create_subscription(JointState, common.FINAL, self.final.append, common.RECORD_QOS)
+        self.create_subscription(DiagnosticStatus, common.STATUS, self.status.append,
+                                 common.STATUS_QOS)
+        self.obs_pub = self.create_publisher(JointState, common.OBSERVATION, common.SENSOR_QOS)
+        self.prop_pub = self.create_publisher(JointState, common.PROPOSED, common.COMMAND_QOS)
+
+    def send(self, executor, observation, proposal, stamp_ns, names=CHANNELS):
+        """Publish one observation and its proposal; return the command that answers them."""
+        n = len(self.final)
+        self.obs_pub.publish(common.joint_state(names, observation, stamp_ns))
+        spin_for(executor, 0.05)
+        self.prop_pub.publish(common.joint_state(['action_0', 'action_1'], proposal, stamp_ns))
+
+        def answer():
+            # the command for this proposal, not a watchdog stop published meanwhile
+            mine = [m for m in self.final[n:] if common.stamp_to_ns(m.header.stamp) == stamp_ns
+                    and m is not getattr(self, 'watchdog_seen', None)]
+            return mine[-1] if mine else None
+        assert spin_until(executor, lambda: answer() is not None, 5.0), 'no command came back'
+        spin_for(executor, 0.05)
+        return answer()
+
+
+@pytest.fixture
+def monitor_graph(bundles):
+    """Run a safety monitor (shipped FISOR bundle); the test plays robot and controller."""
+    graph = Graph({'safety_monitor_node': {'bundle': SHIPPED_FISOR, 'observation_timeout': 1.0,
+                                           'proposal_timeout': 0.3, 'min_hold': 0.0}})
+    robot = Robot()
+    graph.executor.add_node(robot)
+    assert graph.configure() == []
+    graph.activate()
+    assert spin_until(graph.executor, lambda: robot.count_subscribers(common.PROPOSED) >= 1
+                      and robot.count_subscribers(common.OBSERVATION) >= 1, 5.0)
+    spin_for(graph.executor, 0.3)
+    yield graph, robot
+    graph.deactivate()
+    graph.executor.remove_node(robot)
+    robot.destroy_node()
+    graph.shutdown()
+
+
+def state_of(graph) -> MonitorState:
+    return graph.nodes['safety_monitor_node'].monitor.last.state
+
+
+SAFE = [0.0, 0.0]
+OBS = [0.1, 0.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.3]
+
+
+def test_monitor_faults_reach_the_robot_as_the_safe_action(monitor_graph):
+    graph, robot = monitor_graph
+    now = robot.get_clock().now().nanoseconds
+    # stale observation (2 s old)
+    cmd = robot.send(graph.executor, OBS, [0.9, 0.9], now - 2_000_000_000)
+    assert list(cmd.position) == SAFE and state_of(graph) == MonitorState.STALE
+    # NaN and Inf observations
+    for bad in (math.nan, math.inf):
+        now = robot.get_clock().now().nanoseconds
+        cmd = robot.send(graph.executor, [bad] + OBS[1:], [0.9, 0.9], now)
+        assert list(cmd.position) == SAFE and state_of(graph) == MonitorState.FAULT
+    # reordered channels
+    swapped = list(CHANNELS)
+    swapped[0], swapped[1] = swapped[1], swapped[0]
+    now = robot.get_clock().now().nanoseconds
+    cmd = robot.send(graph.executor, OBS, [0.9, 0.9], now, names=swapped)
+    assert list(cmd.position) == SAFE and state_of(graph) == MonitorState.FAULT
+    # an out-of-bounds proposal never reaches the robot as such: clipped, then judged
+    now = robot.get_clock().now().nanoseconds
+    cmd = robot.send(graph.executor, OBS, [5.0, -5.0], now)
+    assert all(-1.0 <= v <= 1.0 for v in cmd.position)
+    assert state_of(graph) in (MonitorState.NOMINAL,) + FALLBACK
+    # a NaN proposal
+    now = robot.get_clock().now().nanoseconds
+    cmd = robot.send(graph.executor, OBS, [math.nan, 0.0], now)
+    assert list(cmd.position) == SAFE and state_of(graph) == MonitorState.FAULT
+
+
+def test_clock_jumps_give_the_safe_action_or_a_judged_one(monitor_graph):
+    graph, robot = monitor_graph
+    now = robot.get_clock().now().nanoseconds
+    robot.send(graph.executor, OBS, [0.0, 0.0], now)
+    # backwards by 10 s (e.g. a simulator restarted its clock): stale -> safe action
+    cmd = robot.send(graph.executor, OBS, [0.9, 0.9], now - 10_000_000_000)
+    assert list(cmd.position) == SAFE and state_of(graph) == MonitorState.STALE
+    # forwards by 100 s: no crash, no stale hold; the critic judges the proposal as usual
+    cmd = robot.send(graph.executor, OBS, [0.2, 0.1], now + 100_000_000_000)
+    assert state_of(graph) in (MonitorState.NOMINAL,) + FALLBACK
+    assert all(-1.0 <= v <= 1.0 for v in cmd.position)
+    monitor = graph.nodes['safety_monitor_node'].monitor
+    assert monitor.hold_until <= (now + 100_000_000_000) * 1e-9 + monitor.config.min_hold
+
+
+def test_controller_silence_stops_the_robot(monitor_graph):
+    graph, robot = monitor_graph
+    n = len(robot.final)
+    robot.obs_pub.publish(common.joint_state(CHANNELS, OBS, robot.get_clock().now().nanoseconds))
+    assert spin_until(graph.executor, lambda: len(robot.final) > n, 5.0)   # watchdog
+    assert list(robot.final[-1].position) == SAFE and state_of(graph) == MonitorState.STALE
+    assert 'controller silent' in graph.nodes['safety_monitor_node'].monitor.last.reason
+
+
+@pytest.mark.parametrize('which, message', [
+    ('tampered', 'sha256'), ('symlinked', 'symbolic link'), ('car', 'channel'),
+    ('missing', 'not a model bundle folder')])
+def test_bad_monitor_bundle_fails_configure_and_nothing_drives_the_robot(
+        bundles, which, message):
+    bundle = bundles.get(which, '/nonexistent/bundle')
+    graph = Graph({'safety_monitor_node': {'bundle': bundle, 'task': 'BallCircle'}})
+    robot = Robot()
+    graph.executor.add_node(robot)
+    try:
+        errors = graph.configure()
+        assert len(errors) == 1 and message in errors[0].lower(), errors
+        spin_for(graph.executor, 0.3)
+        assert robot.final == []     # an unconfigured monitor publishes no command at all
+    finally:
+        graph.executor.remove_node(robot)
+        robot.destroy_node()
+        graph.shutdown()
+
+
+# -- finding 1: the fallback changes the action, or says it kept it ----------------------------
+
+@pytest.mark.parametrize('controller', [SHIPPED_FISOR, SHIPPED_BC_ALL])
+def test_every_intervention_replaces_with_a_safer_action_or_is_counted_kept(
+        controller, tmp_path):
+    summary = run(str(REPO / 'config' / 'demo.yaml'), episodes=1, quiet=True, overrides=[
+        f'controller_node.bundle={controller}', f'safety_monitor_node.bundle={SHIPPED_FISOR}',
+        f'recorder_node.bundle={controller}', f'recorder_node.output_dir={tmp_path}',
+        'recorder_node.run_name=run', 'recorder_node.mcap=false', 'sim_node.horizon=80'])
+    data = load_episodes(tmp_path / 'run')
+    fallback = np.isin(data['verdicts'], FALLBACK)
+    assert fallback.sum() >= 5, 'the run should hit infeasible proposals'
+    replaced = data['replaced']
+    changed = np.abs(data['actions'] - data['proposed_actions']).max(axis=1) > 1e-6
+    # replaced: another action, strictly lower max-of-heads Q_h than the proposal's
+    assert (changed[replaced]).all()
+    assert (data['critic_risk_final'][replaced] < data['critic_q_h'][replaced]).all()
+    # kept: the proposal itself, and the critic says no fallback was safer
+    kept = fallback & ~replaced
+    assert not changed[kept].any()
+    np.testing.assert_allclose(data['critic_risk_final'][kept], data['critic_q_h'][kept],
+                               rtol=1e-6)
+    assert not replaced[~fallback].any()
+    episode = read_index(tmp_path / 'run')['episodes'][0]
+    assert episode['fallback_steps'] == int(replaced.sum())
+    assert episode['kept_steps'] == int(kept.sum())
+    counters = summary['monitor']
+    assert counters['replaced'] + counters['kept'] == \
+        counters['intervening'] + counters['recovery']
+    if controller == SHIPPED_FISOR:
+        # policy.onnx and fallback.onnx are the same graph: with a shared noise stream every
+        # "intervention" reproduced the proposal bit for bit. Now most replace it.
+        assert replaced.sum() > kept.sum()
+
+
+# -- findings 6, 7: one-line errors and parameters that are refused ----------------------------
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize('text, message', [
+    ('', 'is empty'),
+    ('- sim_node\n- controller_node\n', 'top level is a list'),
+    ('sim_node: 3\n', 'no ros__parameters'),
+    ('controller_node:\n  ros__parameters:\n    bundle: x\n', 'starts no sim_node'),
+])
+def test_bringup_refuses_bad_parameter_files_in_one_line(tmp_path, capsys, text, message):
+    code = bringup_main([write(tmp_path / 'p.yaml', text), '--episodes', '1'])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and 'Traceback' not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize('node, param, value, message', [
+    ('sim_node', 'rate_hz', '1.0e9', 'rate_hz'),            # YAML 1.1 would read a string
+    ('safety_monitor_node', 'watchdog_rate_hz', '0.0', 'watchdog_rate_hz'),
+    ('safety_monitor_node', 'fallback_samples', '0', 'fallback_samples'),
+])
+def test_out_of_range_parameters_are_refused(tmp_path, node, param, value, message):
+    config = write(tmp_path / 'p.yaml', f'{node}:\n  ros__parameters:\n    {param}: {value}\n')
+    with pytest.raises(BringupError, match=message) as info:
+        run(config, duration=1.0, quiet=True)
+    assert 'range' in str(info.value).lower() or 'must' in str(info.value).lower()
+
+
+def test_yaml_floats_are_read_as_ros_reads_them(tmp_path):
+    from saferl_ros.bringup import load_parameters
+    config = write(tmp_path / 'p.yaml', 'sim_node:\n  ros__parameters:\n    rate_hz: 1.0e2\n'
+                   '    command_timeout: 5e-1\n    task: 1e3x\n')
+    params = load_parameters(config)['sim_node']
+    assert params == {'rate_hz': 100.0, 'command_timeout': 0.5, 'task': '1e3x'}
+
+
+def test_safe_action_outside_the_bounds_is_refused(tmp_path):
+    config = write(tmp_path / 'p.yaml', 'safety_monitor_node:\n  ros__parameters:\n'
+                   f'    bundle: {SHIPPED_FISOR}\n    safe_action: [0.0, 3.0]\n')
+    with pytest.raises(BringupError, match='outside the action bounds'):
+        run(config, duration=1.0, quiet=True)
+
+
+def test_switching_the_watchdog_off_is_explicit_and_logged(tmp_path):
+    graph = Graph({'safety_monitor_node': {'bundle': SHIPPED_FISOR, 'watchdog': False}})
+    try:
+        assert graph.configure() == []
+        assert not any(t for t in graph.nodes['safety_monitor_node'].timers
+                       if abs(t.timer_period_ns - 50_000_000) < 1000)
+    finally:
+        graph.shutdown()
+
+
+# -- finding 9: paths resolve from any folder --------------------------------------------------
+
+def test_bundle_paths_resolve_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    share = package_share()
+    assert resolve_path('package://saferl_ros/models/fisor-ballcircle') == \
+        share / 'models' / 'fisor-ballcircle'
+    assert resolve_path('models/fisor-ballcircle') == share / 'models' / 'fisor-ballcircle'
+    (tmp_path / 'models' / 'mine').mkdir(parents=True)
+    assert resolve_path('models/mine') == Path('models/mine')       # the current folder first
+    with pytest.raises(PathResolutionError, match='not found'):
+        resolve_path('models/nothing-here', 'parameter bundle')
+
+
+# -- findings 2, 9: signals end bringup cleanly, from another folder ---------------------------
+
+def bringup_process(tmp_path, *args):
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'PYTHONPATH': str(REPO)}
+    cmd = [sys.executable, '-m', 'saferl_ros.bringup', str(REPO / 'config' / 'sim.yaml'),
+           '--set', f'recorder_node.output_dir={tmp_path / "rec"}',
+           '--set', 'recorder_node.run_name=run', '--set', 'recorder_node.mcap=true',
+           '--set', 'sim_node.horizon=30', *args]
+    # started in tmp_path: the config's bundle paths must not depend on the current folder
+    return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_episodes(run_dir: Path, count: int, proc, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        index = run_dir / 'index.json'
+        if index.is_file() and len(json.loads(index.read_text())['episodes']) >= count:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    raise AssertionError(f'{count} episodes not recorded in {timeout} s')
+
+
+def mcap_messages(path: Path) -> int:
+    from mcap.reader import make_reader
+    with open(path, 'rb') as stream:
+        return sum(1 for _ in make_reader(stream).iter_messages())
+
+
+@pytest.mark.parametrize('sig, args, expected', [
+    (signal.SIGINT, [], 0),                       # "run until Ctrl-C": the documented stop
+    (signal.SIGTERM, ['--episodes', '100'], 0),   # a supervisor's stop
+    (signal.SIGINT, ['--episodes', '100'], 130),  # Ctrl-C cuts the requested episodes short
+])
+def test_signal_ends_bringup_cleanly_and_keeps_the_recording(tmp_path, sig, args, expected):
+    proc = bringup_process(tmp_path, *args)
+    run_dir = tmp_path / 'rec' / 'run'
+    try:
+        wait_for_episodes(run_dir, 2, proc)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == expected, err[-3000:]
+    assert 'Traceback' not in err and 'RCLError' not in err, err[-3000:]
+    index = read_index(run_dir)
+    assert index['closed'] and len(index['episodes']) >= 2
+    assert validate_file(run_dir / 'recording.hdf5') == []
+    files = sorted((run_dir / 'raw').glob('episode_*.mcap'))
+    assert len(files) >= 2 and not list((run_dir / 'raw').glob('*.partial'))
+    counts = [mcap_messages(f) for f in files]
+    # every file is complete (readable to its end); each full episode holds its 30 steps' topics
+    assert all(c > 0 for c in counts) and all(c >= 4 * 30 for c in counts[:-1]), counts
+
+
+def test_sigkill_of_the_recorder_keeps_completed_episodes_in_both_formats(bundles, tmp_path):
+    bundle = bundles['fisor']
+    log = tmp_path / 'recorder.log'
+    recorder = start_node('recorder_node', {'task': 'BallCircle', 'run_name': 'run',
+                                            'output_dir': str(tmp_path / 'rec'), 'mcap': True},
+                          log)
+    graph = Graph({'sim_node': {'task': 'BallCircle', 'horizon': 25, 'min_subscribers': 2,
+                                'wait_for_recorder': True},
+                   'controller_node': {'bundle': bundle},
+                   'safety_monitor_node': {'bundle': bundle}})
+    run_dir = tmp_path / 'rec' / 'run'
+    try:
+        assert graph.configure() == []
+        graph.activate()
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            graph.executor.spin_once(timeout_sec=0.01)
+            index = run_dir / 'index.json'
+            if index.is_file() and len(json.loads(index.read_text())['episodes']) >= 2 and \
+                    (run_dir / 'raw' / 'episode_000001.mcap').is_file():
+                break
+        recorder.send_signal(signal.SIGKILL)
+        recorder.wait(10)
+    finally:
+        if recorder.poll() is None:
+            recorder.kill()
+        graph.deactivate()
+        graph.shutdown()
+    index = read_index(run_dir)
+    assert len(index['episodes']) >= 2 and not index['closed']
+    for entry in index['episodes']:
+        assert validate_file(run_dir / entry['file']) == []
+    finished = sorted((run_dir / 'raw').glob('episode_*.mcap'))
+    assert len(finished) >= 2
+    for path in finished:
+        assert mcap_messages(path) >= 25     # complete: summary and end magic written
+    # the episode in progress is the only casualty, and it is named as such
+    assert len(list((run_dir / 'raw').glob('episode_*.mcap.partial'))) == 1
+
+
+def test_a_silent_monitor_stops_the_simulated_robot(bundles, tmp_path):
+    bundle = bundles['fisor']
+    monitor = start_node('safety_monitor_node', {'bundle': bundle}, tmp_path / 'monitor.log')
+    controller = start_node('controller_node', {'bundle': bundle}, tmp_path / 'controller.log')
+    graph = Graph({'sim_node': {'task': 'BallCircle', 'mode': 'realtime', 'rate_hz': 20.0,
+                                'command_timeout': 0.3, 'min_subscribers': 2}})
+    steps = []
+    probe = Node('step_probe')
+    probe.create_subscription(JointState, common.STEP, steps.append, common.RECORD_QOS)
+    graph.executor.add_node(probe)
+    try:
+        assert graph.configure() == []
+        graph.activate()
+        sim = graph.nodes['sim_node']
+        assert spin_until(graph.executor, lambda: sim.latency.samples and len(steps) >= 20,
+                          60.0), 'the loop never closed'
+        monitor.send_signal(signal.SIGKILL)
+        monitor.wait(10)
+        spin_for(graph.executor, 0.6)        # > command_timeout after the last command
+        n = len(steps)
+        assert spin_until(graph.executor, lambda: len(steps) >= n + 5, 10.0)
+        names = list(steps[-1].name)
+        act = [names.index('action/0'), names.index('action/1')]
+        missed = names.index('missed')
+        for msg in steps[n:]:
+            assert [msg.position[i] for i in act] == SAFE and msg.position[missed] == 1.0
+    finally:
+        for proc in (monitor, controller):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(15)
+        graph.executor.remove_node(probe)
+        probe.destroy_node()
+        graph.deactivate()
+        graph.shutdown()
+
+
+def test_node_process_exits_cleanly_on_sigint_and_sigterm(tmp_path):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        log = tmp_path / f'sim-{sig}.log'
+        proc = start_node('sim_node', {'task': 'BallCircle'}, log)
+        deadline = time.monotonic() + 60
+        while 'configured' not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        assert proc.wait(30) == 0, log.read_text()[-2000:]
+        assert 'Traceback' not in log.read_text(), log.read_text()[-2000:]
