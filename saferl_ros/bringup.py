@@ -24,6 +24,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from saferl_ros.errors import UserError
 import yaml
 
 NODE_ORDER = ('recorder_node', 'safety_monitor_node', 'controller_node', 'robot_adapter_node',
@@ -42,7 +43,7 @@ def node_classes() -> Dict[str, type]:
             'robot_adapter_node': RobotAdapterNode}
 
 
-class BringupError(RuntimeError):
+class BringupError(UserError, RuntimeError):
     """A parameters file or override that cannot be used."""
 
 

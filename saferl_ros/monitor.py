@@ -33,6 +33,7 @@ import math
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+from saferl_ros.errors import ConfigError
 from saferl_ros.seeding import noise_rng
 
 
@@ -55,7 +56,7 @@ STATE_LEVEL = {MonitorState.NOMINAL: 0, MonitorState.INTERVENING: 1, MonitorStat
                MonitorState.STALE: 2, MonitorState.FAULT: 2, MonitorState.INACTIVE: 1}
 
 
-class MonitorConfigError(ValueError):
+class MonitorConfigError(ConfigError):
     """A monitor configuration that cannot be used (names the parameter and the fix)."""
 
 
@@ -306,7 +307,10 @@ class SafetyMonitor:
             reason = f'action infeasible (Q_h={risk:.3g} > {self.threshold_q:g})'
         else:
             reason = f'cost over budget (Q_c={risk:.3g} > {self.budget:g})'
-        replaced = fallback.risk < risk     # only a strictly safer action replaces the proposal
+        # Only a different, strictly safer action replaces the proposal. A candidate equal to the
+        # proposal (both clipped to the same corner of the action box) can score a hair lower
+        # from batch numerics alone; that is no replacement.
+        replaced = fallback.risk < risk and not np.array_equal(fallback.action, act)
         if replaced:
             action, risk_final = fallback.action, fallback.risk
         else:

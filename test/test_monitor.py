@@ -4,8 +4,8 @@ import math
 
 import numpy as np
 import pytest
-from saferl_ros.monitor import (MonitorConfig, MonitorConfigError, MonitorState, SafetyMonitor,
-                                state_names)
+from saferl_ros.monitor import (FallbackChoice, MonitorConfig, MonitorConfigError, MonitorState,
+                                SafetyMonitor, state_names)
 
 
 class FakeBundle:
@@ -84,6 +84,15 @@ def test_proposal_is_kept_when_no_fallback_is_safer():
     assert 'proposal kept' in v.reason and v.risk_final == pytest.approx(-0.5)
     counts = m.counters.as_dict()
     assert counts['kept'] == 1 and counts['replaced'] == 0 and counts['interventions'] == 0
+
+
+def test_a_fallback_equal_to_the_proposal_is_no_replacement():
+    # The fake fallback steers to (-0.5, 0.25); a proposal equal to it is kept, whatever the
+    # critic's rounding says.
+    m = monitor()
+    v = m.decide(INFEASIBLE_S, [-0.5, 0.25], 1.0, 1.0, 1.0,
+                 fallback=FallbackChoice(np.array([-0.5, 0.25], np.float32), -1.0))
+    assert v.state == MonitorState.RECOVERY and not v.replaced and m.counters.kept == 1
 
 
 def test_fallback_searches_several_samples_on_its_own_noise_stream():

@@ -27,6 +27,7 @@ from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy)
 from rclpy.signals import SignalHandlerOptions
+from saferl_ros.errors import ConfigError
 from sensor_msgs.msg import JointState
 from std_msgs.msg import String
 
@@ -153,10 +154,6 @@ def declare(node, params: Sequence[Param]) -> None:
 def values(node, params: Sequence[Param]) -> Dict[str, Any]:
     """Return the current value of each declared parameter."""
     return {p.name: node.get_parameter(p.name).value for p in params}
-
-
-class ConfigError(ValueError):
-    """A parameter value that cannot be used (names the parameter and the fix)."""
 
 
 def fail(node, error: Exception) -> TransitionCallbackReturn:
