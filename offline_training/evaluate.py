@@ -17,7 +17,7 @@ Scores follow DSRL exactly (``offline_training.data.trajectories.normalized_scor
 source, e.g. runs of different training seeds) is one unit: the unit's mean over its episodes;
 the reported mean +- std is over units (over episodes when there is a single unit).
 FISOR's paper evaluates Bullet-Safety-Gym at kappa = 5 with 20 episodes x 3 seeds
-(research/fisor.md §4.3, §5.2); DSRL's benchmark uses kappa in {10, 20, 40}.
+(the paper's Sec. 5 and Table 1); DSRL's benchmark uses kappa in {10, 20, 40}.
 """
 
 import argparse
@@ -40,9 +40,9 @@ from tqdm import tqdm
 KAPPAS = (5, 10, 20, 40)
 # Default results file of one source, relative to its folder (the CSV goes next to it).
 DEFAULT_RESULTS = Path('eval') / 'results.json'
-TABLE_KAPPA = 5  # FISOR's Table 1 kappa for Bullet-Safety-Gym (research/fisor.md §4.3)
+TABLE_KAPPA = 5  # FISOR's Table 1 kappa for Bullet-Safety-Gym (paper, Sec. 5)
 # FISOR paper, Table 1 (normalised reward, normalised cost), Bullet-Safety-Gym rows, kappa = 5,
-# 20 episodes x 3 seeds (research/fisor.md §5.3). Shown next to our numbers for reference.
+# 20 episodes x 3 seeds (the paper's protocol). Shown next to our numbers for reference.
 PAPER = {
     'bc_all': {'AntRun': (0.73, 11.73), 'BallRun': (0.67, 11.38), 'CarRun': (0.96, 1.88),
                'DroneRun': (0.55, 5.21), 'AntCircle': (0.65, 19.45),

@@ -11,7 +11,7 @@ Graphs per algorithm (the ``EXPORTERS`` registry):
 - FISOR: ``policy(observation, noise) -> action`` is the whole sampler of Sec. 3.4: N candidates,
   T DDPM denoising steps, argmin over the max of the Q_h heads. ``critic(observation, action) ->
   v_h, q_h``. ``fallback`` is the same argmin-Q_h sampler over more candidates: the
-  infeasible-region behaviour of Eq. 13 evaluated greedily (research/fisor.md §3.2 (a)).
+  infeasible-region behaviour of Eq. 13 evaluated greedily (as the official code's sampler).
 - BC: ``policy(observation) -> action`` only (critic kind ``none``).
 - BCQ-Lag: ``policy`` as the algorithm samples it, ``critic(observation, action) -> q_c``
   (critic kind ``cost`` with the cost budget the run was trained for).
@@ -495,7 +495,7 @@ def export_run(run_dir, out_dir, name: Optional[str] = None, seed: int = 0,
     Export the model of a ``saferl-train`` run folder as a bundle; return the bundle folder.
 
     ``num_candidates``/``fallback_candidates`` override FISOR's N for the policy/fallback graphs
-    (the paper's N = 16; more candidates is more conservative, research/fisor.md §2.5).
+    (the paper's N = 16; more candidates is more conservative: a wider search for low Q_h).
     """
     from offline_training.algos import get_algorithm
     from offline_training.train import load_run

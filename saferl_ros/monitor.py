@@ -4,7 +4,7 @@ The safety monitor's rule, without ROS: pass a proposed action or replace it wit
 FISOR (Zheng et al., ICLR 2024) learns a feasibility value V_h(s) and action values Q_h^j(s, a)
 (j over an ensemble of heads) with the Hamilton-Jacobi reachability sign convention: h = -1 safe,
 h = +M unsafe, so ``<= 0`` means feasible. The monitor applies, for observation s and proposal a
-(DESIGN.md "The safety monitor's rule"):
+(docs/architecture.md "The safety monitor's rule"):
 
 1. invalid input (wrong size, NaN/Inf) -> the configured safe action, state FAULT;
    an observation or proposal older than its timeout -> the safe action, state STALE;

@@ -1,4 +1,4 @@
-"""The safety monitor's rule (DESIGN.md), decided without ROS."""
+"""The safety monitor's rule (docs/architecture.md), decided without ROS."""
 
 import math
 

@@ -71,17 +71,30 @@ def jobs(grid: Grid = Grid()):
     return out
 
 
+def repo_relative(path) -> Path:
+    """
+    Return ``path`` relative to the repository when it lies inside it.
+
+    The commands run in the repository folder, so relative paths work, and the results files
+    they write (which record their sources) name no path of the machine that ran them.
+    """
+    try:
+        return Path(path).resolve().relative_to(REPO)
+    except ValueError:
+        return Path(path)
+
+
 def commands(job, grid: Grid = Grid()):
     """Return (name, train command, eval command, results path) of one job."""
     tag, algo, task, seed, steps, sets = job
     name = f'{tag}-{task}-s{seed}'
-    run_dir = Path(grid.runs_dir) / name
+    run_dir = repo_relative(Path(grid.runs_dir) / name)
     train = ['saferl-train', algo, '--task', task, '--preset', grid.preset, '--seed', str(seed),
              '--steps', str(steps), '--out', str(run_dir), '--threads', '1', '--no-progress',
              '--log-every', '500', '--checkpoint-every', '2000', '--device', grid.device]
     for item in sets:
         train += ['--set', item]
-    results = Path(grid.results_dir) / f'{name}.json'
+    results = repo_relative(Path(grid.results_dir) / f'{name}.json')
     evaluate = ['saferl-eval', str(run_dir), '--episodes', str(EVAL_EPISODES), '--seeds', '0',
                 '--threads', '1', '--no-progress', '-o', str(results)]
     return name, train, evaluate, results
@@ -94,7 +107,7 @@ def run_job(job, grid: Grid = Grid(), dry_run=False):
         print(' '.join(train))
         print(' '.join(evaluate))
         return name, 'dry-run'
-    if results.exists():
+    if (REPO / results).exists():
         return name, 'done already'
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')

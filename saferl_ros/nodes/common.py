@@ -1,7 +1,7 @@
 """
 What every saferl_ros node shares: topic names, QoS, message helpers, declared parameters.
 
-Messages are standard types only (DESIGN.md), so the package runs with the ROS 2 wheels from the
+Messages are standard types only (docs/architecture.md), so the package runs with the ROS 2 wheels from the
 Python package index and with any distro:
 
 - vectors with named entries are ``sensor_msgs/JointState``: ``name`` = channel names,
@@ -41,7 +41,7 @@ VERDICT = 'monitor/verdict'          # monitor -> recorder: state code and criti
 STATUS = 'monitor/status'            # monitor: current state, reliable + transient local
 DIAGNOSTICS = '/diagnostics'
 
-# DESIGN.md "Topics, timing and QoS".
+# docs/architecture.md "Topics, time and QoS".
 SENSOR_QOS = QoSProfile(depth=5, history=HistoryPolicy.KEEP_LAST,
                         reliability=ReliabilityPolicy.BEST_EFFORT,
                         durability=DurabilityPolicy.VOLATILE)
