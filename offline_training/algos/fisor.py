@@ -2,7 +2,8 @@
 FISOR: feasibility-guided safe offline RL with a diffusion policy (Zheng et al., ICLR 2024).
 
 A PyTorch port of the paper and of the official JAX code (github.com/ZhengYinan-AIR/FISOR,
-``jaxrl5/agents/fisor``; docs/algorithms.md maps each equation to its code). Three decoupled objectives are trained concurrently:
+``jaxrl5/agents/fisor``; docs/algorithms.md maps each equation to its code). Three decoupled
+objectives are trained concurrently:
 
 1. the largest feasible region: V_h by reversed expectile regression (Eq. 8) and two Q_h heads by
    the discounted feasible Bellman operator (Eq. 9), with h = -1 when safe and h = M = 25 when the
