@@ -21,6 +21,7 @@ Ctrl-C ends the run early and still prints the figures (the recording is closed 
 """
 
 import argparse
+from array import array
 import json
 from pathlib import Path
 import signal
@@ -33,15 +34,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def rss_mib(pids=('self',)) -> float:
-    """Return the summed resident set size of ``pids`` in MiB (Linux /proc)."""
-    total = 0.0
-    for pid in pids:
+def rss_mib(pids) -> dict:
+    """Return {name: resident set size in MiB} of the processes ``{name: pid}`` (Linux /proc)."""
+    out = {}
+    for name, pid in pids.items():
         with open(f'/proc/{pid}/status') as stream:
             for line in stream:
                 if line.startswith('VmRSS:'):
-                    total += int(line.split()[1]) / 1024
-    return total
+                    out[name] = int(line.split()[1]) / 1024
+    return out
 
 
 def start_node(executable: str, params: dict, log) -> subprocess.Popen:
@@ -66,7 +67,9 @@ class CommandProbe:
         from sensor_msgs.msg import JointState
         self.period = period
         self.sent = {}                # stamp -> monotonic time the observation was seen
-        self.latencies = []           # seconds, every answered observation
+        # seconds, every answered observation: 8 bytes each (a list of floats would take 32 and
+        # show up in the memory figures as growth of the bench itself)
+        self.latencies = array('d')
         self.unanswered = 0           # observations with no command within 1 s
         node.create_subscription(JointState, common.OBSERVATION, self._on_observation,
                                  common.SENSOR_QOS)
@@ -123,7 +126,7 @@ def main(argv=None) -> int:
     log = open(Path(output) / 'nodes.log', 'w')
     procs = [start_node('controller_node', {'bundle': args.bundle}, log),
              start_node('safety_monitor_node', {'bundle': args.bundle}, log)]
-    pids = ['self'] + [p.pid for p in procs]
+    pids = {'sim+recorder': 'self', 'controller': procs[0].pid, 'monitor': procs[1].pid}
     with StopSignals() as stop:
         graph = Graph(soak_nodes(args.bundle, args.rate, output))
         try:
@@ -146,8 +149,9 @@ def main(argv=None) -> int:
                 if time.monotonic() >= next_sample:
                     rss.append((time.monotonic() - start, rss_mib(pids)))
                     next_sample += 60.0
-                    print(f'{rss[-1][0] / 60:5.1f} min: {steps_taken(sim)} steps, '
-                          f'RSS {rss[-1][1]:.1f} MiB', flush=True)
+                    print(f'{rss[-1][0] / 60:5.1f} min: {steps_taken(sim)} steps, RSS '
+                          f'{sum(rss[-1][1].values()):.1f} MiB ' + ', '.join(
+                              f'{k} {v:.1f}' for k, v in rss[-1][1].items()), flush=True)
             elapsed = time.monotonic() - start
             rss.append((elapsed, rss_mib(pids)))
             graph.deactivate()
@@ -171,6 +175,7 @@ def main(argv=None) -> int:
         {'p50_ms': float('nan'), 'p99_ms': float('nan'), 'max_ms': float('nan')}
     warm = rss[1][1] if len(rss) > 2 else rss[0][1]
     hours = max(elapsed - (rss[1][0] if len(rss) > 2 else 0.0), 1e-9) / 3600
+    growth = {k: rss[-1][1][k] - warm[k] for k in warm}
     figures = {
         'machine': machine_info(), 'minutes': elapsed / 60, 'rate_hz': args.rate,
         'steps': steps, 'achieved_rate_hz': steps / elapsed,
@@ -178,8 +183,9 @@ def main(argv=None) -> int:
         'unanswered_observations': unanswered, 'stale_command_steps': sim.misses,
         'latency_ms': lat, 'answered': int(answered.size),
         'rss_mib': {'start': rss[0][1], 'after_warmup': warm, 'end': rss[-1][1],
-                    'growth_after_warmup': rss[-1][1] - warm,
-                    'growth_per_hour': (rss[-1][1] - warm) / hours},
+                    'growth_after_warmup': growth,
+                    'growth_per_hour': {k: v / hours for k, v in growth.items()},
+                    'samples': rss},
         'rows_recorded': rows, 'rows_lost': steps - rows,
         'recording': str(Path(output) / 'soak'),
         'stopped_by_signal': stop.requested,
@@ -195,9 +201,10 @@ def main(argv=None) -> int:
     print(f'latency observation -> final command, every answered observation: p50 '
           f'{lat["p50_ms"]:.2f} ms, p99 {lat["p99_ms"]:.2f} ms, max {lat["max_ms"]:.2f} ms')
     r = figures['rss_mib']
-    print(f'RSS: {r["start"]:.1f} MiB at start, {r["after_warmup"]:.1f} after warm-up, '
-          f'{r["end"]:.1f} at the end ({r["growth_after_warmup"]:+.1f} MiB, '
-          f'{r["growth_per_hour"]:+.1f} MiB/hour)')
+    for name in r['end']:
+        print(f'RSS {name}: {r["after_warmup"][name]:.1f} MiB after warm-up, '
+              f'{r["end"][name]:.1f} at the end ({r["growth_after_warmup"][name]:+.1f} MiB, '
+              f'{r["growth_per_hour"][name]:+.1f} MiB/hour)')
     print(f'rows: {steps} steps, {rows} recorded, {steps - rows} lost')
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
