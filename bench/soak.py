@@ -187,7 +187,6 @@ def main(argv=None) -> int:
                     'growth_per_hour': {k: v / hours for k, v in growth.items()},
                     'samples': rss},
         'rows_recorded': rows, 'rows_lost': steps - rows,
-        'recording': str(Path(output) / 'soak'),
         'stopped_by_signal': stop.requested,
     }
     m = figures['machine']
@@ -205,7 +204,8 @@ def main(argv=None) -> int:
         print(f'RSS {name}: {r["after_warmup"][name]:.1f} MiB after warm-up, '
               f'{r["end"][name]:.1f} at the end ({r["growth_after_warmup"][name]:+.1f} MiB, '
               f'{r["growth_per_hour"][name]:+.1f} MiB/hour)')
-    print(f'rows: {steps} steps, {rows} recorded, {steps - rows} lost')
+    print(f'rows: {steps} steps, {rows} recorded, {steps - rows} lost '
+          f'(recording: {Path(output) / "soak"})')
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(figures, indent=2, default=str) + '\n')
