@@ -93,7 +93,8 @@ def _imported_after(modules):
 @pytest.mark.parametrize('package, forbidden', [('saferl_ros', 'torch'),
                                                 ('offline_training', 'rclpy')])
 def test_layer_rules(package, forbidden):
-    # docs/architecture.md: deployment needs only numpy + onnxruntime + rclpy; training never needs rclpy.
+    # docs/architecture.md: deployment needs only numpy + onnxruntime + rclpy; training never
+    # needs rclpy.
     loaded = _imported_after(_modules(package))
     assert package in loaded
     assert forbidden not in loaded, f'importing {package} modules imports {forbidden}'

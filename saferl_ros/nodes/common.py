@@ -1,8 +1,8 @@
 """
 What every saferl_ros node shares: topic names, QoS, message helpers, declared parameters.
 
-Messages are standard types only (docs/architecture.md), so the package runs with the ROS 2 wheels from the
-Python package index and with any distro:
+Messages are standard types only (docs/architecture.md), so the package runs with the ROS 2
+wheels from the Python package index and with any distro:
 
 - vectors with named entries are ``sensor_msgs/JointState``: ``name`` = channel names,
   ``position`` = values, ``header.stamp`` = the stamp of the observation the message belongs to;
