@@ -7,7 +7,9 @@ Launch the simulation loop: sim_node, controller_node, safety_monitor_node, reco
 Parameters come from config/sim.yaml (argument ``config``), the same file
 ``saferl-bringup config/sim.yaml`` reads. Every node is a lifecycle node: this file configures
 each one at start-up and activates it once it reaches ``inactive``; a node whose configure fails
-(e.g. a bundle that does not verify) stays unconfigured and the robot is not driven.
+(e.g. a bundle that does not verify) stays unconfigured and the robot is not driven. The launch
+ends when sim_node's process ends: after ``episodes:=N`` episodes (its console script exits once
+they are done), on a crash, or on Ctrl-C, which every node handles with a clean deactivation.
 """
 
 import os
@@ -15,13 +17,16 @@ import os
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, EmitEvent, OpaqueFunction, RegisterEventHandler
-from launch.events import matches_action
+from launch.event_handlers import OnProcessExit
+from launch.events import matches_action, Shutdown
 from launch_ros.actions import LifecycleNode
 from launch_ros.event_handlers import OnStateTransition
 from launch_ros.events.lifecycle import ChangeState
 from lifecycle_msgs.msg import Transition
 
 NODES = ('recorder_node', 'safety_monitor_node', 'controller_node', 'sim_node')
+# The node whose process ending ends the launch: the observation source.
+ENDS_THE_LAUNCH = ('sim_node', 'robot_adapter_node')
 BUNDLE_USERS = {'controller_node': ('bundle',), 'safety_monitor_node': ('bundle',),
                 'recorder_node': ('bundle', 'monitor_bundle')}
 
@@ -48,6 +53,18 @@ def managed(name: str, parameters: list, namespace: str, remappings=None) -> lis
     return [activate, node, configure]
 
 
+def end_launch_with(node, reason: str) -> RegisterEventHandler:
+    """
+    Shut the whole launch down when ``node``'s process exits.
+
+    sim_node's process ends after its ``episodes`` (and on a crash); robot_adapter_node's when
+    the robot side goes away. Without this the other nodes would run on, and the launch never
+    end.
+    """
+    return RegisterEventHandler(OnProcessExit(
+        target_action=node, on_exit=[EmitEvent(event=Shutdown(reason=reason))]))
+
+
 def graph(context, nodes=NODES, remappings=None):
     """Build the nodes from the resolved launch arguments."""
     config = context.launch_configurations['config']
@@ -61,7 +78,11 @@ def graph(context, nodes=NODES, remappings=None):
             overrides['episodes'] = int(episodes)
         if name == 'recorder_node' and context.launch_configurations.get('output_dir'):
             overrides['output_dir'] = context.launch_configurations['output_dir']
-        actions += managed(name, [config, overrides], namespace, remappings)
+        entities = managed(name, [config, overrides], namespace, remappings)
+        actions += entities
+        if name in ENDS_THE_LAUNCH:
+            node = next(e for e in entities if isinstance(e, LifecycleNode))
+            actions.append(end_launch_with(node, f'{name} finished'))
     return actions
 
 

@@ -21,6 +21,9 @@ from saferl_ros.nodes import common  # noqa: E402, I100
 from test_ros_support import build_bundle, domain_fixture  # noqa: E402, I100
 
 ros_domain = domain_fixture(71)
+# A launch that cannot start (e.g. the package is not visible to ament_index after a plain
+# `pip install -e .`: use `colcon build`) must fail within minutes, not hang for pytest-timeout.
+pytestmark = pytest.mark.timeout(150)
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -22,6 +22,35 @@ def test_launch_files_parse_and_name_known_nodes(launch_file):
     assert {'recorder_node', 'safety_monitor_node', 'controller_node'} <= names
 
 
+def test_the_launch_ends_when_the_observation_source_exits():
+    # launch is not installable here: check the wiring in the source. sim.launch.py registers an
+    # OnProcessExit handler emitting Shutdown for each node in ENDS_THE_LAUNCH.
+    tree = ast.parse((REPO / 'launch' / 'sim.launch.py').read_text())
+    calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Name)}
+    assert {'OnProcessExit', 'Shutdown', 'RegisterEventHandler', 'end_launch_with'} <= calls
+    ends = next(n.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                and getattr(n.targets[0], 'id', '') == 'ENDS_THE_LAUNCH')
+    assert {e.value for e in ends.elts} == {'sim_node', 'robot_adapter_node'}
+
+
+def test_sim_node_process_exits_by_itself_after_its_episodes(tmp_path):
+    import subprocess
+    import time
+    from test_ros_support import start_node
+    log = tmp_path / 'sim.log'
+    proc = start_node('sim_node', {'task': 'BallCircle', 'episodes': 1, 'horizon': 5,
+                                   'min_subscribers': 0, 'command_timeout': 0.05}, log)
+    start = time.monotonic()
+    try:
+        code = proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError('sim_node kept running after its episodes: ' + log.read_text())
+    assert code == 0 and 'Traceback' not in log.read_text(), log.read_text()[-2000:]
+    assert '"steps": 5' in log.read_text() and time.monotonic() - start < 60
+
+
 @pytest.mark.parametrize('config', CONFIGS, ids=[c.name for c in CONFIGS])
 def test_every_config_parameter_is_declared_by_its_node(config):
     pytest.importorskip('rclpy')
