@@ -117,9 +117,9 @@ class McapSeries:
 
     An MCAP file is readable only once its summary and end magic are written (``finish``); a
     process killed with SIGKILL never writes them. Each episode therefore goes to
-    ``<folder>/episode_<k>.mcap.partial``, which :meth:`rotate` (at the next episode's start
-    event) and :meth:`close` finish and rename to ``episode_<k>.mcap``: every ``.mcap`` file in
-    the folder is complete, and a ``.partial`` one is what a kill interrupted. Each file is a
+    ``<folder>/episode_<k>.mcap.partial``, which :meth:`rotate` (called when the recorder commits
+    episode k) and :meth:`close` finish and rename to ``episode_<k>.mcap``: every ``.mcap`` file
+    in the folder is complete, and a ``.partial`` one is what a kill interrupted. Each file is a
     self-contained bag that ``ros2 bag play`` replays.
     """
 
@@ -131,7 +131,6 @@ class McapSeries:
         self.index = -1
         self.log: Optional[McapLog] = None
         self.files: List[Path] = []          # finished files, in order
-        self.started = False
         self.rotate()
 
     def _name(self, index: int) -> Path:
@@ -145,12 +144,6 @@ class McapSeries:
     def write(self, topic: str, data: bytes, log_time_ns: int) -> None:
         """Append one serialized message to the open file."""
         self.log.write(topic, data, log_time_ns)
-
-    def episode_started(self) -> None:
-        """Start a new file at every episode start but the first (file k = episode k)."""
-        if self.started:
-            self.rotate()
-        self.started = True
 
     def rotate(self) -> None:
         """Finish the open file (if any) and start the next episode's."""

@@ -176,6 +176,43 @@ def optional_float(value: float) -> Optional[float]:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
+class ConfiguredEntities:
+    """
+    The publishers, subscriptions and timers a node creates in on_configure, for on_cleanup.
+
+    A lifecycle node must leave cleanup as it entered configure: without this, configure ->
+    cleanup -> configure would create every publisher, subscription and timer a second time and
+    run every callback twice. Create them through this object; :meth:`destroy` removes them.
+    """
+
+    def __init__(self, node):
+        self.node = node
+        self.items: List[tuple] = []      # (destroy function, entity), in creation order
+
+    def publisher(self, *args, **kwargs):
+        """Create a publisher on the node (same arguments), remembered for destroy()."""
+        return self._keep(self.node.destroy_publisher, self.node.create_publisher(*args, **kwargs))
+
+    def subscription(self, *args, **kwargs):
+        """Create a subscription on the node (same arguments), remembered for destroy()."""
+        return self._keep(self.node.destroy_subscription,
+                          self.node.create_subscription(*args, **kwargs))
+
+    def timer(self, *args, **kwargs):
+        """Create a timer on the node (same arguments), remembered for destroy()."""
+        return self._keep(self.node.destroy_timer, self.node.create_timer(*args, **kwargs))
+
+    def _keep(self, destroy, entity):
+        self.items.append((destroy, entity))
+        return entity
+
+    def destroy(self) -> None:
+        """Destroy every remembered entity, newest first."""
+        while self.items:
+            destroy, entity = self.items.pop()
+            destroy(entity)
+
+
 class StopSignals:
     """
     SIGINT and SIGTERM request an orderly stop instead of raising inside a callback.

@@ -13,9 +13,9 @@ import time
 
 import numpy as np
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
-from saferl_ros.nodes.common import (action_names, COMMAND_QOS, declare, diagnostic,
-                                     diagnostic_array, DIAGNOSTICS, DIAGNOSTICS_QOS, fail,
-                                     joint_state, OBSERVATION, Param, PROPOSED, run_node,
+from saferl_ros.nodes.common import (action_names, COMMAND_QOS, ConfiguredEntities, declare,
+                                     diagnostic, diagnostic_array, DIAGNOSTICS, DIAGNOSTICS_QOS,
+                                     fail, joint_state, OBSERVATION, Param, PROPOSED, run_node,
                                      SENSOR_QOS, stamp_to_ns, values)
 from saferl_ros.observation import channel_names, check_channels, ObservationError
 from saferl_ros.paths import resolve_path
@@ -40,6 +40,7 @@ class ControllerNode(LifecycleNode):
     def __init__(self, name: str = 'controller_node', **kwargs):
         super().__init__(name, **kwargs)
         declare(self, PARAMS)
+        self.entities = ConfiguredEntities(self)   # created in configure, gone in cleanup
         self.runner = None
         self.active = False
         self.last_error = ''
@@ -64,13 +65,13 @@ class ControllerNode(LifecycleNode):
         self.cfg = cfg
         self.bundle = bundle
         self.act_names = action_names(bundle.act_dim)
-        self.pub = self.create_publisher(JointState, PROPOSED, COMMAND_QOS)
-        self.diag_pub = self.create_publisher(type(diagnostic_array(self, [])), DIAGNOSTICS,
-                                              DIAGNOSTICS_QOS)
-        self.create_subscription(JointState, OBSERVATION, self._on_observation, SENSOR_QOS)
+        self.pub = self.entities.publisher(JointState, PROPOSED, COMMAND_QOS)
+        self.diag_pub = self.entities.publisher(type(diagnostic_array(self, [])), DIAGNOSTICS,
+                                                DIAGNOSTICS_QOS)
+        self.entities.subscription(JointState, OBSERVATION, self._on_observation, SENSOR_QOS)
         self.loop_latency = LatencyStats()
         if cfg['diagnostics_period'] > 0:
-            self.create_timer(cfg['diagnostics_period'], self._publish_diagnostics)
+            self.entities.timer(cfg['diagnostics_period'], self._publish_diagnostics)
         self.get_logger().info(f'configured {bundle!r} (sha256 {bundle.sha256[:12]})')
         return TransitionCallbackReturn.SUCCESS
 
@@ -85,7 +86,8 @@ class ControllerNode(LifecycleNode):
         return super().on_deactivate(state)
 
     def on_cleanup(self, state) -> TransitionCallbackReturn:
-        """Drop the bundle."""
+        """Drop the bundle and everything configure created."""
+        self.entities.destroy()
         self.runner = None
         return TransitionCallbackReturn.SUCCESS
 

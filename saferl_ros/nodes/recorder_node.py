@@ -7,13 +7,12 @@ and handed to :class:`saferl_ros.recorder.RecordingWriter`, which commits every 
 atomically: a crash or kill loses at most the episode in progress. activate starts a run folder,
 deactivate closes it (the partial episode is kept as a truncation) and consolidates the run into
 ``recording.hdf5``. With ``mcap: true`` the raw topics are also written, byte for byte, to
-``<run>/raw/episode_<k>.mcap`` with ROS 2 schema names, one file per episode (finished at the
-next episode's start, so a killed recorder loses only the open one), and ``ros2 bag play``
-replays each.
+``<run>/raw/episode_<k>.mcap`` with ROS 2 schema names, one file per episode (finished when
+episode k is committed and its last step message is in it, so a killed recorder loses only the
+open one), and ``ros2 bag play`` replays each.
 """
 
 from collections import OrderedDict
-import json
 import sys
 import time
 from typing import Dict, List, Optional
@@ -24,10 +23,11 @@ from nav_msgs.msg import Odometry
 import numpy as np
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.serialization import deserialize_message
-from saferl_ros.nodes.common import (COMMAND_QOS, declare, DIAGNOSTICS, DIAGNOSTICS_QOS, EPISODE,
-                                     fail, FINAL, OBSERVATION, Param, PROPOSED, RECORD_QOS,
-                                     run_node, SENSOR_QOS, stamp_to_ns, STATUS, STATUS_QOS, STEP,
-                                     STEP_SCALARS, values, VERDICT, VERDICT_SCALARS)
+from saferl_ros.nodes.common import (COMMAND_QOS, ConfiguredEntities, declare, DIAGNOSTICS,
+                                     DIAGNOSTICS_QOS, EPISODE, fail, FINAL, OBSERVATION, Param,
+                                     PROPOSED, RECORD_QOS, run_node, SENSOR_QOS, stamp_to_ns,
+                                     STATUS, STATUS_QOS, STEP, STEP_SCALARS, values, VERDICT,
+                                     VERDICT_SCALARS)
 from saferl_ros.observation import channel_names
 from saferl_ros.paths import resolve_path
 from saferl_ros.recorder import new_run_dir, RecordingWriter, Step
@@ -77,6 +77,7 @@ class RecorderNode(LifecycleNode):
     def __init__(self, name: str = 'recorder_node', **kwargs):
         super().__init__(name, **kwargs)
         declare(self, PARAMS)
+        self.entities = ConfiguredEntities(self)   # created in configure, gone in cleanup
         self.writer: Optional[RecordingWriter] = None
         self.mcap = None
         self.active = False
@@ -106,12 +107,12 @@ class RecorderNode(LifecycleNode):
         self.obs_dim = len(self.channels)
         self.pending: List[tuple] = []
         self.verdicts: 'OrderedDict[int, np.ndarray]' = OrderedDict()
-        self.create_subscription(JointState, STEP, self._on_step, RECORD_QOS)
-        self.create_subscription(JointState, VERDICT, self._on_verdict, RECORD_QOS)
-        self.create_timer(0.05, self._flush)
+        self.entities.subscription(JointState, STEP, self._on_step, RECORD_QOS)
+        self.entities.subscription(JointState, VERDICT, self._on_verdict, RECORD_QOS)
+        self.entities.timer(0.05, self._flush)
         if cfg['mcap']:
             for topic, cls, type_name, qos in MCAP_TOPICS:
-                self.create_subscription(
+                self.entities.subscription(
                     cls, topic, lambda data, t=topic: self._on_raw(t, data), qos, raw=True)
         return TransitionCallbackReturn.SUCCESS
 
@@ -124,6 +125,8 @@ class RecorderNode(LifecycleNode):
         self.act_dim = None
         self.episode = None
         self.run_dir = run_dir
+        self.mcap_ends: List[int] = []      # last-step stamps of committed episodes, in order
+        self.raw_step_stamp = -1            # newest step stamp written to MCAP
         self.writer = None
         if self.cfg['mcap']:
             self.mcap = McapSeries(f'{run_dir}/raw',
@@ -148,6 +151,11 @@ class RecorderNode(LifecycleNode):
             self.mcap = None
         return super().on_deactivate(state)
 
+    def on_cleanup(self, state) -> TransitionCallbackReturn:
+        """Destroy what configure created (subscriptions, the flush timer)."""
+        self.entities.destroy()
+        return TransitionCallbackReturn.SUCCESS
+
     def on_shutdown(self, state) -> TransitionCallbackReturn:
         """Close the run if still active."""
         if self.active:
@@ -159,10 +167,11 @@ class RecorderNode(LifecycleNode):
     def _on_raw(self, topic: str, data: bytes):
         if not (self.active and self.mcap is not None):
             return
-        if topic == EPISODE and b'"start"' in data and \
-                json.loads(deserialize_message(data, String).data).get('event') == 'start':
-            self.mcap.episode_started()   # the previous episode's file is now complete
         self.mcap.write(self.resolve_topic_name(topic), data, self.get_clock().now().nanoseconds)
+        if topic == STEP:
+            stamp = stamp_to_ns(deserialize_message(data, JointState).header.stamp)
+            self.raw_step_stamp = max(self.raw_step_stamp, stamp)
+            self._finish_mcap_files()
 
     def _on_verdict(self, msg: JointState):
         if not self.active:
@@ -211,7 +220,7 @@ class RecorderNode(LifecycleNode):
         scalars: Dict[str, float] = dict(zip(STEP_SCALARS, vals[:n]))
         episode = int(scalars['episode'])
         if self.episode is not None and episode != self.episode and self.writer.steps:
-            self.writer.end_episode(terminal=False, timeout=True, info={'cut': True})
+            self._end_episode(terminal=False, timeout=True, info={'cut': True})
         self.episode = episode
         step = Step(observation=vals[n:n + obs_dim],
                     next_observation=vals[n + obs_dim:n + 2 * obs_dim],
@@ -228,8 +237,29 @@ class RecorderNode(LifecycleNode):
         self.writer.add(step)
         if scalars['terminated'] or scalars['truncated']:
             missed = int(sum(s.missed for s in self.writer.steps))
-            self.writer.end_episode(terminal=bool(scalars['terminated']),
-                                    timeout=bool(scalars['truncated']), info={'missed': missed})
+            self._end_episode(terminal=bool(scalars['terminated']),
+                              timeout=bool(scalars['truncated']), info={'missed': missed})
+
+    def _end_episode(self, **kwargs):
+        """Commit the episode (HDF5); its MCAP file is finished once its last step is in it."""
+        last_stamp = self.writer.steps[-1].stamp_ns
+        self.writer.end_episode(**kwargs)
+        if self.mcap is not None:
+            self.mcap_ends.append(last_stamp)
+            self._finish_mcap_files()
+
+    def _finish_mcap_files(self):
+        """
+        Finish episode k's MCAP file once the raw copy of its last step message is written.
+
+        The raw subscription receives each step message separately from the joined one, in
+        either order; waiting for it puts every step of a committed episode in a finished file,
+        so a kill loses the episode in neither format. Messages of other topics near the
+        boundary may fall in either file (DDS does not order topics against each other).
+        """
+        while self.mcap_ends and self.raw_step_stamp >= self.mcap_ends[0]:
+            self.mcap_ends.pop(0)
+            self.mcap.rotate()
 
 
 def read_mcap(path) -> Dict[str, list]:

@@ -18,10 +18,10 @@ from geometry_msgs.msg import Twist, TwistStamped
 from nav_msgs.msg import Odometry
 import numpy as np
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
-from saferl_ros.nodes.common import (COMMAND_QOS, declare, EPISODE, fail, FINAL, joint_state,
-                                     json_msg, ns_to_stamp, OBSERVATION, optional_float, Param,
-                                     RECORD_QOS, run_node, SENSOR_QOS, stamp_to_ns, STEP,
-                                     STEP_SCALARS, values)
+from saferl_ros.nodes.common import (COMMAND_QOS, ConfiguredEntities, declare, EPISODE, fail,
+                                     FINAL, joint_state, json_msg, ns_to_stamp, OBSERVATION,
+                                     optional_float, Param, RECORD_QOS, run_node, SENSOR_QOS,
+                                     stamp_to_ns, STEP, STEP_SCALARS, values)
 from saferl_ros.robot_adapter import (RobotConfig, RobotState, RobotTask, yaw_from_quaternion)
 from sensor_msgs.msg import JointState
 from std_msgs.msg import String
@@ -50,6 +50,7 @@ class RobotAdapterNode(LifecycleNode):
     def __init__(self, name: str = 'robot_adapter_node', **kwargs):
         super().__init__(name, **kwargs)
         declare(self, PARAMS)
+        self.entities = ConfiguredEntities(self)   # created in configure, gone in cleanup
         self.active = False
         self.last_error = ''
 
@@ -70,15 +71,15 @@ class RobotAdapterNode(LifecycleNode):
         self.act_dim = 2
         self.step_names = list(STEP_SCALARS) + [f'observation/{n}' for n in self.task.names] + \
             [f'next_observation/{n}' for n in self.task.names] + ['action/0', 'action/1']
-        self.obs_pub = self.create_publisher(JointState, OBSERVATION, SENSOR_QOS)
-        self.step_pub = self.create_publisher(JointState, STEP, RECORD_QOS)
-        self.episode_pub = self.create_publisher(String, EPISODE, RECORD_QOS)
-        self.cmd_pub = self.create_publisher(TwistStamped if cfg['twist_stamped'] else Twist,
-                                             'cmd_vel', COMMAND_QOS)
-        self.create_subscription(Odometry, 'odom', self._on_odometry, SENSOR_QOS)
-        self.create_subscription(JointState, FINAL, self._on_final, COMMAND_QOS)
+        self.obs_pub = self.entities.publisher(JointState, OBSERVATION, SENSOR_QOS)
+        self.step_pub = self.entities.publisher(JointState, STEP, RECORD_QOS)
+        self.episode_pub = self.entities.publisher(String, EPISODE, RECORD_QOS)
+        self.cmd_pub = self.entities.publisher(TwistStamped if cfg['twist_stamped'] else Twist,
+                                               'cmd_vel', COMMAND_QOS)
+        self.entities.subscription(Odometry, 'odom', self._on_odometry, SENSOR_QOS)
+        self.entities.subscription(JointState, FINAL, self._on_final, COMMAND_QOS)
         if cfg['watchdog_rate_hz'] > 0:
-            self.create_timer(1.0 / cfg['watchdog_rate_hz'], self._on_watchdog)
+            self.entities.timer(1.0 / cfg['watchdog_rate_hz'], self._on_watchdog)
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state) -> TransitionCallbackReturn:
@@ -98,6 +99,11 @@ class RobotAdapterNode(LifecycleNode):
         self.active = False
         self._send_zero()
         return super().on_deactivate(state)
+
+    def on_cleanup(self, state) -> TransitionCallbackReturn:
+        """Destroy what configure created."""
+        self.entities.destroy()
+        return TransitionCallbackReturn.SUCCESS
 
     def _on_odometry(self, msg: Odometry):
         if not self.active:

@@ -20,11 +20,11 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 import numpy as np
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from saferl_ros.monitor import MonitorConfig, MonitorState, SafetyMonitor, STATE_LEVEL, Verdict
-from saferl_ros.nodes.common import (action_names, COMMAND_QOS, declare, diagnostic,
-                                     diagnostic_array, DIAGNOSTICS, DIAGNOSTICS_QOS, fail, FINAL,
-                                     joint_state, OBSERVATION, optional_float, Param, PROPOSED,
-                                     RECORD_QOS, run_node, SENSOR_QOS, stamp_to_ns, STATUS,
-                                     STATUS_QOS, values, VERDICT, VERDICT_SCALARS)
+from saferl_ros.nodes.common import (action_names, COMMAND_QOS, ConfiguredEntities, declare,
+                                     diagnostic, diagnostic_array, DIAGNOSTICS, DIAGNOSTICS_QOS,
+                                     fail, FINAL, joint_state, OBSERVATION, optional_float, Param,
+                                     PROPOSED, RECORD_QOS, run_node, SENSOR_QOS, stamp_to_ns,
+                                     STATUS, STATUS_QOS, values, VERDICT, VERDICT_SCALARS)
 from saferl_ros.observation import channel_names, check_channels, ObservationError
 from saferl_ros.paths import resolve_path
 from sensor_msgs.msg import JointState
@@ -72,6 +72,7 @@ class SafetyMonitorNode(LifecycleNode):
     def __init__(self, name: str = 'safety_monitor_node', **kwargs):
         super().__init__(name, **kwargs)
         declare(self, PARAMS)
+        self.entities = ConfiguredEntities(self)   # created in configure, gone in cleanup
         self.monitor: Optional[SafetyMonitor] = None
         self.active = False
         self.last_error = ''
@@ -110,19 +111,19 @@ class SafetyMonitorNode(LifecycleNode):
         self.last_obs_ns: Optional[int] = None
         self.last_decided_ns: Optional[int] = None
         self.last_state: Optional[MonitorState] = None
-        self.final_pub = self.create_publisher(JointState, FINAL, COMMAND_QOS)
-        self.verdict_pub = self.create_publisher(JointState, VERDICT, RECORD_QOS)
-        self.status_pub = self.create_publisher(DiagnosticStatus, STATUS, STATUS_QOS)
-        self.diag_pub = self.create_publisher(DiagnosticArray, DIAGNOSTICS, DIAGNOSTICS_QOS)
-        self.create_subscription(JointState, OBSERVATION, self._on_observation, SENSOR_QOS)
-        self.create_subscription(JointState, PROPOSED, self._on_proposal, COMMAND_QOS)
+        self.final_pub = self.entities.publisher(JointState, FINAL, COMMAND_QOS)
+        self.verdict_pub = self.entities.publisher(JointState, VERDICT, RECORD_QOS)
+        self.status_pub = self.entities.publisher(DiagnosticStatus, STATUS, STATUS_QOS)
+        self.diag_pub = self.entities.publisher(DiagnosticArray, DIAGNOSTICS, DIAGNOSTICS_QOS)
+        self.entities.subscription(JointState, OBSERVATION, self._on_observation, SENSOR_QOS)
+        self.entities.subscription(JointState, PROPOSED, self._on_proposal, COMMAND_QOS)
         if cfg['watchdog']:
-            self.create_timer(1.0 / cfg['watchdog_rate_hz'], self._on_watchdog)
+            self.entities.timer(1.0 / cfg['watchdog_rate_hz'], self._on_watchdog)
         else:
             self.get_logger().warning('watchdog: false: the monitor will NOT stop the robot when '
                                       'observations or proposals stop; the robot side must')
         if cfg['diagnostics_period'] > 0:
-            self.create_timer(cfg['diagnostics_period'], self._publish_diagnostics)
+            self.entities.timer(cfg['diagnostics_period'], self._publish_diagnostics)
         self._publish_status(monitor.stop(MonitorState.INACTIVE, 0.0, 'configured, inactive'))
         self.get_logger().info(
             f'configured with {bundle!r} (sha256 {bundle.sha256[:12]}), critic {monitor.kind}, '
@@ -145,7 +146,8 @@ class SafetyMonitorNode(LifecycleNode):
         return super().on_deactivate(state)
 
     def on_cleanup(self, state) -> TransitionCallbackReturn:
-        """Drop the bundle."""
+        """Drop the bundle and everything configure created."""
+        self.entities.destroy()
         self.monitor = None
         return TransitionCallbackReturn.SUCCESS
 

@@ -39,10 +39,10 @@ from rclpy.clock import Clock as RclpyClock, ClockType
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rosgraph_msgs.msg import Clock
-from saferl_ros.nodes.common import (action_names, COMMAND_QOS, ConfigError, declare, EPISODE,
-                                     fail, FINAL, joint_state, json_msg, ns_to_stamp,
-                                     OBSERVATION, Param, RECORD_QOS, require_positive, run_node,
-                                     SENSOR_QOS, stamp_to_ns, STEP, STEP_SCALARS, values)
+from saferl_ros.nodes.common import (action_names, COMMAND_QOS, ConfigError, ConfiguredEntities,
+                                     declare, EPISODE, fail, FINAL, joint_state, json_msg,
+                                     ns_to_stamp, OBSERVATION, Param, RECORD_QOS, require_positive,
+                                     run_node, SENSOR_QOS, stamp_to_ns, STEP, STEP_SCALARS, values)
 from saferl_ros.observation import parse_task
 from saferl_ros.policy_runner import LatencyStats
 from saferl_ros.robot_adapter import RobotConfig, RobotTask
@@ -98,6 +98,7 @@ class SimNode(LifecycleNode):
     def __init__(self, name: str = 'sim_node', **kwargs):
         super().__init__(name, **kwargs)
         declare(self, PARAMS)
+        self.entities = ConfiguredEntities(self)   # created in configure, gone in cleanup
         self.sim = None
         self.timer = None
         self.done = False
@@ -174,19 +175,20 @@ class SimNode(LifecycleNode):
                            + [f'next_observation/{n}' for n in self.names]
                            + [f'action/{i}' for i in range(self.sim.act_dim)])
         loop = cfg['publish_loop_topics']
-        self.obs_pub = self.create_publisher(JointState, OBSERVATION, SENSOR_QOS) if loop else None
-        self.step_pub = self.create_publisher(JointState, STEP, RECORD_QOS) if loop else None
-        self.episode_pub = self.create_publisher(String, EPISODE, RECORD_QOS) if loop else None
-        self.odom_pub = self.create_publisher(Odometry, 'odom', SENSOR_QOS) \
+        self.obs_pub = self.entities.publisher(JointState, OBSERVATION, SENSOR_QOS) \
+            if loop else None
+        self.step_pub = self.entities.publisher(JointState, STEP, RECORD_QOS) if loop else None
+        self.episode_pub = self.entities.publisher(String, EPISODE, RECORD_QOS) if loop else None
+        self.odom_pub = self.entities.publisher(Odometry, 'odom', SENSOR_QOS) \
             if self.robot is not None and cfg['publish_odometry'] else None
-        self.clock_pub = self.create_publisher(Clock, CLOCK, CLOCK_QOS) \
+        self.clock_pub = self.entities.publisher(Clock, CLOCK, CLOCK_QOS) \
             if cfg['publish_clock'] else None
         if cfg['command_input'] == 'action':
-            self.create_subscription(JointState, FINAL, self._on_action, COMMAND_QOS)
+            self.entities.subscription(JointState, FINAL, self._on_action, COMMAND_QOS)
         elif cfg['command_input'] == 'twist':
-            self.create_subscription(Twist, 'cmd_vel', self._on_twist, COMMAND_QOS)
+            self.entities.subscription(Twist, 'cmd_vel', self._on_twist, COMMAND_QOS)
         else:
-            self.create_subscription(TwistStamped, 'cmd_vel', self._on_twist, COMMAND_QOS)
+            self.entities.subscription(TwistStamped, 'cmd_vel', self._on_twist, COMMAND_QOS)
         self.get_logger().info(f'configured {self.sim.task} ({cfg["mode"]}, horizon '
                                f'{self.sim.horizon}, {cfg["command_input"]} input, '
                                f'{self.sim.dt * 1e3:.1f} ms simulated per step)')
@@ -221,7 +223,8 @@ class SimNode(LifecycleNode):
         return super().on_deactivate(state)
 
     def on_cleanup(self, state) -> TransitionCallbackReturn:
-        """Release the simulator."""
+        """Release the simulator and destroy what configure created."""
+        self.entities.destroy()
         if self.sim is not None:
             self.sim.close()
             self.sim = None
