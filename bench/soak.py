@@ -25,7 +25,6 @@ from array import array
 import json
 from pathlib import Path
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,14 +42,6 @@ def rss_mib(pids) -> dict:
                 if line.startswith('VmRSS:'):
                     out[name] = int(line.split()[1]) / 1024
     return out
-
-
-def start_node(executable: str, params: dict, log) -> subprocess.Popen:
-    """Start a console-script node of this environment, configured and activated."""
-    args = [str(Path(sys.executable).parent / executable), '--autostart', '--ros-args']
-    for key, value in params.items():
-        args += ['-p', f'{key}:={value}']
-    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
 
 
 class CommandProbe:
@@ -123,9 +114,10 @@ def main(argv=None) -> int:
 
     output = args.output or tempfile.mkdtemp(prefix='saferl-soak-')
     period = 1.0 / args.rate
-    log = open(Path(output) / 'nodes.log', 'w')
-    procs = [start_node('controller_node', {'bundle': args.bundle}, log),
-             start_node('safety_monitor_node', {'bundle': args.bundle}, log)]
+    from bench_ros_latency import start    # the latency bench's node starter (same folder)
+    bundle = ['-p', f'bundle:={args.bundle}']
+    procs = [start('controller_node', bundle, Path(output) / 'controller.log'),
+             start('safety_monitor_node', bundle, Path(output) / 'monitor.log')]
     pids = {'sim+recorder': 'self', 'controller': procs[0].pid, 'monitor': procs[1].pid}
     with StopSignals() as stop:
         graph = Graph(soak_nodes(args.bundle, args.rate, output))

@@ -315,7 +315,7 @@ def run(config, episodes: Optional[int] = None, overrides: Optional[List[str]] =
             summary = summarize(graph)
         finally:
             graph.shutdown()
-    summary['stopped_by'] = signal_name(stop.signum)
+    summary['stopped_by'] = stop.name
     summary['exit_code'] = stop.exit_code(interrupted_work=finite or duration is not None)
     if not quiet:
         if stop.requested:
@@ -323,12 +323,6 @@ def run(config, episodes: Optional[int] = None, overrides: Optional[List[str]] =
                   'the recording closed', file=sys.stderr)
         print_summary(summary)
     return summary
-
-
-def signal_name(signum: Optional[int]) -> Optional[str]:
-    """Return 'SIGINT' for a signal number (None for None)."""
-    import signal
-    return None if signum is None else signal.Signals(signum).name
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -317,8 +317,7 @@ class SafetyMonitor:
             action, risk_final = act, risk
             reason += (f'; proposal kept: the safest fallback found is no safer '
                        f'({self.risk_key}={fallback.risk:.3g} >= {risk:.3g})')
-        previous = self.last
-        started = replaced and not (previous is not None and previous.replaced)
+        started = replaced and not (self.last is not None and self.last.replaced)
         if replaced and (not holding or not (state_ok and action_ok)):
             self.hold_until = obs_stamp + self.config.min_hold
         return self._record(Verdict(state, action, act, obs_stamp, reason, risk_final=risk_final,

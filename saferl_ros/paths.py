@@ -18,11 +18,13 @@ import os
 from pathlib import Path
 import sys
 
+from saferl_ros.errors import MissingFileError
+
 PACKAGE = 'saferl_ros'
 SCHEME = 'package://'
 
 
-class PathResolutionError(FileNotFoundError):
+class PathResolutionError(MissingFileError):
     """A path parameter that names nothing (the message lists the places tried)."""
 
 

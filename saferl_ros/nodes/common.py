@@ -234,6 +234,11 @@ class StopSignals:
         """Return True once SIGINT or SIGTERM arrived."""
         return self.signum is not None
 
+    @property
+    def name(self) -> Optional[str]:
+        """Return the signal that arrived, as 'SIGINT' or 'SIGTERM' (None if none did)."""
+        return None if self.signum is None else signal.Signals(self.signum).name
+
     def exit_code(self, interrupted_work: bool = True) -> int:
         """
         Return the process exit status after an orderly stop.
@@ -363,7 +368,7 @@ def run_node(node_class, args=None, executor: str = 'single'):
             pass
         finally:
             if stop.requested:
-                node.get_logger().info(f'{signal.Signals(stop.signum).name}: stopping')
+                node.get_logger().info(f'{stop.name}: stopping')
             try:
                 if node_is_active(node):
                     node.trigger_deactivate()
