@@ -117,10 +117,10 @@ class McapSeries:
 
     An MCAP file is readable only once its summary and end magic are written (``finish``); a
     process killed with SIGKILL never writes them. Each episode therefore goes to
-    ``<folder>/episode_<k>.mcap.partial``, which :meth:`rotate` (called when the recorder commits
-    episode k) and :meth:`close` finish and rename to ``episode_<k>.mcap``: every ``.mcap`` file
-    in the folder is complete, and a ``.partial`` one is what a kill interrupted. Each file is a
-    self-contained bag that ``ros2 bag play`` replays.
+    ``<folder>/episode_<k>.mcap.partial``, which :meth:`rotate` (called when the recorder has
+    written episode k's last step message) and :meth:`close` finish and rename to
+    ``episode_<k>.mcap``: every ``.mcap`` file in the folder is complete, and a ``.partial`` one
+    is what a kill interrupted. Each file is a self-contained bag that ``ros2 bag play`` replays.
     """
 
     def __init__(self, folder, metadata: Optional[Dict[str, str]] = None):

@@ -8,7 +8,7 @@ atomically: a crash or kill loses at most the episode in progress. activate star
 deactivate closes it (the partial episode is kept as a truncation) and consolidates the run into
 ``recording.hdf5``. With ``mcap: true`` the raw topics are also written, byte for byte, to
 ``<run>/raw/episode_<k>.mcap`` with ROS 2 schema names, one file per episode (finished when
-episode k is committed and its last step message is in it, so a killed recorder loses only the
+the raw copy of the episode's last step message is written, so a killed recorder loses only the
 open one), and ``ros2 bag play`` replays each.
 """
 
@@ -125,8 +125,7 @@ class RecorderNode(LifecycleNode):
         self.act_dim = None
         self.episode = None
         self.run_dir = run_dir
-        self.mcap_ends: List[int] = []      # last-step stamps of committed episodes, in order
-        self.raw_step_stamp = -1            # newest step stamp written to MCAP
+        self.raw_episode = None             # episode number of the steps in the open MCAP file
         self.writer = None
         if self.cfg['mcap']:
             self.mcap = McapSeries(f'{run_dir}/raw',
@@ -167,11 +166,21 @@ class RecorderNode(LifecycleNode):
     def _on_raw(self, topic: str, data: bytes):
         if not (self.active and self.mcap is not None):
             return
-        self.mcap.write(self.resolve_topic_name(topic), data, self.get_clock().now().nanoseconds)
+        step = None
         if topic == STEP:
-            stamp = stamp_to_ns(deserialize_message(data, JointState).header.stamp)
-            self.raw_step_stamp = max(self.raw_step_stamp, stamp)
-            self._finish_mcap_files()
+            step = dict(zip(STEP_SCALARS, deserialize_message(data, JointState).position))
+            if self.raw_episode is not None and step.get('episode') != self.raw_episode:
+                self.mcap.rotate()          # the episode was cut short (no terminal step seen)
+            self.raw_episode = step.get('episode')
+        self.mcap.write(self.resolve_topic_name(topic), data, self.get_clock().now().nanoseconds)
+        if step is not None and (step.get('terminated') or step.get('truncated')):
+            # Episode boundaries come from the raw step stream itself, not from the joined
+            # HDF5 path: the two subscriptions receive each step separately and either may be
+            # ahead, so the joined path's commit would put the next episode's first steps in
+            # the wrong file. Messages of other topics near a boundary may fall in either file
+            # (DDS does not order topics against each other).
+            self.mcap.rotate()
+            self.raw_episode = None
 
     def _on_verdict(self, msg: JointState):
         if not self.active:
@@ -241,25 +250,8 @@ class RecorderNode(LifecycleNode):
                               timeout=bool(scalars['truncated']), info={'missed': missed})
 
     def _end_episode(self, **kwargs):
-        """Commit the episode (HDF5); its MCAP file is finished once its last step is in it."""
-        last_stamp = self.writer.steps[-1].stamp_ns
+        """Commit the episode (HDF5)."""
         self.writer.end_episode(**kwargs)
-        if self.mcap is not None:
-            self.mcap_ends.append(last_stamp)
-            self._finish_mcap_files()
-
-    def _finish_mcap_files(self):
-        """
-        Finish episode k's MCAP file once the raw copy of its last step message is written.
-
-        The raw subscription receives each step message separately from the joined one, in
-        either order; waiting for it puts every step of a committed episode in a finished file,
-        so a kill loses the episode in neither format. Messages of other topics near the
-        boundary may fall in either file (DDS does not order topics against each other).
-        """
-        while self.mcap_ends and self.raw_step_stamp >= self.mcap_ends[0]:
-            self.mcap_ends.pop(0)
-            self.mcap.rotate()
 
 
 def read_mcap(path) -> Dict[str, list]:

@@ -13,6 +13,7 @@ robot stopped.
 
 from collections import OrderedDict
 import math
+import re
 import sys
 from typing import Optional
 
@@ -110,7 +111,7 @@ class SafetyMonitorNode(LifecycleNode):
         self.observations: 'OrderedDict[int, tuple]' = OrderedDict()
         self.last_obs_ns: Optional[int] = None
         self.last_decided_ns: Optional[int] = None
-        self.last_state: Optional[MonitorState] = None
+        self.last_status: Optional[tuple] = None     # (state, cause) last on monitor/status
         self.final_pub = self.entities.publisher(JointState, FINAL, COMMAND_QOS)
         self.verdict_pub = self.entities.publisher(JointState, VERDICT, RECORD_QOS)
         self.status_pub = self.entities.publisher(DiagnosticStatus, STATUS, STATUS_QOS)
@@ -218,7 +219,7 @@ class SafetyMonitorNode(LifecycleNode):
             self.verdict_names, [float(verdict.state), verdict.v_h, verdict.q_h, verdict.q_c,
                                  verdict.risk_final, float(verdict.replaced), *proposed],
             stamp_ns, verdict.state.name))
-        if verdict.state != self.last_state:
+        if _status_key(verdict) != self.last_status:
             self._publish_status(verdict)
             self._publish_diagnostics()
             if verdict.state in (MonitorState.STALE, MonitorState.FAULT):
@@ -235,13 +236,26 @@ class SafetyMonitorNode(LifecycleNode):
                               'bundle_sha256': self.bundle.sha256, **counters})
 
     def _publish_status(self, verdict: Verdict):
-        self.last_state = verdict.state
+        self.last_status = _status_key(verdict)
         self.status_pub.publish(self._status(verdict))
 
     def _publish_diagnostics(self):
         if self.monitor is None or self.monitor.last is None:
             return
         self.diag_pub.publish(diagnostic_array(self, [self._status(self.monitor.last)]))
+
+
+def _status_key(verdict: Verdict) -> tuple:
+    """
+    Return what makes monitor/status worth republishing: a new state, or a new stop cause.
+
+    A STALE from a missed observation can be followed by the watchdog's "controller silent";
+    an operator (or a test) reading the latched status must see the second cause, not the first.
+    The cause is the reason without its numbers (ages and critic values change every step).
+    """
+    if verdict.state not in (MonitorState.STALE, MonitorState.FAULT):
+        return (verdict.state, None)
+    return (verdict.state, re.sub(r'\d[\d.]*', '', verdict.reason.split(':')[0]))
 
 
 def main(args=None):
