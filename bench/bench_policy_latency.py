@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     import torch
 
     from offline_training.algos import fisor
-    from offline_training.data.tasks import get_task
+    from saferl_ros.tasks import get_task
     from offline_training.export import fisor_plan, write_bundle
     from saferl_ros.bundle import load_bundle
 

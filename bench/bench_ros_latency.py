@@ -36,7 +36,7 @@ def paper_bundle(out_dir: Path, task: str = 'BallCircle') -> str:
     import torch
 
     from offline_training.algos import fisor
-    from offline_training.data.tasks import get_task
+    from saferl_ros.tasks import get_task
     from offline_training.export import fisor_plan, write_bundle
 
     torch.set_num_threads(1)

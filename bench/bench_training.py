@@ -17,7 +17,7 @@ import time
 from offline_training.algos import get_algorithm
 from offline_training.algos.common import ReplayBuffer, set_seed
 from offline_training.algos.toy_data import synthetic_dataset
-from offline_training.data.tasks import get_task
+from saferl_ros.tasks import get_task
 import torch
 
 # (label, algorithm, preset)

@@ -11,7 +11,7 @@ graph with the same noise stream, so a run and its bundle choose the same action
 observation (within float precision; over an episode, PyBullet's contacts can amplify a 1e-7
 difference into a different trajectory, so compare actions, not returns, for parity).
 
-Scores follow DSRL exactly (``offline_training.data.trajectories.normalized_score``):
+Scores follow DSRL exactly (``saferl_ros.tasks.normalized_score``):
 ``R_norm = (R - R_min) / (R_max - R_min)``, ``C_norm = (C + eps) / (kappa + eps)`` with
 ``eps = 1`` only when ``kappa = 0``; safe means ``C_norm <= 1``. Each evaluation seed (and each
 source, e.g. runs of different training seeds) is one unit: the unit's mean over its episodes;
@@ -32,9 +32,9 @@ import sys
 from typing import Dict, List, Sequence
 
 import numpy as np
-from offline_training.data.tasks import get_task
-from offline_training.data.trajectories import normalized_score
 from saferl_ros.errors import ConfigError, MissingFileError, reports_user_errors
+from saferl_ros.sim import episode_seed, run_episode
+from saferl_ros.tasks import get_task, normalized_score
 from tqdm import tqdm
 
 KAPPAS = (5, 10, 20, 40)
@@ -162,34 +162,18 @@ def load_agent(path) -> Agent:
 
 # --------------------------------------------------------------------------- rollouts
 
-def episode_seed(seed: int, episode: int) -> int:
-    """Return the seed of one evaluation episode (distinct across seeds and episodes)."""
-    return int(seed) * 100_003 + int(episode)
-
-
 def rollout(agent: Agent, env, seed: int, episode: int) -> dict:
     """
-    Run one episode; return its undiscounted reward and cost returns and length.
+    Run one episode (saferl_ros.sim.run_episode); return its reward and cost returns and length.
 
-    bullet_safety_gym's reset ignores ``seed`` and draws the start state from NumPy's global
-    generator, so that generator is seeded here; the policy's noise has its own generator.
+    The start state comes from ``episode_seed(seed, episode)``; the policy's noise has its own
+    generator, seeded with the same number.
     """
     seed_value = episode_seed(seed, episode)
-    np.random.seed(seed_value)
     rng = np.random.default_rng(seed_value)
-    obs, _ = env.reset(seed=seed_value)
-    reward = cost = 0.0
-    length = 0
-    done = False
-    while not done:
-        action = agent.act(obs, rng)
-        obs, r, terminated, truncated, info = env.step(action)
-        reward += float(r)
-        cost += float(info.get('cost', 0.0))
-        length += 1
-        done = terminated or truncated
-    return {'seed': int(seed), 'episode': int(episode), 'reward': reward, 'cost': cost,
-            'length': length}
+    episode_result = run_episode(env, lambda obs: agent.act(obs, rng), seed_value)
+    return {'seed': int(seed), 'episode': int(episode), 'reward': episode_result.reward,
+            'cost': episode_result.cost, 'length': episode_result.length}
 
 
 def _mean_std(values) -> Dict[str, float]:

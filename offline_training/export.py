@@ -33,11 +33,12 @@ from typing import Callable, Dict, List, Optional
 import warnings
 
 import numpy as np
-from offline_training.data.tasks import get_task, TaskSpec
 from offline_training.train import code_version, yaml_safe
 from saferl_ros import bundle as rt
 from saferl_ros.errors import read_yaml_mapping, reports_user_errors, UnknownNameError
+from saferl_ros.files import atomic_write_yaml
 from saferl_ros.observation import channel_names
+from saferl_ros.tasks import get_task, TaskSpec
 import torch
 from torch import nn
 import yaml
@@ -300,10 +301,7 @@ def update_metrics(bundle_dir, metrics: dict) -> None:
     file = Path(bundle_dir) / rt.MANIFEST
     manifest = read_yaml_mapping(file, rt.REEXPORT)
     manifest['metrics'] = yaml_safe(metrics)
-    tmp = file.with_suffix('.yaml.tmp')
-    with open(tmp, 'w') as stream:
-        yaml.safe_dump(manifest, stream, sort_keys=False, width=120)
-    os.replace(tmp, file)
+    atomic_write_yaml(file, manifest)
 
 
 def _floats(values) -> List[float]:

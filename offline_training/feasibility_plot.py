@@ -21,10 +21,10 @@ import sys
 from typing import Callable, Optional
 
 import numpy as np
-from offline_training.data.tasks import get_task
 from saferl_ros.errors import ConfigError, reports_user_errors
 from saferl_ros.observation import (channel_names, channels, CIRCLE_RADIUS, CIRCLE_X_LIMIT,
                                     parse_task, WORLD_ENV_DIM)
+from saferl_ros.tasks import get_task
 
 ARENA = 10.0  # half-width [m] of the square that is drawn (the Octagon world spans ~ +-10 m)
 

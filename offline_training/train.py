@@ -12,7 +12,6 @@ resumes from the checkpoint at the same step with the same optimiser, EMA and RN
 import argparse
 from dataclasses import asdict
 import datetime
-import os
 from pathlib import Path
 import subprocess
 import sys
@@ -24,11 +23,12 @@ from offline_training.algos import ALGORITHMS, get_algorithm
 from offline_training.algos.common import (
     check_dataset, ReplayBuffer, resolve_device, rng_state, set_rng_state, set_seed)
 from offline_training.data.dataset import (
-    DatasetError, file_sha256, load_dataset, resolve_dataset_path)
-from offline_training.data.tasks import get_task
+    DatasetError, load_dataset, resolve_dataset_path)
 from saferl_ros.errors import (
     ConfigError, MissingFileError, read_yaml_mapping, reports_user_errors, require_field,
     UserError)
+from saferl_ros.files import atomic_path, atomic_write_yaml, sha256_file
+from saferl_ros.tasks import get_task
 import torch
 from tqdm import tqdm
 import yaml
@@ -70,16 +70,12 @@ def default_run_dir(algo: str, task: str, seed: int) -> Path:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _write_yaml(data: dict, path: Path) -> None:
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    with open(tmp, 'w') as f:
-        yaml.safe_dump(yaml_safe(data), f, sort_keys=False)
-    os.replace(tmp, path)
+    atomic_write_yaml(path, yaml_safe(data))
 
 
 def _load_data(dataset, data, task) -> Tuple[Dict[str, np.ndarray], dict]:
@@ -90,7 +86,7 @@ def _load_data(dataset, data, task) -> Tuple[Dict[str, np.ndarray], dict]:
     path = resolve_dataset_path(dataset, task.name)
     loaded = load_dataset(path, task.name)
     check_dataset(loaded)
-    return loaded, {'path': str(path), 'sha256': file_sha256(path), 'source': 'file'}
+    return loaded, {'path': str(path), 'sha256': sha256_file(path), 'source': 'file'}
 
 
 # Config fields a resumed run may change: the step budget and inference-only settings (they shape

@@ -27,7 +27,6 @@ Runtime core: numpy + h5py only.
 from dataclasses import dataclass
 import json
 import math
-import os
 from pathlib import Path
 import re
 import time
@@ -35,14 +34,13 @@ from typing import Dict, List, Optional
 
 import h5py
 import numpy as np
+from saferl_ros.files import atomic_path, atomic_write_json
 from saferl_ros.monitor import state_names
 
 FORMAT = 'saferl_recording/1'
 INDEX = 'index.json'
 EPISODES = 'episodes'
 RECORDING = 'recording.hdf5'
-DSRL_FLOAT = ('observations', 'next_observations', 'actions', 'rewards', 'costs')
-DSRL_FLAGS = ('terminals', 'timeouts')
 EXTRA_KEYS = ('episode_ids', 'stamps_ns', 'proposed_actions', 'verdicts', 'critic_v_h',
               'critic_q_h', 'critic_q_c', 'critic_risk_final', 'replaced', 'missed')
 # Bullet-Safety-Gym's action box; recordings store the applied (clipped) action.
@@ -73,58 +71,26 @@ class Step:
     missed: bool = False
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def write_hdf5_atomic(path, arrays: Dict[str, np.ndarray], attrs: Optional[dict] = None,
+                      compression_level: int = 1) -> Path:
+    """
+    Write ``arrays`` (and ``attrs``) to ``path`` so that it is either complete or absent.
 
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-
-
-def write_hdf5_atomic(path, arrays: Dict[str, np.ndarray], attrs: Optional[dict] = None) -> Path:
-    """Write ``arrays`` (and ``attrs``) to ``path`` so that it is either complete or absent."""
+    Attributes that are not numbers, strings or booleans are stored as JSON text. Arrays of more
+    than 64 values are gzip-compressed (``compression_level`` 1-9) with the shuffle filter.
+    """
     path = Path(path)
-    tmp = _tmp_name(path)
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, 'w') as h5:
             for key, value in (attrs or {}).items():
                 h5.attrs[key] = value if isinstance(value, (int, float, str, bool)) \
                     else json.dumps(value)
             for key, value in arrays.items():
                 array = np.asarray(value)
-                opts = {'compression': 'gzip', 'compression_opts': 1, 'shuffle': True} \
-                    if array.size > 64 else {}
+                opts = {'compression': 'gzip', 'compression_opts': compression_level,
+                        'shuffle': True} if array.size > 64 else {}
                 h5.create_dataset(key, data=array, **opts)
-        with open(tmp, 'rb+') as stream:
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
-
-
-def write_json_atomic(path, value) -> None:
-    """Write JSON to ``path`` via a temporary file and rename."""
-    path = Path(path)
-    tmp = _tmp_name(path)
-    with open(tmp, 'w') as stream:
-        json.dump(value, stream, indent=2)
-        stream.write('\n')
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def steps_to_arrays(steps: List[Step], episode: int, terminal: bool, timeout: bool,
@@ -181,7 +147,7 @@ class RecordingWriter:
                       'act_dim': self.act_dim, 'attrs': self.attrs,
                       'created': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
                       'episodes': [], 'closed': False}
-        write_json_atomic(index_file, self.index)
+        atomic_write_json(index_file, self.index)
         self.steps: List[Step] = []
         self.episode = 0
         self.closed = False
@@ -223,7 +189,7 @@ class RecordingWriter:
                                     & ~arrays['replaced']).sum()),
                  **(info or {})}
         self.index['episodes'].append(entry)
-        write_json_atomic(self.run_dir / INDEX, self.index)
+        atomic_write_json(self.run_dir / INDEX, self.index)
         self.steps = []
         self.episode += 1
         return path
@@ -240,7 +206,7 @@ class RecordingWriter:
             self.end_episode(terminal=False, timeout=True, info={'partial': True})
         self.steps = []
         self.index['closed'] = True
-        write_json_atomic(self.run_dir / INDEX, self.index)
+        atomic_write_json(self.run_dir / INDEX, self.index)
         self.closed = True
         if consolidate_run and self.index['episodes']:
             return consolidate(self.run_dir)

@@ -8,25 +8,16 @@ them (a physical robot has no simulator installed).
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 import math
+import os
 import random
 import sys
-from typing import Optional
+from typing import Callable, Dict, Optional
 import warnings
 
 import numpy as np
-from saferl_ros.observation import channel_names, parse_task
-
-# DSRL horizons (dsrl.infos.DEFAULT_MAX_EPISODE_STEPS), repeated here because the runtime core may
-# not import dsrl; test/test_ros_sim.py checks them against offline_training.data.tasks.
-HORIZONS = {'BallCircle': 200, 'CarCircle': 300, 'DroneCircle': 300, 'AntCircle': 500,
-            'BallRun': 100, 'CarRun': 200, 'DroneRun': 200, 'AntRun': 200}
-
-# Simulated seconds per environment step: PyBullet time step x frame skip of
-# bullet_safety_gym.envs.builder.get_physics_parameters (Circle 1/60 s x 6, Run 1/120 s x 4,
-# DroneRun 1/120 s x 2). Used only if the environment does not report ``unwrapped.dt``;
-# test/test_reproducible.py checks them against it.
-CONTROL_PERIODS = {'BallCircle': 0.1, 'CarCircle': 0.1, 'DroneCircle': 0.1, 'AntCircle': 0.1,
-                   'BallRun': 1 / 30, 'CarRun': 1 / 30, 'DroneRun': 1 / 60, 'AntRun': 1 / 30}
+from saferl_ros.dataset_keys import DSRL_KEYS, FLAG_KEYS
+from saferl_ros.observation import channel_names
+from saferl_ros.tasks import get_task
 
 
 @contextmanager
@@ -40,13 +31,77 @@ def seeded_global_rngs(seed: int):
     SimEpisodes and offline_training.collection (which imports it from here).
     """
     np_state, py_state = np.random.get_state(), random.getstate()
-    np.random.seed(seed)
+    np.random.seed(int(seed) % 2**32)        # numpy takes 0 <= seed < 2**32
     random.seed(seed)
     try:
         yield
     finally:
         np.random.set_state(np_state)
         random.setstate(py_state)
+
+
+def episode_seed(seed: int, episode: int) -> int:
+    """
+    Return the seed of episode ``episode`` of a run seeded ``seed``: the one convention.
+
+    Distinct across seeds and episodes (up to 100,003 episodes per seed); episode k of seed 0 is
+    seeded k. Evaluation, the sim node and the development datasets all use it.
+    """
+    return int(seed) * 100_003 + int(episode)
+
+
+@dataclass
+class Episode:
+    """One finished episode: its DSRL arrays and its undiscounted returns."""
+
+    arrays: Dict[str, np.ndarray] = field(repr=False)   # DSRL keys, one row per step
+    reward: float                                       # summed in float64, step by step
+    cost: float
+
+    @property
+    def length(self) -> int:
+        """Return the number of steps."""
+        return int(self.arrays['rewards'].shape[0])
+
+
+def run_episode(env, choose_action: Callable[[np.ndarray], np.ndarray], seed: int,
+                max_steps: Optional[int] = None) -> Episode:
+    """
+    Run one whole episode of ``env`` from the start state that ``seed`` gives.
+
+    The one environment loop of the project (evaluation, dataset collection, development
+    datasets; the sim node steps :class:`SimEpisodes` the same way, one command at a time).
+    ``choose_action(observation)`` returns the action; it is clipped to the action box, and the
+    arrays hold the clipped action, the one the simulator executed. The global rngs are seeded
+    with ``seed`` for the episode and restored afterwards (:func:`seeded_global_rngs`), which is
+    what makes a Bullet-Safety-Gym episode reproducible. ``max_steps`` ends the episode early as a
+    timeout (tests).
+    """
+    low, high = env.action_space.low, env.action_space.high
+    rows = {key: [] for key in DSRL_KEYS}
+    reward = cost = 0.0
+    with seeded_global_rngs(int(seed)):
+        obs, _ = env.reset(seed=int(seed))
+        while True:
+            action = np.clip(np.asarray(choose_action(obs), dtype=np.float32), low, high)
+            next_obs, r, terminated, truncated, info = env.step(action)
+            c = float(info.get('cost', 0.0))
+            reward, cost = reward + float(r), cost + c
+            truncated = truncated or (max_steps is not None and len(rows['rewards']) + 1
+                                      >= max_steps)
+            rows['observations'].append(np.asarray(obs, dtype=np.float32))
+            rows['next_observations'].append(np.asarray(next_obs, dtype=np.float32))
+            rows['actions'].append(action)
+            rows['rewards'].append(float(r))
+            rows['costs'].append(c)
+            rows['terminals'].append(bool(terminated))
+            rows['timeouts'].append(bool(truncated and not terminated))
+            obs = next_obs
+            if terminated or truncated:
+                break
+    arrays = {key: np.asarray(values, dtype=bool if key in FLAG_KEYS else np.float32)
+              for key, values in rows.items()}
+    return Episode(arrays, reward, cost)
 
 
 @contextmanager
@@ -86,11 +141,31 @@ def quiet_observation_bounds_warning():
 
 
 def import_bullet_safety_gym():
-    """Import bullet_safety_gym (registers the Safety*-v0 ids) even under redirected streams."""
+    """
+    Import bullet_safety_gym (registers the Safety*-v0 ids), safe under redirected streams.
+
+    Its ``RedirectStream`` flushes the C stream whose symbol is named after ``sys.stdout.name``
+    (``<stdout>`` -> ``stdout``). Under pytest's capture, Jupyter or a logging wrapper that name is
+    no C symbol and importing the package or creating any environment fails with "undefined
+    symbol". The import runs with the original streams; afterwards the flush is replaced by one
+    that flushes every C stream (``fflush(NULL)``) for any stream without a real name, so that a
+    direct ``gym.make`` works too.
+    """
+    import ctypes
+
     with original_std_streams():
         import bullet_safety_gym
         # The registry loads the builder lazily at the first gym.make; import it now.
-        import bullet_safety_gym.envs.builder  # noqa: F401
+        from bullet_safety_gym.envs import builder
+    original = builder.RedirectStream._flush_c_stream
+    if not getattr(original, 'capture_safe', False):
+        def flush(stream):
+            if getattr(stream, 'name', None) in ('<stdout>', '<stderr>'):
+                return original(stream)
+            ctypes.CDLL(None).fflush(None)
+
+        flush.capture_safe = True
+        builder.RedirectStream._flush_c_stream = staticmethod(flush)
     return bullet_safety_gym
 
 
@@ -98,14 +173,13 @@ def make_gym_env(env_id: str, **kwargs):
     """Create a Bullet-Safety-Gym (or dsrl) environment by id, safe under redirected streams."""
     import gymnasium as gym
     import_bullet_safety_gym()
+    if env_id.startswith('Offline'):
+        # dsrl's __init__ also imports its Safety-Gymnasium and MetaDrive parts, not installed
+        # here; without this it prints a misleading "failed to import" warning.
+        os.environ.setdefault('DSRL_SUPPRESS_IMPORT_ERROR', '1')
+        import dsrl  # noqa: F401  (registers the Offline*-v0 ids)
     with original_std_streams(), quiet_observation_bounds_warning():
         return gym.make(env_id, **kwargs)
-
-
-def task_name(task) -> str:
-    """Return the canonical DSRL task name (``BallCircle``) for any accepted form."""
-    agent, kind = parse_task(task)
-    return agent + kind
 
 
 def control_period(env, task) -> float:
@@ -113,18 +187,18 @@ def control_period(env, task) -> float:
     Return the simulated seconds one ``env.step`` advances.
 
     Bullet-Safety-Gym reports it as ``env.unwrapped.dt`` (time step x frame skip); otherwise the
-    task's entry of CONTROL_PERIODS, else 1/50 s.
+    task registry's ``control_period``.
     """
     dt = getattr(getattr(env, 'unwrapped', env), 'dt', None)
     if isinstance(dt, (int, float)) and math.isfinite(dt) and dt > 0:
         return float(dt)
-    return CONTROL_PERIODS.get(task_name(task), 1 / 50)
+    return get_task(task).control_period
 
 
 def make_env(task, horizon: Optional[int] = None):
-    """Create the Bullet-Safety-Gym environment, time-limited to the DSRL horizon."""
-    name = task_name(task)
-    return make_gym_env(f'Safety{name}-v0', max_episode_steps=horizon or HORIZONS[name])
+    """Create the Bullet-Safety-Gym environment, time-limited to ``horizon`` (DSRL's default)."""
+    spec = get_task(task)
+    return make_gym_env(spec.env_id, max_episode_steps=horizon or spec.horizon)
 
 
 @dataclass
@@ -144,9 +218,9 @@ class SimEpisodes:
     Run a task episode after episode; ``step`` applies one command.
 
     Keeps the episode bookkeeping (index, step count, returns) that the sim node publishes.
-    Episode k starts from the state that seed + k gives, whatever ran before it (the simulator's
-    global-rng draws are seeded, see seeded_global_rngs). ``dt`` is the simulated time of one
-    step [s].
+    Episode k starts from the state that ``episode_seed(seed, k)`` gives, whatever ran before it
+    (the simulator's global-rng draws are seeded, see seeded_global_rngs), as in
+    ``run_episode``. ``dt`` is the simulated time of one step [s].
     """
 
     task: str
@@ -159,8 +233,8 @@ class SimEpisodes:
     observation: Optional[np.ndarray] = field(default=None, repr=False)
 
     def __post_init__(self):
-        self.task = task_name(self.task)
-        self.horizon = self.horizon or HORIZONS[self.task]
+        self.task = get_task(self.task).name
+        self.horizon = self.horizon or get_task(self.task).horizon
         with seeded_global_rngs(self.seed):   # construction draws from them too
             self.env = make_env(self.task, self.horizon)
         self.channels = channel_names(self.task)
@@ -175,7 +249,7 @@ class SimEpisodes:
         self.steps = 0
         self.episode_reward = 0.0
         self.episode_cost = 0.0
-        seed = self.seed + self.episode
+        seed = episode_seed(self.seed, self.episode)
         with seeded_global_rngs(seed):
             obs, _ = self.env.reset(seed=seed)
         self.observation = np.asarray(obs, dtype=np.float32)
@@ -211,20 +285,3 @@ class SimEpisodes:
     def close(self):
         """Release the physics client."""
         self.env.close()
-
-
-def normalized_score(task, reward: float, cost: float, kappa: float):
-    """
-    Return DSRL's (normalised reward, normalised cost) with dsrl's own constants.
-
-    ``R_norm = (R - R_min) / (R_max - R_min)``, ``C_norm = (C + eps) / (kappa + eps)`` with
-    ``eps = 1`` only when ``kappa = 0`` (dsrl OfflineEnv.get_normalized_score). The simulator side
-    may import dsrl; a robot without it reports raw returns.
-    """
-    import os
-    os.environ.setdefault('DSRL_SUPPRESS_IMPORT_ERROR', '1')
-    from dsrl import infos
-    name = task_name(task)
-    r_max, r_min = infos.MAX_EPISODE_REWARD[name], infos.MIN_EPISODE_REWARD[name]
-    eps = 1.0 if kappa == 0 else 0.0
-    return (reward - r_min) / (r_max - r_min), (cost + eps) / (kappa + eps)

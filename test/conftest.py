@@ -10,18 +10,13 @@ os.environ.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 os.environ.setdefault('MKL_NUM_THREADS', '1')
 
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
 # bullet_safety_gym flushes the C stream named after sys.stdout/stderr, which under pytest's
-# capture is no C symbol: import it with the real stderr in place, then patch the flush.
-_captured_stderr, sys.stderr = sys.stderr, sys.__stderr__
-try:
-    from offline_training.data.tasks import make_bullet_safety_gym_capture_safe  # noqa: E402
-    make_bullet_safety_gym_capture_safe()
-finally:
-    sys.stderr = _captured_stderr
+# capture is no C symbol: import it once, safely, before any test creates an environment.
+from saferl_ros.sim import import_bullet_safety_gym  # noqa: E402
+import_bullet_safety_gym()
 
 
 @pytest.fixture

@@ -22,9 +22,9 @@ from offline_training.collection.collect import (allocation_weights, collect_poo
 from offline_training.collection.density import DensityFilterConfig, grid_filter
 from offline_training.collection.lagrangian import BudgetSchedule, PIDLagrangian
 from offline_training.data.dataset import load_dataset, validate_file
-from offline_training.data.tasks import get_task
 from offline_training.data.trajectories import trajectory_returns
 import pytest
+from saferl_ros.tasks import get_task
 
 SIX_TASKS = ('BallCircle', 'CarCircle', 'DroneCircle', 'BallRun', 'CarRun', 'DroneRun')
 REPO = Path(__file__).resolve().parents[1]

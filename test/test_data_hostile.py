@@ -20,10 +20,11 @@ import numpy as np
 from offline_training.data import cli
 from offline_training.data import dataset as dataset_module
 from offline_training.data.dataset import (check_file, DatasetError, load_dataset,
-                                           MAX_EXPANSION, MAX_ROWS, REQUIRED_KEYS,
-                                           validate_arrays, validate_file, write_dataset)
+                                           MAX_EXPANSION, MAX_ROWS, validate_arrays,
+                                           validate_file, write_dataset)
 from offline_training.data.synthetic import synthetic_dataset
 import pytest
+from saferl_ros.dataset_keys import DSRL_KEYS
 
 WIDTHS = {'observations': 8, 'next_observations': 8, 'actions': 2}   # BallCircle
 
@@ -33,7 +34,7 @@ def _declare(path, rows, obs_width=8, task='BallCircle', rows_of=None, dtypes=No
     with h5py.File(path, 'w') as h5:
         if task:
             h5.attrs['task'] = task
-        for key in REQUIRED_KEYS:
+        for key in DSRL_KEYS:
             n = (rows_of or {}).get(key, rows)
             width = {**WIDTHS, 'observations': obs_width, 'next_observations': obs_width}.get(key)
             shape = (n, width) if width else (n,)
@@ -208,12 +209,12 @@ def test_unwritten_or_partly_written_arrays_under_the_row_limit(tmp_path):
         problems = validate_file(never)
     assert used['peak'] < 10 << 20, used
     assert len(problems) == 1, _keys_and_messages(problems)
-    assert problems[0].key == ', '.join(sorted(REQUIRED_KEYS))
+    assert problems[0].key == ', '.join(sorted(DSRL_KEYS))
     assert 'none of it stored in the file (never written)' in problems[0].message
 
     partly = _declare(tmp_path / 'partly.hdf5', rows)
     with h5py.File(partly, 'a') as h5:
-        for key in REQUIRED_KEYS:
+        for key in DSRL_KEYS:
             h5[key][:1000] = 0.0
     with _bounded() as used:
         problems = validate_file(partly)
@@ -259,7 +260,7 @@ def test_a_real_highly_compressible_file_is_accepted_and_checked_in_blocks(tmp_p
         ratios = {k: h5[k].size * h5[k].dtype.itemsize / h5[k].id.get_storage_size()
                   for k in ('costs', 'critic_v_h')}
     assert ratios['costs'] > 200 and ratios['critic_v_h'] > 1000, ratios
-    declared = sum(np.asarray(v).nbytes for k, v in data.items() if k in REQUIRED_KEYS)
+    declared = sum(np.asarray(v).nbytes for k, v in data.items() if k in DSRL_KEYS)
     with _bounded() as used:
         report = check_file(path)
     assert report.problems == [] and report.notes == [], report
@@ -412,7 +413,7 @@ def test_extra_groups_and_keys_are_notes_and_recording_extras_pass(tmp_path, bal
     assert [(p.key, p.message.split(';')[0]) for p in report.notes] == [
         ('infos', 'group outside the DSRL layout'),
         ('my_labels', 'extra dataset, not a DSRL or recording key')]
-    assert set(load_dataset(path)) == set(REQUIRED_KEYS) | set(extras) | {'my_labels'}
+    assert set(load_dataset(path)) == set(DSRL_KEYS) | set(extras) | {'my_labels'}
 
     assert cli.main(['validate', str(path)]) == 0
     out = capsys.readouterr().out

@@ -10,14 +10,15 @@ import h5py
 import numpy as np
 from offline_training.data import cli
 from offline_training.data import dataset as dataset_module
-from offline_training.data.dataset import (DatasetError, DatasetNotFoundError, file_sha256,
-                                           load_dataset, resolve_dataset_path, validate_file,
+from offline_training.data.dataset import (DatasetError, DatasetNotFoundError, load_dataset,
+                                           resolve_dataset_path, validate_file,
                                            write_dataset)
 from offline_training.data.synthetic import synthetic_dataset
-from offline_training.data.tasks import get_task, TASK_NAMES, TASKS
-from offline_training.data.trajectories import (normalized_score, split_trajectories,
+from offline_training.data.trajectories import (split_trajectories,
                                                 trajectory_returns)
 import pytest
+from saferl_ros.files import sha256_file
+from saferl_ros.tasks import get_task, normalized_score, TASK_NAMES, TASKS
 
 
 def _write_raw(path, data, attrs=None):
@@ -46,12 +47,21 @@ def test_registry_matches_the_real_environments(name):
         assert env.action_space.shape == (spec.act_dim,)
         assert env.spec.max_episode_steps == spec.horizon
         offline = env.unwrapped
-        # The constants are dsrl's own, read from dsrl.infos, not retyped.
         assert offline.max_episode_reward == spec.max_reward
         assert offline.min_episode_reward == spec.min_reward
         assert offline.max_episode_cost == spec.max_cost
+        assert env.unwrapped.dt == pytest.approx(spec.control_period, rel=1e-12)
     finally:
         env.close()
+    # The registry writes dsrl's constants out (the runtime core must not need dsrl): every one
+    # must be dsrl.infos' value to the last bit.
+    from dsrl import infos
+    assert spec.horizon == infos.DEFAULT_MAX_EPISODE_STEPS[name]
+    assert (spec.max_reward, spec.min_reward) == (infos.MAX_EPISODE_REWARD[name],
+                                                  infos.MIN_EPISODE_REWARD[name])
+    assert (spec.max_cost, spec.min_cost) == (infos.MAX_EPISODE_COST[name],
+                                              infos.MIN_EPISODE_COST[name])
+    assert infos.DATASET_URLS[name].endswith('/' + spec.dsrl_file_name)
 
 
 def test_task_lookup_accepts_every_spelling_and_rejects_unknown():
@@ -73,7 +83,7 @@ def test_round_trip_write_validate_load_and_dsrl_loader(tmp_path, ballcircle_arr
 
     sidecar = json.loads(Path(str(path) + '.manifest.json').read_text())
     assert sidecar == manifest
-    assert manifest['sha256'] == file_sha256(path)
+    assert manifest['sha256'] == sha256_file(path)
     assert manifest['transitions'] == len(ballcircle_arrays['rewards'])
     assert manifest['trajectories'] == 6
     rewards, costs, _, _ = trajectory_returns(ballcircle_arrays)
@@ -97,18 +107,18 @@ def test_round_trip_write_validate_load_and_dsrl_loader(tmp_path, ballcircle_arr
 def test_write_refuses_bad_data_and_keeps_the_old_file(tmp_path, ballcircle_arrays):
     path = tmp_path / 'data.hdf5'
     write_dataset(path, ballcircle_arrays, 'BallCircle')
-    before = file_sha256(path)
+    before = sha256_file(path)
     bad = dict(ballcircle_arrays, rewards=ballcircle_arrays['rewards'].copy())
     bad['rewards'][3] = np.nan
     with pytest.raises(DatasetError, match='rewards: 1 transitions hold NaN'):
         write_dataset(path, bad, 'BallCircle')
-    assert file_sha256(path) == before
+    assert sha256_file(path) == before
 
 
 def test_write_interrupted_midway_leaves_no_partial_file(tmp_path, ballcircle_arrays, monkeypatch):
     path = tmp_path / 'data.hdf5'
     write_dataset(path, ballcircle_arrays, 'BallCircle')
-    before = file_sha256(path)
+    before = sha256_file(path)
 
     calls = {'n': 0}
     real_create = h5py.Group.create_dataset
@@ -122,7 +132,7 @@ def test_write_interrupted_midway_leaves_no_partial_file(tmp_path, ballcircle_ar
     monkeypatch.setattr(h5py.Group, 'create_dataset', failing_create)
     with pytest.raises(OSError, match='disk full'):
         write_dataset(path, ballcircle_arrays, 'BallCircle')
-    assert file_sha256(path) == before
+    assert sha256_file(path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ['data.hdf5', 'data.hdf5.manifest.json']
 
 

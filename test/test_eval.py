@@ -3,11 +3,11 @@
 import json
 
 import numpy as np
-from offline_training.data.tasks import get_task
 from offline_training.evaluate import (evaluate, load_agent, main, result_label, rollout,
                                        summarize, write_results, write_table)
 from offline_training.export import make_test_bundle
 import pytest
+from saferl_ros.tasks import get_task
 
 
 @pytest.fixture(scope='module')

@@ -137,7 +137,7 @@ def test_saferl_export_cli_exports_a_training_run(tmp_path, ballcircle_arrays, c
 
 @pytest.mark.parametrize('task', ['BallCircle', 'CarCircle', 'DroneCircle'])
 def test_feasibility_sweep_places_the_agent_like_the_simulator(task):
-    from offline_training.data.tasks import get_task
+    from saferl_ros.tasks import get_task
     from offline_training.feasibility_plot import reference_observation, xy_observations
     reference = reference_observation(task)
     swept = xy_observations(task, reference, np.array([3.0]), np.array([-4.5]))[0, 0]

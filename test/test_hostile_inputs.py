@@ -161,7 +161,7 @@ def test_config_values_are_type_checked():
         fisor.make_config('cpu', critic_hidden=[64, 'x'])
     assert fisor.make_config('cpu', actor_lr='1e-4').actor_lr == 1e-4  # YAML 1.1 reads a str
     with pytest.raises(KeyError, match='unknown task'):  # still a KeyError for callers
-        from offline_training.data.tasks import get_task
+        from saferl_ros.tasks import get_task
         get_task('BallSquare')
 
 
@@ -290,7 +290,7 @@ def test_user_errors_keep_their_builtin_types():
 # --------------------------------------------------------------------------- smaller items
 
 def test_creating_an_environment_warns_nothing():
-    from offline_training.data.tasks import get_task
+    from saferl_ros.tasks import get_task
     spec = get_task('BallCircle')
     spec.make_env().close()  # imports and registers everything outside the strict block
     with warnings.catch_warnings():

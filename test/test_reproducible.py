@@ -5,7 +5,8 @@ import random
 
 import numpy as np
 import pytest
-from saferl_ros.sim import CONTROL_PERIODS, seeded_global_rngs, SimEpisodes
+from saferl_ros.sim import seeded_global_rngs, SimEpisodes
+from saferl_ros.tasks import get_task
 from test_ros_support import build_bundle, domain_fixture, recorded
 
 ros_domain = domain_fixture(77)
@@ -55,7 +56,7 @@ def test_control_period_is_the_simulators(task):
     sim = SimEpisodes(task)
     try:
         assert sim.dt == pytest.approx(sim.env.unwrapped.dt)
-        assert sim.dt == pytest.approx(CONTROL_PERIODS[task])
+        assert sim.dt == pytest.approx(get_task(task).control_period)
     finally:
         sim.close()
 
@@ -90,7 +91,7 @@ def test_two_runs_of_the_same_config_are_identical(bundle, tmp_path):
         np.testing.assert_array_equal(data[0][key], data[1][key], err_msg=key)
     # Lock-step stamps are simulation time: 0, dt, 2 dt, ... straight across the episode
     # boundary (unique), whatever the machine load; so the monitor never saw a stale input.
-    dt_ns = round(CONTROL_PERIODS['BallCircle'] * 1e9)
+    dt_ns = round(get_task('BallCircle').control_period * 1e9)
     np.testing.assert_array_equal(data[0]['stamps_ns'], np.arange(160, dtype=np.int64) * dt_ns)
     assert not np.isin(data[0]['verdicts'], [MonitorState.STALE, MonitorState.FAULT]).any()
     # Latency is still measured in wall time (observation published -> command received).

@@ -12,9 +12,9 @@ from offline_training.algos import bcq_lag, get_algorithm
 from offline_training.algos.common import ReplayBuffer, set_seed
 from offline_training.algos.toy_data import rollout_dataset, synthetic_dataset
 from offline_training.data.dataset import write_dataset
-from offline_training.data.tasks import get_task
 from offline_training.train import load_run, main, train
 import pytest
+from saferl_ros.tasks import get_task
 import torch
 import yaml
 

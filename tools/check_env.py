@@ -35,7 +35,7 @@ def main() -> int:
         import dsrl  # noqa: F401
         import gymnasium as gym
 
-        from offline_training.data.tasks import TASKS
+        from saferl_ros.tasks import TASKS
         missing = [i for spec in TASKS.values() for i in (spec.env_id, spec.offline_id)
                    if i not in gym.envs.registry]
         if missing:
@@ -43,7 +43,7 @@ def main() -> int:
         return f'{2 * len(TASKS)} ids registered'
 
     def one_step():
-        from offline_training.data.tasks import get_task
+        from saferl_ros.tasks import get_task
         env = get_task('BallCircle').make_env(offline=True)
         env.reset(seed=0)
         _, _, _, _, info = env.step(env.action_space.sample())

@@ -13,14 +13,11 @@ import typing
 from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
+from saferl_ros.dataset_keys import DSRL_KEYS
 from saferl_ros.errors import ConfigError, UnknownNameError
 import torch
 from torch import nn
 import torch.nn.functional as F
-
-# Keys of a DSRL dataset dict (load_dataset's output) that an algorithm may read.
-DATASET_KEYS = ('observations', 'next_observations', 'actions', 'rewards', 'costs', 'terminals',
-                'timeouts')
 
 
 # --------------------------------------------------------------------------- devices and seeding
@@ -483,7 +480,7 @@ class ReplayBuffer:
         self.generator.set_state(state['generator'].cpu())
 
 
-def check_dataset(data: Mapping[str, np.ndarray], keys: Iterable[str] = DATASET_KEYS) -> int:
+def check_dataset(data: Mapping[str, np.ndarray], keys: Iterable[str] = DSRL_KEYS) -> int:
     """Check that ``data`` has the DSRL keys with one row per transition; return the size."""
     missing = [key for key in keys if key not in data]
     if missing:

@@ -10,7 +10,8 @@ from typing import Dict
 
 import numpy as np
 
-from offline_training.data.tasks import get_task
+from saferl_ros.dataset_keys import DSRL_KEYS
+from saferl_ros.tasks import get_task
 
 
 def synthetic_dataset(obs_dim: int = 8, act_dim: int = 2, size: int = 2000, horizon: int = 100,
@@ -48,9 +49,7 @@ def rollout_dataset(task: str = 'BallCircle', episodes: int = 10, seed: int = 0,
     spec = get_task(task)
     env = spec.make_env()
     rng = np.random.default_rng(seed)
-    keys = ('observations', 'next_observations', 'actions', 'rewards', 'costs', 'terminals',
-            'timeouts')
-    out = {key: [] for key in keys}
+    out = {key: [] for key in DSRL_KEYS}
     try:
         for episode in range(episodes):
             obs, _ = env.reset(seed=seed * 100_003 + episode)

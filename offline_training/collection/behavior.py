@@ -21,7 +21,6 @@ Layout of ``behavior_agents/<Task>/``::
 
 from dataclasses import asdict, dataclass, field, fields
 import json
-import os
 from pathlib import Path
 import time
 from typing import Dict, List, Optional, Tuple
@@ -30,7 +29,8 @@ import gymnasium as gym
 import numpy as np
 
 from offline_training.collection.lagrangian import BudgetSchedule, PIDLagrangian
-from offline_training.data.tasks import get_task
+from saferl_ros.files import atomic_path, atomic_write_text
+from saferl_ros.tasks import get_task
 
 DEFAULT_AGENT_ROOT = Path(__file__).resolve().parents[2] / 'behavior_agents'
 
@@ -231,18 +231,11 @@ class NumpyActor:
         return h
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_actor(path, arrays: Dict[str, np.ndarray], meta: dict) -> None:
     """Write actor arrays (``W0, b0, ..., log_std``) and metadata as an ``.npz``, atomically."""
     path = Path(path)
-    tmp = path.with_name(path.stem + '.tmp.npz')
-    np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, 'wb') as stream:
+        np.savez_compressed(stream, meta=np.array(json.dumps(meta)), **arrays)
 
 
 def _save_checkpoint(path: Path, policy, meta: dict) -> None:
@@ -320,7 +313,7 @@ def train_behavior(config: BehaviorConfig, agent_dir=None, max_steps: Optional[i
         config = saved
         if state.get('finished'):
             return state
-    _atomic_write_text(agent_dir / 'config.json', json.dumps(asdict(config), indent=2) + '\n')
+    atomic_write_text(agent_dir / 'config.json', json.dumps(asdict(config), indent=2) + '\n')
 
     schedule = config.schedule()
     lagrangian = (PIDLagrangian.from_state_dict(state['lagrangian']) if state else
@@ -352,14 +345,14 @@ def train_behavior(config: BehaviorConfig, agent_dir=None, max_steps: Optional[i
         csv_path.write_text('steps,budget,multiplier,ep_reward,ep_cost,episodes,wall_s\n')
 
     def save_resume(finished: bool) -> dict:
-        model.save(str(resume_dir / 'model.tmp.zip'))
-        os.replace(resume_dir / 'model.tmp.zip', resume_dir / 'model.zip')
-        venv.save(str(resume_dir / 'vecnormalize.tmp.pkl'))
-        os.replace(resume_dir / 'vecnormalize.tmp.pkl', resume_dir / 'vecnormalize.pkl')
+        with atomic_path(resume_dir / 'model.zip') as tmp, open(tmp, 'wb') as stream:
+            model.save(stream)
+        with atomic_path(resume_dir / 'vecnormalize.pkl') as tmp:
+            venv.save(str(tmp))
         new_state = {'steps': int(model.num_timesteps), 'finished': finished,
                      'restarts': restarts, 'lagrangian': lagrangian.state_dict(),
                      'budget': info['budget'], 'total_steps': config.total_steps}
-        _atomic_write_text(resume_dir / 'state.json', json.dumps(new_state, indent=2) + '\n')
+        atomic_write_text(resume_dir / 'state.json', json.dumps(new_state, indent=2) + '\n')
         return new_state
 
     def maybe_checkpoint() -> None:

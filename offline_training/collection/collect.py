@@ -23,13 +23,11 @@ import numpy as np
 from offline_training.collection.behavior import DEFAULT_AGENT_ROOT, list_checkpoints, NumpyActor
 from offline_training.collection.density import DensityFilterConfig, grid_filter
 from offline_training.data.dataset import PROJECT_DATASET_DIR, write_dataset
-from offline_training.data.tasks import get_task, TaskSpec
-# The runtime core owns the helper (saferl_ros must not import offline_training).
-from saferl_ros.sim import seeded_global_rngs
+from saferl_ros.dataset_keys import DSRL_KEYS
+from saferl_ros.sim import run_episode
+from saferl_ros.tasks import get_task, TaskSpec
 
 DEFAULT_DATASET_DIR = PROJECT_DATASET_DIR
-TRAJECTORY_KEYS = ('observations', 'next_observations', 'actions', 'rewards', 'costs',
-                   'terminals', 'timeouts')
 
 
 @dataclass
@@ -61,36 +59,12 @@ class CollectConfig:
 
 def rollout(env, actor: NumpyActor, noise_std: float, env_seed: int,
             rng: np.random.Generator, max_steps: Optional[int] = None) -> Dict[str, np.ndarray]:
-    """Run one whole episode and return its DSRL arrays (actions clipped to the space)."""
-    with seeded_global_rngs(int(env_seed)):
-        return _rollout(env, actor, noise_std, env_seed, rng, max_steps)
-
-
-def _rollout(env, actor, noise_std, env_seed, rng, max_steps):
-    low, high = env.action_space.low, env.action_space.high
-    obs, _ = env.reset(seed=int(env_seed))
-    chunks = {k: [] for k in TRAJECTORY_KEYS}
-    while True:
+    """Run one whole episode of the actor's mean plus Gaussian noise; return its DSRL arrays."""
+    def noisy_mean(obs):
         action = actor.mean(obs)
-        if noise_std > 0:
-            action = action + rng.normal(0.0, noise_std, size=action.shape)
-        # The dataset stores the action the environment executed, inside its bounds.
-        action = np.clip(action, low, high).astype(np.float32)
-        next_obs, reward, terminated, truncated, info = env.step(action)
-        if max_steps is not None and len(chunks['rewards']) + 1 >= max_steps:
-            truncated = True
-        chunks['observations'].append(np.asarray(obs, dtype=np.float32))
-        chunks['next_observations'].append(np.asarray(next_obs, dtype=np.float32))
-        chunks['actions'].append(action)
-        chunks['rewards'].append(float(reward))
-        chunks['costs'].append(float(info.get('cost', 0.0)))
-        chunks['terminals'].append(bool(terminated))
-        chunks['timeouts'].append(bool(truncated and not terminated))
-        obs = next_obs
-        if terminated or truncated:
-            break
-    return {k: np.asarray(v, dtype=np.float32 if k not in ('terminals', 'timeouts') else bool)
-            for k, v in chunks.items()}
+        return action + rng.normal(0.0, noise_std, size=action.shape) if noise_std > 0 else action
+
+    return run_episode(env, noisy_mean, int(env_seed), max_steps).arrays
 
 
 def dataset_file_name(spec: TaskSpec, cmax: float, n_traj: int) -> str:
@@ -217,7 +191,7 @@ def filter_and_write(config: CollectConfig, trajectories: List[Dict[str, np.ndar
     if keep.size == 0:
         raise ValueError(f'the density filter kept no trajectory of {len(trajectories)} '
                          f'(all cost returns above the cut-off {cmax:g}?)')
-    data = {k: np.concatenate([trajectories[i][k] for i in keep]) for k in TRAJECTORY_KEYS}
+    data = {k: np.concatenate([trajectories[i][k] for i in keep]) for k in DSRL_KEYS}
     if out_path is None:
         out_dir = Path(out_dir) if out_dir else DEFAULT_DATASET_DIR
         out_path = out_dir / dataset_file_name(spec, cmax, int(keep.size))

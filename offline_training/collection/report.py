@@ -17,8 +17,8 @@ from typing import Optional
 import numpy as np
 
 from offline_training.data.dataset import load_dataset
-from offline_training.data.tasks import get_task
 from offline_training.data.trajectories import trajectory_returns
+from saferl_ros.tasks import get_task
 
 DEFAULT_TASKS = ('BallCircle', 'CarCircle', 'DroneCircle', 'BallRun', 'CarRun', 'DroneRun')
 

@@ -17,11 +17,12 @@ from typing import List, Optional
 
 import numpy as np
 
-from offline_training.data.dataset import (check_file, DatasetError, file_sha256, load_dataset,
+from offline_training.data.dataset import (check_file, DatasetError, load_dataset,
                                            resolve_dataset_path)
 from offline_training.data.plot import plot_returns
-from offline_training.data.tasks import get_task
 from offline_training.data.trajectories import trajectory_returns
+from saferl_ros.files import sha256_file
+from saferl_ros.tasks import get_task
 
 KAPPAS = (5, 10, 20, 40)
 # What the summaries and plots need: per-transition rewards, costs and episode ends.
@@ -60,7 +61,7 @@ def cmd_info(args) -> int:
     reward_returns, cost_returns, starts, stops = trajectory_returns(data)
     lengths = (stops - starts).astype(np.float64)
     print(f'file         {path}')
-    print(f'sha256       {file_sha256(path)}')
+    print(f'sha256       {sha256_file(path)}')
     print(f'task         {spec.name if spec else "unknown"}'
           + (f' ({spec.env_id}, horizon {spec.horizon})' if spec else ''))
     print(f'transitions  {data["rewards"].shape[0]}')
@@ -136,7 +137,8 @@ def cmd_merge(args) -> int:
     """Build a retraining dataset: an existing dataset plus robot/sim recordings."""
     from pathlib import Path
 
-    from offline_training.data.dataset import REQUIRED_KEYS, validate_arrays, write_dataset
+    from offline_training.data.dataset import validate_arrays, write_dataset
+    from saferl_ros.dataset_keys import DSRL_KEYS
     # The recorder's reader (numpy + h5py, no ROS): it lists the completed episodes of a run.
     from saferl_ros.recorder import load_episodes, RecordingError
 
@@ -154,14 +156,14 @@ def cmd_merge(args) -> int:
                 raise DatasetError(problems)
         else:
             data = load_dataset(path, task=args.task)
-        parts.append({k: np.asarray(data[k]) for k in REQUIRED_KEYS})
+        parts.append({k: np.asarray(data[k]) for k in DSRL_KEYS})
         sources.append({'path': str(path), 'transitions': int(len(data['observations'])),
-                        **({'sha256': file_sha256(path)} if path.is_file() else {})})
+                        **({'sha256': sha256_file(path)} if path.is_file() else {})})
         print(f'{path}: {len(data["observations"])} transitions')
     if not parts:
         print('error: nothing to merge; give --dataset and/or recordings', file=sys.stderr)
         return 1
-    merged = {k: np.concatenate([p[k] for p in parts]) for k in REQUIRED_KEYS}
+    merged = {k: np.concatenate([p[k] for p in parts]) for k in DSRL_KEYS}
     manifest = write_dataset(args.output, merged, args.task, attrs={'merged_from': sources})
     print(f'wrote {args.output}: {manifest["transitions"]} transitions, '
           f'{manifest["trajectories"]} trajectories')

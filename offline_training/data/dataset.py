@@ -11,8 +11,6 @@ or the code that produced it. Nothing here downloads anything.
 
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-import hashlib
-import json
 import os
 from pathlib import Path
 import re
@@ -21,15 +19,13 @@ from typing import Dict, List, Optional, Tuple
 import h5py
 import numpy as np
 
-from offline_training.data.tasks import get_task, TaskSpec
 from offline_training.data.trajectories import trajectory_returns
 # The extras that saferl_ros recordings add (numpy + h5py module, no ROS): accepted without a note.
-from saferl_ros.recorder import EXTRA_KEYS as RECORDING_KEYS
+from saferl_ros.dataset_keys import DSRL_KEYS, FLAG_KEYS, FLOAT_KEYS, VECTOR_KEYS
+from saferl_ros.files import atomic_write_json, sha256_file
+from saferl_ros.recorder import EXTRA_KEYS as RECORDING_KEYS, write_hdf5_atomic
+from saferl_ros.tasks import get_task, TaskSpec
 
-REQUIRED_KEYS = ('observations', 'next_observations', 'actions', 'rewards', 'costs',
-                 'terminals', 'timeouts')
-FLOAT_KEYS = ('observations', 'next_observations', 'actions', 'rewards', 'costs')
-FLAG_KEYS = ('terminals', 'timeouts')
 MANIFEST_SUFFIX = '.manifest.json'
 # Actions in Bullet-Safety-Gym are bounded to [-1, 1]; a little slack absorbs float32 rounding.
 ACTION_BOUND = 1.0 + 1e-5
@@ -284,7 +280,7 @@ def _inspect_objects(h5: h5py.File, source: str, problems: List[Problem],
                                                  f'one of them; {_PLAIN_FIX}'))
             continue
         datasets[key] = item
-        if key not in REQUIRED_KEYS and key not in RECORDING_KEYS:
+        if key not in DSRL_KEYS and key not in RECORDING_KEYS:
             notes.append(Problem(source, key, 'extra dataset, not a DSRL or recording key; '
                                               'training ignores it'))
     return datasets
@@ -297,7 +293,7 @@ def _check_layout(arrays, spec: Optional[TaskSpec], bad) -> None:
     ``arrays`` maps every required key to anything with ``shape`` and ``dtype`` (a numpy array
     or an unread h5py dataset), so a file's declarations are checked before anything is read.
     """
-    shapes = {k: tuple(arrays[k].shape or ()) for k in REQUIRED_KEYS}
+    shapes = {k: tuple(arrays[k].shape or ()) for k in DSRL_KEYS}
     n = shapes['observations'][0] if shapes['observations'] else 0
     if n == 0:
         bad('observations', 'contains no transitions')
@@ -309,7 +305,7 @@ def _check_layout(arrays, spec: Optional[TaskSpec], bad) -> None:
     expected_width = {'observations': spec.obs_dim if spec else None,
                       'next_observations': spec.obs_dim if spec else None,
                       'actions': spec.act_dim if spec else None}
-    for key in REQUIRED_KEYS:
+    for key in DSRL_KEYS:
         shape, dtype = shapes[key], arrays[key].dtype
         if shape[:1] != (n,):
             bad(key, f'has {shape[0] if shape else 0} rows but observations has {n}')
@@ -340,7 +336,7 @@ def _block_rows(arrays) -> int:
     chunk's rows (h5py's chunks hold <= 1 MiB) but no more than MAX_BLOCK_BYTES of the widest key.
     """
     widest = max(max(1, int(np.prod(arrays[k].shape[1:], dtype=np.int64)))
-                 * arrays[k].dtype.itemsize for k in REQUIRED_KEYS)
+                 * arrays[k].dtype.itemsize for k in DSRL_KEYS)
     step = max(1, BLOCK_BYTES // widest)
     chunks = getattr(arrays['observations'], 'chunks', None)
     if chunks:
@@ -386,7 +382,7 @@ def _check_values(arrays, spec: Optional[TaskSpec], bad) -> None:
     for start in range(0, n, step):
         stop = min(n, start + step)
         rows = stop - start
-        block = {k: read(k, start, stop) for k in REQUIRED_KEYS}
+        block = {k: read(k, start, stop) for k in DSRL_KEYS}
         for key in FLOAT_KEYS:
             bad_rows = ~np.isfinite(block[key].reshape(rows, -1)).all(axis=1)
             if bad_rows.any():
@@ -472,12 +468,12 @@ def validate_arrays(data: Dict[str, np.ndarray], task=None, source='<arrays>') -
     def bad(key, message):
         problems.append(Problem(source, key, message))
 
-    missing = [k for k in REQUIRED_KEYS if k not in data]
+    missing = [k for k in DSRL_KEYS if k not in data]
     for key in missing:
-        bad(key, 'required key is missing (DSRL files need ' + ', '.join(REQUIRED_KEYS) + ')')
+        bad(key, 'required key is missing (DSRL files need ' + ', '.join(DSRL_KEYS) + ')')
     if missing:
         return problems
-    arrays = {k: np.asarray(data[k]) for k in REQUIRED_KEYS}
+    arrays = {k: np.asarray(data[k]) for k in DSRL_KEYS}
     spec = get_task(task) if task is not None else None
     _check_layout(arrays, spec, bad)
     if not problems:
@@ -544,11 +540,11 @@ def _inspect(h5: h5py.File, report: DatasetReport, task, require_task: bool):
         problems.append(Problem(source, 'task', 'cannot tell which task this file is for '
                                                 '(no task attribute, no DSRL file name); '
                                                 'pass --task'))
-    missing = [k for k in REQUIRED_KEYS if k not in datasets]
+    missing = [k for k in DSRL_KEYS if k not in datasets]
     for key in missing:
         if not any(p.key == key for p in problems):     # a refused link says more than this
             problems.append(Problem(source, key, 'required key is missing (DSRL files need '
-                                                 + ', '.join(REQUIRED_KEYS) + ')'))
+                                                 + ', '.join(DSRL_KEYS) + ')'))
     if missing:
         return None
     layout_problems: List[Problem] = []
@@ -631,33 +627,15 @@ def load_dataset(path=None, task=None, validate=True, keys=None) -> Dict[str, np
     for key in FLOAT_KEYS + FLAG_KEYS:
         if key in data:
             array = np.asarray(data[key])
-            if key not in ('observations', 'next_observations', 'actions'):
+            if key not in VECTOR_KEYS:
                 array = array.reshape(-1)
             data[key] = array.astype(np.float32, copy=False)
     return data
 
 
-def file_sha256(path) -> str:
-    """Return the hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _stats(values: np.ndarray) -> Dict[str, float]:
     return {'min': float(values.min()), 'max': float(values.max()),
             'mean': float(values.mean()), 'std': float(values.std())}
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    with open(tmp, 'w') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_dataset(path, data: Dict[str, np.ndarray], task, attrs: Optional[dict] = None) -> dict:
@@ -678,34 +656,22 @@ def write_dataset(path, data: Dict[str, np.ndarray], task, attrs: Optional[dict]
     created = datetime.now(timezone.utc).isoformat(timespec='seconds')
     file_attrs = {'task': spec.name, 'env_id': spec.env_id, 'format': 'dsrl',
                   'created': created, **(attrs or {})}
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
-        with h5py.File(tmp, 'w') as h5:
-            for key, value in file_attrs.items():
-                plain = isinstance(value, (int, float, str))
-                h5.attrs[key] = value if plain else json.dumps(value)
-            for key, value in data.items():
-                array = np.asarray(value)
-                if key in FLOAT_KEYS:
-                    array = array.astype(np.float32)
-                    if key not in ('observations', 'next_observations', 'actions'):
-                        array = array.reshape(-1)
-                elif key in FLAG_KEYS:
-                    array = array.reshape(-1).astype(bool)
-                compress = {'compression': 'gzip', 'compression_opts': 4, 'shuffle': True} \
-                    if array.ndim and array.size > 1 else {}
-                h5.create_dataset(key, data=array, **compress)
-        with open(tmp, 'rb+') as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    arrays = {}
+    for key, value in data.items():
+        array = np.asarray(value)
+        if key in FLOAT_KEYS:
+            array = array.astype(np.float32)
+            if key not in VECTOR_KEYS:
+                array = array.reshape(-1)
+        elif key in FLAG_KEYS:
+            array = array.reshape(-1).astype(bool)
+        arrays[key] = array
+    write_hdf5_atomic(path, arrays, file_attrs, compression_level=4)
 
     reward_returns, cost_returns, starts, stops = trajectory_returns(data)
     manifest = {
         'file': path.name,
-        'sha256': file_sha256(path),
+        'sha256': sha256_file(path),
         'bytes': path.stat().st_size,
         'task': spec.name,
         'created': created,
@@ -717,5 +683,5 @@ def write_dataset(path, data: Dict[str, np.ndarray], task, attrs: Optional[dict]
         'keys': sorted(data.keys()),
         'attrs': {k: v for k, v in file_attrs.items() if k not in ('task', 'created')},
     }
-    _atomic_write_text(Path(str(path) + MANIFEST_SUFFIX), json.dumps(manifest, indent=2) + '\n')
+    atomic_write_json(Path(str(path) + MANIFEST_SUFFIX), manifest)
     return manifest

@@ -5,8 +5,8 @@ from typing import Optional
 
 import numpy as np
 
-from offline_training.data.tasks import get_task
 from offline_training.data.trajectories import trajectory_returns
+from saferl_ros.tasks import get_task
 
 
 def plot_returns(data, out_path, task=None, title: Optional[str] = None,

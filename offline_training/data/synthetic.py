@@ -10,7 +10,8 @@ from typing import Dict
 
 import numpy as np
 
-from offline_training.data.tasks import get_task
+from saferl_ros.dataset_keys import DSRL_KEYS
+from saferl_ros.tasks import get_task
 
 
 def synthetic_dataset(task='BallCircle', episodes: int = 8, seed: int = 0,
@@ -24,8 +25,7 @@ def synthetic_dataset(task='BallCircle', episodes: int = 8, seed: int = 0,
     spec = get_task(task)
     rng = np.random.default_rng(seed)
     max_length = max_length or spec.horizon
-    chunks = {k: [] for k in ('observations', 'next_observations', 'actions', 'rewards',
-                              'costs', 'terminals', 'timeouts')}
+    chunks = {k: [] for k in DSRL_KEYS}
     for _ in range(episodes):
         length = int(rng.integers(max(2, max_length // 2), max_length + 1))
         actions = rng.uniform(-1, 1, size=(length, spec.act_dim)).astype(np.float32)

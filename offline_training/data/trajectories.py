@@ -5,8 +5,6 @@ from typing import List, Tuple
 
 import numpy as np
 
-from offline_training.data.tasks import get_task
-
 
 @dataclass(frozen=True)
 class Trajectory:
@@ -55,18 +53,3 @@ def split_trajectories(data) -> List[Trajectory]:
     reward_returns, cost_returns, starts, stops = trajectory_returns(data)
     return [Trajectory(int(a), int(b), float(r), float(c))
             for a, b, r, c in zip(starts, stops, reward_returns, cost_returns)]
-
-
-def normalized_score(task, reward, cost, kappa):
-    """
-    Return DSRL's (normalised reward, normalised cost), as OfflineEnv.get_normalized_score.
-
-    ``R_norm = (R - R_min) / (R_max - R_min)`` with the task's DSRL constants and
-    ``C_norm = (C + eps) / (kappa + eps)`` where ``eps = 1`` only when ``kappa == 0``.
-    Scalars give floats, arrays give arrays. Safe means ``C_norm <= 1``.
-    """
-    spec = get_task(task)
-    epsilon = 1 if kappa == 0 else 0
-    normalized_reward = (reward - spec.min_reward) / (spec.max_reward - spec.min_reward)
-    normalized_cost = (cost + epsilon) / (kappa + epsilon)
-    return normalized_reward, normalized_cost

@@ -56,7 +56,7 @@ class RobotAdapterNode(LifecycleNode):
 
     def on_configure(self, state) -> TransitionCallbackReturn:
         """Validate the parameters; create publishers and subscriptions."""
-        from saferl_ros.sim import HORIZONS, task_name
+        from saferl_ros.tasks import get_task
         try:
             cfg = values(self, PARAMS)
             self.task = RobotTask(RobotConfig(
@@ -64,7 +64,7 @@ class RobotAdapterNode(LifecycleNode):
                 velocity_scale=cfg['velocity_scale'], max_linear=cfg['max_linear'],
                 max_angular=cfg['max_angular'], command_timeout=cfg['command_timeout'],
                 x_limit=optional_float(cfg['x_limit']), y_limit=optional_float(cfg['y_limit'])))
-            self.horizon = cfg['horizon'] or HORIZONS[task_name(cfg['task'])]
+            self.horizon = cfg['horizon'] or get_task(cfg['task']).horizon
         except Exception as exc:  # RobotConfigError, unknown task
             return fail(self, exc)
         self.cfg = cfg

@@ -58,7 +58,7 @@ CLOCK_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
 
 PARAMS = [
     Param('task', 'BallCircle', 'Bullet-Safety-Gym task (BallCircle, CarRun, ...).'),
-    Param('seed', 0, 'Seed of the first episode; episode k is reset with seed + k.'),
+    Param('seed', 0, 'Run seed; episode k starts from episode_seed(seed, k) = 100003 seed + k.'),
     Param('mode', 'lockstep', "'lockstep' (step when the command for the current observation "
           "arrives) or 'realtime' (step at rate_hz with the latest command)."),
     Param('lockstep_time', 'sim', "lockstep: the stamp time. 'sim' (a simulation clock from 0, "
@@ -371,7 +371,7 @@ class SimNode(LifecycleNode):
             self._publish_observation()
 
     def _end_episode(self, terminated: bool):
-        from saferl_ros.sim import normalized_score
+        from saferl_ros.tasks import normalized_score
         summary = {'event': 'end', 'episode': self.sim.episode, 'task': self.sim.task,
                    'steps': self.sim.steps, 'reward': self.sim.episode_reward,
                    'cost': self.sim.episode_cost, 'terminated': terminated,
