@@ -106,39 +106,49 @@ class BundleAgent(Agent):
         return self.bundle.policy(obs, rng=rng)[0]
 
 
-class RunAgent(Agent):
+class ModelAgent(Agent):
     """
-    A saferl-train run's torch model, acting through the graph the export would trace.
+    A torch model (in training or loaded from a run), acting through the graph the export traces.
 
     The noise is drawn with the same shape and the same generator calls as the bundle draws it,
-    so a run and its exported bundle choose the same actions for the same observations.
+    so a model and its exported bundle choose the same actions for the same observations.
     """
 
-    def __init__(self, path):
+    def __init__(self, algorithm: str, model, config, task: str, name: str = 'model'):
         import torch
 
-        from offline_training.algos import get_algorithm
         from offline_training.export import plan_for
-        from offline_training.train import load_run
 
         self._torch = torch
-        algorithm, run_config, model = load_run(path)
-        module, _ = get_algorithm(algorithm)
-        config = module.make_config('paper', **run_config['algo_config'])
         self.graph = plan_for(algorithm, model, config).graphs['policy']
-        self.name, self.kind = Path(path).resolve().name, 'run'
-        self.algorithm, self.task = algorithm, run_config['task']['name']
+        self.device = next(model.parameters()).device
+        self.name, self.kind = name, 'run'
+        self.algorithm, self.task = algorithm, task
         noise = self.graph.inputs.get('noise')
         self.noise_shape = None if noise is None else tuple(noise[1:])
 
     def act(self, obs, rng):
         torch = self._torch
-        args = [torch.as_tensor(np.asarray(obs, dtype=np.float32)[None])]
+        args = [np.asarray(obs, dtype=np.float32)[None]]
         if self.noise_shape is not None:
-            args.append(torch.as_tensor(rng.standard_normal((1, *self.noise_shape),
-                                                            dtype=np.float32)))
+            args.append(rng.standard_normal((1, *self.noise_shape), dtype=np.float32))
         with torch.no_grad():
-            return self.graph.module(*args)[0].numpy()
+            action = self.graph.module(*[torch.as_tensor(a, device=self.device) for a in args])
+        return action[0].cpu().numpy()
+
+
+class RunAgent(ModelAgent):
+    """A saferl-train run folder's model (its last checkpoint)."""
+
+    def __init__(self, path):
+        from offline_training.algos import get_algorithm
+        from offline_training.train import load_run
+
+        algorithm, run_config, model = load_run(path)
+        module, _ = get_algorithm(algorithm)
+        config = module.make_config('paper', **run_config['algo_config'])
+        super().__init__(algorithm, model, config, run_config['task']['name'],
+                         Path(path).resolve().name)
 
 
 def is_bundle(path) -> bool:

@@ -99,12 +99,15 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
           data: Optional[Dict[str, np.ndarray]] = None, steps: Optional[int] = None,
           out=None, device: str = 'auto', log_every: int = 1000,
           checkpoint_every: int = 10_000, overrides: Optional[dict] = None,
-          progress: bool = True, stop_after: Optional[int] = None) -> Path:
+          progress: bool = True, stop_after: Optional[int] = None, eval_every: int = 0,
+          eval_episodes: int = 5) -> Path:
     """
     Train (or resume) one run and return its folder.
 
     ``data`` trains on an in-memory dataset dict instead of a file. ``stop_after`` stops after
     that many iterations in this call (after checkpointing), which is how tests simulate a kill.
+    ``eval_every`` > 0 evaluates the policy every that many steps for ``eval_episodes`` episodes
+    (offline_training.periodic_eval: TensorBoard, eval_curve.csv, a checkpoint kept each time).
     """
     spec = get_task(task)
     module, fixed = get_algorithm(algo)
@@ -143,6 +146,7 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
     }
 
     step = 0
+    train_cpu_s = 0.0          # CPU seconds spent training (not evaluating), over all sessions
     ckpt_path = run_dir / CHECKPOINT
     if ckpt_path.exists():
         # Load on the CPU: RNG and generator states must stay CPU tensors; load_state_dict
@@ -165,13 +169,24 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
                  (buffer, state['buffer']))
         set_rng_state(state['rng'])
         step = int(state['step'])
+        train_cpu_s = float(state.get('train_cpu_s', 0.0))
         run_config['created'] = saved.get('created', run_config['created'])
     _write_yaml(run_config, run_dir / CONFIG)
+
+    evaluator = None
+    if eval_every:
+        from offline_training.periodic_eval import PeriodicEvaluator
+        evaluator = PeriodicEvaluator(run_dir, algo, spec, config, eval_every, eval_episodes)
+        evaluator.resume_at(step)
 
     def save_checkpoint():
         _atomic_torch_save({'algorithm': algo, 'seed': seed, 'step': step,
                             'model': model.state_dict(), 'trainer': trainer.state_dict(),
-                            'buffer': buffer.state_dict(), 'rng': rng_state()}, ckpt_path)
+                            'buffer': buffer.state_dict(), 'rng': rng_state(),
+                            'train_cpu_s': train_cpu_s + time.process_time() - cpu_mark},
+                           ckpt_path)
+        if evaluator is not None:
+            evaluator.keep_checkpoint(step, ckpt_path)
 
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(str(run_dir / 'tb'), purge_step=step if step else None)
@@ -179,6 +194,7 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
     last_logs: Dict[str, float] = {}
     start_step, start_time = step, time.time()
     window_step, window_time = step, start_time
+    cpu_mark = time.process_time()   # train_cpu_s + process_time() - cpu_mark: training CPU
     end = config.steps if stop_after is None else min(config.steps, step + stop_after)
     bar = tqdm(total=config.steps, initial=step, desc=f'{algo} {spec.name} s{seed}',
                disable=not progress, dynamic_ncols=True, file=sys.stderr)
@@ -196,7 +212,15 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
                     writer.add_scalar(key, value, step)
                 bar.set_postfix({k.split('/')[-1]: f'{v:.3g}' for k, v in last_logs.items()
                                  if k.startswith('loss/')}, refresh=False)
-            if step % checkpoint_every == 0 or step == end:
+            if evaluator is not None and evaluator.due(step):
+                cpu, wall = time.process_time(), time.time()
+                evaluator(step, model, writer, train_cpu_s + cpu - cpu_mark, wall - start_time)
+                # Evaluation time counts neither as training CPU time nor in it/s.
+                cpu_mark += time.process_time() - cpu
+                window_time += time.time() - wall
+                start_time += time.time() - wall
+            if step % checkpoint_every == 0 or step == end or (
+                    evaluator is not None and evaluator.due(step)):
                 save_checkpoint()
     finally:
         bar.close()
@@ -309,8 +333,16 @@ def main(argv=None) -> int:
     parser.add_argument('--set', dest='overrides', action='append', default=[],
                         type=_parse_override, metavar='KEY=VALUE',
                         help='override a config field, e.g. --set num_candidates=32')
+    parser.add_argument('--eval-every', type=int, default=0, metavar='K',
+                        help='evaluate the policy in the simulator every K steps (default: '
+                        'never); curve in RUN/eval_curve.csv, checkpoints kept in '
+                        'RUN/checkpoints/')
+    parser.add_argument('--eval-episodes', type=int, default=5,
+                        help='episodes per evaluation during training (default 5)')
     parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
     args = parser.parse_args(argv)
+    if args.eval_every < 0 or args.eval_episodes < 1:
+        parser.error('--eval-every must be >= 0 and --eval-episodes >= 1')
     if args.steps is not None and args.steps < 1:
         parser.error(f'--steps must be >= 1, got {args.steps}')
     if args.threads:
@@ -318,7 +350,8 @@ def main(argv=None) -> int:
     run_dir = train(args.algo, args.task, args.preset, args.seed, dataset=args.dataset,
                     steps=args.steps, out=args.out, device=args.device,
                     log_every=args.log_every, checkpoint_every=args.checkpoint_every,
-                    overrides=dict(args.overrides), progress=not args.no_progress)
+                    overrides=dict(args.overrides), progress=not args.no_progress,
+                    eval_every=args.eval_every, eval_episodes=args.eval_episodes)
     print(run_dir)
     return 0
 

@@ -6,6 +6,12 @@ Plot TensorBoard scalars of saferl-train runs side by side (one panel per scalar
 
 Reads the run folders' ``tb/`` event files (every session of a resumed run), so no TensorBoard
 server is needed. Each curve is labelled with the run folder's name.
+
+With ``--eval`` it draws the evaluations made during training (``saferl-train --eval-every K``,
+``RUN/eval_curve.csv``): normalised reward and cost against training steps and training CPU time,
+mean +- std over the evaluation episodes, with the cost threshold (C_norm = 1) marked::
+
+    python -m offline_training.training_curves --eval runs/fisor-BallCircle-s0 -o curve.png
 """
 
 import argparse
@@ -66,6 +72,58 @@ def plot_runs(run_dirs: Sequence, tags: Sequence[str], out, title: str = '',
     return out
 
 
+def plot_eval_curves(run_dirs: Sequence, out, title: str = '',
+                     labels: Optional[Sequence[str]] = None) -> Path:
+    """Draw normalised reward and cost against steps and CPU time for each run; return the PNG."""
+    from offline_training.periodic_eval import CURVE, read_curve
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from saferl_ros.tasks import get_task, normalized_score
+    import yaml
+
+    labels = list(labels) if labels else [Path(r).name for r in run_dirs]
+    if len(labels) != len(run_dirs):
+        raise ValueError(f'{len(labels)} labels for {len(run_dirs)} runs')
+    fig, axes = plt.subplots(2, 2, figsize=(9.0, 6.0), squeeze=False)
+    for run_dir, label in zip(run_dirs, labels):
+        if not (Path(run_dir) / CURVE).is_file():
+            raise FileNotFoundError(f'{run_dir}: no {CURVE} (train with --eval-every K)')
+        rows = read_curve(run_dir)
+        task = yaml.safe_load((Path(run_dir) / 'config.yaml').read_text())['task']['name']
+        spec = get_task(task)
+        x_axes = {'steps': [r['step'] for r in rows],
+                  'CPU hours': [r['train_cpu_s'] / 3600 for r in rows]}
+        for column, (x_name, xs) in enumerate(x_axes.items()):
+            for row_index, kind in enumerate(('reward', 'cost')):
+                ax = axes[row_index][column]
+                mean = np.array([r[f'{kind}_mean'] for r in rows])
+                std = np.array([r[f'{kind}_std'] for r in rows])
+                kappa = rows[-1]['kappa']
+                index = 0 if kind == 'reward' else 1
+                lo = normalized_score(spec, mean - std, mean - std, kappa)[index]
+                hi = normalized_score(spec, mean + std, mean + std, kappa)[index]
+                line, = ax.plot(xs, [r[f'normalized_{kind}'] for r in rows], lw=1.4,
+                                marker='o', ms=3, label=label)
+                ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+                if kind == 'cost':
+                    ax.axhline(1.0, color='tab:red', lw=0.8, ls='--')
+                ax.set_xlabel(f'training {x_name}')
+                ax.set_ylabel(f'normalised {kind}' + (f' (kappa {kappa:g})'
+                                                      if kind == 'cost' else ''))
+                ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title or 'evaluation during training (mean +- std over episodes; '
+                 'dashed: cost threshold)', fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def main(argv=None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0])
@@ -76,9 +134,14 @@ def main(argv=None) -> int:
     parser.add_argument('--title', default='')
     parser.add_argument('--labels', nargs='+', default=None,
                         help='legend entries, one per run (default: the folder names)')
+    parser.add_argument('--eval', action='store_true',
+                        help='plot the evaluations during training (eval_curve.csv) instead')
     args = parser.parse_args(argv)
     try:
-        out = plot_runs(args.runs, args.tags, args.out, args.title, args.labels)
+        if args.eval:
+            out = plot_eval_curves(args.runs, args.out, args.title, args.labels)
+        else:
+            out = plot_runs(args.runs, args.tags, args.out, args.title, args.labels)
     except (FileNotFoundError, ValueError) as exc:
         print(f'training_curves: {exc}', file=sys.stderr)
         return 2

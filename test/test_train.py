@@ -126,6 +126,33 @@ def test_seeding_is_deterministic(dataset, tmp_path):
     assert not torch.equal(a['model'][key], c['model'][key])
 
 
+def test_evaluation_during_training_logs_a_curve_and_changes_nothing(dataset, tmp_path):
+    from offline_training.periodic_eval import read_curve
+    from offline_training.training_curves import plot_eval_curves
+    kwargs = {'data': dataset, 'steps': 20, 'device': 'cpu', 'checkpoint_every': 20,
+              'overrides': TINY['fisor'], 'progress': False, 'preset': 'cpu'}
+    plain = train('fisor', TASK, seed=0, out=tmp_path / 'plain', **kwargs)
+    evaluated = tmp_path / 'evaluated'
+    train('fisor', TASK, seed=0, out=evaluated, stop_after=15, eval_every=10, eval_episodes=2,
+          **kwargs)                                                 # "killed" at 15
+    train('fisor', TASK, seed=0, out=evaluated, eval_every=10, eval_episodes=2, **kwargs)
+    # The evaluations draw from their own generators: the weights are those of a plain run.
+    _assert_same_state(_checkpoint(plain), _checkpoint(evaluated))
+    rows = read_curve(evaluated)
+    assert [r['step'] for r in rows] == [10, 20]                    # once each, after the resume
+    for row in rows:
+        assert row['episodes'] == 2 and row['kappa'] == 5.0
+        assert row['cost_mean'] >= 0
+        assert row['normalized_cost'] == pytest.approx(row['cost_mean'] / 5)
+        assert row['train_cpu_s'] > 0 and np.isfinite(row['reward_mean'])
+    assert rows[1]['train_cpu_s'] > rows[0]['train_cpu_s']          # summed over both sessions
+    kept = sorted(p.name for p in (evaluated / 'checkpoints').iterdir())
+    assert kept == ['step_000000010.pt', 'step_000000020.pt']
+    assert torch.load(evaluated / 'checkpoints' / kept[0], weights_only=False)['step'] == 10
+    png = plot_eval_curves([evaluated], tmp_path / 'curve.png')
+    assert png.stat().st_size > 10_000
+
+
 def test_resume_refuses_another_runs_checkpoint(dataset, tmp_path):
     kwargs = {'data': dataset, 'steps': 2, 'device': 'cpu', 'progress': False, 'preset': 'cpu'}
     train('bc_all', TASK, seed=0, out=tmp_path, overrides=TINY['bc_all'], **kwargs)
