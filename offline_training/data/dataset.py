@@ -653,9 +653,10 @@ def write_dataset(path, data: Dict[str, np.ndarray], task, attrs: Optional[dict]
     if problems:
         raise DatasetError(problems)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # No creation time in the file: the same arrays and attributes give the same bytes (and
+    # sha256) on every run; the time goes to the manifest.
     created = datetime.now(timezone.utc).isoformat(timespec='seconds')
-    file_attrs = {'task': spec.name, 'env_id': spec.env_id, 'format': 'dsrl',
-                  'created': created, **(attrs or {})}
+    file_attrs = {'task': spec.name, 'env_id': spec.env_id, 'format': 'dsrl', **(attrs or {})}
     arrays = {}
     for key, value in data.items():
         array = np.asarray(value)
@@ -681,7 +682,7 @@ def write_dataset(path, data: Dict[str, np.ndarray], task, attrs: Optional[dict]
         'reward_return': _stats(reward_returns),
         'cost_return': _stats(cost_returns),
         'keys': sorted(data.keys()),
-        'attrs': {k: v for k, v in file_attrs.items() if k not in ('task', 'created')},
+        'attrs': {k: v for k, v in file_attrs.items() if k != 'task'},
     }
     atomic_write_json(Path(str(path) + MANIFEST_SUFFIX), manifest)
     return manifest
