@@ -20,7 +20,6 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from lifecycle_msgs.msg import State
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 import rclpy
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
@@ -370,7 +369,7 @@ def run_node(node_class, args=None, executor: str = 'single'):
             if stop.requested:
                 node.get_logger().info(f'{stop.name}: stopping')
             try:
-                if node_is_active(node):
+                if node.active:      # each node tracks its own activation (on_(de)activate)
                     node.trigger_deactivate()
                     for _ in range(5):   # let the safe stop go out
                         executor.spin_once(timeout_sec=0.01)
@@ -380,8 +379,3 @@ def run_node(node_class, args=None, executor: str = 'single'):
             node.destroy_node()
             rclpy.try_shutdown()
     return code
-
-
-def node_is_active(node) -> bool:
-    """Return True if a lifecycle node is in the ACTIVE primary state."""
-    return node._state_machine.current_state[0] == State.PRIMARY_STATE_ACTIVE

@@ -101,6 +101,7 @@ class SimNode(LifecycleNode):
         self.entities = ConfiguredEntities(self)   # created in configure, gone in cleanup
         self.sim = None
         self.timer = None
+        self.active = False
         self.done = False
         self.episode_summaries: List[dict] = []
         self.last_error = ''
