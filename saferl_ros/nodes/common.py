@@ -182,6 +182,13 @@ class ConfiguredEntities:
     A lifecycle node must leave cleanup as it entered configure: without this, configure ->
     cleanup -> configure would create every publisher, subscription and timer a second time and
     run every callback twice. Create them through this object; :meth:`destroy` removes them.
+
+    Outputs that must fall silent while the node is inactive are lifecycle publishers
+    (:meth:`lifecycle_publisher`): rclpy enables them when the node's on_activate reaches
+    ``LifecycleNode.on_activate`` and disables them in ``LifecycleNode.on_deactivate``, so a node
+    that publishes a safe stop on deactivate does so before calling ``super().on_deactivate``.
+    Plain publishers (:meth:`publisher`) are for what a node reports while inactive too (status,
+    diagnostics).
     """
 
     def __init__(self, node):
@@ -191,6 +198,11 @@ class ConfiguredEntities:
     def publisher(self, *args, **kwargs):
         """Create a publisher on the node (same arguments), remembered for destroy()."""
         return self._keep(self.node.destroy_publisher, self.node.create_publisher(*args, **kwargs))
+
+    def lifecycle_publisher(self, *args, **kwargs):
+        """Create a lifecycle publisher (silent while inactive), remembered for destroy()."""
+        return self._keep(self.node.destroy_lifecycle_publisher,
+                          self.node.create_lifecycle_publisher(*args, **kwargs))
 
     def subscription(self, *args, **kwargs):
         """Create a subscription on the node (same arguments), remembered for destroy()."""
