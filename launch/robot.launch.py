@@ -15,25 +15,17 @@ robot adapter as the observation source.
 
 import os
 
-from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription
 from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import LaunchConfiguration
 from saferl_ros import graph as node_graph
-
-
-def package_share() -> str:
-    """Return share/saferl_ros, or the source tree when the package is not installed."""
-    try:
-        return get_package_share_directory('saferl_ros')
-    except (LookupError, OSError, ValueError):   # PackageNotFoundError is a LookupError
-        return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from saferl_ros.paths import package_share
 
 
 def generate_launch_description():
     """Return the launch description of the robot loop."""
-    share = package_share()
+    share = str(package_share())
     loop = IncludeLaunchDescription(
         PythonLaunchDescriptionSource(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                    'sim.launch.py')),

@@ -20,7 +20,6 @@ launch is described once, in saferl_ros.graph.
 
 import os
 
-from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, EmitEvent, OpaqueFunction, RegisterEventHandler
 from launch.event_handlers import OnProcessExit
@@ -30,19 +29,12 @@ from launch_ros.event_handlers import OnStateTransition
 from launch_ros.events.lifecycle import ChangeState
 from lifecycle_msgs.msg import Transition
 from saferl_ros import graph as node_graph
+from saferl_ros.paths import package_share
 
 LOOPS = {node_graph.SIM: node_graph.SIM_LOOP, node_graph.ROBOT_ADAPTER: node_graph.ROBOT_LOOP}
 # A real-time simulator that plays a mobile robot behind robot_adapter_node (stand_in:=true).
 STAND_IN_PARAMETERS = {'mode': 'realtime', 'rate_hz': 50.0, 'command_input': 'twist',
                        'publish_odometry': True, 'publish_loop_topics': False}
-
-
-def package_share() -> str:
-    """Return share/saferl_ros, or the source tree when the package is not installed."""
-    try:
-        return get_package_share_directory('saferl_ros')
-    except (LookupError, OSError, ValueError):   # PackageNotFoundError is a LookupError
-        return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def managed(name: str, parameters: list, namespace: str, remappings=None) -> list:
@@ -105,7 +97,7 @@ def loop(context):
 
 def generate_launch_description():
     """Return the launch description of the loop (the simulation loop by default)."""
-    share = package_share()
+    share = str(package_share())
     return LaunchDescription([
         DeclareLaunchArgument('config', default_value=os.path.join(share, 'config', 'sim.yaml'),
                               description='ROS 2 parameters file of the loop'),
