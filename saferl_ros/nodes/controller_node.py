@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
+from saferl_ros import graph
 from saferl_ros.nodes.common import (action_names, COMMAND_QOS, ConfiguredEntities, declare,
                                      diagnostic, diagnostic_array, DIAGNOSTICS, DIAGNOSTICS_QOS,
                                      fail, joint_state, OBSERVATION, Param, PROPOSED, run_node,
@@ -38,7 +39,7 @@ PARAMS = [
 class ControllerNode(LifecycleNode):
     """Run the bundle's policy on each observation."""
 
-    def __init__(self, name: str = 'controller_node', **kwargs):
+    def __init__(self, name: str = graph.CONTROLLER, **kwargs):
         super().__init__(name, **kwargs)
         declare(self, PARAMS)
         self.entities = ConfiguredEntities(self)   # created in configure, gone in cleanup

@@ -23,6 +23,7 @@ from nav_msgs.msg import Odometry
 import numpy as np
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.serialization import deserialize_message
+from saferl_ros import graph
 from saferl_ros.nodes.common import (COMMAND_QOS, ConfiguredEntities, declare, DIAGNOSTICS,
                                      DIAGNOSTICS_QOS, EPISODE, fail, FINAL, OBSERVATION, Param,
                                      PROPOSED, RECORD_QOS, run_node, SENSOR_QOS, stamp_to_ns,
@@ -74,7 +75,7 @@ def _qos_yaml(qos) -> str:
 class RecorderNode(LifecycleNode):
     """Write the loop's transitions as DSRL data, episode by episode."""
 
-    def __init__(self, name: str = 'recorder_node', **kwargs):
+    def __init__(self, name: str = graph.RECORDER, **kwargs):
         super().__init__(name, **kwargs)
         declare(self, PARAMS)
         self.entities = ConfiguredEntities(self)   # created in configure, gone in cleanup

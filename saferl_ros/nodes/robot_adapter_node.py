@@ -18,6 +18,7 @@ from geometry_msgs.msg import Twist, TwistStamped
 from nav_msgs.msg import Odometry
 import numpy as np
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
+from saferl_ros import graph
 from saferl_ros.nodes.common import (COMMAND_QOS, ConfiguredEntities, declare, EPISODE, fail,
                                      FINAL, joint_state, json_msg, ns_to_stamp, OBSERVATION,
                                      optional_float, Param, RECORD_QOS, run_node, SENSOR_QOS,
@@ -47,7 +48,7 @@ PARAMS = [
 class RobotAdapterNode(LifecycleNode):
     """Odometry -> observation, final action -> velocity command."""
 
-    def __init__(self, name: str = 'robot_adapter_node', **kwargs):
+    def __init__(self, name: str = graph.ROBOT_ADAPTER, **kwargs):
         super().__init__(name, **kwargs)
         declare(self, PARAMS)
         self.entities = ConfiguredEntities(self)   # created in configure, gone in cleanup

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 import numpy as np
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
+from saferl_ros import graph
 from saferl_ros.monitor import MonitorConfig, MonitorState, SafetyMonitor, STATE_LEVEL, Verdict
 from saferl_ros.nodes.common import (action_names, COMMAND_QOS, ConfiguredEntities, declare,
                                      diagnostic, diagnostic_array, DIAGNOSTICS, DIAGNOSTICS_QOS,
@@ -70,7 +71,7 @@ PARAMS = [
 class SafetyMonitorNode(LifecycleNode):
     """Pass, replace or stop: the safety layer between controller and robot."""
 
-    def __init__(self, name: str = 'safety_monitor_node', **kwargs):
+    def __init__(self, name: str = graph.MONITOR, **kwargs):
         super().__init__(name, **kwargs)
         declare(self, PARAMS)
         self.entities = ConfiguredEntities(self)   # created in configure, gone in cleanup

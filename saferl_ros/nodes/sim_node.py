@@ -39,6 +39,7 @@ from rclpy.clock import Clock as RclpyClock, ClockType
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rosgraph_msgs.msg import Clock
+from saferl_ros import graph
 from saferl_ros.nodes.common import (action_names, COMMAND_QOS, ConfigError, ConfiguredEntities,
                                      declare, EPISODE, fail, FINAL, joint_state, json_msg,
                                      ns_to_stamp, OBSERVATION, Param, RECORD_QOS, require_positive,
@@ -95,7 +96,7 @@ PARAMS = [
 class SimNode(LifecycleNode):
     """The simulator behind the standard robot interface."""
 
-    def __init__(self, name: str = 'sim_node', **kwargs):
+    def __init__(self, name: str = graph.SIM, **kwargs):
         super().__init__(name, **kwargs)
         declare(self, PARAMS)
         self.entities = ConfiguredEntities(self)   # created in configure, gone in cleanup
