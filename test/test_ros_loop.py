@@ -190,31 +190,36 @@ def test_monitor_stops_on_nan_stale_reordered_and_silent_controller(bundles, loo
     spin_for(graph.executor, 0.3)
     finals = probe.msgs[common.FINAL]
 
+    statuses = probe.msgs[common.STATUS]
+
     def exchange(obs, names=CHANNELS, proposal=(0.5, 0.5), stamp=None, answer=True):
+        """Send an observation (and a proposal); return the statuses published meanwhile."""
+        since, n = len(statuses), len(finals)
         stamp = probe.now_ns() if stamp is None else stamp
         probe.obs_pub.publish(common.joint_state(names, obs, stamp))
         spin_for(graph.executor, 0.05)
         if answer:
             probe.prop_pub.publish(common.joint_state(['action_0', 'action_1'], proposal, stamp))
-        n = len(finals)
         assert spin_until(graph.executor, lambda: len(finals) > n, 3.0)
-        return probe.msgs[common.STATUS][-1] if probe.msgs[common.STATUS] else None
+        spin_for(graph.executor, 0.1)
+        return statuses[since:]
 
-    monitor = graph.nodes[MONITOR].monitor
-    exchange([math.nan] + [0.0] * 7)
-    assert monitor.last.state == MonitorState.FAULT and 'NaN' in monitor.last.reason
+    def stopped(published, state, *words):
+        """Return True if one of ``published`` has ``state`` and a reason with any of ``words``."""
+        reasons = [next(v.value for v in m.values if v.key == 'reason') for m in published
+                   if m.message == state]
+        return any(word in reason for reason in reasons for word in words)
+
+    assert stopped(exchange([math.nan] + [0.0] * 7), 'FAULT', 'NaN')
     assert list(finals[-1].position) == [0.0, 0.0]
-    exchange([0.0] * 8, stamp=probe.now_ns() - 2_000_000_000)      # 2 s old observation
-    assert monitor.last.state == MonitorState.STALE
+    assert stopped(exchange([0.0] * 8, stamp=probe.now_ns() - 2_000_000_000),   # 2 s old
+                   'STALE', 'old')
     swapped = list(CHANNELS)
     swapped[0], swapped[1] = swapped[1], swapped[0]
-    exchange([0.0] * 8, names=swapped)
-    assert monitor.last.state == MonitorState.FAULT
-    assert 'channels do not match' in monitor.last.reason or 'order' in monitor.last.reason
-    exchange([0.0] * 8, proposal=(math.inf, 0.0))
-    assert monitor.last.state == MonitorState.FAULT
-    exchange([0.0] * 8, answer=False)                                # controller silent
-    assert monitor.last.state == MonitorState.STALE and 'silent' in monitor.last.reason
+    assert stopped(exchange([0.0] * 8, names=swapped), 'FAULT', 'channels do not match',
+                   'order')
+    assert stopped(exchange([0.0] * 8, proposal=(math.inf, 0.0)), 'FAULT', 'proposed action')
+    assert stopped(exchange([0.0] * 8, answer=False), 'STALE', 'silent')   # controller silent
     assert list(finals[-1].position) == [0.0, 0.0]
     # The status topic is transient local: a subscriber that joins now still gets the state.
     late = []
