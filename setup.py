@@ -2,10 +2,15 @@
 
 from glob import glob
 import os
+import runpy
 
 from setuptools import find_packages, setup
 
 PACKAGE_NAME = 'saferl_ros'
+# The node graph (names, console scripts) is described once, in saferl_ros/graph.py: plain
+# Python, read here without importing the package.
+GRAPH = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), PACKAGE_NAME,
+                                    'graph.py'))
 
 
 def tree(folder):
@@ -45,11 +50,7 @@ setup(
             'saferl-export = offline_training.export:main',
             'saferl-eval = offline_training.evaluate:main',
             # ROS 2 nodes (lifecycle; `--autostart` configures + activates from a plain shell).
-            'sim_node = saferl_ros.nodes.sim_node:main',
-            'controller_node = saferl_ros.nodes.controller_node:main',
-            'safety_monitor_node = saferl_ros.nodes.safety_monitor_node:main',
-            'recorder_node = saferl_ros.nodes.recorder_node:main',
-            'robot_adapter_node = saferl_ros.nodes.robot_adapter_node:main',
+            *GRAPH['console_scripts'](),
             # The node graph of a parameters file in one process, and the demo.
             'saferl-bringup = saferl_ros.bringup:main',
             'saferl-demo = saferl_ros.demo:main',

@@ -146,10 +146,12 @@ def start_composed(bundle: str, monitor_params: dict, log: Path, executor: str,
                    tmp: Path) -> subprocess.Popen:
     """Start controller and monitor in one saferl-bringup process (one executor, one thread)."""
     import yaml
+
+    from saferl_ros import graph
     config = tmp / f'composed-{executor}.yaml'
     config.write_text(yaml.safe_dump({
-        'controller_node': {'ros__parameters': {'bundle': bundle}},
-        'safety_monitor_node': {'ros__parameters': monitor_params}}))
+        graph.CONTROLLER: {'ros__parameters': {'bundle': bundle}},
+        graph.MONITOR: {'ros__parameters': monitor_params}}))
     exe = shutil.which('saferl-bringup', path=os.path.dirname(sys.executable)) or \
         'saferl-bringup'
     return subprocess.Popen([exe, str(config), '--executor', executor], stdout=open(log, 'w'),
@@ -162,6 +164,7 @@ def measure(config: dict, bundle: str, observations: np.ndarray, args, tmp: Path
     from rclpy.node import Node
     from sensor_msgs.msg import JointState
 
+    from saferl_ros import graph
     from saferl_ros.monitor import MonitorState
     from saferl_ros.nodes import common
     from saferl_ros.observation import channel_names
@@ -180,9 +183,9 @@ def measure(config: dict, bundle: str, observations: np.ndarray, args, tmp: Path
             text = str(value).lower() if isinstance(value, bool) else str(value)
             monitor_args += ['-p', f'{key}:={text}']
         procs = [
-            start('controller_node', ['-p', f'bundle:={bundle}'], tmp / f'controller-{tag}.log',
+            start(graph.CONTROLLER, ['-p', f'bundle:={bundle}'], tmp / f'controller-{tag}.log',
                   args.realtime_priority, executor_kind),
-            start('safety_monitor_node', monitor_args, tmp / f'monitor-{tag}.log',
+            start(graph.MONITOR, monitor_args, tmp / f'monitor-{tag}.log',
                   args.realtime_priority, executor_kind)]
     procs.append(subprocess.Popen([sys.executable, __file__, '--echo'], env=os.environ.copy()))
     node = Node('latency_bench')

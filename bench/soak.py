@@ -89,11 +89,12 @@ def steps_taken(sim) -> int:
 
 def soak_nodes(bundle: str, rate_hz: float, output_dir: str) -> dict:
     """Return the node parameters of the soak graph."""
+    from saferl_ros import graph
     return {
-        'sim_node': {'task': 'BallCircle', 'mode': 'realtime', 'rate_hz': rate_hz,
-                     'command_timeout': 0.1, 'min_subscribers': 2, 'wait_for_recorder': True},
-        'recorder_node': {'task': 'BallCircle', 'output_dir': output_dir, 'run_name': 'soak',
-                          'bundle': bundle, 'monitor_bundle': bundle},
+        graph.SIM: {'task': 'BallCircle', 'mode': 'realtime', 'rate_hz': rate_hz,
+                    'command_timeout': 0.1, 'min_subscribers': 2, 'wait_for_recorder': True},
+        graph.RECORDER: {'task': 'BallCircle', 'output_dir': output_dir, 'run_name': 'soak',
+                         'bundle': bundle, 'monitor_bundle': bundle},
     }
 
 
@@ -108,6 +109,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from offline_training.evaluate import machine_info
+    from saferl_ros import graph as node_graph
     from saferl_ros.bringup import Graph
     from saferl_ros.nodes.common import StopSignals
     from saferl_ros.recorder import read_index
@@ -116,8 +118,8 @@ def main(argv=None) -> int:
     period = 1.0 / args.rate
     from bench_ros_latency import start    # the latency bench's node starter (same folder)
     bundle = ['-p', f'bundle:={args.bundle}']
-    procs = [start('controller_node', bundle, Path(output) / 'controller.log'),
-             start('safety_monitor_node', bundle, Path(output) / 'monitor.log')]
+    procs = [start(node_graph.CONTROLLER, bundle, Path(output) / 'controller.log'),
+             start(node_graph.MONITOR, bundle, Path(output) / 'monitor.log')]
     pids = {'sim+recorder': 'self', 'controller': procs[0].pid, 'monitor': procs[1].pid}
     with StopSignals() as stop:
         graph = Graph(soak_nodes(args.bundle, args.rate, output))
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
             probe = CommandProbe(probe_node, period)
             graph.executor.add_node(probe_node)
             graph.activate()
-            sim = graph.nodes['sim_node']
+            sim = graph.nodes[node_graph.SIM]
             start = time.monotonic()
             end = start + args.minutes * 60
             rss = [(0.0, rss_mib(pids))]

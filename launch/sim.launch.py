@@ -10,11 +10,16 @@ each one at start-up and activates it once it reaches ``inactive``; a node whose
 (e.g. a bundle that does not verify) stays unconfigured and the robot is not driven. The launch
 ends when sim_node's process ends: after ``episodes:=N`` episodes (its console script exits once
 they are done), on a crash, or on Ctrl-C, which every node handles with a clean deactivation.
+
+The same file starts the loop on a robot: ``source:=robot_adapter_node`` replaces the simulator
+with the robot adapter (robot.launch.py includes this file that way), ``odom_topic`` and
+``cmd_vel_topic`` remap the driver's topics, and ``stand_in:=true`` adds a real-time sim_node
+that plays the robot. Which nodes exist, which parameters name a bundle and whose exit ends the
+launch is described once, in saferl_ros.graph.
 """
 
 import os
 
-from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, EmitEvent, OpaqueFunction, RegisterEventHandler
 from launch.event_handlers import OnProcessExit
@@ -23,27 +28,21 @@ from launch_ros.actions import LifecycleNode
 from launch_ros.event_handlers import OnStateTransition
 from launch_ros.events.lifecycle import ChangeState
 from lifecycle_msgs.msg import Transition
+from saferl_ros import graph as node_graph
+from saferl_ros.paths import package_share
 
-NODES = ('recorder_node', 'safety_monitor_node', 'controller_node', 'sim_node')
-# The node whose process ending ends the launch: the observation source.
-ENDS_THE_LAUNCH = ('sim_node', 'robot_adapter_node')
-BUNDLE_USERS = {'controller_node': ('bundle',), 'safety_monitor_node': ('bundle',),
-                'recorder_node': ('bundle', 'monitor_bundle')}
-
-
-def package_share() -> str:
-    """Return share/saferl_ros, or the source tree when the package is not installed."""
-    try:
-        return get_package_share_directory('saferl_ros')
-    except (LookupError, OSError, ValueError):   # PackageNotFoundError is a LookupError
-        return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOOPS = {node_graph.SIM: node_graph.SIM_LOOP, node_graph.ROBOT_ADAPTER: node_graph.ROBOT_LOOP}
+# A real-time simulator that plays a mobile robot behind robot_adapter_node (stand_in:=true).
+STAND_IN_PARAMETERS = {'mode': 'realtime', 'rate_hz': 50.0, 'command_input': 'twist',
+                       'publish_odometry': True, 'publish_loop_topics': False}
 
 
 def managed(name: str, parameters: list, namespace: str, remappings=None) -> list:
     """Return a lifecycle node plus the events that configure and then activate it."""
-    node = LifecycleNode(package='saferl_ros', executable=name, name=name, namespace=namespace,
-                         parameters=parameters, remappings=remappings or [], output='screen',
-                         emulate_tty=True, additional_env={'PYTHONUNBUFFERED': '1'})
+    node = LifecycleNode(package='saferl_ros', executable=node_graph.spec(name).executable,
+                         name=name, namespace=namespace, parameters=parameters,
+                         remappings=remappings or [], output='screen', emulate_tty=True,
+                         additional_env={'PYTHONUNBUFFERED': '1'})
     configure = EmitEvent(event=ChangeState(lifecycle_node_matcher=matches_action(node),
                                             transition_id=Transition.TRANSITION_CONFIGURE))
     activate = RegisterEventHandler(OnStateTransition(
@@ -65,30 +64,40 @@ def end_launch_with(node, reason: str) -> RegisterEventHandler:
         target_action=node, on_exit=[EmitEvent(event=Shutdown(reason=reason))]))
 
 
-def graph(context, nodes=NODES, remappings=None):
-    """Build the nodes from the resolved launch arguments."""
-    config = context.launch_configurations['config']
-    bundle = context.launch_configurations['bundle']
-    episodes = context.launch_configurations['episodes']
-    namespace = context.launch_configurations['namespace']
+def is_true(value: str) -> bool:
+    """Return True for a launch argument meaning yes."""
+    return value.lower() in ('true', '1', 'yes')
+
+
+def loop(context):
+    """Build the nodes of the loop from the resolved launch arguments."""
+    args = context.launch_configurations
+    source = args['source']
+    if source not in LOOPS:
+        raise ValueError(f'source:={source}: use one of {sorted(LOOPS)}')
+    bundle_params = node_graph.bundle_parameters(args['bundle']) if args['bundle'] else {}
+    remappings = [('odom', args['odom_topic']), ('cmd_vel', args['cmd_vel_topic'])]
     actions = []
-    for name in nodes:
-        overrides = {key: bundle for key in BUNDLE_USERS.get(name, ())} if bundle else {}
-        if name == 'sim_node' and episodes:
-            overrides['episodes'] = int(episodes)
-        if name == 'recorder_node' and context.launch_configurations.get('output_dir'):
-            overrides['output_dir'] = context.launch_configurations['output_dir']
-        entities = managed(name, [config, overrides], namespace, remappings)
+    for name in LOOPS[source]:
+        overrides = dict(bundle_params.get(name, {}))
+        if name == node_graph.SIM and args['episodes']:
+            overrides['episodes'] = int(args['episodes'])
+        if name == node_graph.RECORDER and args['output_dir']:
+            overrides['output_dir'] = args['output_dir']
+        entities = managed(name, [args['config'], overrides], args['namespace'], remappings)
         actions += entities
-        if name in ENDS_THE_LAUNCH:
+        if node_graph.spec(name).source:
             node = next(e for e in entities if isinstance(e, LifecycleNode))
             actions.append(end_launch_with(node, f'{name} finished'))
+    if source == node_graph.ROBOT_ADAPTER and is_true(args['stand_in']):
+        stand_in = {**STAND_IN_PARAMETERS, 'task': args['task']}
+        actions += managed(node_graph.SIM, [stand_in], args['namespace'], remappings)
     return actions
 
 
 def generate_launch_description():
-    """Return the launch description of the simulation loop."""
-    share = package_share()
+    """Return the launch description of the loop (the simulation loop by default)."""
+    share = str(package_share())
     return LaunchDescription([
         DeclareLaunchArgument('config', default_value=os.path.join(share, 'config', 'sim.yaml'),
                               description='ROS 2 parameters file of the loop'),
@@ -100,5 +109,18 @@ def generate_launch_description():
         DeclareLaunchArgument('output_dir', default_value='',
                               description="recording folder (default: the config file's)"),
         DeclareLaunchArgument('namespace', default_value='', description='ROS namespace'),
-        OpaqueFunction(function=graph),
+        DeclareLaunchArgument('source', default_value=node_graph.SIM,
+                              choices=sorted(LOOPS),
+                              description='the observation source: the simulator or the robot '
+                                          'adapter'),
+        DeclareLaunchArgument('odom_topic', default_value='odom',
+                              description="the robot driver's nav_msgs/Odometry topic"),
+        DeclareLaunchArgument('cmd_vel_topic', default_value='cmd_vel',
+                              description="the robot driver's velocity command topic"),
+        DeclareLaunchArgument('stand_in', default_value='false',
+                              description='source:=robot_adapter_node: a real-time sim_node '
+                                          'stands in for the robot'),
+        DeclareLaunchArgument('task', default_value='BallCircle',
+                              description='task of the stand-in simulator'),
+        OpaqueFunction(function=loop),
     ])

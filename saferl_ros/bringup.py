@@ -24,23 +24,17 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from saferl_ros import graph as node_graph
 from saferl_ros.errors import UserError
 import yaml
 
-NODE_ORDER = ('recorder_node', 'safety_monitor_node', 'controller_node', 'robot_adapter_node',
-              'sim_node')
+# Activation order (saferl_ros.graph): consumers first, the observation source last.
+NODE_ORDER = node_graph.START_ORDER
 
 
 def node_classes() -> Dict[str, type]:
     """Return {node name: class} of every node the bringup knows."""
-    from saferl_ros.nodes.controller_node import ControllerNode
-    from saferl_ros.nodes.recorder_node import RecorderNode
-    from saferl_ros.nodes.robot_adapter_node import RobotAdapterNode
-    from saferl_ros.nodes.safety_monitor_node import SafetyMonitorNode
-    from saferl_ros.nodes.sim_node import SimNode
-    return {'sim_node': SimNode, 'controller_node': ControllerNode,
-            'safety_monitor_node': SafetyMonitorNode, 'recorder_node': RecorderNode,
-            'robot_adapter_node': RobotAdapterNode}
+    return {spec.name: spec.load() for spec in node_graph.NODES}
 
 
 class BringupError(UserError, RuntimeError):
@@ -193,9 +187,8 @@ class Graph:
 
     def deactivate(self) -> None:
         """Deactivate the source first and the recorder last (after the last steps arrived)."""
-        from saferl_ros.nodes.common import node_is_active
-        active = [n for n in reversed(list(self.nodes.values())) if node_is_active(n)]
-        recorder = self.nodes.get('recorder_node')
+        active = [n for n in reversed(list(self.nodes.values())) if n.active]
+        recorder = self.nodes.get(node_graph.RECORDER)
         for node in active:
             if node is not recorder:
                 node.trigger_deactivate()
@@ -232,9 +225,9 @@ class Graph:
 
 def summarize(graph: Graph) -> dict:
     """Collect per-episode results from the sim, monitor and recorder nodes."""
-    sim = graph.nodes.get('sim_node')
-    rec = graph.nodes.get('recorder_node')
-    mon = graph.nodes.get('safety_monitor_node')
+    sim = graph.nodes.get(node_graph.SIM)
+    rec = graph.nodes.get(node_graph.RECORDER)
+    mon = graph.nodes.get(node_graph.MONITOR)
     episodes = [dict(e) for e in (sim.episode_summaries if sim else [])]
     recorded = {}
     if rec is not None and rec.writer is not None:
@@ -289,12 +282,12 @@ def run(config, episodes: Optional[int] = None, overrides: Optional[List[str]] =
     nodes = load_parameters(config)
     apply_overrides(nodes, list(overrides or []))
     if episodes is not None:
-        if 'sim_node' not in nodes:
+        if node_graph.SIM not in nodes:
             raise BringupError(f'{config}: --episodes counts simulator episodes, but the file '
                                'starts no sim_node; use --duration (or Ctrl-C) to end the run')
         if episodes < 1:
             raise BringupError(f'--episodes {episodes}: give at least 1')
-        nodes['sim_node']['episodes'] = int(episodes)
+        nodes[node_graph.SIM]['episodes'] = int(episodes)
     if duration is not None and not (math.isfinite(duration) and duration > 0):
         raise BringupError(f'--duration {duration}: give a positive number of seconds')
     with StopSignals() as stop:
@@ -304,7 +297,7 @@ def run(config, episodes: Optional[int] = None, overrides: Optional[List[str]] =
             if errors:
                 raise BringupError('configure failed, nothing was activated (the robot stays '
                                    'stopped):\n  ' + '\n  '.join(errors))
-            sim = graph.nodes.get('sim_node')
+            sim = graph.nodes.get(node_graph.SIM)
             finite = sim is not None and sim.cfg['episodes'] > 0
             if not stop.requested:
                 graph.activate()

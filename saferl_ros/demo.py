@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 
+from saferl_ros import graph
 from saferl_ros.bringup import BringupError, run
 from saferl_ros.paths import package_share
 
@@ -65,9 +66,10 @@ def main(argv=None) -> int:
             bundle = build_test_bundle(tmp)
     print(f'saferl-demo: bundle {bundle}, {args.episodes} episodes of BallCircle (lock-step)',
           flush=True)
-    overrides = [f'controller_node.bundle={bundle}', f'safety_monitor_node.bundle={bundle}',
-                 f'recorder_node.bundle={bundle}', f'recorder_node.monitor_bundle={bundle}',
-                 f'recorder_node.output_dir={args.output}']
+    overrides = [f'{node}.{param}={value}' for node, params in
+                 graph.bundle_parameters(bundle, graph.SIM_LOOP).items()
+                 for param, value in params.items()]
+    overrides.append(f'{graph.RECORDER}.output_dir={args.output}')
     os.environ.setdefault('DSRL_SUPPRESS_IMPORT_ERROR', '1')
     try:
         summary = run(args.config, episodes=args.episodes, overrides=overrides)

@@ -170,6 +170,116 @@ class MonitorCounters:
                 **{k.lower(): v for k, v in self.counts.items()}}
 
 
+class CriticRule:
+    """
+    How one critic kind judges a proposal: the monitor's rule asks it, never the kind's name.
+
+    A rule reads its thresholds from the bundle manifest's ``critic`` section, overridden by the
+    monitor configuration. ``risk_key`` names the critic output that measures the risk of an
+    action (lower is safer); the fallback's candidates are ranked by it. A new critic kind (e.g.
+    DRCORL's cost-critic ensemble) is one subclass plus one line in :data:`CRITIC_RULES`.
+    """
+
+    kind = ''
+    risk_key = ''
+
+    def state_ok(self, values: Dict[str, float]) -> bool:
+        """Return True if the critic calls the state feasible before looking at a fallback."""
+        raise NotImplementedError
+
+    def action_ok(self, risk: float) -> bool:
+        """Return True if the proposal's risk is acceptable."""
+        raise NotImplementedError
+
+    def state_ok_given_fallback(self, state_ok: bool, action_ok: bool,
+                                fallback_risk: float) -> bool:
+        """Return whether the state is feasible once the fallback's risk is known."""
+        return state_ok
+
+    def state_reason(self, values: Dict[str, float]) -> str:
+        """Return the verdict reason for an infeasible state."""
+        return 'state infeasible'
+
+    def action_reason(self, risk: float) -> str:
+        """Return the verdict reason for an unacceptable proposal in a feasible state."""
+        raise NotImplementedError
+
+
+def _threshold(override: Optional[float], critic: Dict, key: str) -> float:
+    """Return the configured value if set, else the manifest's."""
+    return float(override if override is not None else critic[key])
+
+
+class FeasibilityRule(CriticRule):
+    """FISOR's feasibility critic: V_h(s) <= threshold_v and max_j Q_h^j(s, a) <= threshold_q."""
+
+    kind = 'feasibility'
+    risk_key = 'q_h'
+
+    def __init__(self, critic: Dict, config: MonitorConfig):
+        self.threshold_v = _threshold(config.threshold_v, critic, 'threshold_v')
+        self.threshold_q = _threshold(config.threshold_q, critic, 'threshold_q')
+
+    def state_ok(self, values: Dict[str, float]) -> bool:
+        """Return V_h(s) <= threshold_v (step 3)."""
+        return values['v_h'] <= self.threshold_v
+
+    def action_ok(self, risk: float) -> bool:
+        """Return max_j Q_h^j(s, a) <= threshold_q (step 3)."""
+        return risk <= self.threshold_q
+
+    def state_reason(self, values: Dict[str, float]) -> str:
+        """Name V_h and its threshold."""
+        return f'state infeasible (V_h={values["v_h"]:.3g} > {self.threshold_v:g})'
+
+    def action_reason(self, risk: float) -> str:
+        """Name Q_h and its threshold."""
+        return f'action infeasible (Q_h={risk:.3g} > {self.threshold_q:g})'
+
+
+class CostRule(CriticRule):
+    """A cost critic (BCQ-Lag, DRCORL): Q_c(s, a) <= budget; it has no state value."""
+
+    kind = 'cost'
+    risk_key = 'q_c'
+
+    def __init__(self, critic: Dict, config: MonitorConfig):
+        self.budget = _threshold(config.budget, critic, 'budget')
+
+    def state_ok(self, values: Dict[str, float]) -> bool:
+        """Return True: without V the state is judged through the fallback (see below)."""
+        return True
+
+    def action_ok(self, risk: float) -> bool:
+        """Return Q_c(s, a) <= budget (step 5)."""
+        return risk <= self.budget
+
+    def state_ok_given_fallback(self, state_ok: bool, action_ok: bool,
+                                fallback_risk: float) -> bool:
+        """Call the state infeasible when even the fallback exceeds the budget."""
+        if action_ok:
+            return state_ok
+        return fallback_risk <= self.budget
+
+    def action_reason(self, risk: float) -> str:
+        """Name Q_c and the budget."""
+        return f'cost over budget (Q_c={risk:.3g} > {self.budget:g})'
+
+
+# Critic kind (manifest critic.kind) -> the rule that judges with it.
+CRITIC_RULES = {'feasibility': FeasibilityRule, 'cost': CostRule}
+
+
+def critic_rule(kind: str, critic: Dict, config: MonitorConfig, bundle_name: str = '?'
+                ) -> CriticRule:
+    """Return the rule of critic kind ``kind`` (MonitorConfigError if there is none)."""
+    if kind not in CRITIC_RULES:
+        raise MonitorConfigError(
+            f'monitor bundle {bundle_name!r} has critic kind {kind!r}; the monitor judges with '
+            f'{sorted(CRITIC_RULES)}')
+    return CRITIC_RULES[kind](critic, config)
+
+
 def _finite_vector(value, size: int) -> Optional[np.ndarray]:
     """Return ``value`` as a float32 vector of ``size`` finite entries, or None."""
     try:
@@ -199,16 +309,9 @@ class SafetyMonitor:
                 f'monitor bundle {getattr(bundle, "name", "?")!r} has no critic (critic kind '
                 "'none'); give the monitor a bundle with a feasibility or cost critic "
                 '(monitor_bundle parameter); it may differ from the controller bundle')
-        critic = dict(bundle.critic_config)
         cfg = self.config
-        self.kind = bundle.critic_kind
-        if self.kind == 'feasibility':
-            self.threshold_v = float(cfg.threshold_v if cfg.threshold_v is not None
-                                     else critic['threshold_v'])
-            self.threshold_q = float(cfg.threshold_q if cfg.threshold_q is not None
-                                     else critic['threshold_q'])
-        else:
-            self.budget = float(cfg.budget if cfg.budget is not None else critic['budget'])
+        self.rule = critic_rule(bundle.critic_kind, dict(bundle.critic_config), cfg,
+                                getattr(bundle, 'name', '?'))
         self.obs_dim, self.act_dim = int(bundle.obs_dim), int(bundle.act_dim)
         self.low = np.asarray(bundle.action_low, dtype=np.float32)
         self.high = np.asarray(bundle.action_high, dtype=np.float32)
@@ -227,13 +330,16 @@ class SafetyMonitor:
                 'inside them (all zeros = stop)')
         self.safe_action = safe
         self.use_bundle_fallback = cfg.fallback == 'bundle' and bundle.has_fallback
-        # The critic output that measures risk (lower is safer) for this critic kind.
-        self.risk_key = 'q_h' if self.kind == 'feasibility' else 'q_c'
         self.rng = noise_rng(cfg.seed, 'monitor')
         self.counters = MonitorCounters()
         self.hold_until = -math.inf     # stamp until which the fallback keeps control
         self.latest_stamp = -math.inf   # newest observation stamp decided (clock-jump check)
         self.last: Optional[Verdict] = None
+
+    @property
+    def kind(self) -> str:
+        """Return the critic kind of the monitor bundle ('feasibility' or 'cost')."""
+        return self.rule.kind
 
     # -- the rule ------------------------------------------------------------------------------
 
@@ -278,13 +384,10 @@ class SafetyMonitor:
             # old time line means nothing on the new one.
             self.hold_until = -math.inf
         self.latest_stamp = obs_stamp
-        risk = values[self.risk_key]
-        if self.kind == 'feasibility':
-            state_ok = values['v_h'] <= self.threshold_v          # step 3, V_h(s) <= thr_v
-            action_ok = risk <= self.threshold_q                  # max_j Q_h^j(s, a) <= thr_q
-        else:
-            state_ok = True                                       # refined below if needed
-            action_ok = risk <= self.budget                       # step 5, Q_c(s, a) <= budget
+        rule = self.rule
+        risk = values[rule.risk_key]
+        state_ok = rule.state_ok(values)            # step 3 (feasibility) or True (cost)
+        action_ok = rule.action_ok(risk)            # step 3's Q_h test or step 5's budget
         holding = obs_stamp < self.hold_until
         if state_ok and action_ok and not holding:
             return self._record(Verdict(MonitorState.NOMINAL, act, act, obs_stamp, 'feasible',
@@ -294,19 +397,14 @@ class SafetyMonitor:
         if fallback is None:
             return self._stop(MonitorState.FAULT, obs_stamp, act,
                               'fallback policy or critic returned NaN/Inf', values)
-        if self.kind == 'cost' and not action_ok:
-            # No V for the state: call it infeasible when even the fallback exceeds the budget.
-            state_ok = fallback.risk <= self.budget
+        state_ok = rule.state_ok_given_fallback(state_ok, action_ok, fallback.risk)
         state = MonitorState.INTERVENING if state_ok else MonitorState.RECOVERY
         if state_ok and action_ok:
             reason = 'holding the fallback (min_hold)'
         elif not state_ok:
-            reason = 'state infeasible' + (f' (V_h={values["v_h"]:.3g} > {self.threshold_v:g})'
-                                           if self.kind == 'feasibility' else '')
-        elif self.kind == 'feasibility':
-            reason = f'action infeasible (Q_h={risk:.3g} > {self.threshold_q:g})'
+            reason = rule.state_reason(values)
         else:
-            reason = f'cost over budget (Q_c={risk:.3g} > {self.budget:g})'
+            reason = rule.action_reason(risk)
         # Only a different, strictly safer action replaces the proposal. A candidate equal to the
         # proposal (both clipped to the same corner of the action box) can score a hair lower
         # from batch numerics alone; that is no replacement.
@@ -316,7 +414,7 @@ class SafetyMonitor:
         else:
             action, risk_final = act, risk
             reason += (f'; proposal kept: the safest fallback found is no safer '
-                       f'({self.risk_key}={fallback.risk:.3g} >= {risk:.3g})')
+                       f'({rule.risk_key}={fallback.risk:.3g} >= {risk:.3g})')
         started = replaced and not (self.last is not None and self.last.replaced)
         if replaced and (not holding or not (state_ok and action_ok)):
             self.hold_until = obs_stamp + self.config.min_hold
@@ -369,7 +467,7 @@ class SafetyMonitor:
             actions = np.clip(actions.reshape(len(batch), self.act_dim), self.low, self.high)
         else:
             batch, actions = obs[None], self.safe_action[None]
-        risks = np.asarray(self.bundle.critic(batch, actions)[self.risk_key],
+        risks = np.asarray(self.bundle.critic(batch, actions)[self.rule.risk_key],
                            np.float64).reshape(-1)
         usable = np.isfinite(risks) & np.isfinite(actions).all(axis=1)
         if not usable.any():

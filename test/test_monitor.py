@@ -240,3 +240,32 @@ def test_counters_and_state_codes():
     counts = m.counters.as_dict()
     assert counts['decisions'] == 2 and counts['nominal'] == 1 and counts['fault'] == 1
     assert state_names()[MonitorState.RECOVERY] == 'RECOVERY'
+
+
+def test_a_third_critic_kind_is_one_rule_class_and_one_registry_line(monkeypatch):
+    # A rule the monitor has never heard of (an ensemble's worst-case cost, say): decide() asks
+    # it for the risk, the tests and the reasons; nothing in the monitor names the kind.
+    from saferl_ros.monitor import CostRule, CRITIC_RULES
+
+    class WorstCaseRule(CostRule):
+        kind = 'worst_case'
+
+        def action_reason(self, risk):
+            return f'worst case over budget ({risk:.2f})'
+
+    monkeypatch.setitem(CRITIC_RULES, 'worst_case', WorstCaseRule)
+    bundle = FakeBundle('cost')
+    bundle.critic_kind = 'worst_case'
+    m = SafetyMonitor(bundle, MonitorConfig(min_hold=0.0))
+    assert m.kind == 'worst_case'
+    assert m.decide([0.1, 0, 0], [0.3, 0], 1, 1, 1).state == MonitorState.NOMINAL
+    v = m.decide([0.1, 0, 0], [0.6, 0], 2, 2, 2)
+    assert v.state == MonitorState.INTERVENING and v.reason.startswith('worst case over budget')
+    assert v.replaced and v.risk_final == pytest.approx(-0.4)
+
+
+def test_a_critic_kind_without_a_rule_is_refused():
+    bundle = FakeBundle('cost')
+    bundle.critic_kind = 'ensemble'
+    with pytest.raises(MonitorConfigError, match=r"critic kind 'ensemble'.*cost.*feasibility"):
+        SafetyMonitor(bundle)

@@ -22,6 +22,7 @@ from offline_training.data.dataset import validate_file
 import pytest
 from rclpy.node import Node
 from saferl_ros.bringup import BringupError, Graph, main as bringup_main, run
+from saferl_ros.graph import CONTROLLER, MONITOR, RECORDER, SIM
 from saferl_ros.monitor import MonitorState
 from saferl_ros.nodes import common
 from saferl_ros.observation import channel_names
@@ -83,8 +84,8 @@ class Robot(Node):
 @pytest.fixture
 def monitor_graph(bundles):
     """Run a safety monitor (shipped FISOR bundle); the test plays robot and controller."""
-    graph = Graph({'safety_monitor_node': {'bundle': SHIPPED_FISOR, 'observation_timeout': 1.0,
-                                           'proposal_timeout': 0.3, 'min_hold': 0.0}})
+    graph = Graph({MONITOR: {'bundle': SHIPPED_FISOR, 'observation_timeout': 1.0,
+                             'proposal_timeout': 0.3, 'min_hold': 0.0}})
     robot = Robot()
     graph.executor.add_node(robot)
     assert graph.configure() == []
@@ -100,7 +101,7 @@ def monitor_graph(bundles):
 
 
 def state_of(graph) -> MonitorState:
-    return graph.nodes['safety_monitor_node'].monitor.last.state
+    return graph.nodes[MONITOR].monitor.last.state
 
 
 SAFE = [0.0, 0.0]
@@ -146,7 +147,7 @@ def test_clock_jumps_give_the_safe_action_or_a_judged_one(monitor_graph):
     cmd = robot.send(graph.executor, OBS, [0.2, 0.1], now + 100_000_000_000)
     assert state_of(graph) in (MonitorState.NOMINAL,) + FALLBACK
     assert all(-1.0 <= v <= 1.0 for v in cmd.position)
-    monitor = graph.nodes['safety_monitor_node'].monitor
+    monitor = graph.nodes[MONITOR].monitor
     assert monitor.hold_until <= (now + 100_000_000_000) * 1e-9 + monitor.config.min_hold
 
 
@@ -156,7 +157,7 @@ def test_controller_silence_stops_the_robot(monitor_graph):
     robot.obs_pub.publish(common.joint_state(CHANNELS, OBS, robot.get_clock().now().nanoseconds))
     assert spin_until(graph.executor, lambda: len(robot.final) > n, 5.0)   # watchdog
     assert list(robot.final[-1].position) == SAFE and state_of(graph) == MonitorState.STALE
-    assert 'controller silent' in graph.nodes['safety_monitor_node'].monitor.last.reason
+    assert 'controller silent' in graph.nodes[MONITOR].monitor.last.reason
 
 
 @pytest.mark.parametrize('which, message', [
@@ -165,7 +166,7 @@ def test_controller_silence_stops_the_robot(monitor_graph):
 def test_bad_monitor_bundle_fails_configure_and_nothing_drives_the_robot(
         bundles, which, message):
     bundle = bundles.get(which, '/nonexistent/bundle')
-    graph = Graph({'safety_monitor_node': {'bundle': bundle, 'task': 'BallCircle'}})
+    graph = Graph({MONITOR: {'bundle': bundle, 'task': 'BallCircle'}})
     robot = Robot()
     graph.executor.add_node(robot)
     try:
@@ -250,7 +251,7 @@ def test_yaml_floats_are_read_as_ros_reads_them(tmp_path):
     from saferl_ros.bringup import load_parameters
     config = write(tmp_path / 'p.yaml', 'sim_node:\n  ros__parameters:\n    rate_hz: 1.0e2\n'
                    '    command_timeout: 5e-1\n    task: 1e3x\n')
-    params = load_parameters(config)['sim_node']
+    params = load_parameters(config)[SIM]
     assert params == {'rate_hz': 100.0, 'command_timeout': 0.5, 'task': '1e3x'}
 
 
@@ -262,10 +263,10 @@ def test_safe_action_outside_the_bounds_is_refused(tmp_path):
 
 
 def test_switching_the_watchdog_off_is_explicit_and_logged(tmp_path):
-    graph = Graph({'safety_monitor_node': {'bundle': SHIPPED_FISOR, 'watchdog': False}})
+    graph = Graph({MONITOR: {'bundle': SHIPPED_FISOR, 'watchdog': False}})
     try:
         assert graph.configure() == []
-        assert not any(t for t in graph.nodes['safety_monitor_node'].timers
+        assert not any(t for t in graph.nodes[MONITOR].timers
                        if abs(t.timer_period_ns - 50_000_000) < 1000)
     finally:
         graph.shutdown()
@@ -351,13 +352,12 @@ def test_signal_ends_bringup_cleanly_and_keeps_the_recording(tmp_path, sig, args
 def test_sigkill_of_the_recorder_keeps_completed_episodes_in_both_formats(bundles, tmp_path):
     bundle = bundles['fisor']
     log = tmp_path / 'recorder.log'
-    recorder = start_node('recorder_node', {'task': 'BallCircle', 'run_name': 'run',
-                                            'output_dir': str(tmp_path / 'rec'), 'mcap': True},
-                          log)
-    graph = Graph({'sim_node': {'task': 'BallCircle', 'horizon': 25, 'min_subscribers': 2,
-                                'wait_for_recorder': True},
-                   'controller_node': {'bundle': bundle},
-                   'safety_monitor_node': {'bundle': bundle}})
+    recorder = start_node(RECORDER, {'task': 'BallCircle', 'run_name': 'run',
+                                     'output_dir': str(tmp_path / 'rec'), 'mcap': True}, log)
+    graph = Graph({SIM: {'task': 'BallCircle', 'horizon': 25, 'min_subscribers': 2,
+                         'wait_for_recorder': True},
+                   CONTROLLER: {'bundle': bundle},
+                   MONITOR: {'bundle': bundle}})
     run_dir = tmp_path / 'rec' / 'run'
     try:
         assert graph.configure() == []
@@ -387,10 +387,10 @@ def test_sigkill_of_the_recorder_keeps_completed_episodes_in_both_formats(bundle
 
 def test_a_silent_monitor_stops_the_simulated_robot(bundles, tmp_path):
     bundle = bundles['fisor']
-    monitor = start_node('safety_monitor_node', {'bundle': bundle}, tmp_path / 'monitor.log')
-    controller = start_node('controller_node', {'bundle': bundle}, tmp_path / 'controller.log')
-    graph = Graph({'sim_node': {'task': 'BallCircle', 'mode': 'realtime', 'rate_hz': 20.0,
-                                'command_timeout': 0.3, 'min_subscribers': 2}})
+    monitor = start_node(MONITOR, {'bundle': bundle}, tmp_path / 'monitor.log')
+    controller = start_node(CONTROLLER, {'bundle': bundle}, tmp_path / 'controller.log')
+    graph = Graph({SIM: {'task': 'BallCircle', 'mode': 'realtime', 'rate_hz': 20.0,
+                         'command_timeout': 0.3, 'min_subscribers': 2}})
     steps = []
     probe = Node('step_probe')
     probe.create_subscription(JointState, common.STEP, steps.append, common.RECORD_QOS)
@@ -398,7 +398,7 @@ def test_a_silent_monitor_stops_the_simulated_robot(bundles, tmp_path):
     try:
         assert graph.configure() == []
         graph.activate()
-        sim = graph.nodes['sim_node']
+        sim = graph.nodes[SIM]
         assert spin_until(graph.executor, lambda: sim.latency.samples and len(steps) >= 20,
                           60.0), 'the loop never closed'
         monitor.send_signal(signal.SIGKILL)
@@ -431,7 +431,7 @@ def test_a_silent_monitor_stops_the_simulated_robot(bundles, tmp_path):
 def test_node_process_exits_cleanly_on_sigint_and_sigterm(tmp_path):
     for sig in (signal.SIGINT, signal.SIGTERM):
         log = tmp_path / f'sim-{sig}.log'
-        proc = start_node('sim_node', {'task': 'BallCircle'}, log)
+        proc = start_node(SIM, {'task': 'BallCircle'}, log)
         deadline = time.monotonic() + 60
         while 'configured' not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.2)

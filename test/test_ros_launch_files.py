@@ -1,9 +1,12 @@
 """The launch files and parameter files are consistent (runs without a ROS 2 distro)."""
 
 import ast
+import inspect
 from pathlib import Path
+import sys
 
 import pytest
+from saferl_ros import graph
 from saferl_ros.bringup import load_parameters, node_classes, parameter_overrides
 from test_ros_support import domain_fixture
 
@@ -12,26 +15,71 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / 'config').glob('*.yaml'))
 
 
+def _tree(launch_file):
+    return ast.parse((REPO / 'launch' / launch_file).read_text())
+
+
+def _calls(tree):
+    return {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call)
+            and isinstance(n.func, ast.Name)}
+
+
 @pytest.mark.parametrize('launch_file', ['sim.launch.py', 'robot.launch.py'])
-def test_launch_files_parse_and_name_known_nodes(launch_file):
-    source = (REPO / 'launch' / launch_file).read_text()
-    tree = ast.parse(source)
-    names = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
-             and isinstance(n.value, str)}
-    assert 'generate_launch_description' in source
-    assert {'recorder_node', 'safety_monitor_node', 'controller_node'} <= names
+def test_launch_files_parse_and_take_the_nodes_from_the_graph_module(launch_file):
+    tree = _tree(launch_file)
+    assert any(isinstance(f, ast.FunctionDef) and f.name == 'generate_launch_description'
+               for f in tree.body)
+    imports = {(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+               for a in n.names}
+    assert ('saferl_ros', 'graph') in imports
+    # no node list of its own: node names come from saferl_ros.graph only
+    names = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)}
+    assert not names & set(graph.START_ORDER), names & set(graph.START_ORDER)
+
+
+def test_the_robot_launch_includes_the_sim_launch_with_the_adapter_as_source():
+    tree = _tree('robot.launch.py')
+    assert {'IncludeLaunchDescription', 'PythonLaunchDescriptionSource'} <= _calls(tree)
+    assert 'importlib' not in (REPO / 'launch' / 'robot.launch.py').read_text()
+    include = next(n for n in ast.walk(tree) if isinstance(n, ast.Call)
+                   and getattr(n.func, 'id', '') == 'PythonLaunchDescriptionSource')
+    assert 'sim.launch.py' in {n.value for n in ast.walk(include) if isinstance(n, ast.Constant)}
+    arguments = next(n for n in ast.walk(tree) if isinstance(n, ast.Dict)
+                     and any(getattr(k, 'value', '') == 'source' for k in n.keys))
+    source = dict(zip((k.value for k in arguments.keys), arguments.values))['source']
+    assert ast.unparse(source) == 'node_graph.ROBOT_ADAPTER'
+    # every argument the robot file passes is one the sim file declares
+    declared = {n.args[0].value for n in ast.walk(_tree('sim.launch.py'))
+                if isinstance(n, ast.Call)
+                and getattr(n.func, 'id', '') == 'DeclareLaunchArgument'}
+    assert {k.value for k in arguments.keys} <= declared
 
 
 def test_the_launch_ends_when_the_observation_source_exits():
     # launch is not installable here: check the wiring in the source. sim.launch.py registers an
-    # OnProcessExit handler emitting Shutdown for each node in ENDS_THE_LAUNCH.
-    tree = ast.parse((REPO / 'launch' / 'sim.launch.py').read_text())
-    calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call)
-             and isinstance(n.func, ast.Name)}
+    # OnProcessExit handler emitting Shutdown for each source node of saferl_ros.graph.
+    calls = _calls(_tree('sim.launch.py'))
     assert {'OnProcessExit', 'Shutdown', 'RegisterEventHandler', 'end_launch_with'} <= calls
-    ends = next(n.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
-                and getattr(n.targets[0], 'id', '') == 'ENDS_THE_LAUNCH')
-    assert {e.value for e in ends.elts} == {'sim_node', 'robot_adapter_node'}
+    assert set(graph.SOURCES) == {'sim_node', 'robot_adapter_node'}
+
+
+def test_the_graph_module_describes_every_node_once():
+    classes = node_classes()
+    assert list(classes) == list(graph.START_ORDER)
+    for spec in graph.NODES:
+        cls = classes[spec.name]
+        assert inspect.signature(cls.__init__).parameters['name'].default == spec.name
+        declared = {p.name for p in sys.modules[cls.__module__].PARAMS}
+        assert set(spec.bundle_params) <= declared, spec.name
+    for loop in (graph.SIM_LOOP, graph.ROBOT_LOOP):
+        assert graph.in_start_order(loop) == loop and graph.spec(loop[-1]).source
+        assert sum(graph.spec(name).source for name in loop) == 1
+    # setup.py installs exactly the graph's console scripts
+    setup = (REPO / 'setup.py').read_text()
+    assert "GRAPH['console_scripts']()" in setup and 'nodes.sim_node:main' not in setup
+    assert graph.console_scripts()[-1] == 'sim_node = saferl_ros.nodes.sim_node:main'
+    with pytest.raises(KeyError, match='unknown node .*known'):
+        graph.spec('planner_node')
 
 
 def test_sim_node_process_exits_by_itself_after_its_episodes(tmp_path):

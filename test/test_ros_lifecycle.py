@@ -1,88 +1,320 @@
-"""Lifecycle hygiene: configure/cleanup/configure and deactivate/activate leave no trace."""
+"""
+Lifecycle hygiene, judged by what each node publishes.
 
+Every node goes configure -> cleanup -> configure (one output per input afterwards, not two) and
+deactivate -> activate (nothing while inactive except the deliberate safe stop; one output per
+input again after reactivation).
+"""
+
+from contextlib import contextmanager
+import json
 from pathlib import Path
 
-from lifecycle_msgs.msg import State
+from diagnostic_msgs.msg import DiagnosticStatus
+from geometry_msgs.msg import TwistStamped
+from nav_msgs.msg import Odometry
+import pytest
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.node import Node
+from saferl_ros import graph
 from saferl_ros.bringup import Graph
 from saferl_ros.nodes import common
+from saferl_ros.nodes.recorder_node import read_mcap
 from saferl_ros.observation import channel_names
 from sensor_msgs.msg import JointState
-from test_ros_support import domain_fixture, spin_for, spin_until
+from std_msgs.msg import String
+from test_ros_support import domain_fixture, recorded, spin_for, spin_until
 
 ros_domain = domain_fixture(66)
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = str(REPO / 'models' / 'fisor-ballcircle')
+CHANNELS = channel_names('BallCircle')
+SUCCESS = TransitionCallbackReturn.SUCCESS
+QUIET = 0.4      # how long "nothing more arrives" is watched [s]
 
 
-def node_params(tmp_path):
-    return {
-        'sim_node': {'task': 'BallCircle', 'min_subscribers': 5},   # configured, never stepping
-        'controller_node': {'bundle': BUNDLE},
-        'safety_monitor_node': {'bundle': BUNDLE},
-        'recorder_node': {'task': 'BallCircle', 'output_dir': str(tmp_path), 'mcap': True},
-        'robot_adapter_node': {'task': 'BallCircle'},
-    }
+class Probe(Node):
+    """Publishes a node's inputs and keeps every message of its outputs."""
+
+    def __init__(self, outputs):
+        super().__init__('lifecycle_probe')
+        self.msgs = {topic: [] for topic, _, _ in outputs}
+        for topic, cls, qos in outputs:
+            self.create_subscription(cls, topic, lambda m, t=topic: self.msgs[t].append(m), qos)
+        self.pubs = {}
+
+    def publisher(self, cls, topic, qos):
+        if topic not in self.pubs:
+            self.pubs[topic] = self.create_publisher(cls, topic, qos)
+        return self.pubs[topic]
+
+    def now_ns(self) -> int:
+        return self.get_clock().now().nanoseconds
 
 
-def entities(node):
-    return (len(list(node.publishers)), len(list(node.subscriptions)), len(list(node.timers)))
-
-
-def state(node):
-    return node._state_machine.current_state[0]
-
-
-def test_every_node_survives_configure_cleanup_configure_and_reactivation(tmp_path):
-    graph = Graph(node_params(tmp_path))
+@contextmanager
+def one_node(name, params, outputs):
+    """Yield (graph, node, probe): node ``name`` alone in a graph, plus a probe."""
+    nodes = Graph({name: params})
+    probe = Probe(outputs)
+    nodes.executor.add_node(probe)
     try:
-        for name, node in graph.nodes.items():
-            bare = entities(node)
-            assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS, name
-            configured = entities(node)
-            assert configured != bare, f'{name} created nothing at configure'
-            assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS, name
-            assert entities(node) == bare, f'{name}: cleanup left {entities(node)} of {bare}'
-            assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS, name
-            assert entities(node) == configured, f'{name}: reconfigure doubled its entities'
-            for _ in range(2):
-                assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS, name
-                assert state(node) == State.PRIMARY_STATE_ACTIVE
-                assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS, name
-            assert entities(node) == configured, f'{name}: activation cycles leaked entities'
+        yield nodes, nodes.nodes[name], probe
     finally:
-        graph.shutdown()
-
-
-def test_a_reconfigured_monitor_answers_each_proposal_once(tmp_path):
-    graph = Graph({'safety_monitor_node': {'bundle': BUNDLE, 'observation_timeout': 1.0,
-                                           'proposal_timeout': 1.0}})
-    probe = Node('lifecycle_probe')
-    finals = []
-    probe.create_subscription(JointState, common.FINAL, finals.append, common.RECORD_QOS)
-    obs_pub = probe.create_publisher(JointState, common.OBSERVATION, common.SENSOR_QOS)
-    prop_pub = probe.create_publisher(JointState, common.PROPOSED, common.COMMAND_QOS)
-    graph.executor.add_node(probe)
-    monitor = graph.nodes['safety_monitor_node']
-    try:
-        for _ in range(2):   # configure -> cleanup, then configure again
-            assert monitor.trigger_configure() == TransitionCallbackReturn.SUCCESS
-            if _ == 0:
-                assert monitor.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
-        assert monitor.trigger_activate() == TransitionCallbackReturn.SUCCESS
-        assert spin_until(graph.executor, lambda: probe.count_subscribers(common.PROPOSED) == 1
-                          and probe.count_publishers(common.FINAL) == 1, 5.0)
-        spin_for(graph.executor, 0.3)
-        stamp = probe.get_clock().now().nanoseconds
-        obs_pub.publish(common.joint_state(channel_names('BallCircle'), [0.1] * 8, stamp))
-        spin_for(graph.executor, 0.1)
-        prop_pub.publish(common.joint_state(['action_0', 'action_1'], [0.0, 0.0], stamp))
-        spin_for(graph.executor, 0.5)
-        answers = [m for m in finals if common.stamp_to_ns(m.header.stamp) == stamp]
-        assert len(answers) == 1, f'{len(answers)} commands for one proposal'
-        assert monitor.monitor.counters.decisions >= 1
-    finally:
-        graph.executor.remove_node(probe)
+        nodes.executor.remove_node(probe)
         probe.destroy_node()
-        graph.shutdown()
+        nodes.shutdown()
+
+
+def configure_cleanup_configure(node):
+    assert node.trigger_configure() == SUCCESS
+    assert node.trigger_cleanup() == SUCCESS
+    assert node.trigger_configure() == SUCCESS
+
+
+def new(probe, topic, since):
+    return probe.msgs[topic][since:]
+
+
+def settle(nodes, probe, topic, since, count, timeout=5.0):
+    """Spin until ``count`` new messages arrived on ``topic``, then QUIET more; return them."""
+    assert spin_until(nodes.executor, lambda: len(new(probe, topic, since)) >= count, timeout), \
+        f'{topic}: {len(new(probe, topic, since))} of {count} messages'
+    spin_for(nodes.executor, QUIET)
+    return new(probe, topic, since)
+
+
+def quiet(nodes, probe, topics, seconds=QUIET * 2):
+    """Spin ``seconds`` and return how many messages arrived on ``topics`` meanwhile."""
+    before = {t: len(probe.msgs[t]) for t in topics}
+    spin_for(nodes.executor, seconds)
+    return {t: len(probe.msgs[t]) - before[t] for t in topics}
+
+
+def test_controller_proposes_once_per_observation_and_never_while_inactive():
+    outputs = [(common.PROPOSED, JointState, common.RECORD_QOS)]
+    with one_node(graph.CONTROLLER, {'bundle': BUNDLE, 'diagnostics_period': 0.0},
+                  outputs) as (nodes, node, probe):
+        configure_cleanup_configure(node)
+        obs_pub = probe.publisher(JointState, common.OBSERVATION, common.SENSOR_QOS)
+
+        def observe():
+            since = len(probe.msgs[common.PROPOSED])
+            stamp = probe.now_ns()
+            obs_pub.publish(common.joint_state(CHANNELS, [0.1] * 8, stamp))
+            return since, stamp
+
+        assert node.trigger_activate() == SUCCESS
+        assert spin_until(nodes.executor, lambda: probe.count_subscribers(common.OBSERVATION)
+                          >= 1 and probe.count_publishers(common.PROPOSED) >= 1, 5.0)
+        spin_for(nodes.executor, 0.3)
+        for cycle in range(2):
+            since, stamp = observe()
+            got = settle(nodes, probe, common.PROPOSED, since, 1)
+            assert [common.stamp_to_ns(m.header.stamp) for m in got] == [stamp], cycle
+            assert node.trigger_deactivate() == SUCCESS
+            since, _ = observe()
+            assert quiet(nodes, probe, [common.PROPOSED]) == {common.PROPOSED: 0}
+            assert node.trigger_activate() == SUCCESS
+        # one subscription after the reconfigure, not two
+        assert probe.count_subscribers(common.OBSERVATION) == 1
+
+
+def test_monitor_answers_once_stops_once_on_deactivate_and_is_silent_while_inactive():
+    outputs = [(common.FINAL, JointState, common.RECORD_QOS),
+               (common.STATUS, DiagnosticStatus, common.STATUS_QOS)]
+    # Timeouts far above the test's pauses: no watchdog stop among the counted answers.
+    params = {'bundle': BUNDLE, 'observation_timeout': 5.0, 'proposal_timeout': 5.0,
+              'safe_action': [0.0, 0.0], 'diagnostics_period': 0.0}
+    with one_node(graph.MONITOR, params, outputs) as (nodes, node, probe):
+        configure_cleanup_configure(node)
+        # configured, inactive: the latched status says so (published while inactive)
+        assert spin_until(nodes.executor, lambda: probe.msgs[common.STATUS], 5.0)
+        assert probe.msgs[common.STATUS][-1].message == 'INACTIVE'
+        obs_pub = probe.publisher(JointState, common.OBSERVATION, common.SENSOR_QOS)
+        prop_pub = probe.publisher(JointState, common.PROPOSED, common.COMMAND_QOS)
+
+        def exchange():
+            since = len(probe.msgs[common.FINAL])
+            stamp = probe.now_ns()
+            obs_pub.publish(common.joint_state(CHANNELS, [0.1] * 8, stamp))
+            spin_for(nodes.executor, 0.1)
+            prop_pub.publish(common.joint_state(['action_0', 'action_1'], [0.0, 0.0], stamp))
+            return since, stamp
+
+        assert node.trigger_activate() == SUCCESS
+        assert spin_until(nodes.executor, lambda: probe.count_subscribers(common.PROPOSED) >= 1
+                          and probe.count_publishers(common.FINAL) >= 1, 5.0)
+        spin_for(nodes.executor, 0.3)
+        for cycle in range(2):
+            since, stamp = exchange()
+            got = settle(nodes, probe, common.FINAL, since, 1)
+            assert [common.stamp_to_ns(m.header.stamp) for m in got] == [stamp], cycle
+            since = len(probe.msgs[common.FINAL])
+            assert node.trigger_deactivate() == SUCCESS
+            stop = settle(nodes, probe, common.FINAL, since, 1)   # the deliberate safe stop
+            assert len(stop) == 1 and list(stop[0].position) == [0.0, 0.0]
+            assert probe.msgs[common.STATUS][-1].message == 'INACTIVE'
+            exchange()
+            assert quiet(nodes, probe, [common.FINAL]) == {common.FINAL: 0}
+            assert node.trigger_activate() == SUCCESS
+        assert probe.count_subscribers(common.PROPOSED) == 1
+
+
+def test_sim_steps_once_per_command_and_stands_still_while_inactive():
+    outputs = [(common.OBSERVATION, JointState, common.SENSOR_QOS),
+               (common.STEP, JointState, common.RECORD_QOS),
+               (common.EPISODE, String, common.RECORD_QOS)]
+    params = {'task': 'BallCircle', 'min_subscribers': 1, 'command_timeout': 30.0,
+              'publish_clock': False, 'publish_odometry': False}
+    with one_node(graph.SIM, params, outputs) as (nodes, node, probe):
+        configure_cleanup_configure(node)
+        final_pub = probe.publisher(JointState, common.FINAL, common.COMMAND_QOS)
+        assert spin_until(nodes.executor, lambda: probe.count_publishers(common.FINAL) >= 1
+                          and probe.count_subscribers(common.FINAL) >= 1, 5.0)
+
+        def command(observation):
+            final_pub.publish(common.joint_state(['action_0', 'action_1'], [0.2, 0.0],
+                                                 common.stamp_to_ns(observation.header.stamp)))
+
+        for cycle in range(2):
+            since = {t: len(probe.msgs[t]) for t in probe.msgs}
+            assert node.trigger_activate() == SUCCESS
+            first = settle(nodes, probe, common.OBSERVATION, since[common.OBSERVATION], 1)
+            assert len(first) == 1, cycle                  # waits for its command
+            starts = [json.loads(m.data) for m in new(probe, common.EPISODE,
+                                                      since[common.EPISODE])]
+            assert [e['event'] for e in starts] == ['start'], cycle
+            command(first[0])
+            steps = settle(nodes, probe, common.STEP, since[common.STEP], 1)
+            assert len(steps) == 1, cycle
+            assert len(new(probe, common.OBSERVATION, since[common.OBSERVATION])) == 2
+            assert node.trigger_deactivate() == SUCCESS
+            command(probe.msgs[common.OBSERVATION][-1])    # answers the pending observation
+            assert quiet(nodes, probe, list(probe.msgs)) == dict.fromkeys(probe.msgs, 0)
+        assert probe.count_subscribers(common.FINAL) == 1
+
+
+def _step_message(episode: int, step: int, truncated: bool, stamp: int) -> JointState:
+    names = (list(common.STEP_SCALARS) + [f'observation/{c}' for c in CHANNELS]
+             + [f'next_observation/{c}' for c in CHANNELS] + ['action/0', 'action/1'])
+    scalars = [1.0, 0.0, 0.0, float(truncated), episode, step, 0.0]
+    return common.joint_state(names, scalars + [0.1] * 16 + [0.0, 0.0], stamp, 'BallCircle')
+
+
+def test_recorder_writes_each_step_once_and_nothing_while_inactive(tmp_path):
+    params = {'task': 'BallCircle', 'output_dir': str(tmp_path), 'join_timeout': 0.05,
+              'mcap': True}
+    with one_node(graph.RECORDER, params, []) as (nodes, node, probe):
+        configure_cleanup_configure(node)
+        step_pub = probe.publisher(JointState, common.STEP, common.RECORD_QOS)
+        assert spin_until(nodes.executor, lambda: probe.count_subscribers(common.STEP) >= 1,
+                          5.0)
+        lengths = (3, 4)
+        for length in lengths:
+            assert node.trigger_activate() == SUCCESS
+            spin_for(nodes.executor, 0.2)
+            for k in range(length):
+                step_pub.publish(_step_message(0, k + 1, k == length - 1, probe.now_ns()))
+                spin_for(nodes.executor, 0.05)
+            spin_for(nodes.executor, 0.5)
+            assert node.trigger_deactivate() == SUCCESS
+            for k in range(2):        # inactive: not recorded anywhere
+                step_pub.publish(_step_message(1, k + 1, k == 1, probe.now_ns()))
+            spin_for(nodes.executor, 0.5)
+        assert probe.count_subscribers(common.STEP) == 2   # joined stream + raw MCAP copy
+    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert len(runs) == 2
+    for run, length in zip(runs, lengths):
+        data = recorded(run)
+        assert data['observations'].shape == (length, 8), run
+        assert data['timeouts'].sum() == 1
+        raw = read_mcap(run / 'raw' / 'episode_000000.mcap')
+        assert len(raw['/step']) == length, run
+
+
+def test_robot_adapter_answers_once_and_sends_only_its_safe_stop_while_inactive():
+    outputs = [(common.OBSERVATION, JointState, common.SENSOR_QOS),
+               (common.STEP, JointState, common.RECORD_QOS),
+               ('cmd_vel', TwistStamped, common.RECORD_QOS)]
+    # The watchdog would send a zero command 20 times a second while active (no final action
+    # within command_timeout): a node that kept doing so while inactive would show. Stamped
+    # commands tell the deactivate's zero from the watchdog's last ones still in flight.
+    params = {'task': 'BallCircle', 'command_timeout': 0.2, 'watchdog_rate_hz': 20.0,
+              'twist_stamped': True}
+    with one_node(graph.ROBOT_ADAPTER, params, outputs) as (nodes, node, probe):
+        configure_cleanup_configure(node)
+        odom_pub = probe.publisher(Odometry, 'odom', common.SENSOR_QOS)
+        final_pub = probe.publisher(JointState, common.FINAL, common.COMMAND_QOS)
+        assert spin_until(nodes.executor, lambda: probe.count_subscribers('odom') >= 1
+                          and probe.count_publishers(common.OBSERVATION) >= 1, 5.0)
+
+        def odometry(x):
+            msg = Odometry()
+            msg.header.stamp = common.ns_to_stamp(probe.now_ns())
+            msg.pose.pose.position.x = x
+            msg.pose.pose.orientation.w = 1.0
+            odom_pub.publish(msg)
+
+        def moving(since):
+            return [m for m in new(probe, 'cmd_vel', since)
+                    if (m.twist.linear.x, m.twist.linear.y, m.twist.angular.z) != (0, 0, 0)]
+
+        for cycle in range(2):
+            since = {t: len(probe.msgs[t]) for t in probe.msgs}
+            assert node.trigger_activate() == SUCCESS
+            # activation holds the robot: zero commands, nothing else moves it
+            settle(nodes, probe, 'cmd_vel', since['cmd_vel'], 1)
+            assert not moving(since['cmd_vel'])
+            odometry(0.0)
+            assert len(settle(nodes, probe, common.OBSERVATION, since[common.OBSERVATION],
+                              1)) == 1, cycle
+            odometry(0.1)
+            assert len(settle(nodes, probe, common.OBSERVATION, since[common.OBSERVATION],
+                              2)) == 2, cycle
+            assert len(new(probe, common.STEP, since[common.STEP])) == 1, cycle
+            final_pub.publish(common.joint_state(['action_0', 'action_1'], [0.5, 0.0],
+                                                 probe.now_ns()))
+            assert spin_until(nodes.executor, lambda: moving(since['cmd_vel']), 3.0)
+            spin_for(nodes.executor, QUIET)
+            assert len(moving(since['cmd_vel'])) == 1, cycle
+            since_stop, deactivated = len(probe.msgs['cmd_vel']), node.get_clock().now()
+            assert node.trigger_deactivate() == SUCCESS
+            settle(nodes, probe, 'cmd_vel', since_stop, 1)
+            stop = [m for m in new(probe, 'cmd_vel', since_stop)
+                    if common.stamp_to_ns(m.header.stamp) >= deactivated.nanoseconds]
+            assert len(stop) == 1 and not moving(since_stop)     # the deliberate zero command
+            odometry(0.2)
+            final_pub.publish(common.joint_state(['action_0', 'action_1'], [0.5, 0.0],
+                                                 probe.now_ns()))
+            assert quiet(nodes, probe, list(probe.msgs)) == dict.fromkeys(probe.msgs, 0)
+        assert probe.count_subscribers('odom') == 1
+
+
+@pytest.mark.parametrize('name', graph.START_ORDER)
+def test_configure_cleanup_configure_restores_the_same_entities(name, tmp_path):
+    params = {
+        graph.SIM: {'task': 'BallCircle', 'min_subscribers': 5},   # configured, never stepping
+        graph.CONTROLLER: {'bundle': BUNDLE},
+        graph.MONITOR: {'bundle': BUNDLE},
+        graph.RECORDER: {'task': 'BallCircle', 'output_dir': str(tmp_path), 'mcap': True},
+        graph.ROBOT_ADAPTER: {'task': 'BallCircle'},
+    }[name]
+
+    def entities(node):
+        return (len(list(node.publishers)), len(list(node.subscriptions)),
+                len(list(node.timers)))
+
+    with one_node(name, params, []) as (_, node, _probe):
+        bare = entities(node)
+        assert node.trigger_configure() == SUCCESS
+        configured = entities(node)
+        assert configured != bare, f'{name} created nothing at configure'
+        assert node.trigger_cleanup() == SUCCESS
+        assert entities(node) == bare, f'{name}: cleanup left {entities(node)} of {bare}'
+        assert node.trigger_configure() == SUCCESS
+        assert entities(node) == configured, f'{name}: reconfigure doubled its entities'
+        for _ in range(2):
+            assert node.trigger_activate() == SUCCESS
+            assert node.trigger_deactivate() == SUCCESS
+        assert entities(node) == configured, f'{name}: activation cycles leaked entities'

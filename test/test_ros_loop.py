@@ -10,6 +10,7 @@ import pytest
 from rclpy.node import Node
 from saferl_ros.bringup import Graph, run
 from saferl_ros.bundle import load_bundle
+from saferl_ros.graph import CONTROLLER, MONITOR, RECORDER, SIM
 from saferl_ros.monitor import MonitorState
 from saferl_ros.nodes import common
 from saferl_ros.observation import channel_names
@@ -57,47 +58,80 @@ class Probe(Node):
 
 def loop_params(bundles, tmp_path, sim=None, controller=None, monitor=None, recorder=True):
     nodes = {
-        'sim_node': {'task': 'BallCircle', 'mode': 'lockstep', 'horizon': 25, 'episodes': 2,
-                     'command_timeout': 0.5, 'min_subscribers': 2,
-                     'wait_for_recorder': recorder, **(sim or {})},
-        'controller_node': {'bundle': bundles['fisor'], 'use_sim_time': True,
-                            **(controller or {})},
-        'safety_monitor_node': {'bundle': bundles['fisor'], 'use_sim_time': True,
-                                'observation_timeout': 1.0, 'proposal_timeout': 1.0,
-                                **(monitor or {})},
+        SIM: {'task': 'BallCircle', 'mode': 'lockstep', 'horizon': 25, 'episodes': 2,
+              'command_timeout': 0.5, 'min_subscribers': 2, 'wait_for_recorder': recorder,
+              **(sim or {})},
+        CONTROLLER: {'bundle': bundles['fisor'], 'use_sim_time': True, **(controller or {})},
+        MONITOR: {'bundle': bundles['fisor'], 'use_sim_time': True, 'observation_timeout': 1.0,
+                  'proposal_timeout': 1.0, **(monitor or {})},
     }
     if recorder:
-        nodes['recorder_node'] = {'task': 'BallCircle', 'output_dir': str(tmp_path / 'rec'),
-                                  'run_name': 'run', 'bundle': bundles['fisor'],
-                                  'use_sim_time': True}
+        nodes[RECORDER] = {'task': 'BallCircle', 'output_dir': str(tmp_path / 'rec'),
+                           'run_name': 'run', 'bundle': bundles['fisor'], 'use_sim_time': True}
     return nodes
 
 
-def run_graph(nodes, probe=True, until_done=True, timeout=30.0):
-    graph = Graph(nodes)
-    p = Probe() if probe else None
-    if p:
-        graph.executor.add_node(p)
-    errors = graph.configure()
-    return graph, p, errors
+class Loop:
+    """One graph of a test and its probe: configured by start(), torn down by stop()."""
+
+    def __init__(self):
+        self.graph = None
+        self.probe = None
+
+    def start(self, nodes, probe=True):
+        """Create and configure the graph; return (graph, probe or None, configure errors)."""
+        self.stop()
+        self.graph = Graph(nodes)
+        self.probe = Probe() if probe else None
+        if self.probe:
+            self.graph.executor.add_node(self.probe)
+        return self.graph, self.probe, self.graph.configure()
+
+    def run(self, nodes, probe=False, timeout=60.0):
+        """Start, activate, spin until the simulator's episodes are done, stop."""
+        graph, probe, errors = self.start(nodes, probe)
+        assert errors == []
+        graph.activate()
+        assert graph.spin_until(lambda: graph.nodes[SIM].done, timeout)
+        self.stop()
+        return graph, probe
+
+    def stop(self):
+        """Deactivate (the recorder closes its run), remove the probe, shut the graph down."""
+        if self.graph is None:
+            return
+        graph, probe, self.graph, self.probe = self.graph, self.probe, None, None
+        try:
+            graph.deactivate()
+        finally:
+            if probe:
+                graph.executor.remove_node(probe)
+                probe.destroy_node()
+            graph.shutdown()
 
 
-def finish(graph, probe):
-    graph.deactivate()
-    if probe:
-        graph.executor.remove_node(probe)
-        probe.destroy_node()
-    graph.shutdown()
+@pytest.fixture
+def loop():
+    """Yield a Loop; whatever graph it still holds is torn down after the test, pass or fail."""
+    held = Loop()
+    try:
+        yield held
+    finally:
+        held.stop()
 
 
-def test_feasible_actions_pass_through_and_the_recording_is_dsrl_data(bundles, tmp_path):
+def missed(probe_or_data) -> np.ndarray:
+    """Return the 'missed' flags of the probe's step messages or of a recording."""
+    if isinstance(probe_or_data, dict):
+        return probe_or_data['missed']
+    steps = probe_or_data.msgs[common.STEP]
+    column = list(steps[0].name).index('missed')
+    return np.array([m.position[column] for m in steps]) == 1.0
+
+
+def test_feasible_actions_pass_through_and_the_recording_is_dsrl_data(bundles, tmp_path, loop):
     nodes = loop_params(bundles, tmp_path, monitor={'threshold_v': 1e6, 'threshold_q': 1e6})
-    graph, probe, errors = run_graph(nodes)
-    assert errors == []
-    graph.activate()
-    sim = graph.nodes['sim_node']
-    assert graph.spin_until(lambda: sim.done, 60.0)
-    finish(graph, probe)
+    _, probe = loop.run(nodes, probe=True)
     # observation -> command: every final command answers an observation, with its stamp
     # (the probe's observation subscription is best effort, so it may miss one; the recorded
     # steps come over a reliable topic and name every observation the simulator stepped from)
@@ -106,7 +140,7 @@ def test_feasible_actions_pass_through_and_the_recording_is_dsrl_data(bundles, t
     finals = {common.stamp_to_ns(m.header.stamp) for m in probe.msgs[common.FINAL]}
     assert len(obs_stamps) >= 45 and obs_stamps <= finals
     assert set(data['stamps_ns'].tolist()) <= finals
-    assert sim.misses == 0
+    assert not missed(probe).any() and not missed(data).any()
     assert data['observations'].shape == (50, 8)
     assert (data['verdicts'] == MonitorState.NOMINAL).all()
     np.testing.assert_allclose(data['actions'], data['proposed_actions'], atol=1e-6)
@@ -120,14 +154,11 @@ def test_feasible_actions_pass_through_and_the_recording_is_dsrl_data(bundles, t
     ({'threshold_v': 1e6, 'threshold_q': -1e6}, MonitorState.INTERVENING),
     ({'threshold_v': -1e6}, MonitorState.RECOVERY),
 ])
-def test_infeasible_proposals_are_replaced_by_the_fallback(bundles, tmp_path, thresholds, state):
+def test_infeasible_proposals_are_replaced_by_the_fallback(bundles, tmp_path, loop, thresholds,
+                                                           state):
     nodes = loop_params(bundles, tmp_path, sim={'episodes': 1, 'horizon': 15},
                         monitor={**thresholds, 'seed': 3, 'fallback_samples': 1})
-    graph, probe, errors = run_graph(nodes, probe=False)
-    assert errors == []
-    graph.activate()
-    assert graph.spin_until(lambda: graph.nodes['sim_node'].done, 60.0)
-    finish(graph, None)
+    loop.run(nodes)
     data = recorded(tmp_path / 'rec' / 'run')
     assert (data['verdicts'] == state).all()
     # The applied actions are exactly the fallback policy's, drawn from the monitor's own noise
@@ -148,43 +179,47 @@ def test_infeasible_proposals_are_replaced_by_the_fallback(bundles, tmp_path, th
     assert np.isfinite(data['critic_v_h']).all() and np.isfinite(data['critic_q_h']).all()
 
 
-def test_monitor_stops_on_nan_stale_reordered_and_silent_controller(bundles, tmp_path):
-    nodes = {'safety_monitor_node': {'bundle': bundles['fisor'], 'observation_timeout': 0.3,
-                                     'proposal_timeout': 0.15, 'watchdog_rate_hz': 50.0,
-                                     'safe_action': [0.0, 0.0]}}
-    graph, probe, errors = run_graph(nodes)
+def test_monitor_stops_on_nan_stale_reordered_and_silent_controller(bundles, loop):
+    nodes = {MONITOR: {'bundle': bundles['fisor'], 'observation_timeout': 0.3,
+                       'proposal_timeout': 0.15, 'watchdog_rate_hz': 50.0,
+                       'safe_action': [0.0, 0.0]}}
+    graph, probe, errors = loop.start(nodes)
     assert errors == []
     graph.activate()
-    assert spin_until(graph.executor, lambda: graph.nodes['safety_monitor_node']
-                      .count_subscribers(common.FINAL) >= 1, 5.0)
+    assert spin_until(graph.executor, lambda: probe.count_publishers(common.FINAL) >= 1, 5.0)
     spin_for(graph.executor, 0.3)
     finals = probe.msgs[common.FINAL]
 
+    statuses = probe.msgs[common.STATUS]
+
     def exchange(obs, names=CHANNELS, proposal=(0.5, 0.5), stamp=None, answer=True):
+        """Send an observation (and a proposal); return the statuses published meanwhile."""
+        since, n = len(statuses), len(finals)
         stamp = probe.now_ns() if stamp is None else stamp
         probe.obs_pub.publish(common.joint_state(names, obs, stamp))
         spin_for(graph.executor, 0.05)
         if answer:
             probe.prop_pub.publish(common.joint_state(['action_0', 'action_1'], proposal, stamp))
-        n = len(finals)
         assert spin_until(graph.executor, lambda: len(finals) > n, 3.0)
-        return probe.msgs[common.STATUS][-1] if probe.msgs[common.STATUS] else None
+        spin_for(graph.executor, 0.1)
+        return statuses[since:]
 
-    monitor = graph.nodes['safety_monitor_node'].monitor
-    exchange([math.nan] + [0.0] * 7)
-    assert monitor.last.state == MonitorState.FAULT and 'NaN' in monitor.last.reason
+    def stopped(published, state, *words):
+        """Return True if one of ``published`` has ``state`` and a reason with any of ``words``."""
+        reasons = [next(v.value for v in m.values if v.key == 'reason') for m in published
+                   if m.message == state]
+        return any(word in reason for reason in reasons for word in words)
+
+    assert stopped(exchange([math.nan] + [0.0] * 7), 'FAULT', 'NaN')
     assert list(finals[-1].position) == [0.0, 0.0]
-    exchange([0.0] * 8, stamp=probe.now_ns() - 2_000_000_000)      # 2 s old observation
-    assert monitor.last.state == MonitorState.STALE
+    assert stopped(exchange([0.0] * 8, stamp=probe.now_ns() - 2_000_000_000),   # 2 s old
+                   'STALE', 'old')
     swapped = list(CHANNELS)
     swapped[0], swapped[1] = swapped[1], swapped[0]
-    exchange([0.0] * 8, names=swapped)
-    assert monitor.last.state == MonitorState.FAULT
-    assert 'channels do not match' in monitor.last.reason or 'order' in monitor.last.reason
-    exchange([0.0] * 8, proposal=(math.inf, 0.0))
-    assert monitor.last.state == MonitorState.FAULT
-    exchange([0.0] * 8, answer=False)                                # controller silent
-    assert monitor.last.state == MonitorState.STALE and 'silent' in monitor.last.reason
+    assert stopped(exchange([0.0] * 8, names=swapped), 'FAULT', 'channels do not match',
+                   'order')
+    assert stopped(exchange([0.0] * 8, proposal=(math.inf, 0.0)), 'FAULT', 'proposed action')
+    assert stopped(exchange([0.0] * 8, answer=False), 'STALE', 'silent')   # controller silent
     assert list(finals[-1].position) == [0.0, 0.0]
     # The status topic is transient local: a subscriber that joins now still gets the state.
     late = []
@@ -196,10 +231,9 @@ def test_monitor_stops_on_nan_stale_reordered_and_silent_controller(bundles, tmp
     assert late[-1].message in ('STALE', 'FAULT')
     graph.executor.remove_node(late_node)
     late_node.destroy_node()
-    finish(graph, probe)
 
 
-def test_controller_death_makes_the_monitor_stop_the_robot(bundles, tmp_path):
+def test_controller_death_makes_the_monitor_stop_the_robot(bundles, tmp_path, loop):
     # Wall time: under simulation time the loop's clock stands still while the controller is
     # silent, so the monitor's watchdog would not fire (the simulator's command_timeout acts).
     nodes = loop_params(bundles, tmp_path, sim={'episodes': 0, 'horizon': 200,
@@ -207,60 +241,56 @@ def test_controller_death_makes_the_monitor_stop_the_robot(bundles, tmp_path):
                         monitor={'proposal_timeout': 0.1, 'observation_timeout': 0.5,
                                  'threshold_v': 1e6, 'threshold_q': 1e6,
                                  'use_sim_time': False})
-    graph, probe, errors = run_graph(nodes)
+    graph, probe, errors = loop.start(nodes)
     assert errors == []
     graph.activate()
-    sim = graph.nodes['sim_node']
-    assert spin_until(graph.executor, lambda: sim.sim.steps >= 20, 30.0)
-    controller = graph.nodes.pop('controller_node')
+    steps = probe.msgs[common.STEP]
+    assert spin_until(graph.executor, lambda: len(steps) >= 20, 30.0)
+    controller = graph.nodes.pop(CONTROLLER)
     graph.executor.remove_node(controller)
     controller.destroy_node()                      # the controller process is gone
-    steps_at_death = sim.sim.steps
-    assert spin_until(graph.executor, lambda: sim.sim.steps >= steps_at_death + 5, 10.0)
-    finish(graph, probe)
+    steps_at_death = len(steps)
+    assert spin_until(graph.executor, lambda: len(steps) >= steps_at_death + 6, 10.0)
+    loop.stop()
     data = recorded(tmp_path / 'rec' / 'run')
-    after = data['verdicts'][steps_at_death + 1:]
-    assert (after == MonitorState.STALE).all() and after.size >= 4
-    np.testing.assert_array_equal(data['actions'][steps_at_death + 1:], 0.0)
-    assert sim.misses == 0     # the monitor answered every observation with the stop
+    # The probe counts the steps it received, so it may lag the simulator: the death is at or
+    # after steps_at_death, and from the first stop on every step is stopped.
+    stale = np.flatnonzero(data['verdicts'] == MonitorState.STALE)
+    assert stale.size >= 4 and stale[0] >= steps_at_death
+    assert (data['verdicts'][stale[0]:] == MonitorState.STALE).all()
+    np.testing.assert_array_equal(data['actions'][stale[0]:], 0.0)
+    assert not missed(data).any()     # the monitor answered every observation with the stop
 
 
-def test_tampered_or_mismatched_bundle_fails_configure_and_robot_stays_stopped(bundles,
-                                                                               tmp_path):
+def test_tampered_or_mismatched_bundle_fails_configure_and_robot_stays_stopped(bundles, tmp_path,
+                                                                               loop):
     nodes = loop_params(bundles, tmp_path, sim={'episodes': 0, 'command_timeout': 0.05,
                                                 'min_subscribers': 1},
                         controller={'task': 'BallRun'},
                         monitor={'bundle': bundles['tampered']}, recorder=False)
-    graph, probe, errors = run_graph(nodes)
+    graph, probe, errors = loop.start(nodes)
     text = '\n'.join(errors)
     assert 'safety_monitor_node' in text and 'sha256 mismatch' in text and 'policy.onnx' in text
     assert 'controller_node' in text and 'observation channels do not match' in text
     # Only the simulator is configured; it must apply nothing but the safe action.
-    sim = graph.nodes['sim_node']
-    sim.trigger_activate()
+    graph.nodes[SIM].trigger_activate()
     assert spin_until(graph.executor, lambda: len(probe.msgs[common.STEP]) >= 5, 10.0)
-    finish(graph, probe)
+    loop.stop()
     steps = np.array([m.position for m in probe.msgs[common.STEP]])
     names = list(probe.msgs[common.STEP][0].name)
-    assert (steps[:, names.index('missed')] == 1).all()
+    assert missed(probe).all()
     np.testing.assert_array_equal(steps[:, [names.index('action/0'), names.index('action/1')]],
                                   0.0)
 
 
-def test_policy_without_critics_is_shielded_by_another_bundle(bundles, tmp_path):
+def test_policy_without_critics_is_shielded_by_another_bundle(bundles, tmp_path, loop):
     nodes = loop_params(bundles, tmp_path, sim={'episodes': 1, 'horizon': 20},
                         controller={'bundle': bundles['bc_all']})
-    graph, probe, errors = run_graph(nodes, probe=False)
-    assert errors == []
-    graph.activate()
-    assert graph.spin_until(lambda: graph.nodes['sim_node'].done, 60.0)
-    finish(graph, None)
+    loop.run(nodes)
     data = recorded(tmp_path / 'rec' / 'run')
     assert np.isin(data['verdicts'], [0, 1, 2]).all() and np.isfinite(data['critic_q_h']).all()
     # and a bundle without critics cannot be the monitor
-    graph, _, errors = run_graph({'safety_monitor_node': {'bundle': bundles['bc_all']}},
-                                 probe=False)
-    graph.shutdown()
+    _, _, errors = loop.start({MONITOR: {'bundle': bundles['bc_all']}}, probe=False)
     assert 'no critic' in '\n'.join(errors)
 
 
@@ -287,11 +317,11 @@ def test_bringup_runs_a_parameters_file(bundles, tmp_path):
     assert topics['/monitor/status'][-1].schema.name == 'diagnostic_msgs/msg/DiagnosticStatus'
 
 
-def test_controller_refuses_reordered_channels_and_nan(bundles):
-    graph, probe, errors = run_graph({'controller_node': {'bundle': bundles['fisor']}})
+def test_controller_refuses_reordered_channels_and_nan(bundles, loop):
+    graph, probe, errors = loop.start({CONTROLLER: {'bundle': bundles['fisor']}})
     assert errors == []
     graph.activate()
-    controller = graph.nodes['controller_node']
+    controller = graph.nodes[CONTROLLER]
     assert spin_until(graph.executor, lambda: probe.count_subscribers(common.OBSERVATION) >= 2
                       and probe.count_publishers(common.PROPOSED) >= 1, 5.0)
     spin_for(graph.executor, 0.3)
@@ -303,30 +333,25 @@ def test_controller_refuses_reordered_channels_and_nan(bundles):
         spin_for(graph.executor, 0.2)
     # Only the well-formed observation got a proposal; the other two were refused and counted.
     assert len(probe.msgs[common.PROPOSED]) == 1 and controller.refused == 2
-    finish(graph, probe)
 
 
 @pytest.mark.parametrize('sim', [
     {'mode': 'lockstep', 'rate_hz': 100.0},    # paced lock-step: at most 100 observations/s
     {'mode': 'realtime', 'rate_hz': 50.0},     # fixed rate, zero-order hold
 ])
-def test_timing_modes(bundles, tmp_path, sim):
+def test_timing_modes(bundles, tmp_path, loop, sim):
     nodes = loop_params(bundles, tmp_path, sim={'episodes': 1, 'horizon': 25, **sim})
-    graph, probe, errors = run_graph(nodes, probe=False)
-    assert errors == []
-    graph.activate()
     start = time.monotonic()
-    node = graph.nodes['sim_node']
-    assert graph.spin_until(lambda: node.done, 30.0)
+    graph, _ = loop.run(nodes, timeout=30.0)
     elapsed = time.monotonic() - start
-    finish(graph, None)
+    node = graph.nodes[SIM]
     assert elapsed >= 24 / sim['rate_hz']          # the rate bounds the pace
     data = recorded(tmp_path / 'rec' / 'run')
     assert data['observations'].shape[0] == 25
     assert validate_file(tmp_path / 'rec' / 'run' / 'recording.hdf5') == []
     if sim['mode'] == 'lockstep':
-        assert node.misses == 0 and node.latency.summary()['count'] == 25
+        assert not missed(data).any() and node.latency.summary()['count'] == 25
     else:
         # zero-order hold: the first step has no command yet (safe action, a miss); after
         # that the loop keeps up with 50 Hz
-        assert node.misses <= 3 and node.latency.summary()['count'] >= 20
+        assert missed(data).sum() <= 3 and node.latency.summary()['count'] >= 20

@@ -8,6 +8,7 @@ from offline_training.data.dataset import validate_file
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
+from saferl_ros.graph import CONTROLLER, MONITOR, RECORDER, SIM
 from saferl_ros.nodes import common
 from saferl_ros.recorder import consolidate, read_index
 from sensor_msgs.msg import JointState
@@ -27,16 +28,15 @@ def test_processes_loop_then_kill_recorder_and_controller(tmp_path):
         return start_node(name, params, logs[label or name])
 
     procs = {
-        'recorder_node': start('recorder_node', {'task': 'BallCircle', 'output_dir':
-                                                 str(tmp_path / 'rec'), 'run_name': 'run',
-                                                 'bundle': bundle}),
-        'safety_monitor_node': start('safety_monitor_node', {
+        RECORDER: start(RECORDER, {'task': 'BallCircle', 'output_dir': str(tmp_path / 'rec'),
+                                   'run_name': 'run', 'bundle': bundle}),
+        MONITOR: start(MONITOR, {
             'bundle': bundle, 'threshold_v': 1e6, 'threshold_q': 1e6,
             'observation_timeout': 1.0, 'proposal_timeout': 0.3}),
-        'controller_node': start('controller_node', {'bundle': bundle}),
+        CONTROLLER: start(CONTROLLER, {'bundle': bundle}),
         # a second recorder, stopped politely at the end (SIGINT): it must close its run
-        'recorder_b': start('recorder_node', {'task': 'BallCircle', 'output_dir':
-                                              str(tmp_path / 'rec'), 'run_name': 'graceful'},
+        'recorder_b': start(RECORDER, {'task': 'BallCircle', 'output_dir':
+                                       str(tmp_path / 'rec'), 'run_name': 'graceful'},
                             label='recorder_b'),
     }
     rclpy.init()
@@ -57,11 +57,11 @@ def test_processes_loop_then_kill_recorder_and_controller(tmp_path):
         assert spin_until(executor, lambda: node.count_publishers(common.FINAL) >= 1 and
                           node.count_subscribers(common.OBSERVATION) >= 3, 60.0), \
             {k: p.poll() for k, p in procs.items()}
-        procs['sim_node'] = start('sim_node', {'task': 'BallCircle', 'horizon': 80,
-                                               'min_subscribers': 3, 'wait_for_recorder': True,
-                                               'command_timeout': 2.0,
-                                               # the other processes run on wall time
-                                               'lockstep_time': 'wall'})
+        procs[SIM] = start(SIM, {'task': 'BallCircle', 'horizon': 80,
+                                 'min_subscribers': 3, 'wait_for_recorder': True,
+                                 'command_timeout': 2.0,
+                                 # the other processes run on wall time
+                                 'lockstep_time': 'wall'})
 
         def episode():
             return int(msgs['step'][-1].position[4]) if msgs['step'] else -1
@@ -82,8 +82,8 @@ def test_processes_loop_then_kill_recorder_and_controller(tmp_path):
         stepped = {common.stamp_to_ns(m.header.stamp) for m in msgs['step']}
         assert len(final) >= 60 and set(final) <= stepped
         assert msgs['obs'], 'the probe saw no observation at all'
-        procs['recorder_node'].send_signal(signal.SIGKILL)
-        procs['recorder_node'].wait(10)
+        procs[RECORDER].send_signal(signal.SIGKILL)
+        procs[RECORDER].wait(10)
         index = read_index(run_dir)
         assert len(index['episodes']) >= 2 and not index['closed']
         for entry in index['episodes']:
@@ -91,8 +91,8 @@ def test_processes_loop_then_kill_recorder_and_controller(tmp_path):
         assert validate_file(consolidate(run_dir)) == []
 
         # kill the controller: the monitor reports STALE and commands the safe action
-        procs['controller_node'].send_signal(signal.SIGKILL)
-        procs['controller_node'].wait(10)
+        procs[CONTROLLER].send_signal(signal.SIGKILL)
+        procs[CONTROLLER].wait(10)
         assert spin_until(executor, lambda: msgs['status'] and
                           msgs['status'][-1].message == 'STALE', 15.0)
         spin_for(executor, 0.5)            # drain commands still queued from before the kill
@@ -109,9 +109,9 @@ def test_processes_loop_then_kill_recorder_and_controller(tmp_path):
         graceful = tmp_path / 'rec' / 'graceful'
         assert read_index(graceful)['closed']
         assert validate_file(graceful / 'recording.hdf5') == []
-        procs['safety_monitor_node'].send_signal(signal.SIGTERM)
+        procs[MONITOR].send_signal(signal.SIGTERM)
         assert spin_until(executor, lambda: msgs['status'][-1].message == 'INACTIVE', 15.0)
-        assert procs['safety_monitor_node'].wait(20) == 0
+        assert procs[MONITOR].wait(20) == 0
     finally:
         for proc in procs.values():
             if proc.poll() is None:

@@ -6,6 +6,7 @@ from geometry_msgs.msg import Twist
 from offline_training.data.dataset import validate_file
 from rclpy.node import Node
 from saferl_ros.bringup import apply_overrides, Graph, load_parameters
+from saferl_ros.graph import MONITOR, RECORDER, ROBOT_ADAPTER
 from saferl_ros.nodes import common
 from test_ros_support import build_bundle, domain_fixture, spin_for, spin_until
 
@@ -28,7 +29,7 @@ def test_robot_adapter_drives_the_sim_standing_in_for_a_robot(tmp_path):
     try:
         assert graph.configure() == []
         graph.activate()
-        recorder = graph.nodes['recorder_node']
+        recorder = graph.nodes[RECORDER]
         assert spin_until(graph.executor, lambda: recorder.writer is not None and
                           len(recorder.writer.index['episodes']) >= 2, 30.0)
         moving = [t for t in twists if t.linear.x or t.linear.y]
@@ -36,13 +37,13 @@ def test_robot_adapter_drives_the_sim_standing_in_for_a_robot(tmp_path):
         assert max(math.hypot(t.linear.x, t.linear.y) for t in twists) <= 0.2 + 1e-9
         # The monitor dies without a word: the adapter's own command timeout (0.3 s) sends an
         # explicit zero (the on-robot watchdog).
-        monitor = graph.nodes.pop('safety_monitor_node')
+        monitor = graph.nodes.pop(MONITOR)
         graph.executor.remove_node(monitor)
         monitor.destroy_node()
         spin_for(graph.executor, 0.8)
         last = twists[-1]
         assert (last.linear.x, last.linear.y, last.angular.z) == (0.0, 0.0, 0.0)
-        assert graph.nodes['robot_adapter_node'].timeouts >= 1
+        assert graph.nodes[ROBOT_ADAPTER].timeouts >= 1
         graph.deactivate()
     finally:
         graph.executor.remove_node(probe)

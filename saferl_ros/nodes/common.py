@@ -20,7 +20,6 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from lifecycle_msgs.msg import State
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 import rclpy
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
@@ -183,6 +182,13 @@ class ConfiguredEntities:
     A lifecycle node must leave cleanup as it entered configure: without this, configure ->
     cleanup -> configure would create every publisher, subscription and timer a second time and
     run every callback twice. Create them through this object; :meth:`destroy` removes them.
+
+    Outputs that must fall silent while the node is inactive are lifecycle publishers
+    (:meth:`lifecycle_publisher`): rclpy enables them when the node's on_activate reaches
+    ``LifecycleNode.on_activate`` and disables them in ``LifecycleNode.on_deactivate``, so a node
+    that publishes a safe stop on deactivate does so before calling ``super().on_deactivate``.
+    Plain publishers (:meth:`publisher`) are for what a node reports while inactive too (status,
+    diagnostics).
     """
 
     def __init__(self, node):
@@ -192,6 +198,11 @@ class ConfiguredEntities:
     def publisher(self, *args, **kwargs):
         """Create a publisher on the node (same arguments), remembered for destroy()."""
         return self._keep(self.node.destroy_publisher, self.node.create_publisher(*args, **kwargs))
+
+    def lifecycle_publisher(self, *args, **kwargs):
+        """Create a lifecycle publisher (silent while inactive), remembered for destroy()."""
+        return self._keep(self.node.destroy_lifecycle_publisher,
+                          self.node.create_lifecycle_publisher(*args, **kwargs))
 
     def subscription(self, *args, **kwargs):
         """Create a subscription on the node (same arguments), remembered for destroy()."""
@@ -370,7 +381,7 @@ def run_node(node_class, args=None, executor: str = 'single'):
             if stop.requested:
                 node.get_logger().info(f'{stop.name}: stopping')
             try:
-                if node_is_active(node):
+                if node.active:      # each node tracks its own activation (on_(de)activate)
                     node.trigger_deactivate()
                     for _ in range(5):   # let the safe stop go out
                         executor.spin_once(timeout_sec=0.01)
@@ -380,8 +391,3 @@ def run_node(node_class, args=None, executor: str = 'single'):
             node.destroy_node()
             rclpy.try_shutdown()
     return code
-
-
-def node_is_active(node) -> bool:
-    """Return True if a lifecycle node is in the ACTIVE primary state."""
-    return node._state_machine.current_state[0] == State.PRIMARY_STATE_ACTIVE

@@ -10,9 +10,11 @@ the robot), never acted on. The proposal carries the observation's stamp.
 
 import sys
 import time
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
+from saferl_ros import graph
 from saferl_ros.nodes.common import (action_names, COMMAND_QOS, ConfiguredEntities, declare,
                                      diagnostic, diagnostic_array, DIAGNOSTICS, DIAGNOSTICS_QOS,
                                      fail, joint_state, OBSERVATION, Param, PROPOSED, run_node,
@@ -37,15 +39,23 @@ PARAMS = [
 class ControllerNode(LifecycleNode):
     """Run the bundle's policy on each observation."""
 
-    def __init__(self, name: str = 'controller_node', **kwargs):
+    def __init__(self, name: str = graph.CONTROLLER, **kwargs):
         super().__init__(name, **kwargs)
         declare(self, PARAMS)
         self.entities = ConfiguredEntities(self)   # created in configure, gone in cleanup
-        self.runner = None
-        self.active = False
+        self.runner: Optional[PolicyRunner] = None
+        self.active = False            # set by on_activate, cleared by on_deactivate
         self.last_error = ''
         self.refused = 0
         self.proposals = 0
+        # Set by configure:
+        self.cfg: Dict[str, Any] = {}
+        self.bundle = None
+        self.channels: List[str] = []
+        self.act_names: List[str] = []
+        self.pub = None                # proposals: a lifecycle publisher, silent while inactive
+        self.diag_pub = None           # diagnostics: also while inactive
+        self.loop_latency = LatencyStats()
 
     def on_configure(self, state) -> TransitionCallbackReturn:
         """Load + verify the bundle, check the channels, warm the policy up."""
@@ -65,7 +75,7 @@ class ControllerNode(LifecycleNode):
         self.cfg = cfg
         self.bundle = bundle
         self.act_names = action_names(bundle.act_dim)
-        self.pub = self.entities.publisher(JointState, PROPOSED, COMMAND_QOS)
+        self.pub = self.entities.lifecycle_publisher(JointState, PROPOSED, COMMAND_QOS)
         self.diag_pub = self.entities.publisher(type(diagnostic_array(self, [])), DIAGNOSTICS,
                                                 DIAGNOSTICS_QOS)
         self.entities.subscription(JointState, OBSERVATION, self._on_observation, SENSOR_QOS)
@@ -88,7 +98,7 @@ class ControllerNode(LifecycleNode):
     def on_cleanup(self, state) -> TransitionCallbackReturn:
         """Drop the bundle and everything configure created."""
         self.entities.destroy()
-        self.runner = None
+        self.runner = self.bundle = self.pub = self.diag_pub = None
         return TransitionCallbackReturn.SUCCESS
 
     def _on_observation(self, msg: JointState):

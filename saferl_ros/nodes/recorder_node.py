@@ -15,7 +15,7 @@ open one), and ``ros2 bag play`` replays each.
 from collections import OrderedDict
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import Twist, TwistStamped
@@ -23,6 +23,7 @@ from nav_msgs.msg import Odometry
 import numpy as np
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.serialization import deserialize_message
+from saferl_ros import graph
 from saferl_ros.nodes.common import (COMMAND_QOS, ConfiguredEntities, declare, DIAGNOSTICS,
                                      DIAGNOSTICS_QOS, EPISODE, fail, FINAL, OBSERVATION, Param,
                                      PROPOSED, RECORD_QOS, run_node, SENSOR_QOS, stamp_to_ns,
@@ -74,39 +75,51 @@ def _qos_yaml(qos) -> str:
 class RecorderNode(LifecycleNode):
     """Write the loop's transitions as DSRL data, episode by episode."""
 
-    def __init__(self, name: str = 'recorder_node', **kwargs):
+    def __init__(self, name: str = graph.RECORDER, **kwargs):
         super().__init__(name, **kwargs)
         declare(self, PARAMS)
         self.entities = ConfiguredEntities(self)   # created in configure, gone in cleanup
         self.writer: Optional[RecordingWriter] = None
         self.mcap = None
-        self.active = False
+        self.active = False            # set by on_activate, cleared by on_deactivate
         self.last_error = ''
         self.run_dirs: List[str] = []
         self.received = 0
         self.last_output = None
+        # Set by configure:
+        self.cfg: Dict[str, Any] = {}
+        self.channels: List[str] = []
+        self.obs_dim = 0
+        self.hashes: Dict[str, str] = {}
+        self.pending: List[tuple] = []           # steps waiting for their verdict
+        self.verdicts: 'OrderedDict[int, np.ndarray]' = OrderedDict()
+        # Set by activate (the run being written):
+        self.run_dir: Optional[str] = None
+        self.act_dim: Optional[int] = None
+        self.episode: Optional[int] = None
+        self.raw_episode: Optional[int] = None   # episode of the steps in the open MCAP file
 
     def on_configure(self, state) -> TransitionCallbackReturn:
         """Validate the parameters and hash the bundles; subscribe."""
         from saferl_ros.bundle import MANIFEST, read_bundle_file
         try:
             cfg = values(self, PARAMS)
-            self.channels = channel_names(cfg['task'])
-            self.hashes = {}
+            channels = channel_names(cfg['task'])
+            hashes = {}
             for key in ('bundle', 'monitor_bundle'):
                 if cfg[key]:
                     folder = resolve_path(cfg[key], f'parameter {key}').resolve()
                     # the bundle layer's reader: a symlinked or oversized manifest is refused
-                    self.hashes[f'{key}_sha256'], _ = read_bundle_file(
+                    hashes[f'{key}_sha256'], _ = read_bundle_file(
                         folder, MANIFEST, f'parameter {key} must name a bundle folder',
                         keep=False)
-                    self.hashes[f'{key}_path'] = cfg[key]
+                    hashes[f'{key}_path'] = cfg[key]
         except Exception as exc:  # unknown task, unreadable bundle manifest
             return fail(self, exc)
-        self.cfg = cfg
-        self.obs_dim = len(self.channels)
-        self.pending: List[tuple] = []
-        self.verdicts: 'OrderedDict[int, np.ndarray]' = OrderedDict()
+        self.cfg, self.channels, self.hashes = cfg, channels, hashes
+        self.obs_dim = len(channels)
+        self.pending.clear()
+        self.verdicts.clear()
         self.entities.subscription(JointState, STEP, self._on_step, RECORD_QOS)
         self.entities.subscription(JointState, VERDICT, self._on_verdict, RECORD_QOS)
         self.entities.timer(0.05, self._flush)
@@ -125,7 +138,7 @@ class RecorderNode(LifecycleNode):
         self.act_dim = None
         self.episode = None
         self.run_dir = run_dir
-        self.raw_episode = None             # episode number of the steps in the open MCAP file
+        self.raw_episode = None
         self.writer = None
         if self.cfg['mcap']:
             self.mcap = McapSeries(f'{run_dir}/raw',
@@ -153,6 +166,8 @@ class RecorderNode(LifecycleNode):
     def on_cleanup(self, state) -> TransitionCallbackReturn:
         """Destroy what configure created (subscriptions, the flush timer)."""
         self.entities.destroy()
+        self.pending.clear()
+        self.verdicts.clear()
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state) -> TransitionCallbackReturn:

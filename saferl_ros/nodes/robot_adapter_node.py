@@ -12,12 +12,13 @@ even when the monitor or the link to it is gone.
 import math
 import sys
 import time
-from typing import Optional
+from typing import Any, Dict, List, Optional
 
 from geometry_msgs.msg import Twist, TwistStamped
 from nav_msgs.msg import Odometry
 import numpy as np
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
+from saferl_ros import graph
 from saferl_ros.nodes.common import (COMMAND_QOS, ConfiguredEntities, declare, EPISODE, fail,
                                      FINAL, joint_state, json_msg, ns_to_stamp, OBSERVATION,
                                      optional_float, Param, RECORD_QOS, run_node, SENSOR_QOS,
@@ -47,12 +48,28 @@ PARAMS = [
 class RobotAdapterNode(LifecycleNode):
     """Odometry -> observation, final action -> velocity command."""
 
-    def __init__(self, name: str = 'robot_adapter_node', **kwargs):
+    def __init__(self, name: str = graph.ROBOT_ADAPTER, **kwargs):
         super().__init__(name, **kwargs)
         declare(self, PARAMS)
         self.entities = ConfiguredEntities(self)   # created in configure, gone in cleanup
-        self.active = False
+        self.active = False            # set by on_activate, cleared by on_deactivate
         self.last_error = ''
+        self.act_dim = 2
+        # Set by configure:
+        self.cfg: Dict[str, Any] = {}
+        self.task: Optional[RobotTask] = None
+        self.horizon = 0
+        self.step_names: List[str] = []
+        # Lifecycle publishers: silent while inactive (activate and deactivate send their zero
+        # command while they are enabled).
+        self.obs_pub = self.step_pub = self.episode_pub = self.cmd_pub = None
+        # Reset by activate:
+        self.state: Optional[RobotState] = None
+        self.previous = None            # (stamp, observation, state) of the last observation
+        self.action = np.zeros(self.act_dim, np.float32)
+        self.last_command = -math.inf   # monotonic time of the last final action
+        self.episode, self.steps = 0, 0
+        self.timeouts = 0
 
     def on_configure(self, state) -> TransitionCallbackReturn:
         """Validate the parameters; create publishers and subscriptions."""
@@ -68,14 +85,13 @@ class RobotAdapterNode(LifecycleNode):
         except Exception as exc:  # RobotConfigError, unknown task
             return fail(self, exc)
         self.cfg = cfg
-        self.act_dim = 2
         self.step_names = list(STEP_SCALARS) + [f'observation/{n}' for n in self.task.names] + \
             [f'next_observation/{n}' for n in self.task.names] + ['action/0', 'action/1']
-        self.obs_pub = self.entities.publisher(JointState, OBSERVATION, SENSOR_QOS)
-        self.step_pub = self.entities.publisher(JointState, STEP, RECORD_QOS)
-        self.episode_pub = self.entities.publisher(String, EPISODE, RECORD_QOS)
-        self.cmd_pub = self.entities.publisher(TwistStamped if cfg['twist_stamped'] else Twist,
-                                               'cmd_vel', COMMAND_QOS)
+        self.obs_pub = self.entities.lifecycle_publisher(JointState, OBSERVATION, SENSOR_QOS)
+        self.step_pub = self.entities.lifecycle_publisher(JointState, STEP, RECORD_QOS)
+        self.episode_pub = self.entities.lifecycle_publisher(String, EPISODE, RECORD_QOS)
+        self.cmd_pub = self.entities.lifecycle_publisher(
+            TwistStamped if cfg['twist_stamped'] else Twist, 'cmd_vel', COMMAND_QOS)
         self.entities.subscription(Odometry, 'odom', self._on_odometry, SENSOR_QOS)
         self.entities.subscription(JointState, FINAL, self._on_final, COMMAND_QOS)
         if cfg['watchdog_rate_hz'] > 0:
@@ -84,18 +100,19 @@ class RobotAdapterNode(LifecycleNode):
 
     def on_activate(self, state) -> TransitionCallbackReturn:
         """Start publishing observations; the robot is held at zero until commands come."""
+        result = super().on_activate(state)    # enables the lifecycle publishers
         self.active = True
-        self.state: Optional[RobotState] = None
-        self.previous = None            # (stamp, observation, state) of the last observation
+        self.state = None
+        self.previous = None
         self.action = np.zeros(self.act_dim, np.float32)
-        self.last_command = -math.inf   # monotonic time of the last final action
+        self.last_command = -math.inf
         self.episode, self.steps = 0, 0
         self.timeouts = 0
         self._send_zero()
-        return super().on_activate(state)
+        return result
 
     def on_deactivate(self, state) -> TransitionCallbackReturn:
-        """Safe stop: zero command."""
+        """Safe stop: zero command (sent before super() disables the publishers)."""
         self.active = False
         self._send_zero()
         return super().on_deactivate(state)
@@ -103,6 +120,8 @@ class RobotAdapterNode(LifecycleNode):
     def on_cleanup(self, state) -> TransitionCallbackReturn:
         """Destroy what configure created."""
         self.entities.destroy()
+        self.task = None
+        self.obs_pub = self.step_pub = self.episode_pub = self.cmd_pub = None
         return TransitionCallbackReturn.SUCCESS
 
     def _on_odometry(self, msg: Odometry):

@@ -15,11 +15,12 @@ from collections import OrderedDict
 import math
 import re
 import sys
-from typing import Optional
+from typing import Any, Dict, List, Optional
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 import numpy as np
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
+from saferl_ros import graph
 from saferl_ros.monitor import MonitorConfig, MonitorState, SafetyMonitor, STATE_LEVEL, Verdict
 from saferl_ros.nodes.common import (action_names, COMMAND_QOS, ConfiguredEntities, declare,
                                      diagnostic, diagnostic_array, DIAGNOSTICS, DIAGNOSTICS_QOS,
@@ -70,13 +71,31 @@ PARAMS = [
 class SafetyMonitorNode(LifecycleNode):
     """Pass, replace or stop: the safety layer between controller and robot."""
 
-    def __init__(self, name: str = 'safety_monitor_node', **kwargs):
+    def __init__(self, name: str = graph.MONITOR, **kwargs):
         super().__init__(name, **kwargs)
         declare(self, PARAMS)
         self.entities = ConfiguredEntities(self)   # created in configure, gone in cleanup
         self.monitor: Optional[SafetyMonitor] = None
-        self.active = False
+        self.active = False            # set by on_activate, cleared by on_deactivate
         self.last_error = ''
+        # Set by configure:
+        self.cfg: Dict[str, Any] = {}
+        self.bundle = None
+        self.channels: List[str] = []
+        self.act_names: List[str] = []
+        self.verdict_names: List[str] = []
+        # stamp -> (observation or None if invalid, FallbackChoice precomputed for it or None)
+        self.observations: 'OrderedDict[int, tuple]' = OrderedDict()
+        self.last_obs_ns: Optional[int] = None
+        self.last_decided_ns: Optional[int] = None
+        self.last_status: Optional[tuple] = None     # (state, cause) last on monitor/status
+        # Final action and verdict: lifecycle publishers (silent while inactive; deactivate
+        # publishes its safe stop before they are disabled). Status and diagnostics: plain
+        # publishers, since the INACTIVE state is published while inactive too.
+        self.final_pub = None
+        self.verdict_pub = None
+        self.status_pub = None
+        self.diag_pub = None
 
     def on_configure(self, state) -> TransitionCallbackReturn:
         """Load + verify the monitor bundle, validate every parameter, build the rule."""
@@ -107,13 +126,11 @@ class SafetyMonitorNode(LifecycleNode):
         self.act_names = action_names(bundle.act_dim)
         self.verdict_names = list(VERDICT_SCALARS) + [f'proposed/{i}'
                                                       for i in range(bundle.act_dim)]
-        # stamp -> (observation or None if invalid, FallbackChoice precomputed for it or None)
-        self.observations: 'OrderedDict[int, tuple]' = OrderedDict()
-        self.last_obs_ns: Optional[int] = None
-        self.last_decided_ns: Optional[int] = None
-        self.last_status: Optional[tuple] = None     # (state, cause) last on monitor/status
-        self.final_pub = self.entities.publisher(JointState, FINAL, COMMAND_QOS)
-        self.verdict_pub = self.entities.publisher(JointState, VERDICT, RECORD_QOS)
+        self.observations.clear()
+        self.last_obs_ns = self.last_decided_ns = None
+        self.last_status = None
+        self.final_pub = self.entities.lifecycle_publisher(JointState, FINAL, COMMAND_QOS)
+        self.verdict_pub = self.entities.lifecycle_publisher(JointState, VERDICT, RECORD_QOS)
         self.status_pub = self.entities.publisher(DiagnosticStatus, STATUS, STATUS_QOS)
         self.diag_pub = self.entities.publisher(DiagnosticArray, DIAGNOSTICS, DIAGNOSTICS_QOS)
         self.entities.subscription(JointState, OBSERVATION, self._on_observation, SENSOR_QOS)
@@ -142,6 +159,7 @@ class SafetyMonitorNode(LifecycleNode):
         """Safe stop: publish the safe action once and ignore inputs."""
         self.active = False
         stamp = self.get_clock().now().nanoseconds
+        # Before super().on_deactivate: it disables the lifecycle publishers.
         self._publish(self.monitor.stop(MonitorState.INACTIVE, stamp * 1e-9, 'deactivated'),
                       stamp)
         return super().on_deactivate(state)
@@ -149,7 +167,9 @@ class SafetyMonitorNode(LifecycleNode):
     def on_cleanup(self, state) -> TransitionCallbackReturn:
         """Drop the bundle and everything configure created."""
         self.entities.destroy()
-        self.monitor = None
+        self.monitor = self.bundle = None
+        self.final_pub = self.verdict_pub = self.status_pub = self.diag_pub = None
+        self.observations.clear()
         return TransitionCallbackReturn.SUCCESS
 
     # -- inputs --------------------------------------------------------------------------------

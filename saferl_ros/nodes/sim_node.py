@@ -30,7 +30,7 @@ import json
 import math
 import sys
 import time
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from geometry_msgs.msg import Twist, TwistStamped
 from nav_msgs.msg import Odometry
@@ -39,6 +39,7 @@ from rclpy.clock import Clock as RclpyClock, ClockType
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rosgraph_msgs.msg import Clock
+from saferl_ros import graph
 from saferl_ros.nodes.common import (action_names, COMMAND_QOS, ConfigError, ConfiguredEntities,
                                      declare, EPISODE, fail, FINAL, joint_state, json_msg,
                                      ns_to_stamp, OBSERVATION, Param, RECORD_QOS, require_positive,
@@ -95,17 +96,39 @@ PARAMS = [
 class SimNode(LifecycleNode):
     """The simulator behind the standard robot interface."""
 
-    def __init__(self, name: str = 'sim_node', **kwargs):
+    def __init__(self, name: str = graph.SIM, **kwargs):
         super().__init__(name, **kwargs)
         declare(self, PARAMS)
         self.entities = ConfiguredEntities(self)   # created in configure, gone in cleanup
         self.sim = None
-        self.timer = None
+        self.timer = None           # the step timer: created by activate, gone at deactivate
+        self.active = False         # set by on_activate, cleared by on_deactivate
         self.done = False
         self.episode_summaries: List[dict] = []
         self.last_error = ''
         self.sim_time_ns = 0        # lockstep: simulation clock [ns]
         self.dt_ns = 0              # lockstep: its advance per step [ns]
+        # Set by configure:
+        self.cfg: Dict[str, Any] = {}
+        self.safe_action: Optional[np.ndarray] = None
+        self.robot: Optional[RobotTask] = None
+        self.names: List[str] = []
+        self.act_names: List[str] = []
+        self.step_names: List[str] = []
+        # Lifecycle publishers (silent while inactive); None when the topic is disabled.
+        self.obs_pub = self.step_pub = self.episode_pub = None
+        self.odom_pub = self.clock_pub = None
+        # Reset by activate:
+        self.stamp_ns: Optional[int] = None     # stamp of the observation awaiting a command
+        self.published_at = 0.0
+        self.next_publish = 0.0
+        self.pending_obs = False
+        self.started = False
+        self.command = None                     # realtime: latest (action, receive time)
+        self.latency = LatencyStats()
+        self.episode_latency = LatencyStats()
+        self.misses = 0
+        self.episode_misses = 0
         # realtime stamps: wall time, never the node's clock (that would follow /clock, which
         # this node publishes, if use_sim_time were set after configure)
         self.wall_clock = RclpyClock(clock_type=ClockType.SYSTEM_TIME)
@@ -175,14 +198,13 @@ class SimNode(LifecycleNode):
                            + [f'next_observation/{n}' for n in self.names]
                            + [f'action/{i}' for i in range(self.sim.act_dim)])
         loop = cfg['publish_loop_topics']
-        self.obs_pub = self.entities.publisher(JointState, OBSERVATION, SENSOR_QOS) \
-            if loop else None
-        self.step_pub = self.entities.publisher(JointState, STEP, RECORD_QOS) if loop else None
-        self.episode_pub = self.entities.publisher(String, EPISODE, RECORD_QOS) if loop else None
-        self.odom_pub = self.entities.publisher(Odometry, 'odom', SENSOR_QOS) \
+        publisher = self.entities.lifecycle_publisher
+        self.obs_pub = publisher(JointState, OBSERVATION, SENSOR_QOS) if loop else None
+        self.step_pub = publisher(JointState, STEP, RECORD_QOS) if loop else None
+        self.episode_pub = publisher(String, EPISODE, RECORD_QOS) if loop else None
+        self.odom_pub = publisher(Odometry, 'odom', SENSOR_QOS) \
             if self.robot is not None and cfg['publish_odometry'] else None
-        self.clock_pub = self.entities.publisher(Clock, CLOCK, CLOCK_QOS) \
-            if cfg['publish_clock'] else None
+        self.clock_pub = publisher(Clock, CLOCK, CLOCK_QOS) if cfg['publish_clock'] else None
         if cfg['command_input'] == 'action':
             self.entities.subscription(JointState, FINAL, self._on_action, COMMAND_QOS)
         elif cfg['command_input'] == 'twist':
@@ -198,12 +220,12 @@ class SimNode(LifecycleNode):
         """Start the first episode once the subscribers are there, and the step timer."""
         self.active = True
         self.done = False
-        self.stamp_ns: Optional[int] = None     # stamp of the observation awaiting a command
+        self.stamp_ns = None
         self.published_at = 0.0
         self.next_publish = 0.0
         self.pending_obs = False
         self.started = False
-        self.command = None                     # realtime: latest (action, receive time)
+        self.command = None
         self.latency = LatencyStats()
         self.episode_latency = LatencyStats()
         self.misses = 0
@@ -217,14 +239,21 @@ class SimNode(LifecycleNode):
     def on_deactivate(self, state) -> TransitionCallbackReturn:
         """Stop stepping (the robot stands still: nothing more is applied)."""
         self.active = False
+        self._stop_timer()
+        return super().on_deactivate(state)
+
+    def _stop_timer(self):
         if self.timer is not None:
             self.destroy_timer(self.timer)
             self.timer = None
-        return super().on_deactivate(state)
 
     def on_cleanup(self, state) -> TransitionCallbackReturn:
         """Release the simulator and destroy what configure created."""
+        self._stop_timer()          # shutdown from active comes here without a deactivate
         self.entities.destroy()
+        self.obs_pub = self.step_pub = self.episode_pub = None
+        self.odom_pub = self.clock_pub = None
+        self.robot = None
         if self.sim is not None:
             self.sim.close()
             self.sim = None
@@ -281,7 +310,7 @@ class SimNode(LifecycleNode):
         self._command(action, stamp)
 
     def _command(self, action: np.ndarray, stamp_ns: Optional[int]):
-        if not getattr(self, 'active', False) or self.done:
+        if not self.active or self.done:
             return
         # Latency on the steady clock (stamps may be simulation time).
         latency = time.monotonic() - self.published_at
