@@ -15,7 +15,8 @@ import platform
 import time
 
 from offline_training.algos import get_algorithm
-from offline_training.algos.common import ReplayBuffer, set_seed
+from offline_training.algos.batching import ReplayBuffer
+from offline_training.algos.infrastructure import set_seed
 from offline_training.algos.toy_data import synthetic_dataset
 from saferl_ros.tasks import get_task
 import torch

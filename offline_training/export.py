@@ -441,7 +441,8 @@ def build_test_model(task='BallCircle', seed: int = 0, algorithm: str = 'fisor',
     """
     import importlib
 
-    from offline_training.algos import common
+    from offline_training.algos.batching import ReplayBuffer
+    from offline_training.algos.infrastructure import set_seed
 
     spec = get_task(task)
     key = 'bc' if algorithm in ('bc', 'bc_all', 'bc_safe') else algorithm
@@ -452,13 +453,13 @@ def build_test_model(task='BallCircle', seed: int = 0, algorithm: str = 'fisor',
     overrides = dict(_TEST_CONFIGS[key], steps=max(train_steps, 1))
     if algorithm == 'bc_safe':
         overrides.update(mode='safe', cost_limit=1e9)  # synthetic data has no episodes to keep
-    common.set_seed(seed)
+    set_seed(seed)
     config = module.resolve_config(module.make_config('cpu', **overrides), spec)
     model = module.build_model(spec.obs_dim, spec.act_dim, config)
     if train_steps > 0:
         data = _synthetic_circle_data(spec, 2048, np.random.default_rng(seed))
-        buffer = common.ReplayBuffer(module.prepare_arrays(data, config), torch.device('cpu'),
-                                     seed=seed)
+        buffer = ReplayBuffer(module.prepare_arrays(data, config), torch.device('cpu'),
+                              seed=seed)
         trainer = module.make_trainer(model, config)
         model.train()
         for _ in range(train_steps):

@@ -20,8 +20,9 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 from offline_training.algos import ALGORITHMS, get_algorithm
-from offline_training.algos.common import (
-    check_dataset, ReplayBuffer, resolve_device, rng_state, set_rng_state, set_seed)
+from offline_training.algos.batching import check_dataset, ReplayBuffer
+from offline_training.algos.infrastructure import (
+    resolve_device, rng_state, set_rng_state, set_seed)
 from offline_training.data.dataset import (
     DatasetError, load_dataset, resolve_dataset_path)
 from saferl_ros.errors import (

@@ -4,9 +4,10 @@ import math
 
 import numpy as np
 from offline_training.algos import bc, bcq_lag, fisor, get_algorithm
-from offline_training.algos.common import (
-    cosine_decay, ddpm_sample, DiffusionSchedule, expectile_loss, QEnsemble, ReplayBuffer,
-    reversed_expectile_loss, soft_update, vp_beta_schedule)
+from offline_training.algos.batching import ReplayBuffer
+from offline_training.algos.diffusion import ddpm_sample, DiffusionSchedule, vp_beta_schedule
+from offline_training.algos.fisor import cosine_decay, expectile_loss, reversed_expectile_loss
+from offline_training.algos.networks import QEnsemble, soft_update
 from offline_training.algos.toy_data import synthetic_dataset
 import pytest
 import torch

@@ -9,7 +9,8 @@ import time
 
 import numpy as np
 from offline_training.algos import bcq_lag, get_algorithm
-from offline_training.algos.common import ReplayBuffer, set_seed
+from offline_training.algos.batching import ReplayBuffer
+from offline_training.algos.infrastructure import set_seed
 from offline_training.algos.toy_data import rollout_dataset, synthetic_dataset
 from offline_training.data.dataset import write_dataset
 from offline_training.train import load_run, main, train

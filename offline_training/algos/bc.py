@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from typing import Dict, Tuple
 
 import numpy as np
-from offline_training.algos.common import clip_actions, config_from_preset, mlp, ReplayBuffer
+from offline_training.algos.batching import clip_actions, ReplayBuffer
+from offline_training.algos.infrastructure import config_from_preset
+from offline_training.algos.networks import mlp
 from offline_training.data.trajectories import trajectory_returns
 from saferl_ros.errors import ConfigError
 import torch

@@ -20,8 +20,9 @@ from dataclasses import dataclass, replace
 from typing import Dict, Optional, Tuple
 
 import numpy as np
-from offline_training.algos.common import (
-    clip_actions, config_from_preset, mlp, QEnsemble, ReplayBuffer, set_seed, soft_update)
+from offline_training.algos.batching import clip_actions, ReplayBuffer
+from offline_training.algos.infrastructure import config_from_preset, set_seed
+from offline_training.algos.networks import mlp, QEnsemble, soft_update
 import torch
 from torch import nn
 import torch.nn.functional as F
