@@ -117,17 +117,13 @@ class RunAgent(Agent):
     def __init__(self, path):
         import torch
 
-        from offline_training.algos import get_algorithm
-        from offline_training.export import plan_for
-        from offline_training.train import load_run
+        from offline_training.runs import open_run
 
         self._torch = torch
-        algorithm, run_config, model = load_run(path)
-        module, _ = get_algorithm(algorithm)
-        config = module.make_config('paper', **run_config['algo_config'])
-        self.graph = plan_for(algorithm, model, config).graphs['policy']
+        run = open_run(path)
+        self.graph = run.export_plan().graphs['policy']
         self.name, self.kind = Path(path).resolve().name, 'run'
-        self.algorithm, self.task = algorithm, run_config['task']['name']
+        self.algorithm, self.task = run.algorithm, run.task
         noise = self.graph.inputs.get('noise')
         self.noise_shape = None if noise is None else tuple(noise[1:])
 

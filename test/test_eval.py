@@ -85,10 +85,10 @@ def test_saferl_eval_cli(bundle, tmp_path, capfd):
 
 
 def test_run_folder_and_its_bundle_act_alike(tmp_path, ballcircle_arrays):
-    from offline_training.export import _TEST_CONFIGS, export_run
+    from offline_training.export import export_run
     from offline_training.train import train
-    run = train('fisor', 'BallCircle', preset='cpu', data=ballcircle_arrays, steps=3,
-                out=tmp_path / 'run', overrides=_TEST_CONFIGS['fisor'], progress=False)
+    run = train('fisor', 'BallCircle', preset='test', data=ballcircle_arrays, steps=3,
+                out=tmp_path / 'run', progress=False)
     torch_agent = load_agent(run)
     onnx_agent = load_agent(export_run(run, tmp_path / 'bundle'))
     assert (torch_agent.kind, onnx_agent.kind) == ('run', 'bundle')

@@ -13,7 +13,8 @@ from offline_training.algos.batching import ReplayBuffer
 from offline_training.algos.infrastructure import set_seed
 from offline_training.algos.toy_data import rollout_dataset, synthetic_dataset
 from offline_training.data.dataset import write_dataset
-from offline_training.train import load_run, main, train
+from offline_training.runs import load_run
+from offline_training.train import main, train
 import pytest
 from saferl_ros.tasks import get_task
 import torch

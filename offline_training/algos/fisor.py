@@ -27,6 +27,7 @@ from offline_training.algos.batching import clip_actions, ReplayBuffer
 from offline_training.algos.diffusion import ddpm_sample, DiffusionSchedule
 from offline_training.algos.infrastructure import config_from_preset
 from offline_training.algos.networks import init_linear, mlp, QEnsemble, soft_update, ValueNet
+from offline_training.algos.protocol import batch_shape, ExportPlan, GraphSpec
 from saferl_ros.errors import ConfigError
 import torch
 from torch import nn
@@ -90,15 +91,22 @@ class FisorConfig:
                               'actor_updates_per_step (critics use the first rows of the batch)')
 
 
+CONFIG = FisorConfig
+
 # Named presets. 'paper' is the paper/official configuration. 'cpu' keeps every equation and the
 # update structure but shrinks the diffusion network, the batches and the number of steps so that
 # a run finishes in about an hour on a 2-core laptop (see docs/algorithms.md for the figures).
+# 'test' is 'cpu' with tiny networks (N = 8 candidates, 16 for the fallback): test bundles.
 PRESETS: Dict[str, dict] = {
     'paper': {},
     'cpu': {'steps': 100_000, 'actor_batch_size': 256, 'actor_updates_per_step': 2,
             'critic_batch_size': 256, 'actor_hidden': 128, 'actor_blocks': 2,
             'actor_decay_steps': 300_000},
 }
+PRESETS['test'] = {**PRESETS['cpu'], 'steps': 30, 'actor_batch_size': 64,
+                   'critic_batch_size': 64, 'actor_hidden': 32, 'actor_blocks': 1,
+                   'critic_hidden': (32, 32), 'time_dim': 8, 'cond_hidden': (16, 16),
+                   'num_candidates': 8, 'fallback_candidates': 16}
 
 
 def make_config(preset: str = 'paper', **overrides) -> FisorConfig:
@@ -549,3 +557,40 @@ class FisorTrainer:
 def make_trainer(model: FisorModel, config: FisorConfig) -> FisorTrainer:
     """Return the trainer of ``model``."""
     return FisorTrainer(model, config)
+
+
+# --------------------------------------------------------------------------- export
+
+def export_plan(model: FisorModel, config: FisorConfig) -> ExportPlan:
+    """
+    Return FISOR's graphs: sampler policy, feasibility critic and argmin-Q_h fallback.
+
+    ``policy(observation, noise) -> action`` is the whole sampler of Sec. 3.4 (N candidates, T
+    DDPM steps, argmin over the max of the Q_h heads); ``critic(observation, action) -> v_h,
+    q_h``; ``fallback`` is the same sampler over ``fallback_candidates``, the infeasible-region
+    behaviour of Eq. 13 evaluated greedily. The candidate counts are the model's (export may
+    change them). FISOR trains on raw observations (the official code does not normalise them),
+    so the graphs carry no normalisation.
+    """
+    modules = model.export_modules()
+    obs_dim, act_dim = model.obs_dim, model.act_dim
+    steps = model.diffusion_steps + 1  # x_T plus one draw per denoising step
+    graphs = {
+        'policy': GraphSpec(modules['policy'],
+                            {'observation': batch_shape(obs_dim),
+                             'noise': batch_shape(model.num_candidates, steps, act_dim)},
+                            {'action': batch_shape(act_dim)}),
+        'critic': GraphSpec(modules['critic'],
+                            {'observation': batch_shape(obs_dim), 'action': batch_shape(act_dim)},
+                            {'v_h': batch_shape(), 'q_h': batch_shape()}),
+        'fallback': GraphSpec(modules['fallback'],
+                              {'observation': batch_shape(obs_dim),
+                               'noise': batch_shape(model.fallback_candidates, steps, act_dim)},
+                              {'action': batch_shape(act_dim)}),
+    }
+    # FISOR's signs: h = -1 safe, +M unsafe, so <= 0 is feasible for both V_h and Q_h (Sec. 3).
+    critic = {'kind': 'feasibility', 'threshold_v': 0.0, 'threshold_q': 0.0}
+    extra = {'num_candidates': model.num_candidates, 'diffusion_steps': model.diffusion_steps,
+             'fallback_candidates': model.fallback_candidates,
+             'selection': 'argmin max_j Qbar_h^j(s, a) over the candidates (minqc)'}
+    return ExportPlan(NAME, graphs, critic, extra=extra)
