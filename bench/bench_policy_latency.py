@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from offline_training.evaluate import machine_info  # noqa: E402
+from offline_training.machine import machine_info  # noqa: E402
 
 
 def timings(calls: dict, iterations: int, warmup: int) -> dict:

@@ -301,7 +301,7 @@ def main(argv=None) -> int:
     os.environ.setdefault('ROS_DOMAIN_ID', str(90 + os.getpid() % 40))
     os.environ.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
 
-    from offline_training.evaluate import machine_info
+    from offline_training.machine import machine_info
     tmp = Path(tempfile.mkdtemp(prefix='bench-ros-'))
     bundle = args.bundle
     if bundle == 'paper':

@@ -3,9 +3,9 @@
 import json
 
 import numpy as np
-from offline_training.evaluate import (evaluate, load_agent, main, result_label, rollout,
-                                       summarize, write_results, write_table)
+from offline_training.evaluate import evaluate, load_agent, main, rollout, write_results
 from offline_training.export import make_test_bundle
+from offline_training.results import result_label, summarize, write_table
 import pytest
 from saferl_ros.tasks import get_task
 
