@@ -282,24 +282,6 @@ def _floats(values) -> List[float]:
 
 # --------------------------------------------------------------------------- test bundles
 
-def _synthetic_circle_data(spec: TaskSpec, size: int, rng: np.random.Generator) -> dict:
-    """
-    Return a toy DSRL dict whose cost is the Circle rule |x| > 6 (x = 10 * obs[0]).
-
-    The observations are uniform in a box, not trajectories; it only gives a few training steps
-    a meaningful sign for the feasibility critic near the boundaries. It is not a dataset.
-    """
-    obs = rng.uniform(-1.0, 1.0, size=(size, spec.obs_dim)).astype(np.float32)
-    act = rng.uniform(-1.0, 1.0, size=(size, spec.act_dim)).astype(np.float32)
-    next_obs = obs.copy()
-    next_obs[:, 0] += 0.02 * act[:, 0]  # a small step in x in the direction of the action
-    costs = (np.abs(10.0 * obs[:, 0]) > 6.0).astype(np.float32)
-    return {'observations': obs, 'next_observations': next_obs, 'actions': act,
-            'rewards': rng.normal(size=size).astype(np.float32), 'costs': costs,
-            'terminals': np.zeros(size, np.float32),
-            'timeouts': (rng.uniform(size=size) < 0.01).astype(np.float32)}
-
-
 def build_test_model(task='BallCircle', seed: int = 0, algorithm: str = 'fisor',
                      train_steps: int = 30):
     """
@@ -309,6 +291,7 @@ def build_test_model(task='BallCircle', seed: int = 0, algorithm: str = 'fisor',
     """
     from offline_training.algos.batching import ReplayBuffer
     from offline_training.algos.infrastructure import set_seed
+    from offline_training.data.synthetic import synthetic_dataset
 
     spec = get_task(task)
     module, fixed = get_algorithm(algorithm)
@@ -317,7 +300,7 @@ def build_test_model(task='BallCircle', seed: int = 0, algorithm: str = 'fisor',
     config = module.resolve_config(config, spec)
     model = module.build_model(spec.obs_dim, spec.act_dim, config)
     if train_steps > 0:
-        data = _synthetic_circle_data(spec, 2048, np.random.default_rng(seed))
+        data = synthetic_dataset(spec.name, episodes=16, seed=seed, max_length=170)
         buffer = ReplayBuffer(module.prepare_arrays(data, config), torch.device('cpu'),
                               seed=seed)
         trainer = module.make_trainer(model, config)
@@ -333,9 +316,10 @@ def make_test_bundle(out_dir, task='BallCircle', seed: int = 0, algorithm: str =
     """
     Export a complete, verifiable bundle of a tiny model in a few seconds (for tests).
 
-    The model is the algorithm's real code with tiny networks (FISOR: N = 8 candidates, 16 for
-    the fallback), trained ``train_steps`` iterations on a synthetic box dataset with the Circle
-    cost rule. It is not a useful policy; it exercises every part of the bundle contract.
+    The model is the algorithm's real code with its 'test' preset (tiny networks; FISOR: N = 8
+    candidates, 16 for the fallback), trained ``train_steps`` iterations on a synthetic dataset
+    (offline_training.data.synthetic). It is not a useful policy; it exercises every part of the
+    bundle contract.
     ``algorithm``: fisor (default), bc_all, bc_safe or bcq_lag.
     """
     _, plan = build_test_model(task, seed, algorithm, train_steps)

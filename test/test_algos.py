@@ -10,7 +10,7 @@ from offline_training.algos.diffusion import ddpm_sample, DiffusionSchedule, vp_
 from offline_training.algos.fisor import cosine_decay, expectile_loss, reversed_expectile_loss
 from offline_training.algos.networks import QEnsemble, soft_update
 from offline_training.algos.protocol import PRESET_NAMES, protocol_problems, Trainer
-from offline_training.algos.toy_data import synthetic_dataset
+from offline_training.data.synthetic import synthetic_dataset
 import pytest
 from saferl_ros.tasks import get_task
 import torch
@@ -95,7 +95,7 @@ def test_feasible_bellman_target_with_terminal_and_timeout():
 
 
 def test_prepare_arrays_masks_terminals_and_timeouts():
-    data = synthetic_dataset(size=6, horizon=3)
+    data = synthetic_dataset(episodes=2, max_length=3, fixed_length=True, terminal_fraction=0)
     data['terminals'][1] = 1.0
     data['costs'][:] = t([0, 1, 0, 0, 2, 0]).numpy()
     data['actions'][0] = [1.0, -1.0]
@@ -259,7 +259,7 @@ def test_ema_copy_stays_in_eval_mode():
 # --------------------------------------------------------------------------- baselines
 
 def test_bc_safe_keeps_trajectories_within_kappa():
-    data = synthetic_dataset(size=9, horizon=3)
+    data = synthetic_dataset(episodes=3, max_length=3, fixed_length=True, terminal_fraction=0)
     data['costs'][:] = t([0, 0, 0, 2, 2, 1, 9, 9, 9]).numpy()   # returns 0, 5, 27
     mask = bc.safe_transition_mask(data, 10.0)
     assert mask.tolist() == [True] * 6 + [False] * 3
