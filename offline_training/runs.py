@@ -8,7 +8,8 @@ export, evaluation and the feasibility picture read it through :func:`open_run`,
 that turns a run folder back into its algorithm, its config and its model.
 """
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+import datetime
 from pathlib import Path
 import subprocess
 from types import ModuleType
@@ -65,12 +66,33 @@ def default_run_dir(algo: str, task: str, seed: int) -> Path:
     return Path('runs') / f'{algo}-{task}-s{seed}'
 
 
+def new_run_config(algo: str, preset: str, seed: int, spec, config, obs_dim: int, act_dim: int,
+                   device, dataset: dict) -> dict:
+    """
+    Return the config.yaml of a new run: what was trained, on what, where, with which code.
+
+    ``spec`` is the task's TaskSpec, ``config`` the algorithm's resolved config dataclass (its
+    fields go to ``algo_config``), ``dataset`` the dataset's provenance and sizes.
+    """
+    return {
+        'algorithm': algo, 'preset': preset, 'seed': seed, 'steps': config.steps,
+        'task': {'name': spec.name, 'env_id': spec.env_id, 'offline_id': spec.offline_id,
+                 'horizon': spec.horizon, 'max_reward': spec.max_reward,
+                 'min_reward': spec.min_reward, 'max_cost': spec.max_cost},
+        'dataset': dataset,
+        'obs_dim': obs_dim, 'act_dim': act_dim, 'device': str(device),
+        'torch': str(torch.__version__), 'code_version': code_version(),
+        'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+        'algo_config': asdict(config),
+    }
+
+
 def write_yaml(data: dict, path: Path) -> None:
     """Write ``data`` (made YAML-safe) to ``path`` atomically."""
     atomic_write_yaml(path, yaml_safe(data))
 
 
-def save_checkpoint(state: dict, path: Path) -> None:
+def write_checkpoint(state: dict, path: Path) -> None:
     """Write a checkpoint dict (the keys of CHECKPOINT_KEYS) to ``path`` atomically."""
     with atomic_path(path) as tmp:
         torch.save(state, tmp)

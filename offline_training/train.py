@@ -9,15 +9,12 @@ optimiser, EMA and RNG state.
 """
 
 import argparse
-from dataclasses import asdict
-import datetime
 from pathlib import Path
 import sys
 import time
 from typing import Dict, Optional, Tuple
 
 import numpy as np
-from offline_training import runs
 from offline_training.algos import ALGORITHMS, get_algorithm
 from offline_training.algos.batching import check_dataset, ReplayBuffer
 from offline_training.algos.infrastructure import (
@@ -25,8 +22,8 @@ from offline_training.algos.infrastructure import (
 from offline_training.data.dataset import (
     DatasetError, load_dataset, resolve_dataset_path)
 from offline_training.runs import (
-    check_resume, CHECKPOINT, code_version, CONFIG, default_run_dir, restore, RESUME_FIX,
-    SUMMARY, write_yaml)
+    check_resume, CHECKPOINT, CONFIG, default_run_dir, new_run_config, restore, RESUME_FIX,
+    SUMMARY, write_checkpoint, write_yaml)
 from saferl_ros.errors import ConfigError, reports_user_errors
 from saferl_ros.files import sha256_file
 from saferl_ros.tasks import get_task
@@ -80,18 +77,9 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
     model = module.build_model(obs_dim, act_dim, config).to(torch_device)
     trainer = module.make_trainer(model, config)
 
-    run_config = {
-        'algorithm': algo, 'preset': preset, 'seed': seed, 'steps': config.steps,
-        'task': {'name': spec.name, 'env_id': spec.env_id, 'offline_id': spec.offline_id,
-                 'horizon': spec.horizon, 'max_reward': spec.max_reward,
-                 'min_reward': spec.min_reward, 'max_cost': spec.max_cost},
-        'dataset': {**provenance, 'transitions': int(buffer.size),
-                    'training_transitions': int(len(arrays['obs']))},
-        'obs_dim': obs_dim, 'act_dim': act_dim, 'device': str(torch_device),
-        'torch': str(torch.__version__), 'code_version': code_version(),
-        'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-        'algo_config': asdict(config),
-    }
+    run_config = new_run_config(algo, preset, seed, spec, config, obs_dim, act_dim, torch_device,
+                                {**provenance, 'transitions': int(buffer.size),
+                                 'training_transitions': int(len(arrays['obs']))})
 
     step = 0
     ckpt_path = run_dir / CHECKPOINT
@@ -105,9 +93,9 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
     write_yaml(run_config, run_dir / CONFIG)
 
     def save_checkpoint():
-        runs.save_checkpoint({'algorithm': algo, 'seed': seed, 'step': step,
-                              'model': model.state_dict(), 'trainer': trainer.state_dict(),
-                              'buffer': buffer.state_dict(), 'rng': rng_state()}, ckpt_path)
+        write_checkpoint({'algorithm': algo, 'seed': seed, 'step': step,
+                          'model': model.state_dict(), 'trainer': trainer.state_dict(),
+                          'buffer': buffer.state_dict(), 'rng': rng_state()}, ckpt_path)
 
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(str(run_dir / 'tb'), purge_step=step if step else None)
