@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from offline_training.evaluate import machine_info  # noqa: E402
+from offline_training.machine import machine_info  # noqa: E402
 
 
 def timings(calls: dict, iterations: int, warmup: int) -> dict:
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
 
     from offline_training.algos import fisor
     from saferl_ros.tasks import get_task
-    from offline_training.export import fisor_plan, write_bundle
+    from offline_training.export import write_bundle
     from saferl_ros.bundle import load_bundle
 
     torch.set_num_threads(args.torch_threads)
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     model = fisor.build_model(spec.obs_dim, spec.act_dim, config).eval()
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = load_bundle(write_bundle(fisor_plan(model, config), Path(tmp) / 'bench',
+        bundle = load_bundle(write_bundle(fisor.export_plan(model, config), Path(tmp) / 'bench',
                                           spec.name))
     rng = np.random.default_rng(0)
     obs = rng.normal(scale=0.3, size=(1, spec.obs_dim)).astype(np.float32)

@@ -37,14 +37,14 @@ def paper_bundle(out_dir: Path, task: str = 'BallCircle') -> str:
 
     from offline_training.algos import fisor
     from saferl_ros.tasks import get_task
-    from offline_training.export import fisor_plan, write_bundle
+    from offline_training.export import write_bundle
 
     torch.set_num_threads(1)
     spec = get_task(task)
     config = fisor.resolve_config(fisor.make_config('paper'), spec)
     torch.manual_seed(0)
     model = fisor.build_model(spec.obs_dim, spec.act_dim, config).eval()
-    return str(write_bundle(fisor_plan(model, config), out_dir / 'fisor-paper-untrained',
+    return str(write_bundle(fisor.export_plan(model, config), out_dir / 'fisor-paper-untrained',
                             spec.name))
 
 
@@ -304,7 +304,7 @@ def main(argv=None) -> int:
     os.environ.setdefault('ROS_DOMAIN_ID', str(90 + os.getpid() % 40))
     os.environ.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
 
-    from offline_training.evaluate import machine_info
+    from offline_training.machine import machine_info
     tmp = Path(tempfile.mkdtemp(prefix='bench-ros-'))
     bundle = args.bundle
     if bundle == 'paper':

@@ -15,8 +15,9 @@ import platform
 import time
 
 from offline_training.algos import get_algorithm
-from offline_training.algos.common import ReplayBuffer, set_seed
-from offline_training.algos.toy_data import synthetic_dataset
+from offline_training.algos.batching import ReplayBuffer
+from offline_training.algos.infrastructure import set_seed
+from offline_training.data.synthetic import synthetic_dataset
 from saferl_ros.tasks import get_task
 import torch
 
@@ -52,7 +53,8 @@ def bench_case(algo: str, preset: str, task, device: torch.device, seconds: floa
     if algo == 'bc_safe':
         overrides['cost_limit'] = 1e9   # keep every synthetic episode
     config = module.resolve_config(module.make_config(preset, **overrides), task)
-    data = synthetic_dataset(task.obs_dim, task.act_dim, size=100_000, horizon=task.horizon)
+    data = synthetic_dataset(task.name, episodes=-(-100_000 // task.horizon),
+                             max_length=task.horizon, fixed_length=True, terminal_fraction=0)
     buffer = ReplayBuffer(module.prepare_arrays(data, config), device)
     model = module.build_model(task.obs_dim, task.act_dim, config).to(device)
     trainer = module.make_trainer(model, config)

@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     parser.add_argument('--json', default=None, help='also write the figures to this file')
     args = parser.parse_args(argv)
 
-    from offline_training.evaluate import machine_info
+    from offline_training.machine import machine_info
     from saferl_ros import graph as node_graph
     from saferl_ros.bringup import Graph
     from saferl_ros.nodes.common import StopSignals

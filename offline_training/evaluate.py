@@ -1,5 +1,5 @@
 """
-Evaluate policies in Bullet-Safety-Gym and build the results table: ``saferl-eval``.
+Evaluate policies in Bullet-Safety-Gym: ``saferl-eval`` (``saferl-eval table``: results.py).
 
     saferl-eval RUN_OR_BUNDLE --episodes 20 --seeds 0 1 2       # RUN_OR_BUNDLE/eval/results.json
     saferl-eval RUN [MORE...] --episodes 20 -o results/NAME.json
@@ -15,9 +15,10 @@ Scores follow DSRL exactly (``saferl_ros.tasks.normalized_score``):
 ``R_norm = (R - R_min) / (R_max - R_min)``, ``C_norm = (C + eps) / (kappa + eps)`` with
 ``eps = 1`` only when ``kappa = 0``; safe means ``C_norm <= 1``. Each evaluation seed (and each
 source, e.g. runs of different training seeds) is one unit: the unit's mean over its episodes;
-the reported mean +- std is over units (over episodes when there is a single unit).
-FISOR's paper evaluates Bullet-Safety-Gym at kappa = 5 with 20 episodes x 3 seeds
-(the paper's Sec. 5 and Table 1); DSRL's benchmark uses kappa in {10, 20, 40}.
+the reported mean +- std is over units (over episodes when there is a single unit); the
+aggregation and the tables are in results.py. FISOR's paper evaluates Bullet-Safety-Gym at
+kappa = 5 with 20 episodes x 3 seeds (the paper's Sec. 5 and Table 1); DSRL's benchmark uses
+kappa in {10, 20, 40}.
 """
 
 import argparse
@@ -26,57 +27,19 @@ from datetime import datetime, timezone
 import json
 import os
 from pathlib import Path
-import platform
-import re
 import sys
-from typing import Dict, List, Sequence
+from typing import Sequence
 
 import numpy as np
+from offline_training.machine import machine_info
+from offline_training.results import KAPPAS, summarize, table_main
 from saferl_ros.errors import ConfigError, MissingFileError, reports_user_errors
 from saferl_ros.sim import episode_seed, run_episode
 from saferl_ros.tasks import get_task, normalized_score
 from tqdm import tqdm
 
-KAPPAS = (5, 10, 20, 40)
 # Default results file of one source, relative to its folder (the CSV goes next to it).
 DEFAULT_RESULTS = Path('eval') / 'results.json'
-TABLE_KAPPA = 5  # FISOR's Table 1 kappa for Bullet-Safety-Gym (paper, Sec. 5)
-# FISOR paper, Table 1 (normalised reward, normalised cost), Bullet-Safety-Gym rows, kappa = 5,
-# 20 episodes x 3 seeds (the paper's protocol). Shown next to our numbers for reference.
-PAPER = {
-    'bc_all': {'AntRun': (0.73, 11.73), 'BallRun': (0.67, 11.38), 'CarRun': (0.96, 1.88),
-               'DroneRun': (0.55, 5.21), 'AntCircle': (0.65, 19.45),
-               'BallCircle': (0.72, 10.02), 'CarCircle': (0.65, 11.16),
-               'DroneCircle': (0.82, 13.78)},
-    'bcq_lag': {'AntRun': (0.65, 3.30), 'BallRun': (0.43, 6.25), 'CarRun': (0.84, 2.51),
-                'DroneRun': (0.80, 17.98), 'AntCircle': (0.67, 19.13),
-                'BallCircle': (0.67, 8.50), 'CarCircle': (0.68, 8.84),
-                'DroneCircle': (0.95, 18.56)},
-    'fisor': {'AntRun': (0.45, 0.03), 'BallRun': (0.18, 0.00), 'CarRun': (0.73, 0.14),
-              'DroneRun': (0.30, 0.55), 'AntCircle': (0.20, 0.00), 'BallCircle': (0.34, 0.00),
-              'CarCircle': (0.40, 0.11), 'DroneCircle': (0.48, 0.00)},
-}
-
-
-def machine_info() -> dict:
-    """Return the CPU model, core count and library versions (for every measured figure)."""
-    cpu = platform.processor() or 'unknown'
-    try:
-        with open('/proc/cpuinfo') as stream:
-            for line in stream:
-                if line.startswith('model name'):
-                    cpu = line.split(':', 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {'cpu': cpu, 'cores': os.cpu_count(), 'platform': platform.platform(),
-            'python': platform.python_version(), 'numpy': np.__version__}
-    for module in ('torch', 'onnxruntime', 'pybullet'):
-        try:
-            info[module] = __import__(module).__version__
-        except (ImportError, AttributeError):
-            info[module] = None
-    return info
 
 
 # --------------------------------------------------------------------------- agents
@@ -117,10 +80,11 @@ class ModelAgent(Agent):
     def __init__(self, algorithm: str, model, config, task: str, name: str = 'model'):
         import torch
 
-        from offline_training.export import plan_for
+        from offline_training.algos import get_algorithm
 
         self._torch = torch
-        self.graph = plan_for(algorithm, model, config).graphs['policy']
+        module, _ = get_algorithm(algorithm)
+        self.graph = module.export_plan(model, config).graphs['policy']
         self.device = next(model.parameters()).device
         self.name, self.kind = name, 'run'
         self.algorithm, self.task = algorithm, task
@@ -141,13 +105,10 @@ class RunAgent(ModelAgent):
     """A saferl-train run folder's model (its last checkpoint)."""
 
     def __init__(self, path):
-        from offline_training.algos import get_algorithm
-        from offline_training.train import load_run
+        from offline_training.runs import open_run
 
-        algorithm, run_config, model = load_run(path)
-        module, _ = get_algorithm(algorithm)
-        config = module.make_config('paper', **run_config['algo_config'])
-        super().__init__(algorithm, model, config, run_config['task']['name'],
+        run = open_run(path)
+        super().__init__(run.algorithm, run.model, run.config, run.task,
                          Path(path).resolve().name)
 
 
@@ -184,42 +145,6 @@ def rollout(agent: Agent, env, seed: int, episode: int) -> dict:
     episode_result = run_episode(env, lambda obs: agent.act(obs, rng), seed_value)
     return {'seed': int(seed), 'episode': int(episode), 'reward': episode_result.reward,
             'cost': episode_result.cost, 'length': episode_result.length}
-
-
-def _mean_std(values) -> Dict[str, float]:
-    values = np.asarray(values, dtype=np.float64)
-    return {'mean': float(values.mean()), 'std': float(values.std()) if len(values) > 1 else 0.0}
-
-
-def summarize(task, episodes: List[dict], kappas: Sequence[float] = KAPPAS) -> dict:
-    """
-    Aggregate episodes into raw and normalised scores per kappa.
-
-    Units are (source, seed) pairs: mean +- std over unit means when there are several units,
-    over episodes when there is one (``std_over`` says which).
-    """
-    units: Dict[tuple, List[dict]] = {}
-    for row in episodes:
-        units.setdefault((row.get('source', ''), row['seed']), []).append(row)
-    several = len(units) > 1
-
-    def aggregate(values_of):
-        if several:
-            return _mean_std([np.mean([values_of(r) for r in rows]) for rows in units.values()])
-        return _mean_std([values_of(r) for r in episodes])
-
-    summary = {'std_over': 'seeds' if several else 'episodes', 'units': len(units),
-               'episodes': len(episodes),
-               'reward': aggregate(lambda r: r['reward']), 'cost': aggregate(lambda r: r['cost']),
-               'length': aggregate(lambda r: r['length']), 'normalized': {}}
-    for kappa in kappas:
-        def norm(row, index, k=kappa):
-            return float(normalized_score(task, row['reward'], row['cost'], k)[index])
-        summary['normalized'][str(kappa)] = {
-            'reward': aggregate(lambda r: norm(r, 0)), 'cost': aggregate(lambda r: norm(r, 1)),
-            'safe_fraction': float(np.mean([norm(r, 1) <= 1.0 for r in episodes])),
-        }
-    return summary
 
 
 def evaluate(sources: Sequence, episodes: int = 20, seeds: Sequence[int] = (0,),
@@ -307,253 +232,7 @@ def format_summary(results: dict) -> str:
     return '\n'.join(lines)
 
 
-# --------------------------------------------------------------------------- results table
-
-def result_label(result: dict) -> str:
-    """
-    Return the table column of one results file.
-
-    Its ``label`` if set; else, for a run folder named LABEL-TASK-sSEED (tools/run_results.py,
-    e.g. bc_safe-k5-BallCircle-s0), LABEL, so variants of one algorithm (BC-Safe at two kappas)
-    stay apart; else the algorithm.
-    """
-    if result.get('label'):
-        return result['label']
-    match = re.fullmatch(rf'(.+)-{re.escape(result["task"])}-s\d+', result.get('name', ''))
-    return match.group(1) if match else result['algorithm']
-
-
-def merge_results(results: Sequence[dict]) -> Dict[tuple, dict]:
-    """Group results by (task, label) and re-aggregate the episodes of each group."""
-    groups: Dict[tuple, List[dict]] = {}
-    for result in results:
-        groups.setdefault((result['task'], result_label(result)), []).append(result)
-    merged = {}
-    for (task, label), items in groups.items():
-        episodes = [dict(row, source=row.get('source', item['name']))
-                    for item in items for row in item['episodes']]
-        kappas = sorted({k for item in items for k in item['kappas']})
-        merged[(task, label)] = {
-            'summary': summarize(task, episodes, kappas), 'kappas': kappas,
-            'algorithm': items[0]['algorithm'],
-            'names': [item['name'] for item in items],
-            'kinds': sorted({k for item in items for k in item['kinds']}),
-            'episodes_per_seed': sorted({item['episodes_per_seed'] for item in items}),
-            'seeds': sorted({s for item in items for s in item['seeds']})}
-    return merged
-
-
-def _cell(stat: dict) -> str:
-    return f'{stat["mean"]:.2f} ± {stat["std"]:.2f}'
-
-
-def results_table(results: Sequence[dict], kappa: float = TABLE_KAPPA,
-                  details: bool = True) -> str:
-    """Return the markdown results table at ``kappa`` (unsafe costs, C_norm > 1, in bold)."""
-    merged = merge_results(results)
-    tasks = sorted({t for t, _ in merged}, key=lambda t: (t.endswith('Run'), t))
-    labels = sorted({label for _, label in merged})
-    algorithm_of = {label: entry['algorithm'] for (_, label), entry in merged.items()}
-    paper = sorted({algorithm_of[label] for label in labels} & set(PAPER))
-    head = ['Task'] + [f'{label} R↑ / C↓' for label in labels]
-    head += [f'paper {a} R / C' for a in paper]
-    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * (1 + len(labels) + len(paper))]
-    for task in tasks:
-        cells = [task]
-        for label in labels:
-            entry = merged.get((task, label))
-            norm = entry and entry['summary']['normalized'].get(str(float(kappa)))
-            if not norm:
-                cells.append('–')
-                continue
-            cost = _cell(norm['cost'])
-            cost = f'**{cost}**' if norm['cost']['mean'] > 1 else cost
-            cells.append(f'{_cell(norm["reward"])} / {cost}')
-        for algorithm in paper:
-            row = PAPER[algorithm].get(task)
-            cells.append(f'{row[0]:.2f} / {row[1]:.2f}' if row else '–')
-        lines.append('| ' + ' | '.join(cells) + ' |')
-    if not details:
-        return '\n'.join(lines) + '\n'
-    return '\n'.join(lines + [''] + results_details(merged)) + '\n'
-
-
-def results_details(merged: Dict[tuple, dict]) -> List[str]:
-    """Return one line per (task, label): episodes, seeds, sources, raw returns."""
-    out = []
-    for (task, label), entry in sorted(merged.items()):
-        s = entry['summary']
-        out.append(f'- {task} / {label}: {s["episodes"]} episodes '
-                   f'({", ".join(str(e) for e in entry["episodes_per_seed"])} per seed), '
-                   f'seeds {entry["seeds"]}, {len(entry["names"])} source(s) '
-                   f'[{", ".join(entry["names"])}] ({"/".join(entry["kinds"])}); '
-                   f'raw reward {s["reward"]["mean"]:.1f}, raw cost {s["cost"]["mean"]:.1f}; '
-                   f'± is the std over {s["std_over"]}')
-    return out
-
-
-def results_csv(results: Sequence[dict], path) -> None:
-    """Write every (task, algorithm, kappa) aggregate as one CSV row."""
-    merged = merge_results(results)
-    with open(path, 'w', newline='') as stream:
-        writer = csv.writer(stream)
-        writer.writerow(['task', 'algorithm', 'kappa', 'reward_norm_mean', 'reward_norm_std',
-                         'cost_norm_mean', 'cost_norm_std', 'safe_episode_fraction',
-                         'reward_raw_mean', 'cost_raw_mean', 'episodes', 'units', 'std_over',
-                         'sources'])
-        for (task, label), entry in sorted(merged.items()):
-            s = entry['summary']
-            for kappa, n in s['normalized'].items():
-                writer.writerow([task, label, kappa, f'{n["reward"]["mean"]:.4f}',
-                                 f'{n["reward"]["std"]:.4f}', f'{n["cost"]["mean"]:.4f}',
-                                 f'{n["cost"]["std"]:.4f}', f'{n["safe_fraction"]:.3f}',
-                                 f'{s["reward"]["mean"]:.3f}', f'{s["cost"]["mean"]:.3f}',
-                                 s['episodes'], s['units'], s['std_over'],
-                                 ';'.join(entry['names'])])
-
-
-def reward_cost_plots(results: Sequence[dict], out_dir, kappa: float = TABLE_KAPPA) -> List[Path]:
-    """Draw one normalised reward-vs-cost plot per task (safe region: C_norm <= 1)."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
-    merged = merge_results(results)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    suffix = '' if float(kappa) == float(TABLE_KAPPA) else f'_kappa{kappa:g}'
-    for task in sorted({t for t, _ in merged}):
-        fig, ax = plt.subplots(figsize=(5.2, 4.0))
-        ax.axvspan(0, 1, color='tab:green', alpha=0.08, label='safe ($C_{norm} \\leq 1$)')
-        ax.axvline(1.0, color='tab:green', ls='--', lw=1)
-        drawn_paper = set()
-        for label, color in zip(sorted(a for t, a in merged if t == task),
-                                plt.cm.tab10.colors):
-            norm = merged[(task, label)]['summary']['normalized'].get(str(float(kappa)))
-            if norm:
-                ax.errorbar(norm['cost']['mean'], norm['reward']['mean'],
-                            xerr=norm['cost']['std'], yerr=norm['reward']['std'], fmt='o',
-                            color=color, capsize=3, label=f'{label} (ours)')
-            algorithm = merged[(task, label)]['algorithm']
-            paper = PAPER.get(algorithm, {}).get(task)
-            if paper and algorithm not in drawn_paper and float(kappa) == 5.0:
-                drawn_paper.add(algorithm)
-                ax.plot(paper[1], paper[0], marker='s', mfc='none', color=color, ls='none',
-                        label=f'{algorithm} (paper, kappa 5)')
-        ax.set_xlabel(f'normalised cost (kappa = {kappa:g})')
-        ax.set_ylabel('normalised reward')
-        ax.set_title(f'{task}: reward vs cost')
-        ax.set_xlim(left=-0.5)
-        ax.legend(fontsize=7, loc='best')
-        fig.tight_layout()
-        png = out_dir / f'reward_cost_{task}{suffix}.png'
-        fig.savefig(png, dpi=110)
-        plt.close(fig)
-        written.append(png)
-    return written
-
-
-RESULT_FIELDS = {'name': str, 'task': str, 'algorithm': str, 'kinds': list, 'episodes': list,
-                 'kappas': list, 'seeds': list, 'episodes_per_seed': int}
-
-
-def read_results(path) -> dict:
-    """Return one results file written by saferl-eval; raise ConfigError naming what is wrong."""
-    fix = 'give the JSON files that saferl-eval wrote (saferl-eval SOURCE -o FILE.json)'
-    try:
-        text = Path(path).read_text(encoding='utf-8')
-    except FileNotFoundError:
-        raise MissingFileError(f'{path}: missing; {fix}') from None
-    except UnicodeDecodeError:
-        raise ConfigError(f'{path}: not a text file; {fix}') from None
-    try:
-        results = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ConfigError(f'{path}: not valid JSON ({error.msg} at line {error.lineno}); '
-                          f'{fix}') from None
-    if not isinstance(results, dict):
-        raise ConfigError(f'{path}: expected a JSON object, found {type(results).__name__}; '
-                          f'{fix}')
-    for key, kind in RESULT_FIELDS.items():
-        if not isinstance(results.get(key), kind):
-            found = 'missing' if key not in results else type(results[key]).__name__
-            raise ConfigError(f'{path}: field {key!r} should be a {kind.__name__}, found '
-                              f'{found}; {fix}')
-    for row in results['episodes']:
-        needed = ('seed', 'reward', 'cost', 'length')
-        if not isinstance(row, dict) or any(key not in row for key in needed):
-            raise ConfigError(f'{path}: an entry of episodes lacks seed, reward, cost or '
-                              f'length; {fix}')
-    return results
-
-
-def write_table(result_files: Sequence, out, kappa=TABLE_KAPPA, plot_dir=None,
-                notes=None) -> Path:
-    """
-    Write the markdown tables (and the CSV and plots next to them) from results JSON files.
-
-    ``kappa``: one threshold or several (one table and one set of plots each; the first is the
-    main one). ``notes``: a markdown file appended below the tables (what was run, caveats).
-    """
-    kappas = [float(k) for k in (kappa if isinstance(kappa, (list, tuple)) else [kappa])]
-    results = [read_results(f) for f in result_files]
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    plot_dir = Path(plot_dir) if plot_dir is not None else out.parent / 'img' / 'results'
-    machines = sorted({f'{r["machine"]["cpu"]} ({r["machine"]["cores"]} cores)' for r in results
-                       if 'machine' in r})
-    kappa_args = ' '.join(f'{k:g}' for k in kappas)
-    files = ' '.join(str(f) for f in result_files)
-    header = (
-        '# Results\n\n'
-        f'<!-- generated by `saferl-eval table {files} -o {out} --kappa {kappa_args}'
-        f'{f" --notes {notes}" if notes is not None else ""}`; edit the sources, not this '
-        'page -->\n\n'
-        'Each cell: normalised reward (R↑) / normalised cost (C↓), normalised as DSRL does, '
-        'mean ± std (over '
-        'evaluation units: training seeds or evaluation seeds, or over episodes for a single '
-        'one). Costs above 1 (unsafe) are in bold. The paper columns are Table 1 of the FISOR '
-        'paper (κ = 5, 20 episodes × 3 seeds, the hosted DSRL datasets); ours use the datasets '
-        'collected here, so they are comparable in protocol but not in data. Other κ: the CSV '
-        f'next to this file. Plots: `{plot_dir}`. '
-        f'Machine: {"; ".join(machines) or "unknown"}.\n\n')
-    sections = []
-    for k in kappas:
-        title = f'## κ = {k:g}' + (" (FISOR's threshold for these tasks)" if k == 5 else '')
-        sections.append(f'{title}\n\n' + results_table(results, k, details=False))
-        pngs = reward_cost_plots(results, plot_dir, k)
-        if k == kappas[0]:
-            links = ' '.join(f'![{png.stem}]({os.path.relpath(png, out.parent)})' for png in pngs)
-            sections.append(f'Reward against cost at κ = {k:g} (squares: the paper):\n\n{links}\n')
-    details = '## Evaluation units\n\n' + '\n'.join(results_details(merge_results(results)))
-    extra = f'\n{Path(notes).read_text()}' if notes is not None else ''
-    out.write_text(header + '\n'.join(sections) + '\n' + details + '\n' + extra)
-    results_csv(results, out.with_suffix('.csv'))
-    return out
-
-
 # --------------------------------------------------------------------------- command line
-
-def _table_main(argv) -> int:
-    parser = argparse.ArgumentParser(
-        prog='saferl-eval table', description='Build the markdown/CSV results table and the '
-        'reward-cost plots from saferl-eval results files.')
-    parser.add_argument('results', nargs='+', help='results JSON files written by saferl-eval')
-    parser.add_argument('-o', '--out', required=True, help='markdown file, e.g. docs/results.md '
-                        '(the CSV is written next to it)')
-    parser.add_argument('--kappa', type=float, nargs='+', default=[TABLE_KAPPA],
-                        help=f'cost thresholds, one table each (default {TABLE_KAPPA}, as FISOR; '
-                             'e.g. --kappa 5 10)')
-    parser.add_argument('--plot-dir', default=None,
-                        help='folder of the reward-cost PNGs (default OUT_DIR/img/results)')
-    parser.add_argument('--notes', default=None,
-                        help='markdown file appended below the table (runs, caveats)')
-    args = parser.parse_args(argv)
-    out = write_table(args.results, args.out, args.kappa, args.plot_dir, args.notes)
-    print(f'saferl-eval: wrote {out} and {out.with_suffix(".csv")}')
-    return 0
-
 
 def default_results_path(sources: Sequence) -> Path:
     """Return the default results file of one source: SOURCE/eval/results.json."""
@@ -565,7 +244,7 @@ def main(argv=None) -> int:
     """Command-line entry point of saferl-eval."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == 'table':
-        return _table_main(argv[1:])
+        return table_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog='saferl-eval', description='Roll out runs or bundles in Bullet-Safety-Gym and report '
         'raw and DSRL-normalised reward and cost. `saferl-eval table ...` builds the results '

@@ -6,22 +6,17 @@ folded into each graph), a manifest that describes them, and ``golden.npz``: inp
 the outputs the torch model produced. Export ends by loading the bundle with the runtime loader
 (:func:`saferl_ros.bundle.load_bundle`), so a bundle that is written is a bundle that verifies.
 
-Graphs per algorithm (the ``EXPORTERS`` registry):
-
-- FISOR: ``policy(observation, noise) -> action`` is the whole sampler of Sec. 3.4: N candidates,
-  T DDPM denoising steps, argmin over the max of the Q_h heads. ``critic(observation, action) ->
-  v_h, q_h``. ``fallback`` is the same argmin-Q_h sampler over more candidates: the
-  infeasible-region behaviour of Eq. 13 evaluated greedily (as the official code's sampler).
-- BC: ``policy(observation) -> action`` only (critic kind ``none``).
-- BCQ-Lag: ``policy`` as the algorithm samples it, ``critic(observation, action) -> q_c``
-  (critic kind ``cost`` with the cost budget the run was trained for).
+Each algorithm module describes its own graphs with ``export_plan(model, config)`` (the
+:class:`~offline_training.algos.protocol.Algorithm` protocol): FISOR exports its whole sampler as
+``policy(observation, noise)``, the feasibility ``critic`` and a ``fallback``; BC only a
+``policy``; BCQ-Lag a ``policy`` and its cost ``critic``. This module knows no algorithm.
 
 The noise of a stochastic policy is an explicit graph input, so a run is reproducible in the
 runtime: the same observation and noise give the same action in torch and in ONNX Runtime.
 """
 
 import argparse
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 import io
 import os
@@ -29,13 +24,15 @@ from pathlib import Path
 import shutil
 import sys
 import tempfile
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 import warnings
 
 import numpy as np
-from offline_training.train import code_version, yaml_safe
+from offline_training.algos import get_algorithm
+from offline_training.algos.protocol import ExportPlan, GraphSpec
+from offline_training.runs import code_version, open_run, yaml_safe
 from saferl_ros import bundle as rt
-from saferl_ros.errors import read_yaml_mapping, reports_user_errors, UnknownNameError
+from saferl_ros.errors import read_yaml_mapping, reports_user_errors
 from saferl_ros.files import atomic_write_yaml
 from saferl_ros.observation import channel_names
 from saferl_ros.tasks import get_task, TaskSpec
@@ -45,31 +42,6 @@ import yaml
 
 OPSET = 17
 GOLDEN_BATCH = 4
-
-
-@dataclass
-class GraphSpec:
-    """
-    One graph to export: a torch module over raw inputs and its declared tensor shapes.
-
-    Shapes use ``'batch'`` for the dynamic batch dimension, exactly as the manifest stores them.
-    """
-
-    module: nn.Module
-    inputs: Dict[str, list]
-    outputs: Dict[str, list]
-
-
-@dataclass
-class ExportPlan:
-    """What an algorithm exports: its graphs, the manifest's critic section and normalisation."""
-
-    algorithm: str
-    graphs: Dict[str, GraphSpec]
-    critic: dict
-    obs_mean: Optional[np.ndarray] = None
-    obs_std: Optional[np.ndarray] = None
-    extra: dict = field(default_factory=dict)  # algorithm details for the manifest (N, T, ...)
 
 
 class NormalizeObservation(nn.Module):
@@ -308,163 +280,35 @@ def _floats(values) -> List[float]:
     return [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
 
 
-EXPORTERS: Dict[str, Callable[..., ExportPlan]] = {}
-
-
-def _register(name: str):
-    def wrap(function):
-        EXPORTERS[name] = function
-        return function
-    return wrap
-
-
-def _batch(*dims) -> list:
-    return [rt.BATCH, *[int(d) for d in dims]]
-
-
-@_register('fisor')
-def fisor_plan(model, config=None) -> ExportPlan:
-    """
-    Return FISOR's graphs: sampler policy, feasibility critic and argmin-Q_h fallback.
-
-    FISOR trains on raw observations (the official code does not normalise them), so the graphs
-    carry no normalisation. The policy uses ``num_candidates`` (N = 16) candidates, the fallback
-    ``fallback_candidates`` (more candidates, a more thorough search for the safest action).
-    """
-    modules = model.export_modules()
-    obs_dim, act_dim = model.obs_dim, model.act_dim
-    steps = model.diffusion_steps + 1  # x_T plus one draw per denoising step
-    graphs = {
-        'policy': GraphSpec(modules['policy'],
-                            {'observation': _batch(obs_dim),
-                             'noise': _batch(model.num_candidates, steps, act_dim)},
-                            {'action': _batch(act_dim)}),
-        'critic': GraphSpec(modules['critic'],
-                            {'observation': _batch(obs_dim), 'action': _batch(act_dim)},
-                            {'v_h': _batch(), 'q_h': _batch()}),
-        'fallback': GraphSpec(modules['fallback'],
-                              {'observation': _batch(obs_dim),
-                               'noise': _batch(model.fallback_candidates, steps, act_dim)},
-                              {'action': _batch(act_dim)}),
-    }
-    # FISOR's signs: h = -1 safe, +M unsafe, so <= 0 is feasible for both V_h and Q_h (Sec. 3).
-    critic = {'kind': 'feasibility', 'threshold_v': 0.0, 'threshold_q': 0.0}
-    extra = {'num_candidates': model.num_candidates, 'diffusion_steps': model.diffusion_steps,
-             'fallback_candidates': model.fallback_candidates,
-             'selection': 'argmin max_j Qbar_h^j(s, a) over the candidates (minqc)'}
-    return ExportPlan('fisor', graphs, critic, extra=extra)
-
-
-@_register('bc')
-def bc_plan(model, config=None) -> ExportPlan:
-    """Return BC's graph: the deterministic policy only (critic kind ``none``, no fallback)."""
-    mode = getattr(config, 'mode', 'all')
-    graphs = {'policy': GraphSpec(model.export_modules()['policy'],
-                                  {'observation': _batch(model.obs_dim)},
-                                  {'action': _batch(model.act_dim)})}
-    extra = {'mode': mode}
-    if mode == 'safe':
-        extra['cost_limit'] = float(config.cost_limit)
-    return ExportPlan(f'bc_{mode}', graphs, {'kind': 'none'}, extra=extra)
-
-
-@_register('bcq_lag')
-def bcq_lag_plan(model, config=None) -> ExportPlan:
-    """
-    Return BCQ-Lag's graphs: deterministic policy (VAE latent 0) and the cost critic Q_c.
-
-    The critic's budget is the per-step Q_c threshold the Lagrangian trained against,
-    kappa (1 - gamma^L) / ((1 - gamma) L), so ``Q_c(s, a) <= budget`` is the monitor's test.
-    """
-    modules = model.export_modules()
-    graphs = {
-        'policy': GraphSpec(modules['policy'], {'observation': _batch(model.obs_dim)},
-                            {'action': _batch(model.act_dim)}),
-        'critic': GraphSpec(modules['critic'],
-                            {'observation': _batch(model.obs_dim),
-                             'action': _batch(model.act_dim)},
-                            {'q_c': _batch()}),
-    }
-    extra = {'policy': 'a = actor(s, vae.decode(s, z = 0)) (deterministic VAE latent)'}
-    if config is not None:
-        extra['cost_limit'] = float(config.cost_limit)
-    return ExportPlan('bcq_lag', graphs, {'kind': 'cost', 'budget': model.cost_threshold},
-                      extra=extra)
-
-
-def plan_for(algorithm: str, model, config=None) -> ExportPlan:
-    """Return the export plan of ``model`` trained by ``algorithm`` (a key of EXPORTERS)."""
-    key = 'bc' if algorithm in ('bc_all', 'bc_safe') else algorithm
-    if key not in EXPORTERS:
-        raise UnknownNameError(f'no exporter for algorithm {algorithm!r}; known: '
-                               f'{sorted(EXPORTERS)}')
-    return EXPORTERS[key](model, config)
-
-
 # --------------------------------------------------------------------------- test bundles
-
-def _synthetic_circle_data(spec: TaskSpec, size: int, rng: np.random.Generator) -> dict:
-    """
-    Return a toy DSRL dict whose cost is the Circle rule |x| > 6 (x = 10 * obs[0]).
-
-    The observations are uniform in a box, not trajectories; it only gives a few training steps
-    a meaningful sign for the feasibility critic near the boundaries. It is not a dataset.
-    """
-    obs = rng.uniform(-1.0, 1.0, size=(size, spec.obs_dim)).astype(np.float32)
-    act = rng.uniform(-1.0, 1.0, size=(size, spec.act_dim)).astype(np.float32)
-    next_obs = obs.copy()
-    next_obs[:, 0] += 0.02 * act[:, 0]  # a small step in x in the direction of the action
-    costs = (np.abs(10.0 * obs[:, 0]) > 6.0).astype(np.float32)
-    return {'observations': obs, 'next_observations': next_obs, 'actions': act,
-            'rewards': rng.normal(size=size).astype(np.float32), 'costs': costs,
-            'terminals': np.zeros(size, np.float32),
-            'timeouts': (rng.uniform(size=size) < 0.01).astype(np.float32)}
-
-
-# Tiny networks for test bundles, per algorithm (the config fields of each algorithm module).
-_TEST_CONFIGS = {
-    'fisor': {'actor_batch_size': 64, 'critic_batch_size': 64, 'actor_hidden': 32,
-              'actor_blocks': 1, 'critic_hidden': (32, 32), 'time_dim': 8,
-              'cond_hidden': (16, 16), 'num_candidates': 8, 'fallback_candidates': 16},
-    'bc': {'batch_size': 64, 'hidden': (32, 32)},
-    'bcq_lag': {'batch_size': 64, 'actor_hidden': (32, 32), 'critic_hidden': (32, 32),
-                'vae_hidden': 32},
-}
-
 
 def build_test_model(task='BallCircle', seed: int = 0, algorithm: str = 'fisor',
                      train_steps: int = 30):
     """
-    Return (model, plan) of a tiny model, trained ``train_steps`` on a synthetic dataset.
+    Return (model, plan) of the algorithm's 'test' preset, trained ``train_steps`` iterations.
 
-    ``algorithm``: fisor, bc_all, bc_safe (or bc) or bcq_lag.
+    ``algorithm``: a name of the algorithm registry (fisor, bc_all, bc_safe, bcq_lag).
     """
-    import importlib
-
-    from offline_training.algos import common
+    from offline_training.algos.batching import ReplayBuffer
+    from offline_training.algos.infrastructure import set_seed
+    from offline_training.data.synthetic import synthetic_dataset
 
     spec = get_task(task)
-    key = 'bc' if algorithm in ('bc', 'bc_all', 'bc_safe') else algorithm
-    if key not in _TEST_CONFIGS:
-        raise ValueError(f'make_test_bundle: unknown algorithm {algorithm!r}; use fisor, bc_all, '
-                         'bc_safe or bcq_lag')
-    module = importlib.import_module(f'offline_training.algos.{key}')
-    overrides = dict(_TEST_CONFIGS[key], steps=max(train_steps, 1))
-    if algorithm == 'bc_safe':
-        overrides.update(mode='safe', cost_limit=1e9)  # synthetic data has no episodes to keep
-    common.set_seed(seed)
-    config = module.resolve_config(module.make_config('cpu', **overrides), spec)
+    module, fixed = get_algorithm(algorithm)
+    set_seed(seed)
+    config = module.make_config('test', **fixed, steps=max(train_steps, 1))
+    config = module.resolve_config(config, spec)
     model = module.build_model(spec.obs_dim, spec.act_dim, config)
     if train_steps > 0:
-        data = _synthetic_circle_data(spec, 2048, np.random.default_rng(seed))
-        buffer = common.ReplayBuffer(module.prepare_arrays(data, config), torch.device('cpu'),
-                                     seed=seed)
+        data = synthetic_dataset(spec.name, episodes=16, seed=seed, max_length=170)
+        buffer = ReplayBuffer(module.prepare_arrays(data, config), torch.device('cpu'),
+                              seed=seed)
         trainer = module.make_trainer(model, config)
         model.train()
         for _ in range(train_steps):
             trainer.update(buffer)
     model.eval()
-    return model, plan_for(key, model, config)
+    return model, module.export_plan(model, config)
 
 
 def make_test_bundle(out_dir, task='BallCircle', seed: int = 0, algorithm: str = 'fisor',
@@ -472,9 +316,10 @@ def make_test_bundle(out_dir, task='BallCircle', seed: int = 0, algorithm: str =
     """
     Export a complete, verifiable bundle of a tiny model in a few seconds (for tests).
 
-    The model is the algorithm's real code with tiny networks (FISOR: N = 8 candidates, 16 for
-    the fallback), trained ``train_steps`` iterations on a synthetic box dataset with the Circle
-    cost rule. It is not a useful policy; it exercises every part of the bundle contract.
+    The model is the algorithm's real code with its 'test' preset (tiny networks; FISOR: N = 8
+    candidates, 16 for the fallback), trained ``train_steps`` iterations on a synthetic dataset
+    (offline_training.data.synthetic). It is not a useful policy; it exercises every part of the
+    bundle contract.
     ``algorithm``: fisor (default), bc_all, bc_safe or bcq_lag.
     """
     _, plan = build_test_model(task, seed, algorithm, train_steps)
@@ -495,17 +340,13 @@ def export_run(run_dir, out_dir, name: Optional[str] = None, seed: int = 0,
     ``num_candidates``/``fallback_candidates`` override FISOR's N for the policy/fallback graphs
     (the paper's N = 16; more candidates is more conservative: a wider search for low Q_h).
     """
-    from offline_training.algos import get_algorithm
-    from offline_training.train import load_run
-
-    algorithm, run_config, model = load_run(run_dir)
-    module, _ = get_algorithm(algorithm)
-    config = module.make_config('paper', **run_config['algo_config'])
+    run = open_run(run_dir)
+    run_config = run.run_config
     if num_candidates is not None:
-        model.num_candidates = int(num_candidates)
+        run.model.num_candidates = int(num_candidates)
     if fallback_candidates is not None:
-        model.fallback_candidates = int(fallback_candidates)
-    plan = plan_for(algorithm, model, config)
+        run.model.fallback_candidates = int(fallback_candidates)
+    plan = run.export_plan()
     dataset = run_config.get('dataset') or {}
     provenance = {
         'dataset': dataset.get('path') or dataset.get('source'),

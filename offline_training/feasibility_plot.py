@@ -137,7 +137,7 @@ def plot_run_feasibility(run_dir, png, reference: Optional[np.ndarray] = None) -
     """Draw the feasibility picture of a run folder's torch V_h."""
     import torch
 
-    from offline_training.train import load_run
+    from offline_training.runs import load_run
     algorithm, run_config, model = load_run(run_dir)
     if not hasattr(model, 'v_h'):
         raise ConfigError(f'{run_dir}: {algorithm} has no feasible value V_h')

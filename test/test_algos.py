@@ -1,14 +1,18 @@
 """Unit tests of the algorithm pieces: every loss against values computed by hand."""
 
 import math
+import types
 
 import numpy as np
-from offline_training.algos import bc, bcq_lag, fisor, get_algorithm
-from offline_training.algos.common import (
-    cosine_decay, ddpm_sample, DiffusionSchedule, expectile_loss, QEnsemble, ReplayBuffer,
-    reversed_expectile_loss, soft_update, vp_beta_schedule)
-from offline_training.algos.toy_data import synthetic_dataset
+from offline_training.algos import ALGORITHMS, bc, bcq_lag, fisor, get_algorithm
+from offline_training.algos.batching import ReplayBuffer
+from offline_training.algos.diffusion import ddpm_sample, DiffusionSchedule, vp_beta_schedule
+from offline_training.algos.fisor import cosine_decay, expectile_loss, reversed_expectile_loss
+from offline_training.algos.networks import QEnsemble, soft_update
+from offline_training.algos.protocol import PRESET_NAMES, protocol_problems, Trainer
+from offline_training.data.synthetic import synthetic_dataset
 import pytest
+from saferl_ros.tasks import get_task
 import torch
 
 torch.set_num_threads(1)
@@ -91,7 +95,7 @@ def test_feasible_bellman_target_with_terminal_and_timeout():
 
 
 def test_prepare_arrays_masks_terminals_and_timeouts():
-    data = synthetic_dataset(size=6, horizon=3)
+    data = synthetic_dataset(episodes=2, max_length=3, fixed_length=True, terminal_fraction=0)
     data['terminals'][1] = 1.0
     data['costs'][:] = t([0, 1, 0, 0, 2, 0]).numpy()
     data['actions'][0] = [1.0, -1.0]
@@ -255,7 +259,7 @@ def test_ema_copy_stays_in_eval_mode():
 # --------------------------------------------------------------------------- baselines
 
 def test_bc_safe_keeps_trajectories_within_kappa():
-    data = synthetic_dataset(size=9, horizon=3)
+    data = synthetic_dataset(episodes=3, max_length=3, fixed_length=True, terminal_fraction=0)
     data['costs'][:] = t([0, 0, 0, 2, 2, 1, 9, 9, 9]).numpy()   # returns 0, 5, 27
     mask = bc.safe_transition_mask(data, 10.0)
     assert mask.tolist() == [True] * 6 + [False] * 3
@@ -324,3 +328,45 @@ def test_registry_names():
     assert module is bc and fixed == {'mode': 'safe'}
     with pytest.raises(KeyError, match='unknown algorithm'):
         get_algorithm('cql')
+
+
+@pytest.mark.parametrize('name', sorted(ALGORITHMS))
+def test_every_registered_algorithm_satisfies_the_protocol(name, ballcircle_arrays, tmp_path):
+    from offline_training.export import write_bundle
+    from saferl_ros.bundle import load_bundle
+
+    module, fixed = get_algorithm(name)
+    assert protocol_problems(module) == []
+    for preset in PRESET_NAMES:
+        assert isinstance(module.make_config(preset, **fixed), module.CONFIG)
+    spec = get_task('BallCircle')
+    config = module.resolve_config(module.make_config('test', **fixed), spec)
+    torch.manual_seed(0)
+    buffer = ReplayBuffer(module.prepare_arrays(ballcircle_arrays, config), 'cpu', seed=0)
+    model = module.build_model(spec.obs_dim, spec.act_dim, config)
+    trainer = module.make_trainer(model, config)
+    assert isinstance(trainer, Trainer)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    logs = trainer.update(buffer)
+    assert logs and all(torch.isfinite(torch.as_tensor(v)).all() for v in logs.values())
+    moved = [key for key, value in model.state_dict().items()
+             if not torch.equal(value, before[key])]
+    assert moved, 'one training step changed no parameter'
+    model.eval()
+    plan = module.export_plan(model, config)
+    assert plan.algorithm == name and 'policy' in plan.graphs
+    # The plan traces to ONNX and the runtime loader verifies it against torch.
+    bundle = load_bundle(write_bundle(plan, tmp_path / name, spec.name))
+    assert bundle.algorithm == name
+    action = bundle.policy(np.zeros((1, spec.obs_dim), np.float32), rng=np.random.default_rng(0))
+    assert action.shape == (1, spec.act_dim) and np.all(np.abs(action) <= 1.0)
+
+
+def test_protocol_names_what_a_module_lacks():
+    incomplete = types.ModuleType('incomplete')
+    incomplete.NAME, incomplete.PRESETS = 'x', {'paper': {}}
+    assert 'CONFIG' in protocol_problems(incomplete)[0]
+    for attribute in ('CONFIG', 'make_config', 'resolve_config', 'prepare_arrays', 'build_model',
+                      'make_trainer', 'export_plan'):
+        setattr(incomplete, attribute, getattr(bc, attribute))
+    assert protocol_problems(incomplete) == ["PRESETS lacks ['cpu', 'test']"]

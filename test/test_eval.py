@@ -3,9 +3,9 @@
 import json
 
 import numpy as np
-from offline_training.evaluate import (evaluate, load_agent, main, result_label, rollout,
-                                       summarize, write_results, write_table)
+from offline_training.evaluate import evaluate, load_agent, main, rollout, write_results
 from offline_training.export import make_test_bundle
+from offline_training.results import result_label, summarize, write_table
 import pytest
 from saferl_ros.tasks import get_task
 
@@ -85,10 +85,10 @@ def test_saferl_eval_cli(bundle, tmp_path, capfd):
 
 
 def test_run_folder_and_its_bundle_act_alike(tmp_path, ballcircle_arrays):
-    from offline_training.export import _TEST_CONFIGS, export_run
+    from offline_training.export import export_run
     from offline_training.train import train
-    run = train('fisor', 'BallCircle', preset='cpu', data=ballcircle_arrays, steps=3,
-                out=tmp_path / 'run', overrides=_TEST_CONFIGS['fisor'], progress=False)
+    run = train('fisor', 'BallCircle', preset='test', data=ballcircle_arrays, steps=3,
+                out=tmp_path / 'run', progress=False)
     torch_agent = load_agent(run)
     onnx_agent = load_agent(export_run(run, tmp_path / 'bundle'))
     assert (torch_agent.kind, onnx_agent.kind) == ('run', 'bundle')

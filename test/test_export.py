@@ -111,17 +111,16 @@ def test_failed_verification_leaves_no_bundle(tmp_path, monkeypatch):
 
 
 def test_saferl_export_cli_exports_a_training_run(tmp_path, ballcircle_arrays, capfd):
-    from offline_training.export import _TEST_CONFIGS, main
+    from offline_training.export import main
     from offline_training.train import train
-    run = train('fisor', 'BallCircle', preset='cpu', data=ballcircle_arrays, steps=4,
-                out=tmp_path / 'run', overrides=_TEST_CONFIGS['fisor'], progress=False,
-                checkpoint_every=2)
+    run = train('fisor', 'BallCircle', preset='test', data=ballcircle_arrays, steps=4,
+                out=tmp_path / 'run', progress=False, checkpoint_every=2)
     out = tmp_path / 'models' / 'fisor-test'
     assert main([str(run), '-o', str(out), '--feasibility-plot']) == 0
     bundle = load_bundle(out)
     provenance = bundle.manifest['provenance']
     assert provenance['steps'] == 4 and provenance['seed'] == 0
-    assert provenance['config']['preset'] == 'cpu'
+    assert provenance['config']['preset'] == 'test'
     assert provenance['dataset'] == 'in-memory'
     assert (out / 'feasibility.png').stat().st_size > 10_000
     # An existing bundle is replaced only with --force.

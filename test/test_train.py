@@ -9,10 +9,12 @@ import time
 
 import numpy as np
 from offline_training.algos import bcq_lag, get_algorithm
-from offline_training.algos.common import ReplayBuffer, set_seed
-from offline_training.algos.toy_data import rollout_dataset, synthetic_dataset
+from offline_training.algos.batching import ReplayBuffer
+from offline_training.algos.infrastructure import set_seed
 from offline_training.data.dataset import write_dataset
-from offline_training.train import load_run, main, train
+from offline_training.data.synthetic import rollout_dataset, synthetic_dataset
+from offline_training.runs import load_run
+from offline_training.train import main, train
 import pytest
 from saferl_ros.tasks import get_task
 import torch
@@ -242,7 +244,8 @@ def test_killed_process_resumes_at_its_checkpoint(dataset_file, tmp_path):
 
 
 def test_bcq_lag_trains_from_any_dataset_dict():
-    data = synthetic_dataset(obs_dim=5, act_dim=3, size=500, horizon=50)
+    data = synthetic_dataset(dims=(5, 3), episodes=10, max_length=50, fixed_length=True,
+                             terminal_fraction=0)
     config = bcq_lag.make_config('cpu', steps=5, episode_len=50, **TINY['bcq_lag'])
     model = bcq_lag.train_bcq_lag(data, config, device='cpu', seed=0)
     assert not model.training

@@ -128,7 +128,7 @@ def runs_table() -> str:
     """Return a markdown table of every run of the grid: preset, steps, time, data, machine."""
     import yaml
     sys.path.insert(0, str(REPO))
-    from offline_training.evaluate import machine_info
+    from offline_training.machine import machine_info
     machine = machine_info()
     lines = ['| run | algorithm | task | seed | preset | overrides | steps | wall time | it/s | '
              'V_h feasible fraction (last batch) | dataset (sha256) | code |',

@@ -1,10 +1,10 @@
 """
 Offline safe-RL algorithms (FISOR and baselines) sharing one training framework.
 
-Each algorithm module provides: a dataclass config with the paper's values as defaults,
-``PRESETS``, ``make_config(preset, **overrides)``, ``resolve_config(config, task)``,
-``prepare_arrays(data, config)``, ``build_model(obs_dim, act_dim, config)`` and
-``make_trainer(model, config)`` whose ``update(buffer)`` runs one training iteration.
+Each algorithm module implements :class:`offline_training.algos.protocol.Algorithm`: a dataclass
+config ``CONFIG`` with the paper's values as defaults, ``PRESETS`` (paper, cpu, test),
+``make_config``, ``resolve_config``, ``prepare_arrays``, ``build_model``, ``make_trainer`` and
+``export_plan``. Adding an algorithm is its module and one line of ``ALGORITHMS``.
 """
 
 from importlib import import_module

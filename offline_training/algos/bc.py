@@ -10,7 +10,10 @@ from dataclasses import dataclass
 from typing import Dict, Tuple
 
 import numpy as np
-from offline_training.algos.common import clip_actions, config_from_preset, mlp, ReplayBuffer
+from offline_training.algos.batching import clip_actions, ReplayBuffer
+from offline_training.algos.infrastructure import config_from_preset
+from offline_training.algos.networks import mlp
+from offline_training.algos.protocol import batch_shape, ExportPlan, GraphSpec
 from offline_training.data.trajectories import trajectory_returns
 from saferl_ros.errors import ConfigError
 import torch
@@ -37,9 +40,16 @@ class BCConfig:
             raise ConfigError(f'unknown BC mode {self.mode!r}; use one of {MODES}')
 
 
+CONFIG = BCConfig
+
 # BC is cheap: the OSRL defaults already run at a useful rate on 2 cores, so 'cpu' only halves
-# the batch (see docs/algorithms.md).
-PRESETS: Dict[str, dict] = {'paper': {}, 'cpu': {'batch_size': 256}}
+# the batch (see docs/algorithms.md). 'test': tiny networks, and BC-Safe keeps every episode of
+# the small synthetic datasets tests train on.
+PRESETS: Dict[str, dict] = {
+    'paper': {},
+    'cpu': {'batch_size': 256},
+    'test': {'steps': 30, 'batch_size': 64, 'hidden': (32, 32), 'cost_limit': 1e9},
+}
 
 
 def make_config(preset: str = 'paper', **overrides) -> BCConfig:
@@ -134,3 +144,14 @@ class BCTrainer:
 def make_trainer(model: BCModel, config: BCConfig) -> BCTrainer:
     """Return the trainer of ``model``."""
     return BCTrainer(model, config)
+
+
+def export_plan(model: BCModel, config: BCConfig) -> ExportPlan:
+    """Return BC's graph: the deterministic policy only (critic kind ``none``, no fallback)."""
+    graphs = {'policy': GraphSpec(model.export_modules()['policy'],
+                                  {'observation': batch_shape(model.obs_dim)},
+                                  {'action': batch_shape(model.act_dim)})}
+    extra = {'mode': config.mode}
+    if config.mode == 'safe':
+        extra['cost_limit'] = float(config.cost_limit)
+    return ExportPlan(f'bc_{config.mode}', graphs, {'kind': 'none'}, extra=extra)

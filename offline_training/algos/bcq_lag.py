@@ -20,8 +20,10 @@ from dataclasses import dataclass, replace
 from typing import Dict, Optional, Tuple
 
 import numpy as np
-from offline_training.algos.common import (
-    clip_actions, config_from_preset, mlp, QEnsemble, ReplayBuffer, set_seed, soft_update)
+from offline_training.algos.batching import clip_actions, ReplayBuffer
+from offline_training.algos.infrastructure import config_from_preset, set_seed
+from offline_training.algos.networks import mlp, QEnsemble, soft_update
+from offline_training.algos.protocol import batch_shape, ExportPlan, GraphSpec
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -73,11 +75,15 @@ class BCQLagConfig:
 
 # 'cpu' halves the batch and the network widths and the steps: each iteration scores 10 sampled
 # next actions with 4 + 4 critic heads, which dominates the cost on 2 cores (docs/algorithms.md).
+# 'test' is 'cpu' with tiny networks (tests, test bundles).
 PRESETS: Dict[str, dict] = {
     'paper': {},
     'cpu': {'steps': 50_000, 'batch_size': 256, 'actor_hidden': (128, 128),
             'critic_hidden': (128, 128), 'vae_hidden': 200},
 }
+PRESETS['test'] = {**PRESETS['cpu'], 'steps': 30, 'batch_size': 64, 'actor_hidden': (32, 32),
+                   'critic_hidden': (32, 32), 'vae_hidden': 32}
+CONFIG = BCQLagConfig
 
 
 def make_config(preset: str = 'paper', **overrides) -> BCQLagConfig:
@@ -379,6 +385,28 @@ class BCQLagTrainer:
 def make_trainer(model: BCQLagModel, config: BCQLagConfig) -> BCQLagTrainer:
     """Return the trainer of ``model``."""
     return BCQLagTrainer(model, config)
+
+
+def export_plan(model: BCQLagModel, config: BCQLagConfig) -> ExportPlan:
+    """
+    Return BCQ-Lag's graphs: deterministic policy (VAE latent 0) and the cost critic Q_c.
+
+    The critic's budget is the per-step Q_c threshold the Lagrangian trained against,
+    kappa (1 - gamma^L) / ((1 - gamma) L), so ``Q_c(s, a) <= budget`` is the monitor's test.
+    """
+    modules = model.export_modules()
+    graphs = {
+        'policy': GraphSpec(modules['policy'], {'observation': batch_shape(model.obs_dim)},
+                            {'action': batch_shape(model.act_dim)}),
+        'critic': GraphSpec(modules['critic'],
+                            {'observation': batch_shape(model.obs_dim),
+                             'action': batch_shape(model.act_dim)},
+                            {'q_c': batch_shape()}),
+    }
+    extra = {'policy': 'a = actor(s, vae.decode(s, z = 0)) (deterministic VAE latent)',
+             'cost_limit': float(config.cost_limit)}
+    return ExportPlan(NAME, graphs, {'kind': 'cost', 'budget': model.cost_threshold},
+                      extra=extra)
 
 
 def train_bcq_lag(data: Dict[str, np.ndarray], config: BCQLagConfig, device='cpu',

@@ -19,16 +19,19 @@ DDPM from the EMA noise model and returns the one with the smallest max-of-heads
 
 from copy import deepcopy
 from dataclasses import dataclass, replace
-from typing import Dict, Optional, Tuple
+import math
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
-from offline_training.algos.common import (
-    clip_actions, config_from_preset, cosine_lr_scheduler, ddpm_sample, DiffusionSchedule,
-    EpsilonNet, expectile_loss, QEnsemble, ReplayBuffer, reversed_expectile_loss, soft_update,
-    ValueNet)
+from offline_training.algos.batching import clip_actions, ReplayBuffer
+from offline_training.algos.diffusion import ddpm_sample, DiffusionSchedule
+from offline_training.algos.infrastructure import config_from_preset
+from offline_training.algos.networks import init_linear, mlp, QEnsemble, soft_update, ValueNet
+from offline_training.algos.protocol import batch_shape, ExportPlan, GraphSpec
 from saferl_ros.errors import ConfigError
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 NAME = 'fisor'
 
@@ -88,15 +91,22 @@ class FisorConfig:
                               'actor_updates_per_step (critics use the first rows of the batch)')
 
 
+CONFIG = FisorConfig
+
 # Named presets. 'paper' is the paper/official configuration. 'cpu' keeps every equation and the
 # update structure but shrinks the diffusion network, the batches and the number of steps so that
 # a run finishes in about an hour on a 2-core laptop (see docs/algorithms.md for the figures).
+# 'test' is 'cpu' with tiny networks (N = 8 candidates, 16 for the fallback): test bundles.
 PRESETS: Dict[str, dict] = {
     'paper': {},
     'cpu': {'steps': 100_000, 'actor_batch_size': 256, 'actor_updates_per_step': 2,
             'critic_batch_size': 256, 'actor_hidden': 128, 'actor_blocks': 2,
             'actor_decay_steps': 300_000},
 }
+PRESETS['test'] = {**PRESETS['cpu'], 'steps': 30, 'actor_batch_size': 64,
+                   'critic_batch_size': 64, 'actor_hidden': 32, 'actor_blocks': 1,
+                   'critic_hidden': (32, 32), 'time_dim': 8, 'cond_hidden': (16, 16),
+                   'num_candidates': 8, 'fallback_candidates': 16}
 
 
 def make_config(preset: str = 'paper', **overrides) -> FisorConfig:
@@ -113,6 +123,18 @@ def resolve_config(config: FisorConfig, task) -> FisorConfig:
 
 
 # --------------------------------------------------------------------------- losses (pure)
+
+def expectile_loss(u: torch.Tensor, tau: float) -> torch.Tensor:
+    """Return IQL's expectile loss |tau - 1(u < 0)| u^2 per element (upper expectile, tau > .5)."""
+    weight = torch.where(u < 0, 1.0 - tau, tau)
+    return weight * u.pow(2)
+
+
+def reversed_expectile_loss(u: torch.Tensor, tau: float) -> torch.Tensor:
+    """Return FISOR's reversed expectile |tau - 1(u > 0)| u^2 per element (a lower expectile)."""
+    weight = torch.where(u > 0, 1.0 - tau, tau)
+    return weight * u.pow(2)
+
 
 def feasibility_h(costs: torch.Tensor, violation_value: float = 25.0,
                   safe_value: float = -1.0) -> torch.Tensor:
@@ -180,6 +202,78 @@ def weighted_denoising_loss(eps_pred: torch.Tensor, eps: torch.Tensor,
                             weights: torch.Tensor) -> torch.Tensor:
     """Return Eq. 14: mean_b [ w_b * sum_dims (eps_theta - eps)^2 ]."""
     return (weights * (eps_pred - eps).pow(2).sum(dim=-1)).mean()
+
+
+# --------------------------------------------------------------------------- networks
+
+class FourierFeatures(nn.Module):
+    """Learnable Fourier features of the (integer) time step: [cos(2 pi W t), sin(2 pi W t)]."""
+
+    def __init__(self, out_dim: int = 64, in_dim: int = 1, std: float = 0.2):
+        super().__init__()
+        if out_dim % 2:
+            raise ValueError(f'FourierFeatures out_dim must be even, got {out_dim}')
+        self.kernel = nn.Parameter(torch.randn(out_dim // 2, in_dim) * std)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        f = 2.0 * math.pi * t @ self.kernel.T
+        return torch.cat([torch.cos(f), torch.sin(f)], dim=-1)
+
+
+class MLPResNetBlock(nn.Module):
+    """Dropout -> LayerNorm -> Dense(4 h) -> mish -> Dense(h), plus the residual (jaxrl5)."""
+
+    def __init__(self, hidden: int, dropout: float = 0.1, layer_norm: bool = True):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # flax's LayerNorm epsilon is 1e-6.
+        self.norm = nn.LayerNorm(hidden, eps=1e-6) if layer_norm else nn.Identity()
+        self.fc1 = init_linear(nn.Linear(hidden, 4 * hidden), 'lecun_normal')
+        self.fc2 = init_linear(nn.Linear(4 * hidden, hidden), 'lecun_normal')
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc2(F.mish(self.fc1(self.norm(self.dropout(x)))))
+        return x + y
+
+
+class MLPResNet(nn.Module):
+    """Dense(h) -> blocks x MLPResNetBlock -> mish -> Dense(out) (jaxrl5's ln_resnet)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 256, num_blocks: int = 3,
+                 dropout: float = 0.1, layer_norm: bool = True):
+        super().__init__()
+        self.inp = init_linear(nn.Linear(in_dim, hidden), 'xavier_uniform')
+        self.blocks = nn.ModuleList(
+            [MLPResNetBlock(hidden, dropout, layer_norm) for _ in range(num_blocks)])
+        self.out = init_linear(nn.Linear(hidden, out_dim), 'xavier_uniform')
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.out(F.mish(x))
+
+
+class EpsilonNet(nn.Module):
+    """
+    Noise predictor eps_theta(a_t, s, t) of the diffusion policy (IDQL's DDPM module).
+
+    The integer step t goes through learnable Fourier features and an MLP (mish) to a condition
+    vector; concat[a_t, s, cond] goes through an MLPResNet that outputs the predicted noise.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, num_blocks: int = 3,
+                 dropout: float = 0.1, time_dim: int = 64,
+                 cond_hidden: Sequence[int] = (128, 128)):
+        super().__init__()
+        self.time_features = FourierFeatures(time_dim)
+        self.cond = mlp([time_dim, *cond_hidden], nn.Mish, init='xavier_uniform')
+        self.body = MLPResNet(act_dim + obs_dim + cond_hidden[-1], act_dim, hidden, num_blocks,
+                              dropout)
+
+    def forward(self, x_t: torch.Tensor, obs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cond = self.cond(self.time_features(t))
+        return self.body(torch.cat([x_t, obs, cond], dim=-1))
 
 
 # --------------------------------------------------------------------------- the model
@@ -321,6 +415,18 @@ def build_model(obs_dim: int, act_dim: int, config: FisorConfig) -> FisorModel:
 
 # --------------------------------------------------------------------------- training
 
+def cosine_decay(step: int, decay_steps: int, alpha: float = 0.0) -> float:
+    """Return the cosine-decay factor at ``step`` (optax.cosine_decay_schedule, 1 -> alpha)."""
+    progress = min(max(step, 0), decay_steps) / max(decay_steps, 1)
+    return alpha + (1.0 - alpha) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def cosine_lr_scheduler(optimizer: torch.optim.Optimizer, decay_steps: int):
+    """Return a LambdaLR that decays the optimizer's learning rate with cosine_decay."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_decay(step, decay_steps))
+
+
 def prepare_arrays(data: Dict[str, np.ndarray], config: FisorConfig) -> Dict[str, np.ndarray]:
     """
     Turn a DSRL dataset dict into the arrays FISOR trains on.
@@ -451,3 +557,40 @@ class FisorTrainer:
 def make_trainer(model: FisorModel, config: FisorConfig) -> FisorTrainer:
     """Return the trainer of ``model``."""
     return FisorTrainer(model, config)
+
+
+# --------------------------------------------------------------------------- export
+
+def export_plan(model: FisorModel, config: FisorConfig) -> ExportPlan:
+    """
+    Return FISOR's graphs: sampler policy, feasibility critic and argmin-Q_h fallback.
+
+    ``policy(observation, noise) -> action`` is the whole sampler of Sec. 3.4 (N candidates, T
+    DDPM steps, argmin over the max of the Q_h heads); ``critic(observation, action) -> v_h,
+    q_h``; ``fallback`` is the same sampler over ``fallback_candidates``, the infeasible-region
+    behaviour of Eq. 13 evaluated greedily. The candidate counts are the model's (export may
+    change them). FISOR trains on raw observations (the official code does not normalise them),
+    so the graphs carry no normalisation.
+    """
+    modules = model.export_modules()
+    obs_dim, act_dim = model.obs_dim, model.act_dim
+    steps = model.diffusion_steps + 1  # x_T plus one draw per denoising step
+    graphs = {
+        'policy': GraphSpec(modules['policy'],
+                            {'observation': batch_shape(obs_dim),
+                             'noise': batch_shape(model.num_candidates, steps, act_dim)},
+                            {'action': batch_shape(act_dim)}),
+        'critic': GraphSpec(modules['critic'],
+                            {'observation': batch_shape(obs_dim), 'action': batch_shape(act_dim)},
+                            {'v_h': batch_shape(), 'q_h': batch_shape()}),
+        'fallback': GraphSpec(modules['fallback'],
+                              {'observation': batch_shape(obs_dim),
+                               'noise': batch_shape(model.fallback_candidates, steps, act_dim)},
+                              {'action': batch_shape(act_dim)}),
+    }
+    # FISOR's signs: h = -1 safe, +M unsafe, so <= 0 is feasible for both V_h and Q_h (Sec. 3).
+    critic = {'kind': 'feasibility', 'threshold_v': 0.0, 'threshold_q': 0.0}
+    extra = {'num_candidates': model.num_candidates, 'diffusion_steps': model.diffusion_steps,
+             'fallback_candidates': model.fallback_candidates,
+             'selection': 'argmin max_j Qbar_h^j(s, a) over the candidates (minqc)'}
+    return ExportPlan(NAME, graphs, critic, extra=extra)

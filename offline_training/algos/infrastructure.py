@@ -1,0 +1,157 @@
+"""
+Training infrastructure shared by every algorithm: typed config presets, devices and seeding.
+
+Nothing here is part of an algorithm's mathematics; it is what makes a run configurable,
+placeable on a device and reproducible (RNG states are part of a checkpoint).
+"""
+
+from dataclasses import fields
+import random
+import types
+import typing
+from typing import Mapping
+
+import numpy as np
+from saferl_ros.errors import ConfigError, UnknownNameError
+import torch
+
+
+# --------------------------------------------------------------------------- typed configs
+
+def _type_name(annotation) -> str:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return ' or '.join(_type_name(a) for a in typing.get_args(annotation))
+    if typing.get_origin(annotation) is tuple:
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f'a list of {_type_name(args[0])}'
+        return f'a list of {len(args)} values'
+    names = {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string',
+             type(None): 'null'}
+    return names.get(annotation, getattr(annotation, '__name__', str(annotation)))
+
+
+def _check_value(value, annotation):
+    """Return ``value`` (numeric text as a float) if it fits ``annotation``; raise TypeError."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return _check_value(value, option)
+            except TypeError:
+                pass
+        raise TypeError
+    if annotation is type(None):
+        if value is None:
+            return value
+        raise TypeError
+    if annotation is bool or annotation is str:
+        if isinstance(value, annotation):
+            return value
+        raise TypeError
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise TypeError
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        items = list(value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            kinds = [args[0]] * len(items)
+        elif len(args) == len(items):
+            kinds = list(args)
+        else:
+            raise TypeError
+        checked = [_check_value(item, kind) for item, kind in zip(items, kinds)]
+        return type(value)(checked)
+    return value
+
+
+def config_from_preset(config_cls, presets: Mapping[str, dict], preset: str, overrides: dict,
+                       label: str):
+    """
+    Return ``config_cls`` built from the named preset with ``overrides`` applied.
+
+    Unknown presets and unknown field names raise KeyError (:class:`UnknownNameError`) naming
+    ``label`` and the choices, and a value of the wrong type (a string for a number, a number
+    for a list) raises ValueError (:class:`ConfigError`) naming the field, so a typo on the
+    command line fails loudly instead of training with a default or crashing mid-run.
+    """
+    if preset not in presets:
+        raise UnknownNameError(f'unknown {label} preset {preset!r}; choose one of '
+                               f'{sorted(presets)}')
+    kinds = {f.name: f.type for f in fields(config_cls)}
+    unknown = sorted(set(overrides) - set(kinds))
+    if unknown:
+        raise UnknownNameError(f'unknown {label} config fields {unknown}; known fields: '
+                               f'{", ".join(sorted(kinds))}')
+    checked = {}
+    for name, value in overrides.items():
+        try:
+            checked[name] = _check_value(value, kinds[name])
+        except TypeError:
+            raise ConfigError(f'{label} config field {name!r} should be '
+                              f'{_type_name(kinds[name])}, found {type(value).__name__} '
+                              f'{value!r}; give a value of that type') from None
+    try:
+        return config_cls(**{**presets[preset], **checked})
+    except ValueError as error:  # __post_init__'s consistency checks
+        raise ConfigError(f'{label} config: {error}') from None
+
+
+# --------------------------------------------------------------------------- devices and seeding
+
+class DeviceError(ConfigError, RuntimeError):
+    """A requested torch device that this machine does not have."""
+
+
+def resolve_device(device: str = 'auto') -> torch.device:
+    """Return the torch device for 'auto' (CUDA when present, else CPU), 'cpu' or 'cuda[:i]'."""
+    if device == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if str(device).startswith('cuda') and not torch.cuda.is_available():
+        raise DeviceError(f'device {device!r} requested but CUDA is not available; '
+                          "use --device cpu or 'auto'")
+    try:
+        return torch.device(device)
+    except RuntimeError as error:
+        raise DeviceError(f'unknown device {device!r} ({error}); use --device auto, cpu or '
+                          'cuda[:i]') from None
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) and make cuDNN deterministic."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def rng_state() -> dict:
+    """Return every global RNG state, so a resumed run draws the same numbers."""
+    state = {'python': random.getstate(), 'numpy': np.random.get_state(),
+             'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore the RNG states saved by rng_state()."""
+    random.setstate(state['python'])
+    np.random.set_state(state['numpy'])
+    torch.set_rng_state(state['torch'].cpu())
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])

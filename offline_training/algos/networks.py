@@ -1,0 +1,125 @@
+"""
+Network building blocks shared by the algorithms: MLPs, vectorised ensembles, critics, targets.
+
+Initialisations follow the reference code each algorithm was written against (jaxrl5 for FISOR,
+torch defaults for OSRL's baselines); ``init_linear`` names them.
+"""
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+
+def init_linear(layer: nn.Linear, kind: str = 'xavier_uniform') -> nn.Linear:
+    """Initialise a Linear layer as flax would: 'xavier_uniform' or 'lecun_normal', zero bias."""
+    if kind == 'xavier_uniform':
+        nn.init.xavier_uniform_(layer.weight)
+    elif kind == 'lecun_normal':
+        # flax's lecun_normal is a truncated normal with variance 1 / fan_in.
+        std = 1.0 / math.sqrt(layer.in_features) / 0.87962566103423978
+        nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
+    elif kind != 'torch':
+        raise ValueError(f'unknown init {kind!r}: use xavier_uniform, lecun_normal or torch')
+    if kind != 'torch' and layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+def mlp(dims: Sequence[int], activation: Callable[[], nn.Module] = nn.ReLU,
+        output_activation: Optional[Callable[[], nn.Module]] = None,
+        init: str = 'torch') -> nn.Sequential:
+    """
+    Build Linear layers through ``dims`` with ``activation`` between them.
+
+    ``output_activation`` (e.g. nn.Tanh) follows the last layer when given.
+    """
+    if len(dims) < 2:
+        raise ValueError(f'mlp needs at least input and output sizes, got {list(dims)}')
+    layers = []
+    for i in range(len(dims) - 1):
+        layers.append(init_linear(nn.Linear(dims[i], dims[i + 1]), init))
+        if i < len(dims) - 2:
+            layers.append(activation())
+        elif output_activation is not None:
+            layers.append(output_activation())
+    return nn.Sequential(*layers)
+
+
+class VectorizedLinear(nn.Module):
+    """
+    ``ensemble_size`` independent Linear layers evaluated in one batched matmul.
+
+    Input [E, B, in] (or [B, in], broadcast to every member), output [E, B, out].
+    """
+
+    def __init__(self, in_features: int, out_features: int, ensemble_size: int,
+                 init: str = 'xavier_uniform'):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.ensemble_size = ensemble_size
+        self.weight = nn.Parameter(torch.empty(ensemble_size, in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(ensemble_size, 1, out_features))
+        for member in range(ensemble_size):
+            layer = init_linear(nn.Linear(in_features, out_features), init)
+            with torch.no_grad():
+                self.weight[member].copy_(layer.weight.T)
+                self.bias[member, 0].copy_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(self.ensemble_size, -1, -1)
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class EnsembleMLP(nn.Module):
+    """An ensemble of MLPs with a scalar output: input [B, in] -> output [E, B]."""
+
+    def __init__(self, in_dim: int, hidden: Sequence[int], ensemble_size: int,
+                 activation: Callable[[], nn.Module] = nn.ReLU, init: str = 'xavier_uniform'):
+        super().__init__()
+        dims = [in_dim, *hidden, 1]
+        layers = []
+        for i in range(len(dims) - 1):
+            layers.append(VectorizedLinear(dims[i], dims[i + 1], ensemble_size, init))
+            if i < len(dims) - 2:
+                layers.append(activation())
+        self.net = nn.Sequential(*layers)
+        self.ensemble_size = ensemble_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+
+class QEnsemble(nn.Module):
+    """``num_heads`` Q(s, a) networks; forward returns [num_heads, B]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256),
+                 num_heads: int = 2, init: str = 'xavier_uniform'):
+        super().__init__()
+        self.net = EnsembleMLP(obs_dim + act_dim, hidden, num_heads, init=init)
+        self.num_heads = num_heads
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([obs, act], dim=-1))
+
+
+class ValueNet(nn.Module):
+    """A state-value network V(s); forward returns [B]."""
+
+    def __init__(self, obs_dim: int, hidden: Sequence[int] = (256, 256),
+                 init: str = 'xavier_uniform'):
+        super().__init__()
+        self.net = mlp([obs_dim, *hidden, 1], nn.ReLU, init=init)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """Polyak-average ``source`` into ``target``: theta' <- (1 - tau) theta' + tau theta."""
+    target_params = list(target.parameters())
+    source_params = list(source.parameters())
+    torch._foreach_lerp_(target_params, source_params, tau)

@@ -1,0 +1,27 @@
+"""The machine a figure was measured on: ``machine_info()`` (benchmarks, evaluations, results)."""
+
+import os
+import platform
+
+import numpy as np
+
+
+def machine_info() -> dict:
+    """Return the CPU model, core count and library versions (for every measured figure)."""
+    cpu = platform.processor() or 'unknown'
+    try:
+        with open('/proc/cpuinfo') as stream:
+            for line in stream:
+                if line.startswith('model name'):
+                    cpu = line.split(':', 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {'cpu': cpu, 'cores': os.cpu_count(), 'platform': platform.platform(),
+            'python': platform.python_version(), 'numpy': np.__version__}
+    for module in ('torch', 'onnxruntime', 'pybullet'):
+        try:
+            info[module] = __import__(module).__version__
+        except (ImportError, AttributeError):
+            info[module] = None
+    return info

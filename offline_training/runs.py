@@ -1,0 +1,217 @@
+"""
+The run-folder format of ``saferl-train``: what a run folder holds and how it is read back.
+
+A run lives in one folder (default ``runs/<algo>-<task>-s<seed>``) with ``config.yaml`` (the
+resolved config), ``checkpoint.pt`` (model, optimisers, RNG and sampler state), ``tb/``
+(TensorBoard scalars) and, when finished, ``summary.yaml``. Training (train.py) writes it;
+export, evaluation and the feasibility picture read it through :func:`open_run`, the one place
+that turns a run folder back into its algorithm, its config and its model.
+"""
+
+from dataclasses import asdict, dataclass
+import datetime
+from pathlib import Path
+import subprocess
+from types import ModuleType
+from typing import Tuple
+
+import numpy as np
+from offline_training.algos import get_algorithm
+from saferl_ros.errors import (
+    ConfigError, MissingFileError, read_yaml_mapping, require_field, UserError)
+from saferl_ros.files import atomic_path, atomic_write_yaml
+import torch
+from torch import nn
+
+CHECKPOINT = 'checkpoint.pt'
+CONFIG = 'config.yaml'
+SUMMARY = 'summary.yaml'
+CHECKPOINT_KEYS = ('algorithm', 'seed', 'step', 'model', 'trainer', 'buffer', 'rng')
+# Config fields a resumed run may change: the step budget and inference-only settings (they shape
+# the exported graphs, not the training).
+RESUME_MAY_CHANGE = frozenset({'steps', 'num_candidates', 'fallback_candidates', 'clip_sampler',
+                               'ddpm_temperature'})
+RESUME_FIX = 'choose another --out, or delete the run folder to start over'
+LOAD_FIX = 'point at a finished or checkpointed saferl-train run folder (runs/ALGO-TASK-sSEED)'
+
+
+def yaml_safe(value):
+    """Convert tuples, numpy scalars/arrays and paths into YAML-safe Python values."""
+    if isinstance(value, dict):
+        return {str(k): yaml_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [yaml_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return yaml_safe(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def code_version() -> str:
+    """Return ``git describe --always --dirty`` of this source tree, or 'unknown'."""
+    try:
+        out = subprocess.run(['git', 'describe', '--always', '--dirty'],
+                             cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or 'unknown'
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+
+
+def default_run_dir(algo: str, task: str, seed: int) -> Path:
+    """Return runs/<algo>-<task>-s<seed>."""
+    return Path('runs') / f'{algo}-{task}-s{seed}'
+
+
+def new_run_config(algo: str, preset: str, seed: int, spec, config, obs_dim: int, act_dim: int,
+                   device, dataset: dict) -> dict:
+    """
+    Return the config.yaml of a new run: what was trained, on what, where, with which code.
+
+    ``spec`` is the task's TaskSpec, ``config`` the algorithm's resolved config dataclass (its
+    fields go to ``algo_config``), ``dataset`` the dataset's provenance and sizes.
+    """
+    return {
+        'algorithm': algo, 'preset': preset, 'seed': seed, 'steps': config.steps,
+        'task': {'name': spec.name, 'env_id': spec.env_id, 'offline_id': spec.offline_id,
+                 'horizon': spec.horizon, 'max_reward': spec.max_reward,
+                 'min_reward': spec.min_reward, 'max_cost': spec.max_cost},
+        'dataset': dataset,
+        'obs_dim': obs_dim, 'act_dim': act_dim, 'device': str(device),
+        'torch': str(torch.__version__), 'code_version': code_version(),
+        'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+        'algo_config': asdict(config),
+    }
+
+
+def write_yaml(data: dict, path: Path) -> None:
+    """Write ``data`` (made YAML-safe) to ``path`` atomically."""
+    atomic_write_yaml(path, yaml_safe(data))
+
+
+def write_checkpoint(state: dict, path: Path) -> None:
+    """Write a checkpoint dict (the keys of CHECKPOINT_KEYS) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, device, fix: str, keys=CHECKPOINT_KEYS) -> dict:
+    """Return the checkpoint dict in ``path``; raise ConfigError if it lacks one of ``keys``."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as error:  # torch raises pickle, zip and runtime errors for a bad file
+        raise ConfigError(f'{path}: not a readable checkpoint ({type(error).__name__}: '
+                          f'{str(error).splitlines()[0] if str(error) else ""}); {fix}') from None
+    missing = [key for key in keys if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ConfigError(f'{path}: not a saferl-train checkpoint (missing {missing}); {fix}')
+    return state
+
+
+def restore(path: Path, fix: str, *pairs) -> None:
+    """Load each (object, state) pair of a checkpoint; a mismatch is a ConfigError on ``path``."""
+    for target, state in pairs:
+        try:
+            target.load_state_dict(state)
+        except ConfigError:
+            raise
+        except (RuntimeError, KeyError, ValueError, TypeError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ''
+            raise ConfigError(f'{path}: does not match the model its config.yaml describes '
+                              f'({type(error).__name__}: {first}); {fix}') from None
+
+
+def check_resume(run_dir: Path, algo: str, seed: int, algo_config: dict) -> Tuple[dict, dict]:
+    """
+    Return (checkpoint state, saved config.yaml) of a run folder that this run may resume.
+
+    The checkpoint must be of the same algorithm and seed, and the saved algorithm config may
+    differ from ``algo_config`` only in RESUME_MAY_CHANGE; otherwise raise ConfigError. The
+    checkpoint is loaded on the CPU: RNG and generator states must stay CPU tensors, and
+    ``load_state_dict`` moves parameters and optimiser state to the model's device.
+    """
+    ckpt_path = run_dir / CHECKPOINT
+    state = load_checkpoint(ckpt_path, 'cpu', RESUME_FIX)
+    if state['algorithm'] != algo or state['seed'] != seed:
+        raise ConfigError(f'{ckpt_path} belongs to {state["algorithm"]} seed '
+                          f'{state["seed"]}, not {algo} seed {seed}; choose another --out '
+                          'or delete it')
+    saved = read_yaml_mapping(run_dir / CONFIG, RESUME_FIX)
+    saved_algo = require_field(saved, 'algo_config', str(run_dir / CONFIG), dict, RESUME_FIX)
+    changed = sorted(key for key, value in yaml_safe(algo_config).items()
+                     if key not in RESUME_MAY_CHANGE and saved_algo.get(key) != value)
+    if changed:
+        raise ConfigError(f'{run_dir} was trained with different {changed} '
+                          f'({[saved_algo.get(k) for k in changed]}); resume with '
+                          'the same preset and --set values, or choose another --out')
+    return state, saved
+
+
+@dataclass
+class Run:
+    """A run folder read back: its algorithm (name and module), configs and trained model."""
+
+    algorithm: str
+    module: ModuleType   # the algorithm module (offline_training.algos.get_algorithm)
+    run_config: dict     # the parsed config.yaml, plus 'checkpoint_step'
+    config: object       # the algorithm's config dataclass, rebuilt from 'algo_config'
+    model: nn.Module     # in eval mode
+
+    @property
+    def task(self) -> str:
+        """Return the task name the run was trained on."""
+        return self.run_config['task']['name']
+
+    def export_plan(self):
+        """Return the algorithm's export plan of this run's model (graphs, critic, details)."""
+        return self.module.export_plan(self.model, self.config)
+
+
+def open_run(run_dir, device='cpu') -> Run:
+    """
+    Read a run folder: rebuild its algorithm config and model and load the checkpoint's weights.
+
+    A missing, unreadable or inconsistent run folder raises a
+    :class:`~saferl_ros.errors.UserError` that names the file.
+    """
+    run_dir = Path(run_dir)
+    fix = LOAD_FIX
+    if not run_dir.is_dir():
+        raise MissingFileError(f'{run_dir} does not exist, so it is not a finished or '
+                               'checkpointed saferl-train run; check the path (saferl-train '
+                               'writes runs/ALGO-TASK-sSEED by default)')
+    for name in (CONFIG, CHECKPOINT):
+        if not (run_dir / name).exists():
+            raise MissingFileError(f'{run_dir / name} is missing: {run_dir} is not a finished '
+                                   'or checkpointed saferl-train run')
+    where = str(run_dir / CONFIG)
+    run_config = read_yaml_mapping(run_dir / CONFIG, fix)
+    algo = require_field(run_config, 'algorithm', where, str, fix)
+    algo_config = require_field(run_config, 'algo_config', where, dict, fix)
+    dims = [require_field(run_config, key, where, int, fix) for key in ('obs_dim', 'act_dim')]
+    task = require_field(run_config, 'task', where, dict, fix)
+    require_field(task, 'name', f'{where} task', str, fix)
+    try:
+        module, _ = get_algorithm(algo)
+        config = module.make_config('paper', **algo_config)
+    except UserError as error:
+        raise ConfigError(f'{where}: {error}') from None
+    model = module.build_model(*dims, config)
+    state = load_checkpoint(run_dir / CHECKPOINT, device, fix, keys=('model', 'step'))
+    restore(run_dir / CHECKPOINT, fix, (model, state['model']))
+    run_config['checkpoint_step'] = int(state['step'])
+    return Run(algo, module, run_config, config, model.to(device).eval())
+
+
+def load_run(run_dir, device='cpu'):
+    """
+    Rebuild a trained model from a run folder: return (algo_name, config dict, model).
+
+    ``config`` is the parsed config.yaml (``config['algo_config']`` holds the algorithm's
+    resolved fields); ``model`` is in eval mode on ``device``. See :func:`open_run`.
+    """
+    run = open_run(run_dir, device)
+    return run.algorithm, run.run_config, run.model
