@@ -33,7 +33,7 @@ from offline_training.algos.protocol import ExportPlan, GraphSpec
 from offline_training.runs import code_version, open_run, yaml_safe
 from saferl_ros import bundle as rt
 from saferl_ros.errors import read_yaml_mapping, reports_user_errors
-from saferl_ros.files import atomic_write_yaml
+from saferl_ros.files import atomic_write_yaml, sha256_file
 from saferl_ros.observation import channel_names
 from saferl_ros.tasks import get_task, TaskSpec
 import torch
@@ -204,7 +204,7 @@ def write_bundle(plan: ExportPlan, out_dir, task, name: Optional[str] = None,
             graphs[graph_name] = {'file': file, 'inputs': graph.inputs,
                                   'outputs': graph.outputs}
         np.savez(tmp / rt.GOLDEN, **golden)
-        files = {f.name: rt.sha256_file(f) for f in sorted(tmp.iterdir())}
+        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
         normalization = None
         if plan.obs_mean is not None:
             normalization = {'mean': _floats(plan.obs_mean), 'std': _floats(plan.obs_std)}

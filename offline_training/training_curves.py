@@ -40,6 +40,17 @@ def read_scalars(run_dir, tags: Sequence[str]) -> Dict[str, List[Tuple[int, floa
     return {tag: sorted(points.items()) for tag, points in out.items()}
 
 
+def _save(fig, out) -> Path:
+    """Write ``fig`` as a PNG (creating the folder), close it and return the path."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot_runs(run_dirs: Sequence, tags: Sequence[str], out, title: str = '',
               labels: Optional[Sequence[str]] = None) -> Path:
     """Draw one panel per tag with one curve per run (labelled by folder name); return the PNG."""
@@ -64,12 +75,7 @@ def plot_runs(run_dirs: Sequence, tags: Sequence[str], out, title: str = '',
     axes[0][0].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_eval_curves(run_dirs: Sequence, out, title: str = '',
@@ -116,12 +122,7 @@ def plot_eval_curves(run_dirs: Sequence, out, title: str = '',
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title or 'evaluation during training (mean +- std over episodes; '
                  'dashed: cost threshold)', fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def main(argv=None) -> int:

@@ -61,15 +61,6 @@ class BundleError(UserError, RuntimeError):
     """A model bundle that cannot be used: the message names the file or field and the fix."""
 
 
-def sha256_file(path) -> str:
-    """Return the hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, 'rb') as stream:
-        for block in iter(lambda: stream.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def golden_key(graph: str, tensor: str) -> str:
     """Return the golden.npz key of one input or output tensor of one graph."""
     return f'{graph}.{tensor}'

@@ -7,7 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-from saferl_ros.bundle import BundleError, FORMAT, load_bundle, sha256_file
+from saferl_ros.bundle import BundleError, FORMAT, load_bundle
+from saferl_ros.files import sha256_file
 from saferl_ros.observation import channel_names
 import yaml
 

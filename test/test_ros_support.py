@@ -105,7 +105,7 @@ def recorded(run_dir) -> dict:
 
 
 def test_tampered_copy_changes_the_policy_checksum(tmp_path):
-    from saferl_ros.bundle import sha256_file
+    from saferl_ros.files import sha256_file
     src = tmp_path / 'b'
     src.mkdir()
     (src / 'policy.onnx').write_bytes(np.arange(64, dtype=np.uint8).tobytes())
