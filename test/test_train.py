@@ -155,6 +155,50 @@ def test_evaluation_during_training_logs_a_curve_and_changes_nothing(dataset, tm
     assert png.stat().st_size > 10_000
 
 
+@pytest.mark.parametrize('sampling', ['weighted-loss', 'weighted-sampling'])
+def test_critics_first_trains_critics_then_the_actor_alone(dataset, tmp_path, sampling):
+    overrides = {**TINY['fisor'], 'schedule': 'critics-first', 'critic_steps': 20,
+                 'critic_check_every': 5, 'actor_sampling': sampling,
+                 # lax settling rule: the second snapshot (iteration 10) already counts as settled
+                 'settle_feasible_change': 2.0, 'settle_weight_rank': -2.0}
+    kwargs = {'data': dataset, 'steps': 30, 'device': 'cpu', 'checkpoint_every': 5,
+              'overrides': overrides, 'progress': False, 'preset': 'cpu'}
+    runs = {}
+    for stop in (5, 10, 15, 30):        # checkpoints in the critic phase, at and after the switch
+        out = tmp_path / f'stop{stop}'
+        train('fisor', TASK, seed=0, out=out, stop_after=stop, **kwargs)
+        runs[stop] = _checkpoint(out)
+    assert runs[10]['trainer']['actor_start'] == 10       # settled at the second snapshot
+    assert runs[5]['trainer']['actor_start'] is None
+
+    def params(state, prefix):
+        return {k: v for k, v in state['model'].items() if k.startswith(prefix)}
+    # critic phase: the actor does not move; actor phase: the critics are frozen
+    for key, value in params(runs[5], 'actor.').items():
+        assert torch.equal(value, runs[10]['model'][key]), key
+    for prefix in ('q_r.', 'v_r.', 'q_h.', 'v_h.'):
+        before, after = params(runs[10], prefix), params(runs[30], prefix)
+        assert before and all(torch.equal(v, after[k]) for k, v in before.items()), prefix
+    assert any(not torch.equal(v, runs[30]['model'][k])
+               for k, v in params(runs[10], 'actor.').items())
+    assert any(not torch.equal(v, runs[10]['model'][k])
+               for k, v in params(runs[5], 'q_h.').items())
+    # a run resumed in the actor phase ends exactly where an uninterrupted one does
+    resumed = tmp_path / 'resumed'
+    train('fisor', TASK, seed=0, out=resumed, stop_after=15, **kwargs)
+    train('fisor', TASK, seed=0, out=resumed, **kwargs)
+    _assert_same_state(runs[30], _checkpoint(resumed))
+
+
+def test_critics_first_needs_iterations_left_for_the_actor():
+    from offline_training.algos import fisor
+    from saferl_ros.errors import ConfigError
+    with pytest.raises(ConfigError, match='critic_steps'):
+        fisor.make_config('cpu', schedule='critics-first', steps=100, critic_steps=100)
+    with pytest.raises(ConfigError, match='schedule'):
+        fisor.make_config('cpu', schedule='actor-first')
+
+
 def test_resume_refuses_another_runs_checkpoint(dataset, tmp_path):
     kwargs = {'data': dataset, 'steps': 2, 'device': 'cpu', 'progress': False, 'preset': 'cpu'}
     train('bc_all', TASK, seed=0, out=tmp_path, overrides=TINY['bc_all'], **kwargs)

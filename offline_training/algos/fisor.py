@@ -34,6 +34,8 @@ from torch import nn
 import torch.nn.functional as F
 
 NAME = 'fisor'
+SCHEDULES = ('joint', 'critics-first')
+ACTOR_SAMPLING = ('weighted-loss', 'weighted-sampling')
 
 
 @dataclass
@@ -82,6 +84,21 @@ class FisorConfig:
     fallback_candidates: int = 16
     clip_sampler: bool = True
     ddpm_temperature: float = 1.0
+    # --- schedule. 'joint' is the paper's: every iteration two actor updates, then the critics.
+    # 'critics-first' optimises the same objectives in another order (no critic loss reads the
+    # actor, Eq. 8, 9, 15, 16): critic-only iterations until the critics settle, then the critics
+    # are frozen, Eq. 13's weights computed once per transition, and the remaining iterations
+    # train the actor alone (docs/algorithms.md "Schedules").
+    schedule: str = 'joint'
+    critic_steps: int = 20_000          # critics-first: at most this many critic-only iterations
+    critic_check_every: int = 2_000     # snapshot the critics every this many iterations ...
+    settle_feasible_change: float = 0.01  # ... settled: the feasible fraction moved less ...
+    settle_weight_rank: float = 0.98    # ... and the weights' ranking correlates above this
+    settle_probe_size: int = 4096       # transitions (fixed, seeded) the snapshots are taken on
+    # How the actor sees Eq. 13's weights once they are fixed: 'weighted-loss' (Eq. 14 as written)
+    # or 'weighted-sampling' (transitions drawn in proportion to w, unweighted loss times mean w:
+    # the same objective in expectation, less gradient noise at small batches).
+    actor_sampling: str = 'weighted-loss'
 
     def __post_init__(self):
         self.critic_hidden = tuple(int(h) for h in self.critic_hidden)
@@ -89,6 +106,14 @@ class FisorConfig:
         if self.critic_batch_size > self.actor_batch_size * self.actor_updates_per_step:
             raise ConfigError('critic_batch_size must not exceed actor_batch_size * '
                               'actor_updates_per_step (critics use the first rows of the batch)')
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f'schedule {self.schedule!r}: use one of {", ".join(SCHEDULES)}')
+        if self.actor_sampling not in ACTOR_SAMPLING:
+            raise ConfigError(f'actor_sampling {self.actor_sampling!r}: use one of '
+                              f'{", ".join(ACTOR_SAMPLING)}')
+        if self.schedule == 'critics-first' and not 0 < self.critic_steps < self.steps:
+            raise ConfigError(f'critics-first needs 0 < critic_steps ({self.critic_steps}) < '
+                              f'steps ({self.steps}): the actor trains in the iterations left')
 
 
 CONFIG = FisorConfig
@@ -452,7 +477,7 @@ def prepare_arrays(data: Dict[str, np.ndarray], config: FisorConfig) -> Dict[str
 
 
 class FisorTrainer:
-    """Optimisers and the one-iteration update of the official code."""
+    """Optimisers and the one-iteration update of the official code (or critics-first)."""
 
     def __init__(self, model: FisorModel, config: FisorConfig):
         self.model, self.config = model, config
@@ -460,6 +485,15 @@ class FisorTrainer:
         self.actor_opt = torch.optim.AdamW(model.actor.parameters(), lr=config.actor_lr,
                                            weight_decay=0.0)
         self.actor_sched = cosine_lr_scheduler(self.actor_opt, config.actor_decay_steps)
+        # critics-first bookkeeping: iterations done, where the actor phase began, the last
+        # snapshot (feasible fraction, weights on the probe) and the frozen per-transition weights
+        self.iteration = 0
+        self.actor_start: Optional[int] = None
+        self.snapshot: Optional[Dict[str, torch.Tensor]] = None
+        self.weights: Optional[torch.Tensor] = None
+        if config.schedule == 'critics-first' and config.critic_steps >= config.steps:
+            raise ConfigError(f'critics-first needs critic_steps ({config.critic_steps}) < steps '
+                              f'({config.steps}): the actor trains in the iterations left')
         self.q_r_opt = torch.optim.Adam(model.q_r.parameters(), lr=config.critic_lr)
         self.v_r_opt = torch.optim.Adam(model.v_r.parameters(), lr=config.value_lr)
         self.q_h_opt = torch.optim.Adam(model.q_h.parameters(), lr=config.critic_lr)
@@ -471,14 +505,21 @@ class FisorTrainer:
         loss.backward()
         optimizer.step()
 
-    def actor_update(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """One weighted denoising step (Eq. 14) on ``batch``; weights from Eq. 13."""
-        m, c = self.model, self.config
-        obs, act = batch['obs'], batch['act']
+    def batch_weights(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """Return Eq. 13's weights of (obs, act) from the current critics and values."""
+        m = self.model
         with torch.no_grad():
             q_r = m.q_r_target(obs, act).min(dim=0).values
             q_h = m.q_h_target(obs, act).max(dim=0).values
-            weights = policy_weights(q_r, m.v_r(obs), q_h, m.v_h(obs), c)
+            return policy_weights(q_r, m.v_r(obs), q_h, m.v_h(obs), self.config)
+
+    def actor_update(self, batch: Dict[str, torch.Tensor],
+                     weights: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """One weighted denoising step (Eq. 14) on ``batch``; weights from Eq. 13 if not given."""
+        m, c = self.model, self.config
+        obs, act = batch['obs'], batch['act']
+        if weights is None:
+            weights = self.batch_weights(obs, act)
         t = torch.randint(0, c.diffusion_steps, (obs.shape[0],), device=obs.device)
         eps = torch.randn_like(act)
         a_t = m.schedule.q_sample(act, t, eps)
@@ -523,11 +564,21 @@ class FisorTrainer:
 
     def update(self, buffer: ReplayBuffer) -> Dict[str, torch.Tensor]:
         """
-        One training iteration: two actor updates on halves of the batch, then the critics.
+        One training iteration of the configured schedule.
 
-        The actor weights use the critics as they are before this iteration's critic updates,
-        and the critics train on the first critic_batch_size rows, as in the official code.
+        joint (the paper's): two actor updates on halves of the batch, then the critics; the actor
+        weights use the critics as they are before this iteration's critic updates, and the
+        critics train on the first critic_batch_size rows, as in the official code.
+        critics-first: a critic-only iteration until the critics settle, then actor-only ones.
         """
+        self.iteration += 1
+        if self.config.schedule == 'critics-first':
+            if self.actor_start is None:
+                return self._critic_phase_update(buffer)
+            return self._actor_phase_update(buffer)
+        return self._joint_update(buffer)
+
+    def _joint_update(self, buffer: ReplayBuffer) -> Dict[str, torch.Tensor]:
         c = self.config
         batch = buffer.sample(c.actor_batch_size * c.actor_updates_per_step)
         logs: Dict[str, torch.Tensor] = {}
@@ -539,19 +590,114 @@ class FisorTrainer:
         logs['lr/actor'] = torch.tensor(self.actor_sched.get_last_lr()[0])
         return logs
 
+    # -- critics-first -------------------------------------------------------------------------
+
+    def _critic_phase_update(self, buffer: ReplayBuffer) -> Dict[str, torch.Tensor]:
+        c = self.config
+        logs = self.critic_update(buffer.sample(c.critic_batch_size))
+        if self.iteration % c.critic_check_every == 0 or self.iteration >= c.critic_steps:
+            settled, measures = self._take_snapshot(buffer)
+            logs.update(measures)
+            if settled or self.iteration >= c.critic_steps:
+                self._start_actor_phase(buffer)
+                logs['schedule/actor_start'] = torch.tensor(float(self.iteration))
+        return logs
+
+    def _probe(self, buffer: ReplayBuffer) -> Dict[str, torch.Tensor]:
+        """Return a fixed, seeded subset of the transitions (the snapshots' yardstick)."""
+        generator = torch.Generator(device='cpu').manual_seed(0)
+        size = min(self.config.settle_probe_size, buffer.size)
+        index = torch.randperm(buffer.size, generator=generator)[:size].to(buffer.device)
+        return {key: value.index_select(0, index) for key, value in buffer.data.items()}
+
+    def _take_snapshot(self, buffer: ReplayBuffer) -> Tuple[bool, Dict[str, torch.Tensor]]:
+        """
+        Measure how much the critics still move; return (settled, measures).
+
+        Settled: between this snapshot and the previous one the feasible fraction (V_h <= 0 on
+        the probe) changed by less than settle_feasible_change and the Spearman correlation of
+        Eq. 13's weights on the probe is above settle_weight_rank.
+        """
+        c, probe = self.config, self._probe(buffer)
+        with torch.no_grad():
+            feasible = (self.model.v_h(probe['obs']) <= 0).float().mean()
+            weights = self.batch_weights(probe['obs'], probe['act'])
+        measures = {'schedule/feasible_fraction': feasible}
+        settled = False
+        if self.snapshot is not None:
+            change = (feasible - self.snapshot['feasible']).abs()
+            rank = spearman(weights, self.snapshot['weights'])
+            measures.update({'schedule/feasible_change': change, 'schedule/weight_rank': rank})
+            settled = bool(change < c.settle_feasible_change and rank > c.settle_weight_rank)
+        self.snapshot = {'feasible': feasible.cpu(), 'weights': weights.cpu()}
+        return settled, measures
+
+    def _start_actor_phase(self, buffer: ReplayBuffer) -> None:
+        """Freeze the critics; stretch the actor's cosine schedule over the iterations left."""
+        c = self.config
+        self.actor_start = self.iteration
+        left = max(c.steps - self.iteration, 1) * c.actor_updates_per_step
+        self.actor_sched = cosine_lr_scheduler(self.actor_opt, left)
+        self.weights = self.transition_weights(buffer)
+
+    def transition_weights(self, buffer: ReplayBuffer, chunk: int = 8192) -> torch.Tensor:
+        """Return Eq. 13's weight of every transition of ``buffer`` (frozen critics)."""
+        obs, act = buffer.data['obs'], buffer.data['act']
+        return torch.cat([self.batch_weights(obs[i:i + chunk], act[i:i + chunk])
+                          for i in range(0, buffer.size, chunk)])
+
+    def _actor_phase_update(self, buffer: ReplayBuffer) -> Dict[str, torch.Tensor]:
+        c = self.config
+        if self.weights is None:                      # resumed in the actor phase
+            self.weights = self.transition_weights(buffer)
+        logs: Dict[str, torch.Tensor] = {}
+        for _ in range(c.actor_updates_per_step):
+            if c.actor_sampling == 'weighted-sampling' and float(self.weights.sum()) > 0:
+                index = torch.multinomial(self.weights, c.actor_batch_size, replacement=True,
+                                          generator=buffer.generator)
+                # E_{i ~ w / sum w}[loss_i] * mean(w) = E_{i uniform}[w_i loss_i]: Eq. 14.
+                weights = torch.full((c.actor_batch_size,), float(self.weights.mean()),
+                                     device=buffer.device)
+            else:
+                index = buffer.sample_indices(c.actor_batch_size)
+                weights = self.weights.index_select(0, index)
+            batch = {key: value.index_select(0, index) for key, value in buffer.data.items()}
+            logs.update(self.actor_update(batch, weights))
+        logs['lr/actor'] = torch.tensor(self.actor_sched.get_last_lr()[0])
+        logs['schedule/actor_start'] = torch.tensor(float(self.actor_start))
+        return logs
+
     def state_dict(self) -> dict:
         """Return the optimiser and scheduler states (the model is saved separately)."""
         return {'actor_opt': self.actor_opt.state_dict(),
                 'actor_sched': self.actor_sched.state_dict(),
                 'q_r_opt': self.q_r_opt.state_dict(), 'v_r_opt': self.v_r_opt.state_dict(),
-                'q_h_opt': self.q_h_opt.state_dict(), 'v_h_opt': self.v_h_opt.state_dict()}
+                'q_h_opt': self.q_h_opt.state_dict(), 'v_h_opt': self.v_h_opt.state_dict(),
+                'iteration': self.iteration, 'actor_start': self.actor_start,
+                'snapshot': self.snapshot}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the states saved by state_dict()."""
+        """Restore the states saved by state_dict() (the frozen weights are recomputed)."""
+        self.iteration = int(state.get('iteration', 0))
+        self.actor_start = state.get('actor_start')
+        self.snapshot = state.get('snapshot')
+        if self.actor_start is not None:
+            left = max(self.config.steps - self.actor_start, 1) * \
+                self.config.actor_updates_per_step
+            self.actor_sched = cosine_lr_scheduler(self.actor_opt, left)
         self.actor_opt.load_state_dict(state['actor_opt'])
         self.actor_sched.load_state_dict(state['actor_sched'])
         for name in ('q_r_opt', 'v_r_opt', 'q_h_opt', 'v_h_opt'):
             getattr(self, name).load_state_dict(state[name])
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Return the Spearman rank correlation of two vectors (ties broken by position)."""
+    def ranks(x):
+        return torch.argsort(torch.argsort(x, stable=True), stable=True).to(torch.float64)
+    ra, rb = ranks(a.cpu()), ranks(b.cpu())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return (ra * rb).sum() / torch.sqrt((ra * ra).sum() * (rb * rb).sum()).clamp_min(1e-12)
 
 
 def make_trainer(model: FisorModel, config: FisorConfig) -> FisorTrainer:
