@@ -13,7 +13,7 @@ import datetime
 from pathlib import Path
 import subprocess
 from types import ModuleType
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 from offline_training.algos import get_algorithm
@@ -124,12 +124,15 @@ def restore(path: Path, fix: str, *pairs) -> None:
                               f'({type(error).__name__}: {first}); {fix}') from None
 
 
-def check_resume(run_dir: Path, algo: str, seed: int, algo_config: dict) -> Tuple[dict, dict]:
+def check_resume(run_dir: Path, algo: str, seed: int, algo_config: dict,
+                 defaults: Optional[dict] = None) -> Tuple[dict, dict]:
     """
     Return (checkpoint state, saved config.yaml) of a run folder that this run may resume.
 
     The checkpoint must be of the same algorithm and seed, and the saved algorithm config may
-    differ from ``algo_config`` only in RESUME_MAY_CHANGE; otherwise raise ConfigError. The
+    differ from ``algo_config`` only in RESUME_MAY_CHANGE; otherwise raise ConfigError. A field
+    the saved config lacks (added to the algorithm after the run was made) counts as unchanged
+    when this run leaves it at its default (``defaults``: the config class's field defaults). The
     checkpoint is loaded on the CPU: RNG and generator states must stay CPU tensors, and
     ``load_state_dict`` moves parameters and optimiser state to the model's device.
     """
@@ -141,8 +144,10 @@ def check_resume(run_dir: Path, algo: str, seed: int, algo_config: dict) -> Tupl
                           'or delete it')
     saved = read_yaml_mapping(run_dir / CONFIG, RESUME_FIX)
     saved_algo = require_field(saved, 'algo_config', str(run_dir / CONFIG), dict, RESUME_FIX)
+    defaults = yaml_safe(defaults or {})
     changed = sorted(key for key, value in yaml_safe(algo_config).items()
-                     if key not in RESUME_MAY_CHANGE and saved_algo.get(key) != value)
+                     if key not in RESUME_MAY_CHANGE and saved_algo.get(key, defaults.get(key))
+                     != value)
     if changed:
         raise ConfigError(f'{run_dir} was trained with different {changed} '
                           f'({[saved_algo.get(k) for k in changed]}); resume with '

@@ -9,6 +9,7 @@ optimiser, EMA and RNG state.
 """
 
 import argparse
+from dataclasses import fields, MISSING
 from pathlib import Path
 import sys
 import time
@@ -88,7 +89,8 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
     train_cpu_s = 0.0          # CPU seconds spent training (not evaluating), over all sessions
     ckpt_path = run_dir / CHECKPOINT
     if ckpt_path.exists():
-        state, saved = check_resume(run_dir, algo, seed, run_config['algo_config'])
+        defaults = {f.name: f.default for f in fields(config) if f.default is not MISSING}
+        state, saved = check_resume(run_dir, algo, seed, run_config['algo_config'], defaults)
         restore(ckpt_path, RESUME_FIX, (model, state['model']), (trainer, state['trainer']),
                 (buffer, state['buffer']))
         set_rng_state(state['rng'])

@@ -16,6 +16,7 @@ from offline_training.data.synthetic import rollout_dataset, synthetic_dataset
 from offline_training.runs import load_run
 from offline_training.train import main, train
 import pytest
+from saferl_ros.errors import ConfigError
 from saferl_ros.tasks import get_task
 import torch
 import yaml
@@ -192,11 +193,24 @@ def test_critics_first_trains_critics_then_the_actor_alone(dataset, tmp_path, sa
 
 def test_critics_first_needs_iterations_left_for_the_actor():
     from offline_training.algos import fisor
-    from saferl_ros.errors import ConfigError
     with pytest.raises(ConfigError, match='critic_steps'):
         fisor.make_config('cpu', schedule='critics-first', steps=100, critic_steps=100)
     with pytest.raises(ConfigError, match='schedule'):
         fisor.make_config('cpu', schedule='actor-first')
+
+
+def test_resume_accepts_a_run_made_before_a_config_field_existed(dataset, tmp_path):
+    kwargs = {'data': dataset, 'steps': 4, 'device': 'cpu', 'progress': False, 'preset': 'cpu',
+              'overrides': TINY['fisor']}
+    out = train('fisor', TASK, seed=0, out=tmp_path / 'old', stop_after=2, **kwargs)
+    config = yaml.safe_load((out / 'config.yaml').read_text())
+    del config['algo_config']['schedule']           # as written before the field was added
+    (out / 'config.yaml').write_text(yaml.safe_dump(config, sort_keys=False))
+    train('fisor', TASK, seed=0, out=out, **kwargs)   # left at its default: resumes
+    assert _checkpoint(out)['step'] == 4
+    with pytest.raises(ConfigError, match='schedule'):  # set to something else: refused
+        train('fisor', TASK, seed=0, out=out, **{**kwargs, 'steps': 8, 'overrides': {
+            **TINY['fisor'], 'schedule': 'critics-first', 'critic_steps': 2}})
 
 
 def test_resume_refuses_another_runs_checkpoint(dataset, tmp_path):
