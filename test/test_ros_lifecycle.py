@@ -16,10 +16,12 @@ from nav_msgs.msg import Odometry
 import pytest
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.node import Node
+from saferl_interfaces.msg import StepRecord
 from saferl_ros import graph
 from saferl_ros.bringup import Graph
 from saferl_ros.nodes import common
 from saferl_ros.nodes.recorder_node import read_mcap
+from saferl_ros.nodes.records import step_msg, Transition
 from saferl_ros.observation import channel_names
 from sensor_msgs.msg import JointState
 from std_msgs.msg import String
@@ -163,7 +165,7 @@ def test_monitor_answers_once_stops_once_on_deactivate_and_is_silent_while_inact
 
 def test_sim_steps_once_per_command_and_stands_still_while_inactive():
     outputs = [(common.OBSERVATION, JointState, common.SENSOR_QOS),
-               (common.STEP, JointState, common.RECORD_QOS),
+               (common.STEP, StepRecord, common.RECORD_QOS),
                (common.EPISODE, String, common.RECORD_QOS)]
     params = {'task': 'BallCircle', 'min_subscribers': 1, 'command_timeout': 30.0,
               'publish_clock': False, 'publish_odometry': False}
@@ -188,6 +190,9 @@ def test_sim_steps_once_per_command_and_stands_still_while_inactive():
             command(first[0])
             steps = settle(nodes, probe, common.STEP, since[common.STEP], 1)
             assert len(steps) == 1, cycle
+            # the transition from the first observation, with the commanded action applied
+            assert steps[0].header.stamp == first[0].header.stamp and steps[0].step == 1
+            assert list(steps[0].action) == pytest.approx([0.2, 0.0])
             assert len(new(probe, common.OBSERVATION, since[common.OBSERVATION])) == 2
             assert node.trigger_deactivate() == SUCCESS
             command(probe.msgs[common.OBSERVATION][-1])    # answers the pending observation
@@ -195,11 +200,12 @@ def test_sim_steps_once_per_command_and_stands_still_while_inactive():
         assert probe.count_subscribers(common.FINAL) == 1
 
 
-def _step_message(episode: int, step: int, truncated: bool, stamp: int) -> JointState:
-    names = (list(common.STEP_SCALARS) + [f'observation/{c}' for c in CHANNELS]
-             + [f'next_observation/{c}' for c in CHANNELS] + ['action/0', 'action/1'])
-    scalars = [1.0, 0.0, 0.0, float(truncated), episode, step, 0.0]
-    return common.joint_state(names, scalars + [0.1] * 16 + [0.0, 0.0], stamp, 'BallCircle')
+def _step_message(episode: int, step: int, truncated: bool, stamp: int) -> StepRecord:
+    return step_msg(Transition(stamp_ns=stamp, task='BallCircle', episode=episode, step=step,
+                               reward=1.0, cost=0.0, terminated=False, truncated=truncated,
+                               missed=False, observation_names=CHANNELS,
+                               observation=[0.1] * 8, next_observation=[0.1] * 8,
+                               action=[0.0, 0.0]))
 
 
 def test_recorder_writes_each_step_once_and_nothing_while_inactive(tmp_path):
@@ -207,7 +213,7 @@ def test_recorder_writes_each_step_once_and_nothing_while_inactive(tmp_path):
               'mcap': True}
     with one_node(graph.RECORDER, params, []) as (nodes, node, probe):
         configure_cleanup_configure(node)
-        step_pub = probe.publisher(JointState, common.STEP, common.RECORD_QOS)
+        step_pub = probe.publisher(StepRecord, common.STEP, common.RECORD_QOS)
         assert spin_until(nodes.executor, lambda: probe.count_subscribers(common.STEP) >= 1,
                           5.0)
         lengths = (3, 4)
@@ -230,12 +236,12 @@ def test_recorder_writes_each_step_once_and_nothing_while_inactive(tmp_path):
         assert data['observations'].shape == (length, 8), run
         assert data['timeouts'].sum() == 1
         raw = read_mcap(run / 'raw' / 'episode_000000.mcap')
-        assert len(raw['/step']) == length, run
+        assert [m.step for m in raw['/step']] == list(range(1, length + 1)), run
 
 
 def test_robot_adapter_answers_once_and_sends_only_its_safe_stop_while_inactive():
     outputs = [(common.OBSERVATION, JointState, common.SENSOR_QOS),
-               (common.STEP, JointState, common.RECORD_QOS),
+               (common.STEP, StepRecord, common.RECORD_QOS),
                ('cmd_vel', TwistStamped, common.RECORD_QOS)]
     # The watchdog would send a zero command 20 times a second while active (no final action
     # within command_timeout): a node that kept doing so while inactive would show. Stamped
