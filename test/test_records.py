@@ -23,11 +23,11 @@ CHANNELS = channel_names('BallCircle')
 def transition(**changes) -> Transition:
     """Return a BallCircle transition with distinct values in every field."""
     rng = np.random.default_rng(1)
-    values = dict(stamp_ns=1_700_000_000_123_456_789, task='BallCircle', episode=3, step=41,
-                  reward=0.25, cost=1.0, terminated=False, truncated=True, missed=True,
-                  observation_names=CHANNELS, observation=rng.normal(size=8),
-                  next_observation=rng.normal(size=8),
-                  action=np.array([0.5, -1.0], np.float32))
+    values = {'stamp_ns': 1_700_000_000_123_456_789, 'task': 'BallCircle', 'episode': 3,
+              'step': 41, 'reward': 0.25, 'cost': 1.0, 'terminated': False, 'truncated': True,
+              'missed': True, 'observation_names': CHANNELS, 'observation': rng.normal(size=8),
+              'next_observation': rng.normal(size=8),
+              'action': np.array([0.5, -1.0], np.float32)}
     values.update(changes)
     return Transition(**values)
 
@@ -98,8 +98,8 @@ def test_schemas_are_ros2msg_with_their_dependencies():
         text = message_definition(type_name)
         parts = text.split(SEPARATOR + '\n')
         assert parts[0] == msg_file(type_name).read_text()
-        assert [p.splitlines()[0] for p in parts[1:]] == ['MSG: std_msgs/Header',
-                                                         'MSG: builtin_interfaces/Time']
+        assert [p.splitlines()[0] for p in parts[1:]] == [
+            'MSG: std_msgs/Header', 'MSG: builtin_interfaces/Time']
         assert 'builtin_interfaces/Time stamp' in parts[1] and 'int32 sec' in parts[2]
 
 
@@ -129,4 +129,3 @@ def test_mcap_of_records_decodes_with_mcap_ros2(tmp_path):
     assert judged.header.stamp.sec == want_step.stamp_ns // 1_000_000_000
     assert judged.replaced and list(judged.proposed) == [1.0, 1.0]
     assert (judged.v_h, judged.q_h, judged.q_c, judged.risk_final) == (0.4, 0.9, 2.0, 0.1)
-
