@@ -233,16 +233,19 @@ class RecorderNode(LifecycleNode):
 
     def _write(self, t: Transition, verdict: Optional[Verdict]):
         obs_dim = self.obs_dim
+        # Every step names its observation channels: one of another task (or in another order)
+        # is refused, not written under this task's names.
+        if t.observation_names != self.channels or len(t.observation) != obs_dim or \
+                len(t.next_observation) != obs_dim or len(t.action) == 0 or \
+                (self.act_dim is not None and len(t.action) != self.act_dim):
+            self.get_logger().error(
+                f'step message does not carry {self.cfg["task"]} observations and '
+                f'{self.act_dim or "an"} action values ({t.observation_names[:3]}..., '
+                f'{len(t.action)} action values); check the recorder task parameter',
+                throttle_duration_sec=5.0)
+            return
         if self.writer is None:
             self.act_dim = len(t.action)
-            if self.act_dim == 0 or t.observation_names != self.channels or \
-                    len(t.observation) != obs_dim or len(t.next_observation) != obs_dim:
-                self.get_logger().error(
-                    f'step message does not carry {self.cfg["task"]} observations '
-                    f'({t.observation_names[:3]}...); check the recorder task parameter',
-                    throttle_duration_sec=5.0)
-                self.act_dim = None
-                return
             self.writer = RecordingWriter(self.run_dir, self.cfg['task'], obs_dim, self.act_dim,
                                           attrs=dict(self.hashes))
         if self.episode is not None and t.episode != self.episode and self.writer.steps:
