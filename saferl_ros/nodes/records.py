@@ -13,6 +13,8 @@ messages (docs/architecture.md "Messages"):
   (:func:`verdict_from_msg`).
 
 Both stamps are the stamp of the observation the record belongs to, in integer nanoseconds.
+The encoders convert every value to its field's type themselves (numpy scalars and float32
+arrays included): the generated classes check types only when ROS_PYTHON_CHECK_FIELDS=1.
 """
 
 import array
