@@ -1,12 +1,17 @@
 # saferl_ros developer entry points. `make help` lists them.
 #
-# The virtual environment lives in .venv and is rebuilt only when a requirements file changes
-# (a stamp file records their hash), so running `make test` again takes seconds to start.
+# The virtual environment lives in .venv and is rebuilt only when a requirements file or the
+# saferl_interfaces package changes (a stamp file newer than them), so running `make test` again
+# takes seconds to start. Building the messages needs cmake (>= 3.19), a C/C++ compiler and make.
 
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
-REQ_FILES := requirements/requirements.txt requirements/constraints.txt requirements/no-deps.txt setup.py
+REQ_FILES := requirements/requirements.txt requirements/constraints.txt requirements/no-deps.txt \
+	requirements/interfaces.txt setup.py
+# The saferl_interfaces messages, built with rosidl into the venv (tools/build_interfaces.sh).
+INTERFACE_FILES := tools/build_interfaces.sh $(wildcard saferl_interfaces/package.xml \
+	saferl_interfaces/CMakeLists.txt saferl_interfaces/msg/*.msg saferl_interfaces/cmake/*.cmake)
 STAMP := $(VENV)/.saferl-stamp
 PYTEST_ARGS ?=
 
@@ -18,7 +23,7 @@ export MPLBACKEND := Agg
 .PHONY: help venv check-env test demo data lint lock clean-venv
 
 help:
-	@echo "make venv       create .venv with every dependency at its pinned version"
+	@echo "make venv       create .venv with every dependency at its pinned version and build the messages"
 	@echo "make test       create the environment if missing, then run the whole test suite"
 	@echo "make demo       run the shipped FISOR bundle in the simulated ROS 2 loop for 3 episodes"
 	@echo "make data       train missing behaviour agents, then collect the six datasets into datasets/"
@@ -28,13 +33,14 @@ help:
 
 venv: $(STAMP)
 
-$(STAMP): $(REQ_FILES)
+$(STAMP): $(REQ_FILES) $(INTERFACE_FILES)
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11'"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip==25.3
 	$(BIN)/python -m pip install --quiet -r requirements/requirements.txt -c requirements/constraints.txt
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements/no-deps.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	SKIP_PIP=1 tools/build_interfaces.sh $(VENV)
 	$(MAKE) --no-print-directory check-env
 	touch $(STAMP)
 
@@ -56,7 +62,7 @@ lint: venv
 lock:
 	$(BIN)/python -m pip install --quiet -r requirements/requirements.txt
 	{ head -n 2 requirements/constraints.txt; $(BIN)/python -m pip freeze --exclude-editable \
-	  | grep -v -E '^(bullet-safety-gym|dsrl)==' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } \
+	  | grep -v -E '^(bullet-safety-gym|dsrl|saferl_interfaces)==' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } \
 	  > requirements/constraints.txt.new && mv requirements/constraints.txt.new requirements/constraints.txt
 
 clean-venv:

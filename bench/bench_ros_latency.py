@@ -162,6 +162,7 @@ def start_composed(bundle: str, monitor_params: dict, log: Path, executor: str,
 def measure(config: dict, bundle: str, observations: np.ndarray, args, tmp: Path) -> dict:
     """Start controller + monitor (+ echo) in one configuration; time the loop through them."""
     from rclpy.node import Node
+    from saferl_interfaces.msg import MonitorVerdict
     from sensor_msgs.msg import JointState
 
     from saferl_ros import graph
@@ -201,8 +202,8 @@ def measure(config: dict, bundle: str, observations: np.ndarray, args, tmp: Path
         common.stamp_to_ns(m.header.stamp), now_ns()), common.COMMAND_QOS)
     node.create_subscription(JointState, common.FINAL, lambda m: final.setdefault(
         common.stamp_to_ns(m.header.stamp), now_ns()), common.COMMAND_QOS)
-    node.create_subscription(JointState, common.VERDICT, lambda m: verdicts.setdefault(
-        common.stamp_to_ns(m.header.stamp), int(m.position[0])), common.RECORD_QOS)
+    node.create_subscription(MonitorVerdict, common.VERDICT, lambda m: verdicts.setdefault(
+        common.stamp_to_ns(m.header.stamp), m.state), common.RECORD_QOS)
     node.create_subscription(JointState, 'pong', lambda m: pongs.setdefault(
         common.stamp_to_ns(m.header.stamp), now_ns()), common.COMMAND_QOS)
     obs_pub = node.create_publisher(JointState, common.OBSERVATION, common.SENSOR_QOS)

@@ -2,6 +2,7 @@
 
 import configparser
 from importlib import metadata
+import os
 from pathlib import Path
 import subprocess
 import sys
@@ -25,6 +26,19 @@ def test_package_xml_is_a_valid_format3_ament_python_package():
     assert {'rclpy'} | MESSAGE_PACKAGES <= exec_depends
     test_depends = {d.name for d in package.test_depends}
     assert {'ament_flake8', 'ament_pep257', 'launch_pytest'} <= test_depends
+    # the messages of this repository: needed to build (colcon's order) and to run
+    assert 'saferl_interfaces' in {d.name for d in package.build_depends} & exec_depends
+
+
+def test_interface_package_xml_is_a_rosidl_package():
+    package = parse_package(str(ROOT / 'saferl_interfaces' / 'package.xml'))
+    package.validate()
+    assert package.package_format == 3 and package.name == 'saferl_interfaces'
+    assert package.get_build_type() == 'ament_cmake'
+    assert {'ament_cmake', 'rosidl_default_generators'} <= \
+        {d.name for d in package.buildtool_depends}
+    assert 'rosidl_default_runtime' in {d.name for d in package.exec_depends}
+    assert [g.name for g in package.member_of_groups] == ['rosidl_interface_packages']
 
 
 def test_setup_cfg_installs_scripts_where_ros2_run_looks():
@@ -100,14 +114,25 @@ def test_layer_rules(package, forbidden):
     assert forbidden not in loaded, f'importing {package} modules imports {forbidden}'
 
 
-def test_colcon_builds_the_package_in_a_workspace(tmp_path):
-    # The build a ROS 2 user runs: colcon with its ROS extension picks up package.xml and builds
-    # the ament_python package; scripts land in lib/saferl_ros, where `ros2 run` looks.
-    _copy_tracked_files(tmp_path / 'src' / 'saferl_ros')
+def test_colcon_builds_both_packages_in_a_workspace(tmp_path):
+    # The build a ROS 2 user runs (docs/ros.md "Build in a colcon workspace"): colcon with its
+    # ROS extension builds saferl_interfaces (rosidl, CMake) first, then the ament_python
+    # package; scripts land in lib/saferl_ros, where `ros2 run` looks. Here against the ROS 2
+    # wheels of this venv, with their CMake fix-up hook.
+    source = _copy_tracked_files(tmp_path / 'src' / 'saferl_ros')
+    venv = Path(sys.prefix)
     colcon = Path(sys.executable).with_name('colcon')
-    result = subprocess.run([str(colcon), 'build', '--packages-select', 'saferl_ros'],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    env = {**os.environ, 'PATH': f'{venv / "bin"}{os.pathsep}{os.environ["PATH"]}',
+           'AMENT_PREFIX_PATH': str(venv), 'CMAKE_PREFIX_PATH': str(venv)}
+    result = subprocess.run(
+        [str(colcon), 'build', '--paths', 'src/saferl_ros', 'src/saferl_ros/saferl_interfaces',
+         '--cmake-args', '-DBUILD_TESTING=OFF', f'-DPython3_EXECUTABLE={sys.executable}',
+         '-DCMAKE_PROJECT_INCLUDE=' + str(source / 'saferl_interfaces' / 'cmake' /
+                                          'ros_wheels_fixups.cmake')],
+        cwd=tmp_path, capture_output=True, text=True, timeout=480, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert out.index('Finished <<< saferl_interfaces') < out.index('Starting >>> saferl_ros')
     install = tmp_path / 'install' / 'saferl_ros'
     assert (install / 'share' / 'saferl_ros' / 'package.xml').is_file()
     assert (install / 'share' / 'ament_index' / 'resource_index' / 'packages' /
@@ -116,3 +141,14 @@ def test_colcon_builds_the_package_in_a_workspace(tmp_path):
                if ep.value.split('.')[0] in ('saferl_ros', 'offline_training')}
     installed = {p.name for p in (install / 'lib' / 'saferl_ros').iterdir()}
     assert scripts <= installed
+    # the workspace's messages are the ones found once its setup script is sourced
+    check = ('import saferl_interfaces.msg as m; '
+             'from rclpy.serialization import deserialize_message as d, serialize_message as s; '
+             'r = m.StepRecord(observation_names=["x"], observation=[1.5]); '
+             'assert d(s(r), m.StepRecord) == r; print(m.__file__)')
+    found = subprocess.run(['bash', '-c', f'source install/setup.bash && '
+                                          f'"{sys.executable}" -c \'{check}\''],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                           env={**env, 'PYTHONPATH': ''})
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.startswith(str(tmp_path / 'install' / 'saferl_interfaces'))

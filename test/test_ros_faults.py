@@ -21,10 +21,12 @@ import numpy as np
 from offline_training.data.dataset import validate_file
 import pytest
 from rclpy.node import Node
+from saferl_interfaces.msg import StepRecord
 from saferl_ros.bringup import BringupError, Graph, main as bringup_main, run
 from saferl_ros.graph import CONTROLLER, MONITOR, RECORDER, SIM
 from saferl_ros.monitor import MonitorState
 from saferl_ros.nodes import common
+from saferl_ros.nodes.recorder_node import read_mcap
 from saferl_ros.observation import channel_names
 from saferl_ros.paths import package_share, PathResolutionError, resolve_path
 from saferl_ros.recorder import load_episodes, read_index
@@ -310,19 +312,18 @@ def wait_for_episodes(run_dir: Path, count: int, proc, timeout: float = 90.0) ->
     raise AssertionError(f'{count} episodes not recorded in {timeout} s')
 
 
-def mcap_steps(path: Path) -> int:
-    """Read a whole MCAP file (it must be complete) and return its number of step messages."""
-    from mcap.reader import make_reader
-    with open(path, 'rb') as stream:
-        return sum(channel.topic == '/step'
-                   for _, channel, _ in make_reader(stream).iter_messages())
+def mcap_steps(path: Path) -> list:
+    """Decode a whole MCAP file (it must be complete) and return its step messages."""
+    return read_mcap(path).get('/step', [])
 
 
 def assert_each_episode_in_its_mcap_file(run_dir: Path) -> None:
     """Every committed episode k: raw/episode_k.mcap is complete and holds its step messages."""
     for k, entry in enumerate(read_index(run_dir)['episodes']):
         assert entry['episode'] == k
-        assert mcap_steps(run_dir / 'raw' / f'episode_{k:06d}.mcap') >= entry['steps'], k
+        steps = mcap_steps(run_dir / 'raw' / f'episode_{k:06d}.mcap')
+        assert len(steps) >= entry['steps'], k
+        assert len({m.episode for m in steps}) == 1, k      # one episode's steps per file
 
 
 @pytest.mark.parametrize('sig, args, expected', [
@@ -393,7 +394,7 @@ def test_a_silent_monitor_stops_the_simulated_robot(bundles, tmp_path):
                          'command_timeout': 0.3, 'min_subscribers': 2}})
     steps = []
     probe = Node('step_probe')
-    probe.create_subscription(JointState, common.STEP, steps.append, common.RECORD_QOS)
+    probe.create_subscription(StepRecord, common.STEP, steps.append, common.RECORD_QOS)
     graph.executor.add_node(probe)
     try:
         assert graph.configure() == []
@@ -404,19 +405,15 @@ def test_a_silent_monitor_stops_the_simulated_robot(bundles, tmp_path):
         monitor.send_signal(signal.SIGKILL)
         monitor.wait(10)
         n = len(steps)
-        names = list(steps[-1].name)
-        act = [names.index('action/0'), names.index('action/1')]
-        missed = names.index('missed')
 
         def first_miss():
-            return next((i for i in range(n, len(steps)) if steps[i].position[missed] == 1.0),
-                        None)
+            return next((i for i in range(n, len(steps)) if steps[i].missed), None)
         # within command_timeout (0.3 s) of the last command the monitor sent, the simulator
         # applies its safe action, and from then on every step is a miss with the safe action
         assert spin_until(graph.executor, lambda: first_miss() is not None and
                           len(steps) >= first_miss() + 10, 10.0), 'the robot was not stopped'
         for msg in steps[first_miss():]:
-            assert [msg.position[i] for i in act] == SAFE and msg.position[missed] == 1.0
+            assert list(msg.action) == SAFE and msg.missed
     finally:
         for proc in (monitor, controller):
             if proc.poll() is None:

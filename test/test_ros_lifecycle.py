@@ -8,18 +8,23 @@ input again after reactivation).
 
 from contextlib import contextmanager
 import json
+import math
 from pathlib import Path
 
 from diagnostic_msgs.msg import DiagnosticStatus
 from geometry_msgs.msg import TwistStamped
 from nav_msgs.msg import Odometry
+import numpy as np
 import pytest
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.node import Node
+from saferl_interfaces.msg import MonitorVerdict, StepRecord
 from saferl_ros import graph
 from saferl_ros.bringup import Graph
+from saferl_ros.monitor import MonitorState, Verdict
 from saferl_ros.nodes import common
 from saferl_ros.nodes.recorder_node import read_mcap
+from saferl_ros.nodes.records import step_msg, Transition, verdict_msg
 from saferl_ros.observation import channel_names
 from sensor_msgs.msg import JointState
 from std_msgs.msg import String
@@ -163,7 +168,7 @@ def test_monitor_answers_once_stops_once_on_deactivate_and_is_silent_while_inact
 
 def test_sim_steps_once_per_command_and_stands_still_while_inactive():
     outputs = [(common.OBSERVATION, JointState, common.SENSOR_QOS),
-               (common.STEP, JointState, common.RECORD_QOS),
+               (common.STEP, StepRecord, common.RECORD_QOS),
                (common.EPISODE, String, common.RECORD_QOS)]
     params = {'task': 'BallCircle', 'min_subscribers': 1, 'command_timeout': 30.0,
               'publish_clock': False, 'publish_odometry': False}
@@ -188,6 +193,9 @@ def test_sim_steps_once_per_command_and_stands_still_while_inactive():
             command(first[0])
             steps = settle(nodes, probe, common.STEP, since[common.STEP], 1)
             assert len(steps) == 1, cycle
+            # the transition from the first observation, with the commanded action applied
+            assert steps[0].header.stamp == first[0].header.stamp and steps[0].step == 1
+            assert list(steps[0].action) == pytest.approx([0.2, 0.0])
             assert len(new(probe, common.OBSERVATION, since[common.OBSERVATION])) == 2
             assert node.trigger_deactivate() == SUCCESS
             command(probe.msgs[common.OBSERVATION][-1])    # answers the pending observation
@@ -195,11 +203,13 @@ def test_sim_steps_once_per_command_and_stands_still_while_inactive():
         assert probe.count_subscribers(common.FINAL) == 1
 
 
-def _step_message(episode: int, step: int, truncated: bool, stamp: int) -> JointState:
-    names = (list(common.STEP_SCALARS) + [f'observation/{c}' for c in CHANNELS]
-             + [f'next_observation/{c}' for c in CHANNELS] + ['action/0', 'action/1'])
-    scalars = [1.0, 0.0, 0.0, float(truncated), episode, step, 0.0]
-    return common.joint_state(names, scalars + [0.1] * 16 + [0.0, 0.0], stamp, 'BallCircle')
+def _step_message(episode: int, step: int, truncated: bool, stamp: int, names=CHANNELS,
+                  action=(0.0, 0.0)) -> StepRecord:
+    return step_msg(Transition(stamp_ns=stamp, task='BallCircle', episode=episode, step=step,
+                               reward=1.0, cost=0.0, terminated=False, truncated=truncated,
+                               missed=False, observation_names=names,
+                               observation=[0.1] * 8, next_observation=[0.1] * 8,
+                               action=list(action)))
 
 
 def test_recorder_writes_each_step_once_and_nothing_while_inactive(tmp_path):
@@ -207,7 +217,7 @@ def test_recorder_writes_each_step_once_and_nothing_while_inactive(tmp_path):
               'mcap': True}
     with one_node(graph.RECORDER, params, []) as (nodes, node, probe):
         configure_cleanup_configure(node)
-        step_pub = probe.publisher(JointState, common.STEP, common.RECORD_QOS)
+        step_pub = probe.publisher(StepRecord, common.STEP, common.RECORD_QOS)
         assert spin_until(nodes.executor, lambda: probe.count_subscribers(common.STEP) >= 1,
                           5.0)
         lengths = (3, 4)
@@ -230,12 +240,49 @@ def test_recorder_writes_each_step_once_and_nothing_while_inactive(tmp_path):
         assert data['observations'].shape == (length, 8), run
         assert data['timeouts'].sum() == 1
         raw = read_mcap(run / 'raw' / 'episode_000000.mcap')
-        assert len(raw['/step']) == length, run
+        assert [m.step for m in raw['/step']] == list(range(1, length + 1)), run
+
+
+def test_recorder_joins_verdicts_and_refuses_steps_of_other_channels(tmp_path):
+    params = {'task': 'BallCircle', 'output_dir': str(tmp_path), 'run_name': 'run',
+              'join_timeout': 0.5}
+    with one_node(graph.RECORDER, params, []) as (nodes, node, probe):
+        assert node.trigger_configure() == SUCCESS and node.trigger_activate() == SUCCESS
+        step_pub = probe.publisher(StepRecord, common.STEP, common.RECORD_QOS)
+        verdict_pub = probe.publisher(MonitorVerdict, common.VERDICT, common.RECORD_QOS)
+        assert spin_until(nodes.executor, lambda: probe.count_subscribers(common.STEP) >= 1
+                          and probe.count_subscribers(common.VERDICT) >= 1, 5.0)
+        spin_for(nodes.executor, 0.2)
+        swapped = [CHANNELS[1], CHANNELS[0]] + CHANNELS[2:]
+        stamps = [probe.now_ns() + k for k in range(5)]
+        steps = [_step_message(0, 1, False, stamps[0]),
+                 _step_message(0, 2, False, stamps[1], names=swapped),         # refused
+                 _step_message(0, 2, False, stamps[2], action=(0.0, 0.0, 0.0)),  # refused
+                 _step_message(0, 2, False, stamps[3], action=(0.5, 0.5)),
+                 _step_message(0, 3, True, stamps[4])]
+        judged = Verdict(MonitorState.INTERVENING, np.array([0.5, 0.5]), np.array([0.9, -0.9]),
+                         0.0, 'proposal infeasible', v_h=-1.0, q_h=0.5, q_c=math.nan,
+                         risk_final=-0.2, replaced=True)
+        verdict_pub.publish(verdict_msg(judged, stamps[3]))
+        for msg in steps:
+            step_pub.publish(msg)
+            spin_for(nodes.executor, 0.05)
+        spin_for(nodes.executor, 1.0)
+        assert node.trigger_deactivate() == SUCCESS
+    data = recorded(tmp_path / 'run')
+    assert data['observations'].shape == (3, 8) and data['stamps_ns'].tolist() == [
+        stamps[0], stamps[3], stamps[4]]
+    # the step with a verdict carries it; the others were written without one
+    assert data['verdicts'].tolist() == [-1, int(MonitorState.INTERVENING), -1]
+    np.testing.assert_allclose(data['proposed_actions'][1], [0.9, -0.9])
+    np.testing.assert_allclose(data['actions'][1], [0.5, 0.5])
+    assert data['replaced'].tolist() == [False, True, False]
+    assert data['critic_q_h'][1] == 0.5 and data['critic_risk_final'][1] == pytest.approx(-0.2)
 
 
 def test_robot_adapter_answers_once_and_sends_only_its_safe_stop_while_inactive():
     outputs = [(common.OBSERVATION, JointState, common.SENSOR_QOS),
-               (common.STEP, JointState, common.RECORD_QOS),
+               (common.STEP, StepRecord, common.RECORD_QOS),
                ('cmd_vel', TwistStamped, common.RECORD_QOS)]
     # The watchdog would send a zero command 20 times a second while active (no final action
     # within command_timeout): a node that kept doing so while inactive would show. Stamped

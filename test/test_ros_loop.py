@@ -8,6 +8,7 @@ import numpy as np
 from offline_training.data.dataset import validate_file
 import pytest
 from rclpy.node import Node
+from saferl_interfaces.msg import MonitorVerdict, StepRecord
 from saferl_ros.bringup import Graph, run
 from saferl_ros.bundle import load_bundle
 from saferl_ros.graph import CONTROLLER, MONITOR, RECORDER, SIM
@@ -38,15 +39,15 @@ class Probe(Node):
     def __init__(self):
         super().__init__('probe')
         self.msgs = {t: [] for t in (common.OBSERVATION, common.FINAL, common.PROPOSED,
-                                     common.STEP, common.STATUS)}
+                                     common.STEP, common.VERDICT, common.STATUS)}
         # Commands are keep-last-1 for the robot; the probe keeps a queue (reliable, depth 200)
         # so that it sees every one, including those followed at once by the safe stop.
-        for topic, qos in ((common.OBSERVATION, common.SENSOR_QOS),
-                           (common.FINAL, common.RECORD_QOS),
-                           (common.PROPOSED, common.RECORD_QOS),
-                           (common.STEP, common.RECORD_QOS)):
-            self.create_subscription(JointState, topic,
-                                     lambda m, t=topic: self.msgs[t].append(m), qos)
+        for topic, cls, qos in ((common.OBSERVATION, JointState, common.SENSOR_QOS),
+                                (common.FINAL, JointState, common.RECORD_QOS),
+                                (common.PROPOSED, JointState, common.RECORD_QOS),
+                                (common.STEP, StepRecord, common.RECORD_QOS),
+                                (common.VERDICT, MonitorVerdict, common.RECORD_QOS)):
+            self.create_subscription(cls, topic, lambda m, t=topic: self.msgs[t].append(m), qos)
         self.create_subscription(DiagnosticStatus, common.STATUS,
                                  lambda m: self.msgs[common.STATUS].append(m), common.STATUS_QOS)
         self.obs_pub = self.create_publisher(JointState, common.OBSERVATION, common.SENSOR_QOS)
@@ -124,9 +125,7 @@ def missed(probe_or_data) -> np.ndarray:
     """Return the 'missed' flags of the probe's step messages or of a recording."""
     if isinstance(probe_or_data, dict):
         return probe_or_data['missed']
-    steps = probe_or_data.msgs[common.STEP]
-    column = list(steps[0].name).index('missed')
-    return np.array([m.position[column] for m in steps]) == 1.0
+    return np.array([m.missed for m in probe_or_data.msgs[common.STEP]])
 
 
 def test_feasible_actions_pass_through_and_the_recording_is_dsrl_data(bundles, tmp_path, loop):
@@ -212,6 +211,12 @@ def test_monitor_stops_on_nan_stale_reordered_and_silent_controller(bundles, loo
 
     assert stopped(exchange([math.nan] + [0.0] * 7), 'FAULT', 'NaN')
     assert list(finals[-1].position) == [0.0, 0.0]
+    # monitor/verdict carries the decision for the observation's stamp: state, why, proposal
+    verdict = probe.msgs[common.VERDICT][-1]
+    assert verdict.state == MonitorVerdict.FAULT == MonitorState.FAULT and 'NaN' in verdict.reason
+    assert verdict.header.stamp == finals[-1].header.stamp
+    assert list(verdict.proposed) == [0.5, 0.5] and list(verdict.action) == [0.0, 0.0]
+    assert not verdict.replaced and math.isnan(verdict.risk_final)
     assert stopped(exchange([0.0] * 8, stamp=probe.now_ns() - 2_000_000_000),   # 2 s old
                    'STALE', 'old')
     swapped = list(CHANNELS)
@@ -276,11 +281,9 @@ def test_tampered_or_mismatched_bundle_fails_configure_and_robot_stays_stopped(b
     graph.nodes[SIM].trigger_activate()
     assert spin_until(graph.executor, lambda: len(probe.msgs[common.STEP]) >= 5, 10.0)
     loop.stop()
-    steps = np.array([m.position for m in probe.msgs[common.STEP]])
-    names = list(probe.msgs[common.STEP][0].name)
     assert missed(probe).all()
-    np.testing.assert_array_equal(steps[:, [names.index('action/0'), names.index('action/1')]],
-                                  0.0)
+    np.testing.assert_array_equal([m.action for m in probe.msgs[common.STEP]], 0.0)
+    assert {tuple(m.observation_names) for m in probe.msgs[common.STEP]} == {tuple(CHANNELS)}
 
 
 def test_policy_without_critics_is_shielded_by_another_bundle(bundles, tmp_path, loop):
@@ -312,7 +315,20 @@ def test_bringup_runs_a_parameters_file(bundles, tmp_path):
     for m in read_ros2_messages(str(tmp_path / 'demo' / 'raw' / 'episode_000000.mcap')):
         topics.setdefault(m.channel.topic, []).append(m)
     assert len(topics['/step']) == 30 and len(topics['/observation']) == 30
-    assert topics['/step'][0].schema.name == 'sensor_msgs/msg/JointState'
+    step = topics['/step'][0]
+    assert step.schema.name == 'saferl_interfaces/msg/StepRecord'
+    assert list(step.ros_msg.observation_names) == CHANNELS and step.ros_msg.step == 1
+    assert len(step.ros_msg.observation) == 8 and len(step.ros_msg.action) == 2
+    assert topics['/step'][-1].ros_msg.truncated and topics['/step'][-1].ros_msg.step == 30
+    # verdicts for this episode's observations (one near the end may fall in the next file:
+    # DDS does not order topics against each other)
+    verdicts = topics['/monitor/verdict']
+    assert verdicts[0].schema.name == 'saferl_interfaces/msg/MonitorVerdict'
+
+    def stamp(m):
+        return (m.ros_msg.header.stamp.sec, m.ros_msg.header.stamp.nanosec)
+    assert {stamp(v) for v in verdicts} <= {stamp(s) for s in topics['/step']}
+    assert len(verdicts) >= 25 and {v.ros_msg.state for v in verdicts} <= {0, 1, 2}
     assert list(topics['/observation'][0].ros_msg.name) == CHANNELS
     assert topics['/monitor/status'][-1].schema.name == 'diagnostic_msgs/msg/DiagnosticStatus'
 

@@ -8,6 +8,7 @@ from offline_training.data.dataset import validate_file
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
+from saferl_interfaces.msg import StepRecord
 from saferl_ros.graph import CONTROLLER, MONITOR, RECORDER, SIM
 from saferl_ros.nodes import common
 from saferl_ros.recorder import consolidate, read_index
@@ -46,7 +47,7 @@ def test_processes_loop_then_kill_recorder_and_controller(tmp_path):
                              common.SENSOR_QOS)
     # reliable with a queue (the robot's own subscription is keep-last-1): the probe sees all
     node.create_subscription(JointState, common.FINAL, msgs['final'].append, common.RECORD_QOS)
-    node.create_subscription(JointState, common.STEP, msgs['step'].append, common.RECORD_QOS)
+    node.create_subscription(StepRecord, common.STEP, msgs['step'].append, common.RECORD_QOS)
     node.create_subscription(DiagnosticStatus, common.STATUS, msgs['status'].append,
                              common.STATUS_QOS)
     executor = SingleThreadedExecutor()
@@ -64,10 +65,10 @@ def test_processes_loop_then_kill_recorder_and_controller(tmp_path):
                                  'lockstep_time': 'wall'})
 
         def episode():
-            return int(msgs['step'][-1].position[4]) if msgs['step'] else -1
+            return msgs['step'][-1].episode if msgs['step'] else -1
 
         def steps():
-            return int(msgs['step'][-1].position[5]) if msgs['step'] else -1
+            return msgs['step'][-1].step if msgs['step'] else -1
 
         # observation -> command across processes; two full episodes, then kill the recorder
         # in the middle of the third.

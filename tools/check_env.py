@@ -58,10 +58,18 @@ def main() -> int:
         rclpy.shutdown()
         return 'rclpy initialises (rmw_fastrtps_cpp)'
 
+    def messages():
+        from rclpy.serialization import deserialize_message, serialize_message
+        from saferl_interfaces.msg import MonitorVerdict, StepRecord
+        for cls in (StepRecord, MonitorVerdict):
+            assert deserialize_message(serialize_message(cls()), cls) == cls()
+        return 'saferl_interfaces StepRecord, MonitorVerdict (tools/build_interfaces.sh)'
+
     check('package versions', versions)
     check('Bullet-Safety-Gym and DSRL environment ids', env_ids)
     check('simulation', one_step)
     check('ROS 2 client library', ros)
+    check('saferl_interfaces messages', messages)
     if failures:
         print('environment check failed: ' + ', '.join(failures) + '. Re-run `make venv`.')
         return 1

@@ -1,10 +1,12 @@
 """
 What every saferl_ros node shares: topic names, QoS, message helpers, declared parameters.
 
-Messages are standard types only (docs/architecture.md), so the package runs with the ROS 2
-wheels from the Python package index and with any distro:
+Messages (docs/architecture.md "Messages"):
 
-- vectors with named entries are ``sensor_msgs/JointState``: ``name`` = channel names,
+- the records of the loop have types of their own, from the saferl_interfaces package of this
+  repository: ``step`` is ``saferl_interfaces/StepRecord``, ``monitor/verdict`` is
+  ``saferl_interfaces/MonitorVerdict``; saferl_ros.nodes.records encodes and decodes them;
+- observations and actions are ``sensor_msgs/JointState``: ``name`` = channel names,
   ``position`` = values, ``header.stamp`` = the stamp of the observation the message belongs to;
 - status is ``diagnostic_msgs/DiagnosticStatus`` (and ``DiagnosticArray`` on /diagnostics);
 - episode events are ``std_msgs/String`` holding one JSON object.
@@ -34,9 +36,9 @@ from std_msgs.msg import String
 OBSERVATION = 'observation'          # sim/robot adapter -> controller, monitor
 PROPOSED = 'action/proposed'         # controller -> monitor
 FINAL = 'action/final'               # monitor -> sim/robot adapter
-STEP = 'step'                        # sim/robot adapter -> recorder: one DSRL transition
+STEP = 'step'                        # sim/robot adapter -> recorder: StepRecord (a transition)
 EPISODE = 'episode'                  # sim/robot adapter: episode start/end events (JSON)
-VERDICT = 'monitor/verdict'          # monitor -> recorder: state code and critic values
+VERDICT = 'monitor/verdict'          # monitor -> recorder: MonitorVerdict (the decision)
 STATUS = 'monitor/status'            # monitor: current state, reliable + transient local
 DIAGNOSTICS = '/diagnostics'
 
@@ -56,13 +58,6 @@ RECORD_QOS = QoSProfile(depth=200, history=HistoryPolicy.KEEP_LAST,
                         durability=DurabilityPolicy.VOLATILE)
 DIAGNOSTICS_QOS = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST,
                              reliability=ReliabilityPolicy.RELIABLE)
-
-# Names of the scalar entries of a STEP message; observation/next-observation/action entries
-# follow as 'observation/<channel>', 'next_observation/<channel>', 'action/<i>'.
-STEP_SCALARS = ('reward', 'cost', 'terminated', 'truncated', 'episode', 'step', 'missed')
-# v_h, q_h, q_c: the critic's outputs for the proposal; risk_final: the critic's risk (Q_h or
-# Q_c) of the action published; replaced: 1 if that action is the fallback's, not the proposal.
-VERDICT_SCALARS = ('state', 'v_h', 'q_h', 'q_c', 'risk_final', 'replaced')
 
 
 def action_names(act_dim: int) -> List[str]:

@@ -18,17 +18,19 @@ import time
 from typing import Any, Dict, List, Optional
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
-from geometry_msgs.msg import Twist, TwistStamped
+from geometry_msgs.msg import Twist
 from nav_msgs.msg import Odometry
-import numpy as np
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.serialization import deserialize_message
+from saferl_interfaces.msg import MonitorVerdict, StepRecord
 from saferl_ros import graph
+from saferl_ros.monitor import Verdict
 from saferl_ros.nodes.common import (COMMAND_QOS, ConfiguredEntities, declare, DIAGNOSTICS,
                                      DIAGNOSTICS_QOS, EPISODE, fail, FINAL, OBSERVATION, Param,
-                                     PROPOSED, RECORD_QOS, run_node, SENSOR_QOS, stamp_to_ns,
-                                     STATUS, STATUS_QOS, STEP, STEP_SCALARS, values, VERDICT,
-                                     VERDICT_SCALARS)
+                                     PROPOSED, RECORD_QOS, run_node, SENSOR_QOS,
+                                     STATUS, STATUS_QOS, STEP, values, VERDICT)
+from saferl_ros.nodes.records import (step_from_msg, STEP_TYPE, Transition, verdict_from_msg,
+                                      VERDICT_TYPE)
 from saferl_ros.observation import channel_names
 from saferl_ros.paths import resolve_path
 from saferl_ros.recorder import new_run_dir, RecordingWriter, Step
@@ -53,8 +55,8 @@ MCAP_TOPICS = [
     (OBSERVATION, JointState, 'sensor_msgs/msg/JointState', SENSOR_QOS),
     (PROPOSED, JointState, 'sensor_msgs/msg/JointState', COMMAND_QOS),
     (FINAL, JointState, 'sensor_msgs/msg/JointState', COMMAND_QOS),
-    (STEP, JointState, 'sensor_msgs/msg/JointState', RECORD_QOS),
-    (VERDICT, JointState, 'sensor_msgs/msg/JointState', RECORD_QOS),
+    (STEP, StepRecord, STEP_TYPE, RECORD_QOS),
+    (VERDICT, MonitorVerdict, VERDICT_TYPE, RECORD_QOS),
     (EPISODE, String, 'std_msgs/msg/String', RECORD_QOS),
     (STATUS, DiagnosticStatus, 'diagnostic_msgs/msg/DiagnosticStatus', STATUS_QOS),
     (DIAGNOSTICS, DiagnosticArray, 'diagnostic_msgs/msg/DiagnosticArray', DIAGNOSTICS_QOS),
@@ -92,7 +94,7 @@ class RecorderNode(LifecycleNode):
         self.obs_dim = 0
         self.hashes: Dict[str, str] = {}
         self.pending: List[tuple] = []           # steps waiting for their verdict
-        self.verdicts: 'OrderedDict[int, np.ndarray]' = OrderedDict()
+        self.verdicts: 'OrderedDict[int, Verdict]' = OrderedDict()
         # Set by activate (the run being written):
         self.run_dir: Optional[str] = None
         self.act_dim: Optional[int] = None
@@ -120,8 +122,8 @@ class RecorderNode(LifecycleNode):
         self.obs_dim = len(channels)
         self.pending.clear()
         self.verdicts.clear()
-        self.entities.subscription(JointState, STEP, self._on_step, RECORD_QOS)
-        self.entities.subscription(JointState, VERDICT, self._on_verdict, RECORD_QOS)
+        self.entities.subscription(StepRecord, STEP, self._on_step, RECORD_QOS)
+        self.entities.subscription(MonitorVerdict, VERDICT, self._on_verdict, RECORD_QOS)
         self.entities.timer(0.05, self._flush)
         if cfg['mcap']:
             for topic, cls, type_name, qos in MCAP_TOPICS:
@@ -183,12 +185,12 @@ class RecorderNode(LifecycleNode):
             return
         step = None
         if topic == STEP:
-            step = dict(zip(STEP_SCALARS, deserialize_message(data, JointState).position))
-            if self.raw_episode is not None and step.get('episode') != self.raw_episode:
+            step = step_from_msg(deserialize_message(data, StepRecord))
+            if self.raw_episode is not None and step.episode != self.raw_episode:
                 self.mcap.rotate()          # the episode was cut short (no terminal step seen)
-            self.raw_episode = step.get('episode')
+            self.raw_episode = step.episode
         self.mcap.write(self.resolve_topic_name(topic), data, self.get_clock().now().nanoseconds)
-        if step is not None and (step.get('terminated') or step.get('truncated')):
+        if step is not None and (step.terminated or step.truncated):
             # Episode boundaries come from the raw step stream itself, not from the joined
             # HDF5 path: the two subscriptions receive each step separately and either may be
             # ahead, so the joined path's commit would put the next episode's first steps in
@@ -197,72 +199,72 @@ class RecorderNode(LifecycleNode):
             self.mcap.rotate()
             self.raw_episode = None
 
-    def _on_verdict(self, msg: JointState):
+    def _on_verdict(self, msg: MonitorVerdict):
         if not self.active:
+            return
+        try:
+            verdict, stamp = verdict_from_msg(msg)
+        except ValueError as exc:       # a state code this recorder does not know
+            self.get_logger().error(f'ignoring verdict: {exc}', throttle_duration_sec=5.0)
             return
         # The first verdict for an observation decided the applied action; later ones for the
         # same stamp (watchdog repeats) are not what was applied to it.
-        self.verdicts.setdefault(stamp_to_ns(msg.header.stamp),
-                                 np.asarray(msg.position, np.float64))
+        self.verdicts.setdefault(stamp, verdict)
         while len(self.verdicts) > 2000:
             self.verdicts.popitem(last=False)
         self._flush()
 
-    def _on_step(self, msg: JointState):
+    def _on_step(self, msg: StepRecord):
         if not self.active:
             return
         self.received += 1
-        self.pending.append((stamp_to_ns(msg.header.stamp), np.asarray(msg.position),
-                             list(msg.name), time.monotonic()))
+        self.pending.append((step_from_msg(msg), time.monotonic()))
         self._flush()
 
     def _flush(self, force: bool = False):
         now = time.monotonic()
         while self.pending:
-            stamp, vals, names, received = self.pending[0]
-            if not force and stamp not in self.verdicts and \
+            transition, received = self.pending[0]
+            if not force and transition.stamp_ns not in self.verdicts and \
                     now - received < self.cfg['join_timeout']:
                 return
             self.pending.pop(0)
-            self._write(stamp, vals, names, self.verdicts.pop(stamp, None))
+            self._write(transition, self.verdicts.pop(transition.stamp_ns, None))
 
-    def _write(self, stamp: int, vals: np.ndarray, names: List[str], verdict):
-        n = len(STEP_SCALARS)
+    def _write(self, t: Transition, verdict: Optional[Verdict]):
         obs_dim = self.obs_dim
+        # Every step names its observation channels: one of another task (or in another order)
+        # is refused, not written under this task's names.
+        if t.observation_names != self.channels or len(t.observation) != obs_dim or \
+                len(t.next_observation) != obs_dim or len(t.action) == 0 or \
+                (self.act_dim is not None and len(t.action) != self.act_dim):
+            self.get_logger().error(
+                f'step message does not carry {self.cfg["task"]} observations and '
+                f'{self.act_dim or "an"} action values ({t.observation_names[:3]}..., '
+                f'{len(t.action)} action values); check the recorder task parameter',
+                throttle_duration_sec=5.0)
+            return
         if self.writer is None:
-            self.act_dim = len(vals) - n - 2 * obs_dim
-            if self.act_dim <= 0 or names[n:n + obs_dim] != [f'observation/{c}'
-                                                             for c in self.channels]:
-                self.get_logger().error(
-                    f'step message does not carry {self.cfg["task"]} observations '
-                    f'({names[n:n + 3]}...); check the recorder task parameter',
-                    throttle_duration_sec=5.0)
-                self.act_dim = None
-                return
+            self.act_dim = len(t.action)
             self.writer = RecordingWriter(self.run_dir, self.cfg['task'], obs_dim, self.act_dim,
                                           attrs=dict(self.hashes))
-        scalars: Dict[str, float] = dict(zip(STEP_SCALARS, vals[:n]))
-        episode = int(scalars['episode'])
-        if self.episode is not None and episode != self.episode and self.writer.steps:
+        if self.episode is not None and t.episode != self.episode and self.writer.steps:
             self._end_episode(terminal=False, timeout=True, info={'cut': True})
-        self.episode = episode
-        step = Step(observation=vals[n:n + obs_dim],
-                    next_observation=vals[n + obs_dim:n + 2 * obs_dim],
-                    action=vals[n + 2 * obs_dim:], reward=scalars['reward'],
-                    cost=scalars['cost'], stamp_ns=stamp, missed=bool(scalars['missed']))
+        self.episode = t.episode
+        step = Step(observation=t.observation, next_observation=t.next_observation,
+                    action=t.action, reward=t.reward, cost=t.cost, stamp_ns=t.stamp_ns,
+                    missed=t.missed)
         if verdict is not None:
-            judged = dict(zip(VERDICT_SCALARS, verdict))
-            step.verdict = int(judged['state'])
-            step.v_h, step.q_h, step.q_c = (float(judged[k]) for k in ('v_h', 'q_h', 'q_c'))
-            step.risk_final = float(judged['risk_final'])
-            step.replaced = bool(judged['replaced'] == 1.0)
-            proposed = verdict[len(VERDICT_SCALARS):]
-            step.proposed = None if np.isnan(proposed).all() else proposed
+            step.verdict = int(verdict.state)
+            step.v_h, step.q_h, step.q_c = verdict.v_h, verdict.q_h, verdict.q_c
+            step.risk_final = verdict.risk_final
+            step.replaced = verdict.replaced
+            step.proposed = verdict.proposed
         self.writer.add(step)
-        if scalars['terminated'] or scalars['truncated']:
+        if t.terminated or t.truncated:
             missed = int(sum(s.missed for s in self.writer.steps))
-            self._end_episode(terminal=bool(scalars['terminated']),
-                              timeout=bool(scalars['truncated']), info={'missed': missed})
+            self._end_episode(terminal=t.terminated, timeout=t.truncated,
+                              info={'missed': missed})
 
     def _end_episode(self, **kwargs):
         """Commit the episode (HDF5)."""
@@ -270,15 +272,20 @@ class RecorderNode(LifecycleNode):
 
 
 def read_mcap(path) -> Dict[str, list]:
-    """Return {topic: [deserialized message, ...]} of an MCAP written by this node (for tests)."""
+    """
+    Return {topic: [decoded message, ...]} of an MCAP file written by this node.
+
+    Decoded by mcap-ros2-support from the schemas stored in the file (as any MCAP tool reads
+    it, without the ROS message packages): each message is an object with the message's
+    fields as attributes.
+    """
     from mcap.reader import make_reader
-    classes = {type_name: cls for _, cls, type_name, _ in MCAP_TOPICS}
-    classes['geometry_msgs/msg/TwistStamped'] = TwistStamped
+    from mcap_ros2.decoder import DecoderFactory
     out: Dict[str, list] = {}
     with open(path, 'rb') as stream:
-        for schema, channel, message in make_reader(stream).iter_messages():
-            out.setdefault(channel.topic, []).append(
-                deserialize_message(message.data, classes[schema.name]))
+        reader = make_reader(stream, decoder_factories=[DecoderFactory()])
+        for _, channel, _, decoded in reader.iter_decoded_messages():
+            out.setdefault(channel.topic, []).append(decoded)
     return out
 
 

@@ -12,17 +12,19 @@ even when the monitor or the link to it is gone.
 import math
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from geometry_msgs.msg import Twist, TwistStamped
 from nav_msgs.msg import Odometry
 import numpy as np
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
+from saferl_interfaces.msg import StepRecord
 from saferl_ros import graph
 from saferl_ros.nodes.common import (COMMAND_QOS, ConfiguredEntities, declare, EPISODE, fail,
                                      FINAL, joint_state, json_msg, ns_to_stamp, OBSERVATION,
                                      optional_float, Param, RECORD_QOS, run_node, SENSOR_QOS,
-                                     stamp_to_ns, STEP, STEP_SCALARS, values)
+                                     stamp_to_ns, STEP, values)
+from saferl_ros.nodes.records import step_msg, Transition
 from saferl_ros.robot_adapter import (RobotConfig, RobotState, RobotTask, yaw_from_quaternion)
 from sensor_msgs.msg import JointState
 from std_msgs.msg import String
@@ -59,7 +61,6 @@ class RobotAdapterNode(LifecycleNode):
         self.cfg: Dict[str, Any] = {}
         self.task: Optional[RobotTask] = None
         self.horizon = 0
-        self.step_names: List[str] = []
         # Lifecycle publishers: silent while inactive (activate and deactivate send their zero
         # command while they are enabled).
         self.obs_pub = self.step_pub = self.episode_pub = self.cmd_pub = None
@@ -85,10 +86,8 @@ class RobotAdapterNode(LifecycleNode):
         except Exception as exc:  # RobotConfigError, unknown task
             return fail(self, exc)
         self.cfg = cfg
-        self.step_names = list(STEP_SCALARS) + [f'observation/{n}' for n in self.task.names] + \
-            [f'next_observation/{n}' for n in self.task.names] + ['action/0', 'action/1']
         self.obs_pub = self.entities.lifecycle_publisher(JointState, OBSERVATION, SENSOR_QOS)
-        self.step_pub = self.entities.lifecycle_publisher(JointState, STEP, RECORD_QOS)
+        self.step_pub = self.entities.lifecycle_publisher(StepRecord, STEP, RECORD_QOS)
         self.episode_pub = self.entities.lifecycle_publisher(String, EPISODE, RECORD_QOS)
         self.cmd_pub = self.entities.lifecycle_publisher(
             TwistStamped if cfg['twist_stamped'] else Twist, 'cmd_vel', COMMAND_QOS)
@@ -143,11 +142,12 @@ class RobotAdapterNode(LifecycleNode):
         prev_stamp, prev_obs, prev_state = self.previous
         self.steps += 1
         truncated = self.steps >= self.horizon
-        scalars = [self.task.reward(prev_state, state, self.action), self.task.cost(state), 0.0,
-                   float(truncated), self.episode, self.steps, 0.0]
-        self.step_pub.publish(joint_state(self.step_names,
-                                          np.concatenate([scalars, prev_obs, obs, self.action]),
-                                          prev_stamp, self.cfg['task']))
+        self.step_pub.publish(step_msg(Transition(
+            stamp_ns=prev_stamp, task=self.cfg['task'], episode=self.episode, step=self.steps,
+            reward=self.task.reward(prev_state, state, self.action), cost=self.task.cost(state),
+            terminated=False, truncated=truncated, missed=False,
+            observation_names=self.task.names, observation=prev_obs, next_observation=obs,
+            action=self.action)))
         if truncated:
             self.episode_pub.publish(json_msg({'event': 'end', 'episode': self.episode,
                                                'steps': self.steps}))

@@ -20,13 +20,15 @@ from typing import Any, Dict, List, Optional
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 import numpy as np
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
+from saferl_interfaces.msg import MonitorVerdict
 from saferl_ros import graph
 from saferl_ros.monitor import MonitorConfig, MonitorState, SafetyMonitor, STATE_LEVEL, Verdict
 from saferl_ros.nodes.common import (action_names, COMMAND_QOS, ConfiguredEntities, declare,
                                      diagnostic, diagnostic_array, DIAGNOSTICS, DIAGNOSTICS_QOS,
                                      fail, FINAL, joint_state, OBSERVATION, optional_float, Param,
                                      PROPOSED, RECORD_QOS, run_node, SENSOR_QOS, stamp_to_ns,
-                                     STATUS, STATUS_QOS, values, VERDICT, VERDICT_SCALARS)
+                                     STATUS, STATUS_QOS, values, VERDICT)
+from saferl_ros.nodes.records import verdict_msg
 from saferl_ros.observation import channel_names, check_channels, ObservationError
 from saferl_ros.paths import resolve_path
 from sensor_msgs.msg import JointState
@@ -83,7 +85,6 @@ class SafetyMonitorNode(LifecycleNode):
         self.bundle = None
         self.channels: List[str] = []
         self.act_names: List[str] = []
-        self.verdict_names: List[str] = []
         # stamp -> (observation or None if invalid, FallbackChoice precomputed for it or None)
         self.observations: 'OrderedDict[int, tuple]' = OrderedDict()
         self.last_obs_ns: Optional[int] = None
@@ -124,13 +125,11 @@ class SafetyMonitorNode(LifecycleNode):
             return fail(self, exc)
         self.cfg, self.bundle, self.monitor, self.channels = cfg, bundle, monitor, channels
         self.act_names = action_names(bundle.act_dim)
-        self.verdict_names = list(VERDICT_SCALARS) + [f'proposed/{i}'
-                                                      for i in range(bundle.act_dim)]
         self.observations.clear()
         self.last_obs_ns = self.last_decided_ns = None
         self.last_status = None
         self.final_pub = self.entities.lifecycle_publisher(JointState, FINAL, COMMAND_QOS)
-        self.verdict_pub = self.entities.lifecycle_publisher(JointState, VERDICT, RECORD_QOS)
+        self.verdict_pub = self.entities.lifecycle_publisher(MonitorVerdict, VERDICT, RECORD_QOS)
         self.status_pub = self.entities.publisher(DiagnosticStatus, STATUS, STATUS_QOS)
         self.diag_pub = self.entities.publisher(DiagnosticArray, DIAGNOSTICS, DIAGNOSTICS_QOS)
         self.entities.subscription(JointState, OBSERVATION, self._on_observation, SENSOR_QOS)
@@ -233,12 +232,7 @@ class SafetyMonitorNode(LifecycleNode):
 
     def _publish(self, verdict: Verdict, stamp_ns: int):
         self.final_pub.publish(joint_state(self.act_names, verdict.action, stamp_ns))
-        proposed = verdict.proposed if verdict.proposed is not None else \
-            np.full(len(self.act_names), np.nan)
-        self.verdict_pub.publish(joint_state(
-            self.verdict_names, [float(verdict.state), verdict.v_h, verdict.q_h, verdict.q_c,
-                                 verdict.risk_final, float(verdict.replaced), *proposed],
-            stamp_ns, verdict.state.name))
+        self.verdict_pub.publish(verdict_msg(verdict, stamp_ns))
         if _status_key(verdict) != self.last_status:
             self._publish_status(verdict)
             self._publish_diagnostics()

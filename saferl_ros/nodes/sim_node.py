@@ -39,11 +39,13 @@ from rclpy.clock import Clock as RclpyClock, ClockType
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rosgraph_msgs.msg import Clock
+from saferl_interfaces.msg import StepRecord
 from saferl_ros import graph
 from saferl_ros.nodes.common import (action_names, COMMAND_QOS, ConfigError, ConfiguredEntities,
                                      declare, EPISODE, fail, FINAL, joint_state, json_msg,
                                      ns_to_stamp, OBSERVATION, Param, RECORD_QOS, require_positive,
-                                     run_node, SENSOR_QOS, stamp_to_ns, STEP, STEP_SCALARS, values)
+                                     run_node, SENSOR_QOS, stamp_to_ns, STEP, values)
+from saferl_ros.nodes.records import step_msg, Transition
 from saferl_ros.observation import parse_task
 from saferl_ros.policy_runner import LatencyStats
 from saferl_ros.robot_adapter import RobotConfig, RobotTask
@@ -114,7 +116,6 @@ class SimNode(LifecycleNode):
         self.robot: Optional[RobotTask] = None
         self.names: List[str] = []
         self.act_names: List[str] = []
-        self.step_names: List[str] = []
         # Lifecycle publishers (silent while inactive); None when the topic is disabled.
         self.obs_pub = self.step_pub = self.episode_pub = None
         self.odom_pub = self.clock_pub = None
@@ -194,13 +195,10 @@ class SimNode(LifecycleNode):
             return fail(self, exc)
         self.names = self.sim.channels
         self.act_names = action_names(self.sim.act_dim)
-        self.step_names = (list(STEP_SCALARS) + [f'observation/{n}' for n in self.names]
-                           + [f'next_observation/{n}' for n in self.names]
-                           + [f'action/{i}' for i in range(self.sim.act_dim)])
         loop = cfg['publish_loop_topics']
         publisher = self.entities.lifecycle_publisher
         self.obs_pub = publisher(JointState, OBSERVATION, SENSOR_QOS) if loop else None
-        self.step_pub = publisher(JointState, STEP, RECORD_QOS) if loop else None
+        self.step_pub = publisher(StepRecord, STEP, RECORD_QOS) if loop else None
         self.episode_pub = publisher(String, EPISODE, RECORD_QOS) if loop else None
         self.odom_pub = publisher(Odometry, 'odom', SENSOR_QOS) \
             if self.robot is not None and cfg['publish_odometry'] else None
@@ -381,11 +379,11 @@ class SimNode(LifecycleNode):
         self.sim_time_ns += self.dt_ns      # lockstep time; also after the episode's last step
         self.misses += int(missed)
         self.episode_misses += int(missed)
-        scalars = [result.reward, result.cost, float(result.terminated),
-                   float(result.truncated), self.sim.episode, self.sim.steps, float(missed)]
-        self._emit(self.step_pub, joint_state(
-            self.step_names, np.concatenate([scalars, obs, result.observation, applied]), stamp,
-            self.sim.task))
+        self._emit(self.step_pub, step_msg(Transition(
+            stamp_ns=stamp, task=self.sim.task, episode=self.sim.episode, step=self.sim.steps,
+            reward=result.reward, cost=result.cost, terminated=result.terminated,
+            truncated=result.truncated, missed=missed, observation_names=self.names,
+            observation=obs, next_observation=result.observation, action=applied)))
         if result.terminated or result.truncated:
             self._end_episode(result.terminated)
             return
