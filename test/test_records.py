@@ -46,7 +46,8 @@ def test_step_record_round_trip_through_cdr():
     want = transition()
     data = serialize_message(step_msg(want))
     msg = deserialize_message(data, StepRecord)
-    assert msg.header.frame_id == 'BallCircle' and msg.step == 41 and msg.truncated
+    assert msg.task == 'BallCircle' and msg.header.frame_id == ''
+    assert msg.step == 41 and msg.truncated
     assert msg.header.stamp.sec == 1_700_000_000 and msg.header.stamp.nanosec == 123_456_789
     assert_same_transition(step_from_msg(msg), want)
 
@@ -122,7 +123,7 @@ def test_mcap_of_records_decodes_with_mcap_ros2(tmp_path):
         (STEP_TYPE, '/step'), (VERDICT_TYPE, '/monitor/verdict')]
     step, judged = decoded[0][2], decoded[1][2]
     assert list(step.observation_names) == CHANNELS and step.episode == 3 and step.step == 41
-    assert step.header.frame_id == 'BallCircle' and step.missed and not step.truncated
+    assert step.task == 'BallCircle' and step.missed and not step.truncated
     np.testing.assert_array_equal(step.observation, want_step.observation)
     np.testing.assert_array_equal(step.action, want_step.action)
     assert judged.state == MonitorState.RECOVERY and judged.reason == 'state infeasible'

@@ -76,7 +76,7 @@ def ns_to_stamp(ns: int) -> Time:
 
 
 def joint_state(names: Sequence[str], values, stamp_ns: int, frame: str = '') -> JointState:
-    """Build a named vector message stamped ``stamp_ns``."""
+    """Build a named vector message stamped ``stamp_ns`` (``frame``: a real frame id or none)."""
     msg = JointState()
     msg.header.stamp = ns_to_stamp(stamp_ns)
     msg.header.frame_id = frame

@@ -119,7 +119,7 @@ class ControllerNode(LifecycleNode):
             self.get_logger().error(f'no proposal: {exc}', throttle_duration_sec=2.0)
             return
         stamp = stamp_to_ns(msg.header.stamp)
-        self.pub.publish(joint_state(self.act_names, action, stamp, msg.header.frame_id))
+        self.pub.publish(joint_state(self.act_names, action, stamp))
         self.proposals += 1
         self.loop_latency.add(time.perf_counter() - received)
 

@@ -44,7 +44,7 @@ class Transition:
     """One environment transition as published on ``step``; see StepRecord.msg for units."""
 
     stamp_ns: int                     # stamp of observation s
-    task: str                         # DSRL task name (header.frame_id)
+    task: str                         # DSRL task name
     episode: int
     step: int                         # steps taken in the episode, this one included
     reward: float
@@ -62,7 +62,7 @@ def step_msg(t: Transition) -> StepRecord:
     """Encode a transition as a StepRecord message."""
     msg = StepRecord()
     msg.header.stamp = ns_to_stamp(t.stamp_ns)
-    msg.header.frame_id = t.task
+    msg.task = str(t.task)
     msg.episode = int(t.episode)
     msg.step = int(t.step)
     msg.reward = float(t.reward)
@@ -79,7 +79,7 @@ def step_msg(t: Transition) -> StepRecord:
 
 def step_from_msg(msg: StepRecord) -> Transition:
     """Decode a StepRecord message (arrays become float64 numpy arrays)."""
-    return Transition(stamp_ns=stamp_to_ns(msg.header.stamp), task=msg.header.frame_id,
+    return Transition(stamp_ns=stamp_to_ns(msg.header.stamp), task=msg.task,
                       episode=int(msg.episode), step=int(msg.step), reward=float(msg.reward),
                       cost=float(msg.cost), terminated=bool(msg.terminated),
                       truncated=bool(msg.truncated), missed=bool(msg.missed),

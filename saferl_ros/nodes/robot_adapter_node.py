@@ -136,7 +136,7 @@ class RobotAdapterNode(LifecycleNode):
             self._publish_step(stamp, obs, state)
         self.state = state
         self.previous = (stamp, obs, state)
-        self.obs_pub.publish(joint_state(self.task.names, obs, stamp, self.cfg['task']))
+        self.obs_pub.publish(joint_state(self.task.names, obs, stamp))
 
     def _publish_step(self, stamp, obs, state):
         prev_stamp, prev_obs, prev_state = self.previous

@@ -349,8 +349,7 @@ class SimNode(LifecycleNode):
         self.published_at = time.monotonic()
         if self.odom_pub is not None:
             self.odom_pub.publish(self._odometry(self.stamp_ns))
-        self._emit(self.obs_pub, joint_state(self.names, self.sim.observation, self.stamp_ns,
-                                             self.sim.task))
+        self._emit(self.obs_pub, joint_state(self.names, self.sim.observation, self.stamp_ns))
 
     @staticmethod
     def _emit(publisher, msg):
