@@ -172,7 +172,7 @@ def measure(config: dict, bundle: str, observations: np.ndarray, args, tmp: Path
 
     executor_kind, tag = config['executor'], config['name'].replace('+', '_')
     monitor_params = {'bundle': bundle, 'observation_timeout': 1.0, 'proposal_timeout': 1.0,
-                      'watchdog_rate_hz': 0.0, 'precompute_fallback': config['precompute']}
+                      'watchdog': False, 'precompute_fallback': config['precompute']}
     if args.pass_through:
         monitor_params.update(threshold_v=1e9, threshold_q=1e9)
     if config['composed']:
