@@ -29,6 +29,8 @@ FIELDS = ('step', 'train_cpu_s', 'train_wall_s', 'episodes', 'reward_mean', 'rew
 # Evaluation seed: distinct from the training seed's streams and the same at every evaluation
 # point, so the curve compares the policy on the same start states throughout.
 EVAL_SEED = 10_000
+# A curve has one row per evaluation; a million is far more than any run makes.
+MAX_ROWS = 1_000_000
 # kappa for algorithms without a cost budget (FISOR's hard constraint): FISOR's Table 1 uses 5.
 DEFAULT_KAPPA = 5.0
 
@@ -66,17 +68,24 @@ class PeriodicEvaluator:
 
         from offline_training.evaluate import ModelAgent, rollout
 
+        from saferl_ros.sim import seeded_global_rngs
+
         start = time.time()
         was_training = model.training
         model.eval()
-        env = self.spec.make_env()
-        try:
-            with torch.random.fork_rng(devices=[]):
+        device = next(model.parameters()).device
+        cuda = [device.index or 0] if device.type == 'cuda' else []
+        # Creating a Bullet-Safety-Gym environment draws from numpy's global generator: the whole
+        # evaluation runs inside seeded_global_rngs (numpy and Python restored afterwards) and
+        # fork_rng (torch's CPU and the model's CUDA generator restored).
+        with seeded_global_rngs(EVAL_SEED), torch.random.fork_rng(devices=cuda):
+            env = self.spec.make_env()
+            try:
                 agent = ModelAgent(self.algorithm, model, self.config, self.spec.name)
                 rows = [rollout(agent, env, EVAL_SEED, k) for k in range(self.episodes)]
-        finally:
-            env.close()
-            model.train(was_training)
+            finally:
+                env.close()
+                model.train(was_training)
         rewards = np.array([r['reward'] for r in rows])
         costs = np.array([r['cost'] for r in rows])
         r_norm, c_norm = normalized_score(self.spec, rewards, costs, self.kappa)
@@ -111,12 +120,26 @@ class PeriodicEvaluator:
 
 
 def read_curve(run_dir) -> List[dict]:
-    """Return the rows of ``<run_dir>/eval_curve.csv`` as dicts of numbers, in step order."""
+    """
+    Return the rows of ``<run_dir>/eval_curve.csv`` as dicts of numbers, in step order.
+
+    Raise ConfigError naming the file, the row and the fix for a file that is not such a curve.
+    """
+    from saferl_ros.errors import ConfigError
+
     path = Path(run_dir) / CURVE
-    with open(path, newline='') as stream:
-        rows = [{key: (int(value) if key in ('step', 'episodes') else float(value))
-                 for key, value in row.items() if key in FIELDS}
-                for row in csv.DictReader(stream)]
+    fix = f'delete {path} (the next saferl-train --eval-every K run writes it again)'
+    rows = []
+    with open(path, newline='', encoding='utf-8', errors='replace') as stream:
+        for number, row in enumerate(csv.DictReader(stream), start=2):
+            try:
+                rows.append({key: (int(row[key]) if key in ('step', 'episodes')
+                                   else float(row[key])) for key in FIELDS})
+            except (KeyError, TypeError, ValueError):
+                raise ConfigError(f'{path}: line {number} is not a row of {", ".join(FIELDS)} '
+                                  f'(numbers); {fix}') from None
+            if len(rows) > MAX_ROWS:
+                raise ConfigError(f'{path}: more than {MAX_ROWS} rows; {fix}')
     return sorted(rows, key=lambda row: row['step'])
 
 

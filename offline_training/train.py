@@ -87,6 +87,7 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
 
     step = 0
     train_cpu_s = 0.0          # CPU seconds spent training (not evaluating), over all sessions
+    train_wall_s = 0.0         # wall seconds likewise
     ckpt_path = run_dir / CHECKPOINT
     if ckpt_path.exists():
         defaults = {f.name: f.default for f in fields(config) if f.default is not MISSING}
@@ -96,6 +97,7 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
         set_rng_state(state['rng'])
         step = int(state['step'])
         train_cpu_s = float(state.get('train_cpu_s', 0.0))
+        train_wall_s = float(state.get('train_wall_s', 0.0))
         run_config['created'] = saved.get('created', run_config['created'])
     write_yaml(run_config, run_dir / CONFIG)
 
@@ -109,7 +111,8 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
         write_checkpoint({'algorithm': algo, 'seed': seed, 'step': step,
                           'model': model.state_dict(), 'trainer': trainer.state_dict(),
                           'buffer': buffer.state_dict(), 'rng': rng_state(),
-                          'train_cpu_s': train_cpu_s + time.process_time() - cpu_mark},
+                          'train_cpu_s': train_cpu_s + time.process_time() - cpu_mark,
+                          'train_wall_s': train_wall_s + time.time() - start_time},
                          ckpt_path)
         if evaluator is not None:
             evaluator.keep_checkpoint(step, ckpt_path)
@@ -140,7 +143,8 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
                                  if k.startswith('loss/')}, refresh=False)
             if evaluator is not None and evaluator.due(step):
                 cpu, wall = time.process_time(), time.time()
-                evaluator(step, model, writer, train_cpu_s + cpu - cpu_mark, wall - start_time)
+                evaluator(step, model, writer, train_cpu_s + cpu - cpu_mark,
+                          train_wall_s + wall - start_time)
                 # Evaluation time counts neither as training CPU time nor in it/s.
                 cpu_mark += time.process_time() - cpu
                 window_time += time.time() - wall

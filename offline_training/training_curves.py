@@ -19,6 +19,8 @@ from pathlib import Path
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from saferl_ros.errors import UserError
+
 DEFAULT_TAGS = ('value/feasible_fraction', 'value/v_h_mean', 'weights/zero_fraction',
                 'loss/actor')
 
@@ -86,8 +88,9 @@ def plot_eval_curves(run_dirs: Sequence, out, title: str = '',
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     import numpy as np
+    from offline_training.runs import CONFIG, LOAD_FIX
+    from saferl_ros.errors import read_yaml_mapping, require_field
     from saferl_ros.tasks import get_task, normalized_score
-    import yaml
 
     labels = list(labels) if labels else [Path(r).name for r in run_dirs]
     if len(labels) != len(run_dirs):
@@ -97,8 +100,12 @@ def plot_eval_curves(run_dirs: Sequence, out, title: str = '',
         if not (Path(run_dir) / CURVE).is_file():
             raise FileNotFoundError(f'{run_dir}: no {CURVE} (train with --eval-every K)')
         rows = read_curve(run_dir)
-        task = yaml.safe_load((Path(run_dir) / 'config.yaml').read_text())['task']['name']
-        spec = get_task(task)
+        if not rows:
+            raise ValueError(f'{run_dir}: {CURVE} has no rows yet')
+        config_file = Path(run_dir) / CONFIG
+        task = require_field(read_yaml_mapping(config_file, LOAD_FIX), 'task', str(config_file),
+                             dict, LOAD_FIX)
+        spec = get_task(require_field(task, 'name', str(config_file), str, LOAD_FIX))
         x_axes = {'steps': [r['step'] for r in rows],
                   'CPU hours': [r['train_cpu_s'] / 3600 for r in rows]}
         for column, (x_name, xs) in enumerate(x_axes.items()):
@@ -143,7 +150,7 @@ def main(argv=None) -> int:
             out = plot_eval_curves(args.runs, args.out, args.title, args.labels)
         else:
             out = plot_runs(args.runs, args.tags, args.out, args.title, args.labels)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, UserError) as exc:
         print(f'training_curves: {exc}', file=sys.stderr)
         return 2
     print(f'training_curves: wrote {out}')

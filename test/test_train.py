@@ -141,6 +141,10 @@ def test_evaluation_during_training_logs_a_curve_and_changes_nothing(dataset, tm
     train('fisor', TASK, seed=0, out=evaluated, eval_every=10, eval_episodes=2, **kwargs)
     # The evaluations draw from their own generators: the weights are those of a plain run.
     _assert_same_state(_checkpoint(plain), _checkpoint(evaluated))
+    # ... and the global generators are where a plain run leaves them (creating the simulator
+    # draws from numpy's)
+    for key in ('python', 'numpy', 'torch'):
+        assert repr(_checkpoint(plain)['rng'][key]) == repr(_checkpoint(evaluated)['rng'][key])
     rows = read_curve(evaluated)
     assert [r['step'] for r in rows] == [10, 20]                    # once each, after the resume
     for row in rows:
@@ -154,6 +158,22 @@ def test_evaluation_during_training_logs_a_curve_and_changes_nothing(dataset, tm
     assert torch.load(evaluated / 'checkpoints' / kept[0], weights_only=False)['step'] == 10
     png = plot_eval_curves([evaluated], tmp_path / 'curve.png')
     assert png.stat().st_size > 10_000
+    assert rows[1]['train_wall_s'] > rows[0]['train_wall_s']        # summed over sessions too
+
+
+@pytest.mark.parametrize('text', ['', 'step,reward_mean\n10,1.0\n', 'garbage\x00\xff,\n1\n'])
+def test_a_damaged_eval_curve_is_one_clear_error(dataset, tmp_path, capsys, text):
+    from offline_training.training_curves import main as curves_main
+    kwargs = {'data': dataset, 'steps': 4, 'device': 'cpu', 'progress': False, 'preset': 'cpu',
+              'overrides': TINY['fisor'], 'eval_every': 2, 'eval_episodes': 1}
+    run = train('fisor', TASK, seed=0, out=tmp_path / 'run', stop_after=2, **kwargs)
+    (run / 'eval_curve.csv').write_text(text)
+    assert curves_main([str(run), '--eval', '-o', str(tmp_path / 'c.png')]) == 2
+    err = capsys.readouterr().err
+    assert 'eval_curve.csv' in err and 'Traceback' not in err
+    if text:                                                       # resuming reads it too
+        with pytest.raises(ConfigError, match='eval_curve.csv'):
+            train('fisor', TASK, seed=0, out=run, **kwargs)
 
 
 @pytest.mark.parametrize('sampling', ['weighted-loss', 'weighted-sampling'])
@@ -197,6 +217,8 @@ def test_critics_first_needs_iterations_left_for_the_actor():
         fisor.make_config('cpu', schedule='critics-first', steps=100, critic_steps=100)
     with pytest.raises(ConfigError, match='schedule'):
         fisor.make_config('cpu', schedule='actor-first')
+    with pytest.raises(ConfigError, match='critic_check_every'):
+        fisor.make_config('cpu', critic_check_every=0)
 
 
 def test_resume_accepts_a_run_made_before_a_config_field_existed(dataset, tmp_path):

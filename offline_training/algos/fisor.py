@@ -111,6 +111,9 @@ class FisorConfig:
         if self.actor_sampling not in ACTOR_SAMPLING:
             raise ConfigError(f'actor_sampling {self.actor_sampling!r}: use one of '
                               f'{", ".join(ACTOR_SAMPLING)}')
+        if self.critic_check_every < 1 or self.settle_probe_size < 2:
+            raise ConfigError(f'critic_check_every ({self.critic_check_every}) must be >= 1 and '
+                              f'settle_probe_size ({self.settle_probe_size}) >= 2')
         if self.schedule == 'critics-first' and not 0 < self.critic_steps < self.steps:
             raise ConfigError(f'critics-first needs 0 < critic_steps ({self.critic_steps}) < '
                               f'steps ({self.steps}): the actor trains in the iterations left')
@@ -491,6 +494,8 @@ class FisorTrainer:
         self.actor_start: Optional[int] = None
         self.snapshot: Optional[Dict[str, torch.Tensor]] = None
         self.weights: Optional[torch.Tensor] = None
+        self.weight_mean = 0.0
+        # train() may change steps after the config was made (--steps): check again here.
         if config.schedule == 'critics-first' and config.critic_steps >= config.steps:
             raise ConfigError(f'critics-first needs critic_steps ({config.critic_steps}) < steps '
                               f'({config.steps}): the actor trains in the iterations left')
@@ -638,7 +643,16 @@ class FisorTrainer:
         self.actor_start = self.iteration
         left = max(c.steps - self.iteration, 1) * c.actor_updates_per_step
         self.actor_sched = cosine_lr_scheduler(self.actor_opt, left)
+        self._freeze_weights(buffer)
+
+    def _freeze_weights(self, buffer: ReplayBuffer) -> None:
+        """Compute the frozen weights of every transition, and their mean once."""
         self.weights = self.transition_weights(buffer)
+        self.weight_mean = float(self.weights.mean())
+        if self.weight_mean <= 0:
+            raise ConfigError('critics-first: Eq. 13 gives every transition weight 0 (no feasible '
+                              'state-action pair and no infeasible state); the actor would learn '
+                              'nothing. Train the critics longer (critic_steps) or check the data')
 
     def transition_weights(self, buffer: ReplayBuffer, chunk: int = 8192) -> torch.Tensor:
         """Return Eq. 13's weight of every transition of ``buffer`` (frozen critics)."""
@@ -649,14 +663,14 @@ class FisorTrainer:
     def _actor_phase_update(self, buffer: ReplayBuffer) -> Dict[str, torch.Tensor]:
         c = self.config
         if self.weights is None:                      # resumed in the actor phase
-            self.weights = self.transition_weights(buffer)
+            self._freeze_weights(buffer)
         logs: Dict[str, torch.Tensor] = {}
         for _ in range(c.actor_updates_per_step):
-            if c.actor_sampling == 'weighted-sampling' and float(self.weights.sum()) > 0:
+            if c.actor_sampling == 'weighted-sampling':
                 index = torch.multinomial(self.weights, c.actor_batch_size, replacement=True,
                                           generator=buffer.generator)
                 # E_{i ~ w / sum w}[loss_i] * mean(w) = E_{i uniform}[w_i loss_i]: Eq. 14.
-                weights = torch.full((c.actor_batch_size,), float(self.weights.mean()),
+                weights = torch.full((c.actor_batch_size,), self.weight_mean,
                                      device=buffer.device)
             else:
                 index = buffer.sample_indices(c.actor_batch_size)

@@ -185,7 +185,7 @@ class RecorderNode(LifecycleNode):
             return
         step = None
         if topic == STEP:
-            step = step_from_msg(deserialize_message(data, StepRecord))
+            step = deserialize_message(data, StepRecord)    # only episode and end flags read
             if self.raw_episode is not None and step.episode != self.raw_episode:
                 self.mcap.rotate()          # the episode was cut short (no terminal step seen)
             self.raw_episode = step.episode

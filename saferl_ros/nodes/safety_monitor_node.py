@@ -259,6 +259,10 @@ class SafetyMonitorNode(LifecycleNode):
         self.diag_pub.publish(diagnostic_array(self, [self._status(self.monitor.last)]))
 
 
+# Numbers in a stop's reason (ages, critic values): not part of its cause.
+_NUMBERS = re.compile(r'\d[\d.]*')
+
+
 def _status_key(verdict: Verdict) -> tuple:
     """
     Return what makes monitor/status worth republishing: a new state, or a new stop cause.
@@ -269,7 +273,7 @@ def _status_key(verdict: Verdict) -> tuple:
     """
     if verdict.state not in (MonitorState.STALE, MonitorState.FAULT):
         return (verdict.state, None)
-    return (verdict.state, re.sub(r'\d[\d.]*', '', verdict.reason.split(':')[0]))
+    return (verdict.state, _NUMBERS.sub('', verdict.reason.split(':')[0]))
 
 
 def main(args=None):
