@@ -371,4 +371,4 @@ def test_timing_modes(bundles, tmp_path, loop, sim):
         # zero-order hold: the first step has no command yet (safe action, a miss); after
         # that the loop keeps up with 50 Hz, most of the time (a loaded 2-core machine misses a
         # few periods; a loop that could not keep up would miss most of them)
-        assert missed(data).sum() <= 8 and node.latency.summary()['count'] >= 15
+        assert missed(data).sum() <= 8 and node.latency.summary()['count'] >= 10
