@@ -54,12 +54,24 @@ class PeriodicEvaluator:
         """Return whether ``step`` is an evaluation step."""
         return step % self.every == 0
 
-    def resume_at(self, step: int) -> None:
-        """Drop curve rows past ``step`` (evaluated, then killed before the checkpoint)."""
+    def resume_at(self, step: int, checkpoint: Optional[Path] = None) -> None:
+        """
+        Make the curve and the kept checkpoints agree with a run resumed at ``step``.
+
+        Rows past ``step`` go (evaluated, then killed before the checkpoint); if the process was
+        killed after the checkpoint of an evaluation step but before its copy was kept, the
+        resumed ``checkpoint`` (that very step's) is kept now.
+        """
         rows = read_curve(self.run_dir) if self.curve.is_file() else []
         kept = [row for row in rows if row['step'] <= step]
         if len(kept) != len(rows):
             _write_rows(self.curve, kept)
+        if checkpoint is not None and any(row['step'] == step for row in kept) and \
+                not self._kept(step).is_file():
+            self.keep_checkpoint(step, checkpoint)
+
+    def _kept(self, step: int) -> Path:
+        return self.run_dir / CHECKPOINTS / f'step_{step:09d}.pt'
 
     def __call__(self, step: int, model, writer=None, train_cpu_s: float = 0.0,
                  train_wall_s: float = 0.0) -> Dict[str, float]:
@@ -112,7 +124,7 @@ class PeriodicEvaluator:
         import shutil
 
         from saferl_ros.files import atomic_path
-        target = self.run_dir / CHECKPOINTS / f'step_{step:09d}.pt'
+        target = self._kept(step)
         target.parent.mkdir(exist_ok=True)
         with atomic_path(target) as tmp:
             shutil.copyfile(checkpoint, tmp)

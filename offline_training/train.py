@@ -105,7 +105,7 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
     if eval_every:
         from offline_training.periodic_eval import PeriodicEvaluator
         evaluator = PeriodicEvaluator(run_dir, algo, spec, config, eval_every, eval_episodes)
-        evaluator.resume_at(step)
+        evaluator.resume_at(step, ckpt_path if ckpt_path.exists() else None)
 
     def save_checkpoint():
         write_checkpoint({'algorithm': algo, 'seed': seed, 'step': step,

@@ -155,6 +155,11 @@ def test_evaluation_during_training_logs_a_curve_and_changes_nothing(dataset, tm
     assert rows[1]['train_cpu_s'] > rows[0]['train_cpu_s']          # summed over both sessions
     kept = sorted(p.name for p in (evaluated / 'checkpoints').iterdir())
     assert kept == ['step_000000010.pt', 'step_000000020.pt']
+    # killed after the checkpoint of an evaluation step, before its copy was kept: the resume
+    # keeps it
+    (evaluated / 'checkpoints' / kept[1]).unlink()
+    train('fisor', TASK, seed=0, out=evaluated, eval_every=10, eval_episodes=2, **kwargs)
+    assert (evaluated / 'checkpoints' / kept[1]).is_file()
     assert torch.load(evaluated / 'checkpoints' / kept[0], weights_only=False)['step'] == 10
     png = plot_eval_curves([evaluated], tmp_path / 'curve.png')
     assert png.stat().st_size > 10_000
