@@ -178,6 +178,8 @@ def make_gym_env(env_id: str, **kwargs):
         # here; without this it prints a misleading "failed to import" warning.
         os.environ.setdefault('DSRL_SUPPRESS_IMPORT_ERROR', '1')
         import dsrl  # noqa: F401  (registers the Offline*-v0 ids)
+    # Creation also redirects by file descriptor (``fileno()``), which a capturing stream (pytest's
+    # capsys, Jupyter) lacks: the flush patch alone is not enough here.
     with original_std_streams(), quiet_observation_bounds_warning():
         return gym.make(env_id, **kwargs)
 

@@ -639,11 +639,15 @@ class FisorTrainer:
 
     def _start_actor_phase(self, buffer: ReplayBuffer) -> None:
         """Freeze the critics; stretch the actor's cosine schedule over the iterations left."""
-        c = self.config
         self.actor_start = self.iteration
-        left = max(c.steps - self.iteration, 1) * c.actor_updates_per_step
-        self.actor_sched = cosine_lr_scheduler(self.actor_opt, left)
+        self._stretch_actor_schedule()
         self._freeze_weights(buffer)
+
+    def _stretch_actor_schedule(self) -> None:
+        """Decay the actor's learning rate over the actor updates left after actor_start."""
+        c = self.config
+        left = max(c.steps - self.actor_start, 1) * c.actor_updates_per_step
+        self.actor_sched = cosine_lr_scheduler(self.actor_opt, left)
 
     def _freeze_weights(self, buffer: ReplayBuffer) -> None:
         """Compute the frozen weights of every transition, and their mean once."""
@@ -696,9 +700,7 @@ class FisorTrainer:
         self.actor_start = state.get('actor_start')
         self.snapshot = state.get('snapshot')
         if self.actor_start is not None:
-            left = max(self.config.steps - self.actor_start, 1) * \
-                self.config.actor_updates_per_step
-            self.actor_sched = cosine_lr_scheduler(self.actor_opt, left)
+            self._stretch_actor_schedule()
         self.actor_opt.load_state_dict(state['actor_opt'])
         self.actor_sched.load_state_dict(state['actor_sched'])
         for name in ('q_r_opt', 'v_r_opt', 'q_h_opt', 'v_h_opt'):
