@@ -21,7 +21,7 @@ def machine_info() -> dict:
             'python': platform.python_version(), 'numpy': np.__version__}
     for module in ('torch', 'onnxruntime', 'pybullet'):
         try:
-            info[module] = __import__(module).__version__
+            info[module] = str(__import__(module).__version__)  # torch's is a str subclass
         except (ImportError, AttributeError):
             info[module] = None
     return info

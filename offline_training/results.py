@@ -83,7 +83,7 @@ def result_label(result: dict) -> str:
     """
     Return the table column of one results file.
 
-    Its ``label`` if set; else, for a run folder named LABEL-TASK-sSEED (tools/run_results.py,
+    Its ``label`` if set; else, for a run folder named LABEL-TASK-sSEED (saferl-grid,
     e.g. bc_safe-k5-BallCircle-s0), LABEL, so variants of one algorithm (BC-Safe at two kappas)
     stay apart; else the algorithm.
     """

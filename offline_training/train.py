@@ -22,6 +22,7 @@ from offline_training.algos.infrastructure import (
     resolve_device, rng_state, set_rng_state, set_seed)
 from offline_training.data.dataset import (
     DatasetError, load_dataset, resolve_dataset_path)
+from offline_training.machine import machine_info
 from offline_training.runs import (
     check_resume, CHECKPOINT, CONFIG, default_run_dir, new_run_config, restore, RESUME_FIX,
     SUMMARY, write_checkpoint, write_yaml)
@@ -157,9 +158,14 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
         writer.close()
     if step >= config.steps and (step > start_step or not (run_dir / SUMMARY).exists()):
         elapsed = time.time() - start_time
+        # Training time over every session of the run (evaluation during training excluded)
+        # and the machine of this last session, for the results' budget columns.
         write_yaml({'step': step, 'steps_this_session': step - start_step,
                     'wall_time_s': round(elapsed, 2),
                     'it_per_s': round((step - start_step) / max(elapsed, 1e-9), 2),
+                    'train_cpu_s': round(train_cpu_s + time.process_time() - cpu_mark, 1),
+                    'train_wall_s': round(train_wall_s + time.time() - start_time, 1),
+                    'machine': machine_info(),
                     'last_logs': last_logs}, run_dir / SUMMARY)
     return run_dir
 

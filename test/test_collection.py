@@ -15,7 +15,8 @@ import sys
 import time
 
 import numpy as np
-from offline_training.collection.behavior import (BehaviorConfig, list_checkpoints, NumpyActor,
+from offline_training.collection.behavior import (BehaviorConfig, list_checkpoints,
+                                                  make_training_envs, NumpyActor, PenaltyState,
                                                   read_state, save_actor, train_behavior)
 from offline_training.collection.collect import (allocation_weights, collect_pool, collect_task,
                                                  CollectConfig, dataset_file_name)
@@ -283,6 +284,33 @@ def test_behavior_checkpoints_roll_out(tmp_path):
     assert actor.meta['task'] == 'BallRun' and actor.meta['steps'] >= 1024
     assert actor.mean(np.zeros(7)).shape == (2,)
     assert checkpoints[-1].stat().st_size < 64 * 1024  # small enough to commit
+
+
+def test_checkpoints_carry_the_observation_normaliser_the_policy_saw(tmp_path):
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    agent_dir = tmp_path / 'agent'
+    train_behavior(_tiny_config(total_steps=512, normalize_observations=True), agent_dir,
+                   progress=False)
+    actor = NumpyActor.load(list_checkpoints(agent_dir)[-1])
+    # The last checkpoint is frozen at the last rollout's end: its statistics are those of the
+    # final VecNormalize state (they only move while collecting), and its mean action is the MLP
+    # on VecNormalize's normalised observation, far-out values clipped at +-10 as in training.
+    venv = VecNormalize.load(str(agent_dir / 'resume' / 'vecnormalize.pkl'),
+                             make_training_envs(_tiny_config(), PenaltyState(), 0))
+    np.testing.assert_array_equal(actor.obs_mean, venv.obs_rms.mean)
+    np.testing.assert_array_equal(actor.obs_var, venv.obs_rms.var)
+    obs = np.random.default_rng(0).normal(0.0, 3.0, size=(16, 7))
+    obs[0] = 1e6
+    raw_mlp = NumpyActor(actor.weights, actor.log_std)
+    np.testing.assert_allclose(actor.mean(obs), raw_mlp.mean(venv.normalize_obs(obs)),
+                               rtol=1e-5, atol=1e-8)  # VecNormalize works in float32
+    assert np.abs(venv.normalize_obs(obs)[0]).max() == 10.0
+    venv.close()
+    # agents trained before the option existed have no normaliser and still load
+    plain = tmp_path / 'plain'
+    train_behavior(_tiny_config(total_steps=256), plain, progress=False)
+    assert NumpyActor.load(list_checkpoints(plain)[-1]).obs_mean is None
 
 
 def test_max_steps_stops_early_and_resumes(tmp_path):

@@ -24,10 +24,11 @@ import yaml
 torch.set_num_threads(1)
 
 TASK = 'BallCircle'
-# Small networks so that a few hundred real optimisation steps take seconds on one core.
+# Small networks so that a few hundred real optimisation steps take seconds on one core. FISOR
+# trains jointly here (the paper's schedule; the 'cpu' preset's critics-first has its own tests).
 TINY = {
     'fisor': {'actor_hidden': 64, 'actor_blocks': 1, 'actor_batch_size': 128,
-              'critic_batch_size': 128, 'critic_hidden': (64, 64)},
+              'critic_batch_size': 128, 'critic_hidden': (64, 64), 'schedule': 'joint'},
     'bc_all': {'batch_size': 128},
     'bc_safe': {'batch_size': 128, 'cost_limit': 100.0},
     'bcq_lag': {'batch_size': 64, 'vae_hidden': 64, 'actor_hidden': (64, 64),
@@ -216,10 +217,27 @@ def test_critics_first_trains_critics_then_the_actor_alone(dataset, tmp_path, sa
     _assert_same_state(runs[30], _checkpoint(resumed))
 
 
+def test_the_cpu_preset_trains_critics_first_for_a_share_of_any_step_count(dataset, tmp_path):
+    from offline_training.algos import fisor
+    assert fisor.make_config('paper').schedule == 'joint'
+    for steps, cap in ((100_000, 40_000), (20_000, 8_000), (10, 4)):
+        config = fisor.make_config('cpu', steps=steps)
+        assert (config.schedule, config.actor_sampling) == ('critics-first', 'weighted-sampling')
+        assert config.critic_phase_cap() == cap
+    assert fisor.make_config('cpu', steps=10, critic_steps=3).critic_phase_cap() == 3
+    # the preset as a user runs it (tiny networks only): 4 critic iterations, then the actor
+    tiny = {k: v for k, v in TINY['fisor'].items() if k != 'schedule'}
+    out = train('fisor', TASK, seed=0, out=tmp_path, data=dataset, steps=10, device='cpu',
+                progress=False, preset='cpu', overrides=tiny)
+    assert _checkpoint(out)['trainer']['actor_start'] == 4
+
+
 def test_critics_first_needs_iterations_left_for_the_actor():
     from offline_training.algos import fisor
     with pytest.raises(ConfigError, match='critic_steps'):
         fisor.make_config('cpu', schedule='critics-first', steps=100, critic_steps=100)
+    with pytest.raises(ConfigError, match='critic_fraction'):
+        fisor.make_config('cpu', critic_fraction=1.0)
     with pytest.raises(ConfigError, match='schedule'):
         fisor.make_config('cpu', schedule='actor-first')
     with pytest.raises(ConfigError, match='critic_check_every'):

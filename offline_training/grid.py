@@ -1,0 +1,355 @@
+"""
+The results grid: every (method, task, seed) run of a results table, trained on Ray.
+
+    saferl-grid                               # run (or resume) the grid here, one run per core
+    saferl-grid --dry-run                     # print each saferl-train / saferl-eval command
+    saferl-grid --only fisor-CarRun           # the runs whose name contains a string
+    saferl-grid --address auto                # on a running Ray cluster (`ray start --head`)
+    saferl-grid --table                       # rebuild the grid's results page
+
+A run is one ``saferl-train`` command followed by one ``saferl-eval`` of its run folder. Both
+resume or skip what is done: a finished run is not retrained and an existing results file is not
+re-evaluated, so interrupting the grid (Ctrl-C, a lost machine) and starting it again loses at
+most each run's checkpoint interval. Each run is a Ray task that asks for one CPU and runs with
+one torch/OpenMP thread (these networks are too small to gain from more; two runs on two cores
+do twice the work of one run on two threads). Locally Ray starts with ``--workers`` CPUs; with
+``--address`` the runs go to an existing cluster, whose nodes need this repository at the same
+path with ``runs/``, ``datasets/`` and ``docs/results/`` on a shared file system.
+
+Grids are named (``--grid``); the default one is the grid docs/results.md reports. Adding a
+method is one line in its ``methods``.
+"""
+
+import argparse
+import ctypes
+from dataclasses import dataclass, replace
+import os
+from pathlib import Path
+import signal
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = ('BallCircle', 'CarCircle', 'DroneCircle', 'BallRun', 'CarRun', 'DroneRun')
+
+
+@dataclass(frozen=True)
+class Method:
+    """One column of the results table: an algorithm with its steps, overrides and seeds."""
+
+    tag: str                          # column name and run-name prefix, e.g. 'bc_safe-k5'
+    algorithm: str                    # saferl-train's algorithm
+    steps: int                        # training iterations
+    overrides: Tuple[str, ...] = ()   # saferl-train --set KEY=VALUE items
+    seeds: Tuple[int, ...] = (0,)     # training seeds
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of the grid: a method on a task with a training seed."""
+
+    method: Method
+    task: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        """Return the run name, LABEL-TASK-sSEED (also the run and results file names)."""
+        return f'{self.method.tag}-{self.task}-s{self.seed}'
+
+
+@dataclass
+class Grid:
+    """What runs (methods x tasks x seeds) and where its files go."""
+
+    name: str
+    methods: Tuple[Method, ...]
+    tasks: Tuple[str, ...] = TASKS
+    preset: str = 'cpu'
+    device: str = 'cpu'
+    eval_episodes: int = 20
+    eval_seeds: Tuple[int, ...] = (0,)
+    checkpoint_every: int = 2000
+    runs_dir: Path = REPO / 'runs'
+    results_dir: Path = REPO / 'docs' / 'results' / 'runs'
+    table_path: Path = REPO / 'docs' / 'results.md'
+    runs_page: Path = REPO / 'docs' / 'results' / 'runs.md'
+    notes_path: Optional[Path] = REPO / 'docs' / 'results' / 'NOTES.md'
+    datasets_dir: Optional[Path] = None   # $DSRL_DATASET_DIR for the runs (None: the default)
+    description: str = ''
+
+    def jobs(self) -> List[Job]:
+        """
+        Return the runs in the order they are started.
+
+        Every method's first seed on every task comes first (one complete table as early as
+        possible), then the further seeds; within a round, tasks in the grid's order.
+        """
+        rounds = max(len(m.seeds) for m in self.methods)
+        return [Job(method, task, method.seeds[k])
+                for k in range(rounds)
+                for task in self.tasks
+                for method in self.methods if k < len(method.seeds)]
+
+
+BASELINES_SHORT = (
+    Method('bc_all', 'bc_all', 10_000),
+    Method('bc_safe-k5', 'bc_safe', 10_000, ('cost_limit=5',)),
+    Method('bc_safe-k10', 'bc_safe', 10_000, ('cost_limit=10',)),
+    Method('bcq_lag-k5', 'bcq_lag', 5_000, ('cost_limit=5',)),
+)
+
+GRIDS: Dict[str, Grid] = {
+    # The grid of 21 Nov 2026 behind today's docs/results.md: FISOR's joint schedule at 12 000
+    # iterations (about 12 CPU-minutes), baselines at 5 000-10 000.
+    'short': Grid(
+        'short',
+        (Method('fisor', 'fisor', 12_000, ('schedule=joint',), seeds=(0, 1, 2)),
+         *BASELINES_SHORT),
+        description='FISOR joint schedule, 12 000 iterations; baselines 5 000-10 000'),
+    # About one core-hour per FISOR and BCQ-Lag run (FISOR's 'cpu' preset, critics-first: 40 000
+    # critic iterations at ~40 it/s, then 60 000 actor iterations at ~24 it/s; BCQ-Lag ~14 it/s);
+    # BC converges long before its 100 000 steps (~4 CPU-minutes).
+    'core-hour': Grid(
+        'core-hour',
+        (Method('fisor', 'fisor', 100_000, seeds=(0, 1, 2)),
+         Method('bc_all', 'bc_all', 100_000),
+         Method('bc_safe-k5', 'bc_safe', 100_000, ('cost_limit=5',)),
+         Method('bc_safe-k10', 'bc_safe', 100_000, ('cost_limit=10',)),
+         Method('bcq_lag-k5', 'bcq_lag', 50_000, ('cost_limit=5',))),
+        runs_dir=REPO / 'runs' / 'core-hour',
+        results_dir=REPO / 'docs' / 'results' / 'core-hour',
+        table_path=REPO / 'docs' / 'results' / 'core-hour.md',
+        runs_page=REPO / 'docs' / 'results' / 'core-hour-runs.md',
+        notes_path=None,
+        description='about one core-hour per FISOR (critics-first) and BCQ-Lag run'),
+    # The paper's settings for a GPU machine: FISOR's 'paper' preset (joint schedule) at 1M
+    # iterations, the baselines at OSRL's 100 000 steps.
+    'paper': Grid(
+        'paper',
+        (Method('fisor', 'fisor', 1_000_000, seeds=(0, 1, 2)),
+         Method('bc_all', 'bc_all', 100_000),
+         Method('bc_safe-k5', 'bc_safe', 100_000, ('cost_limit=5',)),
+         Method('bc_safe-k10', 'bc_safe', 100_000, ('cost_limit=10',)),
+         Method('bcq_lag-k5', 'bcq_lag', 100_000, ('cost_limit=5',))),
+        preset='paper', device='cuda', checkpoint_every=10_000,
+        runs_dir=REPO / 'runs' / 'paper',
+        results_dir=REPO / 'docs' / 'results' / 'paper',
+        table_path=REPO / 'docs' / 'results' / 'paper.md',
+        runs_page=REPO / 'docs' / 'results' / 'paper-runs.md',
+        notes_path=None,
+        description="the paper's settings (FISOR 'paper' preset, 1M iterations) on CUDA"),
+}
+DEFAULT_GRID = 'short'
+
+
+def repo_relative(path) -> Path:
+    """
+    Return ``path`` relative to the repository when it lies inside it.
+
+    The commands run in the repository folder, so relative paths work, and the results files
+    they write (which record their sources) name no path of the machine that ran them.
+    """
+    try:
+        return Path(path).resolve().relative_to(REPO)
+    except ValueError:
+        return Path(path)
+
+
+def commands(job: Job, grid: Grid) -> Tuple[List[str], List[str], Path]:
+    """Return (train command, evaluation command, results file) of one run."""
+    run_dir = repo_relative(Path(grid.runs_dir) / job.name)
+    train = ['saferl-train', job.method.algorithm, '--task', job.task, '--preset', grid.preset,
+             '--seed', str(job.seed), '--steps', str(job.method.steps), '--out', str(run_dir),
+             '--threads', '1', '--no-progress', '--log-every', '500',
+             '--checkpoint-every', str(grid.checkpoint_every), '--device', grid.device]
+    for item in job.method.overrides:
+        train += ['--set', item]
+    results = repo_relative(Path(grid.results_dir) / f'{job.name}.json')
+    evaluate = ['saferl-eval', str(run_dir), '--episodes', str(grid.eval_episodes),
+                '--seeds', *map(str, grid.eval_seeds), '--threads', '1', '--no-progress',
+                '-o', str(results)]
+    return train, evaluate, results
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this child when its parent (the Ray worker) dies; no-op elsewhere."""
+    try:
+        libc = ctypes.CDLL('libc.so.6', use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def log_path(job: Job, grid: Grid) -> Path:
+    """Return the log file of one run (both commands' output, appended across attempts)."""
+    return Path(grid.runs_dir) / 'logs' / f'{job.name}.log'
+
+
+def run_job(job: Job, grid: Grid) -> Tuple[str, str]:
+    """Train (or resume) one run and evaluate it unless its results exist; return a status."""
+    train, evaluate, results = commands(job, grid)
+    if (REPO / results).exists():
+        return job.name, 'done already'
+    log = log_path(job, grid)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    if grid.datasets_dir is not None:
+        env['DSRL_DATASET_DIR'] = str(grid.datasets_dir)
+    bin_dir = Path(sys.executable).parent
+    start = time.time()
+    with open(log, 'a') as stream:
+        for cmd in (train, evaluate):
+            stream.write(f'$ {" ".join(cmd)}\n')
+            stream.flush()
+            code = subprocess.call([str(bin_dir / cmd[0])] + cmd[1:], stdout=stream,
+                                   stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                   preexec_fn=_die_with_parent)
+            if code != 0:
+                return job.name, f'FAILED (exit {code}; log: {repo_relative(log)})'
+    return job.name, f'ok in {time.time() - start:.0f} s'
+
+
+def run_grid(jobs: Sequence[Job], grid: Grid, workers: int = 2,
+             address: Optional[str] = None, echo=print) -> Dict[str, str]:
+    """
+    Run ``jobs`` as Ray tasks of one CPU each; return {run name: status}.
+
+    Without ``address`` a local Ray instance with ``workers`` CPUs runs them; with it, the
+    cluster at that address. Statuses are echoed as runs finish. On Ctrl-C the runs in flight
+    are cancelled (their training processes stop with their Ray workers; rerunning resumes them)
+    and KeyboardInterrupt propagates.
+    """
+    import ray
+
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    statuses: Dict[str, str] = {}
+    try:
+        remote_job = ray.remote(num_cpus=1, max_retries=0)(run_job)
+        pending = {remote_job.remote(job, grid): job for job in jobs}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            job = pending.pop(done[0])
+            try:
+                name, status = ray.get(done[0])
+            except ray.exceptions.RayError as error:
+                name, status = job.name, f'FAILED (Ray: {type(error).__name__}: {error})'
+            statuses[name] = status
+            echo(f'{time.strftime("%H:%M:%S")} [{len(statuses)}/{len(jobs)}] {name}: {status}')
+    except KeyboardInterrupt:
+        for ref in list(pending):
+            ray.cancel(ref, force=True)
+        raise
+    finally:
+        ray.shutdown()
+    return statuses
+
+
+def runs_table(grid: Grid) -> str:
+    """Return a markdown table of the grid's runs: budget, data, machine and code of each."""
+    import yaml
+
+    lines = ['| run | preset | overrides | steps | training CPU | it/s | dataset (sha256) | '
+             'machine | code |',
+             '|---|---|---|---:|---:|---:|---|---|---|']
+    for job in grid.jobs():
+        run_dir = Path(grid.runs_dir) / job.name
+        overrides = ', '.join(job.method.overrides) or '–'
+        if not (run_dir / 'summary.yaml').is_file():
+            lines.append(f'| {job.name} | {grid.preset} | {overrides} | not finished | | | | | |')
+            continue
+        config = yaml.safe_load((run_dir / 'config.yaml').read_text())
+        summary = yaml.safe_load((run_dir / 'summary.yaml').read_text())
+        data = config.get('dataset', {})
+        # runs from before summaries recorded them: wall time of the last session, no machine
+        cpu = summary.get('train_cpu_s')
+        budget = f'{cpu / 60:.1f} min' if cpu is not None else (
+            f'{summary["wall_time_s"] / 60:.1f} min (wall)')
+        machine = summary.get('machine', {}).get('cpu', '?')
+        lines.append(
+            f'| {job.name} | {config["preset"]} | {overrides} | {summary["step"]} | {budget} | '
+            f'{summary["it_per_s"]:.1f} | `{Path(data.get("path", "?")).name}` '
+            f'({str(data.get("sha256", ""))[:8]}) | {machine} | '
+            f'{config.get("code_version", "?")} |')
+    return (f'Grid `{grid.name}`: {grid.description}. One run per core, one torch thread each; '
+            'training CPU excludes evaluation.\n\n' + '\n'.join(lines) + '\n')
+
+
+def write_tables(grid: Grid) -> int:
+    """Write the grid's runs table and build its results page (wraps `saferl-eval table`)."""
+    runs_page = Path(grid.runs_page)
+    runs_page.parent.mkdir(parents=True, exist_ok=True)
+    runs_page.write_text(f'# The runs of grid `{grid.name}`\n\n<!-- generated by `saferl-grid '
+                         f'--grid {grid.name} --table` -->\n\n' + runs_table(grid))
+    files = sorted(str(repo_relative(p)) for p in Path(grid.results_dir).glob('*.json'))
+    if not files:
+        print(f'error: no results files in {repo_relative(grid.results_dir)}; run '
+              f'`saferl-grid --grid {grid.name}` first', file=sys.stderr)
+        return 1
+    cmd = [str(Path(sys.executable).parent / 'saferl-eval'), 'table', *files,
+           '-o', str(repo_relative(grid.table_path)), '--kappa', '5', '10']
+    if grid.notes_path is not None:
+        cmd += ['--notes', str(repo_relative(grid.notes_path))]
+    return subprocess.call(cmd, cwd=REPO)
+
+
+def main(argv=None) -> int:
+    """Run the command line."""
+    parser = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0])
+    parser.add_argument('--grid', default=DEFAULT_GRID, choices=sorted(GRIDS),
+                        help=f'which grid (default {DEFAULT_GRID!r})')
+    parser.add_argument('--workers', type=int, default=os.cpu_count() or 1,
+                        help="local Ray CPUs: runs at a time (default: this machine's cores)")
+    parser.add_argument('--address', default=None,
+                        help="a Ray cluster's address ('auto' for the local `ray start` one)")
+    parser.add_argument('--only', nargs='*', default=None,
+                        help='run only the runs whose name contains one of these strings')
+    parser.add_argument('--dry-run', action='store_true', help='print the commands only')
+    parser.add_argument('--table', action='store_true', help="only rebuild the grid's tables")
+    parser.add_argument('--preset', default=None, help="training preset (default the grid's)")
+    parser.add_argument('--device', default=None, help="'cpu', 'cuda' or 'auto'")
+    parser.add_argument('--runs-dir', type=Path, default=None)
+    parser.add_argument('--results-dir', type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f'--workers must be >= 1 (got {args.workers})')
+    grid = GRIDS[args.grid]
+    changes = {key: value for key, value in (
+        ('preset', args.preset), ('device', args.device), ('runs_dir', args.runs_dir),
+        ('results_dir', args.results_dir)) if value is not None}
+    grid = replace(grid, **changes)
+    if args.table:
+        return write_tables(grid)
+    todo = [job for job in grid.jobs()
+            if args.only is None or any(s in job.name for s in args.only)]
+    if not todo:
+        parser.error(f'no run of grid {grid.name!r} matches --only {" ".join(args.only)}')
+    if args.dry_run:
+        for job in todo:
+            train, evaluate, _ = commands(job, grid)
+            print(' '.join(train))
+            print(' '.join(evaluate))
+        return 0
+    print(f'grid {grid.name!r}: {len(todo)} runs, '
+          + (f'Ray cluster {args.address}' if args.address else f'{args.workers} local CPUs'),
+          flush=True)
+    try:
+        statuses = run_grid(todo, grid, args.workers, args.address,
+                            echo=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        print('interrupted: runs keep their checkpoints; the same command resumes them',
+              file=sys.stderr)
+        return 130
+    failed = [name for name, status in statuses.items() if status.startswith('FAILED')]
+    print(f'{len(statuses) - len(failed)} of {len(statuses)} runs ok'
+          + (f'; failed: {", ".join(failed)}' if failed else ''))
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The results grid on Ray: a tiny grid trains, evaluates, skips what is done, reports failures."""
+
+import json
+
+from offline_training.data.dataset import write_dataset
+from offline_training.data.synthetic import synthetic_dataset
+from offline_training.grid import commands, Grid, GRIDS, main, Method, run_grid, write_tables
+import pytest
+
+
+@pytest.fixture
+def tiny_grid(tmp_path):
+    """Two methods on BallCircle (synthetic data) and a third whose override is a typo."""
+    datasets = tmp_path / 'datasets'
+    datasets.mkdir()
+    write_dataset(datasets / 'SafetyBallCircle-v0-test-6.hdf5',
+                  synthetic_dataset('BallCircle', episodes=6, seed=0, max_length=40), 'BallCircle')
+    return Grid('tiny', (Method('fisor', 'fisor', 6), Method('bc_all', 'bc_all', 4),
+                         Method('typo', 'bc_all', 4, ('bach_size=8',))),
+                tasks=('BallCircle',), preset='test', eval_episodes=1,
+                checkpoint_every=2, runs_dir=tmp_path / 'runs', results_dir=tmp_path / 'results',
+                table_path=tmp_path / 'results.md', runs_page=tmp_path / 'runs.md',
+                notes_path=None, datasets_dir=datasets, description='a test grid')
+
+
+def test_a_tiny_grid_trains_evaluates_resumes_and_reports_failures(tiny_grid, tmp_path):
+    lines = []
+    statuses = run_grid(tiny_grid.jobs(), tiny_grid, workers=2, echo=lines.append)
+    assert sorted(statuses) == ['bc_all-BallCircle-s0', 'fisor-BallCircle-s0',
+                                'typo-BallCircle-s0']
+    for name in ('fisor-BallCircle-s0', 'bc_all-BallCircle-s0'):
+        assert statuses[name].startswith('ok'), statuses[name]
+        results = json.loads((tmp_path / 'results' / f'{name}.json').read_text())
+        assert 'Traceback' not in (tmp_path / 'runs' / 'logs' / f'{name}.log').read_text()
+        assert len(results['episodes']) == 1 and 'summary' in results
+    # a bad run fails alone, with its log named, and the log says what is wrong
+    status = statuses['typo-BallCircle-s0']
+    assert status.startswith('FAILED') and 'typo-BallCircle-s0.log' in status
+    assert 'bach_size' in (tmp_path / 'runs' / 'logs' / 'typo-BallCircle-s0.log').read_text()
+    assert len(lines) == 3 and lines[-1].split()[1] == '[3/3]'
+    # the same grid again: finished runs are skipped, not retrained or re-evaluated
+    done = [job for job in tiny_grid.jobs() if job.method.tag != 'typo']
+    again = run_grid(done, tiny_grid, workers=2, echo=lines.append)
+    assert set(again.values()) == {'done already'}
+    assert write_tables(tiny_grid) == 0
+    assert 'fisor-BallCircle-s0' in (tmp_path / 'runs.md').read_text()
+    assert 'not finished' in (tmp_path / 'runs.md').read_text()     # the typo run
+    assert (tmp_path / 'results.md').is_file()
+
+
+def test_the_commands_use_one_thread_and_name_no_machine_path():
+    grid = GRIDS['core-hour']
+    jobs = grid.jobs()
+    assert len(jobs) == 6 * (3 + 4)                 # FISOR x 3 seeds, four baselines x 1 seed
+    assert [job.name for job in jobs[:5]] == [
+        'fisor-BallCircle-s0', 'bc_all-BallCircle-s0', 'bc_safe-k5-BallCircle-s0',
+        'bc_safe-k10-BallCircle-s0', 'bcq_lag-k5-BallCircle-s0']
+    train, evaluate, results = commands(jobs[0], grid)
+    assert train[train.index('--threads') + 1] == '1'
+    assert train[train.index('--out') + 1] == 'runs/core-hour/fisor-BallCircle-s0'
+    assert str(results) == 'docs/results/core-hour/fisor-BallCircle-s0.json'
+    assert evaluate[evaluate.index('--episodes') + 1] == '20'
+
+
+def test_the_command_line_refuses_bad_options_in_one_line(capsys):
+    with pytest.raises(SystemExit):
+        main(['--only', 'no-such-run', '--dry-run'])
+    assert 'no run of grid' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(['--workers', '0'])
+    assert '--workers must be >= 1' in capsys.readouterr().err
+    assert main(['--grid', 'core-hour', '--only', 'fisor-CarRun-s2', '--dry-run']) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0].startswith('saferl-train fisor --task CarRun')
