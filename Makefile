@@ -25,7 +25,7 @@ export MPLBACKEND := Agg
 help:
 	@echo "make venv       create .venv with every dependency at its pinned version and build the messages"
 	@echo "make test       create the environment if missing, then run the whole test suite"
-	@echo "make demo       run the shipped FISOR bundle in the simulated ROS 2 loop for 3 episodes"
+	@echo "make demo       run a shipped FISOR bundle in the simulated ROS 2 loop for 3 episodes (TASK=BallCircle)"
 	@echo "make data       train missing behaviour agents, then collect the six datasets into datasets/"
 	@echo "make lint       flake8 + pep257 with ament's settings"
 	@echo "make check-env  check that the simulator and dataset environment ids register"
@@ -50,8 +50,9 @@ check-env:
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+TASK ?= BallCircle
 demo: venv
-	$(BIN)/saferl-demo --episodes 3
+	$(BIN)/saferl-demo --episodes 3 --task $(TASK)
 
 data: venv
 	$(BIN)/python -m offline_training.collection.train_all --collect

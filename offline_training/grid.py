@@ -227,6 +227,9 @@ def run_grid(jobs: Sequence[Job], grid: Grid, workers: int = 2,
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
+        # Ray lowers its workers' priority (nice 15) by default; on a machine shared with other
+        # work that starves the runs. Local runs keep this command's priority (use `nice` on it).
+        os.environ.setdefault('RAY_worker_niceness', '0')
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     statuses: Dict[str, str] = {}
     try:

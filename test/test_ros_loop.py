@@ -333,6 +333,23 @@ def test_bringup_runs_a_parameters_file(bundles, tmp_path):
     assert topics['/monitor/status'][-1].schema.name == 'diagnostic_msgs/msg/DiagnosticStatus'
 
 
+def test_demo_runs_any_task_with_its_bundle(tmp_path, capsys):
+    from saferl_ros.demo import main as demo
+    bundle = build_bundle(tmp_path / 'drone', task='DroneRun')     # 4 rotor commands, not 2
+    assert demo(['--task', 'DroneRun', '--bundle', bundle, '--episodes', '1',
+                 '--output', str(tmp_path / 'rec')]) == 0
+    out = capsys.readouterr().out
+    assert '1 episodes of DroneRun' in out
+    data = recorded(next((tmp_path / 'rec').iterdir()))
+    assert data['actions'].shape[1] == 4                       # the drone's rotor commands
+    assert 0 < len(data['rewards']) <= 200                      # DroneRun's horizon (or a crash)
+    assert data['terminals'][-1] or data['timeouts'][-1]
+    # a task without a shipped bundle is one line naming the bundles there are
+    assert demo(['--task', 'AntRun', '--episodes', '1']) == 2
+    err = capsys.readouterr().err
+    assert 'no shipped bundle for AntRun' in err and 'fisor-ballcircle' in err
+
+
 def test_controller_refuses_reordered_channels_and_nan(bundles, loop):
     graph, probe, errors = loop.start({CONTROLLER: {'bundle': bundles['fisor']}})
     assert errors == []
