@@ -350,6 +350,34 @@ def test_signal_ends_bringup_cleanly_and_keeps_the_recording(tmp_path, sig, args
     assert_each_episode_in_its_mcap_file(run_dir)
 
 
+def test_ctrl_c_ends_the_demo_cleanly_and_keeps_the_recording(tmp_path):
+    """`make demo` (saferl-demo) cut short by Ctrl-C, started in another folder (finding 2)."""
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'PYTHONPATH': str(REPO)}
+    cmd = [sys.executable, '-c', 'import sys; from saferl_ros.demo import main; '
+           'sys.exit(main(sys.argv[1:]))', '--episodes', '100', '--output', str(tmp_path / 'rec')]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not list((tmp_path / 'rec').glob('*/index.json')):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        run_dir = next((tmp_path / 'rec').glob('*/index.json')).parent
+        wait_for_episodes(run_dir, 2, proc)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert 'Traceback' not in err and 'RCLError' not in err, err[-3000:]
+    index = read_index(run_dir)
+    assert index['closed'] and len(index['episodes']) >= 2
+    assert validate_file(run_dir / 'recording.hdf5') == []
+    assert 'is a valid DSRL dataset' in out
+    assert_each_episode_in_its_mcap_file(run_dir)
+
+
 def test_sigkill_of_the_recorder_keeps_completed_episodes_in_both_formats(bundles, tmp_path):
     bundle = bundles['fisor']
     log = tmp_path / 'recorder.log'
