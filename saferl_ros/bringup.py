@@ -25,7 +25,7 @@ import time
 from typing import Dict, List, Optional
 
 from saferl_ros import graph as node_graph
-from saferl_ros.errors import UserError
+from saferl_ros.errors import EXIT_USER_ERROR, UserError
 import yaml
 
 # Activation order (saferl_ros.graph): consumers first, the observation source last.
@@ -347,8 +347,8 @@ def main(argv=None) -> int:
         summary = run(args.config, args.episodes, args.overrides, args.duration,
                       args.namespace, executor=args.executor)
     except BringupError as exc:
-        print(f'saferl-bringup: {exc}', file=sys.stderr)
-        return 1
+        print(f'saferl-bringup: error: {exc}', file=sys.stderr)
+        return EXIT_USER_ERROR
     return summary['exit_code']
 
 

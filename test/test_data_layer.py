@@ -326,5 +326,5 @@ def test_cli_info_and_plot(tmp_path, ballcircle_arrays, capsys):
     assert cli.main(['plot', str(path), '-o', str(png)]) == 0
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.stat().st_size > 10_000
 
-    assert cli.main(['info', str(tmp_path / 'missing.hdf5')]) == 1
+    assert cli.main(['info', str(tmp_path / 'missing.hdf5')]) == 2
     assert 'no such file' in capsys.readouterr().err

@@ -148,4 +148,4 @@ def test_saferl_data_merge_builds_a_retraining_dataset(tmp_path, ballcircle_arra
     with h5py.File(out) as h5:
         sources = json.loads(h5.attrs['merged_from'])
     assert [s['transitions'] for s in sources] == [n_old, 60]
-    assert main(['merge', str(tmp_path), '--task', 'BallCircle', '-o', str(out)]) == 1
+    assert main(['merge', str(tmp_path), '--task', 'BallCircle', '-o', str(out)]) == 2

@@ -2,8 +2,13 @@
 The fault matrix: what reaches the robot, and what is left on disk, when something goes wrong.
 
 Over real DDS; faults about processes (kills, signals) use real processes. Each case asserts the
-command the robot receives (the safe action or a judged one, never the unsafe input) and the
-files left behind. Finding numbers refer to the safety-defects report these tests keep fixed.
+command the robot receives (the safe action or a judged one, never the unsafe input); cases that
+involve a recorder also assert the files left behind (signals: a closed, valid recording with one
+complete MCAP file per episode; a killed recorder: every committed episode in both formats, the
+episode in flight named as partial). Faults inside the monitor (stale, NaN, reordered channels,
+clock jumps) write nothing themselves; test_ros_loop.py checks that recordings carry such stops
+(verdict and zero action per step). Finding numbers refer to the safety-defects report these
+tests keep fixed.
 """
 
 import json
@@ -233,8 +238,8 @@ def write(path: Path, text: str) -> str:
 def test_bringup_refuses_bad_parameter_files_in_one_line(tmp_path, capsys, text, message):
     code = bringup_main([write(tmp_path / 'p.yaml', text), '--episodes', '1'])
     err = capsys.readouterr().err
-    assert code == 1 and message in err and 'Traceback' not in err
-    assert len(err.strip().splitlines()) == 1
+    assert code == 2 and message in err and 'Traceback' not in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith('saferl-bringup: error: ')
 
 
 @pytest.mark.parametrize('node, param, value, message', [
@@ -326,6 +331,33 @@ def assert_each_episode_in_its_mcap_file(run_dir: Path) -> None:
         assert len({m.episode for m in steps}) == 1, k      # one episode's steps per file
 
 
+class CommandProbe:
+    """Listens, from the test process, to the commands the loop in another process sends."""
+
+    def __init__(self):
+        import rclpy
+        from rclpy.executors import SingleThreadedExecutor
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = Node('command_probe', context=self.context)
+        self.final = []
+        self.node.create_subscription(JointState, common.FINAL, self.final.append,
+                                      common.RECORD_QOS)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+
+    def spin_while(self, proc, seconds: float) -> None:
+        """Spin for ``seconds`` or until ``proc`` has ended."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and proc.poll() is None:
+            self.executor.spin_once(timeout_sec=0.01)
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self.node.destroy_node()
+        self.context.try_shutdown()
+
+
 @pytest.mark.parametrize('sig, args, expected', [
     (signal.SIGINT, [], 0),                       # "run until Ctrl-C": the documented stop
     (signal.SIGTERM, ['--episodes', '100'], 0),   # a supervisor's stop
@@ -334,14 +366,25 @@ def assert_each_episode_in_its_mcap_file(run_dir: Path) -> None:
 def test_signal_ends_bringup_cleanly_and_keeps_the_recording(tmp_path, sig, args, expected):
     proc = bringup_process(tmp_path, *args)
     run_dir = tmp_path / 'rec' / 'run'
+    probe = CommandProbe()
     try:
-        wait_for_episodes(run_dir, 2, proc)
+        deadline = time.monotonic() + 90
+        while not (run_dir / 'index.json').is_file() or \
+                len(json.loads((run_dir / 'index.json').read_text())['episodes']) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            probe.spin_while(proc, 0.2)
+        commands_before = len(probe.final)
         proc.send_signal(sig)
+        probe.spin_while(proc, 60)          # until the process has ended
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
+        probe.close()
     assert proc.returncode == expected, err[-3000:]
+    # the robot was driving, and the last command it got is the stop, not a policy action
+    assert commands_before > 0
+    assert list(probe.final[-1].position) == SAFE, probe.final[-1]
     assert 'Traceback' not in err and 'RCLError' not in err, err[-3000:]
     index = read_index(run_dir)
     assert index['closed'] and len(index['episodes']) >= 2
@@ -388,6 +431,10 @@ def test_sigkill_of_the_recorder_keeps_completed_episodes_in_both_formats(bundle
                    CONTROLLER: {'bundle': bundle},
                    MONITOR: {'bundle': bundle}})
     run_dir = tmp_path / 'rec' / 'run'
+    steps = []
+    probe = Node('step_probe')
+    probe.create_subscription(StepRecord, common.STEP, steps.append, common.RECORD_QOS)
+    graph.executor.add_node(probe)
     try:
         assert graph.configure() == []
         graph.activate()
@@ -400,9 +447,15 @@ def test_sigkill_of_the_recorder_keeps_completed_episodes_in_both_formats(bundle
                 break
         recorder.send_signal(signal.SIGKILL)
         recorder.wait(10)
+        # the loop does not depend on its recorder: the robot keeps getting judged commands
+        steps_at_kill = len(steps)
+        assert spin_until(graph.executor, lambda: len(steps) >= steps_at_kill + 10, 10.0)
+        assert not any(msg.missed for msg in steps[steps_at_kill:])
     finally:
         if recorder.poll() is None:
             recorder.kill()
+        graph.executor.remove_node(probe)
+        probe.destroy_node()
         graph.deactivate()
         graph.shutdown()
     index = read_index(run_dir)

@@ -385,7 +385,11 @@ def test_timing_modes(bundles, tmp_path, loop, sim):
     if sim['mode'] == 'lockstep':
         assert not missed(data).any() and node.latency.summary()['count'] == 25
     else:
-        # zero-order hold: the first step has no command yet (safe action, a miss); after
-        # that the loop keeps up with 50 Hz, most of the time (a loaded 2-core machine misses a
-        # few periods; a loop that could not keep up would miss most of them)
-        assert missed(data).sum() <= 8 and node.latency.summary()['count'] >= 10
+        # zero-order hold: the first step has no command yet (safe action, a miss); after that
+        # each step applies the latest command received within command_timeout. Whether that
+        # command answers the latest observation or the one before depends on the machine's
+        # speed (a loaded 2-core machine answered none within its 20 ms period), so the count
+        # of exact answers is the benchmark's business (bench/bench_ros_latency.py), not a test's.
+        held = ~missed(data)
+        assert missed(data)[0] and held.sum() >= 17, missed(data)
+        assert np.abs(data['actions'][held]).sum(axis=1).min() > 0    # the policy's, not the stop

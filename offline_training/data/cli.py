@@ -21,6 +21,7 @@ from offline_training.data.dataset import (check_file, DatasetError, load_datase
                                            resolve_dataset_path)
 from offline_training.data.plot import plot_returns
 from offline_training.data.trajectories import trajectory_returns
+from saferl_ros.errors import EXIT_USER_ERROR
 from saferl_ros.files import sha256_file
 from saferl_ros.tasks import get_task
 
@@ -149,8 +150,8 @@ def cmd_merge(args) -> int:
             try:   # a recorder run folder: its completed episodes (also after a crash)
                 data = load_episodes(path)
             except RecordingError as err:
-                print(f'error: {err}', file=sys.stderr)
-                return 1
+                print(f'saferl-data: error: {err}', file=sys.stderr)
+                return EXIT_USER_ERROR
             problems = validate_arrays(data, args.task, source=str(path))
             if problems:
                 raise DatasetError(problems)
@@ -161,8 +162,9 @@ def cmd_merge(args) -> int:
                         **({'sha256': sha256_file(path)} if path.is_file() else {})})
         print(f'{path}: {len(data["observations"])} transitions')
     if not parts:
-        print('error: nothing to merge; give --dataset and/or recordings', file=sys.stderr)
-        return 1
+        print('saferl-data: error: nothing to merge; give --dataset and/or recordings',
+              file=sys.stderr)
+        return EXIT_USER_ERROR
     merged = {k: np.concatenate([p[k] for p in parts]) for k in DSRL_KEYS}
     manifest = write_dataset(args.output, merged, args.task, attrs={'merged_from': sources})
     print(f'wrote {args.output}: {manifest["transitions"]} transitions, '
@@ -232,14 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the CLI; return the exit code."""
     args = build_parser().parse_args(argv)
+    # A file or name that cannot be used is the user's mistake: exit status 2, as every tool
+    # (saferl_ros.errors.EXIT_USER_ERROR). `validate`'s verdict on a readable file is 1.
     try:
         return args.func(args)
     except DatasetError as err:
-        print('error: ' + str(err).replace('\n', '\nerror: '), file=sys.stderr)
-        return 1
+        print('saferl-data: error: ' + str(err).replace('\n', '\nsaferl-data: error: '),
+              file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyError as err:
-        print(f'error: {err.args[0]}', file=sys.stderr)
-        return 1
+        print(f'saferl-data: error: {err.args[0]}', file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == '__main__':

@@ -122,13 +122,18 @@ class RecorderNode(LifecycleNode):
         self.obs_dim = len(channels)
         self.pending.clear()
         self.verdicts.clear()
-        self.entities.subscription(StepRecord, STEP, self._on_step, RECORD_QOS)
-        self.entities.subscription(MonitorVerdict, VERDICT, self._on_verdict, RECORD_QOS)
         self.entities.timer(0.05, self._flush)
         if cfg['mcap']:
+            # One subscription per topic feeds both formats (_on_raw decodes steps and verdicts
+            # for the HDF5 path): DDS matches two subscriptions to one topic separately, so at
+            # start-up one of them could get steps the other missed, and an episode's MCAP file
+            # would hold fewer steps than its HDF5 file.
             for topic, cls, type_name, qos in MCAP_TOPICS:
                 self.entities.subscription(
                     cls, topic, lambda data, t=topic: self._on_raw(t, data), qos, raw=True)
+        else:
+            self.entities.subscription(StepRecord, STEP, self._on_step, RECORD_QOS)
+            self.entities.subscription(MonitorVerdict, VERDICT, self._on_verdict, RECORD_QOS)
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state) -> TransitionCallbackReturn:
@@ -185,19 +190,22 @@ class RecorderNode(LifecycleNode):
             return
         step = None
         if topic == STEP:
-            step = deserialize_message(data, StepRecord)    # only episode and end flags read
+            step = deserialize_message(data, StepRecord)
             if self.raw_episode is not None and step.episode != self.raw_episode:
                 self.mcap.rotate()          # the episode was cut short (no terminal step seen)
             self.raw_episode = step.episode
         self.mcap.write(self.resolve_topic_name(topic), data, self.get_clock().now().nanoseconds)
         if step is not None and (step.terminated or step.truncated):
-            # Episode boundaries come from the raw step stream itself, not from the joined
-            # HDF5 path: the two subscriptions receive each step separately and either may be
-            # ahead, so the joined path's commit would put the next episode's first steps in
-            # the wrong file. Messages of other topics near a boundary may fall in either file
-            # (DDS does not order topics against each other).
+            # Episode boundaries come from the step stream as it arrives, not from the HDF5
+            # path's commit, which waits for the episode's verdicts (up to join_timeout) while
+            # the next episode's first steps arrive. Messages of other topics near a boundary
+            # may fall in either file (DDS does not order topics against each other).
             self.mcap.rotate()
             self.raw_episode = None
+        if step is not None:
+            self._on_step(step)
+        elif topic == VERDICT:
+            self._on_verdict(deserialize_message(data, MonitorVerdict))
 
     def _on_verdict(self, msg: MonitorVerdict):
         if not self.active:
