@@ -7,7 +7,8 @@ A bundle is a folder (``models/<name>/``) written by ``saferl-export``::
                     evaluation metrics, and the sha256 of every other file
     policy.onnx     proposes an action; FISOR's whole sampler (N candidates, T denoising steps,
                     argmin over max-of-heads Q_h) with the noise as an explicit input
-    critic.onnx     V_h(s) and max_j Q_h^j(s, a) (kind ``feasibility``) or Q_c(s, a) (``cost``)
+    critic.onnx     V_h(s) and max_j Q_h^j(s, a) (kind ``feasibility``), Q_c(s, a) (``cost``),
+                    or a cost ensemble's mean and std of Q_c(s, a) (``cost_ucb``, DRCORL)
     fallback.onnx   the infeasible-region policy (FISOR: argmin Q_h over more candidates)
     golden.npz      inputs and the outputs the exporting torch model produced for them
 
@@ -40,9 +41,10 @@ FORMAT = 'saferl_bundle/1'
 MANIFEST = 'manifest.yaml'
 GOLDEN = 'golden.npz'
 GRAPH_NAMES = ('policy', 'critic', 'fallback')
-CRITIC_KINDS = ('feasibility', 'cost', 'none')
+CRITIC_KINDS = ('feasibility', 'cost', 'cost_ucb', 'none')
 # Outputs of the critic graph for each critic kind (docs/bundle.md).
-CRITIC_OUTPUTS = {'feasibility': ('v_h', 'q_h'), 'cost': ('q_c',), 'none': ()}
+CRITIC_OUTPUTS = {'feasibility': ('v_h', 'q_h'), 'cost': ('q_c',),
+                  'cost_ucb': ('q_c_mean', 'q_c_std'), 'none': ()}
 GOLDEN_ATOL = 1e-4
 BATCH = 'batch'  # name of the dynamic batch dimension in the manifest's shapes
 REEXPORT = 're-export the bundle with `saferl-export RUN -o DIR`'
@@ -178,7 +180,7 @@ class Bundle:
         return self._act('fallback', obs, noise, rng)
 
     def critic(self, obs, act) -> Dict[str, np.ndarray]:
-        """Return {'v_h': [B], 'q_h': [B]} (feasibility) or {'q_c': [B]} (cost) for (s, a)."""
+        """Return the critic graph's outputs for (s, a), each [B] (names: CRITIC_OUTPUTS)."""
         if self.critic_kind == 'none':
             raise BundleError(f'{self.path}: bundle {self.name!r} has no critic (critic kind '
                               "'none'); a safety monitor needs a bundle with a feasibility or "
@@ -383,8 +385,10 @@ def _check_manifest(manifest: dict, where: str) -> None:
     if kind == 'feasibility':
         _require(critic, 'threshold_v', f'{where} critic')
         _require(critic, 'threshold_q', f'{where} critic')
-    if kind == 'cost':
+    if kind in ('cost', 'cost_ucb'):
         _require(critic, 'budget', f'{where} critic')
+    if kind == 'cost_ucb':
+        _require(critic, 'k', f'{where} critic')
     graphs = _require(manifest, 'graphs', where, dict)
     _require(graphs, 'policy', f'{where} graphs', dict)
     unknown = sorted(set(graphs) - set(GRAPH_NAMES))

@@ -19,7 +19,8 @@ h = +M unsafe, so ``<= 0`` means feasible. The monitor applies, for observation 
    (``replaced`` False, counted as ``kept``), so no intervention is claimed that did not happen.
    Once the fallback takes over it keeps control for at least ``min_hold`` seconds (of stamp
    time) so the command does not chatter between proposal and fallback;
-5. a cost critic (Q_c(s, a), DRCORL / BCQ-Lag) uses q_c <= budget in place of step 3's test;
+5. a cost critic (Q_c(s, a), BCQ-Lag) uses q_c <= budget in place of step 3's test; a cost
+   ensemble (DRCORL) the upper confidence bound q_c = mean + k std of its Q_c <= budget;
 6. the monitor's bundle may differ from the controller's, so it shields any policy, also one with
    no critics of its own.
 
@@ -175,13 +176,18 @@ class CriticRule:
     How one critic kind judges a proposal: the monitor's rule asks it, never the kind's name.
 
     A rule reads its thresholds from the bundle manifest's ``critic`` section, overridden by the
-    monitor configuration. ``risk_key`` names the critic output that measures the risk of an
+    monitor configuration. :meth:`values` turns the critic graph's outputs into the values it
+    judges (fields of :class:`Verdict`); ``risk_key`` names the one that measures the risk of an
     action (lower is safer); the fallback's candidates are ranked by it. A new critic kind (e.g.
     DRCORL's cost-critic ensemble) is one subclass plus one line in :data:`CRITIC_RULES`.
     """
 
     kind = ''
     risk_key = ''
+
+    def values(self, outputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """Return the values judged (Verdict's v_h, q_h, q_c) from the critic's outputs."""
+        return outputs
 
     def state_ok(self, values: Dict[str, float]) -> bool:
         """Return True if the critic calls the state feasible before looking at a fallback."""
@@ -266,8 +272,36 @@ class CostRule(CriticRule):
         return f'cost over budget (Q_c={risk:.3g} > {self.budget:g})'
 
 
+class CostUCBRule(CostRule):
+    """
+    A cost-critic ensemble (DRCORL): Q_c^UCB = mean + k std of Q_c(s, a) <= budget.
+
+    The critic graph returns the ensemble's ``q_c_mean`` and ``q_c_std``; k and the budget come
+    from the manifest (the budget may be overridden like any cost budget). The judged q_c, the
+    verdict's and the fallback ranking's, is the upper confidence bound (DRCORL, Sec. 4.2).
+    """
+
+    kind = 'cost_ucb'
+
+    def __init__(self, critic: Dict, config: MonitorConfig):
+        super().__init__(critic, config)
+        self.k = float(critic['k'])
+        if not (math.isfinite(self.k) and self.k >= 0):
+            raise MonitorConfigError(f"the monitor bundle's critic.k is {self.k!r}; it must be a "
+                                     'finite number >= 0 (re-export the bundle)')
+
+    def values(self, outputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """Return {'q_c': q_c_mean + k q_c_std}."""
+        mean = np.asarray(outputs['q_c_mean'], np.float64)
+        return {'q_c': mean + self.k * np.asarray(outputs['q_c_std'], np.float64)}
+
+    def action_reason(self, risk: float) -> str:
+        """Name the upper confidence bound, k and the budget."""
+        return f'cost over budget (Q_c mean + {self.k:g} std = {risk:.3g} > {self.budget:g})'
+
+
 # Critic kind (manifest critic.kind) -> the rule that judges with it.
-CRITIC_RULES = {'feasibility': FeasibilityRule, 'cost': CostRule}
+CRITIC_RULES = {'feasibility': FeasibilityRule, 'cost': CostRule, 'cost_ucb': CostUCBRule}
 
 
 def critic_rule(kind: str, critic: Dict, config: MonitorConfig, bundle_name: str = '?'
@@ -338,7 +372,7 @@ class SafetyMonitor:
 
     @property
     def kind(self) -> str:
-        """Return the critic kind of the monitor bundle ('feasibility' or 'cost')."""
+        """Return the critic kind of the monitor bundle ('feasibility', 'cost', 'cost_ucb')."""
         return self.rule.kind
 
     # -- the rule ------------------------------------------------------------------------------
@@ -467,8 +501,8 @@ class SafetyMonitor:
             actions = np.clip(actions.reshape(len(batch), self.act_dim), self.low, self.high)
         else:
             batch, actions = obs[None], self.safe_action[None]
-        risks = np.asarray(self.bundle.critic(batch, actions)[self.rule.risk_key],
-                           np.float64).reshape(-1)
+        risks = np.asarray(self.rule.values(self.bundle.critic(batch, actions))[
+            self.rule.risk_key], np.float64).reshape(-1)
         usable = np.isfinite(risks) & np.isfinite(actions).all(axis=1)
         if not usable.any():
             return None
@@ -477,7 +511,7 @@ class SafetyMonitor:
 
     def _critic(self, obs: np.ndarray, act: np.ndarray) -> Dict[str, float]:
         """Return the critic's outputs for one (observation, action) pair as floats."""
-        values = self.bundle.critic(obs[None], act[None])
+        values = self.rule.values(self.bundle.critic(obs[None], act[None]))
         return {k: float(np.asarray(v).reshape(-1)[0]) for k, v in values.items()}
 
     def _stop(self, state, stamp, proposed, reason, values=None) -> Verdict:

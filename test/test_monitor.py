@@ -269,3 +269,37 @@ def test_a_critic_kind_without_a_rule_is_refused():
     bundle.critic_kind = 'ensemble'
     with pytest.raises(MonitorConfigError, match=r"critic kind 'ensemble'.*cost.*feasibility"):
         SafetyMonitor(bundle)
+
+
+def _ucb_monitor(k=2.0, **cfg):
+    bundle = FakeBundle('cost')
+    bundle.critic_kind = 'cost_ucb'
+    bundle.critic_config = {'kind': 'cost_ucb', 'budget': 0.5, 'k': k}
+    # a cost ensemble's mean s[0] + a[0] and spread |a[1]|
+    bundle.critic = lambda obs, act: {'q_c_mean': obs[:, 0] + act[:, 0],
+                                      'q_c_std': np.abs(act[:, 1])}
+    return SafetyMonitor(bundle, MonitorConfig(**cfg))
+
+
+def test_cost_ucb_rule_judges_the_ensembles_mean_plus_k_std():
+    m = _ucb_monitor(min_hold=0.0)
+    assert m.kind == 'cost_ucb'
+    # mean 0.25 + 2 * std 0.125 = 0.5: at the budget, passes
+    v = m.decide([0.125, 0, 0], [0.125, 0.125], 1.0, 1.0, 1.0)
+    assert v.state == MonitorState.NOMINAL and v.q_c == 0.5
+    # the same mean with std 0.25: 0.75 > 0.5; the fallback [-0.5, 0.25] scores
+    # -0.375 + 2 * 0.25 = 0.125 and replaces the proposal
+    v = m.decide([0.125, 0, 0], [0.125, 0.25], 2.0, 2.0, 2.0)
+    assert v.state == MonitorState.INTERVENING and v.replaced
+    assert v.q_c == 0.75 and v.risk_final == 0.125
+    assert v.reason.startswith('cost over budget (Q_c mean + 2 std = 0.75 > 0.5)')
+    # k = 0 judges the mean alone; a configured budget overrides the manifest's
+    assert _ucb_monitor(k=0.0).decide([0.125, 0, 0], [0.125, 0.25], 1, 1, 1).passed
+    assert _ucb_monitor(budget=1.0).decide([0.125, 0, 0], [0.125, 0.25], 1, 1, 1).passed
+
+
+def test_cost_ucb_rule_refuses_a_bad_k():
+    with pytest.raises(MonitorConfigError, match='critic.k'):
+        _ucb_monitor(k=-1.0)
+    with pytest.raises(MonitorConfigError, match='critic.k'):
+        _ucb_monitor(k=math.nan)

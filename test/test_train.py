@@ -33,6 +33,12 @@ TINY = {
     'bc_safe': {'batch_size': 128, 'cost_limit': 100.0},
     'bcq_lag': {'batch_size': 64, 'vae_hidden': 64, 'actor_hidden': (64, 64),
                 'critic_hidden': (64, 64)},
+    # DRCORL's stages log different losses; test_drcorl.py checks them stage by stage. These
+    # stage lengths put a resume at step 10 inside the critic stage, and 20 steps reach the end.
+    'drcorl': {'behavior_steps': 5, 'critic_steps': 5, 'warmstart_steps': 4,
+               'adaptation_steps': 6, 'behavior_batch_size': 64, 'behavior_hidden': 32,
+               'behavior_blocks': 1, 'critic_batch_size': 64, 'critic_hidden': (32, 32),
+               'policy_batch_size': 64, 'policy_hidden': (32, 32)},
 }
 
 
@@ -103,7 +109,7 @@ def _assert_same_state(a, b, exact=True):
             assert value == trainer_b[key], key
 
 
-@pytest.mark.parametrize('algo', ['fisor', 'bcq_lag'])
+@pytest.mark.parametrize('algo', ['fisor', 'bcq_lag', 'drcorl'])
 def test_resume_continues_with_the_same_state(algo, dataset, tmp_path):
     kwargs = {'data': dataset, 'steps': 20, 'device': 'cpu', 'log_every': 5,
               'checkpoint_every': 5, 'overrides': TINY[algo], 'progress': False,
