@@ -719,7 +719,8 @@ def cost_budget(config: DrcorlConfig) -> float:
     if config.episode_len is None:
         raise ConfigError('DrcorlConfig.episode_len is unset; call resolve_config(config, task) '
                           'or pass episode_len')
-    return float(config.cost_limit / ((1.0 - config.gamma) * config.episode_len))
+    budget = config.cost_limit / ((1.0 - config.gamma) * config.episode_len)
+    return float(f'{budget:.12g}')   # 5.0, not 4.999999999999996 (1 - 0.99 is not 0.01)
 
 
 def export_plan(model: DrcorlModel, config: DrcorlConfig) -> ExportPlan:
