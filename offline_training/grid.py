@@ -115,6 +115,9 @@ GRIDS: Dict[str, Grid] = {
     'core-hour': Grid(
         'core-hour',
         (Method('fisor', 'fisor', 100_000, seeds=(0, 1, 2)),
+         # DRCORL's 'cpu' preset (kappa 10): 60k behaviour + 50k critic + 50k warm-start +
+         # 2k adaptation iterations, about one core-hour
+         Method('drcorl', 'drcorl', 162_000, seeds=(0, 1, 2)),
          Method('bc_all', 'bc_all', 100_000),
          Method('bc_safe-k5', 'bc_safe', 100_000, ('cost_limit=5',)),
          Method('bc_safe-k10', 'bc_safe', 100_000, ('cost_limit=10',)),
@@ -124,7 +127,7 @@ GRIDS: Dict[str, Grid] = {
         table_path=REPO / 'docs' / 'results' / 'core-hour.md',
         runs_page=REPO / 'docs' / 'results' / 'core-hour-runs.md',
         notes_path=None,
-        description='about one core-hour per FISOR (critics-first) and BCQ-Lag run'),
+        description='about one core-hour per FISOR (critics-first), DRCORL and BCQ-Lag run'),
     # The paper's settings for a GPU machine: FISOR's 'paper' preset (joint schedule) at 1M
     # iterations, the baselines at OSRL's 100 000 steps.
     'paper': Grid(

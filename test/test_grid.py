@@ -51,10 +51,10 @@ def test_a_tiny_grid_trains_evaluates_resumes_and_reports_failures(tiny_grid, tm
 def test_the_commands_use_one_thread_and_name_no_machine_path():
     grid = GRIDS['core-hour']
     jobs = grid.jobs()
-    assert len(jobs) == 6 * (3 + 4)                 # FISOR x 3 seeds, four baselines x 1 seed
-    assert [job.name for job in jobs[:5]] == [
-        'fisor-BallCircle-s0', 'bc_all-BallCircle-s0', 'bc_safe-k5-BallCircle-s0',
-        'bc_safe-k10-BallCircle-s0', 'bcq_lag-k5-BallCircle-s0']
+    assert len(jobs) == 6 * (3 + 3 + 4)        # FISOR, DRCORL x 3 seeds, 4 baselines x 1 seed
+    assert [job.name for job in jobs[:6]] == [
+        'fisor-BallCircle-s0', 'drcorl-BallCircle-s0', 'bc_all-BallCircle-s0',
+        'bc_safe-k5-BallCircle-s0', 'bc_safe-k10-BallCircle-s0', 'bcq_lag-k5-BallCircle-s0']
     train, evaluate, results = commands(jobs[0], grid)
     assert train[train.index('--threads') + 1] == '1'
     assert train[train.index('--out') + 1] == 'runs/core-hour/fisor-BallCircle-s0'
