@@ -320,7 +320,7 @@ def make_test_bundle(out_dir, task='BallCircle', seed: int = 0, algorithm: str =
     candidates, 16 for the fallback), trained ``train_steps`` iterations on a synthetic dataset
     (offline_training.data.synthetic). It is not a useful policy; it exercises every part of the
     bundle contract.
-    ``algorithm``: fisor (default), bc_all, bc_safe or bcq_lag.
+    ``algorithm``: any registered algorithm (fisor by default).
     """
     _, plan = build_test_model(task, seed, algorithm, train_steps)
     provenance = {'dataset': 'synthetic (make_test_bundle)', 'steps': train_steps,

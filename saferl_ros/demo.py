@@ -65,6 +65,9 @@ def main(argv=None) -> int:
                              'models/fisor-<task> unless --bundle is given')
     parser.add_argument('--bundle', default=None,
                         help=f'bundle folder (default: {DEFAULT_BUNDLE}, else a test bundle)')
+    parser.add_argument('--monitor-bundle', default=None,
+                        help="the safety monitor's bundle (default: --bundle's own critics), "
+                             'e.g. a FISOR bundle shielding a DRCORL or BC controller')
     parser.add_argument('--config', default=str(package_file('config/demo.yaml')))
     parser.add_argument('--output', default='recordings/demo', help='recording folder')
     args = parser.parse_args(argv)
@@ -90,11 +93,15 @@ def main(argv=None) -> int:
                   f'UNTRAINED test bundle in {tmp} (make_test_bundle). The loop, monitor and '
                   'recorder work the same; the scores are meaningless.', flush=True)
             bundle = build_test_bundle(tmp)
-    print(f'saferl-demo: bundle {bundle}, {args.episodes} episodes of {spec.name} (lock-step)',
-          flush=True)
+    shield = f', monitor {args.monitor_bundle}' if args.monitor_bundle else ''
+    print(f'saferl-demo: bundle {bundle}{shield}, {args.episodes} episodes of {spec.name} '
+          '(lock-step)', flush=True)
     overrides = [f'{node}.{param}={value}' for node, params in
                  graph.bundle_parameters(bundle, graph.SIM_LOOP).items()
                  for param, value in params.items()]
+    if args.monitor_bundle is not None:
+        overrides += [f'{graph.MONITOR}.bundle={args.monitor_bundle}',
+                      f'{graph.RECORDER}.monitor_bundle={args.monitor_bundle}']
     zero_action = [0.0] * spec.act_dim
     overrides += [f'{graph.SIM}.task={spec.name}', f'{graph.RECORDER}.task={spec.name}',
                   f'{graph.SIM}.safe_action={zero_action}',

@@ -350,6 +350,22 @@ def test_demo_runs_any_task_with_its_bundle(tmp_path, capsys):
     assert 'no shipped bundle for AntRun' in err and 'fisor-ballcircle' in err
 
 
+def test_demo_runs_drcorl_under_its_own_cost_critics_and_under_a_fisor_monitor(tmp_path,
+                                                                                capsys):
+    from saferl_ros.demo import main as demo
+    drcorl = build_bundle(tmp_path / 'drcorl', algorithm='drcorl', task='BallRun')
+    fisor = build_bundle(tmp_path / 'fisor', task='BallRun')
+    for name, extra in (('own', []), ('fisor', ['--monitor-bundle', fisor])):
+        out = tmp_path / f'rec-{name}'
+        assert demo(['--task', 'BallRun', '--bundle', drcorl, '--episodes', '1',
+                     '--output', str(out), *extra]) == 0, name
+        data = recorded(next(out.iterdir()))
+        # every step was judged by the monitor's critic (no miss, a critic value per step)
+        assert len(data['rewards']) == 100 and not missed(data).any(), name
+        assert np.isin(data['verdicts'], [0, 1, 2]).all(), name
+    assert 'monitor ' + fisor in capsys.readouterr().out
+
+
 def test_controller_refuses_reordered_channels_and_nan(bundles, loop):
     graph, probe, errors = loop.start({CONTROLLER: {'bundle': bundles['fisor']}})
     assert errors == []
