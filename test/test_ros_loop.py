@@ -350,8 +350,7 @@ def test_demo_runs_any_task_with_its_bundle(tmp_path, capsys):
     assert 'no shipped bundle for AntRun' in err and 'fisor-ballcircle' in err
 
 
-def test_demo_runs_drcorl_under_its_own_cost_critics_and_under_a_fisor_monitor(tmp_path,
-                                                                                capsys):
+def test_demo_runs_drcorl_under_its_own_critics_and_under_a_fisor_monitor(tmp_path, capsys):
     from saferl_ros.demo import main as demo
     drcorl = build_bundle(tmp_path / 'drcorl', algorithm='drcorl', task='BallRun')
     fisor = build_bundle(tmp_path / 'fisor', task='BallRun')
