@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     fisor_over_drcorl = (results['onnxruntime policy']['cpu_p50']
                          / results['DRCORL onnxruntime policy']['cpu_p50'])
     print(f'DRCORL policy (MLP {"x".join(map(str, drcorl_config.policy_hidden))}) is '
-          f'{fisor_over_drcorl:.0f}x faster than FISOR\'s sampler (ONNX Runtime, CPU p50)')
+          f'{fisor_over_drcorl:.0f}x faster than the FISOR sampler (ONNX Runtime, CPU p50)')
     return 0
 
 
