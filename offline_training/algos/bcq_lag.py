@@ -23,7 +23,7 @@ import numpy as np
 from offline_training.algos.batching import clip_actions, ReplayBuffer
 from offline_training.algos.infrastructure import config_from_preset, set_seed
 from offline_training.algos.networks import mlp, QEnsemble, soft_update
-from offline_training.algos.protocol import batch_shape, ExportPlan, GraphSpec
+from offline_training.algos.protocol import batch_shape, ExportedMethod, ExportPlan, GraphSpec
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -263,21 +263,7 @@ class BCQLagModel(nn.Module):
 
     def export_modules(self) -> Dict[str, nn.Module]:
         """Return the modules the ONNX export traces: policy(obs) and critic(obs, act) -> q_c."""
-        return {'policy': _BCQPolicy(self), 'critic': _BCQCostCritic(self)}
-
-
-class _BCQPolicy(nn.Module):
-    def __init__(self, model: BCQLagModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, observation: torch.Tensor) -> torch.Tensor:
-        return self.model.act(observation)
-
-
-class _BCQCostCritic(_BCQPolicy):
-    def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        return self.model.cost_q(observation, action)
+        return {'policy': ExportedMethod(self, 'act'), 'critic': ExportedMethod(self, 'cost_q')}
 
 
 def build_model(obs_dim: int, act_dim: int, config: BCQLagConfig) -> BCQLagModel:

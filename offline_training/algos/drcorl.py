@@ -35,7 +35,7 @@ from offline_training.algos.batching import clip_actions, ReplayBuffer
 from offline_training.algos.fisor import expectile_loss, FourierFeatures, MLPResNet
 from offline_training.algos.infrastructure import config_from_preset
 from offline_training.algos.networks import mlp, QEnsemble, soft_update, ValueNet
-from offline_training.algos.protocol import batch_shape, ExportPlan, GraphSpec
+from offline_training.algos.protocol import batch_shape, ExportedMethod, ExportPlan, GraphSpec
 from saferl_ros.errors import ConfigError
 import torch
 from torch import nn
@@ -429,21 +429,8 @@ class DrcorlModel(nn.Module):
 
     def export_modules(self) -> Dict[str, nn.Module]:
         """Return the modules the ONNX export traces: policy(obs), critic(obs, act)."""
-        return {'policy': _Policy(self), 'critic': _CostCritic(self)}
-
-
-class _Policy(nn.Module):
-    def __init__(self, model: DrcorlModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, observation: torch.Tensor) -> torch.Tensor:
-        return self.model.act(observation)
-
-
-class _CostCritic(_Policy):
-    def forward(self, observation: torch.Tensor, action: torch.Tensor):
-        return self.model.cost_mean_std(observation, action)
+        return {'policy': ExportedMethod(self, 'act'),
+                'critic': ExportedMethod(self, 'cost_mean_std')}
 
 
 def build_model(obs_dim: int, act_dim: int, config: DrcorlConfig) -> DrcorlModel:

@@ -27,7 +27,7 @@ from offline_training.algos.batching import clip_actions, ReplayBuffer
 from offline_training.algos.diffusion import ddpm_sample, DiffusionSchedule
 from offline_training.algos.infrastructure import config_from_preset
 from offline_training.algos.networks import init_linear, mlp, QEnsemble, soft_update, ValueNet
-from offline_training.algos.protocol import batch_shape, ExportPlan, GraphSpec
+from offline_training.algos.protocol import batch_shape, ExportedMethod, ExportPlan, GraphSpec
 from saferl_ros.errors import ConfigError
 import torch
 from torch import nn
@@ -422,37 +422,12 @@ class FisorModel(nn.Module):
 
     def export_modules(self) -> Dict[str, nn.Module]:
         """Return the modules the ONNX export traces: policy, critic and fallback."""
-        return {'policy': FisorPolicy(self), 'critic': FisorCritic(self),
-                'fallback': FisorFallback(self)}
-
-
-class FisorPolicy(nn.Module):
-    """ONNX-exportable policy: (observation [B, obs], noise [B, N, T+1, A]) -> action [B, A]."""
-
-    def __init__(self, model: FisorModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, observation: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return self.model.act(observation, noise)
-
-
-class FisorFallback(FisorPolicy):
-    """ONNX-exportable fallback: argmin max-of-heads Q_h over the candidates of ``noise``."""
-
-    def forward(self, observation: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return self.model.fallback(observation, noise)
-
-
-class FisorCritic(nn.Module):
-    """ONNX-exportable feasibility critic: (observation, action) -> (v_h [B], q_h [B])."""
-
-    def __init__(self, model: FisorModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, observation: torch.Tensor, action: torch.Tensor):
-        return self.model.feasibility(observation, action)
+        # policy: (observation [B, obs], noise [B, N, T+1, A]) -> action [B, A]; fallback: the
+        # argmin max-of-heads Q_h over the candidates of its noise; critic: (observation,
+        # action) -> (v_h [B], q_h [B])
+        return {'policy': ExportedMethod(self, 'act'),
+                'critic': ExportedMethod(self, 'feasibility'),
+                'fallback': ExportedMethod(self, 'fallback')}
 
 
 def build_model(obs_dim: int, act_dim: int, config: FisorConfig) -> FisorModel:

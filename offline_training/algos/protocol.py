@@ -21,6 +21,19 @@ from torch import nn
 PRESET_NAMES = ('paper', 'cpu', 'test')
 
 
+class ExportedMethod(nn.Module):
+    """One method of a model as a module's forward: what the ONNX export traces per graph."""
+
+    def __init__(self, model: nn.Module, method: str):
+        """Expose ``model.<method>(*inputs)``."""
+        super().__init__()
+        self.model, self.method = model, method
+
+    def forward(self, *inputs: torch.Tensor):
+        """Call the method."""
+        return getattr(self.model, self.method)(*inputs)
+
+
 @dataclass
 class GraphSpec:
     """
