@@ -4,10 +4,11 @@ import math
 import types
 
 import numpy as np
-from offline_training.algos import ALGORITHMS, bc, bcq_lag, fisor, get_algorithm
+from offline_training.algos import ALGORITHMS, bc, bcq_lag, critics, fisor, get_algorithm
 from offline_training.algos.batching import ReplayBuffer
+from offline_training.algos.critics import expectile_loss
 from offline_training.algos.diffusion import ddpm_sample, DiffusionSchedule, vp_beta_schedule
-from offline_training.algos.fisor import cosine_decay, expectile_loss, reversed_expectile_loss
+from offline_training.algos.fisor import cosine_decay, reversed_expectile_loss
 from offline_training.algos.networks import QEnsemble, soft_update
 from offline_training.algos.protocol import PRESET_NAMES, protocol_problems, Trainer
 from offline_training.data.synthetic import synthetic_dataset
@@ -112,13 +113,13 @@ def test_value_losses_by_hand():
     # V_h: u = max heads - V_h = [3, -1] - [2, 0] = [1, -1] -> (0.1 * 1 + 0.9 * 1) / 2
     assert fisor.feasible_value_loss(heads, t([2.0, 0.0]), 0.9).item() == pytest.approx(0.5)
     # V_r: u = min heads - V_r = [1, -2] -> (0.9 * 1 + 0.1 * 4) / 2
-    assert fisor.reward_value_loss(heads, t([0.0, 0.0]), 0.9).item() == pytest.approx(0.65)
+    assert critics.reward_value_loss(heads, t([0.0, 0.0]), 0.9).item() == pytest.approx(0.65)
 
 
 def test_critic_losses_by_hand():
     heads = t([[1.0, 2.0], [3.0, 4.0]])
     assert fisor.critic_mse(heads, t([1.0, 1.0])).item() == pytest.approx((0 + 1 + 4 + 9) / 4)
-    target = fisor.reward_target(t([1.0, 2.0]), t([10.0, 10.0]), t([1.0, 0.0]), 0.9)
+    target = critics.reward_target(t([1.0, 2.0]), t([10.0, 10.0]), t([1.0, 0.0]), 0.9)
     assert torch.allclose(target, t([10.0, 2.0]))
 
 

@@ -4,7 +4,7 @@ from copy import deepcopy
 import math
 
 import numpy as np
-from offline_training.algos import drcorl
+from offline_training.algos import critics, drcorl
 from offline_training.algos.batching import ReplayBuffer
 from offline_training.algos.infrastructure import set_seed
 from offline_training.data.dataset import write_dataset
@@ -44,8 +44,8 @@ def test_behavior_loss_is_eq5_sum_over_dims_mean_over_batch():
 def test_iql_value_loss_and_target_by_hand():
     heads = t([[1.0, -1.0], [3.0, -2.0]])   # min over heads [1, -2]
     # u = [1, -2]: 0.7 * 1 above zero, 0.3 * 4 below; batch mean
-    assert drcorl.value_loss(heads, t([0.0, 0.0]), 0.7).item() == pytest.approx(0.95)
-    target = drcorl.value_target(t([1.0, 2.0]), t([10.0, 10.0]), t([1.0, 0.0]), 0.9)
+    assert critics.reward_value_loss(heads, t([0.0, 0.0]), 0.7).item() == pytest.approx(0.95)
+    target = critics.reward_target(t([1.0, 2.0]), t([10.0, 10.0]), t([1.0, 0.0]), 0.9)
     assert torch.allclose(target, t([10.0, 2.0]))
 
 

@@ -1,14 +1,19 @@
 """
 The DDPM pieces of a diffusion policy: the discrete VP noise schedule and the reverse sampler.
 
-Both follow jaxrl5 (the code FISOR and IDQL were written in); the noise-prediction network that
-the sampler calls is the algorithm's own (FISOR's ``EpsilonNet``).
+Both follow jaxrl5 (the code FISOR and IDQL were written in), as does the network family the
+noise-prediction networks are built from: learnable Fourier features of the time step and the
+LayerNorm-ResNet (``MLPResNet``, jaxrl5's ln_resnet). FISOR's ``EpsilonNet`` and DRCORL's
+behaviour model assemble them.
 """
 
+import math
 from typing import Callable
 
+from offline_training.algos.networks import init_linear
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 
 def vp_beta_schedule(timesteps: int, b_min: float = 0.1, b_max: float = 10.0) -> torch.Tensor:
@@ -69,3 +74,51 @@ def ddpm_sample(eps_model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], 
         if clip:
             x = x.clamp(-1.0, 1.0)
     return x.reshape(batch, num, act_dim)
+
+
+class FourierFeatures(nn.Module):
+    """Learnable Fourier features of the (integer) time step: [cos(2 pi W t), sin(2 pi W t)]."""
+
+    def __init__(self, out_dim: int = 64, in_dim: int = 1, std: float = 0.2):
+        super().__init__()
+        if out_dim % 2:
+            raise ValueError(f'FourierFeatures out_dim must be even, got {out_dim}')
+        self.kernel = nn.Parameter(torch.randn(out_dim // 2, in_dim) * std)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        f = 2.0 * math.pi * t @ self.kernel.T
+        return torch.cat([torch.cos(f), torch.sin(f)], dim=-1)
+
+
+class MLPResNetBlock(nn.Module):
+    """Dropout -> LayerNorm -> Dense(4 h) -> mish -> Dense(h), plus the residual (jaxrl5)."""
+
+    def __init__(self, hidden: int, dropout: float = 0.1, layer_norm: bool = True):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # flax's LayerNorm epsilon is 1e-6.
+        self.norm = nn.LayerNorm(hidden, eps=1e-6) if layer_norm else nn.Identity()
+        self.fc1 = init_linear(nn.Linear(hidden, 4 * hidden), 'lecun_normal')
+        self.fc2 = init_linear(nn.Linear(4 * hidden, hidden), 'lecun_normal')
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc2(F.mish(self.fc1(self.norm(self.dropout(x)))))
+        return x + y
+
+
+class MLPResNet(nn.Module):
+    """Dense(h) -> blocks x MLPResNetBlock -> mish -> Dense(out) (jaxrl5's ln_resnet)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 256, num_blocks: int = 3,
+                 dropout: float = 0.1, layer_norm: bool = True):
+        super().__init__()
+        self.inp = init_linear(nn.Linear(in_dim, hidden), 'xavier_uniform')
+        self.blocks = nn.ModuleList(
+            [MLPResNetBlock(hidden, dropout, layer_norm) for _ in range(num_blocks)])
+        self.out = init_linear(nn.Linear(hidden, out_dim), 'xavier_uniform')
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.out(F.mish(x))

@@ -32,7 +32,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 from offline_training.algos.batching import clip_actions, ReplayBuffer
-from offline_training.algos.fisor import expectile_loss, FourierFeatures, MLPResNet
+from offline_training.algos.critics import reward_target, reward_value_loss
+from offline_training.algos.diffusion import FourierFeatures, MLPResNet
 from offline_training.algos.infrastructure import config_from_preset
 from offline_training.algos.networks import mlp, QEnsemble, soft_update, ValueNet
 from offline_training.algos.protocol import batch_shape, ExportedMethod, ExportPlan, GraphSpec
@@ -209,18 +210,6 @@ def vp_alpha_sigma(t: torch.Tensor, beta_min: float = 0.1,
 def behavior_loss(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """Return Eq. 5: mean_b sum_dims (eps_phi(alpha_t a + sigma_t eps, t, s) - eps)^2."""
     return (eps_pred - eps).pow(2).sum(dim=-1).mean()
-
-
-def value_loss(q_target_heads: torch.Tensor, v: torch.Tensor, tau: float) -> torch.Tensor:
-    """Return Eq. 16: the expectile L_2^tau of u = min_j Qbar_r^j(s, a) - V_r(s), batch mean."""
-    u = q_target_heads.min(dim=0).values - v
-    return expectile_loss(u, tau).mean()
-
-
-def value_target(rewards: torch.Tensor, v_next: torch.Tensor, mask: torch.Tensor,
-                 gamma: float) -> torch.Tensor:
-    """Return Eq. 17's regression target r + gamma mask V_r(s') (mask 0 ends the episode)."""
-    return rewards + gamma * mask * v_next
 
 
 def q_loss(q_heads: torch.Tensor, target: torch.Tensor,
@@ -533,10 +522,10 @@ class DrcorlTrainer:
         obs, act, next_obs, mask = batch['obs'], batch['act'], batch['next_obs'], batch['mask']
         with torch.no_grad():
             q_r_targets = m.q_r_target(obs, act)
-        v_loss = value_loss(q_r_targets, m.v_r(obs), c.expectile)
+        v_loss = reward_value_loss(q_r_targets, m.v_r(obs), c.expectile)   # Eq. 16
         self._step(self.v_r_opt, v_loss)
         with torch.no_grad():
-            target_r = value_target(batch['reward'], m.v_r(next_obs), mask, c.gamma)
+            target_r = reward_target(batch['reward'], m.v_r(next_obs), mask, c.gamma)   # Eq. 17
         q_r_loss = q_loss(m.q_r(obs, act), target_r)
         self._step(self.q_r_opt, q_r_loss)
         logs = self._cost_td(batch, batch['next_act'], batch['next_known'])

@@ -24,14 +24,15 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 from offline_training.algos.batching import clip_actions, ReplayBuffer
-from offline_training.algos.diffusion import ddpm_sample, DiffusionSchedule
+from offline_training.algos.critics import reward_target, reward_value_loss
+from offline_training.algos.diffusion import (ddpm_sample, DiffusionSchedule, FourierFeatures,
+                                              MLPResNet)
 from offline_training.algos.infrastructure import config_from_preset
-from offline_training.algos.networks import init_linear, mlp, QEnsemble, soft_update, ValueNet
+from offline_training.algos.networks import mlp, QEnsemble, soft_update, ValueNet
 from offline_training.algos.protocol import batch_shape, ExportedMethod, ExportPlan, GraphSpec
 from saferl_ros.errors import ConfigError
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 NAME = 'fisor'
 SCHEDULES = ('joint', 'critics-first')
@@ -171,12 +172,6 @@ def resolve_config(config: FisorConfig, task) -> FisorConfig:
 
 # --------------------------------------------------------------------------- losses (pure)
 
-def expectile_loss(u: torch.Tensor, tau: float) -> torch.Tensor:
-    """Return IQL's expectile loss |tau - 1(u < 0)| u^2 per element (upper expectile, tau > .5)."""
-    weight = torch.where(u < 0, 1.0 - tau, tau)
-    return weight * u.pow(2)
-
-
 def reversed_expectile_loss(u: torch.Tensor, tau: float) -> torch.Tensor:
     """Return FISOR's reversed expectile |tau - 1(u > 0)| u^2 per element (a lower expectile)."""
     weight = torch.where(u > 0, 1.0 - tau, tau)
@@ -214,19 +209,6 @@ def feasible_value_loss(q_h_target_heads: torch.Tensor, v_h: torch.Tensor,
     return reversed_expectile_loss(u, tau).mean()
 
 
-def reward_value_loss(q_r_target_heads: torch.Tensor, v_r: torch.Tensor,
-                      tau: float) -> torch.Tensor:
-    """Return Eq. 15: IQL expectile of u = min_j Qbar_r^j(s, a) - V_r(s)."""
-    u = q_r_target_heads.min(dim=0).values - v_r
-    return expectile_loss(u, tau).mean()
-
-
-def reward_target(rewards: torch.Tensor, v_r_next: torch.Tensor, mask: torch.Tensor,
-                  gamma: float) -> torch.Tensor:
-    """Return the Q_r regression target of Eq. 16: r + gamma mask V_r(s')."""
-    return rewards + gamma * mask * v_r_next
-
-
 def policy_weights(q_r: torch.Tensor, v_r: torch.Tensor, q_h: torch.Tensor, v_h: torch.Tensor,
                    config: FisorConfig) -> torch.Tensor:
     """
@@ -252,54 +234,6 @@ def weighted_denoising_loss(eps_pred: torch.Tensor, eps: torch.Tensor,
 
 
 # --------------------------------------------------------------------------- networks
-
-class FourierFeatures(nn.Module):
-    """Learnable Fourier features of the (integer) time step: [cos(2 pi W t), sin(2 pi W t)]."""
-
-    def __init__(self, out_dim: int = 64, in_dim: int = 1, std: float = 0.2):
-        super().__init__()
-        if out_dim % 2:
-            raise ValueError(f'FourierFeatures out_dim must be even, got {out_dim}')
-        self.kernel = nn.Parameter(torch.randn(out_dim // 2, in_dim) * std)
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        f = 2.0 * math.pi * t @ self.kernel.T
-        return torch.cat([torch.cos(f), torch.sin(f)], dim=-1)
-
-
-class MLPResNetBlock(nn.Module):
-    """Dropout -> LayerNorm -> Dense(4 h) -> mish -> Dense(h), plus the residual (jaxrl5)."""
-
-    def __init__(self, hidden: int, dropout: float = 0.1, layer_norm: bool = True):
-        super().__init__()
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # flax's LayerNorm epsilon is 1e-6.
-        self.norm = nn.LayerNorm(hidden, eps=1e-6) if layer_norm else nn.Identity()
-        self.fc1 = init_linear(nn.Linear(hidden, 4 * hidden), 'lecun_normal')
-        self.fc2 = init_linear(nn.Linear(4 * hidden, hidden), 'lecun_normal')
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc2(F.mish(self.fc1(self.norm(self.dropout(x)))))
-        return x + y
-
-
-class MLPResNet(nn.Module):
-    """Dense(h) -> blocks x MLPResNetBlock -> mish -> Dense(out) (jaxrl5's ln_resnet)."""
-
-    def __init__(self, in_dim: int, out_dim: int, hidden: int = 256, num_blocks: int = 3,
-                 dropout: float = 0.1, layer_norm: bool = True):
-        super().__init__()
-        self.inp = init_linear(nn.Linear(in_dim, hidden), 'xavier_uniform')
-        self.blocks = nn.ModuleList(
-            [MLPResNetBlock(hidden, dropout, layer_norm) for _ in range(num_blocks)])
-        self.out = init_linear(nn.Linear(hidden, out_dim), 'xavier_uniform')
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.inp(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.out(F.mish(x))
-
 
 class EpsilonNet(nn.Module):
     """
