@@ -3,14 +3,14 @@ The DDPM pieces of a diffusion policy: the discrete VP noise schedule and the re
 
 Both follow jaxrl5 (the code FISOR and IDQL were written in), as does the network family the
 noise-prediction networks are built from: learnable Fourier features of the time step and the
-LayerNorm-ResNet (``MLPResNet``, jaxrl5's ln_resnet). FISOR's ``EpsilonNet`` and DRCORL's
-behaviour model assemble them.
+LayerNorm-ResNet (``MLPResNet``, jaxrl5's ln_resnet), assembled into ``EpsilonNet``, the noise
+predictor of FISOR's policy and of DRCORL's behaviour model.
 """
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
-from offline_training.algos.networks import init_linear
+from offline_training.algos.networks import init_linear, mlp
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -122,3 +122,27 @@ class MLPResNet(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.out(F.mish(x))
+
+
+class EpsilonNet(nn.Module):
+    """
+    Noise predictor eps(a_t, s, t) of a diffusion model over actions (IDQL's DDPM module).
+
+    The time t goes through learnable Fourier features (initial frequency scale ``time_scale``:
+    0.2 for FISOR's integer steps, 30 for DRCORL's continuous t in (0, 1], as in the official
+    codes) and an MLP (mish) to a condition vector; concat[a_t, s, cond] goes through an
+    MLPResNet that outputs the predicted noise.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, num_blocks: int = 3,
+                 dropout: float = 0.1, time_dim: int = 64,
+                 cond_hidden: Sequence[int] = (128, 128), time_scale: float = 0.2):
+        super().__init__()
+        self.time_features = FourierFeatures(time_dim, std=time_scale)
+        self.cond = mlp([time_dim, *cond_hidden], nn.Mish, init='xavier_uniform')
+        self.body = MLPResNet(act_dim + obs_dim + cond_hidden[-1], act_dim, hidden, num_blocks,
+                              dropout)
+
+    def forward(self, x_t: torch.Tensor, obs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cond = self.cond(self.time_features(t))
+        return self.body(torch.cat([x_t, obs, cond], dim=-1))

@@ -33,7 +33,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import numpy as np
 from offline_training.algos.batching import clip_actions, ReplayBuffer
 from offline_training.algos.critics import reward_target, reward_value_loss
-from offline_training.algos.diffusion import FourierFeatures, MLPResNet
+from offline_training.algos.diffusion import EpsilonNet
 from offline_training.algos.infrastructure import config_from_preset
 from offline_training.algos.networks import mlp, QEnsemble, soft_update, ValueNet
 from offline_training.algos.protocol import batch_shape, ExportedMethod, ExportPlan, GraphSpec
@@ -354,29 +354,6 @@ def temperature_schedule(index: int, length: int, schedule: str = 'linear', star
 
 # --------------------------------------------------------------------------- networks
 
-class BehaviorScoreNet(nn.Module):
-    """
-    Noise predictor eps_phi(a_t, s, t) of the behaviour model on continuous time t in (0, 1].
-
-    FISOR's network family (IDQL's): Fourier features of t (frequency scale ``time_scale``, as
-    the official code's Gaussian Fourier projection of scale 30) and an MLP (mish) make a
-    condition; concat[a_t, s, condition] goes through the LayerNorm-ResNet.
-    """
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, num_blocks: int = 3,
-                 dropout: float = 0.1, time_dim: int = 64, time_scale: float = 30.0,
-                 cond_hidden: Sequence[int] = (128, 128)):
-        super().__init__()
-        self.time_features = FourierFeatures(time_dim, std=time_scale)
-        self.cond = mlp([time_dim, *cond_hidden], nn.Mish, init='xavier_uniform')
-        self.body = MLPResNet(act_dim + obs_dim + cond_hidden[-1], act_dim, hidden, num_blocks,
-                              dropout)
-
-    def forward(self, x_t: torch.Tensor, obs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        cond = self.cond(self.time_features(t))
-        return self.body(torch.cat([x_t, obs, cond], dim=-1))
-
-
 class DrcorlModel(nn.Module):
     """
     DRCORL's networks: behaviour model, reward and cost critics (with targets), and the policy.
@@ -388,9 +365,11 @@ class DrcorlModel(nn.Module):
         super().__init__()
         self.obs_dim, self.act_dim = int(obs_dim), int(act_dim)
         self.ucb_k = float(config.ucb_k)
-        self.behavior = BehaviorScoreNet(obs_dim, act_dim, config.behavior_hidden,
-                                         config.behavior_blocks, config.behavior_dropout,
-                                         config.time_dim, config.time_scale, config.cond_hidden)
+        # FISOR's noise network on continuous t in (0, 1] (time features of scale 30, as the
+        # official code's Gaussian Fourier projection)
+        self.behavior = EpsilonNet(obs_dim, act_dim, config.behavior_hidden,
+                                   config.behavior_blocks, config.behavior_dropout,
+                                   config.time_dim, config.cond_hidden, config.time_scale)
         self.q_r = QEnsemble(obs_dim, act_dim, config.critic_hidden, config.num_reward_heads)
         self.q_r_target = deepcopy(self.q_r)
         self.v_r = ValueNet(obs_dim, config.critic_hidden)

@@ -20,15 +20,14 @@ DDPM from the EMA noise model and returns the one with the smallest max-of-heads
 from copy import deepcopy
 from dataclasses import dataclass, replace
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 from offline_training.algos.batching import clip_actions, ReplayBuffer
 from offline_training.algos.critics import reward_target, reward_value_loss
-from offline_training.algos.diffusion import (ddpm_sample, DiffusionSchedule, FourierFeatures,
-                                              MLPResNet)
+from offline_training.algos.diffusion import ddpm_sample, DiffusionSchedule, EpsilonNet
 from offline_training.algos.infrastructure import config_from_preset
-from offline_training.algos.networks import mlp, QEnsemble, soft_update, ValueNet
+from offline_training.algos.networks import QEnsemble, soft_update, ValueNet
 from offline_training.algos.protocol import batch_shape, ExportedMethod, ExportPlan, GraphSpec
 from saferl_ros.errors import ConfigError
 import torch
@@ -231,30 +230,6 @@ def weighted_denoising_loss(eps_pred: torch.Tensor, eps: torch.Tensor,
                             weights: torch.Tensor) -> torch.Tensor:
     """Return Eq. 14: mean_b [ w_b * sum_dims (eps_theta - eps)^2 ]."""
     return (weights * (eps_pred - eps).pow(2).sum(dim=-1)).mean()
-
-
-# --------------------------------------------------------------------------- networks
-
-class EpsilonNet(nn.Module):
-    """
-    Noise predictor eps_theta(a_t, s, t) of the diffusion policy (IDQL's DDPM module).
-
-    The integer step t goes through learnable Fourier features and an MLP (mish) to a condition
-    vector; concat[a_t, s, cond] goes through an MLPResNet that outputs the predicted noise.
-    """
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, num_blocks: int = 3,
-                 dropout: float = 0.1, time_dim: int = 64,
-                 cond_hidden: Sequence[int] = (128, 128)):
-        super().__init__()
-        self.time_features = FourierFeatures(time_dim)
-        self.cond = mlp([time_dim, *cond_hidden], nn.Mish, init='xavier_uniform')
-        self.body = MLPResNet(act_dim + obs_dim + cond_hidden[-1], act_dim, hidden, num_blocks,
-                              dropout)
-
-    def forward(self, x_t: torch.Tensor, obs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        cond = self.cond(self.time_features(t))
-        return self.body(torch.cat([x_t, obs, cond], dim=-1))
 
 
 # --------------------------------------------------------------------------- the model
