@@ -400,11 +400,11 @@ def test_timing_modes(bundles, tmp_path, loop, sim):
     if sim['mode'] == 'lockstep':
         assert not missed(data).any() and node.latency.summary()['count'] == 25
     else:
-        # zero-order hold: the first step has no command yet (safe action, a miss); after that
-        # each step applies the latest command received within command_timeout. Whether that
+        # zero-order hold: each step applies the latest command received within
+        # command_timeout (the first step may come before any command: a miss). Whether that
         # command answers the latest observation or the one before depends on the machine's
         # speed (a loaded 2-core machine answered none within its 20 ms period), so the count
         # of exact answers is the benchmark's business (bench/bench_ros_latency.py), not a test's.
         held = ~missed(data)
-        assert missed(data)[0] and held.sum() >= 17, missed(data)
+        assert held.sum() >= 17 and not missed(data)[1:].all(), missed(data)
         assert np.abs(data['actions'][held]).sum(axis=1).min() > 0    # the policy's, not the stop
