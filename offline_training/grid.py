@@ -101,6 +101,15 @@ BASELINES_SHORT = (
     Method('bcq_lag-k5', 'bcq_lag', 5_000, ('cost_limit=5',)),
 )
 
+
+def own_folders(name: str) -> dict:
+    """Return a grid's file places derived from its name (runs/NAME, docs/results/NAME...)."""
+    results = REPO / 'docs' / 'results'
+    return {'runs_dir': REPO / 'runs' / name, 'results_dir': results / name,
+            'table_path': results / f'{name}.md', 'runs_page': results / f'{name}-runs.md',
+            'notes_path': None}
+
+
 GRIDS: Dict[str, Grid] = {
     # The grid of 21 Nov 2026 behind today's docs/results.md: FISOR's joint schedule at 12 000
     # iterations (about 12 CPU-minutes), baselines at 5 000-10 000.
@@ -122,11 +131,7 @@ GRIDS: Dict[str, Grid] = {
          Method('bc_safe-k5', 'bc_safe', 100_000, ('cost_limit=5',)),
          Method('bc_safe-k10', 'bc_safe', 100_000, ('cost_limit=10',)),
          Method('bcq_lag-k5', 'bcq_lag', 50_000, ('cost_limit=5',))),
-        runs_dir=REPO / 'runs' / 'core-hour',
-        results_dir=REPO / 'docs' / 'results' / 'core-hour',
-        table_path=REPO / 'docs' / 'results' / 'core-hour.md',
-        runs_page=REPO / 'docs' / 'results' / 'core-hour-runs.md',
-        notes_path=None,
+        **own_folders('core-hour'),
         description='about one core-hour per FISOR (critics-first), DRCORL and BCQ-Lag run'),
     # The paper's settings for a GPU machine: FISOR's 'paper' preset (joint schedule) at 1M
     # iterations, the baselines at OSRL's 100 000 steps.
@@ -138,11 +143,7 @@ GRIDS: Dict[str, Grid] = {
          Method('bc_safe-k10', 'bc_safe', 100_000, ('cost_limit=10',)),
          Method('bcq_lag-k5', 'bcq_lag', 100_000, ('cost_limit=5',))),
         preset='paper', device='cuda', checkpoint_every=10_000,
-        runs_dir=REPO / 'runs' / 'paper',
-        results_dir=REPO / 'docs' / 'results' / 'paper',
-        table_path=REPO / 'docs' / 'results' / 'paper.md',
-        runs_page=REPO / 'docs' / 'results' / 'paper-runs.md',
-        notes_path=None,
+        **own_folders('paper'),
         description="the paper's settings (FISOR 'paper' preset, 1M iterations) on CUDA"),
 }
 DEFAULT_GRID = 'short'
