@@ -192,6 +192,17 @@ def log_path(job: Job, grid: Grid) -> Path:
     return Path(grid.runs_dir) / 'logs' / f'{job.name}.log'
 
 
+def trained_already(job: Job, grid: Grid) -> bool:
+    """Return whether the run's summary.yaml says it trained all of the method's steps."""
+    import yaml
+
+    summary = Path(grid.runs_dir) / job.name / 'summary.yaml'
+    try:
+        return int(yaml.safe_load(summary.read_text())['step']) >= job.method.steps
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return False
+
+
 def run_job(job: Job, grid: Grid) -> Tuple[str, str]:
     """Train (or resume) one run and evaluate it unless its results exist; return a status."""
     train, evaluate, results = commands(job, grid)
@@ -199,13 +210,17 @@ def run_job(job: Job, grid: Grid) -> Tuple[str, str]:
         return job.name, 'done already'
     log = log_path(job, grid)
     log.parent.mkdir(parents=True, exist_ok=True)
+    if trained_already(job, grid):
+        # e.g. trained on a GPU machine by tools/gpu_grid.py, whose slimmed checkpoint can be
+        # evaluated but not resumed
+        train = None
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
     if grid.datasets_dir is not None:
         env['DSRL_DATASET_DIR'] = str(grid.datasets_dir)
     bin_dir = Path(sys.executable).parent
     start = time.time()
     with open(log, 'a') as stream:
-        for cmd in (train, evaluate):
+        for cmd in filter(None, (train, evaluate)):
             stream.write(f'$ {" ".join(cmd)}\n')
             stream.flush()
             code = subprocess.call([str(bin_dir / cmd[0])] + cmd[1:], stdout=stream,

@@ -4,7 +4,8 @@ import json
 
 from offline_training.data.dataset import write_dataset
 from offline_training.data.synthetic import synthetic_dataset
-from offline_training.grid import commands, Grid, GRIDS, main, Method, run_grid, write_tables
+from offline_training.grid import (commands, Grid, GRIDS, Job, main, Method, run_grid,
+                                   write_tables)
 import pytest
 
 
@@ -72,3 +73,60 @@ def test_the_command_line_refuses_bad_options_in_one_line(capsys):
     assert main(['--grid', 'core-hour', '--only', 'fisor-CarRun-s2', '--dry-run']) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and out[0].startswith('saferl-train fisor --task CarRun')
+
+
+def _gpu_grid_tool():
+    """Import tools/gpu_grid.py (a script, not a package module)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / 'tools' / 'gpu_grid.py'
+    spec = importlib.util.spec_from_file_location('gpu_grid', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_machine_tool_sizes_steps_packs_slim_runs_that_the_grid_only_evaluates(
+        tmp_path, monkeypatch):
+    # tools/gpu_grid.py on the CPU (what it does on a GPU machine): probe, size the steps to the
+    # budget, train, slim the checkpoints, pack; the grid here then evaluates without training.
+    import tarfile
+
+    import torch
+    from offline_training.grid import run_job, trained_already
+
+    datasets = tmp_path / 'datasets'
+    datasets.mkdir()
+    write_dataset(datasets / 'SafetyBallCircle-v0-test-6.hdf5',
+                  synthetic_dataset('BallCircle', episodes=6, seed=0, max_length=40), 'BallCircle')
+    monkeypatch.setenv('DSRL_DATASET_DIR', str(datasets))
+    tool = _gpu_grid_tool()
+    out, runs = tmp_path / 'out', tmp_path / 'runs'
+    code = tool.main(['--grid', 'core-hour', '--method', 'fisor', '--only', 'BallCircle',
+                      '--skip', 'fisor-BallCircle-s1', 'fisor-BallCircle-s2', '--device', 'cpu',
+                      '--preset', 'test', '--max-steps', '1000', '--budget', '300',
+                      '--probe', '0.5', '--runs-dir', str(runs), '--out', str(out),
+                      '--pack-dir', str(tmp_path / 'pack')])
+    assert code == 0
+    report = json.loads((out / 'gpu-grid.json').read_text())
+    assert report['steps'] == 1000 and report['statuses']['fisor-BallCircle-s0'].startswith('ok')
+    assert set(report['rates']['fisor-BallCircle-s0']) == {'critic_it_s', 'actor_it_s'}
+    back = tmp_path / 'back'
+    with tarfile.open(out / report['packs'][0]) as tar:
+        tar.extractall(back, filter='data')
+    run_dir = next(back.rglob('fisor-BallCircle-s0'))
+    state = torch.load(run_dir / 'checkpoint.pt', weights_only=False)
+    assert 'trainer' not in state and state['step'] == 1000 and 'model' in state
+    # the grid here: trained already (1000 >= the method's steps) -> evaluation only
+    grid = Grid('back', (Method('fisor', 'fisor', 1000),), tasks=('BallCircle',), preset='test',
+                eval_episodes=1, runs_dir=run_dir.parent, results_dir=tmp_path / 'results',
+                notes_path=None, datasets_dir=datasets)
+    job = grid.jobs()[0]
+    assert trained_already(job, grid)
+    assert not trained_already(Job(Method('fisor', 'fisor', 2000), 'BallCircle', 0), grid)
+    name, status = run_job(job, grid)
+    assert status.startswith('ok'), status
+    log = (run_dir.parent / 'logs' / f'{name}.log').read_text()
+    assert '$ saferl-eval' in log and '$ saferl-train' not in log
+    assert (tmp_path / 'results' / f'{name}.json').is_file()
