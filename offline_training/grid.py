@@ -133,6 +133,15 @@ GRIDS: Dict[str, Grid] = {
          Method('bcq_lag-k5', 'bcq_lag', 50_000, ('cost_limit=5',))),
         **own_folders('core-hour'),
         description='about one core-hour per FISOR (critics-first), DRCORL and BCQ-Lag run'),
+    # FISOR's 'cpu' preset trained on one lent H200 by tools/gpu_grid.py (30 Nov 2026): 13 runs
+    # sharing the GPU through MPS for about 5 minutes reached 36 000 iterations each (BallCircle
+    # s0 and CarRun s0, trained after them beside the CUDA tests, 34 000). No DroneCircle run:
+    # its dataset (64 MB) did not fit the machine's transfer limit. Evaluated here on the CPU.
+    'h200': Grid(
+        'h200',
+        (Method('fisor', 'fisor', 34_000, seeds=(0, 1, 2)),),
+        **own_folders('h200'),
+        description="FISOR 'cpu' preset (critics-first), 34 000-36 000 iterations on one H200"),
     # The paper's settings for a GPU machine: FISOR's 'paper' preset (joint schedule) at 1M
     # iterations, the baselines at OSRL's 100 000 steps.
     'paper': Grid(
@@ -293,6 +302,8 @@ def runs_table(grid: Grid) -> str:
         budget = f'{cpu / 60:.1f} min' if cpu is not None else (
             f'{summary["wall_time_s"] / 60:.1f} min (wall)')
         machine = summary.get('machine', {}).get('cpu', '?')
+        if str(config.get('device', 'cpu')).startswith('cuda'):
+            machine += f" + {summary.get('machine', {}).get('gpu') or 'a CUDA GPU'}"
         lines.append(
             f'| {job.name} | {config["preset"]} | {overrides} | {summary["step"]} | {budget} | '
             f'{summary["it_per_s"]:.1f} | `{Path(data.get("path", "?")).name}` '

@@ -2,6 +2,7 @@
 
 import os
 import platform
+import sys
 
 import numpy as np
 
@@ -24,4 +25,9 @@ def machine_info() -> dict:
             info[module] = str(__import__(module).__version__)  # torch's is a str subclass
         except (ImportError, AttributeError):
             info[module] = None
+    info['gpu'] = None
+    if 'torch' in sys.modules:   # name the GPU only where torch is loaded already (no import cost)
+        torch = sys.modules['torch']
+        if torch.cuda.is_available():
+            info['gpu'] = torch.cuda.get_device_name(0)
     return info

@@ -363,10 +363,15 @@ def test_bcq_lag_trains_from_any_dataset_dict():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (none visible)')
-@pytest.mark.parametrize('algo', ['fisor', 'bcq_lag'])
-def test_cuda_training_and_resume(algo, dataset, tmp_path):
-    kwargs = {'data': dataset, 'steps': 10, 'device': 'cuda', 'checkpoint_every': 5,
-              'overrides': TINY[algo], 'progress': False, 'preset': 'cpu'}
+@pytest.mark.parametrize('algo, schedule', [('fisor', {}),
+                                             ('fisor', {'schedule': 'critics-first'}),
+                                             ('bcq_lag', {})])
+def test_cuda_training_and_resume(algo, schedule, tmp_path):
+    # synthetic data: a GPU machine may have no simulator (tools/gpu_grid.py needs none)
+    data = synthetic_dataset(TASK, episodes=10, seed=0, max_length=40)
+    overrides = {**TINY[algo], **schedule, 'critic_check_every': 2} if schedule else TINY[algo]
+    kwargs = {'data': data, 'steps': 10, 'device': 'cuda', 'checkpoint_every': 5,
+              'overrides': overrides, 'progress': False, 'preset': 'cpu'}
     straight = train(algo, TASK, seed=0, out=tmp_path / 'straight', **kwargs)
     train(algo, TASK, seed=0, out=tmp_path / 'resumed', stop_after=5, **kwargs)
     resumed = train(algo, TASK, seed=0, out=tmp_path / 'resumed', **kwargs)
