@@ -270,7 +270,10 @@ def write_table(result_files: Sequence, out, kappa=TABLE_KAPPA, plot_dir=None,
     results = [read_results(f) for f in result_files]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot_dir = Path(plot_dir) if plot_dir is not None else out.parent / 'img' / 'results'
+    # One folder per page (docs/img/results for docs/results.md, docs/results/img/h200 for
+    # docs/results/h200.md): pages side by side must not overwrite each other's plots.
+    plot_dir = Path(plot_dir) if plot_dir is not None else out.parent / 'img' / (
+        'results' if out.stem == 'results' else out.stem)
     machines = sorted({f'{r["machine"]["cpu"]} ({r["machine"]["cores"]} cores)' for r in results
                        if 'machine' in r})
     kappa_args = ' '.join(f'{k:g}' for k in kappas)
@@ -317,7 +320,8 @@ def table_main(argv=None) -> int:
                         help=f'cost thresholds, one table each (default {TABLE_KAPPA}, as FISOR; '
                              'e.g. --kappa 5 10)')
     parser.add_argument('--plot-dir', default=None,
-                        help='folder of the reward-cost PNGs (default OUT_DIR/img/results)')
+                        help='folder of the reward-cost PNGs (default OUT_DIR/img/results for '
+                        'results.md, else OUT_DIR/img/STEM)')
     parser.add_argument('--notes', default=None,
                         help='markdown file appended below the table (runs, caveats)')
     args = parser.parse_args(argv)

@@ -134,5 +134,11 @@ def test_table_keeps_variants_apart_and_writes_one_table_per_kappa(tmp_path):
     # FISOR's two training seeds are two units: the std is over seeds.
     assert 'BallCircle / fisor: 4 episodes' in text and 'std over seeds' in text
     assert (tmp_path / 'img' / 'results' / 'reward_cost_BallCircle_kappa10.png').is_file()
+    # a second page beside it (a grid's) draws into its own folder, never over this page's plots
+    shared_plot = tmp_path / 'img' / 'results' / 'reward_cost_BallCircle.png'
+    before = shared_plot.read_bytes()
+    write_table(files[2:], tmp_path / 'grid.md', kappa=5)
+    assert (tmp_path / 'img' / 'grid' / 'reward_cost_BallCircle.png').is_file()
+    assert shared_plot.read_bytes() == before
     csv_text = out.with_suffix('.csv').read_text()
     assert 'BallCircle,bc_safe-k10,10.0,' in csv_text and 'BallCircle,bc_safe-k5,5.0,' in csv_text

@@ -363,9 +363,8 @@ def test_bcq_lag_trains_from_any_dataset_dict():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (none visible)')
-@pytest.mark.parametrize('algo, schedule', [('fisor', {}),
-                                             ('fisor', {'schedule': 'critics-first'}),
-                                             ('bcq_lag', {})])
+@pytest.mark.parametrize('algo, schedule', [
+    ('fisor', {}), ('fisor', {'schedule': 'critics-first'}), ('bcq_lag', {})])
 def test_cuda_training_and_resume(algo, schedule, tmp_path):
     # synthetic data: a GPU machine may have no simulator (tools/gpu_grid.py needs none)
     data = synthetic_dataset(TASK, episodes=10, seed=0, max_length=40)
