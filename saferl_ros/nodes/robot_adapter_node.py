@@ -52,7 +52,7 @@ PARAMS = [
     Param('max_angular', 1.0, 'Yaw-rate limit of the command [rad/s].', min_value=0.0),
     Param('command_timeout', 0.5, 'No final action for this long -> zero command [s].',
           min_value=0.0),
-    Param('odometry_timeout', 0.5, 'No accepted odometry for this long -> zero command [s].',
+    Param('odometry_timeout', 0.5, 'No odometry for this long -> zero command [s].',
           min_value=0.0),
     Param('max_stamp_skew', 1.0, 'Odometry whose stamp is further than this from the adapter '
           'clock, or goes backwards, is refused and holds the robot at zero [s] (inf: no '
