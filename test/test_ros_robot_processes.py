@@ -4,8 +4,9 @@ The differential-drive robot path as real processes over DDS: robot_adapter_node
 The unicycle stands in for the robot (Twist in, Odometry out); this test process plays the
 safety monitor (final actions at 20 Hz), the operator (the latched e-stop topic and the
 set_estop service) and the faults (the unicycle's drop_odometry and stamp_offset parameters).
-One adapter process goes through the scenarios in order: e-stop at start-up, driving within the
-speed limits, the fence, odometry loss, clock jumps, the e-stop while driving, then SIGINT.
+One BallCircle adapter process goes through the scenarios in order: e-stop at start-up, driving
+within the speed limits, the fence, odometry loss, clock jumps, the e-stop while driving, then
+SIGINT; a CarRun adapter then drives the same unicycle.
 Bounds are loose on purpose (the machine runs training jobs): a hold must be in force within
 1 s, which the 0.3 s timeouts meet with room to spare.
 """
@@ -258,3 +259,25 @@ def test_sigint_of_the_adapter_sends_a_last_zero_and_exits_0(robot):
     # the unicycle, now without commands, stops (and stays within its limits)
     assert spin_until(executor, lambda: abs(op.odom[-1].twist.twist.linear.x) < 1e-6, 5.0)
     assert not math.isnan(pose(op)[0])
+
+
+def test_a_car_run_adapter_drives_the_unicycle_in_v_and_w(robot):
+    """CarRun: a0, a1 -> v = -a0 max_linear, w = -a1 max_angular, as the simulator's car."""
+    op, executor, procs, logs = robot
+    assert procs[ROBOT_ADAPTER].poll() is not None           # the BallCircle adapter is gone
+    procs['car_adapter'] = start_node(ROBOT_ADAPTER, {
+        'task': 'CarRun', 'max_linear': MAX_LINEAR, 'max_angular': MAX_ANGULAR,
+        'fence_x': 5.0, 'estop_at_start': False}, logs / 'car_adapter.log')
+    op.action = [-0.5, -0.5]
+    started = time.monotonic()
+    assert spin_until(executor, lambda: moving(op.commands_since(started)), 60.0), \
+        (logs / 'car_adapter.log').read_text()[-2000:]
+    spin_for(executor, 1.0)
+    sent = moving(op.commands_since(started))
+    assert {(m.linear.x, m.linear.y, m.angular.z) for m in sent} == \
+        {(0.5 * MAX_LINEAR, 0.0, 0.5 * MAX_ANGULAR)}
+    twist = op.odom[-1].twist.twist
+    assert (twist.linear.x, twist.angular.z) == pytest.approx((0.15, 0.5), abs=1e-6)
+    op.action = None
+    procs['car_adapter'].send_signal(signal.SIGTERM)
+    assert procs['car_adapter'].wait(20) == 0
