@@ -27,8 +27,9 @@ direction, or to its opposite when that is nearer: the base then backs up).
 ``drive='holonomic'`` sends the Ball's velocity as (v_forward, v_left, 0) instead (omni bases, and
 the simulator standing in for a robot).
 
-The hard fence (``fence_x``, ``fence_y``, robot metres in the odom frame, centred on its origin)
-is enforced, not only costed: at or beyond a fence line a command whose world velocity points
+The hard fence (``fence_x``, ``fence_y``, robot metres in the odom frame, centred on its origin;
+by default the task's boundary, which for Circle bounds only x and for Run only y) is enforced,
+not only costed: at or beyond a fence line a command whose world velocity points
 further out loses that component (holonomic) or its forward speed (differential: turning stays
 allowed, and so does driving back in).
 
@@ -89,11 +90,11 @@ class RobotConfig:
                 raise RobotConfigError(f'{name} is {value!r}; it must be a positive number')
         if self.drive not in DRIVES:
             raise RobotConfigError(f'drive is {self.drive!r}; choose one of {DRIVES}')
-        for name in ('fence_x', 'fence_y'):
+        for name in ('x_limit', 'y_limit', 'fence_x', 'fence_y'):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise RobotConfigError(f'{name} is {value!r}; it must be a positive distance '
-                                       '(inf: no fence)')
+                                       '(inf: none)')
 
 
 @dataclass
@@ -146,6 +147,17 @@ class RobotTask:
         k = config.position_scale
         self.fence = (config.fence_x if config.fence_x is not None else self.x_limit / k,
                       config.fence_y if config.fence_y is not None else self.y_limit / k)
+
+    def unfenced(self) -> str:
+        """
+        Return the axes left without a hard fence by default ('', 'x', 'y' or 'x, y').
+
+        A Circle task bounds only x and a Run task only y, so their default fence leaves the
+        other axis open: on a robot, set ``fence_x`` and ``fence_y`` (inf: none, on purpose).
+        """
+        given = (self.config.fence_x, self.config.fence_y)
+        return ', '.join(a for a, f, g in zip('xy', self.fence, given)
+                         if math.isinf(f) and g is None)
 
     def sim_quantities(self, state: RobotState) -> dict:
         """Return the unscaled simulator quantities (simulator units and frames) by channel."""

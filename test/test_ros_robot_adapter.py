@@ -66,6 +66,8 @@ def test_bad_configs_and_quaternion():
         RobotTask(RobotConfig(drive='tank'))
     with pytest.raises(RobotConfigError, match='fence_x'):
         RobotTask(RobotConfig(fence_x=0.0))
+    with pytest.raises(RobotConfigError, match='y_limit'):
+        RobotTask(RobotConfig(y_limit=-1.0))
     s, c = math.sin(0.35), math.cos(0.35)
     assert yaw_from_quaternion(0, 0, s, c) == pytest.approx(0.7)
 
@@ -111,3 +113,20 @@ def test_fence_cuts_outward_motion_only():
     # default fence: the task's geofence in robot metres (Circle |x| <= 6 sim m)
     assert RobotTask(RobotConfig(task='BallCircle', position_scale=4.0)).fence == (1.5, math.inf)
     assert RobotTask(RobotConfig(task='CarRun', position_scale=2.0)).fence == (math.inf, 1.0)
+    # ... which leaves one axis open (the node warns); an explicit inf is a choice, not a default
+    assert RobotTask(RobotConfig(task='BallCircle')).unfenced() == 'y'
+    assert RobotTask(RobotConfig(task='CarRun')).unfenced() == 'x'
+    assert RobotTask(RobotConfig(task='CarRun', fence_x=math.inf)).unfenced() == ''
+    assert RobotTask(RobotConfig(task='BallCircle', fence_y=1.0)).unfenced() == ''
+
+
+def test_every_numeric_adapter_parameter_has_a_description_and_a_range():
+    """Issue 14: the geofence and the speed limits are parameters with a description and range."""
+    pytest.importorskip('rclpy')
+    from saferl_ros.nodes.robot_adapter_node import PARAMS
+    for p in PARAMS:
+        assert p.description, p.name
+        if isinstance(p.default, (int, float)) and not isinstance(p.default, bool):
+            assert p.min_value is not None or p.max_value is not None, p.name
+    names = {p.name for p in PARAMS}
+    assert {'max_linear', 'max_angular', 'fence_x', 'fence_y', 'x_limit', 'y_limit'} <= names

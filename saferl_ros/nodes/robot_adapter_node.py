@@ -11,7 +11,6 @@ topic, latched, or the ``set_estop`` service), while odometry is missing or its 
 when no final action arrived within ``command_timeout``. Its state is on /diagnostics.
 """
 
-import math
 import sys
 import time
 from typing import Any, Dict, Optional, Tuple
@@ -26,8 +25,8 @@ from saferl_ros import graph
 from saferl_ros.nodes.common import (CMD_VEL, COMMAND_QOS, ConfiguredEntities, declare,
                                      diagnostic, diagnostic_array, DIAGNOSTICS, DIAGNOSTICS_QOS,
                                      EPISODE, ESTOP, ESTOP_QOS, fail, FINAL, joint_state,
-                                     json_msg, ns_to_stamp, OBSERVATION, ODOM, optional_float,
-                                     Param, RECORD_QOS, run_node, SENSOR_QOS, SET_ESTOP,
+                                     json_msg, ns_to_stamp, OBSERVATION, ODOM, Param,
+                                     RECORD_QOS, run_node, SENSOR_QOS, SET_ESTOP,
                                      stamp_to_ns, STEP, values)
 from saferl_ros.nodes.records import step_msg, Transition
 from saferl_ros.robot_adapter import (DRIVES, RobotConfig, RobotState, RobotTask,
@@ -57,20 +56,23 @@ PARAMS = [
     Param('max_stamp_skew', 1.0, 'Odometry whose stamp is further than this from the adapter '
           'clock, or goes backwards, is refused and holds the robot at zero [s] (inf: no '
           'skew check).', min_value=0.0),
-    Param('x_limit', math.nan, 'Geofence |x| limit in simulator metres (NaN: the task rule).'),
-    Param('y_limit', math.nan, 'Geofence |y| limit in simulator metres (NaN: the task rule).'),
-    Param('fence_x', math.nan, 'Hard fence |x| in robot metres (odom frame): outward motion is '
-          'cut there (NaN: x_limit / position_scale; inf: none).'),
-    Param('fence_y', math.nan, 'Hard fence |y| in robot metres (odom frame): outward motion is '
-          'cut there (NaN: y_limit / position_scale; inf: none).'),
+    Param('x_limit', 0.0, 'Geofence |x| limit of the cost in simulator metres (0: the task '
+          'rule; inf: none).', min_value=0.0),
+    Param('y_limit', 0.0, 'Geofence |y| limit of the cost in simulator metres (0: the task '
+          'rule; inf: none).', min_value=0.0),
+    Param('fence_x', 0.0, 'Hard fence |x| in robot metres (odom frame): outward motion is '
+          'cut there (0: x_limit / position_scale; inf: none).', min_value=0.0),
+    Param('fence_y', 0.0, 'Hard fence |y| in robot metres (odom frame): outward motion is '
+          'cut there (0: y_limit / position_scale; inf: none).', min_value=0.0),
     Param('estop_at_start', True, 'Start with the e-stop engaged: nothing moves until a '
           'release (false on estop, or set_estop false).'),
-    Param('horizon', 0, 'Steps per recorded episode (0 = the DSRL horizon of the task).'),
+    Param('horizon', 0, 'Steps per recorded episode (0 = the DSRL horizon of the task).',
+          min_value=0),
     Param('twist_stamped', False, 'Publish geometry_msgs/TwistStamped instead of Twist.'),
     Param('watchdog_rate_hz', 20.0, 'How often the command timeout is checked [Hz].',
           min_value=1.0, max_value=1000.0),
     Param('diagnostics_period', 1.0, 'Publish /diagnostics at least this often (and on every '
-          'change of state) [s].', min_value=0.0),
+          'change of state) [s] (0: on a change of state only).', min_value=0.0),
 ]
 
 
@@ -115,9 +117,9 @@ class RobotAdapterNode(LifecycleNode):
                 task=cfg['task'], position_scale=cfg['position_scale'],
                 velocity_scale=cfg['velocity_scale'], max_linear=cfg['max_linear'],
                 max_angular=cfg['max_angular'], command_timeout=cfg['command_timeout'],
-                x_limit=optional_float(cfg['x_limit']), y_limit=optional_float(cfg['y_limit']),
+                x_limit=cfg['x_limit'] or None, y_limit=cfg['y_limit'] or None,
                 drive=cfg['drive'], heading_gain=cfg['heading_gain'],
-                fence_x=optional_float(cfg['fence_x']), fence_y=optional_float(cfg['fence_y'])))
+                fence_x=cfg['fence_x'] or None, fence_y=cfg['fence_y'] or None))
             self.guard = RobotGuard(self.task, GuardConfig(
                 command_timeout=cfg['command_timeout'], odometry_timeout=cfg['odometry_timeout'],
                 max_stamp_skew=cfg['max_stamp_skew'], estop_at_start=cfg['estop_at_start']),
@@ -126,6 +128,10 @@ class RobotAdapterNode(LifecycleNode):
         except Exception as exc:  # RobotConfigError, unknown task
             return fail(self, exc)
         self.cfg = cfg
+        if self.task.unfenced():
+            self.get_logger().warning(
+                f'no hard fence on {self.task.unfenced()} (the {cfg["task"]} boundary does not '
+                'bound it): on a robot set fence_x and fence_y (docs/robot.md, step 3)')
         self.obs_pub = self.entities.lifecycle_publisher(JointState, OBSERVATION, SENSOR_QOS)
         self.step_pub = self.entities.lifecycle_publisher(StepRecord, STEP, RECORD_QOS)
         self.episode_pub = self.entities.lifecycle_publisher(String, EPISODE, RECORD_QOS)
