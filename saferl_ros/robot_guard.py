@@ -6,8 +6,9 @@ zero whatever the monitor sends when the adapter itself cannot vouch for the com
 
 1. **e-stop** engaged by any input (a latched std_msgs/Bool topic, a std_srvs/SetBool service,
    or the start-up latch): zero until every input that engaged it has released it explicitly
-   (a release never comes from a timeout). Each input releases only its own stop; the start-up
-   latch is released by the first explicit release from any input.
+   (a release never comes from a timeout, nor from a reconfiguration: a new guard takes over
+   the stops of the one it replaces). Each input releases only its own stop; the start-up latch
+   is released by the first explicit release from any input.
 2. **no odometry**: none yet, or none for ``odometry_timeout`` seconds (the pose the fence and
    the observation need is unknown).
 3. **clock**: the newest odometry was refused because its stamp went backwards or disagrees with
@@ -25,7 +26,7 @@ node passes times and messages in and publishes what :meth:`RobotGuard.decide` r
 
 from dataclasses import dataclass
 import math
-from typing import Optional, Set, Tuple
+from typing import Iterable, Optional, Set, Tuple
 
 import numpy as np
 from saferl_ros.robot_adapter import RobotConfigError, RobotState, RobotTask
@@ -80,12 +81,19 @@ class Decision:
 class RobotGuard:
     """E-stop, odometry freshness and clock, command timeout and the hard fence."""
 
-    def __init__(self, task: RobotTask, config: GuardConfig, act_dim: int = 2):
+    def __init__(self, task: RobotTask, config: GuardConfig, act_dim: int = 2,
+                 estops: Iterable[str] = ()):
+        """
+        Start with the e-stop engaged by ``estops`` (and the start-up latch if configured).
+
+        ``estops``: the inputs that held the e-stop in a guard this one replaces (a node's
+        cleanup and configure): only an explicit release clears a stop, never a reconfiguration.
+        """
         config.validate()
         self.task = task
         self.config = config
         self.act_dim = act_dim
-        self.estops: Set[str] = {STARTUP} if config.estop_at_start else set()
+        self.estops: Set[str] = set(estops) | ({STARTUP} if config.estop_at_start else set())
         self.counts = {'estop_engaged': 0, 'estop_released': 0, 'odometry_refused': 0,
                        'timeouts': 0, 'fence_cuts': 0}
         self.reset()

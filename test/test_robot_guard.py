@@ -83,6 +83,11 @@ def test_estop_engaged_at_start_until_an_explicit_release():
     g.estop(True, 'topic')
     g.reset()
     assert g.engaged
+    # a guard that replaces this one (cleanup + configure) starts with its stops
+    g2 = RobotGuard(g.task, GuardConfig(estop_at_start=False), estops=g.estops - {STARTUP})
+    assert g2.estops == {'topic'} and drive(g2, 2.0)[1].state == ESTOP
+    g2.estop(False, 'topic')
+    assert drive(g2, 2.02)[1].state == DRIVING
 
 
 def test_fence_and_bad_actions():

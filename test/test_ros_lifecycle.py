@@ -338,6 +338,26 @@ def test_robot_adapter_answers_once_and_sends_only_its_safe_stop_while_inactive(
         assert probe.count_subscribers('odom') == 1
 
 
+def test_robot_adapter_keeps_an_engaged_estop_across_cleanup_and_configure():
+    """Only an explicit release clears the e-stop: a cleanup and configure does not."""
+    from std_srvs.srv import SetBool
+    params = {'task': 'BallCircle', 'estop_at_start': False}
+    with one_node(graph.ROBOT_ADAPTER, params, []) as (nodes, node, probe):
+        assert node.trigger_configure() == SUCCESS
+        assert not node.guard.engaged
+        response = node._on_estop_service(SetBool.Request(data=True), SetBool.Response())
+        assert response.success and node.guard.engaged
+        assert node.trigger_cleanup() == SUCCESS
+        assert node.trigger_configure() == SUCCESS
+        assert node.guard.engaged and node.guard.estops == {
+            'service /robot_adapter_node/set_estop'}
+        node._on_estop_service(SetBool.Request(data=False), SetBool.Response())
+        assert not node.guard.engaged
+        assert node.trigger_cleanup() == SUCCESS
+        assert node.trigger_configure() == SUCCESS
+        assert not node.guard.engaged
+
+
 @pytest.mark.parametrize('name', graph.START_ORDER)
 def test_configure_cleanup_configure_restores_the_same_entities(name, tmp_path):
     params = {

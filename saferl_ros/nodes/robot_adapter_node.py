@@ -13,7 +13,7 @@ when no final action arrived within ``command_timeout``. Its state is on /diagno
 
 import sys
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import Twist, TwistStamped
@@ -32,7 +32,7 @@ from saferl_ros.nodes.records import step_msg, Transition
 from saferl_ros.robot_adapter import (DRIVES, RobotConfig, RobotState, RobotTask,
                                       yaw_from_quaternion)
 from saferl_ros.robot_guard import (ESTOP as ESTOP_STATE, GuardConfig, HOLDS, INACTIVE, LEVEL,
-                                    RobotGuard)
+                                    RobotGuard, STARTUP)
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool, String
 from std_srvs.srv import SetBool
@@ -90,6 +90,9 @@ class RobotAdapterNode(LifecycleNode):
         self.cfg: Dict[str, Any] = {}
         self.task: Optional[RobotTask] = None
         self.guard: Optional[RobotGuard] = None
+        # The inputs holding the e-stop when cleanup destroyed the guard: the next guard starts
+        # with them (only an explicit release clears a stop).
+        self.held_estops: Set[str] = set()
         self.horizon = 0
         # Lifecycle publishers: silent while inactive (activate and deactivate send their zero
         # command while they are enabled). Diagnostics: a plain publisher, also while inactive.
@@ -123,7 +126,7 @@ class RobotAdapterNode(LifecycleNode):
             self.guard = RobotGuard(self.task, GuardConfig(
                 command_timeout=cfg['command_timeout'], odometry_timeout=cfg['odometry_timeout'],
                 max_stamp_skew=cfg['max_stamp_skew'], estop_at_start=cfg['estop_at_start']),
-                self.act_dim)
+                self.act_dim, estops=self.held_estops)
             self.horizon = cfg['horizon'] or get_task(cfg['task']).horizon
         except Exception as exc:  # RobotConfigError, unknown task
             return fail(self, exc)
@@ -169,8 +172,9 @@ class RobotAdapterNode(LifecycleNode):
         return super().on_deactivate(state)
 
     def on_cleanup(self, state) -> TransitionCallbackReturn:
-        """Destroy what configure created."""
+        """Destroy what configure created (the e-stop inputs holding it are kept)."""
         self.entities.destroy()
+        self.held_estops = self.guard.estops - {STARTUP} if self.guard is not None else set()
         self.task = self.guard = self.status = None
         self.obs_pub = self.step_pub = self.episode_pub = self.cmd_pub = self.diag_pub = None
         return TransitionCallbackReturn.SUCCESS
