@@ -5,8 +5,9 @@ The unicycle stands in for the robot (Twist in, Odometry out); this test process
 safety monitor (final actions at 20 Hz), the operator (the latched e-stop topic and the
 set_estop service) and the faults (the unicycle's drop_odometry and stamp_offset parameters).
 One BallCircle adapter process goes through the scenarios in order: e-stop at start-up, driving
-within the speed limits, the fence, odometry loss, clock jumps, the e-stop while driving, then
-SIGINT; a CarRun adapter then drives the same unicycle.
+within the speed limits, the fence, odometry loss, clock jumps, the e-stop while driving, a
+silent monitor (the command timeout), then SIGINT; a CarRun adapter then drives the same
+unicycle.
 Bounds are loose on purpose (the machine runs training jobs): a hold must be in force within
 1 s, which the 0.3 s timeouts meet with room to spare.
 """
@@ -241,6 +242,26 @@ def test_estop_while_driving_holds_until_released(robot):
     released = time.monotonic()
     op.estop_pub.publish(Bool(data=False))
     assert spin_until(executor, lambda: moving(op.commands_since(released)), 5.0)
+
+
+def test_a_silent_monitor_times_out_to_zero_commands_and_driving_resumes(robot):
+    op, executor, _, _ = robot
+    op.action = [0.3, 0.3]
+    assert spin_until(executor, op.driving, 10.0), op.diag[-3:]
+    silent = time.monotonic()
+    op.action = None                                      # no final action from here
+    assert spin_until(executor, lambda: op.state() == 'TIMEOUT', 5.0), op.diag[-3:]
+    spin_for(executor, 1.0)
+    late = op.commands_since(silent + HOLD_WITHIN)
+    assert late and not moving(late), 'commands went on without final actions'
+    level, _, values = op.diag[-1][1:]
+    assert level == 1 and values['reason'].startswith('no final action')
+    assert int(values['timeouts']) >= 1
+    assert spin_until(executor, lambda: abs(op.odom[-1].twist.twist.linear.x) < 1e-6, 5.0)
+    resumed = time.monotonic()
+    op.action = [0.3, 0.3]
+    assert spin_until(executor, lambda: moving(op.commands_since(resumed)), 5.0)
+    assert spin_until(executor, op.driving, 5.0), op.diag[-3:]
 
 
 def test_sigint_of_the_adapter_sends_a_last_zero_and_exits_0(robot):
