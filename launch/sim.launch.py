@@ -35,6 +35,9 @@ LOOPS = {node_graph.SIM: node_graph.SIM_LOOP, node_graph.ROBOT_ADAPTER: node_gra
 # A real-time simulator that plays a mobile robot behind robot_adapter_node (stand_in:=true).
 STAND_IN_PARAMETERS = {'mode': 'realtime', 'rate_hz': 50.0, 'command_input': 'twist',
                        'publish_odometry': True, 'publish_loop_topics': False}
+# The adapter in front of that simulator: the simulated ball moves in any direction, and with no
+# hardware there is no e-stop to release (config/robot_sim.yaml sets the same).
+STAND_IN_ADAPTER = {'drive': 'holonomic', 'estop_at_start': False}
 
 
 def managed(name: str, parameters: list, namespace: str, remappings=None) -> list:
@@ -84,6 +87,8 @@ def loop(context):
             overrides['episodes'] = int(args['episodes'])
         if name == node_graph.RECORDER and args['output_dir']:
             overrides['output_dir'] = args['output_dir']
+        if name == node_graph.ROBOT_ADAPTER and is_true(args['stand_in']):
+            overrides.update(STAND_IN_ADAPTER)
         entities = managed(name, [args['config'], overrides], args['namespace'], remappings)
         actions += entities
         if node_graph.spec(name).source:

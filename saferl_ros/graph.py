@@ -4,10 +4,11 @@ The node graph of saferl_ros, described once: which nodes exist and how they are
 Every node is a lifecycle node with a console script (``ros2 run saferl_ros <name>``) of the same
 name as the node. :data:`NODES` lists them in start order: consumers first, the observation
 source last, so every subscriber is listening before the first observation goes out; stopping
-runs the other way. Who reads this: ``setup.py`` (console scripts), ``saferl_ros.bringup`` (which
-classes to create, in which order), ``launch/*.launch.py`` (which nodes each loop starts, which
-parameters the ``bundle`` argument sets, whose exit ends the launch), ``saferl_ros.demo``, the
-benches and the tests.
+runs the other way. A stand-in (unicycle_node, a kinematic robot for tests and dry runs) plays
+the hardware: it starts first and stops last, as a robot that is already on. Who reads this:
+``setup.py`` (console scripts), ``saferl_ros.bringup`` (which classes to create, in which
+order), ``launch/*.launch.py`` (which nodes each loop starts, which parameters the ``bundle``
+argument sets, whose exit ends the launch), ``saferl_ros.demo``, the benches and the tests.
 
 Plain Python, no ROS import: setup.py reads it from the source tree, the launch files import it.
 """
@@ -22,6 +23,7 @@ MONITOR = 'safety_monitor_node'
 CONTROLLER = 'controller_node'
 ROBOT_ADAPTER = 'robot_adapter_node'
 SIM = 'sim_node'
+UNICYCLE = 'unicycle_node'
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class NodeSpec:
     # True for an observation source (simulator, robot adapter): activated last, deactivated
     # first; its process ending ends the launch.
     source: bool = False
+    # True for a node that plays the robot hardware (odom out, cmd_vel in): started first.
+    stand_in: bool = False
 
     @property
     def module(self) -> str:
@@ -56,8 +60,9 @@ class NodeSpec:
         return getattr(importlib.import_module(self.module), self.class_name)
 
 
-# Start order: recorder -> monitor -> controller -> observation source.
+# Start order: robot stand-in -> recorder -> monitor -> controller -> observation source.
 NODES: Tuple[NodeSpec, ...] = (
+    NodeSpec(UNICYCLE, 'UnicycleNode', stand_in=True),
     NodeSpec(RECORDER, 'RecorderNode', bundle_params=('bundle', 'monitor_bundle')),
     NodeSpec(MONITOR, 'SafetyMonitorNode', bundle_params=('bundle',)),
     NodeSpec(CONTROLLER, 'ControllerNode', bundle_params=('bundle',)),

@@ -15,6 +15,24 @@ Conventions the simulator fixes (checked against PyBullet in test/test_ros_robot
 - ``position_scale`` maps robot metres to simulator metres (a 3 m lab for the 14 m circle arena
   is ``position_scale: 4.7``); velocities scale by ``velocity_scale``.
 
+Differential drive (``drive='differential'``, TurtleBot-class bases, Nav2's convention): the
+command is (v, 0, w), forward speed and yaw rate, never a sideways speed. Odometry gives every
+observation channel: x, y from the pose, vx, vy from the body-frame twist turned into the odom
+frame, the yaw from the pose orientation and the yaw rate from the twist's angular z (the Ball's
+wx, wy from rolling without slipping, as for any base). Car actions are already (v, w) commands.
+A Ball action is a world-frame direction; a differential base drives along it as far as its
+heading allows, ``v = |d| cos(e)``, and turns towards it, ``w = heading_gain * e``, where d is the
+action times ``max_linear`` (norm at most ``max_linear``) and e the heading error (to the
+direction, or to its opposite when that is nearer: the base then backs up).
+``drive='holonomic'`` sends the Ball's velocity as (v_forward, v_left, 0) instead (omni bases, and
+the simulator standing in for a robot).
+
+The hard fence (``fence_x``, ``fence_y``, robot metres in the odom frame, centred on its origin;
+by default the task's boundary, which for Circle bounds only x and for Run only y) is enforced,
+not only costed: at or beyond a fence line a command whose world velocity points
+further out loses that component (holonomic) or its forward speed (differential: turning stays
+allowed, and so does driving back in).
+
 Runtime core: numpy only.
 """
 
@@ -29,6 +47,7 @@ from saferl_ros.observation import (channels, CIRCLE_RADIUS, CIRCLE_X_LIMIT, par
 BALL_RADIUS = 0.5                    # bullet_safety_gym Ball.radius [m]
 VELOCITY_CONSTRAINT = {'Ball': 2.5, 'Car': 1.5}   # Agent.velocity_constraint [m/s] (RunTask)
 RUN_GOAL = (1000.0, 0.0)             # RunTask.calculate_task_potential's fictitious target
+DRIVES = ('differential', 'holonomic')
 
 
 class RobotConfigError(ValueError):
@@ -49,6 +68,13 @@ class RobotConfig:
     # Run |y| <= 2).
     x_limit: Optional[float] = None
     y_limit: Optional[float] = None
+    # 'differential' (v, w) or 'holonomic' (v_forward, v_left); Car tasks are (v, w) either way.
+    drive: str = 'differential'
+    heading_gain: float = 2.0        # differential Ball: yaw rate per radian of heading error
+    # Hard fence |x| <= fence_x, |y| <= fence_y in robot metres (odom frame); None: the geofence
+    # above in robot metres (x_limit / position_scale), inf: no fence on that axis.
+    fence_x: Optional[float] = None
+    fence_y: Optional[float] = None
 
     def validate(self) -> None:
         """Raise RobotConfigError naming the first bad parameter."""
@@ -58,10 +84,17 @@ class RobotConfig:
                                    '(Ball*, Car*) onto odometry; Drone and Ant need their own '
                                    'state estimator')
         for name in ('position_scale', 'velocity_scale', 'max_linear', 'max_angular',
-                     'command_timeout'):
+                     'command_timeout', 'heading_gain'):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise RobotConfigError(f'{name} is {value!r}; it must be a positive number')
+        if self.drive not in DRIVES:
+            raise RobotConfigError(f'drive is {self.drive!r}; choose one of {DRIVES}')
+        for name in ('x_limit', 'y_limit', 'fence_x', 'fence_y'):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise RobotConfigError(f'{name} is {value!r}; it must be a positive distance '
+                                       '(inf: none)')
 
 
 @dataclass
@@ -92,6 +125,11 @@ def yaw_from_quaternion(x: float, y: float, z: float, w: float) -> float:
     return math.atan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z))
 
 
+def wrap_angle(angle: float) -> float:
+    """Return ``angle`` wrapped into [-pi, pi)."""
+    return (angle + math.pi) % (2.0 * math.pi) - math.pi
+
+
 class RobotTask:
     """Observation, cost and reward of a Ball/Car task computed from odometry."""
 
@@ -106,6 +144,20 @@ class RobotTask:
             CIRCLE_X_LIMIT if self.kind == 'Circle' else math.inf)
         self.y_limit = config.y_limit if config.y_limit is not None else (
             RUN_Y_LIMIT if self.kind == 'Run' else math.inf)
+        k = config.position_scale
+        self.fence = (config.fence_x if config.fence_x is not None else self.x_limit / k,
+                      config.fence_y if config.fence_y is not None else self.y_limit / k)
+
+    def unfenced(self) -> str:
+        """
+        Return the axes left without a hard fence by default ('', 'x', 'y' or 'x, y').
+
+        A Circle task bounds only x and a Run task only y, so their default fence leaves the
+        other axis open: on a robot, set ``fence_x`` and ``fence_y`` (inf: none, on purpose).
+        """
+        given = (self.config.fence_x, self.config.fence_y)
+        return ', '.join(a for a, f, g in zip('xy', self.fence, given)
+                         if math.isinf(f) and g is None)
 
     def sim_quantities(self, state: RobotState) -> dict:
         """Return the unscaled simulator quantities (simulator units and frames) by channel."""
@@ -159,22 +211,54 @@ class RobotTask:
         """
         Return the velocity command for an action: body-frame (v_forward, v_left, yaw_rate).
 
-        Ball: the action is a world-frame force direction; the command is a velocity along it,
-        turned into the body frame with the current yaw (a holonomic base).
         Car: forward speed from -a[0] and yaw rate from -a[1] (the simulator's sign convention).
-        Both are clipped to ``max_linear`` / ``max_angular``.
+        Ball: the action is a world-frame direction d = a * max_linear (norm at most
+        max_linear); a holonomic base moves along it (turned into the body frame with the
+        current yaw), a differential one drives ``|d| cos(e)`` and turns ``heading_gain * e``
+        (e: the heading error to d, or to -d when that is nearer). Every output is within
+        ``max_linear`` / ``max_angular``.
         """
         a = np.clip(np.asarray(action, np.float64).reshape(-1)[:2], -1.0, 1.0)
         lim_v, lim_w = self.config.max_linear, self.config.max_angular
-        if self.agent == 'Ball':
-            vx, vy = a[0] * lim_v, a[1] * lim_v
-            norm = math.hypot(vx, vy)
-            if norm > lim_v:
-                vx, vy = vx * lim_v / norm, vy * lim_v / norm
-            yaw = state.yaw if state is not None else 0.0
+        if self.agent != 'Ball':
+            return float(-a[0] * lim_v), 0.0, float(-a[1] * lim_w)
+        vx, vy = a[0] * lim_v, a[1] * lim_v
+        norm = math.hypot(vx, vy)
+        if norm > lim_v:
+            vx, vy, norm = vx * lim_v / norm, vy * lim_v / norm, lim_v
+        yaw = state.yaw if state is not None else 0.0
+        if self.config.drive == 'holonomic':
             c, s = math.cos(yaw), math.sin(yaw)
             return c * vx + s * vy, -s * vx + c * vy, 0.0
-        return float(-a[0] * lim_v), 0.0, float(-a[1] * lim_w)
+        if norm == 0.0:
+            return 0.0, 0.0, 0.0
+        error = wrap_angle(math.atan2(vy, vx) - yaw)
+        turn = error if abs(error) <= math.pi / 2 else wrap_angle(error - math.pi)
+        w = float(np.clip(self.config.heading_gain * turn, -lim_w, lim_w))
+        return norm * math.cos(error), 0.0, w
+
+    def fence_limit(self, command: Tuple[float, float, float],
+                    state: RobotState) -> Tuple[Tuple[float, float, float], bool]:
+        """
+        Cut the part of ``command`` that would move the robot further out of the hard fence.
+
+        Return (command, cut). At or beyond a fence line (|x| >= fence_x or |y| >= fence_y in
+        robot metres), an outward world velocity along that axis is removed: a holonomic base
+        keeps the rest, a differential base (or any Car) stops its forward motion and may still
+        turn. Driving back inwards is never cut.
+        """
+        v_forward, v_left, yaw_rate = command
+        c, s = math.cos(state.yaw), math.sin(state.yaw)
+        world = [c * v_forward - s * v_left, s * v_forward + c * v_left]
+        cut = False
+        for axis, (position, limit) in enumerate(zip((state.x, state.y), self.fence)):
+            if abs(position) >= limit and world[axis] * position > 0.0:
+                world[axis], cut = 0.0, True
+        if not cut:
+            return command, False
+        if self.agent == 'Ball' and self.config.drive == 'holonomic':
+            return (c * world[0] + s * world[1], -s * world[0] + c * world[1], yaw_rate), True
+        return (0.0, 0.0, yaw_rate), True
 
     def action_from_command(self, v_forward: float, v_left: float, yaw_rate: float,
                             state: Optional[RobotState]) -> np.ndarray:

@@ -246,6 +246,8 @@ def test_bringup_refuses_bad_parameter_files_in_one_line(tmp_path, capsys, text,
     ('sim_node', 'rate_hz', '1.0e9', 'rate_hz'),            # YAML 1.1 would read a string
     ('safety_monitor_node', 'watchdog_rate_hz', '0.0', 'watchdog_rate_hz'),
     ('safety_monitor_node', 'fallback_samples', '0', 'fallback_samples'),
+    ('robot_adapter_node', 'fence_x', '-1.0', 'fence_x'),
+    ('robot_adapter_node', 'max_linear', '-0.3', 'max_linear'),
 ])
 def test_out_of_range_parameters_are_refused(tmp_path, node, param, value, message):
     config = write(tmp_path / 'p.yaml', f'{node}:\n  ros__parameters:\n    {param}: {value}\n')

@@ -288,7 +288,7 @@ def test_robot_adapter_answers_once_and_sends_only_its_safe_stop_while_inactive(
     # within command_timeout): a node that kept doing so while inactive would show. Stamped
     # commands tell the deactivate's zero from the watchdog's last ones still in flight.
     params = {'task': 'BallCircle', 'command_timeout': 0.2, 'watchdog_rate_hz': 20.0,
-              'twist_stamped': True}
+              'twist_stamped': True, 'estop_at_start': False, 'odometry_timeout': 5.0}
     with one_node(graph.ROBOT_ADAPTER, params, outputs) as (nodes, node, probe):
         configure_cleanup_configure(node)
         odom_pub = probe.publisher(Odometry, 'odom', common.SENSOR_QOS)
@@ -338,6 +338,26 @@ def test_robot_adapter_answers_once_and_sends_only_its_safe_stop_while_inactive(
         assert probe.count_subscribers('odom') == 1
 
 
+def test_robot_adapter_keeps_an_engaged_estop_across_cleanup_and_configure():
+    """Only an explicit release clears the e-stop: a cleanup and configure does not."""
+    from std_srvs.srv import SetBool
+    params = {'task': 'BallCircle', 'estop_at_start': False}
+    with one_node(graph.ROBOT_ADAPTER, params, []) as (nodes, node, probe):
+        assert node.trigger_configure() == SUCCESS
+        assert not node.guard.engaged
+        response = node._on_estop_service(SetBool.Request(data=True), SetBool.Response())
+        assert response.success and node.guard.engaged
+        assert node.trigger_cleanup() == SUCCESS
+        assert node.trigger_configure() == SUCCESS
+        assert node.guard.engaged and node.guard.estops == {
+            'service /robot_adapter_node/set_estop'}
+        node._on_estop_service(SetBool.Request(data=False), SetBool.Response())
+        assert not node.guard.engaged
+        assert node.trigger_cleanup() == SUCCESS
+        assert node.trigger_configure() == SUCCESS
+        assert not node.guard.engaged
+
+
 @pytest.mark.parametrize('name', graph.START_ORDER)
 def test_configure_cleanup_configure_restores_the_same_entities(name, tmp_path):
     params = {
@@ -346,6 +366,7 @@ def test_configure_cleanup_configure_restores_the_same_entities(name, tmp_path):
         graph.MONITOR: {'bundle': BUNDLE},
         graph.RECORDER: {'task': 'BallCircle', 'output_dir': str(tmp_path), 'mcap': True},
         graph.ROBOT_ADAPTER: {'task': 'BallCircle'},
+        graph.UNICYCLE: {},
     }[name]
 
     def entities(node):

@@ -41,6 +41,10 @@ EPISODE = 'episode'                  # sim/robot adapter: episode start/end even
 VERDICT = 'monitor/verdict'          # monitor -> recorder: MonitorVerdict (the decision)
 STATUS = 'monitor/status'            # monitor: current state, reliable + transient local
 DIAGNOSTICS = '/diagnostics'
+ESTOP = 'estop'                      # operator -> robot adapter: std_msgs/Bool, true = stop
+SET_ESTOP = '~/set_estop'            # robot adapter service: std_srvs/SetBool, true = stop
+ODOM = 'odom'                        # robot (or a stand-in) -> robot adapter: nav_msgs/Odometry
+CMD_VEL = 'cmd_vel'                  # robot adapter -> robot: geometry_msgs/Twist (or Stamped)
 
 # docs/architecture.md "Topics, time and QoS".
 SENSOR_QOS = QoSProfile(depth=5, history=HistoryPolicy.KEEP_LAST,
@@ -56,6 +60,9 @@ STATUS_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
 RECORD_QOS = QoSProfile(depth=200, history=HistoryPolicy.KEEP_LAST,
                         reliability=ReliabilityPolicy.RELIABLE,
                         durability=DurabilityPolicy.VOLATILE)
+# The e-stop is a state, not an event: reliable and transient local, so a stop published before
+# the adapter starts (or before it reconnects) still reaches it.
+ESTOP_QOS = STATUS_QOS
 DIAGNOSTICS_QOS = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST,
                              reliability=ReliabilityPolicy.RELIABLE)
 
@@ -203,6 +210,10 @@ class ConfiguredEntities:
         """Create a subscription on the node (same arguments), remembered for destroy()."""
         return self._keep(self.node.destroy_subscription,
                           self.node.create_subscription(*args, **kwargs))
+
+    def service(self, *args, **kwargs):
+        """Create a service on the node (same arguments), remembered for destroy()."""
+        return self._keep(self.node.destroy_service, self.node.create_service(*args, **kwargs))
 
     def timer(self, *args, **kwargs):
         """Create a timer on the node (same arguments), remembered for destroy()."""
