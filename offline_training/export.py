@@ -35,6 +35,7 @@ from saferl_ros import bundle as rt
 from saferl_ros.errors import read_yaml_mapping, reports_user_errors
 from saferl_ros.files import atomic_write_yaml, sha256_file
 from saferl_ros.observation import channel_names
+from saferl_ros.paths import shown_path
 from saferl_ros.tasks import get_task, TaskSpec
 import torch
 from torch import nn
@@ -349,14 +350,14 @@ def export_run(run_dir, out_dir, name: Optional[str] = None, seed: int = 0,
     plan = run.export_plan()
     dataset = run_config.get('dataset') or {}
     provenance = {
-        'dataset': dataset.get('path') or dataset.get('source'),
+        'dataset': shown_path(dataset['path']) if dataset.get('path') else dataset.get('source'),
         'dataset_sha256': dataset.get('sha256'),
         'config': {'preset': run_config.get('preset'), **run_config['algo_config']},
         'code_version': run_config.get('code_version') or code_version(),
         'export_code_version': code_version(),
         'seed': run_config.get('seed'),
         'steps': run_config.get('checkpoint_step'),
-        'run': str(run_dir),
+        'run': shown_path(run_dir),
         'trained': run_config.get('created'),
     }
     return write_bundle(plan, out_dir, run_config['task']['name'], name=name,

@@ -68,3 +68,18 @@ def resolve_path(value: str, what: str = 'path') -> Path:
     raise PathResolutionError(
         f'{what} {value!r} not found: tried {Path.cwd() / path} and {shipped}; give an '
         f'absolute path, a path relative to the current folder or {SCHEME}{PACKAGE}/<path>')
+
+
+def shown_path(path) -> str:
+    """
+    Return ``path`` as a file written for other people should name it.
+
+    Relative to the current folder when it lies inside it (``datasets/X.hdf5``), else the file's
+    name alone: a bundle or results file must not name the folders of the machine that wrote it
+    (its sha256 identifies the file).
+    """
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
+        return path.name

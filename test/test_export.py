@@ -134,6 +134,26 @@ def test_saferl_export_cli_exports_a_training_run(tmp_path, ballcircle_arrays, c
     assert Path(out / 'policy.onnx').is_file()
 
 
+def test_a_bundle_names_no_folder_of_the_machine_that_wrote_it(
+        tmp_path, ballcircle_arrays, monkeypatch):
+    from offline_training.data.dataset import write_dataset
+    from offline_training.export import main
+    from offline_training.train import train
+    checkout = tmp_path / 'checkout'
+    (checkout / 'datasets').mkdir(parents=True)
+    data = checkout / 'datasets' / 'SafetyBallCircle-v0-test-6.hdf5'
+    write_dataset(data, ballcircle_arrays, 'BallCircle')
+    run = train('fisor', 'BallCircle', preset='test', dataset=str(data), steps=2,
+                out=tmp_path / 'elsewhere' / 'fisor-run', progress=False)
+    monkeypatch.chdir(checkout)
+    assert main([str(run), '-o', 'models/fisor-x']) == 0
+    provenance = load_bundle(checkout / 'models' / 'fisor-x').manifest['provenance']
+    # inside the current folder: relative; outside it: the name alone (the sha256 identifies it)
+    assert provenance['dataset'] == 'datasets/SafetyBallCircle-v0-test-6.hdf5'
+    assert provenance['run'] == 'fisor-run'
+    assert str(tmp_path) not in (checkout / 'models' / 'fisor-x' / 'manifest.yaml').read_text()
+
+
 @pytest.mark.parametrize('task', ['BallCircle', 'CarCircle', 'DroneCircle'])
 def test_feasibility_sweep_places_the_agent_like_the_simulator(task):
     from saferl_ros.tasks import get_task

@@ -118,6 +118,9 @@ def test_one_machine_tool_sizes_steps_packs_slim_runs_that_the_grid_only_evaluat
     run_dir = next(back.rglob('fisor-BallCircle-s0'))
     state = torch.load(run_dir / 'checkpoint.pt', weights_only=False)
     assert 'trainer' not in state and state['step'] == 1000 and 'model' in state
+    # the run folder on the training machine keeps its full checkpoint (it can be extended)
+    assert 'trainer' in torch.load(runs / 'fisor-BallCircle-s0' / 'checkpoint.pt',
+                                   weights_only=False)
     # the grid here: trained already (1000 >= the method's steps) -> evaluation only
     grid = Grid('back', (Method('fisor', 'fisor', 1000),), tasks=('BallCircle',), preset='test',
                 eval_episodes=1, runs_dir=run_dir.parent, results_dir=tmp_path / 'results',

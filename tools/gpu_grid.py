@@ -16,11 +16,12 @@ training of a run whose summary.yaml says it finished). Steps:
    the budget (the same for every run, a multiple of 1000; printed and recorded);
 4. the runs: saferl-train with the grid's preset on CUDA, one process and one thread each;
    a run still going at the deadline is stopped and left out (its log comes back);
-5. packing: each finished run folder, its checkpoint slimmed to what evaluation and export read
-   (the model weights and step; no optimiser state, half the bytes), in tar files of at most
-   --max-file-mb each in --pack-dir, which outlives the command on that machine (the first
-   files that fit --max-out-mb are copied to OUT; a later command copies the rest, e.g.
-   `cp /tmp/gpu-grid-pack/runs-4.tar $OUT/`).
+5. packing: a copy of each finished run folder, its checkpoint slimmed to what evaluation and
+   export read (the model weights and step; no optimiser state, half the bytes; the run
+   folder itself keeps the full checkpoint, so a later command there can extend it), in tar
+   files of at most --max-file-mb each in --pack-dir, which outlives the command on that
+   machine (the first files that fit --max-out-mb are copied to OUT; a later command copies
+   the rest, e.g. `cp /tmp/gpu-grid-pack/runs-4.tar $OUT/`).
 """
 
 import argparse
@@ -153,11 +154,23 @@ def slim_checkpoint(run_dir: Path) -> None:
 
 
 def pack(run_dirs, out: Path, max_file_mb: float) -> list:
-    """Tar run folders (paths relative to the repo) into files of at most max_file_mb MB."""
+    """
+    Tar slimmed copies of run folders into files of at most max_file_mb MB under ``out``.
+
+    Each copy keeps its run's path relative to the repository, so unpacking at the repository
+    root puts it where the grid looks for it.
+    """
     limit = max_file_mb * 2 ** 20
-    groups, current, size = [], [], 0
+    staged = []
     for run_dir in run_dirs:
-        bytes_ = sum(f.stat().st_size for f in run_dir.rglob('*') if f.is_file())
+        copy = out / 'stage' / str(repo_relative(run_dir)).lstrip('/')
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(run_dir, copy)
+        slim_checkpoint(copy)
+        staged.append((copy, str(repo_relative(run_dir)).lstrip('/')))
+    groups, current, size = [], [], 0
+    for run_dir in staged:
+        bytes_ = sum(f.stat().st_size for f in run_dir[0].rglob('*') if f.is_file())
         if current and size + bytes_ > limit * 0.97:   # tar headers: a few KB per file
             groups.append(current)
             current, size = [], 0
@@ -169,10 +182,10 @@ def pack(run_dirs, out: Path, max_file_mb: float) -> list:
     for k, group in enumerate(groups):
         path = out / f'runs-{k}.tar'
         with tarfile.open(path, 'w') as tar:
-            for run_dir in group:
-                tar.add(run_dir, arcname=str(repo_relative(run_dir)).lstrip('/'))
+            for copy, arcname in group:
+                tar.add(copy, arcname=arcname)
         files.append(path)
-        log(f'packed {path.name}: {", ".join(d.name for d in group)} '
+        log(f'packed {path.name}: {", ".join(copy.name for copy, _ in group)} '
             f'({path.stat().st_size / 2 ** 20:.1f} MiB)')
     return files
 
@@ -272,8 +285,6 @@ def main(argv=None) -> int:
             del procs[job]
             log(f'{job.name}: {statuses[job.name]}')
 
-    for run_dir in finished:
-        slim_checkpoint(run_dir)
     files = pack(finished, pack_dir, args.max_file_mb)
     with tarfile.open(out / 'logs.tar', 'w') as tar:
         tar.add(Path(grid.runs_dir) / 'logs',
