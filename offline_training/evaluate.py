@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 from offline_training.machine import machine_info
-from offline_training.results import KAPPAS, summarize, table_main
+from offline_training.results import KAPPAS, result_label, summarize, table_main
 from saferl_ros.errors import ConfigError, MissingFileError, reports_user_errors
 from saferl_ros.sim import episode_seed, run_episode
 from saferl_ros.tasks import get_task, normalized_score
@@ -112,6 +112,54 @@ class RunAgent(ModelAgent):
                          Path(path).resolve().name)
 
 
+class ShieldedAgent(Agent):
+    """
+    An agent whose every proposal passes the safety monitor's rule before it acts.
+
+    The rule is :class:`saferl_ros.monitor.SafetyMonitor`, the object the safety monitor node
+    decides with, on a clock of stamps one control period apart (no staleness in a lock-step
+    rollout). A fresh monitor per episode, its fallback noise seeded with the episode's seed,
+    makes episodes reproducible; the inner agent's noise stream is untouched, so with a monitor
+    that never intervenes the episode is exactly the unshielded one.
+    """
+
+    def __init__(self, inner: Agent, monitor_bundle, config=None):
+        from saferl_ros.bundle import load_bundle
+        from saferl_ros.monitor import MonitorConfig
+
+        self.inner = inner
+        self.monitor_bundle = load_bundle(monitor_bundle)
+        if self.monitor_bundle.task_name != inner.task:
+            raise ConfigError(f'--shield {monitor_bundle}: a {self.monitor_bundle.task_name} '
+                              f'bundle cannot shield a {inner.task} policy; give a monitor '
+                              f'bundle of {inner.task}')
+        self.config = config or MonitorConfig()
+        self.period = get_task(inner.task).control_period
+        self.name, self.kind, self.task = inner.name, inner.kind, inner.task
+        self.algorithm = inner.algorithm
+        self.monitor = None
+        self.clock = 0.0
+
+    def start_episode(self, seed_value: int) -> None:
+        """Begin an episode: a fresh monitor (hold, counters) with noise seeded by the episode."""
+        from dataclasses import replace
+
+        from saferl_ros.monitor import SafetyMonitor
+
+        self.monitor = SafetyMonitor(self.monitor_bundle, replace(self.config, seed=seed_value))
+        self.clock = 0.0
+
+    def act(self, obs, rng):
+        proposal = self.inner.act(obs, rng)
+        verdict = self.monitor.decide(obs, proposal, self.clock, self.clock, self.clock)
+        self.clock += self.period
+        return verdict.action
+
+    def episode_counts(self) -> dict:
+        """Return this episode's monitor counters (decisions, replaced, kept, per state)."""
+        return self.monitor.counters.as_dict()
+
+
 def is_bundle(path) -> bool:
     """Return whether folder ``path`` holds a bundle manifest (even a link the loader refuses)."""
     return os.path.lexists(Path(path) / 'manifest.yaml')
@@ -142,20 +190,32 @@ def rollout(agent: Agent, env, seed: int, episode: int) -> dict:
     """
     seed_value = episode_seed(seed, episode)
     rng = np.random.default_rng(seed_value)
+    if isinstance(agent, ShieldedAgent):
+        agent.start_episode(seed_value)
     episode_result = run_episode(env, lambda obs: agent.act(obs, rng), seed_value)
-    return {'seed': int(seed), 'episode': int(episode), 'reward': episode_result.reward,
-            'cost': episode_result.cost, 'length': episode_result.length}
+    row = {'seed': int(seed), 'episode': int(episode), 'reward': episode_result.reward,
+           'cost': episode_result.cost, 'length': episode_result.length}
+    if isinstance(agent, ShieldedAgent):
+        counts = agent.episode_counts()
+        row.update({key: counts[key] for key in ('decisions', 'replaced', 'kept')})
+    return row
 
 
 def evaluate(sources: Sequence, episodes: int = 20, seeds: Sequence[int] = (0,),
-             kappas: Sequence[float] = KAPPAS, progress: bool = True) -> dict:
+             kappas: Sequence[float] = KAPPAS, progress: bool = True, shield=None,
+             shield_config=None) -> dict:
     """
     Roll out every source for ``episodes`` episodes per seed; return the results dict.
 
     All sources must be of one task and one algorithm (e.g. the runs of several training seeds,
     or one bundle); evaluate different algorithms separately and combine them with ``table``.
+    ``shield``: a monitor bundle whose critics judge every action (:class:`ShieldedAgent`,
+    ``shield_config`` a :class:`saferl_ros.monitor.MonitorConfig`); the results then record the
+    share of steps whose action the monitor replaced.
     """
     agents = [load_agent(s) for s in sources]
+    if shield is not None:
+        agents = [ShieldedAgent(agent, shield, shield_config) for agent in agents]
     tasks = {a.task for a in agents}
     algorithms = {a.algorithm for a in agents}
     if len(tasks) != 1 or len(algorithms) != 1:
@@ -180,7 +240,7 @@ def evaluate(sources: Sequence, episodes: int = 20, seeds: Sequence[int] = (0,),
     finally:
         bar.close()
         env.close()
-    return {
+    results = {
         'name': agents[0].name if len(agents) == 1 else f'{agents[0].algorithm}-{spec.name}',
         'task': spec.name, 'algorithm': agents[0].algorithm,
         'kinds': sorted({a.kind for a in agents}), 'sources': [str(s) for s in sources],
@@ -193,6 +253,17 @@ def evaluate(sources: Sequence, episodes: int = 20, seeds: Sequence[int] = (0,),
         'machine': machine_info(),
         'created': datetime.now(timezone.utc).isoformat(timespec='seconds'),
     }
+    if shield is not None:
+        decisions = sum(row['decisions'] for row in rows)
+        replaced = sum(row['replaced'] for row in rows)
+        monitor = agents[0].monitor_bundle
+        results['shield'] = {'monitor_bundle': monitor.name, 'critic': monitor.critic_kind,
+                             'decisions': decisions, 'replaced': replaced,
+                             'kept': sum(row['kept'] for row in rows),
+                             'replaced_share': replaced / max(decisions, 1)}
+        # its own column in `saferl-eval table`: the policy's label and the monitor's name
+        results['label'] = f'{result_label(results)}+{monitor.name}'
+    return results
 
 
 def write_results(results: dict, out) -> Path:
@@ -225,6 +296,11 @@ def format_summary(results: dict) -> str:
              f'  raw reward {s["reward"]["mean"]:.2f} +- {s["reward"]["std"]:.2f}, raw cost '
              f'{s["cost"]["mean"]:.2f} +- {s["cost"]["std"]:.2f}, length '
              f'{s["length"]["mean"]:.0f}']
+    if 'shield' in results:
+        shield = results['shield']
+        lines.append(f'  shielded by {shield["monitor_bundle"]} ({shield["critic"]} critic): '
+                     f'{shield["replaced"]} of {shield["decisions"]} actions replaced '
+                     f'({100 * shield["replaced_share"]:.1f} %), {shield["kept"]} kept')
     for kappa, n in s['normalized'].items():
         lines.append(f'  kappa {float(kappa):>4g}: R_norm {n["reward"]["mean"]:.3f} +- '
                      f'{n["reward"]["std"]:.3f}, C_norm {n["cost"]["mean"]:.3f} +- '
@@ -266,11 +342,18 @@ def main(argv=None) -> int:
                         help='column name in `saferl-eval table` (default: the run-name prefix, '
                              'e.g. bc_safe-k5 for runs/bc_safe-k5-BallCircle-s0, else the '
                              'algorithm)')
+    parser.add_argument('--shield', metavar='MONITOR_BUNDLE', default=None,
+                        help="apply the safety monitor's rule with this bundle's critics to "
+                        'every action, as safety_monitor_node does (any policy: e.g. a BC '
+                        'bundle shielded by models/fisor-ballcircle); the results record the '
+                        'share of actions replaced')
     parser.add_argument('--threads', type=int, default=1, help='torch threads for run folders')
     parser.add_argument('--no-progress', action='store_true')
     args = parser.parse_args(argv)
     if args.episodes < 1:
         parser.error('--episodes must be >= 1')
+    if args.shield and args.update_manifest:
+        parser.error("--update-manifest stores the bundle's own evaluation; drop it with --shield")
     if args.out is None and len(args.sources) > 1:
         parser.error('several sources: give -o FILE.json for their combined results')
     out = Path(args.out) if args.out else default_results_path(args.sources)
@@ -279,7 +362,7 @@ def main(argv=None) -> int:
         import torch  # only run folders need torch; bundles run on onnxruntime alone
         torch.set_num_threads(args.threads)
     results = evaluate(args.sources, args.episodes, args.seeds, args.kappa,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, shield=args.shield)
     if args.label:
         results['label'] = args.label
     write_results(results, out)

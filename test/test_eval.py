@@ -142,3 +142,37 @@ def test_table_keeps_variants_apart_and_writes_one_table_per_kappa(tmp_path):
     assert shared_plot.read_bytes() == before
     csv_text = out.with_suffix('.csv').read_text()
     assert 'BallCircle,bc_safe-k10,10.0,' in csv_text and 'BallCircle,bc_safe-k5,5.0,' in csv_text
+
+
+def test_shielding_applies_the_monitor_rule_and_counts_replacements(tmp_path, capfd):
+    # BC-All (no critics of its own) under the shipped FISOR bundle's critics, as the monitor
+    # node would shield it; thresholds pin the two extremes of the rule.
+    from pathlib import Path
+
+    from saferl_ros.monitor import MonitorConfig
+
+    models = Path(__file__).resolve().parents[1] / 'models'
+    policy, monitor = models / 'bc_all-ballcircle', models / 'fisor-ballcircle'
+    alone = evaluate([policy], episodes=1, seeds=[0], progress=False)
+    never = evaluate([policy], episodes=1, seeds=[0], progress=False, shield=monitor,
+                     shield_config=MonitorConfig(threshold_v=1e9, threshold_q=1e9))
+    # a monitor that never intervenes leaves the episode exactly as it was
+    assert never['episodes'][0]['reward'] == alone['episodes'][0]['reward']
+    assert never['shield']['replaced'] == 0
+    assert never['shield']['decisions'] == alone['episodes'][0]['length']
+    always = evaluate([policy], episodes=1, seeds=[0], progress=False, shield=monitor,
+                      shield_config=MonitorConfig(threshold_v=-1e9, threshold_q=-1e9))
+    row = always['episodes'][0]
+    # every state judged infeasible: each action is the fallback's or kept because none was safer
+    assert row['replaced'] + row['kept'] == row['decisions'] == row['length']
+    assert row['replaced'] > 0 and row['reward'] != alone['episodes'][0]['reward']
+    assert result_label(always) == 'bc_all+fisor-ballcircle'
+    # the command line: the shielded share is printed; a monitor of another task is refused
+    out = tmp_path / 'shielded.json'
+    assert main([str(policy), '--shield', str(monitor), '--episodes', '1', '--no-progress',
+                 '-o', str(out)]) == 0
+    assert 'actions replaced' in capfd.readouterr().out
+    assert 0 <= json.loads(out.read_text())['shield']['replaced_share'] <= 1
+    assert main([str(policy), '--shield', str(models / 'fisor-carrun'), '--episodes', '1',
+                 '-o', str(tmp_path / 'x.json')]) == 2
+    assert 'cannot shield a BallCircle policy' in capfd.readouterr().err
