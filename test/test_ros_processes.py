@@ -14,7 +14,7 @@ from saferl_ros.nodes import common
 from saferl_ros.recorder import consolidate, read_index
 from sensor_msgs.msg import JointState
 from test_ros_support import (build_bundle, domain_fixture, spin_for, spin_until,
-                              start_node)
+                              start_node, stop_nodes)
 
 ros_domain = domain_fixture(62)
 
@@ -118,14 +118,7 @@ def test_processes_loop_then_kill_recorder_and_controller(tmp_path):
         assert spin_until(executor, lambda: msgs['status'][-1].message == 'INACTIVE', 15.0)
         assert procs[MONITOR].wait(20) == 0
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        for name, proc in procs.items():
-            try:
-                proc.wait(10)
-            except Exception:  # a node that ignores SIGINT must not outlive the test
-                proc.kill()
+        stop_nodes(procs.values())
         executor.remove_node(node)
         node.destroy_node()
         rclpy.try_shutdown()

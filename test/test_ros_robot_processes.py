@@ -30,7 +30,7 @@ from saferl_ros.nodes import common
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool
 from std_srvs.srv import SetBool
-from test_ros_support import domain_fixture, spin_for, spin_until, start_node
+from test_ros_support import domain_fixture, spin_for, spin_until, start_node, stop_nodes
 
 ros_domain = domain_fixture(91)
 
@@ -118,14 +118,7 @@ def robot(tmp_path_factory):
         assert op.unicycle.wait_for_services(10.0)
         yield op, executor, procs, logs
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        for proc in procs.values():
-            try:
-                proc.wait(10)
-            except Exception:  # a node that ignores SIGINT must not outlive the test
-                proc.kill()
+        stop_nodes(procs.values())
         executor.remove_node(op)
         op.destroy_node()
         rclpy.try_shutdown()

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import os
 from pathlib import Path
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -96,6 +97,18 @@ def start_node(executable: str, params: dict, log_path) -> subprocess.Popen:
                                         f'saferl_ros.nodes.{executable}'] + args[1:]
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'PYTHONPATH': str(REPO)}
     return subprocess.Popen(cmd, stdout=open(log_path, 'w'), stderr=subprocess.STDOUT, env=env)
+
+
+def stop_nodes(procs) -> None:
+    """SIGINT every node process still running, then wait; kill one that ignores the signal."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        try:
+            proc.wait(10)
+        except Exception:  # a node that ignores SIGINT must not outlive the test
+            proc.kill()
 
 
 def recorded(run_dir) -> dict:
