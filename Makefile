@@ -20,12 +20,13 @@ export RMW_IMPLEMENTATION ?= rmw_fastrtps_cpp
 export DSRL_SUPPRESS_IMPORT_ERROR := 1
 export MPLBACKEND := Agg
 
-.PHONY: help venv check-env test demo data lint lock clean-venv
+.PHONY: help venv check-env test demo loop data lint lock clean-venv
 
 help:
 	@echo "make venv       create .venv with every dependency at its pinned version and build the messages"
 	@echo "make test       create the environment if missing, then run the whole test suite"
 	@echo "make demo       run a shipped FISOR bundle in the simulated ROS 2 loop for 3 episodes (TASK=BallCircle)"
+	@echo "make loop       deploy, record, merge, retrain, evaluate, export: config/loop_ballcircle.yaml (resumable; LOOP_ARGS='--set iterations=1')"
 	@echo "make data       train missing behaviour agents, then collect the six datasets into datasets/"
 	@echo "make lint       flake8 + pep257 with ament's settings"
 	@echo "make check-env  check that the simulator and dataset environment ids register"
@@ -53,6 +54,13 @@ test: venv
 TASK ?= BallCircle
 demo: venv
 	$(BIN)/saferl-demo --episodes 3 --task $(TASK)
+
+# The whole loop (docs/loop.md): rerunning it continues where it stopped. A small try:
+# make loop LOOP_ARGS='--set iterations=1 --set deploy_episodes=2 --set train_steps=200'
+LOOP_CONFIG ?= config/loop_ballcircle.yaml
+LOOP_ARGS ?=
+loop: venv
+	$(BIN)/saferl-loop $(LOOP_CONFIG) $(LOOP_ARGS)
 
 data: venv
 	$(BIN)/python -m offline_training.collection.train_all --collect

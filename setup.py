@@ -50,6 +50,7 @@ setup(
             'saferl-export = offline_training.export:main',
             'saferl-eval = offline_training.evaluate:main',
             'saferl-grid = offline_training.grid:main',
+            'saferl-loop = offline_training.loop:main',
             # ROS 2 nodes (lifecycle; `--autostart` configures + activates from a plain shell).
             *GRAPH['console_scripts'](),
             # The node graph of a parameters file in one process, and the demo.
