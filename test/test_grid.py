@@ -47,6 +47,11 @@ def test_a_tiny_grid_trains_evaluates_resumes_and_reports_failures(tiny_grid, tm
     assert 'fisor-BallCircle-s0' in (tmp_path / 'runs.md').read_text()
     assert 'not finished' in (tmp_path / 'runs.md').read_text()     # the typo run
     assert (tmp_path / 'results.md').is_file()
+    # on a machine without the run folders the runs page is kept, not rewritten as unfinished
+    import shutil
+    shutil.rmtree(tmp_path / 'runs')
+    page = (tmp_path / 'runs.md').read_text()
+    assert write_tables(tiny_grid) == 0 and (tmp_path / 'runs.md').read_text() == page
 
 
 def test_the_commands_use_one_thread_and_name_no_machine_path():
