@@ -151,7 +151,11 @@ class ShieldedAgent(Agent):
 
     def act(self, obs, rng):
         proposal = self.inner.act(obs, rng)
-        verdict = self.monitor.decide(obs, proposal, self.clock, self.clock, self.clock)
+        # as safety_monitor_node with its default precompute_fallback: the fallback is searched
+        # for every observation (so the monitor's noise stream advances as the node's does)
+        fallback = self.monitor.fallback_for(obs) if self.monitor.use_bundle_fallback else None
+        verdict = self.monitor.decide(obs, proposal, self.clock, self.clock, self.clock,
+                                      fallback=fallback)
         self.clock += self.period
         return verdict.action
 

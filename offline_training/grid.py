@@ -140,6 +140,7 @@ GRIDS: Dict[str, Grid] = {
     'h200': Grid(
         'h200',
         (Method('fisor', 'fisor', 34_000, seeds=(0, 1, 2)),),
+        tasks=tuple(task for task in TASKS if task != 'DroneCircle'),
         **own_folders('h200'),
         description="FISOR 'cpu' preset (critics-first), 34 000-36 000 iterations on one H200"),
     # The paper's settings for a GPU machine: FISOR's 'paper' preset (joint schedule) at 1M
@@ -223,6 +224,12 @@ def run_job(job: Job, grid: Grid) -> Tuple[str, str]:
         # e.g. trained on a GPU machine by tools/gpu_grid.py, whose slimmed checkpoint can be
         # evaluated but not resumed
         train = None
+    elif (Path(grid.runs_dir) / job.name / 'SLIMMED.txt').exists():
+        return job.name, (f'FAILED: trained on another machine to fewer than '
+                          f'{job.method.steps} steps and slimmed (cannot resume); evaluate it '
+                          f'under a grid whose method has as many steps as it trained (e.g. '
+                          f'h200), or delete {repo_relative(Path(grid.runs_dir) / job.name)} '
+                          'to retrain')
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
     if grid.datasets_dir is not None:
         env['DSRL_DATASET_DIR'] = str(grid.datasets_dir)

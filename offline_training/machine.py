@@ -26,8 +26,9 @@ def machine_info() -> dict:
         except (ImportError, AttributeError):
             info[module] = None
     info['gpu'] = None
-    if 'torch' in sys.modules:   # name the GPU only where torch is loaded already (no import cost)
-        torch = sys.modules['torch']
-        if torch.cuda.is_available():
-            info['gpu'] = torch.cuda.get_device_name(0)
+    # Name the GPU only where this process already uses CUDA: no import, no CUDA start-up, and
+    # no GPU recorded for a CPU run on a GPU machine.
+    torch = sys.modules.get('torch')
+    if torch is not None and torch.cuda.is_initialized():
+        info['gpu'] = torch.cuda.get_device_name(torch.cuda.current_device())
     return info

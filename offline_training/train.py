@@ -170,7 +170,7 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
     return run_dir
 
 
-def _parse_override(text: str):
+def parse_override(text: str):
     if '=' not in text:
         raise argparse.ArgumentTypeError(f'--set expects KEY=VALUE, got {text!r}')
     key, value = text.split('=', 1)
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     parser.add_argument('--checkpoint-every', type=int, default=10_000)
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     parser.add_argument('--set', dest='overrides', action='append', default=[],
-                        type=_parse_override, metavar='KEY=VALUE',
+                        type=parse_override, metavar='KEY=VALUE',
                         help='override a config field, e.g. --set num_candidates=32')
     parser.add_argument('--eval-every', type=int, default=0, metavar='K',
                         help='evaluate the policy in the simulator every K steps (default: '

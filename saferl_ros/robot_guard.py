@@ -57,10 +57,15 @@ class GuardConfig:
 
     def validate(self) -> None:
         """Raise RobotConfigError naming the first bad parameter."""
-        for name in ('command_timeout', 'odometry_timeout', 'max_stamp_skew'):
+        for name in ('command_timeout', 'odometry_timeout'):
             value = getattr(self, name)
-            if not (value > 0):      # inf allowed for max_stamp_skew (no clock check)
-                raise RobotConfigError(f'{name} is {value!r}; it must be a positive number')
+            # finite: a robot that never stops when commands or odometry stop is not an option
+            if not (math.isfinite(value) and value > 0):
+                raise RobotConfigError(f'{name} is {value!r}; it must be a positive, finite '
+                                       'number of seconds (e.g. 0.5)')
+        if not (self.max_stamp_skew > 0):      # inf allowed: no clock check
+            raise RobotConfigError(f'max_stamp_skew is {self.max_stamp_skew!r}; it must be a '
+                                   'positive number of seconds (inf: no clock check)')
 
 
 @dataclass

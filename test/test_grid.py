@@ -116,7 +116,9 @@ def test_one_machine_tool_sizes_steps_packs_slim_runs_that_the_grid_only_evaluat
     assert code == 0
     report = json.loads((out / 'gpu-grid.json').read_text())
     assert report['steps'] == 1000 and report['statuses']['fisor-BallCircle-s0'].startswith('ok')
-    assert set(report['rates']['fisor-BallCircle-s0']) == {'critic_it_s', 'actor_it_s'}
+    assert set(report['rates']['fisor-BallCircle-s0']) == {'critic_it_s', 'actor_it_s',
+                                                           'critic_fraction'}
+    assert report['packs_in_out'] == report['packs']
     back = tmp_path / 'back'
     with tarfile.open(out / report['packs'][0]) as tar:
         tar.extractall(back, filter='data')
@@ -133,8 +135,21 @@ def test_one_machine_tool_sizes_steps_packs_slim_runs_that_the_grid_only_evaluat
     job = grid.jobs()[0]
     assert trained_already(job, grid)
     assert not trained_already(Job(Method('fisor', 'fisor', 2000), 'BallCircle', 0), grid)
+    # a grid that wants more steps than the slimmed run has: one clear line, nothing runs
+    longer = Grid('longer', (Method('fisor', 'fisor', 2000),), tasks=('BallCircle',),
+                  preset='test', runs_dir=run_dir.parent, results_dir=tmp_path / 'longer')
+    _, refused = run_job(longer.jobs()[0], longer)
+    assert refused.startswith('FAILED') and 'slimmed' in refused and 'h200' in refused
     name, status = run_job(job, grid)
     assert status.startswith('ok'), status
     log = (run_dir.parent / 'logs' / f'{name}.log').read_text()
     assert '$ saferl-eval' in log and '$ saferl-train' not in log
     assert (tmp_path / 'results' / f'{name}.json').is_file()
+
+
+def test_one_machine_tool_sizes_each_schedule_by_its_own_phases():
+    tool = _gpu_grid_tool()
+    assert tool.seconds_per_step({'it_s': 100.0}) == pytest.approx(0.01)
+    # critics-first: 40 % of the steps at the critic rate, the rest at the actor rate
+    probe = {'critic_it_s': 200.0, 'actor_it_s': 100.0, 'critic_fraction': 0.4}
+    assert tool.seconds_per_step(probe) == pytest.approx(0.4 / 200 + 0.6 / 100)

@@ -101,6 +101,11 @@ def test_fence_and_bad_actions():
     assert not g.final_action([0.1, 0.2, 0.3], 1.03)
     with pytest.raises(RobotConfigError, match='odometry_timeout'):
         guard(odometry_timeout=0.0)
+    # a robot that never stops when odometry or commands stop is refused; no clock check is not
+    for name in ('odometry_timeout', 'command_timeout'):
+        with pytest.raises(RobotConfigError, match=f'{name}.*finite'):
+            guard(**{name: math.inf})
+    guard(max_stamp_skew=math.inf)
 
 
 def test_unicycle_integrates_arcs_within_its_limits():

@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from offline_training.grid import GRIDS, Job, repo_relative  # noqa: E402
+from offline_training.train import parse_override  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -96,9 +97,10 @@ def rate(step):
     return n / (time.perf_counter() - start)
 
 out = {}
-if hasattr(trainer, 'critic_update'):   # FISOR: the two phases of critics-first
+if getattr(config, 'schedule', None) == 'critics-first':   # FISOR: two phases, two speeds
     batch = config.critic_batch_size
     out['critic_it_s'] = rate(lambda: trainer.critic_update(buffer.sample(batch)))
+    out['critic_fraction'] = config.critic_phase_cap() / config.steps
     trainer.config.critic_steps = 1          # the next update starts the actor phase
     trainer.critic_cap = 1
     trainer.update(buffer)
@@ -109,18 +111,19 @@ print('PROBE ' + json.dumps(out), flush=True)
 """
 
 
-def seconds_per_step(probe: dict, critic_fraction: float) -> float:
+def seconds_per_step(probe: dict) -> float:
     """Return the expected seconds per iteration of a run from its probe rates."""
     if 'it_s' in probe:
         return 1.0 / probe['it_s']
-    return critic_fraction / probe['critic_it_s'] + (1 - critic_fraction) / probe['actor_it_s']
+    fraction = probe['critic_fraction']    # of the run's steps, from its own resolved config
+    return fraction / probe['critic_it_s'] + (1 - fraction) / probe['actor_it_s']
 
 
 def run_probes(jobs, grid, seconds: float, env, device: str) -> dict:
     """Probe every job at once; return {run name: rates} (a failed probe is fatal)."""
     procs = {}
     for job in jobs:
-        overrides = dict(item.split('=', 1) for item in job.method.overrides)
+        overrides = dict(parse_override(item) for item in job.method.overrides)
         procs[job.name] = subprocess.Popen(
             [sys.executable, '-c', PROBE, job.method.algorithm, job.task, grid.preset,
              str(seconds), json.dumps(overrides), device], stdout=subprocess.PIPE,
@@ -134,6 +137,19 @@ def run_probes(jobs, grid, seconds: float, env, device: str) -> dict:
         rates[name] = json.loads(lines[-1][len('PROBE '):])
         log(f'probe {name}: {rates[name]}')
     return rates
+
+
+def stop_at_deadline(procs) -> None:
+    """SIGTERM every run still going at once, then wait; kill one that ignores it."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def slim_checkpoint(run_dir: Path) -> None:
@@ -161,6 +177,9 @@ def pack(run_dirs, out: Path, max_file_mb: float) -> list:
     root puts it where the grid looks for it.
     """
     limit = max_file_mb * 2 ** 20
+    for stale in out.glob('runs-*.tar'):      # an earlier command's packs must not be mistaken
+        stale.unlink()
+    shutil.rmtree(out / 'stage', ignore_errors=True)
     staged = []
     for run_dir in run_dirs:
         copy = out / 'stage' / str(repo_relative(run_dir)).lstrip('/')
@@ -237,10 +256,7 @@ def main(argv=None) -> int:
     log(f'{len(jobs)} runs: {", ".join(j.name for j in jobs)}')
 
     rates = run_probes(jobs, grid, args.probe, env, args.device)
-    from offline_training.algos import get_algorithm
-    module, _ = get_algorithm(method.algorithm)
-    fraction = getattr(module.make_config(grid.preset), 'critic_fraction', 0.0)
-    per_step = max(seconds_per_step(r, fraction) for r in rates.values())
+    per_step = max(seconds_per_step(r) for r in rates.values())
     startup = 30.0   # process start, data loading, CUDA context, the final checkpoint
     affordable = (deadline - time.time() - startup) * args.margin / per_step
     steps = int(min(args.max_steps or method.steps, affordable) // 1000 * 1000)
@@ -268,17 +284,18 @@ def main(argv=None) -> int:
     finished, statuses = [], {}
     while procs:
         time.sleep(2)
+        late = time.time() >= deadline
+        if late:
+            stop_at_deadline([proc for proc, _, _ in procs.values()])
         for job, (proc, stream, started) in list(procs.items()):
             code = proc.poll()
-            if code is None and time.time() < deadline:
-                continue
             if code is None:
-                proc.terminate()
-                proc.wait(30)
-                statuses[job.name] = 'stopped at the deadline'
-            elif code == 0:
+                continue
+            if code == 0:
                 finished.append(Path(grid.runs_dir) / job.name)
                 statuses[job.name] = f'ok in {time.time() - started:.0f} s'
+            elif late:
+                statuses[job.name] = 'stopped at the deadline'
             else:
                 statuses[job.name] = f'FAILED (exit {code})'
             stream.close()
@@ -289,16 +306,17 @@ def main(argv=None) -> int:
     with tarfile.open(out / 'logs.tar', 'w') as tar:
         tar.add(Path(grid.runs_dir) / 'logs',
                 arcname=str(repo_relative(Path(grid.runs_dir) / 'logs')).lstrip('/'))
-    report = {'steps': steps, 'probe_seconds': args.probe, 'rates': rates, 'statuses': statuses,
-              'packs': [f.name for f in files]}
-    (out / 'gpu-grid.json').write_text(json.dumps(report, indent=1))
-    sent = 0.0
+    sent, copied = 0.0, []
     for path in files:
         size = path.stat().st_size / 2 ** 20
         if sent + size > args.max_out_mb:
             break
         shutil.copy(path, out / path.name)
         sent += size
+        copied.append(path.name)
+    report = {'steps': steps, 'probe_seconds': args.probe, 'rates': rates, 'statuses': statuses,
+              'packs': [f.name for f in files], 'packs_in_out': copied}
+    (out / 'gpu-grid.json').write_text(json.dumps(report, indent=1))
     log(f'{len(finished)}/{len(jobs)} runs finished; {sent:.1f} MiB copied to {out}; every '
         f'pack in {pack_dir}')
     return 0 if len(finished) == len(jobs) else 1
