@@ -229,9 +229,11 @@ def test_a_deployment_stopped_by_ctrl_c_is_deployed_again_not_trusted(tmp_path, 
     code, output = run_main([path])
     assert code == 130, output
     partial = out / 'iter-0' / '.recordings.partial' / 'run'
-    # the recorder kept the episode in progress, marked partial: left for a look, never merged
+    # the deployment stopped before its two episodes were complete (the recorder marks an
+    # episode in progress partial; on a fast machine the signal may land between episodes, so
+    # there may be none): the recording is left for a look and never merged
     episodes = read_index(partial)['episodes']
-    assert episodes[-1].get('partial') and sum(e['steps'] for e in episodes) < 2 * 100
+    assert len([e for e in episodes if not e.get('partial')]) < 2
     assert not (out / 'iter-0' / 'recordings').exists()
     assert json.loads((out / 'state.json').read_text())['stages'] == {}
 
