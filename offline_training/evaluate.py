@@ -55,6 +55,13 @@ class Agent:
     def act(self, obs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         raise NotImplementedError
 
+    def start_episode(self, seed_value: int) -> None:
+        """Begin an episode (a shielded agent resets its monitor here)."""
+
+    def episode_counts(self) -> dict:
+        """Return counts to add to the episode's row (a shielded agent: its monitor's)."""
+        return {}
+
 
 class BundleAgent(Agent):
     """A model bundle run by the runtime loader (ONNX Runtime), as the ROS nodes run it."""
@@ -160,8 +167,9 @@ class ShieldedAgent(Agent):
         return verdict.action
 
     def episode_counts(self) -> dict:
-        """Return this episode's monitor counters (decisions, replaced, kept, per state)."""
-        return self.monitor.counters.as_dict()
+        """Return this episode's monitor counts: decisions, replaced and kept."""
+        counts = self.monitor.counters.as_dict()
+        return {key: counts[key] for key in ('decisions', 'replaced', 'kept')}
 
 
 def is_bundle(path) -> bool:
@@ -194,14 +202,11 @@ def rollout(agent: Agent, env, seed: int, episode: int) -> dict:
     """
     seed_value = episode_seed(seed, episode)
     rng = np.random.default_rng(seed_value)
-    if isinstance(agent, ShieldedAgent):
-        agent.start_episode(seed_value)
+    agent.start_episode(seed_value)
     episode_result = run_episode(env, lambda obs: agent.act(obs, rng), seed_value)
     row = {'seed': int(seed), 'episode': int(episode), 'reward': episode_result.reward,
            'cost': episode_result.cost, 'length': episode_result.length}
-    if isinstance(agent, ShieldedAgent):
-        counts = agent.episode_counts()
-        row.update({key: counts[key] for key in ('decisions', 'replaced', 'kept')})
+    row.update(agent.episode_counts())
     return row
 
 

@@ -51,6 +51,7 @@ import time
 from typing import Callable, Dict, Optional
 
 from offline_training.algos import ALGORITHMS, get_algorithm
+from offline_training.train import parse_override
 from saferl_ros import graph
 from saferl_ros.errors import (
     ConfigError, MissingFileError, read_yaml_mapping, reports_user_errors, UserError)
@@ -149,19 +150,6 @@ def _kind_names(kinds) -> str:
     names = {str: 'a string', int: 'an integer', bool: 'a boolean (true or false)',
              dict: 'a mapping', type(None): 'null'}
     return ' or '.join(names[k] for k in kinds)
-
-
-def parse_set(text: str):
-    """Return (key, value) of one ``--set KEY=VALUE`` (VALUE read as YAML)."""
-    key, sep, value = text.partition('=')
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f'--set expects KEY=VALUE, got {text!r}')
-    try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError as error:
-        reason = getattr(error, 'problem', None) or type(error).__name__
-        raise argparse.ArgumentTypeError(f'--set {key}: {value!r} is not a YAML value '
-                                         f'({reason})') from None
 
 
 def read_config(path, overrides=()) -> LoopConfig:
@@ -695,9 +683,9 @@ def main(argv=None) -> int:
         'safety monitor in the simulator, record, merge into the dataset, retrain, evaluate, '
         'export, and again (docs/loop.md).')
     parser.add_argument('config', help='loop config (YAML), e.g. config/loop_ballcircle.yaml')
-    parser.add_argument('--set', dest='overrides', action='append', default=[], type=parse_set,
-                        metavar='KEY=VALUE', help='override a config key, e.g. --set '
-                        'iterations=1 (VALUE is YAML)')
+    parser.add_argument('--set', dest='overrides', action='append', default=[],
+                        type=parse_override, metavar='KEY=VALUE',
+                        help='override a config key, e.g. --set iterations=1 (VALUE is YAML)')
     args = parser.parse_args(argv)
     if not Path(args.config).is_file():
         raise MissingFileError(f'{args.config}: no such loop config file; give a YAML file '

@@ -171,15 +171,16 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
 
 
 def parse_override(text: str):
-    if '=' not in text:
+    """Return (key, value) of one ``--set KEY=VALUE`` (VALUE read as YAML); saferl-loop too."""
+    key, sep, value = text.partition('=')
+    if not sep or not key:
         raise argparse.ArgumentTypeError(f'--set expects KEY=VALUE, got {text!r}')
-    key, value = text.split('=', 1)
     try:
-        return key, yaml.safe_load(value)
+        return key.strip(), yaml.safe_load(value)
     except yaml.YAMLError as error:
-        reason = getattr(error, 'problem', None) or error
+        reason = getattr(error, 'problem', None) or type(error).__name__
         raise argparse.ArgumentTypeError(f'--set {key}: {value!r} is not a YAML value '
-                                         f'({reason})')
+                                         f'({reason})') from None
 
 
 @reports_user_errors('saferl-train', expected=(DatasetError,))

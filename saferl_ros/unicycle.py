@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import math
 from typing import Tuple
 
+from saferl_ros.robot_adapter import wrap_angle
+
 
 @dataclass
 class UnicycleLimits:
@@ -69,7 +71,7 @@ class Unicycle:
             self.x += radius * (math.sin(yaw_end) - math.sin(self.yaw))
             self.y -= radius * (math.cos(yaw_end) - math.cos(self.yaw))
             self.yaw = yaw_end
-        self.yaw = (self.yaw + math.pi) % (2.0 * math.pi) - math.pi
+        self.yaw = wrap_angle(self.yaw)
 
     def quaternion(self) -> Tuple[float, float, float, float]:
         """Return the heading as a quaternion about z, ordered x, y, z, w."""
