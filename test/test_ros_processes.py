@@ -55,8 +55,11 @@ def test_processes_loop_then_kill_recorder_and_controller(tmp_path):
     try:
         # The simulator starts once the monitor publishes (configured) and controller, monitor
         # and probe listen to the observation, so the probe sees the loop from its first step.
+        # Both recorders (and the probe) listen to the steps before the first one: a recorder
+        # that joins late (a loaded CI machine) may otherwise see none and have no run to close.
         assert spin_until(executor, lambda: node.count_publishers(common.FINAL) >= 1 and
-                          node.count_subscribers(common.OBSERVATION) >= 3, 60.0), \
+                          node.count_subscribers(common.OBSERVATION) >= 3 and
+                          node.count_subscribers(common.STEP) >= 3, 60.0), \
             {k: p.poll() for k, p in procs.items()}
         procs[SIM] = start(SIM, {'task': 'BallCircle', 'horizon': 80,
                                  'min_subscribers': 3, 'wait_for_recorder': True,
@@ -112,6 +115,7 @@ def test_processes_loop_then_kill_recorder_and_controller(tmp_path):
         procs['recorder_b'].send_signal(signal.SIGINT)
         assert procs['recorder_b'].wait(20) == 0
         graceful = tmp_path / 'rec' / 'graceful'
+        assert (graceful / 'index.json').is_file(), logs['recorder_b'].read_text()[-3000:]
         assert read_index(graceful)['closed']
         assert validate_file(graceful / 'recording.hdf5') == []
         procs[MONITOR].send_signal(signal.SIGTERM)
