@@ -42,6 +42,10 @@ DRIVING = 'DRIVING'
 INACTIVE = 'INACTIVE'
 LEVEL = {ESTOP: 2, NO_ODOMETRY: 2, CLOCK: 2, TIMEOUT: 1, GEOFENCE: 1, DRIVING: 0, INACTIVE: 1}
 HOLDS = (ESTOP, NO_ODOMETRY, CLOCK, TIMEOUT)     # states whose command is a hold at zero
+# States whose command the adapter re-sends at every watchdog tick, not only per final action:
+# the holds, and the fence cut (the robot may reach the fence between two final actions, when
+# the last command sent was still the uncut one).
+RESENT = HOLDS + (GEOFENCE,)
 STARTUP = 'start-up'                 # the e-stop input that engage_at_start stands for
 ZERO = (0.0, 0.0, 0.0)
 
@@ -81,6 +85,11 @@ class Decision:
     def level(self) -> int:
         """Return the diagnostic level of the state."""
         return LEVEL[self.state]
+
+    @property
+    def resent(self) -> bool:
+        """Return True if the command goes out at every watchdog tick, not once per action."""
+        return self.state in RESENT
 
 
 class RobotGuard:
@@ -207,7 +216,10 @@ class RobotGuard:
         command, cut = self.task.fence_limit(self.task.command(self.action, self.state),
                                              self.state)
         if cut:
-            return Decision(command, self.action, GEOFENCE,
+            # The recorded action is the one the cut command applies (what the robot did),
+            # not the policy's: retraining on the uncut one would teach motion that never was.
+            applied = self.task.action_from_command(*command, self.state)
+            return Decision(command, applied, GEOFENCE,
                             f'fence at |x| {self.task.fence[0]:g} m, |y| '
                             f'{self.task.fence[1]:g} m: outward motion cut')
         return Decision(command, self.action, DRIVING, 'driving')

@@ -95,6 +95,13 @@ def test_fence_and_bad_actions():
     why, d = drive(g, 1.0, x=2.05)
     assert d.state == GEOFENCE and d.command == (0.0, 0.0, 0.0)
     assert g.counts['fence_cuts'] == 1
+    # what is recorded is what the cut command applies: no forward motion, not the policy's -1
+    np.testing.assert_array_equal(d.action, [0.0, 0.0])
+    # the cut goes out at every watchdog tick (the robot may reach the fence between actions)
+    assert d.resent
+    inside = drive(g, 1.01, x=1.0)[1]
+    np.testing.assert_array_equal(inside.action, [-1.0, 0.0])
+    assert inside.state == DRIVING and not inside.resent
     g.odometry(RobotState(1.0, 0.0, 0.0), int(1.02 * S), int(1.02 * S), 1.02)
     assert not g.final_action([math.nan, 0.0], 1.02)
     assert g.decide(1.02).state == TIMEOUT                 # a malformed action is no action

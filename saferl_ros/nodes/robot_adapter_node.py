@@ -31,7 +31,7 @@ from saferl_ros.nodes.common import (CMD_VEL, COMMAND_QOS, ConfiguredEntities, d
 from saferl_ros.nodes.records import step_msg, Transition
 from saferl_ros.robot_adapter import (DRIVES, RobotConfig, RobotState, RobotTask,
                                       yaw_from_quaternion)
-from saferl_ros.robot_guard import (ESTOP as ESTOP_STATE, GuardConfig, HOLDS, INACTIVE, LEVEL,
+from saferl_ros.robot_guard import (ESTOP as ESTOP_STATE, GuardConfig, INACTIVE, LEVEL,
                                     RobotGuard, STARTUP)
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool, String
@@ -259,13 +259,13 @@ class RobotAdapterNode(LifecycleNode):
         """
         Decide; send the command if a final action asked for it or if it is a hold at zero.
 
-        The guard's holds (e-stop, no odometry, clock, timeout) go out at every watchdog tick;
-        a driving command goes out once per final action. A change of state is published on
-        /diagnostics at once.
+        The guard's holds (e-stop, no odometry, clock, timeout) and fence cuts go out at every
+        watchdog tick; a driving command goes out once per final action. A change of state is
+        published on /diagnostics at once.
         """
         if self.active:
             decision = self.guard.decide(time.monotonic())
-            if send or decision.state in HOLDS:
+            if send or decision.resent:
                 self.applied = decision.action
                 self._send(*decision.command)
             state, reason = decision.state, decision.reason
