@@ -47,11 +47,15 @@ def test_a_tiny_grid_trains_evaluates_resumes_and_reports_failures(tiny_grid, tm
     assert 'fisor-BallCircle-s0' in (tmp_path / 'runs.md').read_text()
     assert 'not finished' in (tmp_path / 'runs.md').read_text()     # the typo run
     assert (tmp_path / 'results.md').is_file()
-    # on a machine without the run folders the runs page is kept, not rewritten as unfinished
+    # on a machine without (some of) the run folders a finished run keeps its row, not
+    # rewritten as unfinished; one that never finished stays unfinished
     import shutil
-    shutil.rmtree(tmp_path / 'runs')
     page = (tmp_path / 'runs.md').read_text()
+    shutil.rmtree(tmp_path / 'runs' / 'fisor-BallCircle-s0')
     assert write_tables(tiny_grid) == 0 and (tmp_path / 'runs.md').read_text() == page
+    shutil.rmtree(tmp_path / 'runs')
+    assert write_tables(tiny_grid) == 0 and (tmp_path / 'runs.md').read_text() == page
+    assert page.count('not finished') == 1
 
 
 def test_the_commands_use_one_thread_and_name_no_machine_path():
@@ -153,3 +157,11 @@ def test_one_machine_tool_sizes_each_schedule_by_its_own_phases():
     # critics-first: 40 % of the steps at the critic rate, the rest at the actor rate
     probe = {'critic_it_s': 200.0, 'actor_it_s': 100.0, 'critic_fraction': 0.4}
     assert tool.seconds_per_step(probe) == pytest.approx(0.4 / 200 + 0.6 / 100)
+
+
+def test_one_machine_tool_refuses_a_runs_folder_outside_the_repository(tmp_path, capsys):
+    tool = _gpu_grid_tool()
+    with pytest.raises(SystemExit):
+        tool.main(['--method', 'fisor', '--budget', '60', '--out', str(tmp_path / 'out'),
+                   '--runs-dir', str(tmp_path / 'runs')])
+    assert 'outside the repository' in capsys.readouterr().err

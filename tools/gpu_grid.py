@@ -223,7 +223,8 @@ def main(argv=None) -> int:
                         help='fraction of the time left that the steps are sized to fill')
     parser.add_argument('--device', default='cuda')
     parser.add_argument('--runs-dir', type=Path, default=None,
-                        help="where the run folders go (default the grid's, e.g. runs/core-hour)")
+                        help='where the run folders go, inside the repository (default the '
+                        "grid's, e.g. runs/core-hour)")
     parser.add_argument('--preset', default=None, help="training preset (default the grid's)")
     parser.add_argument('--max-steps', type=int, default=None,
                         help="cap on the steps (default the grid's)")
@@ -237,6 +238,10 @@ def main(argv=None) -> int:
     if args.preset:
         grid = replace(grid, preset=args.preset)
     if args.runs_dir:
+        # The packs name each run by its path in the repository, to be unpacked at its root.
+        if repo_relative(args.runs_dir).is_absolute():
+            parser.error(f'--runs-dir {args.runs_dir} is outside the repository: the packs '
+                         'unpack at the repository root; choose a folder inside it')
         grid = replace(grid, runs_dir=args.runs_dir.resolve())
     method = next((m for m in grid.methods if m.tag == args.method), None)
     if method is None:
