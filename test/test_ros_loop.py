@@ -251,9 +251,7 @@ def test_controller_death_makes_the_monitor_stop_the_robot(bundles, tmp_path, lo
     graph.activate()
     steps = probe.msgs[common.STEP]
     assert spin_until(graph.executor, lambda: len(steps) >= 20, 30.0)
-    controller = graph.nodes.pop(CONTROLLER)
-    graph.executor.remove_node(controller)
-    controller.destroy_node()                      # the controller process is gone
+    graph.remove(CONTROLLER)                       # the controller process is gone
     steps_at_death = len(steps)
     assert spin_until(graph.executor, lambda: len(steps) >= steps_at_death + 6, 10.0)
     loop.stop()

@@ -58,7 +58,9 @@ PARAMS = [
     Param('precompute_fallback', True, 'Compute the fallback action as soon as the observation '
           'arrives, while the controller computes its proposal (on another core), so that an '
           'intervention adds no compute to the control path; costs one fallback evaluation per '
-          'observation.'),
+          'observation. false: only when a proposal needs it, with the noise drawn on arrival '
+          '(the same actions); saferl-bringup sets false when the controller shares its '
+          'process (one thread: nothing to overlap) unless the parameters file sets it.'),
     Param('verify_golden', True, 'Check the ONNX graphs against golden.npz at configure.'),
     Param('watchdog_rate_hz', 20.0, 'How often the watchdog checks for silent inputs [Hz].',
           min_value=1.0, max_value=1000.0),
@@ -85,7 +87,8 @@ class SafetyMonitorNode(LifecycleNode):
         self.bundle = None
         self.channels: List[str] = []
         self.act_names: List[str] = []
-        # stamp -> (observation or None if invalid, FallbackChoice precomputed for it or None)
+        # stamp -> (observation or None if invalid, FallbackChoice precomputed for it or None,
+        #           its fallback noise when not precomputed or None)
         self.observations: 'OrderedDict[int, tuple]' = OrderedDict()
         self.last_obs_ns: Optional[int] = None
         self.last_decided_ns: Optional[int] = None
@@ -190,11 +193,13 @@ class SafetyMonitorNode(LifecycleNode):
                 self._publish(self.monitor.stop(MonitorState.FAULT, stamp * 1e-9, str(exc)),
                               stamp)
                 self.last_decided_ns = stamp
-        fallback = None
-        if obs is not None and self.cfg['precompute_fallback'] and \
-                self.monitor.use_bundle_fallback:
-            fallback = self.monitor.fallback_for(obs)
-        self.observations[stamp] = (obs, fallback)
+        fallback = noise = None
+        if obs is not None and self.monitor.use_bundle_fallback:
+            if self.cfg['precompute_fallback']:
+                fallback = self.monitor.fallback_for(obs)
+            else:   # drawn now either way: the same noise stream, the same actions
+                noise = self.monitor.fallback_noise(obs)
+        self.observations[stamp] = (obs, fallback, noise)
         while len(self.observations) > 32:
             self.observations.popitem(last=False)
         self.last_obs_ns = stamp if self.last_obs_ns is None else max(self.last_obs_ns, stamp)
@@ -210,10 +215,10 @@ class SafetyMonitorNode(LifecycleNode):
             verdict = self.monitor.stop(MonitorState.FAULT, stamp * 1e-9,
                                         'observation channels do not match the bundle')
         else:
-            obs, fallback = self.observations[stamp]
+            obs, fallback, noise = self.observations[stamp]
             verdict = self.monitor.decide(obs, list(msg.position), obs_stamp=stamp * 1e-9,
                                           proposal_stamp=stamp * 1e-9, now=self._now(),
-                                          fallback=fallback)
+                                          fallback=fallback, fallback_noise=noise)
         self.last_decided_ns = stamp if self.last_decided_ns is None else \
             max(self.last_decided_ns, stamp)
         self._publish(verdict, stamp)
