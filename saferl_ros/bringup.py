@@ -140,22 +140,6 @@ def parameter_overrides(node_class, params: dict):
     return out
 
 
-def shared_thread_defaults(nodes: Dict[str, dict]) -> Dict[str, dict]:
-    """
-    Return ``nodes`` with the defaults of nodes that share one executor thread.
-
-    The monitor's ``precompute_fallback`` overlaps the fallback search with the controller's
-    policy on another core; when both spin on this process's one thread it cannot overlap and
-    would put a fallback search on every step's path, so it is false here unless the file sets
-    it (the noise is drawn on arrival either way: the same actions).
-    """
-    monitor = nodes.get(node_graph.MONITOR)
-    if monitor is None or node_graph.CONTROLLER not in nodes or \
-            'precompute_fallback' in monitor:
-        return nodes
-    return {**nodes, node_graph.MONITOR: {**monitor, 'precompute_fallback': False}}
-
-
 class Graph:
     """The nodes of one parameters file in one process."""
 
@@ -175,7 +159,6 @@ class Graph:
             rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
         self.executor = make_executor(executor)
         self.nodes = {}
-        nodes = shared_thread_defaults(nodes)
         for name in NODE_ORDER:
             if name in nodes:
                 overrides = parameter_overrides(classes[name], nodes[name])

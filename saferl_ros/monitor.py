@@ -31,7 +31,7 @@ decisions come out in a lock-step simulation, on a robot and in the unit tests.
 from dataclasses import dataclass, field
 from enum import IntEnum
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 from saferl_ros.errors import ConfigError
@@ -378,7 +378,9 @@ class SafetyMonitor:
     # -- the rule ------------------------------------------------------------------------------
 
     def decide(self, observation, proposed, obs_stamp: float, proposal_stamp: float,
-               now: float, fallback: Optional[FallbackChoice] = None,
+               now: float,
+               fallback: Union[FallbackChoice, Callable[[], Optional[FallbackChoice]],
+                               None] = None,
                fallback_noise: Optional[np.ndarray] = None) -> Verdict:
         """
         Return the verdict for one proposal (steps 1-5 of the rule).
@@ -386,9 +388,11 @@ class SafetyMonitor:
         ``obs_stamp`` is the observation's stamp, ``proposal_stamp`` the stamp the proposal
         carries (that of the observation it answers), ``now`` the current time on the same clock.
         ``fallback`` is the fallback choice for this observation if the caller computed it in
-        advance (:meth:`fallback_for`, while the controller was still busy); else it is computed
-        here when the rule needs it, with ``fallback_noise`` if given (:meth:`fallback_noise`,
-        drawn when the observation arrived: then both ways give the same actions).
+        advance (:meth:`fallback_for`, while the controller was still busy), or a function that
+        returns it (e.g. the result of a computation still running in another thread), called
+        only when the rule needs the fallback; else it is computed here when the rule needs it,
+        with ``fallback_noise`` if given (:meth:`fallback_noise`, drawn when the observation
+        arrived: then every way gives the same actions).
         """
         obs = _finite_vector(observation, self.obs_dim)
         if obs is None:
@@ -430,6 +434,8 @@ class SafetyMonitor:
                                         risk_final=risk, **values), started=False)
         if fallback is None:
             fallback = self.fallback_for(obs, noise=fallback_noise)
+        elif callable(fallback):
+            fallback = fallback()
         if fallback is None:
             return self._stop(MonitorState.FAULT, obs_stamp, act,
                               'fallback policy or critic returned NaN/Inf', values)

@@ -137,15 +137,24 @@ def test_lazy_fallback_with_noise_drawn_on_arrival_gives_the_precomputed_actions
     rng = np.random.default_rng(5)
     states = [FEASIBLE_S if rng.random() < 0.6 else INFEASIBLE_S for _ in range(40)]
     proposals = rng.uniform(-1, 1, (40, 2))
-    eager = SafetyMonitor(NoisyBundle(), MonitorConfig(fallback_samples=3, seed=7, min_hold=0.0))
-    lazy = SafetyMonitor(NoisyBundle(), MonitorConfig(fallback_samples=3, seed=7, min_hold=0.0))
+    # A third way, the node's worker thread: the noise drawn on arrival, the fallback computed
+    # elsewhere and handed over as a function that is called only when the rule needs it.
+    eager, lazy, pending = (SafetyMonitor(NoisyBundle(), MonitorConfig(
+        fallback_samples=3, seed=7, min_hold=0.0)) for _ in range(3))
+    waited = []
     for t, (s, a) in enumerate(zip(states, proposals)):
         ready = eager.fallback_for(s)
         noise = lazy.fallback_noise(s)
+        computed = pending.fallback_for(s, noise=pending.fallback_noise(s))
         v_eager = eager.decide(s, a, t, t, t, fallback=ready)
         v_lazy = lazy.decide(s, a, t, t, t, fallback_noise=noise)
-        assert v_lazy.state == v_eager.state and v_lazy.replaced == v_eager.replaced
-        np.testing.assert_array_equal(v_lazy.action, v_eager.action)
+        v_pending = pending.decide(s, a, t, t, t,
+                                   fallback=lambda c=computed: waited.append(t) or c)
+        for v in (v_lazy, v_pending):
+            assert v.state == v_eager.state and v.replaced == v_eager.replaced
+            np.testing.assert_array_equal(v.action, v_eager.action)
+    assert len(waited) == eager.counters.counts['RECOVERY'] + \
+        eager.counters.counts['INTERVENING']
     assert eager.counters.replaced > 0 and eager.counters.counts['NOMINAL'] > 0
     # The lazy monitor ran its fallback only where the rule needed it.
     assert lazy.bundle.fallback_calls == eager.counters.counts['RECOVERY'] + \

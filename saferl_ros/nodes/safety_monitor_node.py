@@ -12,6 +12,7 @@ robot stopped.
 """
 
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 import math
 import re
 import sys
@@ -56,11 +57,11 @@ PARAMS = [
           'noise and candidates; the one the critic ranks safest is the fallback.',
           min_value=1, max_value=256),
     Param('precompute_fallback', True, 'Compute the fallback action as soon as the observation '
-          'arrives, while the controller computes its proposal (on another core), so that an '
-          'intervention adds no compute to the control path; costs one fallback evaluation per '
-          'observation. false: only when a proposal needs it, with the noise drawn on arrival '
-          '(the same actions); saferl-bringup sets false when the controller shares its '
-          'process (one thread: nothing to overlap) unless the parameters file sets it.'),
+          'arrives, in a worker thread (ONNX Runtime runs without the GIL), while the '
+          'controller computes its proposal on another core, so that an intervention adds no '
+          'compute to the control path; costs one fallback evaluation per observation. false: '
+          'only when a proposal needs it. The noise is drawn on arrival either way: the same '
+          'actions.'),
     Param('verify_golden', True, 'Check the ONNX graphs against golden.npz at configure.'),
     Param('watchdog_rate_hz', 20.0, 'How often the watchdog checks for silent inputs [Hz].',
           min_value=1.0, max_value=1000.0),
@@ -87,9 +88,10 @@ class SafetyMonitorNode(LifecycleNode):
         self.bundle = None
         self.channels: List[str] = []
         self.act_names: List[str] = []
-        # stamp -> (observation or None if invalid, FallbackChoice precomputed for it or None,
-        #           its fallback noise when not precomputed or None)
+        # stamp -> (observation or None if invalid, the Future of its fallback being computed in
+        #           the worker or None, its fallback noise or None)
         self.observations: 'OrderedDict[int, tuple]' = OrderedDict()
+        self.worker: Optional[ThreadPoolExecutor] = None   # precompute_fallback's thread
         self.last_obs_ns: Optional[int] = None
         self.last_decided_ns: Optional[int] = None
         self.last_status: Optional[tuple] = None     # (state, cause) last on monitor/status
@@ -127,6 +129,8 @@ class SafetyMonitorNode(LifecycleNode):
         except Exception as exc:  # BundleError, ObservationError, MonitorConfigError
             return fail(self, exc)
         self.cfg, self.bundle, self.monitor, self.channels = cfg, bundle, monitor, channels
+        if cfg['precompute_fallback'] and monitor.use_bundle_fallback:
+            self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix='fallback')
         self.act_names = action_names(bundle.act_dim)
         self.observations.clear()
         self.last_obs_ns = self.last_decided_ns = None
@@ -169,10 +173,26 @@ class SafetyMonitorNode(LifecycleNode):
     def on_cleanup(self, state) -> TransitionCallbackReturn:
         """Drop the bundle and everything configure created."""
         self.entities.destroy()
+        self._stop_worker()
         self.monitor = self.bundle = None
         self.final_pub = self.verdict_pub = self.status_pub = self.diag_pub = None
         self.observations.clear()
         return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state) -> TransitionCallbackReturn:
+        """Stop the fallback worker."""
+        self._stop_worker()
+        return TransitionCallbackReturn.SUCCESS
+
+    def destroy_node(self):
+        """Stop the fallback worker, then destroy the node."""
+        self._stop_worker()
+        return super().destroy_node()
+
+    def _stop_worker(self):
+        if self.worker is not None:
+            self.worker.shutdown(wait=True, cancel_futures=True)
+            self.worker = None
 
     # -- inputs --------------------------------------------------------------------------------
 
@@ -193,15 +213,17 @@ class SafetyMonitorNode(LifecycleNode):
                 self._publish(self.monitor.stop(MonitorState.FAULT, stamp * 1e-9, str(exc)),
                               stamp)
                 self.last_decided_ns = stamp
-        fallback = noise = None
+        future = noise = None
         if obs is not None and self.monitor.use_bundle_fallback:
-            if self.cfg['precompute_fallback']:
-                fallback = self.monitor.fallback_for(obs)
-            else:   # drawn now either way: the same noise stream, the same actions
-                noise = self.monitor.fallback_noise(obs)
-        self.observations[stamp] = (obs, fallback, noise)
+            # Drawn here, in arrival order, either way: the same noise stream, the same actions.
+            noise = self.monitor.fallback_noise(obs)
+            if self.worker is not None and noise is not None:
+                future = self.worker.submit(self.monitor.fallback_for, obs, noise)
+        self.observations[stamp] = (obs, future, noise)
         while len(self.observations) > 32:
-            self.observations.popitem(last=False)
+            _, (_, old, _) = self.observations.popitem(last=False)
+            if old is not None:
+                old.cancel()       # not started yet: never will (bounds the worker's queue)
         self.last_obs_ns = stamp if self.last_obs_ns is None else max(self.last_obs_ns, stamp)
 
     def _on_proposal(self, msg: JointState):
@@ -215,10 +237,10 @@ class SafetyMonitorNode(LifecycleNode):
             verdict = self.monitor.stop(MonitorState.FAULT, stamp * 1e-9,
                                         'observation channels do not match the bundle')
         else:
-            obs, fallback, noise = self.observations[stamp]
+            obs, future, noise = self.observations[stamp]
             verdict = self.monitor.decide(obs, list(msg.position), obs_stamp=stamp * 1e-9,
                                           proposal_stamp=stamp * 1e-9, now=self._now(),
-                                          fallback=fallback, fallback_noise=noise)
+                                          fallback=_pending(future), fallback_noise=noise)
         self.last_decided_ns = stamp if self.last_decided_ns is None else \
             max(self.last_decided_ns, stamp)
         self._publish(verdict, stamp)
@@ -262,6 +284,13 @@ class SafetyMonitorNode(LifecycleNode):
         if self.monitor is None or self.monitor.last is None:
             return
         self.diag_pub.publish(diagnostic_array(self, [self._status(self.monitor.last)]))
+
+
+def _pending(future: Optional[Future]):
+    """Return a function that waits for the worker's fallback (None: compute it in place)."""
+    if future is None or future.cancelled():
+        return None
+    return future.result
 
 
 # Numbers in a stop's reason (ages, critic values): not part of its cause.
