@@ -122,6 +122,51 @@ def ort_option_calls(model: bytes, obs: np.ndarray, noise: np.ndarray, act_dim: 
     return calls
 
 
+SAMPLER_PARTS = (('condition network (time features + cond MLP)', ('cond', 'time_features')),
+                 ('body input layer', ('body/inp',)), ('body residual blocks', ('body/blocks',)),
+                 ('body output layer', ('body/out',)), ('critic ranking of candidates', ('q_h',)))
+
+
+def sampler_shares(model: bytes, obs: np.ndarray, noise: np.ndarray, calls: int = 200) -> dict:
+    """
+    Return each part's share of the policy graph's kernel time (ONNX Runtime's own profiler).
+
+    Says what a cheaper sampler could save, e.g. computing the condition network once per
+    denoising step instead of once per candidate and step (it depends on the step only).
+    Profiling adds a fixed cost per node, so small element-wise nodes weigh more than they do
+    without it: read the shares as upper bounds for the small parts.
+    """
+    import json
+
+    import onnxruntime as ort
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / 'policy')
+        session = ort.InferenceSession(model, sess_options=options,
+                                       providers=['CPUExecutionProvider'])
+        for _ in range(calls):
+            session.run(['action'], {'observation': obs, 'noise': noise})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    shares = {name: 0.0 for name, _ in SAMPLER_PARTS}
+    other = 'other nodes (sampler arithmetic, concat, argmin)'
+    shares[other] = 0.0
+    for event in events:
+        name = event.get('name', '')
+        if event.get('cat') != 'Node' or not name.endswith('_kernel_time'):
+            continue
+        part = next((label for label, keys in SAMPLER_PARTS if any(k in name for k in keys)),
+                    other)
+        shares[part] += event['dur']
+    total = sum(shares.values())
+    return {name: value / total for name, value in shares.items()}
+
+
 def main(argv=None) -> int:
     """Run the benchmark and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip())
@@ -226,6 +271,10 @@ def main(argv=None) -> int:
               f'{st["p50"] / base["p50"]:.2f} | {st["p99"] / base["p99"]:.2f} |')
     print(f'| new session per call (no reuse; 10 calls) | {np.percentile(creation, 50):.3f} | '
           f'{max(creation):.3f} (max) | | {np.percentile(creation, 50) / base["p50"]:.0f} | |')
+    print('\nFISOR policy graph: share of kernel time per part (ONNX Runtime profiler, '
+          f'{args.preset!r} sizes):')
+    for name, share in sampler_shares(model_bytes, obs, noise).items():
+        print(f'  {name}: {100 * share:.1f} %')
     return 0
 
 

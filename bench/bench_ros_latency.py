@@ -149,7 +149,7 @@ def start(executable: str, args: list, log: Path, priority: int = 0,
                             env={**os.environ, 'PYTHONUNBUFFERED': '1'})
 
 
-CONFIG_OPTIONS = ('precompute', 'composed', 'onebox', 'drcorl')
+CONFIG_OPTIONS = ('precompute', 'composed', 'onebox', 'drcorl', 'baseline')
 
 
 def parse_config(name: str) -> dict:
@@ -159,7 +159,8 @@ def parse_config(name: str) -> dict:
     precompute: the monitor computes the fallback when the observation arrives; composed: the
     controller and the monitor share one process and executor (saferl-bringup), else two;
     onebox: the whole loop of config/demo.yaml in one saferl-bringup process (simulator and
-    recorder included); drcorl: the DRCORL bundle with the paper's sizes instead of FISOR's.
+    recorder included); drcorl: the DRCORL bundle with the paper's sizes instead of FISOR's;
+    baseline (with onebox): the nodes' code of --baseline-tree (e.g. an older commit's files).
     @RATE: the rates [Hz] of this configuration (default --rates).
     """
     body, _, rates = name.partition('@')
@@ -170,13 +171,15 @@ def parse_config(name: str) -> dict:
     except ValueError:
         rate_list = []
     if parts[0] not in EXECUTORS or any(p not in CONFIG_OPTIONS for p in parts[1:]) or \
-            rate_list == [] or ('onebox' in parts and 'composed' in parts):
+            rate_list == [] or ('onebox' in parts and 'composed' in parts) or \
+            ('baseline' in parts and 'onebox' not in parts):
         raise SystemExit(f'bad configuration {name!r}: use EXECUTOR[+OPTION...][@RATE,...] '
                          f'with EXECUTOR one of {EXECUTORS}, OPTION of {CONFIG_OPTIONS} '
                          '(onebox or composed), e.g. events+onebox@50')
     return {'name': name, 'executor': parts[0], 'precompute': 'precompute' in parts[1:],
             'composed': 'composed' in parts[1:], 'onebox': 'onebox' in parts[1:],
-            'drcorl': 'drcorl' in parts[1:], 'rates': rate_list}
+            'drcorl': 'drcorl' in parts[1:], 'baseline': 'baseline' in parts[1:],
+            'rates': rate_list}
 
 
 def start_composed(bundle: str, monitor_params: dict, log: Path, executor: str,
@@ -345,6 +348,8 @@ class CallbackClock:
 def onebox_main(spec_file: str) -> int:
     """Child process of an onebox configuration: run config/demo.yaml's graph, save latencies."""
     spec = json.loads(Path(spec_file).read_text())
+    if spec.get('tree'):      # another checkout's code (--baseline-tree), imported before ours
+        sys.path.insert(0, spec['tree'])
     from saferl_ros import graph as node_graph
     from saferl_ros.bringup import apply_overrides, Graph, load_parameters
     nodes = load_parameters(REPO / 'config' / 'demo.yaml')
@@ -363,14 +368,15 @@ def onebox_main(spec_file: str) -> int:
             raise RuntimeError(f'only {len(sim.latency.samples)} of {need} steps in time')
         graph.deactivate()
         counts = graph.nodes[node_graph.MONITOR].monitor.counters.as_dict()
-        steps = len(sim.cpu_latency.samples[spec['warmup']:need])
+        cpu = getattr(sim, 'cpu_latency', None)     # None: a baseline without it
+        steps = len(sim.latency.samples[spec['warmup']:need])
         out = {'wall_ms': [x * 1e3 for x in sim.latency.samples[spec['warmup']:need]],
-               'cpu_ms': [x * 1e3 for x in sim.cpu_latency.samples[spec['warmup']:need]],
+               'cpu_ms': [x * 1e3 for x in cpu.samples[spec['warmup']:need]] if cpu else [],
                'fallback_share': (counts['intervening'] + counts['recovery'])
                / max(1, counts['decisions']),
-               'path_cpu_ms_per_step': {k: 1e3 * sum(v) / max(1, len(sim.cpu_latency.samples))
+               'path_cpu_ms_per_step': {k: 1e3 * sum(v) / max(1, len(sim.latency.samples))
                                         for k, v in clock.path.items()},
-               'off_path_cpu_ms_per_step': {k: 1e3 * sum(v) / max(1, len(sim.cpu_latency.samples))
+               'off_path_cpu_ms_per_step': {k: 1e3 * sum(v) / max(1, len(sim.latency.samples))
                                             for k, v in clock.off_path.items()},
                'steps': steps}
     finally:
@@ -400,7 +406,7 @@ def measure_onebox(config: dict, bundle: str, args, tmp: Path) -> dict:
         spec.write_text(json.dumps({
             'overrides': overrides, 'executor': config['executor'], 'warmup': args.warmup,
             'samples': args.samples, 'timeout': 60 + 3 * (args.samples + args.warmup) / rate,
-            'out': str(out)}))
+            'out': str(out), 'tree': args.baseline_tree if config['baseline'] else None}))
         log = tmp / f'onebox-{tag}.log'
         with open(log, 'w') as stream:
             code = subprocess.call([sys.executable, __file__, '--onebox', str(spec)],
@@ -441,6 +447,9 @@ def main(argv=None) -> int:
     parser.add_argument('--warmup', type=int, default=50)
     parser.add_argument('--pings', type=int, default=1000)
     parser.add_argument('--json', default=None, help='write the results here')
+    parser.add_argument('--baseline-tree', default=None,
+                        help="folder with another version's saferl_ros (e.g. `git archive "
+                             "COMMIT | tar -x -C DIR`), run by the '+baseline' configurations")
     parser.add_argument('--echo', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--onebox', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -449,6 +458,8 @@ def main(argv=None) -> int:
     if args.onebox:
         return onebox_main(args.onebox)
     configs = [parse_config(name) for name in args.configs]
+    if any(c['baseline'] for c in configs) and not args.baseline_tree:
+        parser.error('a +baseline configuration needs --baseline-tree DIR')
     os.environ.setdefault('ROS_DOMAIN_ID', str(90 + os.getpid() % 40))
     os.environ.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
 
@@ -479,6 +490,7 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     results = {'machine': machine_info(), 'bundle': bundle, 'samples': args.samples,
                'bundles': bundles, 'loadavg_before': load_before,
+               'baseline_tree': args.baseline_tree,
                'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
                'pass_through': args.pass_through,
                'realtime_priority': args.realtime_priority if args.realtime_priority and
@@ -524,6 +536,8 @@ def print_results(r: dict) -> None:
         where = 'one process (saferl-bringup)' if c['config']['onebox'] else \
             'controller+monitor in one process' if c['config']['composed'] else \
             'separate processes'
+        if c['config'].get('baseline'):
+            where += ', the code of --baseline-tree'
         for rate, s in c['rates'].items():
             total = s['total_ms']
             base = base if base is not None else total.get('p99', float('nan'))

@@ -190,8 +190,9 @@ class SafetyMonitorNode(LifecycleNode):
         return super().destroy_node()
 
     def _stop_worker(self):
-        if self.worker is not None:
-            self.worker.shutdown(wait=True, cancel_futures=True)
+        worker = getattr(self, 'worker', None)   # None also when __init__ failed before it
+        if worker is not None:
+            worker.shutdown(wait=True, cancel_futures=True)
             self.worker = None
 
     # -- inputs --------------------------------------------------------------------------------
