@@ -73,6 +73,14 @@ def drcorl_bundle(out_dir: Path, task: str = 'BallCircle') -> str:
                             out_dir / 'drcorl-paper-untrained', spec.name))
 
 
+def shown(path: str) -> str:
+    """Return a path as the results show it: relative to the repository, else its last part."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return Path(path).name
+
+
 def stats(ms) -> dict:
     """Return p50/p99/max/mean of milliseconds."""
     ms = np.asarray(ms, np.float64)
@@ -488,9 +496,10 @@ def main(argv=None) -> int:
         from saferl_ros.nodes.common import set_realtime_priority
         results_rt = set_realtime_priority(args.realtime_priority)
     load_before = os.getloadavg()
-    results = {'machine': machine_info(), 'bundle': bundle, 'samples': args.samples,
-               'bundles': bundles, 'loadavg_before': load_before,
-               'baseline_tree': args.baseline_tree,
+    results = {'machine': machine_info(), 'bundle': shown(bundle), 'samples': args.samples,
+               'bundles': {kind: shown(path) for kind, path in bundles.items()},
+               'loadavg_before': load_before,
+               'baseline_tree': shown(args.baseline_tree) if args.baseline_tree else None,
                'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
                'pass_through': args.pass_through,
                'realtime_priority': args.realtime_priority if args.realtime_priority and
