@@ -262,8 +262,10 @@ class SafetyMonitorNode(LifecycleNode):
         self.final_pub.publish(joint_state(self.act_names, verdict.action, stamp_ns))
         self.verdict_pub.publish(verdict_msg(verdict, stamp_ns))
         if _status_key(verdict) != self.last_status:
-            self._publish_status(verdict)
-            self._publish_diagnostics()
+            # One DiagnosticStatus for both topics: building one takes about 0.1 ms, and this
+            # runs on the control path whenever the state changes.
+            status = self._publish_status(verdict)
+            self.diag_pub.publish(diagnostic_array(self, [status]))
             if verdict.state in (MonitorState.STALE, MonitorState.FAULT):
                 self.get_logger().warning(f'{verdict.state.name}: {verdict.reason}')
 
@@ -277,9 +279,11 @@ class SafetyMonitorNode(LifecycleNode):
                               'stamp': verdict.stamp, 'bundle': self.bundle.name,
                               'bundle_sha256': self.bundle.sha256, **counters})
 
-    def _publish_status(self, verdict: Verdict):
+    def _publish_status(self, verdict: Verdict) -> DiagnosticStatus:
         self.last_status = _status_key(verdict)
-        self.status_pub.publish(self._status(verdict))
+        status = self._status(verdict)
+        self.status_pub.publish(status)
+        return status
 
     def _publish_diagnostics(self):
         if self.monitor is None or self.monitor.last is None:
