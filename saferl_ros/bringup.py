@@ -143,7 +143,7 @@ def parameter_overrides(node_class, params: dict):
 class Graph:
     """The nodes of one parameters file in one process."""
 
-    def __init__(self, nodes: Dict[str, dict], namespace: str = '', executor: str = 'single'):
+    def __init__(self, nodes: Dict[str, dict], namespace: str = '', executor: str = 'events'):
         import rclpy
 
         from saferl_ros.nodes.common import make_executor
@@ -214,6 +214,27 @@ class Graph:
             self.executor.spin_once(timeout_sec=SPIN_SLICE)
         return True
 
+    def remove(self, name: str, drain: float = 0.1) -> None:
+        """
+        Take node ``name`` out of the running graph and destroy it (as if its process died).
+
+        rclpy's EventsExecutor keeps dispatching a node's subscriptions after ``remove_node``,
+        and runs events it queued before ``destroy_node``: a callback of a destroyed node then
+        raises InvalidHandle on its first publish (measured with these wheels). So the node's
+        subscriptions and timers go first, the executor spins ``drain`` seconds (what was still
+        queued runs while the node's publishers are valid), then the node is destroyed.
+        """
+        node = self.nodes.pop(name)
+        for subscription in list(node.subscriptions):
+            node.destroy_subscription(subscription)
+        for timer in list(node.timers):
+            node.destroy_timer(timer)
+        self.executor.remove_node(node)
+        end = time.monotonic() + drain
+        while time.monotonic() < end:
+            self.executor.spin_once(timeout_sec=0.01)
+        node.destroy_node()
+
     def shutdown(self) -> None:
         """Destroy the nodes and shut rclpy down."""
         import rclpy
@@ -235,7 +256,10 @@ def summarize(graph: Graph) -> dict:
     for e in episodes:
         e['fallback_steps'] = recorded.get(e['episode'], {}).get('fallback_steps')
     latency = sim.latency.summary() if sim else {}
+    # The loop's CPU time on this thread: only the loop's compute when it all spins here.
+    shared = node_graph.CONTROLLER in graph.nodes and node_graph.MONITOR in graph.nodes
     return {'episodes': episodes, 'latency': latency,
+            'latency_cpu': sim.cpu_latency.summary() if sim and shared else {},
             'monitor': mon.monitor.counters.as_dict() if mon and mon.monitor else None,
             'recording': str(rec.last_output) if rec and rec.last_output else None,
             'run_dir': rec.run_dir if rec and rec.writer else None}
@@ -261,6 +285,11 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
         print(f'control latency (observation published -> final command at the sim) over '
               f'{lat["count"]} steps: p50 {lat["p50_ms"]:.2f} ms, p99 {lat["p99_ms"]:.2f} ms, '
               f'max {lat["max_ms"]:.2f} ms', file=out)
+    cpu = summary.get('latency_cpu') or {}
+    if cpu.get('count'):
+        print(f"  of it CPU time of the loop's thread (its compute; independent of other load): "
+              f'p50 {cpu["p50_ms"]:.2f} ms, p99 {cpu["p99_ms"]:.2f} ms, max {cpu["max_ms"]:.2f} '
+              'ms', file=out)
     if summary['monitor']:
         print(f'monitor: {json.dumps(summary["monitor"])}', file=out)
     if summary['recording']:
@@ -270,7 +299,7 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
 
 def run(config, episodes: Optional[int] = None, overrides: Optional[List[str]] = None,
         duration: Optional[float] = None, namespace: str = '', quiet: bool = False,
-        executor: str = 'single') -> dict:
+        executor: str = 'events') -> dict:
     """
     Bring the graph of ``config`` up, run it, bring it down; return the summary.
 
@@ -328,12 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--set', dest='overrides', action='append', default=[],
                         metavar='NODE.PARAM=VALUE', help='override a parameter (repeatable)')
     parser.add_argument('--namespace', default='', help='ROS namespace for every node')
-    # 'single' by default here: rclpy's (experimental) EventsExecutor raises InvalidHandle for
-    # events still queued for a node that was removed and destroyed, which a graph of several
-    # nodes in one process does on shutdown or when one node fails (measured in test_ros_loop).
-    parser.add_argument('--executor', default='single', choices=('events', 'single'),
-                        help="rclpy executor: 'single' (SingleThreadedExecutor, default) or "
-                             "'events' (EventsExecutor: lower overhead per callback)")
+    # 'events' by default: the SingleThreadedExecutor rebuilds its wait set over every entity of
+    # every node (lifecycle and parameter services included) for each callback it runs, the
+    # largest CPU cost of the one-process loop (docs/ros.md "Latency"). A node taken out while
+    # the graph keeps spinning goes through Graph.remove (the EventsExecutor's queued events).
+    parser.add_argument('--executor', default='events', choices=('events', 'single'),
+                        help="rclpy executor: 'events' (EventsExecutor, default: no wait-set "
+                             "rebuild per callback) or 'single' (SingleThreadedExecutor)")
     return parser
 
 

@@ -31,7 +31,7 @@ decisions come out in a lock-step simulation, on a robot and in the unit tests.
 from dataclasses import dataclass, field
 from enum import IntEnum
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 from saferl_ros.errors import ConfigError
@@ -378,15 +378,21 @@ class SafetyMonitor:
     # -- the rule ------------------------------------------------------------------------------
 
     def decide(self, observation, proposed, obs_stamp: float, proposal_stamp: float,
-               now: float, fallback: Optional[FallbackChoice] = None) -> Verdict:
+               now: float,
+               fallback: Union[FallbackChoice, Callable[[], Optional[FallbackChoice]],
+                               None] = None,
+               fallback_noise: Optional[np.ndarray] = None) -> Verdict:
         """
         Return the verdict for one proposal (steps 1-5 of the rule).
 
         ``obs_stamp`` is the observation's stamp, ``proposal_stamp`` the stamp the proposal
         carries (that of the observation it answers), ``now`` the current time on the same clock.
         ``fallback`` is the fallback choice for this observation if the caller computed it in
-        advance (:meth:`fallback_for`, while the controller was still busy); else it is computed
-        here when the rule needs it.
+        advance (:meth:`fallback_for`, while the controller was still busy), or a function that
+        returns it (e.g. the result of a computation still running in another thread), called
+        only when the rule needs the fallback; else it is computed here when the rule needs it,
+        with ``fallback_noise`` if given (:meth:`fallback_noise`, drawn when the observation
+        arrived: then every way gives the same actions).
         """
         obs = _finite_vector(observation, self.obs_dim)
         if obs is None:
@@ -427,7 +433,9 @@ class SafetyMonitor:
             return self._record(Verdict(MonitorState.NOMINAL, act, act, obs_stamp, 'feasible',
                                         risk_final=risk, **values), started=False)
         if fallback is None:
-            fallback = self.fallback_for(obs)
+            fallback = self.fallback_for(obs, noise=fallback_noise)
+        elif callable(fallback):
+            fallback = fallback()
         if fallback is None:
             return self._stop(MonitorState.FAULT, obs_stamp, act,
                               'fallback policy or critic returned NaN/Inf', values)
@@ -481,7 +489,22 @@ class SafetyMonitor:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def fallback_for(self, observation) -> Optional[FallbackChoice]:
+    def fallback_noise(self, observation) -> Optional[np.ndarray]:
+        """
+        Draw the noise of one observation's fallback search from the monitor's stream.
+
+        None (nothing drawn) without a fallback graph or for a non-finite observation, as
+        :meth:`fallback_for` draws none then. A node that computes the fallback only when a
+        proposal needs it draws this for every observation, so its noise stream, and thus every
+        action, is the same as when it computes the fallback for every observation.
+        """
+        if not self.use_bundle_fallback or _finite_vector(observation, self.obs_dim) is None:
+            return None
+        return self.bundle.sample_noise(self.config.fallback_samples, self.rng,
+                                        graph='fallback')
+
+    def fallback_for(self, observation, noise: Optional[np.ndarray] = None
+                     ) -> Optional[FallbackChoice]:
         """
         Return the safest fallback action for one observation and its risk (None if not finite).
 
@@ -489,14 +512,16 @@ class SafetyMonitor:
         the monitor's own noise) and the critic ranks the results; with ``fallback:
         safe_action`` the only candidate is the safe action. The node calls this when the
         observation arrives, so the fallback is ready when the proposal comes and an
-        intervention adds no compute to the control path.
+        intervention adds no compute to the control path. ``noise``: from
+        :meth:`fallback_noise` (drawn now if None).
         """
         obs = _finite_vector(observation, self.obs_dim)
         if obs is None:
             return None
         if self.use_bundle_fallback:
             batch = np.repeat(obs[None], self.config.fallback_samples, axis=0)
-            noise = self.bundle.sample_noise(len(batch), self.rng, graph='fallback')
+            if noise is None:
+                noise = self.bundle.sample_noise(len(batch), self.rng, graph='fallback')
             actions = np.asarray(self.bundle.fallback(batch, noise=noise), np.float32)
             actions = np.clip(actions.reshape(len(batch), self.act_dim), self.low, self.high)
         else:

@@ -119,6 +119,50 @@ def test_fallback_searches_several_samples_on_its_own_noise_stream():
                            noise_rng(0, 'monitor').standard_normal(4))
 
 
+class NoisyBundle(FakeBundle):
+    """The fallback returns its (clipped) noise: each decision shows which noise it used."""
+
+    def sample_noise(self, batch, rng, graph='policy'):
+        return rng.standard_normal((batch, 2)).astype(np.float32)
+
+    def fallback(self, obs, noise=None):
+        self.fallback_calls += 1
+        self.batches = len(obs)
+        return np.clip(noise, -1, 1)
+
+
+def test_lazy_fallback_with_noise_drawn_on_arrival_gives_the_precomputed_actions():
+    # precompute_fallback true (fallback per observation) and false (noise per observation, the
+    # fallback only where a proposal needs it) publish the same actions.
+    rng = np.random.default_rng(5)
+    states = [FEASIBLE_S if rng.random() < 0.6 else INFEASIBLE_S for _ in range(40)]
+    proposals = rng.uniform(-1, 1, (40, 2))
+    # A third way, the node's worker thread: the noise drawn on arrival, the fallback computed
+    # elsewhere and handed over as a function that is called only when the rule needs it.
+    eager, lazy, pending = (SafetyMonitor(NoisyBundle(), MonitorConfig(
+        fallback_samples=3, seed=7, min_hold=0.0)) for _ in range(3))
+    waited = []
+    for t, (s, a) in enumerate(zip(states, proposals)):
+        ready = eager.fallback_for(s)
+        noise = lazy.fallback_noise(s)
+        computed = pending.fallback_for(s, noise=pending.fallback_noise(s))
+        v_eager = eager.decide(s, a, t, t, t, fallback=ready)
+        v_lazy = lazy.decide(s, a, t, t, t, fallback_noise=noise)
+        v_pending = pending.decide(s, a, t, t, t,
+                                   fallback=lambda c=computed: waited.append(t) or c)
+        for v in (v_lazy, v_pending):
+            assert v.state == v_eager.state and v.replaced == v_eager.replaced
+            np.testing.assert_array_equal(v.action, v_eager.action)
+    assert len(waited) == eager.counters.counts['RECOVERY'] + \
+        eager.counters.counts['INTERVENING']
+    assert eager.counters.replaced > 0 and eager.counters.counts['NOMINAL'] > 0
+    # The lazy monitor ran its fallback only where the rule needed it.
+    assert lazy.bundle.fallback_calls == eager.counters.counts['RECOVERY'] + \
+        eager.counters.counts['INTERVENING'] < eager.bundle.fallback_calls == 40
+    # No noise is drawn for an observation that can have no fallback.
+    assert lazy.fallback_noise([math.nan, 0.0, 0.0]) is None
+
+
 def test_precomputed_fallback_is_used_without_computing_another():
     m = monitor(min_hold=0.0)
     ready = m.fallback_for(INFEASIBLE_S)        # what the node computes on the observation

@@ -370,8 +370,9 @@ def test_configure_cleanup_configure_restores_the_same_entities(name, tmp_path):
     }[name]
 
     def entities(node):
+        # the monitor's fallback worker thread pool too: created by configure, gone at cleanup
         return (len(list(node.publishers)), len(list(node.subscriptions)),
-                len(list(node.timers)))
+                len(list(node.timers)), getattr(node, 'worker', None) is not None)
 
     with one_node(name, params, []) as (_, node, _probe):
         bare = entities(node)

@@ -251,9 +251,10 @@ def test_controller_death_makes_the_monitor_stop_the_robot(bundles, tmp_path, lo
     graph.activate()
     steps = probe.msgs[common.STEP]
     assert spin_until(graph.executor, lambda: len(steps) >= 20, 30.0)
-    controller = graph.nodes.pop(CONTROLLER)
-    graph.executor.remove_node(controller)
-    controller.destroy_node()                      # the controller process is gone
+    # saferl-bringup's executor: it dispatches queued events of a removed node, which must not
+    # raise InvalidHandle (Graph.remove)
+    assert type(graph.executor).__name__ == 'EventsExecutor'
+    graph.remove(CONTROLLER)                       # the controller process is gone
     steps_at_death = len(steps)
     assert spin_until(graph.executor, lambda: len(steps) >= steps_at_death + 6, 10.0)
     loop.stop()
@@ -308,6 +309,9 @@ def test_bringup_runs_a_parameters_file(bundles, tmp_path):
     assert time.monotonic() - start < 60
     assert len(summary['episodes']) == 1 and summary['episodes'][0]['steps'] == 30
     assert summary['latency']['count'] == 30
+    # the loop thread's CPU time per step: one per step, and never more than the wall time
+    cpu = summary['latency_cpu']
+    assert cpu['count'] == 30 and 0 < cpu['p50_ms'] <= summary['latency']['p50_ms'] + 0.5
     assert validate_file(summary['recording']) == []
     # The MCAP bag decodes with mcap-ros2-support's own reader (schema names pkg/msg/Type).
     from mcap_ros2.reader import read_ros2_messages

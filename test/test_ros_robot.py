@@ -37,9 +37,7 @@ def test_robot_adapter_drives_the_sim_standing_in_for_a_robot(tmp_path):
         assert max(math.hypot(t.linear.x, t.linear.y) for t in twists) <= 0.2 + 1e-9
         # The monitor dies without a word: the adapter's own command timeout (0.3 s) sends an
         # explicit zero (the on-robot watchdog).
-        monitor = graph.nodes.pop(MONITOR)
-        graph.executor.remove_node(monitor)
-        monitor.destroy_node()
+        graph.remove(MONITOR)
         spin_for(graph.executor, 0.8)
         last = twists[-1]
         assert (last.linear.x, last.linear.y, last.angular.z) == (0.0, 0.0, 0.0)

@@ -316,6 +316,16 @@ def make_executor(kind: str = 'events'):
     """
     if kind == 'events':
         from rclpy.experimental import EventsExecutor
+        # It calls faulthandler.enable(), which needs a sys.stderr with a file descriptor;
+        # a captured stream (pytest's capsys, an embedding application) has none.
+        try:
+            sys.stderr.fileno()
+        except (AttributeError, OSError, ValueError):
+            saved, sys.stderr = sys.stderr, sys.__stderr__
+            try:
+                return EventsExecutor()
+            finally:
+                sys.stderr = saved
         return EventsExecutor()
     if kind == 'single':
         return SingleThreadedExecutor()

@@ -128,6 +128,12 @@ class SimNode(LifecycleNode):
         self.command = None                     # realtime: latest (action, receive time)
         self.latency = LatencyStats()
         self.episode_latency = LatencyStats()
+        # The same interval in CPU time of this node's thread (time.thread_time): what the
+        # thread computed between observation and command. When the controller and the monitor
+        # spin on the same thread (saferl-bringup), that is the loop's compute on an idle core,
+        # whatever else the machine runs; as its own process, only this node's share.
+        self.cpu_latency = LatencyStats()
+        self.published_cpu = 0.0
         self.misses = 0
         self.episode_misses = 0
         # realtime stamps: wall time, never the node's clock (that would follow /clock, which
@@ -226,6 +232,7 @@ class SimNode(LifecycleNode):
         self.command = None
         self.latency = LatencyStats()
         self.episode_latency = LatencyStats()
+        self.cpu_latency = LatencyStats()
         self.misses = 0
         self.episode_misses = 0
         period = 1.0 / self.cfg['rate_hz'] if self.cfg['mode'] == 'realtime' else 0.002
@@ -312,16 +319,19 @@ class SimNode(LifecycleNode):
             return
         # Latency on the steady clock (stamps may be simulation time).
         latency = time.monotonic() - self.published_at
+        cpu = time.thread_time() - self.published_cpu
         if self.cfg['mode'] == 'realtime':
             self.command = (action, time.monotonic())
             if stamp_ns is not None and stamp_ns == self.stamp_ns:   # answers the latest one
                 self.latency.add(latency)
                 self.episode_latency.add(latency)
+                self.cpu_latency.add(cpu)
             return
         if self.stamp_ns is None or (stamp_ns is not None and stamp_ns != self.stamp_ns):
             return  # answers an older observation (or arrives between steps): not ours
         self.latency.add(latency)
         self.episode_latency.add(latency)
+        self.cpu_latency.add(cpu)
         self._step(action, missed=False)
 
     def _begin_episode(self):
@@ -339,7 +349,7 @@ class SimNode(LifecycleNode):
         return self.wall_clock.now().nanoseconds
 
     def _publish_observation(self):
-        """Publish /clock, then odometry and the observation of the current state, stamped now."""
+        """Publish /clock, then the observation of the current state and odometry, stamped now."""
         self.pending_obs = False
         self.stamp_ns = self._now_ns()
         if self.clock_pub is not None:
@@ -347,9 +357,12 @@ class SimNode(LifecycleNode):
             msg.clock = ns_to_stamp(self.stamp_ns)
             self.clock_pub.publish(msg)
         self.published_at = time.monotonic()
+        self.published_cpu = time.thread_time()
+        self._emit(self.obs_pub, joint_state(self.names, self.sim.observation, self.stamp_ns))
+        # Odometry after the observation: building it (two 36-entry covariances) is not on the
+        # controller's path when the loop runs on the observation topic.
         if self.odom_pub is not None:
             self.odom_pub.publish(self._odometry(self.stamp_ns))
-        self._emit(self.obs_pub, joint_state(self.names, self.sim.observation, self.stamp_ns))
 
     @staticmethod
     def _emit(publisher, msg):
