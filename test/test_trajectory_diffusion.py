@@ -98,3 +98,22 @@ def test_a_tiny_model_samples_the_mode_its_condition_asks_for():
     assert (slope[:32] > 1.0).float().mean() >= 0.9     # rising: +2 in the data
     assert (slope[32:] < -1.0).float().mean() >= 0.9    # falling: -2
     assert (out[:32] - ramp).abs().mean() < 0.3
+
+
+def test_loss_keeps_pinned_entries_clean_in_x_k():
+    model = TrajectoryDiffusion(TrajectoryDiffusionConfig(horizon=3, dim=2, cond_dim=1, steps=4,
+                                                          hidden=8, num_blocks=1, time_dim=4,
+                                                          cond_hidden=4))
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, cond, t, keep):
+            seen.append(x.clone())
+            return torch.zeros_like(x)
+
+    model.net = Recorder()
+    x0 = torch.randn(5, 3, 2)
+    mask = torch.zeros(1, 3, 2, dtype=torch.bool)
+    mask[:, 0] = True
+    model.loss(x0, torch.zeros(5, 1), pin_mask=mask)
+    assert torch.equal(seen[0][:, 0], x0[:, 0]) and not torch.equal(seen[0][:, 1:], x0[:, 1:])

@@ -8,6 +8,7 @@ the normalised cost and reward returns). Used as::
     model = TrajectoryDiffusion(TrajectoryDiffusionConfig(horizon=32, dim=8, cond_dim=2))
     loss = model.loss(x0, cond)                       # x0 [B, L, D], cond [B, cond_dim]
     pin = first_state_pin(start_states, horizon=32)   # keep x[:, 0] = the given states
+    # (train with loss(x0, cond, weight, pin_mask=pin[0]) when sampling will pin)
     windows = model.sample(cond, guidance=2.0, steps=20, pin=pin)   # [n, L, D]
 
 - Training is epsilon prediction (DDPM's simplified loss, OASIS Eq. 7) with condition dropout:
@@ -121,18 +122,22 @@ class TrajectoryDiffusion(nn.Module):
         self.net = TrajectoryEpsNet(config)
         self.schedule = DiffusionSchedule(config.steps, kind=config.schedule)
 
-    def loss(self, x0: torch.Tensor, cond: torch.Tensor,
-             weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def loss(self, x0: torch.Tensor, cond: torch.Tensor, weight: Optional[torch.Tensor] = None,
+             pin_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """
         Eq. 7: E ||eps - eps_theta(x_k, y, k)||^2 with the condition dropped with probability p.
 
         x0 [B, L, D], cond [B, C]; ``weight`` (broadcastable to [B, L, D]) weights the squared
         error, e.g. 0 on entries that are always pinned at sampling (OASIS's first state).
+        ``pin_mask`` (bool, broadcastable) keeps those entries clean in x_k, as sampling with
+        that pin will present them (Diffuser's ``apply_conditioning`` in its training loss).
         """
         batch = x0.shape[0]
         t = torch.randint(0, self.config.steps, (batch,), device=x0.device)
         eps = torch.randn_like(x0)
         x_t = self.schedule.q_sample(x0.flatten(1), t, eps.flatten(1)).view_as(x0)
+        if pin_mask is not None:
+            x_t = torch.where(pin_mask, x0, x_t)
         keep = (torch.rand(batch, device=x0.device) >= self.config.cond_dropout).to(x0.dtype)
         error = (self.net(x_t, cond, t, keep) - eps).pow(2)
         if weight is not None:
