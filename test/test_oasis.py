@@ -298,3 +298,25 @@ def test_tempting_variant_drops_most_low_cost_trajectories(tmp_path, capsys):
 def check_and_load(path):
     from offline_training.data.dataset import load_dataset
     return load_dataset(path, task=TASK)
+
+
+def test_reshape_reads_a_recorder_run_folder(raw_file, tmp_path, capsys):
+    from saferl_ros.recorder import RecordingWriter, Step
+
+    data = synthetic_dataset(TASK, episodes=4, seed=2, max_length=20, fixed_length=True)
+    run = tmp_path / 'run_0'
+    writer = RecordingWriter(run, TASK, 8, 2)
+    for t in range(len(data['rewards'])):
+        writer.add(Step(data['observations'][t], data['actions'][t], float(data['rewards'][t]),
+                        float(data['costs'][t]), data['next_observations'][t]))
+        if data['terminals'][t] or data['timeouts'][t]:
+            writer.end_episode(terminal=bool(data['terminals'][t]),
+                               timeout=bool(data['timeouts'][t]))
+    writer.close(consolidate_run=False)
+    out = tmp_path / 'from_run.hdf5'
+    assert cli.main(['reshape', str(run), '--task', TASK, '-o', str(out), '--preset', 'test',
+                     '--no-progress', '--device', 'cpu']) == 0
+    assert '(recording, 80 transitions' in capsys.readouterr().out
+    report = check_file(out)
+    assert report.problems == [] and report.generated['source'] == str(run)
+    assert report.generated['source_sha256'] == oasis.arrays_sha256(data)
