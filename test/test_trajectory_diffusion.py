@@ -22,10 +22,14 @@ def test_guided_eps_uses_the_null_condition_for_the_unconditional_pass():
                                                           hidden=16, num_blocks=1, time_dim=8,
                                                           cond_hidden=8))
     x, cond, t = torch.randn(4, 3, 2), torch.randn(4, 2), torch.tensor([0, 1, 2, 4])
-    eps_c = model.net(x, cond, t, torch.ones(4))
-    eps_u = model.net(x, cond, t, torch.zeros(4))
+    eps_c = model.eps(x, cond, t, torch.ones(4))
+    eps_u = model.eps(x, cond, t, torch.zeros(4))
     # The unconditional pass ignores the condition entirely.
-    assert torch.allclose(eps_u, model.net(x, torch.randn(4, 2), t, torch.zeros(4)))
+    assert torch.allclose(eps_u, model.eps(x, torch.randn(4, 2), t, torch.zeros(4)))
+    # x0 parameterisation: eps = (x_k - sqrt(abar_k) x0_hat) / sqrt(1 - abar_k).
+    abar = model.schedule.alpha_bars[t].view(-1, 1, 1)
+    x0_hat = model.net(x, cond, t, torch.ones(4))
+    assert torch.allclose(eps_c, (x - abar.sqrt() * x0_hat) / (1 - abar).sqrt(), atol=1e-5)
     assert torch.allclose(model.guided_eps(x, cond, t, 2.0), eps_u + 2.0 * (eps_c - eps_u),
                           atol=1e-6)
 
@@ -34,7 +38,8 @@ def test_loss_is_the_epsilon_mse_on_hand_made_inputs():
     torch.manual_seed(0)
     model = TrajectoryDiffusion(TrajectoryDiffusionConfig(horizon=2, dim=1, cond_dim=1, steps=4,
                                                           hidden=8, num_blocks=1, time_dim=4,
-                                                          cond_hidden=4, cond_dropout=0.0))
+                                                          cond_hidden=4, cond_dropout=0.0,
+                                                          parameterization='eps'))
 
     class Constant(torch.nn.Module):
         def forward(self, x, cond, t, keep):

@@ -74,6 +74,7 @@ class OASISConfig:
     time_dim: int = 64
     cond_hidden: int = 128
     inverse_hidden: Optional[int] = None   # official per task (INVERSE_HIDDEN); 64 otherwise
+    parameterization: str = 'x0'           # the network's output (trajectory_diffusion.py)
     # generator optimisation (official: AdamW 3e-5, wd 1e-4, clip 0.25, warm-up 500, EMA)
     steps: Optional[int] = None            # 200k, 600k for Drone tasks (resolve_config)
     batch_size: int = 256
@@ -279,7 +280,7 @@ class OASISModel(nn.Module):
             horizon=c.horizon, dim=obs_dim, cond_dim=2, steps=c.denoise_steps,
             schedule='cosine', hidden=c.hidden, num_blocks=c.num_blocks, time_dim=c.time_dim,
             cond_hidden=c.cond_hidden, cond_dropout=c.cond_dropout, clip_x0=c.clip_x0,
-            noise_scale=c.noise_scale))
+            noise_scale=c.noise_scale, parameterization=c.parameterization))
         self.inverse = InverseDynamics(obs_dim, act_dim, c.inverse_hidden or 64)
         self.labeller = Labeller(obs_dim, act_dim, c.label_hidden)
         self.register_buffer('state_mean', torch.zeros(obs_dim))
