@@ -23,12 +23,13 @@ the normalised cost and reward returns). Used as::
 
 The network is an MLP-ResNet over the flattened window (diffusion.py's MLPResNet, the blocks of
 FISOR's and DRCORL's noise predictors) with learnable Fourier features of the step and an MLP
-embedding of the condition. By default it outputs the clean window x0 and eps is derived from it
-(``parameterization``): through a dense bottleneck an MLP that must output L * D numbers of noise
-learns slowly (on BallCircle, 3000 steps left an eps MSE of 0.62 even at the last step, where
-eps is almost x_k itself), while the clean window is smooth and compressible. It replaces the official code's temporal 1-D-conv U-Net because, for
-the short windows used here (L * D of a few hundred), one dense pass is several times cheaper on
-a CPU than a U-Net's many small convolutions, and the whole window is seen by every layer.
+embedding of the condition. It stands in for the official code's temporal 1-D-conv U-Net: for
+the short windows used here (L * D of a few hundred numbers) a few dense layers are cheap on a
+CPU and every layer sees the whole window (the U-Net was not measured for comparison). By
+default it outputs the clean window x0 and eps is derived from it (``parameterization``):
+through a dense bottleneck an MLP that must output L * D numbers of noise learns slowly (on
+BallCircle, 3000 steps left an eps MSE of 0.62 even at the last step, where eps is almost x_k
+itself), while the clean window is smooth and compressible.
 """
 
 from dataclasses import dataclass
