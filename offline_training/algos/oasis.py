@@ -41,7 +41,7 @@ NAME = 'oasis'
 GENERATOR_FORMAT = 'saferl-oasis-generator-1'
 
 # The official code's generation conditions, (reward return, cost return) per task, kappa = 20
-# (research notes of Generation/dataset_generation.py). Other kappas scale the costs by kappa/20.
+# (official code, Generation/dataset_generation.py). Other kappas scale the costs by kappa/20.
 OFFICIAL_CONDITIONS: Dict[str, Tuple[Tuple[float, float], ...]] = {
     'BallCircle': ((600, 10), (625, 15), (625, 20)),
     'CarCircle': ((325, 10), (325, 15), (350, 20)),
