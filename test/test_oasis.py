@@ -322,3 +322,14 @@ def test_reshape_reads_a_recorder_run_folder(raw_file, tmp_path, capsys):
     report = check_file(out)
     assert report.problems == [] and report.generated['source'] == str(run)
     assert report.generated['source_sha256'] == oasis.arrays_sha256(data)
+
+
+def test_merge_keeps_the_generated_mark(reshaped, raw_file, tmp_path):
+    out = tmp_path / 'merged.hdf5'
+    assert cli.main(['merge', '--dataset', str(reshaped), '--task', TASK, '-o', str(out)]) == 0
+    report = check_file(out)
+    assert report.problems == [] and report.generated['mode'] == 'mix'
+    assert str(reshaped) in report.generated['generator']
+    plain = tmp_path / 'plain.hdf5'
+    assert cli.main(['merge', '--dataset', str(raw_file), '--task', TASK, '-o', str(plain)]) == 0
+    assert check_file(plain).generated is None
