@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     tempting = sub.add_parser(
         'tempting', help="build OASIS's 'tempting' variant of a dataset",
         description='Remove a share of the trajectories whose cost return lies in [cost-min, '
-                    'cost-max] (OASIS: 90 %% of those in [0, 30]), so rewarding but unsafe '
+                    'cost-max] (OASIS: 90 % of those in [0, 30]), so rewarding but unsafe '
                     'behaviour dominates; the kept transitions are collected data.')
     tempting.add_argument('source', help='DSRL HDF5 file or saferl_ros recording folder')
     tempting.add_argument('--task', required=True, help='task name, e.g. BallCircle')
