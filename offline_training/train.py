@@ -21,7 +21,7 @@ from offline_training.algos.batching import check_dataset, ReplayBuffer
 from offline_training.algos.infrastructure import (
     resolve_device, rng_state, set_rng_state, set_seed)
 from offline_training.data.dataset import (
-    DatasetError, load_dataset, resolve_dataset_path)
+    DatasetError, describe_generated, file_generated_info, load_dataset, resolve_dataset_path)
 from offline_training.machine import machine_info
 from offline_training.runs import (
     check_resume, CHECKPOINT, CONFIG, default_run_dir, new_run_config, restore, RESUME_FIX,
@@ -42,7 +42,14 @@ def _load_data(dataset, data, task) -> Tuple[Dict[str, np.ndarray], dict]:
     path = resolve_dataset_path(dataset, task.name)
     loaded = load_dataset(path, task.name)
     check_dataset(loaded)
-    return loaded, {'path': str(path), 'sha256': sha256_file(path), 'source': 'file'}
+    provenance = {'path': str(path), 'sha256': sha256_file(path), 'source': 'file'}
+    generated = file_generated_info(path)
+    if generated is not None:
+        # Never silently: the run's config records it and the user sees it.
+        print(f'saferl-train: note: {path}: {describe_generated(generated)}', file=sys.stderr)
+        provenance['source'] = 'generated'
+        provenance['generated'] = {k: v for k, v in generated.items() if k != 'model'}
+    return loaded, provenance
 
 
 def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
@@ -73,6 +80,10 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
 
     set_seed(seed)
     data, provenance = _load_data(dataset, data, spec)
+    if getattr(module, 'REQUIRES_GENERATED', False) and provenance['source'] == 'file':
+        raise ConfigError(f'{algo} trains on a generated dataset, but {provenance["path"]} is '
+                          f'collected data; run `saferl-data reshape {provenance["path"]} '
+                          f'--task {spec.name} -o OUT.hdf5` and pass --dataset OUT.hdf5')
     arrays = module.prepare_arrays(data, config)
     buffer = ReplayBuffer(arrays, torch_device, seed=seed)
     obs_dim, act_dim = int(arrays['obs'].shape[1]), int(arrays['act'].shape[1])

@@ -9,19 +9,24 @@ Examples::
     saferl-data collect --task BallCircle               # regenerate from behavior_agents/
     saferl-data train-behavior --task BallCircle        # (re)train the behaviour agents
     saferl-data merge recordings/demo/run_* --dataset old.hdf5 --task BallCircle -o new.hdf5
+    saferl-data reshape new.hdf5 --task BallCircle --kappa 20 -o reshaped.hdf5   # OASIS
+    saferl-data tempting datasets/SafetyBallCircle-v0-80-959.hdf5 --task BallCircle -o t.hdf5
 """
 
 import argparse
+from pathlib import Path
 import sys
 from typing import List, Optional
 
 import numpy as np
 
-from offline_training.data.dataset import (check_file, DatasetError, load_dataset,
-                                           resolve_dataset_path)
+from offline_training.data.dataset import (check_file, DatasetError, describe_generated,
+                                           file_generated_info, load_dataset, Problem,
+                                           resolve_dataset_path, validate_arrays, write_dataset)
 from offline_training.data.plot import plot_returns
 from offline_training.data.trajectories import trajectory_returns
-from saferl_ros.errors import EXIT_USER_ERROR
+from saferl_ros.dataset_keys import DSRL_KEYS
+from saferl_ros.errors import ConfigError, EXIT_USER_ERROR, UserError
 from saferl_ros.files import sha256_file
 from saferl_ros.tasks import get_task
 
@@ -63,6 +68,9 @@ def cmd_info(args) -> int:
     lengths = (stops - starts).astype(np.float64)
     print(f'file         {path}')
     print(f'sha256       {sha256_file(path)}')
+    origin = describe_generated(report.generated) if report.generated \
+        else 'collected (no generated mark)'
+    print(f'origin       {origin}')
     print(f'task         {spec.name if spec else "unknown"}'
           + (f' ({spec.env_id}, horizon {spec.horizon})' if spec else ''))
     print(f'transitions  {data["rewards"].shape[0]}')
@@ -136,14 +144,10 @@ def cmd_train_behavior(args) -> int:
 
 def cmd_merge(args) -> int:
     """Build a retraining dataset: an existing dataset plus robot/sim recordings."""
-    from pathlib import Path
-
-    from offline_training.data.dataset import validate_arrays, write_dataset
-    from saferl_ros.dataset_keys import DSRL_KEYS
     # The recorder's reader (numpy + h5py, no ROS): it lists the completed episodes of a run.
     from saferl_ros.recorder import load_episodes, RecordingError
 
-    parts, sources = [], []
+    parts, sources, generated = [], [], []
     for item in ([args.dataset] if args.dataset else []) + list(args.recordings):
         path = Path(item)
         if path.is_dir():
@@ -157,6 +161,8 @@ def cmd_merge(args) -> int:
                 raise DatasetError(problems)
         else:
             data = load_dataset(path, task=args.task)
+            if file_generated_info(path) is not None:
+                generated.append(str(path))
         parts.append({k: np.asarray(data[k]) for k in DSRL_KEYS})
         sources.append({'path': str(path), 'transitions': int(len(data['observations'])),
                         **({'sha256': sha256_file(path)} if path.is_file() else {})})
@@ -166,9 +172,179 @@ def cmd_merge(args) -> int:
               file=sys.stderr)
         return EXIT_USER_ERROR
     merged = {k: np.concatenate([p[k] for p in parts]) for k in DSRL_KEYS}
-    manifest = write_dataset(args.output, merged, args.task, attrs={'merged_from': sources})
+    attrs = {'merged_from': sources}
+    if generated:   # generated transitions stay marked as such
+        attrs.update({'generated': True, 'generator': 'merge of ' + ', '.join(generated),
+                      'source_sha256': ','.join(s.get('sha256', '') for s in sources),
+                      'mode': 'mix'})
+    manifest = write_dataset(args.output, merged, args.task, attrs=attrs)
     print(f'wrote {args.output}: {manifest["transitions"]} transitions, '
           f'{manifest["trajectories"]} trajectories')
+    return 0
+
+
+def _refuse_existing(output) -> Path:
+    out = Path(output)
+    if out.exists():
+        raise ConfigError(f'{out}: already exists; remove it or choose another -o')
+    return out
+
+
+def _load_source(item, task):
+    """Return (DSRL arrays, {'path', 'sha256', 'kind'}) of a dataset file or a recording."""
+    from saferl_ros.recorder import load_episodes, RecordingError
+
+    path = Path(item)
+    if path.is_dir():
+        try:
+            data = load_episodes(path)
+        except RecordingError as err:
+            raise DatasetError([Problem(str(path), '-', str(err))]) from None
+        data = {k: np.asarray(data[k]) for k in DSRL_KEYS}
+        problems = validate_arrays(data, task, source=str(path))
+        if problems:
+            raise DatasetError(problems)
+        from offline_training.algos.oasis import arrays_sha256
+        return data, {'path': str(path), 'sha256': arrays_sha256(data), 'kind': 'recording'}
+    path = resolve_dataset_path(path, task)
+    if file_generated_info(path) is not None:
+        raise DatasetError([Problem(str(path), 'generated', 'is generated data, not collected; '
+                                                            'give the collected dataset or '
+                                                            'recording it came from')])
+    data = load_dataset(path, task=task)
+    return ({k: data[k] for k in DSRL_KEYS},
+            {'path': str(path), 'sha256': sha256_file(path), 'kind': 'file'})
+
+
+def _generator_config(args, spec):
+    from offline_training.algos import oasis
+    from offline_training.train import parse_override
+
+    overrides = dict(parse_override(text) for text in args.overrides)
+    overrides['kappa'] = args.kappa
+    if args.steps is not None:
+        overrides['steps'] = args.steps
+    if args.starts is not None:
+        overrides['num_starts'] = args.starts
+    if args.condition:
+        overrides['conditions'] = [tuple(c) for c in args.condition]
+    return oasis.resolve_generator_config(oasis.make_generator_config(args.preset, **overrides),
+                                          spec)
+
+
+def _condition(text):
+    try:
+        reward, cost = (float(v) for v in text.split(','))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected REWARD,COST (e.g. 600,10), got {text!r}')
+    return reward, cost
+
+
+def cmd_reshape(args) -> int:
+    """OASIS: train (or load) a generator, generate toward cost <= kappa, label, write."""
+    from dataclasses import replace
+
+    from offline_training.algos import oasis
+    from offline_training.algos.infrastructure import resolve_device
+
+    spec = get_task(args.task)
+    if not args.kappa > 0:
+        raise ConfigError(f'--kappa must be > 0 (a cost budget), got {args.kappa:g}')
+    if args.starts is not None and args.starts < 1:
+        raise ConfigError(f'--starts must be >= 1, got {args.starts}')
+    out = _refuse_existing(args.output)
+    device = resolve_device(args.device)
+    data, source = _load_source(args.source, spec.name)
+    print(f'source       {source["path"]} ({source["kind"]}, {len(data["observations"])} '
+          f'transitions, sha256 {source["sha256"][:12]}...)')
+    generator_path = Path(args.generator) if args.generator else Path(str(out) + '.generator.pt')
+    config = _generator_config(args, spec)
+    model, info = None, None
+    if generator_path.exists():
+        model, saved, record = oasis.load_generator(generator_path, device)
+        if record['task'] != spec.name or record['source_sha256'] != source['sha256']:
+            raise ConfigError(f'{generator_path}: trained for {record["task"]} on data sha256 '
+                              f'{str(record["source_sha256"])[:12]}..., not this {spec.name} '
+                              'source; remove it (or give another --generator) to retrain')
+        # The trained shapes are the file's; generation settings come from this command.
+        # (pin_first_state stays the file's: a generator trained with the pin needs it.)
+        config = replace(saved, kappa=config.kappa, num_starts=config.num_starts,
+                         conditions=config.conditions, guidance=config.guidance,
+                         sample_batch=config.sample_batch)
+        info = record['info']
+        print(f'generator    loaded {generator_path}')
+    else:
+        print(f'generator    training ({args.preset} preset, {config.steps} steps) -> '
+              f'{generator_path}')
+        model, info = oasis.fit(data, config, device, args.seed, progress=not args.no_progress)
+        generator_path.parent.mkdir(parents=True, exist_ok=True)
+        oasis.save_generator(generator_path, model, config, spec.name, source['sha256'], info)
+    arrays, attrs, report = oasis.reshape(data, spec, config, source, model, info,
+                                          args.mode, device, args.seed,
+                                          progress=not args.no_progress)
+    manifest = write_dataset(out, arrays, spec.name, attrs=attrs)
+    _print_reshape_summary(data, report, spec)
+    print(f'wrote {out}: {manifest["transitions"]} transitions ({args.mode}: '
+          f'{report["generated_transitions"]} generated), marked generated; train with '
+          f'`saferl-train oasis --task {spec.name} --dataset {out}`')
+    return 0
+
+
+def _print_reshape_summary(data, report, spec) -> None:
+    labels = report['fit'].get('labels') or {}
+    if labels:
+        print(f'labels       held-out {labels["held_out_transitions"]} transitions: reward MAE '
+              f'{labels["reward_mae"]:.4f} (std {labels["reward_std"]:.4f}, MAE of the mean '
+              f'{labels["reward_mae_of_mean"]:.4f}); cost accuracy '
+              f'{labels["cost_accuracy"]:.4f} (cost rate {labels["cost_rate"]:.4f})')
+    horizon = spec.horizon
+    raw_r = float(np.mean(data['rewards'])) * horizon
+    raw_c = float(np.mean(data['costs'])) * horizon
+    print(f'generated returns against the conditions (episode-equivalent = per-step label '
+          f'x horizon {horizon}; raw data: reward {raw_r:.1f}, cost {raw_c:.1f}); '
+          f'{report["generation_s"]:.1f} s')
+    print(f'  {"condition R":>12} {"condition C":>12} {"gen. R":>10} {"gen. C":>10} '
+          f'{"windows":>8}')
+    for row in report['conditions']:
+        print(f'  {row["reward_condition"]:12.1f} {row["cost_condition"]:12.1f} '
+              f'{row["reward_per_step"] * horizon:10.1f} {row["cost_per_step"] * horizon:10.1f} '
+              f'{row["windows"]:8d}')
+
+
+def cmd_tempting(args) -> int:
+    """Build OASIS's 'tempting' variant: drop most trajectories of low cost return."""
+    from offline_training.data.trajectories import split_trajectories
+
+    spec = get_task(args.task)
+    if not 0.0 <= args.remove_ratio <= 1.0:
+        raise ConfigError(f'--remove-ratio must lie in [0, 1], got {args.remove_ratio:g}')
+    if args.cost_max < args.cost_min:
+        raise ConfigError(f'--cost-max ({args.cost_max:g}) is below --cost-min '
+                          f'({args.cost_min:g})')
+    out = _refuse_existing(args.output)
+    data, source = _load_source(args.source, spec.name)
+    rng = np.random.default_rng(args.seed)
+    keep = []
+    removed = 0
+    for traj in split_trajectories(data):
+        if args.cost_min <= traj.cost_return <= args.cost_max and rng.random() < args.remove_ratio:
+            removed += 1
+            continue
+        keep.append(np.arange(traj.start, traj.stop))
+    if not keep:
+        raise ConfigError('every trajectory was removed; lower --remove-ratio')
+    index = np.concatenate(keep)
+    subset = {k: np.asarray(data[k])[index] for k in DSRL_KEYS}
+    attrs = {'tempting_from': source['path'], 'tempting_from_sha256': source['sha256'],
+             'tempting': {'cost_min': args.cost_min, 'cost_max': args.cost_max,
+                          'remove_ratio': args.remove_ratio, 'seed': args.seed,
+                          'removed_trajectories': removed}}
+    manifest = write_dataset(out, subset, spec.name, attrs=attrs)
+    rewards, costs, _, _ = trajectory_returns(subset)
+    print(f'removed {removed} trajectories with cost return in [{args.cost_min:g}, '
+          f'{args.cost_max:g}]; kept {manifest["trajectories"]} '
+          f'({np.mean(costs <= args.cost_max):.1%} of them within {args.cost_max:g})')
+    print(f'wrote {out}: {manifest["transitions"]} transitions')
     return 0
 
 
@@ -228,6 +404,48 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument('--task', required=True, help='task name, e.g. BallCircle')
     merge.add_argument('-o', '--output', required=True, help='output HDF5 file')
     merge.set_defaults(func=cmd_merge)
+
+    reshape = sub.add_parser(
+        'reshape', help='OASIS: reshape a dataset or recording toward cost <= kappa',
+        description="Train (or load) OASIS's conditional diffusion generator, inverse dynamics "
+                    'and reward/cost labellers on a dataset or a recorder run folder, generate '
+                    'state windows under cost conditions <= kappa, label them and write a DSRL '
+                    'file marked as generated (train on it with saferl-train oasis).')
+    reshape.add_argument('source', help='DSRL HDF5 file or saferl_ros recording folder')
+    reshape.add_argument('--task', required=True, help='task name, e.g. BallCircle')
+    reshape.add_argument('--kappa', type=float, default=20.0, help='cost budget (default 20)')
+    reshape.add_argument('-o', '--output', required=True, help='output HDF5 file (must not exist)')
+    reshape.add_argument('--preset', default='paper', help="'paper', 'cpu' or 'test'")
+    reshape.add_argument('--generator', default=None,
+                         help='generator file: loaded if it exists, else trained and saved '
+                              'there (default OUTPUT.generator.pt)')
+    reshape.add_argument('--mode', choices=('replace', 'mix'), default='replace',
+                         help="'replace' (OASIS): only generated data; 'mix': raw + generated")
+    reshape.add_argument('--condition', action='append', type=_condition, default=[],
+                         metavar='REWARD,COST', help='a generation condition (episode returns); '
+                         'repeat; default: the official ones for the task')
+    reshape.add_argument('--steps', type=int, default=None, help='generator training steps')
+    reshape.add_argument('--starts', type=int, default=None, help='start states per condition')
+    reshape.add_argument('--set', dest='overrides', action='append', default=[],
+                         metavar='KEY=VALUE', help='override an OASIS config field')
+    reshape.add_argument('--seed', type=int, default=0)
+    reshape.add_argument('--device', default='auto', help="'auto', 'cpu' or 'cuda[:i]'")
+    reshape.add_argument('--no-progress', action='store_true', help='hide the progress bars')
+    reshape.set_defaults(func=cmd_reshape)
+
+    tempting = sub.add_parser(
+        'tempting', help="build OASIS's 'tempting' variant of a dataset",
+        description='Remove a share of the trajectories whose cost return lies in [cost-min, '
+                    'cost-max] (OASIS: 90 % of those in [0, 30]), so rewarding but unsafe '
+                    'behaviour dominates; the kept transitions are collected data.')
+    tempting.add_argument('source', help='DSRL HDF5 file or saferl_ros recording folder')
+    tempting.add_argument('--task', required=True, help='task name, e.g. BallCircle')
+    tempting.add_argument('-o', '--output', required=True, help='output HDF5 file')
+    tempting.add_argument('--cost-min', type=float, default=0.0)
+    tempting.add_argument('--cost-max', type=float, default=30.0)
+    tempting.add_argument('--remove-ratio', type=float, default=0.9)
+    tempting.add_argument('--seed', type=int, default=0)
+    tempting.set_defaults(func=cmd_tempting)
     return parser
 
 
@@ -242,7 +460,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print('saferl-data: error: ' + str(err).replace('\n', '\nsaferl-data: error: '),
               file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyError as err:
+    except (KeyError, UserError) as err:
         print(f'saferl-data: error: {err.args[0]}', file=sys.stderr)
         return EXIT_USER_ERROR
 
