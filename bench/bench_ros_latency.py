@@ -39,38 +39,26 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def paper_bundle(out_dir: Path, task: str = 'BallCircle') -> str:
-    """Export an untrained FISOR model with the paper's sizes (N = 16, T = 5) as a bundle."""
+def untrained_bundle(algorithm: str, out_dir: Path, task: str = 'BallCircle') -> str:
+    """
+    Export an untrained model with the paper's sizes as a bundle (latency needs no weights).
+
+    'fisor': N = 16 candidates x T = 5 denoising steps; 'drcorl': the policy MLP 256 x 256.
+    """
     import torch
 
-    from offline_training.algos import fisor
-    from saferl_ros.tasks import get_task
-    from offline_training.export import write_bundle
-
-    torch.set_num_threads(1)
-    spec = get_task(task)
-    config = fisor.resolve_config(fisor.make_config('paper'), spec)
-    torch.manual_seed(0)
-    model = fisor.build_model(spec.obs_dim, spec.act_dim, config).eval()
-    return str(write_bundle(fisor.export_plan(model, config), out_dir / 'fisor-paper-untrained',
-                            spec.name))
-
-
-def drcorl_bundle(out_dir: Path, task: str = 'BallCircle') -> str:
-    """Export an untrained DRCORL model with the paper's sizes (policy MLP 256 x 256)."""
-    import torch
-
-    from offline_training.algos import drcorl
+    from offline_training.algos import get_algorithm
     from offline_training.export import write_bundle
     from saferl_ros.tasks import get_task
 
+    module, _ = get_algorithm(algorithm)
     torch.set_num_threads(1)
     spec = get_task(task)
-    config = drcorl.resolve_config(drcorl.make_config('paper'), spec)
+    config = module.resolve_config(module.make_config('paper'), spec)
     torch.manual_seed(0)
-    model = drcorl.build_model(spec.obs_dim, spec.act_dim, config).eval()
-    return str(write_bundle(drcorl.export_plan(model, config),
-                            out_dir / 'drcorl-paper-untrained', spec.name))
+    model = module.build_model(spec.obs_dim, spec.act_dim, config).eval()
+    return str(write_bundle(module.export_plan(model, config),
+                            out_dir / f'{algorithm}-paper-untrained', spec.name))
 
 
 def shown(path: str) -> str:
@@ -475,16 +463,16 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix='bench-ros-'))
     bundle = args.bundle
     if bundle == 'paper':
-        bundle = paper_bundle(tmp)
+        bundle = untrained_bundle('fisor', tmp)
     elif bundle == 'test':
         from offline_training.export import make_test_bundle
         bundle = str(make_test_bundle(tmp / 'test-fisor'))
     elif bundle is None:
         shipped = REPO / 'models' / 'fisor-ballcircle'
-        bundle = str(shipped) if (shipped / 'manifest.yaml').is_file() else paper_bundle(tmp)
+        bundle = str(shipped) if (shipped / 'manifest.yaml').is_file() else untrained_bundle('fisor', tmp)
     bundles = {'fisor': bundle}
     if any(c['drcorl'] for c in configs):
-        bundles['drcorl'] = drcorl_bundle(tmp)
+        bundles['drcorl'] = untrained_bundle('drcorl', tmp)
     observations = {kind: sim_observations(path) for kind, path in bundles.items()}
     compute = {f'{kind} {graph}': s for kind, path in bundles.items()
                for graph, s in compute_only(path, observations[kind]).items()}

@@ -95,17 +95,20 @@ def test_a_fallback_equal_to_the_proposal_is_no_replacement():
     assert v.state == MonitorState.RECOVERY and not v.replaced and m.counters.kept == 1
 
 
+class NoisyBundle(FakeBundle):
+    """The fallback returns its (clipped) noise: each decision shows which noise it used."""
+
+    def sample_noise(self, batch, rng, graph='policy'):
+        return rng.standard_normal((batch, 2)).astype(np.float32)
+
+    def fallback(self, obs, noise=None):
+        self.fallback_calls += 1
+        self.batches = len(obs)
+        return np.clip(noise, -1, 1)
+
+
 def test_fallback_searches_several_samples_on_its_own_noise_stream():
-    class Noisy(FakeBundle):
-        def sample_noise(self, batch, rng, graph='policy'):
-            return rng.standard_normal((batch, 2)).astype(np.float32)
-
-        def fallback(self, obs, noise=None):
-            self.fallback_calls += 1
-            self.batches = len(obs)
-            return np.clip(noise, -1, 1)
-
-    bundle = Noisy()
+    bundle = NoisyBundle()
     m = SafetyMonitor(bundle, MonitorConfig(fallback_samples=8, seed=0))
     choice = m.fallback_for(INFEASIBLE_S)
     assert bundle.batches == 8 and bundle.fallback_calls == 1
@@ -117,18 +120,6 @@ def test_fallback_searches_several_samples_on_its_own_noise_stream():
     from saferl_ros.seeding import noise_rng
     assert not np.allclose(noise_rng(0, 'controller').standard_normal(4),
                            noise_rng(0, 'monitor').standard_normal(4))
-
-
-class NoisyBundle(FakeBundle):
-    """The fallback returns its (clipped) noise: each decision shows which noise it used."""
-
-    def sample_noise(self, batch, rng, graph='policy'):
-        return rng.standard_normal((batch, 2)).astype(np.float32)
-
-    def fallback(self, obs, noise=None):
-        self.fallback_calls += 1
-        self.batches = len(obs)
-        return np.clip(noise, -1, 1)
 
 
 def test_lazy_fallback_with_noise_drawn_on_arrival_gives_the_precomputed_actions():
