@@ -469,7 +469,8 @@ def main(argv=None) -> int:
         bundle = str(make_test_bundle(tmp / 'test-fisor'))
     elif bundle is None:
         shipped = REPO / 'models' / 'fisor-ballcircle'
-        bundle = str(shipped) if (shipped / 'manifest.yaml').is_file() else untrained_bundle('fisor', tmp)
+        bundle = (str(shipped) if (shipped / 'manifest.yaml').is_file()
+                  else untrained_bundle('fisor', tmp))
     bundles = {'fisor': bundle}
     if any(c['drcorl'] for c in configs):
         bundles['drcorl'] = untrained_bundle('drcorl', tmp)
