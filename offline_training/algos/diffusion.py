@@ -23,12 +23,31 @@ def vp_beta_schedule(timesteps: int, b_min: float = 0.1, b_max: float = 10.0) ->
     return (1.0 - alpha).float()
 
 
-class DiffusionSchedule(nn.Module):
-    """The discrete DDPM noise schedule (betas, alphas, cumulative alpha-bars) as buffers."""
+def cosine_beta_schedule(timesteps: int, s: float = 0.008) -> torch.Tensor:
+    """Return the cosine betas of Nichol and Dhariwal (Diffuser's default), clipped to 0.999."""
+    x = torch.linspace(0, timesteps, timesteps + 1, dtype=torch.float64)
+    alpha_bar = torch.cos(((x / timesteps) + s) / (1 + s) * math.pi * 0.5) ** 2
+    alpha_bar = alpha_bar / alpha_bar[0]
+    betas = 1 - (alpha_bar[1:] / alpha_bar[:-1])
+    return betas.clamp(0, 0.999).float()
 
-    def __init__(self, timesteps: int = 5, b_min: float = 0.1, b_max: float = 10.0):
+
+class DiffusionSchedule(nn.Module):
+    """
+    The discrete DDPM noise schedule (betas, alphas, cumulative alpha-bars) as buffers.
+
+    ``kind`` is 'vp' (jaxrl5's, FISOR and DRCORL) or 'cosine' (Diffuser's, OASIS).
+    """
+
+    def __init__(self, timesteps: int = 5, b_min: float = 0.1, b_max: float = 10.0,
+                 kind: str = 'vp'):
         super().__init__()
-        betas = vp_beta_schedule(timesteps, b_min, b_max)
+        if kind == 'vp':
+            betas = vp_beta_schedule(timesteps, b_min, b_max)
+        elif kind == 'cosine':
+            betas = cosine_beta_schedule(timesteps)
+        else:
+            raise ValueError(f"unknown beta schedule {kind!r}: use 'vp' or 'cosine'")
         alphas = 1.0 - betas
         self.timesteps = timesteps
         self.register_buffer('betas', betas)
