@@ -1,5 +1,7 @@
 """DSPO (offline_training.algos.dspo) and its data: split-demos, losses, networks, runs."""
 
+import math
+
 import h5py
 import numpy as np
 from offline_training.data import cli
@@ -95,3 +97,210 @@ def test_nan_costs_are_accepted_only_in_a_file_marked_unlabelled(tmp_path):
     with pytest.raises(Exception, match='NaN or Inf'):
         write_dataset(tmp_path / 'x.hdf5', {**data, 'costs': np.full_like(data['costs'],
                                                                           np.nan)}, TASK)
+
+
+# --------------------------------------------------------------------------- losses by hand
+
+def t(values):
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def test_eq1_on_hand_made_logits():
+    from offline_training.algos.dspo import discriminator_loss
+
+    # D = sigmoid(logit): demos D = 1/2 and 3/4, unlabelled D = 1/2 and 1/4.
+    demo, unlabelled = t([0.0, math.log(3.0)]), t([0.0, -math.log(3.0)])
+    expected = -(math.log(0.5) + math.log(0.75)) / 2 - (math.log(0.5) + math.log(0.75)) / 2
+    assert discriminator_loss(demo, unlabelled).item() == pytest.approx(expected, rel=1e-6)
+    # swapping the sets raises the loss: demos are the positives
+    assert discriminator_loss(unlabelled, demo).item() > expected
+    # saturated logits stay finite (softplus form of -log D, -log(1 - D))
+    assert math.isfinite(discriminator_loss(t([-200.0]), t([200.0])).item())
+
+
+def test_vclub_on_hand_made_classifier_outputs():
+    from offline_training.algos.dspo import return_bin, vclub
+
+    probs = t([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]])
+    bins = torch.tensor([0, 2])
+    perm = torch.tensor([1, 0])
+    # matched: log q(0 | z1), log q(2 | z2); shuffled: log q(2 | z1), log q(0 | z2)
+    expected = (math.log(0.5) + math.log(0.8)) / 2 - (math.log(0.25) + math.log(0.1)) / 2
+    assert vclub(probs.log(), bins, perm).item() == pytest.approx(expected, rel=1e-6)
+    # a classifier that ignores z bounds the information by exactly 0
+    same = t([[0.2, 0.3, 0.5]] * 3).log()
+    assert vclub(same, torch.tensor([0, 1, 2]), torch.tensor([2, 0, 1])).item() == \
+        pytest.approx(0.0, abs=1e-7)
+    # ten equal bins over [0, 100]; the ends clamp
+    assert return_bin(t([-5.0, 0.0, 9.99, 10.0, 55.0, 100.0, 120.0]), 0.0, 100.0,
+                      10).tolist() == [0, 0, 0, 1, 5, 9, 9]
+
+
+# --------------------------------------------------------------------------- networks
+
+def small_config(**overrides):
+    from offline_training.algos import dspo
+    from saferl_ros.tasks import get_task
+
+    return dspo.resolve_config(dspo.make_config('test', dropout=0.0, **overrides),
+                               get_task(TASK))
+
+
+@pytest.mark.parametrize('backbone', ['transformer', 'mlp'])
+def test_a_later_step_cannot_change_an_earlier_output(backbone):
+    from offline_training.algos.dspo import SafetyTransformer
+
+    torch.manual_seed(0)
+    net = SafetyTransformer(3, 2, small_config(backbone=backbone, num_layers=2)).eval()
+    obs, act = torch.randn(1, 7, 3), torch.randn(1, 7, 2)
+    steps = torch.arange(7).unsqueeze(0)
+    before = net.features(obs, act, steps)
+    obs2, act2 = obs.clone(), act.clone()
+    obs2[0, 4] += 1.0
+    act2[0, 5:] -= 2.0
+    after = net.features(obs2, act2, steps)
+    assert torch.equal(after[:, :4], before[:, :4])     # steps before the change: bit-identical
+    assert not torch.allclose(after[:, 4], before[:, 4])  # a_4's token sees s_4
+    if backbone == 'transformer':
+        # context: step 6's output depends on earlier steps; the MLP's does not
+        obs3 = obs.clone()
+        obs3[0, 0] += 1.0
+        assert not torch.allclose(net.features(obs3, act, steps)[:, 6], before[:, 6])
+
+
+def test_attention_pooling_by_hand_and_padding():
+    from offline_training.algos.dspo import AttentionPooling
+
+    pool = AttentionPooling(1)
+    with torch.no_grad():
+        for layer in (pool.key, pool.query, pool.value):
+            layer.weight.fill_(1.0)
+            layer.bias.zero_()
+    x = t([[[1.0], [2.0], [50.0]]])
+    valid = torch.tensor([[True, True, False]])          # the third step is padding
+    logit, z = pool(x, valid)
+    # q_t = k_t = v_t = x_t; alpha_t. = softmax_s(x_t x_s) over the two valid steps
+    z1 = (math.exp(1) * 1 + math.exp(2) * 2) / (math.exp(1) + math.exp(2))
+    z2 = (math.exp(2) * 1 + math.exp(4) * 2) / (math.exp(2) + math.exp(4))
+    assert z[0, :2].tolist() == pytest.approx([z1, z2], rel=1e-5)
+    assert logit.item() == pytest.approx((z1 + z2) / 2, rel=1e-5)
+    # padding changes nothing
+    x2 = x.clone()
+    x2[0, 2] = -7.0
+    assert torch.equal(pool(x2, valid)[0], logit)
+    # the paper's pooling is not scaled; pool_scale divides q.k by sqrt(d)
+    assert AttentionPooling(4, scale=True).scale == pytest.approx(0.5)
+
+
+# --------------------------------------------------------------------------- training
+
+def make_trainer(data, **overrides):
+    from offline_training.algos import dspo
+    from offline_training.algos.batching import ReplayBuffer
+    from saferl_ros.tasks import get_task
+
+    spec = get_task(TASK)
+    config = small_config(**overrides)
+    torch.manual_seed(0)
+    buffer = ReplayBuffer(dspo.prepare_arrays(data, config), 'cpu', seed=0)
+    model = dspo.build_model(spec.obs_dim, spec.act_dim, config)
+    return dspo.make_trainer(model, config), buffer
+
+
+def test_generation_conditions_follow_app_d1(monkeypatch):
+    data = labelled(episodes=10, length=24)
+    trainer, buffer = make_trainer(data, demos='first:3', disc_steps=1, diffusion_steps=1,
+                                   num_generated=400, generation_batch=100, guidance=1.7)
+    trainer.update(buffer)
+    demo = trainer.data.demo_index
+    assert demo.tolist() == [7, 8, 9]       # D^U first, then D^S
+    trainer.labels = torch.linspace(0.05, 0.95, 10)
+    returns, z = trainer.generation_conditions(2000)
+    low, high = trainer.data.returns[demo].min(), trainer.data.returns[demo].max()
+    assert low < high and ((returns >= low) & (returns <= high)).all()
+    assert returns.min() < low + 0.05 * (high - low) and returns.max() > high - 0.05 * (
+        high - low)                         # the whole range, not one value
+    assert torch.equal(z, torch.full((2000,), float(trainer.labels[7])))   # smallest demo z
+    seen = []
+
+    def sample(cond, guidance, **kwargs):
+        seen.append((cond.clone(), guidance))
+        return torch.zeros(len(cond), trainer.config.horizon, 10)
+
+    monkeypatch.setattr(trainer.model.diffusion, 'sample', sample)
+    generated = trainer.generate()
+    cond = torch.cat([c for c, _ in seen])
+    assert cond.shape == (400, 2) and all(g == 1.7 for _, g in seen)
+    normal = trainer.model.normalise_return
+    assert ((cond[:, 0] >= normal(low) - 1e-6) & (cond[:, 0] <= normal(high) + 1e-6)).all()
+    assert torch.equal(cond[:, 1], torch.full((400,), float(trainer.labels[7])))
+    # behaviour cloning data: the demonstrations' transitions, then the generated windows
+    assert len(generated['obs']) == int(generated['demos']) + 400 * trainer.config.horizon
+    assert int(generated['demos']) == int(trainer.data.valid[demo].sum())
+
+
+def test_no_training_path_reads_cost_labels(tmp_path):
+    from offline_training.algos import dspo
+    from offline_training.train import train
+
+    data = labelled(episodes=12, length=30)
+    # prepare_arrays never touches 'costs': it works on a dataset without the key
+    no_costs = {k: v for k, v in data.items() if k != 'costs'}
+    config = small_config()
+    with_costs = dspo.prepare_arrays(data, config)
+    for key, value in dspo.prepare_arrays(no_costs, config).items():
+        np.testing.assert_array_equal(value, with_costs[key])
+    # the same run with costs replaced by NaN (data and demonstrations) ends bit-identical
+    path = tmp_path / 'SafetyBallCircle-v0-test.hdf5'
+    write_dataset(path, data, TASK)
+    assert cli.main(['split-demos', str(path), '--kappa', '6', '--num-demos', '3',
+                     '-o', str(tmp_path / 'bc')]) == 0
+    unlabelled, demos = (load_dataset(p) for p in cli.split_paths(tmp_path / 'bc'))
+    labelled_unlabelled = {**unlabelled, 'costs': np.ones_like(unlabelled['costs'])}
+    write_dataset(tmp_path / 'demos-labelled.hdf5', {**demos, 'costs': np.zeros_like(
+        demos['costs'])}, TASK)
+    states = []
+    for train_data, demos_path in ((labelled_unlabelled, tmp_path / 'demos-labelled.hdf5'),
+                                   (unlabelled, cli.split_paths(tmp_path / 'bc')[1])):
+        run = train('dspo', TASK, preset='test', seed=3, data=train_data, progress=False,
+                    out=tmp_path / f'run{len(states)}', overrides={'demos': str(demos_path)})
+        states.append(torch.load(run / 'checkpoint.pt', weights_only=False)['model'])
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+
+
+def test_discriminator_loss_falls_on_a_short_real_run():
+    data = labelled(episodes=24, length=24, seed=1)
+    starts, stops = episode_spans(data)
+    # demonstrations differ from the rest in their actions (pushes to +1): learnable
+    for start, stop in zip(starts[:4], stops[:4]):
+        data['actions'][start:stop] = np.clip(data['actions'][start:stop] + 0.8, -1, 1)
+    trainer, buffer = make_trainer(data, demos='first:4', disc_steps=120, disc_batch_size=8,
+                                   disc_lr=1e-3, embed_dim=16)
+    losses = [float(trainer.update(buffer)['loss/disc']) for _ in range(120)]
+    assert np.mean(losses[-15:]) < 0.5 * np.mean(losses[:15]), (losses[:15], losses[-15:])
+    z = trainer.label()
+    assert z[trainer.data.demo_index].min() > z[trainer.data.unlabelled_index].max()
+
+
+def test_ablations_and_config_errors():
+    from offline_training.algos import dspo
+    from saferl_ros.errors import ConfigError
+
+    data = labelled()
+    for overrides, mi in (({'mi_weight': 0.0}, False), ({'backbone': 'mlp'}, True)):
+        trainer, buffer = make_trainer(data, **overrides)
+        logs = trainer.update(buffer)
+        assert ('loss/vclub' in logs) == mi
+        assert all(torch.isfinite(v) for v in logs.values())
+    # the MLP backbone has about the transformer's parameter count (Fig. 4)
+    sizes = [sum(p.numel() for p in dspo.SafetyTransformer(8, 2, small_config(
+        backbone=b, embed_dim=64, num_layers=2)).parameters()) for b in dspo.BACKBONES]
+    assert 0.8 < sizes[1] / sizes[0] < 1.25, sizes
+    with pytest.raises(ConfigError, match='split-demos'):
+        dspo.prepare_arrays(data, small_config(demos=None))
+    with pytest.raises(ConfigError, match='behaviour cloning'):
+        small_config(steps=10)
+    with pytest.raises(ConfigError, match='backbone'):
+        small_config(backbone='rnn')

@@ -1,5 +1,5 @@
 """
-Offline safe-RL algorithms (FISOR, DRCORL and baselines) sharing one training framework.
+Offline safe-RL algorithms (FISOR, DRCORL, DSPO and baselines) sharing one training framework.
 
 Each algorithm module implements :class:`offline_training.algos.protocol.Algorithm`: a dataclass
 config ``CONFIG`` with the paper's values as defaults, ``PRESETS`` (paper, cpu, test),
@@ -20,6 +20,7 @@ ALGORITHMS: Dict[str, Tuple[str, dict]] = {
     'bc_safe': ('offline_training.algos.bc', {'mode': 'safe'}),
     'bcq_lag': ('offline_training.algos.bcq_lag', {}),
     'drcorl': ('offline_training.algos.drcorl', {}),
+    'dspo': ('offline_training.algos.dspo', {}),
 }
 
 
