@@ -304,3 +304,16 @@ def test_ablations_and_config_errors():
         small_config(steps=10)
     with pytest.raises(ConfigError, match='backbone'):
         small_config(backbone='rnn')
+
+
+def test_algorithms_that_need_costs_refuse_a_cost_free_dataset(tmp_path):
+    from offline_training.train import train
+    from saferl_ros.errors import ConfigError
+
+    data = labelled(episodes=6)
+    data['costs'] = np.full_like(data['costs'], np.nan)
+    for algo in ('bc_safe', 'fisor'):
+        with pytest.raises(ConfigError, match='learns from cost labels but the dataset has none'):
+            train(algo, TASK, preset='test', data=data, progress=False, out=tmp_path / algo)
+    # BC-All (DSPO's baseline on the unlabelled data) needs none
+    train('bc_all', TASK, preset='test', data=data, progress=False, out=tmp_path / 'bc_all')

@@ -72,6 +72,7 @@ class DspoConfig:
     num_heads: int = 4
     dropout: float = 0.1
     pool_scale: bool = False           # divide q.k by sqrt(d) in the pooling (paper: no)
+    disc_stride: int = 1               # D_phi sees steps 0, k, 2k, ... of each trajectory
     disc_batch_size: int = 32          # trajectories of D^S and of D^U per step, each
     disc_lr: float = 1e-4
     disc_weight_decay: float = 1e-4
@@ -111,6 +112,8 @@ class DspoConfig:
         if self.mi_weight < 0 or self.return_bins < 2:
             raise ConfigError(f'mi_weight ({self.mi_weight}) must be >= 0 and return_bins '
                               f'({self.return_bins}) >= 2')
+        if self.disc_stride < 1:
+            raise ConfigError(f'disc_stride must be >= 1, got {self.disc_stride}')
         if self.horizon < 1 or self.num_generated < 1:
             raise ConfigError('horizon and num_generated must be >= 1')
         if self.steps is None:
@@ -141,17 +144,18 @@ CONFIG = DspoConfig
 # first two trajectories of the data as demonstrations.
 PRESETS: Dict[str, dict] = {
     'paper': {},
-    'cpu': {'disc_steps': 2_000, 'diffusion_steps': 30_000, 'bc_steps': 20_000,
+    'cpu': {'disc_steps': 8_000, 'diffusion_steps': 80_000, 'bc_steps': 100_000,
             'embed_dim': 64, 'num_layers': 2, 'num_heads': 2, 'disc_batch_size': 16,
+            'disc_stride': 4,
             'horizon': 16, 'diffusion_hidden': 128, 'diffusion_blocks': 2,
             'diffusion_batch_size': 128, 'num_generated': 1000, 'bc_batch_size': 256},
 }
 PRESETS['test'] = {**PRESETS['cpu'], 'demos': 'first:2', 'disc_steps': 6, 'diffusion_steps': 4,
                    'bc_steps': 4, 'embed_dim': 16, 'num_layers': 1, 'num_heads': 2,
-                   'disc_batch_size': 4, 'q_hidden': (8,), 'horizon': 8, 'denoising_steps': 4,
-                   'diffusion_hidden': 16, 'diffusion_blocks': 1, 'diffusion_batch_size': 16,
-                   'num_generated': 8, 'generation_batch': 8, 'bc_hidden': (32, 32),
-                   'bc_batch_size': 32}
+                   'disc_batch_size': 4, 'disc_stride': 2, 'q_hidden': (8,), 'horizon': 8,
+                   'denoising_steps': 4, 'diffusion_hidden': 16, 'diffusion_blocks': 1,
+                   'diffusion_batch_size': 16, 'num_generated': 8, 'generation_batch': 8,
+                   'bc_hidden': (32, 32), 'bc_batch_size': 32}
 
 
 def make_config(preset: str = 'paper', **overrides) -> DspoConfig:
@@ -164,6 +168,11 @@ def resolve_config(config: DspoConfig, task) -> DspoConfig:
     if config.episode_len is None:
         config = replace(config, episode_len=int(task.horizon))
     return config
+
+
+def reads_costs(config: DspoConfig) -> bool:
+    """Return False: DSPO never reads cost labels (train.py then accepts cost-free datasets)."""
+    return False
 
 
 # --------------------------------------------------------------------------- losses (pure)
@@ -444,7 +453,7 @@ def prepare_arrays(data: Dict[str, np.ndarray], config: DspoConfig) -> Dict[str,
 class Trajectories:
     """The training data as padded trajectories [N, T, ...] on the buffer's device."""
 
-    def __init__(self, buffer: ReplayBuffer, model: DspoModel, horizon: int):
+    def __init__(self, buffer: ReplayBuffer, model: DspoModel, horizon: int, stride: int = 1):
         d = buffer.data
         traj, step = d['traj'].long(), d['step'].long()
         count = int(traj.max()) + 1
@@ -468,11 +477,13 @@ class Trajectories:
             raise ConfigError(f'no trajectory has {horizon} steps; lower horizon (the longest '
                               f'has {length})')
         self.windows = torch.tensor(starts, device=obs.device)
-        self.horizon = horizon
+        self.horizon, self.stride = horizon, stride
 
     def batch(self, index: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """Return (obs, act, steps, valid) of the trajectories ``index``."""
-        return self.obs[index], self.act[index], self.steps[index], self.valid[index]
+        """Return (obs, act, steps, valid) of the trajectories ``index``, every stride-th step."""
+        k = self.stride
+        return (self.obs[index, ::k], self.act[index, ::k], self.steps[index, ::k],
+                self.valid[index, ::k])
 
     def window_batch(self, index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return (x [B, L, obs + act], trajectory [B]) of the windows ``index``."""
@@ -524,7 +535,8 @@ class DspoTrainer:
         if self.data is None:
             if self.iteration == 0:
                 set_normalisation(self.model, buffer)
-            self.data = Trajectories(buffer, self.model, self.config.horizon)
+            self.data = Trajectories(buffer, self.model, self.config.horizon,
+                                     self.config.disc_stride)
         stage = self.config.stage_of(self.iteration)
         self.iteration += 1
         if stage == 'discriminator':
