@@ -317,3 +317,20 @@ def test_algorithms_that_need_costs_refuse_a_cost_free_dataset(tmp_path):
             train(algo, TASK, preset='test', data=data, progress=False, out=tmp_path / algo)
     # BC-All (DSPO's baseline on the unlabelled data) needs none
     train('bc_all', TASK, preset='test', data=data, progress=False, out=tmp_path / 'bc_all')
+
+
+def test_a_run_killed_in_any_stage_resumes_to_the_same_parameters(tmp_path):
+    from offline_training.train import train
+
+    data = labelled(episodes=10, length=30)
+    run = train('dspo', TASK, preset='test', seed=1, data=data, progress=False,
+                out=tmp_path / 'whole')
+    whole = torch.load(run / 'checkpoint.pt', weights_only=False)['model']
+    out = tmp_path / 'killed'
+    for stop in (8, 4, 10):          # in the diffusion stage, in BC (after generation), the end
+        train('dspo', TASK, preset='test', seed=1, data=data, progress=False, out=out,
+              stop_after=stop, checkpoint_every=1)
+    resumed = torch.load(out / 'checkpoint.pt', weights_only=False)
+    assert resumed['step'] == 14
+    for key, value in whole.items():
+        assert torch.equal(value, resumed['model'][key]), key
