@@ -1,5 +1,6 @@
 """DSPO (offline_training.algos.dspo) and its data: split-demos, losses, networks, runs."""
 
+import json
 import math
 
 import h5py
@@ -334,3 +335,92 @@ def test_a_run_killed_in_any_stage_resumes_to_the_same_parameters(tmp_path):
     assert resumed['step'] == 14
     for key, value in whole.items():
         assert torch.equal(value, resumed['model'][key]), key
+
+
+# --------------------------------------------------------------------------- discriminator quality
+
+def test_auc_and_correlations_by_hand():
+    from offline_training.discriminator_quality import pearson, quality, roc_auc
+
+    # positives 0.9, 0.4; negatives 0.4, 0.1: pairs (0.9 > 0.4, 0.9 > 0.1, tie, 0.4 > 0.1) = 3.5/4
+    assert roc_auc([0.9, 0.4, 0.4, 0.1], [True, True, False, False]) == pytest.approx(0.875)
+    assert roc_auc([0.1, 0.2, 0.3], [False, False, True]) == 1.0
+    assert roc_auc([0.3, 0.2, 0.1], [False, False, True]) == 0.0
+    assert math.isnan(roc_auc([0.1, 0.2], [True, True]))
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    report = quality(np.array([0.9, 0.6, 0.4, 0.2]), np.array([1.0, 2.0, 3.0, 4.0]),
+                     np.array([True, False, True, False]))
+    # z > 0.5 flags trajectories 0 and 1: one of the two safe ones, one of two flagged is safe
+    assert (report['recall'], report['precision'], report['accuracy']) == (0.5, 0.5, 0.5)
+    assert report['pearson_z_return'] == pytest.approx(pearson([0.9, 0.6, 0.4, 0.2], [1, 2, 3, 4]))
+
+
+def test_holdout_split_and_the_quality_report_of_a_run(tmp_path, capsys):
+    from offline_training import discriminator_quality
+    from offline_training.train import train
+
+    path = tmp_path / 'SafetyBallCircle-v0-test.hdf5'
+    data = labelled(episodes=20, length=24)
+    write_dataset(path, data, TASK)
+    prefix = tmp_path / 'bc'
+    assert cli.main(['split-demos', str(path), '--kappa', '10', '--num-demos', '3',
+                     '--holdout', '0.25', '-o', str(prefix)]) == 0
+    unlabelled_path, demos_path, heldout_path = cli.split_paths(prefix, heldout=True)
+    heldout, unlabelled = load_dataset(heldout_path), load_dataset(unlabelled_path)
+    assert len(episode_spans(heldout)[0]) == 4 and len(episode_spans(unlabelled)[0]) == 13
+    assert np.isfinite(heldout['costs']).all()          # held out with its labels
+    with h5py.File(heldout_path, 'r') as h5, h5py.File(unlabelled_path, 'r') as h5u:
+        held, rest = (set(json.loads(f.attrs['source_trajectories'])) for f in (h5, h5u))
+    assert not held & rest and not held & {0, 1, 3} and len(held | rest) == 17
+    run = train('dspo', TASK, preset='test', data=unlabelled, progress=False, out=tmp_path / 'r',
+                overrides={'demos': str(demos_path)})
+    capsys.readouterr()
+    assert discriminator_quality.main([str(run), str(heldout_path), '--kappa', '10']) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report['trajectories'] == 4 and 0.0 < report['safe_share'] < 1.0
+    assert 0.0 <= report['auc'] <= 1.0
+    # a cost-free file cannot be scored
+    assert discriminator_quality.main([str(run), str(unlabelled_path), '--kappa', '10']) == 2
+    assert 'has no cost labels' in capsys.readouterr().err
+
+
+def test_safety_signal_of_a_dataset_equals_the_training_labels():
+    from offline_training.algos import dspo
+
+    data = labelled(episodes=8, length=24)
+    trainer, buffer = make_trainer(data, demos='first:2')
+    for _ in range(3):
+        trainer.update(buffer)
+    labels = trainer.label()
+    # the unlabelled part of the data (trajectories 2..7) comes first in training
+    part = {k: v[episode_spans(data)[0][2]:] for k, v in data.items()}
+    z, returns = dspo.safety_signal(trainer.model, trainer.config, part)
+    np.testing.assert_allclose(z, labels[:6].numpy(), rtol=1e-5)
+    np.testing.assert_allclose(returns, trainer.data.returns[:6].numpy(), rtol=1e-5)
+
+
+def test_quality_only_on_the_trajectories_of_a_split_file(tmp_path, capsys):
+    from offline_training import discriminator_quality
+    from offline_training.train import train
+
+    path = tmp_path / 'SafetyBallCircle-v0-test.hdf5'
+    write_dataset(path, labelled(episodes=12, length=24), TASK)
+    prefix = tmp_path / 'bc'
+    assert cli.main(['split-demos', str(path), '--kappa', '10', '--num-demos', '3',
+                     '-o', str(prefix)]) == 0
+    unlabelled_path, demos_path = cli.split_paths(prefix)
+    run = train('dspo', TASK, preset='test', data=load_dataset(unlabelled_path), progress=False,
+                out=tmp_path / 'r', overrides={'demos': str(demos_path)})
+    capsys.readouterr()
+    assert discriminator_quality.main([str(run), str(path), '--kappa', '10', '--only',
+                                       str(unlabelled_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    # cost returns 0..11, demonstrations 0, 1, 3: the 9 others, of which 2, 4..10 are <= 10
+    assert report['trajectories'] == 9
+    assert report['safe_share'] == pytest.approx(8 / 9)
+    other = tmp_path / 'other.hdf5'
+    write_dataset(other, labelled(episodes=12, length=24, seed=5), TASK)
+    assert discriminator_quality.main([str(run), str(other), '--kappa', '10', '--only',
+                                       str(unlabelled_path)]) == 2
+    assert 'sha256 differs' in capsys.readouterr().err

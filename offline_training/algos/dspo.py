@@ -420,6 +420,19 @@ def load_demos(config: DspoConfig, data) -> Tuple[Dict[str, np.ndarray], Dict[st
     return load_dataset(config.demos, keys=READ_KEYS), unlabelled
 
 
+def trajectory_arrays(part, offset: int = 0, is_demo: bool = False) -> Dict[str, np.ndarray]:
+    """Return a dataset's per-transition obs, act, traj (from ``offset``), step, demo, ret."""
+    returns, starts, stops = reward_returns(part)
+    lengths = stops - starts
+    traj = np.repeat(np.arange(len(starts)) + offset, lengths)
+    step = np.arange(len(traj)) - np.repeat(starts, lengths)
+    return {'obs': np.asarray(part['observations'], dtype=np.float32),
+            'act': clip_actions(part['actions'], 1.0),
+            'traj': traj.astype(np.float32), 'step': step.astype(np.float32),
+            'demo': np.full(len(traj), float(is_demo), np.float32),
+            'ret': np.repeat(returns, lengths).astype(np.float32)}
+
+
 def prepare_arrays(data: Dict[str, np.ndarray], config: DspoConfig) -> Dict[str, np.ndarray]:
     """
     Return per-transition arrays of D^U then D^S: obs, act, traj, step, demo, ret.
@@ -428,19 +441,8 @@ def prepare_arrays(data: Dict[str, np.ndarray], config: DspoConfig) -> Dict[str,
     on demonstrations and ``ret`` is the trajectory's reward return. Reads no costs.
     """
     demos, unlabelled = load_demos(config, data)
-    parts = []
-    offset = 0
-    for part, is_demo in ((unlabelled, 0.0), (demos, 1.0)):
-        returns, starts, stops = reward_returns(part)
-        lengths = stops - starts
-        traj = np.repeat(np.arange(len(starts)) + offset, lengths)
-        step = np.arange(len(traj)) - np.repeat(starts, lengths)
-        parts.append({'obs': np.asarray(part['observations'], dtype=np.float32),
-                      'act': clip_actions(part['actions'], 1.0),
-                      'traj': traj.astype(np.float32), 'step': step.astype(np.float32),
-                      'demo': np.full(len(traj), is_demo, np.float32),
-                      'ret': np.repeat(returns, lengths).astype(np.float32)})
-        offset += len(starts)
+    parts = [trajectory_arrays(unlabelled, 0, False)]
+    parts.append(trajectory_arrays(demos, int(parts[0]['traj'].max()) + 1, True))
     if parts[1]['obs'].shape[1:] != parts[0]['obs'].shape[1:] or \
             parts[1]['act'].shape[1:] != parts[0]['act'].shape[1:]:
         raise ConfigError(f'demos {config.demos}: observation/action widths '
@@ -500,6 +502,30 @@ def set_normalisation(model: DspoModel, buffer: ReplayBuffer) -> None:
         model.obs_mean.copy_(d['obs'].mean(dim=0))
         model.obs_std.copy_(d['obs'].std(dim=0).clamp(min=1e-3))
         model.return_range.copy_(torch.stack([d['ret'].min(), d['ret'].max()]))
+
+
+@torch.no_grad()
+def label_trajectories(discriminator: SafetyTransformer, data: Trajectories,
+                       chunk: int = 64) -> torch.Tensor:
+    """Return z_tau = sigmoid(D_phi logit) [N] of every trajectory of ``data`` (eval mode)."""
+    discriminator.eval()
+    count = data.obs.shape[0]
+    return torch.cat([torch.sigmoid(discriminator(*data.batch(
+        torch.arange(i, min(i + chunk, count), device=data.obs.device))))
+        for i in range(0, count, chunk)])
+
+
+def safety_signal(model: DspoModel, config: DspoConfig, data) -> Tuple[np.ndarray, np.ndarray]:
+    """
+    Return (z_tau, reward return) of every trajectory of a dataset dict, with a trained model.
+
+    Reads READ_KEYS only (no costs); states are normalised as in training.
+    """
+    device = model.obs_mean.device
+    buffer = ReplayBuffer(trajectory_arrays({key: data[key] for key in READ_KEYS}), device)
+    trajectories = Trajectories(buffer, model, 1, config.disc_stride)
+    z = label_trajectories(model.discriminator, trajectories)
+    return z.cpu().numpy(), trajectories.returns.cpu().numpy()
 
 
 # --------------------------------------------------------------------------- trainer
@@ -584,16 +610,10 @@ class DspoTrainer:
         self._step(self.disc_opt, loss)
         return logs
 
-    @torch.no_grad()
-    def label(self, chunk: int = 64) -> torch.Tensor:
+    def label(self) -> torch.Tensor:
         """Return z_tau = D_phi(tau) of every trajectory (dropout off)."""
-        m, data = self.model, self.data
-        m.discriminator.eval()
-        count = data.obs.shape[0]
-        labels = torch.cat([torch.sigmoid(m.discriminator(*data.batch(
-            torch.arange(i, min(i + chunk, count), device=data.obs.device))))
-            for i in range(0, count, chunk)])
-        m.discriminator.train()
+        labels = label_trajectories(self.model.discriminator, self.data)
+        self.model.discriminator.train()
         return labels
 
     # -- stage 2 -------------------------------------------------------------------------------

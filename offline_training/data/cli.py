@@ -179,13 +179,13 @@ def cmd_merge(args) -> int:
     return 0
 
 
-def split_paths(prefix) -> tuple:
-    """Return the (unlabelled, demonstrations) files that ``split-demos -o PREFIX`` writes."""
+def split_paths(prefix, heldout: bool = False) -> tuple:
+    """Return the (unlabelled, demonstrations[, held-out]) files of ``split-demos -o PREFIX``."""
     from pathlib import Path
 
     prefix = Path(prefix)
-    return (prefix.with_name(prefix.name + '-unlabelled.hdf5'),
-            prefix.with_name(prefix.name + '-demos.hdf5'))
+    names = ('unlabelled', 'demos', 'heldout') if heldout else ('unlabelled', 'demos')
+    return tuple(prefix.with_name(f'{prefix.name}-{name}.hdf5') for name in names)
 
 
 def cmd_split_demos(args) -> int:
@@ -203,24 +203,31 @@ def cmd_split_demos(args) -> int:
         return EXIT_USER_ERROR
     data = load_dataset(path, task=report.task.name, validate=False)
     try:
-        split = split_safe_demos(data, args.kappa, args.num_demos)
+        split = split_safe_demos(data, args.kappa, args.num_demos, args.holdout, args.seed)
     except ValueError as err:
         print(f'saferl-data: error: {path}: {err}', file=sys.stderr)
         return EXIT_USER_ERROR
-    unlabelled_path, demos_path = split_paths(args.output)
+    unlabelled_path, demos_path, heldout_path = split_paths(args.output, heldout=True)
     source = {'path': path.name, 'sha256': sha256_file(path), 'kappa': split.kappa,
               'rule': f'demos: the {len(split.demos)} trajectories of highest reward return '
                       f'among the {split.num_safe} with cost return <= kappa'}
     reward_returns, _, _, _ = trajectory_returns(data)
-    for part_path, indices, role in ((unlabelled_path, split.unlabelled, 'unlabelled'),
-                                     (demos_path, split.demos, 'demos')):
+    parts = [(unlabelled_path, split.unlabelled, 'unlabelled'), (demos_path, split.demos, 'demos')]
+    if split.heldout.size:
+        parts.append((heldout_path, split.heldout, 'heldout'))
+    elif heldout_path.exists():
+        heldout_path.unlink()      # a stale held-out file of an earlier split would mislead
+    for part_path, indices, role in parts:
         part = select_trajectories(data, indices, DSRL_KEYS)
-        # The cost labels go: NaN in every row, and the file says so (the data layer accepts
-        # NaN costs only in a file that carries this mark).
-        part['costs'] = np.full(len(part['costs']), np.nan, dtype=np.float32)
-        manifest = write_dataset(part_path, part, report.task.name, attrs={
-            COST_LABELS_ATTR: UNLABELLED, 'split_role': role, 'split_source': source,
-            'source_trajectories': [int(i) for i in indices]})
+        attrs = {'split_role': role, 'split_source': source,
+                 'source_trajectories': [int(i) for i in indices]}
+        if role != 'heldout':
+            # The cost labels go: NaN in every row, and the file says so (the data layer
+            # accepts NaN costs only in a file that carries this mark). The held-out
+            # trajectories keep theirs: they are for evaluation only.
+            part['costs'] = np.full(len(part['costs']), np.nan, dtype=np.float32)
+            attrs[COST_LABELS_ATTR] = UNLABELLED
+        manifest = write_dataset(part_path, part, report.task.name, attrs=attrs)
         returns = reward_returns[indices]
         print(f'wrote {part_path}: {manifest["trajectories"]} trajectories '
               f'({manifest["transitions"]} transitions), reward return '
@@ -291,13 +298,19 @@ def build_parser() -> argparse.ArgumentParser:
                     'highest reward return among those with cost return <= kappa) and write '
                     'them and every other trajectory as two validated files without cost labels '
                     '(costs NaN, file attribute cost_labels=removed): PREFIX-demos.hdf5 and '
-                    'PREFIX-unlabelled.hdf5.')
+                    'PREFIX-unlabelled.hdf5; with --holdout, a labelled PREFIX-heldout.hdf5 '
+                    'for evaluation.')
     split.add_argument('path', help='labelled DSRL-format HDF5 file')
     split.add_argument('--task', help="task name (default: from the file's attributes or name)")
     split.add_argument('--kappa', type=float, required=True,
                        help='cost budget: a demonstration has cost return <= kappa')
     split.add_argument('--num-demos', type=int, default=DEFAULT_NUM_DEMOS,
                        help=f'demonstrations to keep (default {DEFAULT_NUM_DEMOS}; DSPO: 10-15)')
+    split.add_argument('--holdout', type=float, default=0.0, metavar='SHARE',
+                       help='share of the other trajectories kept out of the unlabelled set, '
+                            'with their costs, as PREFIX-heldout.hdf5 (evaluation only; '
+                            'default 0)')
+    split.add_argument('--seed', type=int, default=0, help='seed of the held-out draw')
     split.add_argument('-o', '--output', required=True, metavar='PREFIX',
                        help='output prefix, e.g. datasets/dspo/BallCircle-k10')
     split.set_defaults(func=cmd_split_demos)

@@ -1,6 +1,6 @@
 """Episodes of a flat DSRL dataset: boundaries, per-trajectory returns and DSRL's scores."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Tuple
 
 import numpy as np
@@ -82,26 +82,34 @@ class DemoSplit:
     Trajectory indices of a labelled dataset split into safe demonstrations and the rest.
 
     ``demos``: the ``num_demos`` trajectories of highest reward return among those with cost
-    return <= ``kappa`` (ties: the earlier trajectory); ``unlabelled``: every other trajectory.
+    return <= ``kappa`` (ties: the earlier trajectory); ``heldout``: a random share of the other
+    trajectories, kept with their labels to evaluate a discriminator on trajectories it never
+    saw; ``unlabelled``: every other trajectory.
     """
 
     demos: np.ndarray
     unlabelled: np.ndarray
     kappa: float
     num_safe: int
+    heldout: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
-def split_safe_demos(data, kappa: float, num_demos: int = DEFAULT_NUM_DEMOS) -> DemoSplit:
+def split_safe_demos(data, kappa: float, num_demos: int = DEFAULT_NUM_DEMOS,
+                     holdout: float = 0.0, seed: int = 0) -> DemoSplit:
     """
     Choose the safe demonstrations of a labelled dataset (the only use of its cost labels).
 
     Rule: among whole trajectories with cost return <= kappa, the ``num_demos`` of highest
-    reward return. Raises ValueError (one line naming the fix) when the input cannot give them.
+    reward return. ``holdout`` in [0, 1): that share of the remaining trajectories, drawn at
+    random with ``seed``, is held out. Raises ValueError (one line naming the fix) when the input
+    cannot give them.
     """
     if not np.isfinite(kappa) or kappa < 0:
         raise ValueError(f'kappa must be a finite cost budget >= 0, got {kappa}')
     if num_demos < 1:
         raise ValueError(f'the number of demonstrations must be >= 1, got {num_demos}')
+    if not 0.0 <= holdout < 1.0:
+        raise ValueError(f'the held-out share must lie in [0, 1), got {holdout}')
     rewards, costs, starts, _ = trajectory_returns(data)
     if np.isnan(costs).any():
         raise ValueError('the dataset has no cost labels (NaN costs): split-demos needs the '
@@ -116,8 +124,14 @@ def split_safe_demos(data, kappa: float, num_demos: int = DEFAULT_NUM_DEMOS) -> 
                          'demonstrations would leave no unlabelled data; lower --num-demos')
     order = np.lexsort((safe, -rewards[safe]))       # highest reward first, then lower index
     demos = np.sort(safe[order[:num_demos]])
-    unlabelled = np.setdiff1d(np.arange(starts.size), demos)
-    return DemoSplit(demos, unlabelled, float(kappa), int(safe.size))
+    rest = np.setdiff1d(np.arange(starts.size), demos)
+    count = int(round(holdout * rest.size))
+    if count >= rest.size:
+        raise ValueError(f'holding out {holdout:g} of {rest.size} trajectories leaves no '
+                         'unlabelled data; lower --holdout')
+    heldout = np.sort(np.random.default_rng(seed).choice(rest, count, replace=False))
+    unlabelled = np.setdiff1d(rest, heldout)
+    return DemoSplit(demos, unlabelled, float(kappa), int(safe.size), heldout)
 
 
 def select_trajectories(data, indices: np.ndarray, keys) -> dict:
