@@ -22,10 +22,14 @@ def test_guided_eps_uses_the_null_condition_for_the_unconditional_pass():
                                                           hidden=16, num_blocks=1, time_dim=8,
                                                           cond_hidden=8))
     x, cond, t = torch.randn(4, 3, 2), torch.randn(4, 2), torch.tensor([0, 1, 2, 4])
-    eps_c = model.net(x, cond, t, torch.ones(4))
-    eps_u = model.net(x, cond, t, torch.zeros(4))
+    eps_c = model.eps(x, cond, t, torch.ones(4))
+    eps_u = model.eps(x, cond, t, torch.zeros(4))
     # The unconditional pass ignores the condition entirely.
-    assert torch.allclose(eps_u, model.net(x, torch.randn(4, 2), t, torch.zeros(4)))
+    assert torch.allclose(eps_u, model.eps(x, torch.randn(4, 2), t, torch.zeros(4)))
+    # x0 parameterisation: eps = (x_k - sqrt(abar_k) x0_hat) / sqrt(1 - abar_k).
+    abar = model.schedule.alpha_bars[t].view(-1, 1, 1)
+    x0_hat = model.net(x, cond, t, torch.ones(4))
+    assert torch.allclose(eps_c, (x - abar.sqrt() * x0_hat) / (1 - abar).sqrt(), atol=1e-5)
     assert torch.allclose(model.guided_eps(x, cond, t, 2.0), eps_u + 2.0 * (eps_c - eps_u),
                           atol=1e-6)
 
@@ -34,7 +38,8 @@ def test_loss_is_the_epsilon_mse_on_hand_made_inputs():
     torch.manual_seed(0)
     model = TrajectoryDiffusion(TrajectoryDiffusionConfig(horizon=2, dim=1, cond_dim=1, steps=4,
                                                           hidden=8, num_blocks=1, time_dim=4,
-                                                          cond_hidden=4, cond_dropout=0.0))
+                                                          cond_hidden=4, cond_dropout=0.0,
+                                                          parameterization='eps'))
 
     class Constant(torch.nn.Module):
         def forward(self, x, cond, t, keep):
@@ -98,3 +103,22 @@ def test_a_tiny_model_samples_the_mode_its_condition_asks_for():
     assert (slope[:32] > 1.0).float().mean() >= 0.9     # rising: +2 in the data
     assert (slope[32:] < -1.0).float().mean() >= 0.9    # falling: -2
     assert (out[:32] - ramp).abs().mean() < 0.3
+
+
+def test_loss_keeps_pinned_entries_clean_in_x_k():
+    model = TrajectoryDiffusion(TrajectoryDiffusionConfig(horizon=3, dim=2, cond_dim=1, steps=4,
+                                                          hidden=8, num_blocks=1, time_dim=4,
+                                                          cond_hidden=4))
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, cond, t, keep):
+            seen.append(x.clone())
+            return torch.zeros_like(x)
+
+    model.net = Recorder()
+    x0 = torch.randn(5, 3, 2)
+    mask = torch.zeros(1, 3, 2, dtype=torch.bool)
+    mask[:, 0] = True
+    model.loss(x0, torch.zeros(5, 1), pin_mask=mask)
+    assert torch.equal(seen[0][:, 0], x0[:, 0]) and not torch.equal(seen[0][:, 1:], x0[:, 1:])
