@@ -288,7 +288,7 @@ def build_test_model(task='BallCircle', seed: int = 0, algorithm: str = 'fisor',
     """
     Return (model, plan) of the algorithm's 'test' preset, trained ``train_steps`` iterations.
 
-    ``algorithm``: a name of the algorithm registry (fisor, bc_all, bc_safe, bcq_lag).
+    ``algorithm``: a name of the algorithm registry (fisor, drcorl, dspo, bc_all, ...).
     """
     from offline_training.algos.batching import ReplayBuffer
     from offline_training.algos.infrastructure import set_seed

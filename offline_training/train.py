@@ -20,6 +20,7 @@ from offline_training.algos import ALGORITHMS, get_algorithm
 from offline_training.algos.batching import check_dataset, ReplayBuffer
 from offline_training.algos.infrastructure import (
     resolve_device, rng_state, set_rng_state, set_seed)
+from offline_training.algos.protocol import reads_costs
 from offline_training.data.dataset import (
     DatasetError, describe_generated, file_generated_info, load_dataset, resolve_dataset_path)
 from offline_training.machine import machine_info
@@ -84,6 +85,10 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
         raise ConfigError(f'{algo} trains on a generated dataset, but {provenance["path"]} is '
                           f'collected data; run `saferl-data reshape {provenance["path"]} '
                           f'--task {spec.name} -o OUT.hdf5` and pass --dataset OUT.hdf5')
+    if reads_costs(module, config) and np.isnan(np.asarray(data['costs'])).any():
+        raise ConfigError(f'{algo} learns from cost labels but the dataset has none (NaN costs,'
+                          ' e.g. the unlabelled set of saferl-data split-demos); give it the '
+                          'labelled dataset, or train an algorithm without costs (dspo, bc_all)')
     arrays = module.prepare_arrays(data, config)
     buffer = ReplayBuffer(arrays, torch_device, seed=seed)
     obs_dim, act_dim = int(arrays['obs'].shape[1]), int(arrays['act'].shape[1])

@@ -1,5 +1,5 @@
 """
-Offline safe-RL algorithms (FISOR, DRCORL, OASIS and baselines) sharing one training framework.
+Offline safe-RL algorithms (FISOR, DRCORL, OASIS, DSPO, baselines) sharing one training framework.
 
 Each algorithm module implements :class:`offline_training.algos.protocol.Algorithm`: a dataclass
 config ``CONFIG`` with the paper's values as defaults, ``PRESETS`` (paper, cpu, test),
@@ -21,6 +21,7 @@ ALGORITHMS: Dict[str, Tuple[str, dict]] = {
     'bcq_lag': ('offline_training.algos.bcq_lag', {}),
     'drcorl': ('offline_training.algos.drcorl', {}),
     'oasis': ('offline_training.algos.oasis', {}),
+    'dspo': ('offline_training.algos.dspo', {}),
 }
 
 

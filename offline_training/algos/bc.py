@@ -62,6 +62,11 @@ def resolve_config(config: BCConfig, task) -> BCConfig:
     return config
 
 
+def reads_costs(config: BCConfig) -> bool:
+    """Return whether training reads cost labels: BC-Safe does (to keep safe episodes)."""
+    return config.mode == 'safe'
+
+
 def bc_loss(pred: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     """Return the behaviour-cloning loss: mean squared error (OSRL BC)."""
     return (pred - actions).pow(2).mean()

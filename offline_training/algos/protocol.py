@@ -110,6 +110,17 @@ class Algorithm(Protocol):
         """Return the graphs the bundle holds and the manifest's critic section."""
 
 
+def reads_costs(module: ModuleType, config) -> bool:
+    """
+    Return whether training ``module`` with ``config`` reads the dataset's cost labels.
+
+    A module that can learn without them (DSPO, BC-All) defines ``reads_costs(config)``; any
+    other is taken to need them, so training refuses a dataset whose costs were removed.
+    """
+    check = getattr(module, 'reads_costs', None)
+    return True if check is None else bool(check(config))
+
+
 def protocol_problems(module: ModuleType) -> List[str]:
     """Return what ``module`` lacks to be an :class:`Algorithm` (empty when it is one)."""
     problems = []

@@ -11,6 +11,8 @@ Examples::
     saferl-data merge recordings/demo/run_* --dataset old.hdf5 --task BallCircle -o new.hdf5
     saferl-data reshape new.hdf5 --task BallCircle --kappa 20 -o reshaped.hdf5   # OASIS
     saferl-data tempting datasets/SafetyBallCircle-v0-80-959.hdf5 --task BallCircle -o t.hdf5
+    saferl-data split-demos datasets/SafetyBallCircle-v0-80-886.hdf5 --kappa 10 \
+        -o datasets/dspo/BallCircle-k10    # cost-free unlabelled set + 12 safe demonstrations
 """
 
 import argparse
@@ -24,7 +26,8 @@ from offline_training.data.dataset import (check_file, DatasetError, describe_ge
                                            file_generated_info, load_dataset, Problem,
                                            resolve_dataset_path, validate_arrays, write_dataset)
 from offline_training.data.plot import plot_returns
-from offline_training.data.trajectories import trajectory_returns
+from offline_training.data.trajectories import (DEFAULT_NUM_DEMOS, select_trajectories,
+                                                split_safe_demos, trajectory_returns)
 from saferl_ros.dataset_keys import DSRL_KEYS
 from saferl_ros.errors import ConfigError, EXIT_USER_ERROR, UserError
 from saferl_ros.files import sha256_file
@@ -82,12 +85,16 @@ def cmd_info(args) -> int:
     print('per trajectory')
     print(_row('length', lengths))
     print(_row('reward return', reward_returns))
-    print(_row('cost return', cost_returns))
+    if report.unlabelled:
+        print('  cost return            none (cost labels removed: costs are NaN)')
+    else:
+        print(_row('cost return', cost_returns))
     if spec:
         print(f'  DSRL bounds            reward [{spec.min_reward:.2f}, {spec.max_reward:.2f}]   '
               f'cost cut-off {spec.max_cost:g}')
-    shares = '   '.join(f'<= {k}: {np.mean(cost_returns <= k):6.1%}' for k in KAPPAS)
-    print(f'cost return  {shares}')
+    if not report.unlabelled:
+        shares = '   '.join(f'<= {k}: {np.mean(cost_returns <= k):6.1%}' for k in KAPPAS)
+        print(f'cost return  {shares}')
     if report.notes:
         print('notes')
         _print_notes(report, sys.stdout)
@@ -212,6 +219,10 @@ def _load_source(item, task):
                                                             'give the collected dataset or '
                                                             'recording it came from')])
     data = load_dataset(path, task=task)
+    if np.isnan(np.asarray(data['costs'])).any():
+        why = ('holds no cost labels (a cost-free split-demos file); OASIS needs them: give '
+               'the labelled dataset')
+        raise DatasetError([Problem(str(path), 'costs', why)])
     return ({k: data[k] for k in DSRL_KEYS},
             {'path': str(path), 'sha256': sha256_file(path), 'kind': 'file'})
 
@@ -348,6 +359,62 @@ def cmd_tempting(args) -> int:
     return 0
 
 
+def split_paths(prefix, heldout: bool = False) -> tuple:
+    """Return the (unlabelled, demonstrations[, held-out]) files of ``split-demos -o PREFIX``."""
+    from pathlib import Path
+
+    prefix = Path(prefix)
+    names = ('unlabelled', 'demos', 'heldout') if heldout else ('unlabelled', 'demos')
+    return tuple(prefix.with_name(f'{prefix.name}-{name}.hdf5') for name in names)
+
+
+def cmd_split_demos(args) -> int:
+    """Write a cost-free unlabelled dataset and the safe demonstrations of a labelled one."""
+    from offline_training.data.dataset import COST_LABELS_ATTR, UNLABELLED, write_dataset
+    from saferl_ros.dataset_keys import DSRL_KEYS
+
+    path = resolve_dataset_path(args.path, args.task)
+    report = check_file(path, task=args.task)
+    if report.problems:
+        raise DatasetError(report.problems)
+    if report.unlabelled:
+        print(f'saferl-data: error: {path} has no cost labels ({COST_LABELS_ATTR}='
+              f'{UNLABELLED!r}); give the labelled dataset it was split from', file=sys.stderr)
+        return EXIT_USER_ERROR
+    data = load_dataset(path, task=report.task.name, validate=False)
+    try:
+        split = split_safe_demos(data, args.kappa, args.num_demos, args.holdout, args.seed)
+    except ValueError as err:
+        print(f'saferl-data: error: {path}: {err}', file=sys.stderr)
+        return EXIT_USER_ERROR
+    unlabelled_path, demos_path, heldout_path = split_paths(args.output, heldout=True)
+    source = {'path': path.name, 'sha256': sha256_file(path), 'kappa': split.kappa,
+              'rule': f'demos: the {len(split.demos)} trajectories of highest reward return '
+                      f'among the {split.num_safe} with cost return <= kappa'}
+    reward_returns, _, _, _ = trajectory_returns(data)
+    parts = [(unlabelled_path, split.unlabelled, 'unlabelled'), (demos_path, split.demos, 'demos')]
+    if split.heldout.size:
+        parts.append((heldout_path, split.heldout, 'heldout'))
+    elif heldout_path.exists():
+        heldout_path.unlink()      # a stale held-out file of an earlier split would mislead
+    for part_path, indices, role in parts:
+        part = select_trajectories(data, indices, DSRL_KEYS)
+        attrs = {'split_role': role, 'split_source': source,
+                 'source_trajectories': [int(i) for i in indices]}
+        if role != 'heldout':
+            # The cost labels go: NaN in every row, and the file says so (the data layer
+            # accepts NaN costs only in a file that carries this mark). The held-out
+            # trajectories keep theirs: they are for evaluation only.
+            part['costs'] = np.full(len(part['costs']), np.nan, dtype=np.float32)
+            attrs[COST_LABELS_ATTR] = UNLABELLED
+        manifest = write_dataset(part_path, part, report.task.name, attrs=attrs)
+        returns = reward_returns[indices]
+        print(f'wrote {part_path}: {manifest["trajectories"]} trajectories '
+              f'({manifest["transitions"]} transitions), reward return '
+              f'{returns.min():.1f}..{returns.max():.1f}')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -446,6 +513,28 @@ def build_parser() -> argparse.ArgumentParser:
     tempting.add_argument('--remove-ratio', type=float, default=0.9)
     tempting.add_argument('--seed', type=int, default=0)
     tempting.set_defaults(func=cmd_tempting)
+    split = sub.add_parser(
+        'split-demos', help='split a labelled dataset into a cost-free set and safe demos (DSPO)',
+        description='Choose the safe demonstrations of a labelled dataset (the N trajectories of '
+                    'highest reward return among those with cost return <= kappa) and write '
+                    'them and every other trajectory as two validated files without cost labels '
+                    '(costs NaN, file attribute cost_labels=removed): PREFIX-demos.hdf5 and '
+                    'PREFIX-unlabelled.hdf5; with --holdout, a labelled PREFIX-heldout.hdf5 '
+                    'for evaluation.')
+    split.add_argument('path', help='labelled DSRL-format HDF5 file')
+    split.add_argument('--task', help="task name (default: from the file's attributes or name)")
+    split.add_argument('--kappa', type=float, required=True,
+                       help='cost budget: a demonstration has cost return <= kappa')
+    split.add_argument('--num-demos', type=int, default=DEFAULT_NUM_DEMOS,
+                       help=f'demonstrations to keep (default {DEFAULT_NUM_DEMOS}; DSPO: 10-15)')
+    split.add_argument('--holdout', type=float, default=0.0, metavar='SHARE',
+                       help='share of the other trajectories kept out of the unlabelled set, '
+                            'with their costs, as PREFIX-heldout.hdf5 (evaluation only; '
+                            'default 0)')
+    split.add_argument('--seed', type=int, default=0, help='seed of the held-out draw')
+    split.add_argument('-o', '--output', required=True, metavar='PREFIX',
+                       help='output prefix, e.g. datasets/dspo/BallCircle-k10')
+    split.set_defaults(func=cmd_split_demos)
     return parser
 
 
@@ -462,6 +551,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_USER_ERROR
     except (KeyError, UserError) as err:
         print(f'saferl-data: error: {err.args[0]}', file=sys.stderr)
+        return EXIT_USER_ERROR
+    except UserError as err:
+        print(f'saferl-data: error: {err}', file=sys.stderr)
         return EXIT_USER_ERROR
 
 

@@ -57,6 +57,12 @@ CHUNK_CACHE_BYTES = 1 << 20
 GENERATED_ATTR = 'generated'
 GENERATED_KEYS = ('generator', 'source', 'source_sha256', 'mode', 'kappa', 'conditions', 'model',
                   'raw_transitions', 'generated_transitions')
+# A dataset whose cost labels were removed on purpose (``saferl-data split-demos``) carries the
+# file attribute COST_LABELS_ATTR = UNLABELLED and NaN in every row of ``costs``: the DSRL layout
+# stays (dsrl's loader reads it), and code that wrongly reads the costs gets NaN, not a plausible
+# zero. Only such a file may hold NaN costs, and it may hold nothing else there.
+COST_LABELS_ATTR = 'cost_labels'
+UNLABELLED = 'removed'
 _PLAIN_FIX = 'DSRL files hold plain datasets; rewrite the file with real arrays'
 _REWRITE_FIX = ('the file is damaged or not a DSRL dataset: regenerate it (saferl-data collect) '
                 'or copy the original file again')
@@ -409,12 +415,13 @@ class _ReadError(Exception):
         self.key, self.err = key, err
 
 
-def _check_values(arrays, spec: Optional[TaskSpec], bad) -> None:
+def _check_values(arrays, spec: Optional[TaskSpec], bad, unlabelled: bool = False) -> None:
     """
     Check the values of DSRL arrays whose layout is valid, streaming over blocks of rows.
 
     ``arrays`` maps the required keys to numpy arrays or h5py datasets; only one block of rows
     of each key is held at a time (see `_block_rows`), so a file is checked without loading it.
+    ``unlabelled``: the cost labels were removed, so every cost must be NaN.
     """
     n = arrays['observations'].shape[0]
     step = _block_rows(arrays)
@@ -426,6 +433,7 @@ def _check_values(arrays, spec: Optional[TaskSpec], bad) -> None:
             raise _ReadError(key, err) from err
 
     nonfinite = {k: [0, None] for k in FLOAT_KEYS}      # rows, first index
+    labelled_rows = [0, None]                           # finite costs in an unlabelled dataset
     odd_flags: Dict[str, list] = {k: [] for k in FLAG_KEYS}
     outside = [0, None, None]                           # rows, first index, first action
     negative = 0
@@ -437,7 +445,15 @@ def _check_values(arrays, spec: Optional[TaskSpec], bad) -> None:
         stop = min(n, start + step)
         rows = stop - start
         block = {k: read(k, start, stop) for k in DSRL_KEYS}
+        if unlabelled:
+            finite = np.flatnonzero(~np.isnan(block['costs'].reshape(-1)))
+            if finite.size:
+                if labelled_rows[1] is None:
+                    labelled_rows[1] = start + int(finite[0])
+                labelled_rows[0] += finite.size
         for key in FLOAT_KEYS:
+            if unlabelled and key == 'costs':
+                continue
             bad_rows = ~np.isfinite(block[key].reshape(rows, -1)).all(axis=1)
             if bad_rows.any():
                 if nonfinite[key][1] is None:
@@ -489,7 +505,15 @@ def _check_values(arrays, spec: Optional[TaskSpec], bad) -> None:
     for key in FLOAT_KEYS:
         count, first = nonfinite[key]
         if count:
-            bad(key, f'{count} transitions hold NaN or Inf (first at index {first})')
+            hint = ''
+            if key == 'costs':
+                hint = (f'; a dataset without cost labels must say so: file attribute '
+                        f'{COST_LABELS_ATTR}={UNLABELLED!r} (saferl-data split-demos writes it)')
+            bad(key, f'{count} transitions hold NaN or Inf (first at index {first}){hint}')
+    if labelled_rows[0]:
+        bad('costs', f'{labelled_rows[0]} transitions hold a cost (first at index '
+                     f'{labelled_rows[1]}) but the file is marked {COST_LABELS_ATTR}='
+                     f'{UNLABELLED!r}: every cost must be NaN; remove the mark or the costs')
     for key in FLAG_KEYS:
         if odd_flags[key]:
             bad(key, f'must hold only 0/1, found {np.unique(np.concatenate(odd_flags[key]))[:5]}')
@@ -515,8 +539,13 @@ def _check_values(arrays, spec: Optional[TaskSpec], bad) -> None:
                         'a timeout flag is missing')
 
 
-def validate_arrays(data: Dict[str, np.ndarray], task=None, source='<arrays>') -> List[Problem]:
-    """Check DSRL arrays against the layout and, if known, the task; return every problem."""
+def validate_arrays(data: Dict[str, np.ndarray], task=None, source='<arrays>',
+                    unlabelled: bool = False) -> List[Problem]:
+    """
+    Check DSRL arrays against the layout and, if known, the task; return every problem.
+
+    ``unlabelled``: the arrays are a cost-free dataset, whose costs must all be NaN.
+    """
     problems: List[Problem] = []
 
     def bad(key, message):
@@ -531,7 +560,7 @@ def validate_arrays(data: Dict[str, np.ndarray], task=None, source='<arrays>') -
     spec = get_task(task) if task is not None else None
     _check_layout(arrays, spec, bad)
     if not problems:
-        _check_values(arrays, spec, bad)
+        _check_values(arrays, spec, bad, unlabelled)
     return problems
 
 
@@ -542,7 +571,8 @@ class DatasetReport:
 
     ``problems`` make the file unusable; ``notes`` are warnings (extra groups or keys) that do
     not. ``layout`` maps each plain dataset to its declared (shape, dtype); ``task`` is the task
-    used for the checks (None if unknown).
+    used for the checks (None if unknown); ``unlabelled``: the file is marked cost-free (its
+    costs are all NaN, see COST_LABELS_ATTR).
     """
 
     path: Path
@@ -551,6 +581,18 @@ class DatasetReport:
     layout: Dict[str, Tuple[tuple, np.dtype]] = field(default_factory=dict)
     task: Optional[TaskSpec] = None
     generated: Optional[dict] = None
+    unlabelled: bool = False
+
+
+def is_unlabelled(attrs) -> bool:
+    """Return whether a file's attributes mark it as a dataset whose cost labels were removed."""
+    try:
+        value = attrs[COST_LABELS_ATTR] if COST_LABELS_ATTR in attrs else None
+    except (OSError, TypeError, ValueError):
+        return False
+    if isinstance(value, bytes):
+        value = value.decode(errors='replace')
+    return value == UNLABELLED
 
 
 def _open(path: Path, problems: List[Problem]) -> Optional[h5py.File]:
@@ -583,6 +625,7 @@ def _inspect(h5: h5py.File, report: DatasetReport, task, require_task: bool):
     source = str(report.path)
     problems = report.problems
     datasets = _inspect_objects(h5, source, problems, report.notes)
+    report.unlabelled = is_unlabelled(h5.attrs)
     report.layout = {k: (tuple(d.shape) if d.shape is not None else None, d.dtype)
                      for k, d in datasets.items()}
     try:
@@ -639,7 +682,7 @@ def check_file(path, task=None, values=True, require_task=True) -> DatasetReport
             # required, may have been reported: the task-independent value checks still run).
             if datasets is not None and values:
                 _check_values(datasets, report.task, lambda key, message: report.problems.append(
-                    Problem(str(report.path), key, message)))
+                    Problem(str(report.path), key, message)), report.unlabelled)
         except _ReadError as err:
             report.problems.append(Problem(str(report.path), err.key,
                                            f'cannot be read (truncated or corrupt file?): '
@@ -708,7 +751,8 @@ def write_dataset(path, data: Dict[str, np.ndarray], task, attrs: Optional[dict]
     """
     spec = get_task(task)
     path = Path(path)
-    problems = validate_arrays(data, spec, source=str(path))
+    unlabelled = is_unlabelled(attrs or {})
+    problems = validate_arrays(data, spec, source=str(path), unlabelled=unlabelled)
     if problems:
         raise DatasetError(problems)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -739,7 +783,8 @@ def write_dataset(path, data: Dict[str, np.ndarray], task, attrs: Optional[dict]
         'trajectories': int(starts.size),
         'episode_length': _stats((stops - starts).astype(np.float64)),
         'reward_return': _stats(reward_returns),
-        'cost_return': _stats(cost_returns),
+        # NaN is not JSON: a cost-free dataset has no cost statistics.
+        'cost_return': None if unlabelled else _stats(cost_returns),
         'keys': sorted(data.keys()),
         'attrs': {k: v for k, v in file_attrs.items() if k != 'task'},
     }
