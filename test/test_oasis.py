@@ -8,7 +8,8 @@ import numpy as np
 from offline_training.algos import get_algorithm, oasis
 from offline_training.algos.trajectory_diffusion import cfg_combine
 from offline_training.data import cli
-from offline_training.data.dataset import check_file, validate_file, write_dataset
+from offline_training.data.dataset import (check_file, COST_LABELS_ATTR, UNLABELLED, validate_file,
+                                           write_dataset)
 from offline_training.data.synthetic import synthetic_dataset
 import pytest
 from saferl_ros.dataset_keys import DSRL_KEYS
@@ -274,6 +275,13 @@ def test_reshape_bad_inputs_fail_in_one_line(raw_file, reshaped, tmp_path, capsy
     assert 'remove it (or give another --generator)' in error(
         [str(other), '-o', str(tmp_path / 'a'), *base, '--generator',
          str(reshaped) + '.generator.pt'])
+    # a cost-free split (DSPO's unlabelled set) has no labels to learn the cost from
+    cost_free = synthetic_dataset(TASK, episodes=10, seed=2, max_length=30)
+    cost_free['costs'] = np.full(len(cost_free['costs']), np.nan, np.float32)
+    write_dataset(tmp_path / 'cost-free.hdf5', cost_free, TASK,
+                  attrs={COST_LABELS_ATTR: UNLABELLED})
+    assert 'no cost labels' in error([str(tmp_path / 'cost-free.hdf5'), '-o',
+                                      str(tmp_path / 'a'), *base])
     assert not (tmp_path / 'a').exists()
     with pytest.raises(SystemExit):
         cli.main(['reshape', str(raw_file), '-o', str(tmp_path / 'a'), *base,
