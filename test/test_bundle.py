@@ -149,3 +149,17 @@ def test_runtime_loader_does_not_import_torch():
     code = ('import sys, saferl_ros.bundle; '
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, '-c', code]).returncode == 0
+
+
+SHIPPED = sorted(p for p in (Path(__file__).resolve().parents[1] / 'models').iterdir()
+                 if (p / 'manifest.yaml').is_file())
+
+
+@pytest.mark.parametrize('folder', SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_bundle_verifies_and_answers_its_task(folder):
+    bundle = load_bundle(folder)          # checksums, graph signatures, golden outputs
+    assert folder.name.endswith('-' + bundle.task_name.lower())     # e.g. fisor-ballcircle
+    obs = np.zeros((1, bundle.obs_dim), np.float32)
+    noise = bundle.sample_noise(1, np.random.default_rng(0))
+    action = np.asarray(bundle.policy(obs, noise=noise))
+    assert action.reshape(-1).shape == (bundle.act_dim,) and np.isfinite(action).all()
