@@ -127,6 +127,7 @@ def test_one_machine_tool_sizes_steps_packs_slim_runs_that_the_grid_only_evaluat
     with tarfile.open(out / report['packs'][0]) as tar:
         tar.extractall(back, filter='data')
     run_dir = next(back.rglob('fisor-BallCircle-s0'))
+    assert run_dir == back / 'runs' / 'fisor-BallCircle-s0'    # runs dir outside the repo
     state = torch.load(run_dir / 'checkpoint.pt', weights_only=False)
     assert 'trainer' not in state and state['step'] == 1000 and 'model' in state
     # the run folder on the training machine keeps its full checkpoint (it can be extended)
@@ -159,9 +160,11 @@ def test_one_machine_tool_sizes_each_schedule_by_its_own_phases():
     assert tool.seconds_per_step(probe) == pytest.approx(0.4 / 200 + 0.6 / 100)
 
 
-def test_one_machine_tool_refuses_a_runs_folder_outside_the_repository(tmp_path, capsys):
+def test_one_machine_tool_names_packed_runs_where_they_unpack(tmp_path):
+    from pathlib import Path
+
     tool = _gpu_grid_tool()
-    with pytest.raises(SystemExit):
-        tool.main(['--method', 'fisor', '--budget', '60', '--out', str(tmp_path / 'out'),
-                   '--runs-dir', str(tmp_path / 'runs')])
-    assert 'outside the repository' in capsys.readouterr().err
+    repo = Path(__file__).resolve().parents[1]
+    assert tool.pack_name(repo / 'runs' / 'core-hour' / 'fisor-X-s0') == \
+        'runs/core-hour/fisor-X-s0'                  # unpack at the repository root
+    assert tool.pack_name(tmp_path / 'my-runs' / 'fisor-X-s0') == 'my-runs/fisor-X-s0'

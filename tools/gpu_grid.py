@@ -169,12 +169,22 @@ def slim_checkpoint(run_dir: Path) -> None:
         'evaluates and exports, but cannot resume training.\n')
 
 
+def pack_name(folder) -> str:
+    """Return a run (or logs) folder's name inside the packs: its repository path if it has one."""
+    relative = repo_relative(folder)
+    if relative.is_absolute():          # outside the repository: RUNS_DIR_NAME/FOLDER
+        folder = Path(folder).resolve()
+        return f'{folder.parent.name}/{folder.name}'
+    return str(relative)
+
+
 def pack(run_dirs, out: Path, max_file_mb: float) -> list:
     """
     Tar slimmed copies of run folders into files of at most max_file_mb MB under ``out``.
 
     Each copy keeps its run's path relative to the repository, so unpacking at the repository
-    root puts it where the grid looks for it.
+    root puts it where the grid looks for it; a run folder outside the repository is named
+    RUNS_DIR_NAME/RUN (unpack it in the runs folder's parent).
     """
     limit = max_file_mb * 2 ** 20
     for stale in out.glob('runs-*.tar'):      # an earlier command's packs must not be mistaken
@@ -182,11 +192,12 @@ def pack(run_dirs, out: Path, max_file_mb: float) -> list:
     shutil.rmtree(out / 'stage', ignore_errors=True)
     staged = []
     for run_dir in run_dirs:
-        copy = out / 'stage' / str(repo_relative(run_dir)).lstrip('/')
+        name = pack_name(run_dir)
+        copy = out / 'stage' / name
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(run_dir, copy)
         slim_checkpoint(copy)
-        staged.append((copy, str(repo_relative(run_dir)).lstrip('/')))
+        staged.append((copy, name))
     groups, current, size = [], [], 0
     for run_dir in staged:
         bytes_ = sum(f.stat().st_size for f in run_dir[0].rglob('*') if f.is_file())
@@ -223,8 +234,8 @@ def main(argv=None) -> int:
                         help='fraction of the time left that the steps are sized to fill')
     parser.add_argument('--device', default='cuda')
     parser.add_argument('--runs-dir', type=Path, default=None,
-                        help='where the run folders go, inside the repository (default the '
-                        "grid's, e.g. runs/core-hour)")
+                        help="where the run folders go (default the grid's, e.g. runs/core-hour; "
+                        'outside the repository the packs unpack in its parent folder)')
     parser.add_argument('--preset', default=None, help="training preset (default the grid's)")
     parser.add_argument('--max-steps', type=int, default=None,
                         help="cap on the steps (default the grid's)")
@@ -238,10 +249,6 @@ def main(argv=None) -> int:
     if args.preset:
         grid = replace(grid, preset=args.preset)
     if args.runs_dir:
-        # The packs name each run by its path in the repository, to be unpacked at its root.
-        if repo_relative(args.runs_dir).is_absolute():
-            parser.error(f'--runs-dir {args.runs_dir} is outside the repository: the packs '
-                         'unpack at the repository root; choose a folder inside it')
         grid = replace(grid, runs_dir=args.runs_dir.resolve())
     method = next((m for m in grid.methods if m.tag == args.method), None)
     if method is None:
@@ -310,7 +317,7 @@ def main(argv=None) -> int:
     files = pack(finished, pack_dir, args.max_file_mb)
     with tarfile.open(out / 'logs.tar', 'w') as tar:
         tar.add(Path(grid.runs_dir) / 'logs',
-                arcname=str(repo_relative(Path(grid.runs_dir) / 'logs')).lstrip('/'))
+                arcname=pack_name(Path(grid.runs_dir) / 'logs'))
     sent, copied = 0.0, []
     for path in files:
         size = path.stat().st_size / 2 ** 20
