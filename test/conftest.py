@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import sys
 
 os.environ.setdefault('DSRL_SUPPRESS_IMPORT_ERROR', '1')
 os.environ.setdefault('MPLBACKEND', 'Agg')
@@ -21,6 +22,22 @@ import pytest  # noqa: E402
 if importlib.util.find_spec('bullet_safety_gym') is not None:
     from saferl_ros.sim import import_bullet_safety_gym  # noqa: E402
     import_bullet_safety_gym()
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_as_configured():
+    """
+    Give every test the configured torch thread count, whatever an earlier test set.
+
+    Console-script mains called in-process (saferl-export sets 2 threads, saferl-train and
+    saferl-eval their --threads) change torch's process-wide setting; a small model's result
+    depends on it (reduction order), so a test must not inherit it from the one before.
+    """
+    yield
+    torch = sys.modules.get('torch')
+    wanted = int(os.environ.get('OMP_NUM_THREADS', '1') or 1)
+    if torch is not None and torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
 
 
 @pytest.fixture
