@@ -361,8 +361,6 @@ def cmd_tempting(args) -> int:
 
 def split_paths(prefix, heldout: bool = False) -> tuple:
     """Return the (unlabelled, demonstrations[, held-out]) files of ``split-demos -o PREFIX``."""
-    from pathlib import Path
-
     prefix = Path(prefix)
     names = ('unlabelled', 'demos', 'heldout') if heldout else ('unlabelled', 'demos')
     return tuple(prefix.with_name(f'{prefix.name}-{name}.hdf5') for name in names)
@@ -370,8 +368,7 @@ def split_paths(prefix, heldout: bool = False) -> tuple:
 
 def cmd_split_demos(args) -> int:
     """Write a cost-free unlabelled dataset and the safe demonstrations of a labelled one."""
-    from offline_training.data.dataset import COST_LABELS_ATTR, UNLABELLED, write_dataset
-    from saferl_ros.dataset_keys import DSRL_KEYS
+    from offline_training.data.dataset import COST_LABELS_ATTR, UNLABELLED
 
     path = resolve_dataset_path(args.path, args.task)
     report = check_file(path, task=args.task)

@@ -56,13 +56,11 @@ def reward_returns(data) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def trajectory_returns(data) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Return (reward_returns, cost_returns, starts, stops) of every trajectory, undiscounted."""
-    starts, stops = episode_spans(data)
+    rewards, starts, stops = reward_returns(data)
     if stops.size == 0:
-        empty = np.zeros(0)
-        return empty, empty, starts, stops
-    rewards = np.asarray(data['rewards'], dtype=np.float64).reshape(-1)
+        return rewards, np.zeros(0), starts, stops
     costs = np.asarray(data['costs'], dtype=np.float64).reshape(-1)
-    return (np.add.reduceat(rewards, starts), np.add.reduceat(costs, starts), starts, stops)
+    return rewards, np.add.reduceat(costs, starts), starts, stops
 
 
 def split_trajectories(data) -> List[Trajectory]:
