@@ -19,10 +19,10 @@ import time
 from typing import Dict, List, Optional
 
 import numpy as np
+from offline_training.runs import keep_checkpoint_copy, kept_checkpoint_path
 from saferl_ros.tasks import get_task, normalized_score
 
 CURVE = 'eval_curve.csv'
-CHECKPOINTS = 'checkpoints'
 FIELDS = ('step', 'train_cpu_s', 'train_wall_s', 'episodes', 'reward_mean', 'reward_std',
           'cost_mean', 'cost_std', 'kappa', 'normalized_reward', 'normalized_cost',
           'safe_fraction', 'eval_wall_s')
@@ -71,7 +71,7 @@ class PeriodicEvaluator:
             self.keep_checkpoint(step, checkpoint)
 
     def _kept(self, step: int) -> Path:
-        return self.run_dir / CHECKPOINTS / f'step_{step:09d}.pt'
+        return kept_checkpoint_path(self.run_dir, step)
 
     def __call__(self, step: int, model, writer=None, train_cpu_s: float = 0.0,
                  train_wall_s: float = 0.0) -> Dict[str, float]:
@@ -121,14 +121,7 @@ class PeriodicEvaluator:
         """Copy the checkpoint just written at an evaluation step to checkpoints/step_<N>.pt."""
         if not (self.keep_checkpoints and self.due(step)):
             return None
-        import shutil
-
-        from saferl_ros.files import atomic_path
-        target = self._kept(step)
-        target.parent.mkdir(exist_ok=True)
-        with atomic_path(target) as tmp:
-            shutil.copyfile(checkpoint, tmp)
-        return target
+        return keep_checkpoint_copy(checkpoint, self.run_dir, step)
 
 
 def read_curve(run_dir) -> List[dict]:

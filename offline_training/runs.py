@@ -13,7 +13,7 @@ import datetime
 from pathlib import Path
 import subprocess
 from types import ModuleType
-from typing import Optional, Tuple
+from typing import Callable, Iterable, Optional, Tuple
 
 import numpy as np
 from offline_training.algos import get_algorithm
@@ -26,6 +26,7 @@ from torch import nn
 CHECKPOINT = 'checkpoint.pt'
 CONFIG = 'config.yaml'
 SUMMARY = 'summary.yaml'
+CHECKPOINTS = 'checkpoints'   # RUN/checkpoints/step_<N>.pt: copies kept at chosen steps
 CHECKPOINT_KEYS = ('algorithm', 'seed', 'step', 'model', 'trainer', 'buffer', 'rng')
 # Config fields a resumed run may change: the step budget and inference-only settings (they shape
 # the exported graphs, not the training).
@@ -33,6 +34,21 @@ RESUME_MAY_CHANGE = frozenset({'steps', 'num_candidates', 'fallback_candidates',
                                'ddpm_temperature'})
 RESUME_FIX = 'choose another --out, or delete the run folder to start over'
 LOAD_FIX = 'point at a finished or checkpointed saferl-train run folder (runs/ALGO-TASK-sSEED)'
+
+
+def kept_checkpoint_path(run_dir, step: int) -> Path:
+    """Return where the copy of a run's checkpoint at ``step`` is kept."""
+    return Path(run_dir) / CHECKPOINTS / f'step_{int(step):09d}.pt'
+
+
+def keep_checkpoint_copy(checkpoint: Path, run_dir, step: int) -> Path:
+    """Copy the checkpoint just written at ``step`` to RUN/checkpoints/step_<N>.pt (atomic)."""
+    import shutil
+    target = kept_checkpoint_path(run_dir, step)
+    target.parent.mkdir(exist_ok=True)
+    with atomic_path(target) as tmp:
+        shutil.copyfile(checkpoint, tmp)
+    return target
 
 
 def yaml_safe(value):
@@ -125,14 +141,18 @@ def restore(path: Path, fix: str, *pairs) -> None:
 
 
 def check_resume(run_dir: Path, algo: str, seed: int, algo_config: dict,
-                 defaults: Optional[dict] = None) -> Tuple[dict, dict]:
+                 defaults: Optional[dict] = None,
+                 may_change_at: Optional[Callable[[int], Iterable[str]]] = None
+                 ) -> Tuple[dict, dict]:
     """
     Return (checkpoint state, saved config.yaml) of a run folder that this run may resume.
 
     The checkpoint must be of the same algorithm and seed, and the saved algorithm config may
     differ from ``algo_config`` only in RESUME_MAY_CHANGE; otherwise raise ConfigError. A field
     the saved config lacks (added to the algorithm after the run was made) counts as unchanged
-    when this run leaves it at its default (``defaults``: the config class's field defaults). The
+    when this run leaves it at its default (``defaults``: the config class's field defaults).
+    ``may_change_at(step)`` adds the fields the algorithm lets a run change at the checkpoint's
+    step (e.g. DRCORL's adaptation-stage fields before that stage begins). The
     checkpoint is loaded on the CPU: RNG and generator states must stay CPU tensors, and
     ``load_state_dict`` moves parameters and optimiser state to the model's device.
     """
@@ -145,8 +165,10 @@ def check_resume(run_dir: Path, algo: str, seed: int, algo_config: dict,
     saved = read_yaml_mapping(run_dir / CONFIG, RESUME_FIX)
     saved_algo = require_field(saved, 'algo_config', str(run_dir / CONFIG), dict, RESUME_FIX)
     defaults = yaml_safe(defaults or {})
+    may_change = RESUME_MAY_CHANGE | frozenset(may_change_at(int(state['step']))
+                                               if may_change_at else ())
     changed = sorted(key for key, value in yaml_safe(algo_config).items()
-                     if key not in RESUME_MAY_CHANGE and saved_algo.get(key, defaults.get(key))
+                     if key not in may_change and saved_algo.get(key, defaults.get(key))
                      != value)
     if changed:
         raise ConfigError(f'{run_dir} was trained with different {changed} '

@@ -11,6 +11,7 @@ optimiser, EMA and RNG state.
 import argparse
 from dataclasses import fields, MISSING
 from pathlib import Path
+import shutil
 import sys
 import time
 from typing import Dict, Optional, Tuple
@@ -25,10 +26,11 @@ from offline_training.data.dataset import (
     DatasetError, describe_generated, file_generated_info, load_dataset, resolve_dataset_path)
 from offline_training.machine import machine_info
 from offline_training.runs import (
-    check_resume, CHECKPOINT, CONFIG, default_run_dir, new_run_config, restore, RESUME_FIX,
-    SUMMARY, write_checkpoint, write_yaml)
-from saferl_ros.errors import ConfigError, reports_user_errors
-from saferl_ros.files import sha256_file
+    check_resume, CHECKPOINT, CHECKPOINTS, CONFIG, default_run_dir, keep_checkpoint_copy,
+    kept_checkpoint_path, load_checkpoint, new_run_config, restore, RESUME_FIX, SUMMARY,
+    write_checkpoint, write_yaml)
+from saferl_ros.errors import ConfigError, MissingFileError, read_yaml_mapping, reports_user_errors
+from saferl_ros.files import atomic_path, sha256_file
 from saferl_ros.tasks import get_task
 import torch
 from tqdm import tqdm
@@ -58,7 +60,7 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
           out=None, device: str = 'auto', log_every: int = 1000,
           checkpoint_every: int = 10_000, overrides: Optional[dict] = None,
           progress: bool = True, stop_after: Optional[int] = None, eval_every: int = 0,
-          eval_episodes: int = 5) -> Path:
+          eval_episodes: int = 5, init_from=None) -> Path:
     """
     Train (or resume) one run and return its folder.
 
@@ -66,6 +68,9 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
     that many iterations in this call (after checkpointing), which is how tests simulate a kill.
     ``eval_every`` > 0 evaluates the policy every that many steps for ``eval_episodes`` episodes
     (offline_training.periodic_eval: TensorBoard, eval_curve.csv, a checkpoint kept each time).
+    ``init_from`` starts a new run folder from another run's checkpoint (a kept
+    RUN/checkpoints/step_<N>.pt or RUN/checkpoint.pt): it resumes from there as if it were its
+    own, changing only what the algorithm allows at that step (``resume_may_change``).
     """
     spec = get_task(task)
     module, fixed = get_algorithm(algo)
@@ -102,13 +107,17 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
                                 {**provenance, 'transitions': int(buffer.size),
                                  'training_transitions': int(len(arrays['obs']))})
 
+    ckpt_path = run_dir / CHECKPOINT
+    if init_from is not None:
+        branch_from(Path(init_from), run_dir, algo, seed)
     step = 0
     train_cpu_s = 0.0          # CPU seconds spent training (not evaluating), over all sessions
     train_wall_s = 0.0         # wall seconds likewise
-    ckpt_path = run_dir / CHECKPOINT
     if ckpt_path.exists():
         defaults = {f.name: f.default for f in fields(config) if f.default is not MISSING}
-        state, saved = check_resume(run_dir, algo, seed, run_config['algo_config'], defaults)
+        may_change = getattr(module, 'resume_may_change', None)
+        state, saved = check_resume(run_dir, algo, seed, run_config['algo_config'], defaults,
+                                    may_change and (lambda at: may_change(config, at)))
         restore(ckpt_path, RESUME_FIX, (model, state['model']), (trainer, state['trainer']),
                 (buffer, state['buffer']))
         set_rng_state(state['rng'])
@@ -116,6 +125,8 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
         train_cpu_s = float(state.get('train_cpu_s', 0.0))
         train_wall_s = float(state.get('train_wall_s', 0.0))
         run_config['created'] = saved.get('created', run_config['created'])
+        if 'initialised_from' in saved:
+            run_config['initialised_from'] = saved['initialised_from']
     write_yaml(run_config, run_dir / CONFIG)
 
     evaluator = None
@@ -123,6 +134,13 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
         from offline_training.periodic_eval import PeriodicEvaluator
         evaluator = PeriodicEvaluator(run_dir, algo, spec, config, eval_every, eval_episodes)
         evaluator.resume_at(step, ckpt_path if ckpt_path.exists() else None)
+
+    # Steps whose checkpoint the algorithm wants kept (e.g. DRCORL's end of pretraining, from
+    # which another adaptation rule can be tried with --init-from without retraining stages 1-3).
+    milestones = {int(m) for m in getattr(module, 'milestones', lambda _: ())(config)}
+    if step in milestones and ckpt_path.exists() and \
+            not kept_checkpoint_path(run_dir, step).is_file():
+        keep_checkpoint_copy(ckpt_path, run_dir, step)   # killed between checkpoint and copy
 
     def save_checkpoint():
         write_checkpoint({'algorithm': algo, 'seed': seed, 'step': step,
@@ -133,6 +151,8 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
                          ckpt_path)
         if evaluator is not None:
             evaluator.keep_checkpoint(step, ckpt_path)
+        if step in milestones:
+            keep_checkpoint_copy(ckpt_path, run_dir, step)
 
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(str(run_dir / 'tb'), purge_step=step if step else None)
@@ -166,12 +186,13 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
                 cpu_mark += time.process_time() - cpu
                 window_time += time.time() - wall
                 start_time += time.time() - wall
-            if step % checkpoint_every == 0 or step == end or (
+            if step % checkpoint_every == 0 or step == end or step in milestones or (
                     evaluator is not None and evaluator.due(step)):
                 save_checkpoint()
     finally:
         bar.close()
         writer.close()
+        getattr(trainer, 'close', lambda: None)()
     if step >= config.steps and (step > start_step or not (run_dir / SUMMARY).exists()):
         elapsed = time.time() - start_time
         # Training time over every session of the run (evaluation during training excluded)
@@ -184,6 +205,46 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
                     'machine': machine_info(),
                     'last_logs': last_logs}, run_dir / SUMMARY)
     return run_dir
+
+
+def branch_from(checkpoint: Path, run_dir: Path, algo: str, seed: int) -> None:
+    """
+    Make ``run_dir`` a copy of the run that wrote ``checkpoint``, stopped at that checkpoint.
+
+    The checkpoint and its run's config.yaml are copied (the run's own folder is untouched);
+    config.yaml records where the run came from. A ``run_dir`` already branched from the same
+    checkpoint is left as it is (rerunning the command resumes it); any other checkpoint there
+    is refused.
+    """
+    checkpoint = Path(checkpoint)
+    source_dir = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS \
+        else checkpoint.parent
+    if not checkpoint.is_file() or checkpoint.is_symlink():
+        raise MissingFileError(f'--init-from {checkpoint}: not a checkpoint file; give a kept '
+                               f'RUN/{CHECKPOINTS}/step_<N>.pt or RUN/{CHECKPOINT}')
+    if not (source_dir / CONFIG).is_file():
+        raise MissingFileError(f'--init-from {checkpoint}: {source_dir / CONFIG} is missing, so '
+                               'the run it belongs to is unknown; give a checkpoint inside a '
+                               'saferl-train run folder')
+    origin = {'checkpoint': str(checkpoint), 'sha256': sha256_file(checkpoint)}
+    ckpt_path = run_dir / CHECKPOINT
+    if ckpt_path.exists():
+        saved = read_yaml_mapping(run_dir / CONFIG, RESUME_FIX) if (run_dir / CONFIG).is_file() \
+            else {}
+        if (saved.get('initialised_from') or {}).get('sha256') != origin['sha256']:
+            raise ConfigError(f'{run_dir} already holds a run that was not branched from '
+                              f'{checkpoint}; choose another --out')
+        return
+    state = load_checkpoint(checkpoint, 'cpu', RESUME_FIX, keys=('algorithm', 'seed', 'step'))
+    if state['algorithm'] != algo or state['seed'] != seed:
+        raise ConfigError(f'--init-from {checkpoint} is {state["algorithm"]} seed '
+                          f'{state["seed"]}, not {algo} seed {seed}; pass the same algorithm and '
+                          '--seed')
+    saved = read_yaml_mapping(source_dir / CONFIG, RESUME_FIX)
+    saved['initialised_from'] = {**origin, 'step': int(state['step'])}
+    write_yaml(saved, run_dir / CONFIG)
+    with atomic_path(ckpt_path) as tmp:
+        shutil.copyfile(checkpoint, tmp)
 
 
 def parse_override(text: str):
@@ -228,7 +289,13 @@ def main(argv=None) -> int:
     parser.add_argument('--eval-episodes', type=int, default=5,
                         help='episodes per evaluation during training (default 5)')
     parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
+    parser.add_argument('--init-from', default=None, metavar='CHECKPOINT',
+                        help="start this run from another run's checkpoint (e.g. DRCORL's "
+                        'RUN/checkpoints/step_<N>.pt kept at the end of pretraining) with '
+                        'changed --set values the algorithm allows there; needs --out')
     args = parser.parse_args(argv)
+    if args.init_from and not args.out:
+        parser.error("--init-from needs --out: the new run's folder")
     if args.eval_every < 0 or args.eval_episodes < 1:
         parser.error('--eval-every must be >= 0 and --eval-episodes >= 1')
     if args.steps is not None and args.steps < 1:
@@ -239,7 +306,8 @@ def main(argv=None) -> int:
                     steps=args.steps, out=args.out, device=args.device,
                     log_every=args.log_every, checkpoint_every=args.checkpoint_every,
                     overrides=dict(args.overrides), progress=not args.no_progress,
-                    eval_every=args.eval_every, eval_episodes=args.eval_episodes)
+                    eval_every=args.eval_every, eval_episodes=args.eval_episodes,
+                    init_from=args.init_from)
     print(run_dir)
     return 0
 

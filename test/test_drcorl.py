@@ -350,3 +350,84 @@ def test_cli_trains_and_exports_a_drcorl_run(tmp_path, capsys):
                        '--dataset', str(path), '--out', str(tmp_path / 'short'),
                        '--no-progress']) == 2
     assert 'adaptation stage' in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- adaptation rules
+
+def test_rollout_estimate_is_one_simulator_episode_of_the_policy():
+    # The official code's rule: C_hat = the cost of one episode of the current policy / kappa.
+    from saferl_ros.sim import episode_seed, run_episode
+
+    spec = get_task(TASK)
+    config = drcorl.resolve_config(drcorl.make_config('test', cost_estimate='rollout',
+                                                      cost_limit=0.5), spec)
+    assert config.task == TASK
+    set_seed(0)
+    model = drcorl.build_model(spec.obs_dim, spec.act_dim, config)
+    trainer = drcorl.make_trainer(model, config)
+    last = [m for m in model.policy if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():        # full speed ahead, whatever it sees: its episodes cost something
+        last.weight.zero_()
+        last.bias.fill_(3.0)
+    policy = deepcopy(model)
+    try:
+        logs = trainer.policy_update({'obs': torch.randn(16, spec.obs_dim)}, index=3)
+    finally:
+        trainer.close()
+    env = spec.make_env()
+    try:
+        episode = run_episode(env, lambda o: policy.act(torch.as_tensor(
+            np.asarray(o, dtype=np.float32))[None])[0].detach().numpy(),
+            episode_seed(drcorl.ROLLOUT_SEED, 3))
+    finally:
+        env.close()
+    assert episode.cost > 0
+    assert logs['estimate/cost_norm'].item() == pytest.approx(episode.cost / 0.5)
+    expected = drcorl.select_branch(episode.cost / 0.5, 0.2 * (1 - 3 / 9), 0.2 * (1 - 3 / 9))
+    assert logs['schedule/branch'].item() == drcorl.BRANCHES[expected]
+    with pytest.raises(ConfigError, match="cost_estimate 'online'"):
+        drcorl.make_config('test', cost_estimate='online')
+
+
+def test_a_run_branches_from_the_end_of_pretraining_with_another_rule(tmp_path, capsys):
+    from offline_training.train import main as train_main
+
+    path = tmp_path / 'SafetyBallCircle-v0-synthetic-12.hdf5'
+    write_dataset(path, synthetic_dataset(TASK, episodes=12, seed=0, max_length=60), TASK)
+    common = ['drcorl', '--task', TASK, '--preset', 'test', '--dataset', str(path),
+              '--device', 'cpu', '--no-progress', '--log-every', '5']
+    first = tmp_path / 'first'
+    assert train_main([*common, '--out', str(first)]) == 0
+    kept = first / 'checkpoints' / 'step_000000020.pt'      # 8 + 8 + 4: the end of stage 3
+    assert kept.is_file() and sorted(p.name for p in kept.parent.iterdir()) == [kept.name]
+    branch = tmp_path / 'branch'
+    args = [*common, '--out', str(branch), '--init-from', str(kept),
+            '--set', 'slack_start=0.5', '--set', 'temperature_schedule=constant']
+    assert train_main(args) == 0
+    saved = yaml.safe_load((branch / 'config.yaml').read_text())
+    assert saved['initialised_from']['step'] == 20
+    assert saved['algo_config']['slack_start'] == 0.5
+    assert yaml.safe_load((branch / 'summary.yaml').read_text())['steps_this_session'] == 10
+    branch_state = torch.load(branch / 'checkpoint.pt', weights_only=False)
+    first_state = torch.load(first / 'checkpoint.pt', weights_only=False)
+    kept_state = torch.load(kept, weights_only=False)
+    behavior = [k for k in kept_state['model'] if k.startswith('behavior.')]
+    assert behavior and all(torch.equal(branch_state['model'][k], kept_state['model'][k])
+                            for k in behavior)        # stages 1-3 shared, frozen model unchanged
+    assert not all(torch.equal(branch_state['model'][k], first_state['model'][k])
+                   for k in first_state['model'] if k.startswith('policy.'))
+    assert train_main(args) == 0                          # rerun: resumes, nothing to do
+    # A stage-2 field cannot change (the critics were trained with it), nor any field once the
+    # adaptation stage has begun (the run's last checkpoint is after it).
+    capsys.readouterr()
+    assert train_main([*common, '--out', str(tmp_path / 'b2'), '--init-from', str(kept),
+                       '--set', 'cost_pessimism=0.5']) == 2
+    assert 'cost_pessimism' in capsys.readouterr().err
+    assert train_main([*common, '--out', str(tmp_path / 'b3'), '--init-from',
+                       str(first / 'checkpoint.pt'), '--set', 'slack_start=0.5']) == 2
+    assert 'slack_start' in capsys.readouterr().err
+    assert train_main([*common, '--out', str(first), '--init-from', str(kept)]) == 2
+    assert 'not branched from' in capsys.readouterr().err
+    assert train_main([*common, '--out', str(tmp_path / 'b4'), '--init-from',
+                       str(tmp_path / 'nothing.pt')]) == 2
+    assert 'not a checkpoint file' in capsys.readouterr().err

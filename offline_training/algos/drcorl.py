@@ -49,6 +49,19 @@ STAGES = ('behavior', 'critics', 'warmstart', 'adaptation')
 TEMPERATURE_SCHEDULES = ('linear', 'sqrt', 'constant')
 # Branch codes in the logs: Algorithm 2's three cases.
 BRANCHES = {'reward': 0, 'both': 1, 'cost': 2}
+# Where the adaptation rule's normalised cost estimate C_hat comes from. 'offline' (the paper,
+# App. B.3): (1 - gamma) T mean Q_c^UCB(s, pi(s)) over the batch / kappa. 'rollout' (the official
+# code, through an early `return` in its evaluate_cost): the cost of one simulator episode of the
+# current policy per iteration / kappa; online interaction, labelled so in the results.
+COST_ESTIMATES = ('offline', 'rollout')
+# Seed of the 'rollout' estimate's episodes (episode_seed(ROLLOUT_SEED, iteration)): apart from
+# evaluation's seed 0, so training never sees the start states the results are measured on.
+ROLLOUT_SEED = 9
+# Fields read only by the adaptation stage (stage 4): a run branched from the checkpoint kept at
+# the end of stage 3 (saferl-train --init-from) may change them, e.g. to compare rules.
+ADAPTATION_FIELDS = frozenset({'adaptation_steps', 'temperature_schedule', 'temperature_start',
+                               'temperature_end', 'slack_start', 'slack_decay', 'ucb_k',
+                               'cost_estimate', 'task'})
 
 
 @dataclass
@@ -104,11 +117,16 @@ class DrcorlConfig:
     slack_decay: bool = True            # ... decaying linearly to 0 (code: constant 0.5)
     cost_limit: float = 10.0            # kappa, the episode cost budget
     episode_len: Optional[int] = None   # T of the cost estimate; resolved from the task horizon
+    cost_estimate: str = 'offline'      # C_hat's source: COST_ESTIMATES ('rollout': the code's)
+    task: Optional[str] = None          # the simulator of 'rollout' (resolved from the task)
 
     def __post_init__(self):
         self.critic_hidden = tuple(int(h) for h in self.critic_hidden)
         self.cond_hidden = tuple(int(h) for h in self.cond_hidden)
         self.policy_hidden = tuple(int(h) for h in self.policy_hidden)
+        if self.cost_estimate not in COST_ESTIMATES:
+            raise ConfigError(f'cost_estimate {self.cost_estimate!r}: use one of '
+                              f'{", ".join(COST_ESTIMATES)}')
         if self.temperature_schedule not in TEMPERATURE_SCHEDULES:
             raise ConfigError(f'temperature_schedule {self.temperature_schedule!r}: use one of '
                               f'{", ".join(TEMPERATURE_SCHEDULES)}')
@@ -159,6 +177,17 @@ class DrcorlConfig:
 
 CONFIG = DrcorlConfig
 
+
+def milestones(config: DrcorlConfig) -> Tuple[int, ...]:
+    """Keep the checkpoint at the end of stages 1-3: adaptation rules can be compared from it."""
+    return (config.pretraining_steps(),)
+
+
+def resume_may_change(config: DrcorlConfig, step: int) -> frozenset:
+    """Return the fields a run resumed or branched at ``step`` may change: stage 4's, before it."""
+    return ADAPTATION_FIELDS if step <= config.pretraining_steps() else frozenset()
+
+
 # 'paper': the paper's and the official code's values. 'cpu': about one core-hour on one thread
 # of this project's 2-core CPU (docs/algorithms.md "DRCORL" has the measured it/s per stage):
 # the behaviour network at FISOR's cpu size (128 x 2 blocks) and batch 256, 60k behaviour steps
@@ -189,6 +218,8 @@ def resolve_config(config: DrcorlConfig, task) -> DrcorlConfig:
             1000.0 / (task.max_reward - task.min_reward)))
     if config.episode_len is None:
         config = replace(config, episode_len=int(task.horizon))
+    if config.cost_estimate == 'rollout' and config.task is None:
+        config = replace(config, task=task.name)
     return config
 
 
@@ -452,6 +483,7 @@ class DrcorlTrainer:
         self.q_c_opt = torch.optim.Adam(model.q_c.parameters(), lr=config.critic_lr)
         self.policy_opt = torch.optim.Adam(model.policy.parameters(), lr=config.policy_lr)
         self.iteration = 0
+        self._env = None            # the 'rollout' estimate's simulator, made on first use
 
     @staticmethod
     def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
@@ -580,9 +612,12 @@ class DrcorlTrainer:
         beta = temperature_schedule(index, length, c.temperature_schedule, c.temperature_start,
                                     c.temperature_end)
         slack = slack_schedule(index, length, c.slack_start, c.slack_decay)
-        with torch.no_grad():
-            estimate = float(normalized_cost_estimate(m.cost_ucb(obs, a0), c.gamma,
-                                                      c.episode_len, c.cost_limit))
+        if c.cost_estimate == 'rollout':
+            estimate = self.rollout_cost(index) / c.cost_limit
+        else:
+            with torch.no_grad():
+                estimate = float(normalized_cost_estimate(m.cost_ucb(obs, a0), c.gamma,
+                                                          c.episode_len, c.cost_limit))
         branch = select_branch(estimate, slack, slack)
         values = {}
 
@@ -614,6 +649,32 @@ class DrcorlTrainer:
                      'schedule/beta': torch.tensor(beta), 'schedule/slack': torch.tensor(slack),
                      'schedule/branch': torch.tensor(float(BRANCHES[branch]))})
         return logs
+
+    def rollout_cost(self, index: int) -> float:
+        """Return the cost return of one simulator episode of the current policy (code's C_hat)."""
+        from saferl_ros.sim import episode_seed, run_episode, seeded_global_rngs
+        from saferl_ros.tasks import get_task
+
+        if self.config.task is None:
+            raise ConfigError("cost_estimate 'rollout' needs the task: resolve_config sets it")
+        if self._env is None:
+            with seeded_global_rngs(episode_seed(ROLLOUT_SEED, 0)):   # making one draws too
+                self._env = get_task(self.config.task).make_env()
+        policy = self.model.policy
+        device = next(policy.parameters()).device
+
+        def act(obs: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                obs_t = torch.as_tensor(np.asarray(obs, dtype=np.float32), device=device)
+                return self.model.act(obs_t[None])[0].cpu().numpy()
+
+        return float(run_episode(self._env, act, episode_seed(ROLLOUT_SEED, index)).cost)
+
+    def close(self) -> None:
+        """Close the 'rollout' estimate's simulator, if one was made."""
+        if self._env is not None:
+            self._env.close()
+            self._env = None
 
     def _combined_step(self, reward_loss: Callable[[], torch.Tensor],
                        cost_loss: Callable[[], torch.Tensor]) -> Dict[str, torch.Tensor]:
