@@ -243,7 +243,7 @@ def test_controller_death_makes_the_monitor_stop_the_robot(bundles, tmp_path, lo
     # silent, so the monitor's watchdog would not fire (the simulator's command_timeout acts).
     nodes = loop_params(bundles, tmp_path, sim={'episodes': 0, 'horizon': 200,
                                                 'lockstep_time': 'wall'},
-                        monitor={'proposal_timeout': 0.1, 'observation_timeout': 0.5,
+                        monitor={'proposal_timeout': 0.2, 'observation_timeout': 0.5,
                                  'threshold_v': 1e6, 'threshold_q': 1e6,
                                  'use_sim_time': False})
     graph, probe, errors = loop.start(nodes)
@@ -260,11 +260,18 @@ def test_controller_death_makes_the_monitor_stop_the_robot(bundles, tmp_path, lo
     loop.stop()
     data = recorded(tmp_path / 'rec' / 'run')
     # The probe counts the steps it received, so it may lag the simulator: the death is at or
-    # after steps_at_death, and from the first stop on every step is stopped.
-    stale = np.flatnonzero(data['verdicts'] == MonitorState.STALE)
-    assert stale.size >= 4 and stale[0] >= steps_at_death
-    assert (data['verdicts'][stale[0]:] == MonitorState.STALE).all()
-    np.testing.assert_array_equal(data['actions'][stale[0]:], 0.0)
+    # after steps_at_death, and from the death on every step is stopped. Before it, a proposal
+    # that one slow step of the shared thread made late is stopped too (STALE for that step,
+    # then normal again: seen once in CI); such isolated stops are allowed, a few at most.
+    verdicts = data['verdicts']
+    answered = np.flatnonzero(verdicts != MonitorState.STALE)
+    assert answered.size > 0
+    final_stop = int(answered[-1]) + 1             # the run of stops that never ends
+    assert len(verdicts) - final_stop >= 4 and final_stop >= steps_at_death, (
+        final_stop, steps_at_death, verdicts.tolist())
+    transient = np.flatnonzero(verdicts[:final_stop] == MonitorState.STALE)
+    assert transient.size <= 2, (transient.tolist(), verdicts.tolist())
+    np.testing.assert_array_equal(data['actions'][final_stop:], 0.0)
     assert not missed(data).any()     # the monitor answered every observation with the stop
 
 
