@@ -431,3 +431,35 @@ def test_a_run_branches_from_the_end_of_pretraining_with_another_rule(tmp_path, 
     assert train_main([*common, '--out', str(tmp_path / 'b4'), '--init-from',
                        str(tmp_path / 'nothing.pt')]) == 2
     assert 'not a checkpoint file' in capsys.readouterr().err
+
+
+def test_cost_estimate_tool_reports_the_three_state_sources(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from offline_training.train import main as train_main
+
+    path = tmp_path / 'SafetyBallCircle-v0-synthetic-12.hdf5'
+    write_dataset(path, synthetic_dataset(TASK, episodes=12, seed=0, max_length=60), TASK)
+    run = tmp_path / 'run'
+    assert train_main(['drcorl', '--task', TASK, '--preset', 'test', '--dataset', str(path),
+                       '--out', str(run), '--device', 'cpu', '--no-progress']) == 0
+    spec = importlib.util.spec_from_file_location(
+        'drcorl_cost_estimate', Path(__file__).parents[1] / 'tools' / 'drcorl_cost_estimate.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / 'estimate.json'
+    assert tool.main([str(run), '--episodes', '1', '--states', '50', '-o', str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report['dataset']['states'] == 50 and report['initial']['states'] == 12
+    assert report['policy']['states'] == get_task(TASK).horizon     # one whole episode
+    for source in ('dataset', 'initial', 'policy'):
+        values = report[source]
+        assert values['c_hat_ucb'] >= values['c_hat_mean'] and values['q_c_std'] >= 0
+    assert report['policy_true_normalized_cost'] >= 0
+    from offline_training.data.dataset import load_dataset
+    from offline_training.data.trajectories import episode_spans
+    data = load_dataset(path)
+    returns = [data['costs'][s:e].sum() for s, e in zip(*episode_spans(data))]
+    assert report['dataset_safe_share'] == pytest.approx(np.mean(np.array(returns) <= 10.0))

@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""
+Where a trained DRCORL run's cost estimate C_hat comes from, against the policy's true cost.
+
+    python tools/drcorl_cost_estimate.py RUN [--episodes 5] [--states 20000] [-o OUT.json]
+
+The adaptation rule (docs/algorithms.md "DRCORL") compares
+C_hat = (1 - gamma) T mean_s Q_c^UCB(s, pi(s)) / kappa with 1. This reports C_hat with the
+states taken three ways, with and without the ensemble's +k std, beside the normalised cost the
+policy really has in the simulator:
+
+- ``dataset``: random states of the run's training dataset (what training averages over);
+- ``initial``: the dataset's first state of every episode;
+- ``policy``: the states the policy itself visits in ``--episodes`` simulator episodes.
+
+If C_hat on the policy's own states is far above its true cost, the critic over-estimates (the
+state distribution is not the cause); if only the dataset average is high, the states are.
+Episodes are seeded episode_seed(8, k), apart from evaluation's seed 0.
+"""
+
+import argparse
+import json
+from pathlib import Path
+import sys
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DIAGNOSTIC_SEED = 8
+
+
+def estimates(model, config, obs) -> dict:
+    """Return C_hat over ``obs`` with the UCB (mean + k std) and with the ensemble mean alone."""
+    import torch
+
+    scale = (1.0 - config.gamma) * config.episode_len / config.cost_limit
+    with torch.no_grad():
+        obs_t = torch.as_tensor(np.asarray(obs, dtype=np.float32))
+        mean, std = model.cost_mean_std(obs_t, model.act(obs_t))
+    return {'states': int(len(obs)), 'c_hat_ucb': float((mean + config.ucb_k * std).mean()) * scale,
+            'c_hat_mean': float(mean.mean()) * scale, 'q_c_std': float(std.mean())}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip())
+    parser.add_argument('run', help='a saferl-train DRCORL run folder')
+    parser.add_argument('--episodes', type=int, default=5)
+    parser.add_argument('--states', type=int, default=20_000,
+                        help='dataset states sampled for the "dataset" estimate')
+    parser.add_argument('-o', '--out', default=None, help='write the figures as JSON here')
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from offline_training.data.dataset import load_dataset
+    from offline_training.data.trajectories import episode_spans
+    from offline_training.runs import open_run
+    from saferl_ros.sim import episode_seed, run_episode
+    from saferl_ros.tasks import get_task
+    torch.set_num_threads(1)
+
+    run = open_run(args.run)
+    if run.algorithm != 'drcorl':
+        parser.error(f'{args.run} is a {run.algorithm} run; this tool reads DRCORL runs')
+    model, config, spec = run.model, run.config, get_task(run.task)
+    data = load_dataset(run.run_config['dataset']['path'])
+    obs = np.asarray(data['observations'], dtype=np.float32)
+    starts, ends = episode_spans(data)
+    pick = np.random.default_rng(0).choice(len(obs), min(args.states, len(obs)), replace=False)
+    costs = np.asarray(data['costs'], dtype=np.float64)
+    data_costs = np.array([costs[s:e].sum() for s, e in zip(starts, ends)])
+
+    env = spec.make_env()
+    visited, episode_costs = [], []
+    try:
+        for k in range(args.episodes):
+            states = []
+
+            def act(observation):
+                states.append(np.asarray(observation, dtype=np.float32))
+                with torch.no_grad():
+                    return model.act(torch.as_tensor(states[-1])[None])[0].numpy()
+            episode_costs.append(run_episode(env, act, episode_seed(DIAGNOSTIC_SEED, k)).cost)
+            visited.append(np.stack(states))
+    finally:
+        env.close()
+    report = {
+        'run': str(args.run), 'task': spec.name, 'kappa': config.cost_limit,
+        'horizon_T': config.episode_len, 'gamma': config.gamma, 'ucb_k': config.ucb_k,
+        'cost_pessimism': config.cost_pessimism,
+        'dataset': estimates(model, config, obs[pick]),
+        'initial': estimates(model, config, obs[starts]),
+        'policy': estimates(model, config, np.concatenate(visited)),
+        'policy_true_normalized_cost': float(np.mean(episode_costs)) / config.cost_limit,
+        'policy_episodes': args.episodes,
+        'dataset_episode_cost_mean': float(data_costs.mean()),
+        'dataset_safe_share': float(np.mean(data_costs <= config.cost_limit)),
+    }
+    text = json.dumps(report, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + '\n')
+    print(text)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
