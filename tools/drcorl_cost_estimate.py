@@ -39,7 +39,8 @@ def estimates(model, config, obs) -> dict:
     with torch.no_grad():
         obs_t = torch.as_tensor(np.asarray(obs, dtype=np.float32))
         mean, std = model.cost_mean_std(obs_t, model.act(obs_t))
-    return {'states': int(len(obs)), 'c_hat_ucb': float((mean + config.ucb_k * std).mean()) * scale,
+    ucb = float((mean + config.ucb_k * std).mean())
+    return {'states': int(len(obs)), 'c_hat_ucb': ucb * scale,
             'c_hat_mean': float(mean.mean()) * scale, 'q_c_std': float(std.mean())}
 
 
