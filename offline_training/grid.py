@@ -17,7 +17,9 @@ do twice the work of one run on two threads). Locally Ray starts with ``--worker
 path with ``runs/``, ``datasets/`` and ``docs/results/`` on a shared file system.
 
 Grids are named (``--grid``); the default one is the grid docs/results.md reports. Adding a
-method is one line in its ``methods``.
+method is one line in its ``methods``. A method may branch from another method's run of the same
+task and seed (``Method.branch_of``: saferl-train --init-from the checkpoint that run kept at a
+step, e.g. DRCORL's end of pretraining); Ray starts the branch once that run has finished.
 """
 
 import argparse
@@ -44,6 +46,9 @@ class Method:
     steps: int                        # training iterations
     overrides: Tuple[str, ...] = ()   # saferl-train --set KEY=VALUE items
     seeds: Tuple[int, ...] = (0,)     # training seeds
+    # (method tag, step): start each run from that method's run of the same task and seed, at
+    # the checkpoint it kept at that step (saferl-train --init-from); the run waits for it
+    branch_of: Optional[Tuple[str, int]] = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,13 @@ class Job:
     def name(self) -> str:
         """Return the run name, LABEL-TASK-sSEED (also the run and results file names)."""
         return f'{self.method.tag}-{self.task}-s{self.seed}'
+
+    @property
+    def parent_name(self) -> Optional[str]:
+        """Return the name of the run this one branches from (Method.branch_of), if any."""
+        if self.method.branch_of is None:
+            return None
+        return f'{self.method.branch_of[0]}-{self.task}-s{self.seed}'
 
 
 @dataclass
@@ -127,6 +139,10 @@ GRIDS: Dict[str, Grid] = {
          # DRCORL's 'cpu' preset (kappa 10): 60k behaviour + 50k critic + 50k warm-start +
          # 2k adaptation iterations, about one core-hour
          Method('drcorl', 'drcorl', 162_000, seeds=(0, 1, 2)),
+         # the same runs' stages 1-3, adapted with the official code's branch rule (one
+         # simulator episode per iteration): online interaction, labelled so
+         Method('drcorl-rollout', 'drcorl', 162_000, ('cost_estimate=rollout',), seeds=(0, 1, 2),
+                branch_of=('drcorl', 160_000)),
          Method('bc_all', 'bc_all', 100_000),
          Method('bc_safe-k5', 'bc_safe', 100_000, ('cost_limit=5',)),
          Method('bc_safe-k10', 'bc_safe', 100_000, ('cost_limit=10',)),
@@ -181,6 +197,10 @@ def commands(job: Job, grid: Grid) -> Tuple[List[str], List[str], Path]:
              '--checkpoint-every', str(grid.checkpoint_every), '--device', grid.device]
     for item in job.method.overrides:
         train += ['--set', item]
+    if job.method.branch_of is not None:
+        from offline_training.runs import kept_checkpoint_path
+        train += ['--init-from', str(kept_checkpoint_path(
+            repo_relative(Path(grid.runs_dir) / job.parent_name), job.method.branch_of[1]))]
     results = repo_relative(Path(grid.results_dir) / f'{job.name}.json')
     evaluate = ['saferl-eval', str(run_dir), '--episodes', str(grid.eval_episodes),
                 '--seeds', *map(str, grid.eval_seeds), '--threads', '1', '--no-progress',
@@ -213,8 +233,13 @@ def trained_already(job: Job, grid: Grid) -> bool:
         return False
 
 
-def run_job(job: Job, grid: Grid) -> Tuple[str, str]:
-    """Train (or resume) one run and evaluate it unless its results exist; return a status."""
+def run_job(job: Job, grid: Grid, *after) -> Tuple[str, str]:
+    """
+    Train (or resume) one run and evaluate it unless its results exist; return a status.
+
+    ``after``: the Ray results of the runs this one branches from (Ray starts it once they are
+    finished; their values are not needed).
+    """
     train, evaluate, results = commands(job, grid)
     if (REPO / results).exists():
         return job.name, 'done already'
@@ -269,7 +294,11 @@ def run_grid(jobs: Sequence[Job], grid: Grid, workers: int = 2,
     statuses: Dict[str, str] = {}
     try:
         remote_job = ray.remote(num_cpus=1, max_retries=0)(run_job)
-        pending = {remote_job.remote(job, grid): job for job in jobs}
+        refs = {}
+        for job in jobs:     # a run that branches from another of these waits for it (Ray)
+            parent = refs.get(job.parent_name)
+            refs[job.name] = remote_job.remote(job, grid, *([parent] if parent else []))
+        pending = {refs[job.name]: job for job in jobs}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             job = pending.pop(done[0])

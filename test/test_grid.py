@@ -7,17 +7,26 @@ from offline_training.data.synthetic import synthetic_dataset
 from offline_training.grid import (commands, Grid, GRIDS, Job, main, Method, run_grid,
                                    write_tables)
 import pytest
+import yaml
 
 
 @pytest.fixture
 def tiny_grid(tmp_path):
-    """Two methods on BallCircle (synthetic data) and a third whose override is a typo."""
+    """
+    Five methods on BallCircle (synthetic data).
+
+    Two plain ones, one whose override is a typo, and a DRCORL run with a branch from its
+    end-of-pretraining checkpoint (step 8 + 8 + 4).
+    """
     datasets = tmp_path / 'datasets'
     datasets.mkdir()
     write_dataset(datasets / 'SafetyBallCircle-v0-test-6.hdf5',
                   synthetic_dataset('BallCircle', episodes=6, seed=0, max_length=40), 'BallCircle')
     return Grid('tiny', (Method('fisor', 'fisor', 6), Method('bc_all', 'bc_all', 4),
-                         Method('typo', 'bc_all', 4, ('bach_size=8',))),
+                         Method('typo', 'bc_all', 4, ('bach_size=8',)),
+                         Method('drcorl', 'drcorl', 30),
+                         Method('drcorl-b', 'drcorl', 30, ('slack_start=0.5',),
+                                branch_of=('drcorl', 20))),
                 tasks=('BallCircle',), preset='test', eval_episodes=1,
                 checkpoint_every=2, runs_dir=tmp_path / 'runs', results_dir=tmp_path / 'results',
                 table_path=tmp_path / 'results.md', runs_page=tmp_path / 'runs.md',
@@ -27,9 +36,11 @@ def tiny_grid(tmp_path):
 def test_a_tiny_grid_trains_evaluates_resumes_and_reports_failures(tiny_grid, tmp_path):
     lines = []
     statuses = run_grid(tiny_grid.jobs(), tiny_grid, workers=2, echo=lines.append)
-    assert sorted(statuses) == ['bc_all-BallCircle-s0', 'fisor-BallCircle-s0',
+    assert sorted(statuses) == ['bc_all-BallCircle-s0', 'drcorl-BallCircle-s0',
+                                'drcorl-b-BallCircle-s0', 'fisor-BallCircle-s0',
                                 'typo-BallCircle-s0']
-    for name in ('fisor-BallCircle-s0', 'bc_all-BallCircle-s0'):
+    for name in ('fisor-BallCircle-s0', 'bc_all-BallCircle-s0', 'drcorl-BallCircle-s0',
+                 'drcorl-b-BallCircle-s0'):
         assert statuses[name].startswith('ok'), statuses[name]
         results = json.loads((tmp_path / 'results' / f'{name}.json').read_text())
         assert 'Traceback' not in (tmp_path / 'runs' / 'logs' / f'{name}.log').read_text()
@@ -38,7 +49,16 @@ def test_a_tiny_grid_trains_evaluates_resumes_and_reports_failures(tiny_grid, tm
     status = statuses['typo-BallCircle-s0']
     assert status.startswith('FAILED') and 'typo-BallCircle-s0.log' in status
     assert 'bach_size' in (tmp_path / 'runs' / 'logs' / 'typo-BallCircle-s0.log').read_text()
-    assert len(lines) == 3 and lines[-1].split()[1] == '[3/3]'
+    assert len(lines) == 5 and lines[-1].split()[1] == '[5/5]'
+    # the branch started from its parent's kept checkpoint, after the parent had finished
+    # (with two workers it would otherwise have started beside it and found no checkpoint)
+    branch = yaml.safe_load((tmp_path / 'runs' / 'drcorl-b-BallCircle-s0' / 'config.yaml')
+                            .read_text())
+    assert branch['initialised_from']['step'] == 20
+    assert branch['initialised_from']['checkpoint'].endswith(
+        'drcorl-BallCircle-s0/checkpoints/step_000000020.pt')
+    order = [line.split()[2].rstrip(':') for line in lines]
+    assert order.index('drcorl-BallCircle-s0') < order.index('drcorl-b-BallCircle-s0')
     # the same grid again: finished runs are skipped, not retrained or re-evaluated
     done = [job for job in tiny_grid.jobs() if job.method.tag != 'typo']
     again = run_grid(done, tiny_grid, workers=2, echo=lines.append)
@@ -61,10 +81,15 @@ def test_a_tiny_grid_trains_evaluates_resumes_and_reports_failures(tiny_grid, tm
 def test_the_commands_use_one_thread_and_name_no_machine_path():
     grid = GRIDS['core-hour']
     jobs = grid.jobs()
-    assert len(jobs) == 6 * (3 + 3 + 4)        # FISOR, DRCORL x 3 seeds, 4 baselines x 1 seed
-    assert [job.name for job in jobs[:6]] == [
-        'fisor-BallCircle-s0', 'drcorl-BallCircle-s0', 'bc_all-BallCircle-s0',
-        'bc_safe-k5-BallCircle-s0', 'bc_safe-k10-BallCircle-s0', 'bcq_lag-k5-BallCircle-s0']
+    # FISOR, DRCORL, DRCORL with the rollout rule x 3 seeds, 4 baselines x 1 seed
+    assert len(jobs) == 6 * (3 + 3 + 3 + 4)
+    assert [job.name for job in jobs[:7]] == [
+        'fisor-BallCircle-s0', 'drcorl-BallCircle-s0', 'drcorl-rollout-BallCircle-s0',
+        'bc_all-BallCircle-s0', 'bc_safe-k5-BallCircle-s0', 'bc_safe-k10-BallCircle-s0',
+        'bcq_lag-k5-BallCircle-s0']
+    branch, _, _ = commands(jobs[2], grid)
+    assert branch[branch.index('--init-from') + 1] == \
+        'runs/core-hour/drcorl-BallCircle-s0/checkpoints/step_000160000.pt'
     train, evaluate, results = commands(jobs[0], grid)
     assert train[train.index('--threads') + 1] == '1'
     assert train[train.index('--out') + 1] == 'runs/core-hour/fisor-BallCircle-s0'
