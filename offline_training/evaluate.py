@@ -172,6 +172,17 @@ class ShieldedAgent(Agent):
         return {key: counts[key] for key in ('decisions', 'replaced', 'kept')}
 
 
+def shield_overrides(config) -> dict:
+    """Return the MonitorConfig fields that differ from the defaults (what --monitor-set set)."""
+    from dataclasses import asdict
+
+    from saferl_ros.monitor import MonitorConfig
+    if config is None:
+        return {}
+    defaults = asdict(MonitorConfig())
+    return {key: value for key, value in asdict(config).items() if value != defaults[key]}
+
+
 def is_bundle(path) -> bool:
     """Return whether folder ``path`` holds a bundle manifest (even a link the loader refuses)."""
     return os.path.lexists(Path(path) / 'manifest.yaml')
@@ -267,6 +278,7 @@ def evaluate(sources: Sequence, episodes: int = 20, seeds: Sequence[int] = (0,),
         replaced = sum(row['replaced'] for row in rows)
         monitor = agents[0].monitor_bundle
         results['shield'] = {'monitor_bundle': monitor.name, 'critic': monitor.critic_kind,
+                             'monitor_config': shield_overrides(shield_config),
                              'decisions': decisions, 'replaced': replaced,
                              'kept': sum(row['kept'] for row in rows),
                              'replaced_share': replaced / max(decisions, 1)}
@@ -356,11 +368,26 @@ def main(argv=None) -> int:
                         'every action, as safety_monitor_node does (any policy: e.g. a BC '
                         'bundle shielded by models/fisor-ballcircle); the results record the '
                         'share of actions replaced')
+    parser.add_argument('--monitor-set', dest='monitor_overrides', action='append', default=[],
+                        metavar='KEY=VALUE',
+                        help='with --shield: a safety monitor parameter other than its default, '
+                        'e.g. min_hold=0 or threshold_v=0.5 (saferl_ros.monitor.MonitorConfig)')
     parser.add_argument('--threads', type=int, default=1, help='torch threads for run folders')
     parser.add_argument('--no-progress', action='store_true')
     args = parser.parse_args(argv)
     if args.episodes < 1:
         parser.error('--episodes must be >= 1')
+    if args.monitor_overrides and not args.shield:
+        parser.error('--monitor-set sets the parameters of the --shield monitor; give --shield')
+    shield_config = None
+    if args.monitor_overrides:
+        from offline_training.train import parse_override
+        from saferl_ros.monitor import monitor_config
+        try:
+            overrides = dict(parse_override(text) for text in args.monitor_overrides)
+        except argparse.ArgumentTypeError as error:
+            parser.error(str(error).replace('--set', '--monitor-set'))
+        shield_config = monitor_config(overrides)
     if args.shield and args.update_manifest:
         parser.error("--update-manifest stores the bundle's own evaluation; drop it with --shield")
     if args.out is None and len(args.sources) > 1:
@@ -371,7 +398,8 @@ def main(argv=None) -> int:
         import torch  # only run folders need torch; bundles run on onnxruntime alone
         torch.set_num_threads(args.threads)
     results = evaluate(args.sources, args.episodes, args.seeds, args.kappa,
-                       progress=not args.no_progress, shield=args.shield)
+                       progress=not args.no_progress, shield=args.shield,
+                       shield_config=shield_config)
     if args.label:
         results['label'] = args.label
     write_results(results, out)

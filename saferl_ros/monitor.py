@@ -28,7 +28,7 @@ Time is the observations' stamps (seconds) plus a receive clock the caller passe
 decisions come out in a lock-step simulation, on a robot and in the unit tests.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import IntEnum
 import math
 from typing import Callable, Dict, List, Optional, Sequence, Union
@@ -111,6 +111,34 @@ class MonitorConfig:
             if value is not None and not math.isfinite(value):
                 raise MonitorConfigError(f'{name} is {value!r}; it must be a finite number, or '
                                          'unset to use the bundle manifest')
+
+
+def monitor_config(overrides: Dict[str, object]) -> MonitorConfig:
+    """
+    Return a validated MonitorConfig with ``overrides`` (e.g. from saferl-eval --monitor-set).
+
+    An unknown name or a value of the wrong kind raises MonitorConfigError naming it.
+    """
+    known = {f.name: f for f in fields(MonitorConfig)}
+    overrides = dict(overrides)
+    for name, value in overrides.items():
+        if name not in known or name == 'seed':
+            raise MonitorConfigError(f'{name!r} is not a monitor parameter; use one of '
+                                     f'{", ".join(n for n in known if n != "seed")}')
+        if isinstance(value, str) and name != 'fallback':
+            try:              # YAML reads 1e9 as a string; every other field is numeric
+                overrides[name] = value = float(value)
+            except ValueError:
+                raise MonitorConfigError(f'{name} is {value!r}; it must be a number') from None
+        if isinstance(value, bool) or not isinstance(value, (int, float, str, list, type(None))):
+            raise MonitorConfigError(f'{name} is {value!r}; give a number (or a list for '
+                                     "safe_action, 'bundle'/'safe_action' for fallback)")
+    try:
+        config = MonitorConfig(**overrides)
+        config.validate()
+    except TypeError as error:                  # e.g. math.isfinite of a string
+        raise MonitorConfigError(f'monitor parameters {overrides}: {error}') from None
+    return config
 
 
 @dataclass

@@ -176,3 +176,31 @@ def test_shielding_applies_the_monitor_rule_and_counts_replacements(tmp_path, ca
     assert main([str(policy), '--shield', str(models / 'fisor-carrun'), '--episodes', '1',
                  '-o', str(tmp_path / 'x.json')]) == 2
     assert 'cannot shield a BallCircle policy' in capfd.readouterr().err
+
+
+def test_monitor_parameters_are_set_from_the_command_line(tmp_path, capfd):
+    from pathlib import Path
+
+    models = Path(__file__).resolve().parents[1] / 'models'
+    policy, monitor = str(models / 'bc_all-ballcircle'), str(models / 'fisor-ballcircle')
+    out = tmp_path / 'never.json'
+    # thresholds so high that nothing is replaced: the episode is BC-All's own
+    assert main([policy, '--shield', monitor, '--monitor-set', 'threshold_v=1e9',
+                 '--monitor-set', 'threshold_q=1e9', '--monitor-set', 'min_hold=0',
+                 '--episodes', '1', '--no-progress', '-o', str(out)]) == 0
+    shield = json.loads(out.read_text())['shield']
+    assert shield['replaced'] == 0
+    assert shield['monitor_config'] == {'threshold_v': 1e9, 'threshold_q': 1e9, 'min_hold': 0}
+    alone = evaluate([policy], episodes=1, seeds=[0], progress=False)
+    assert json.loads(out.read_text())['episodes'][0]['reward'] == alone['episodes'][0]['reward']
+    capfd.readouterr()
+    for args, message in ((['--monitor-set', 'hold=0'], "'hold' is not a monitor parameter"),
+                          (['--monitor-set', 'min_hold=-1'], 'min_hold is -1'),
+                          (['--monitor-set', 'min_hold=soon'], 'min_hold'),
+                          (['--monitor-set', 'seed=3'], "'seed' is not a monitor parameter")):
+        assert main([policy, '--shield', monitor, *args, '--episodes', '1',
+                     '-o', str(tmp_path / 'x.json')]) == 2, args
+        assert message in capfd.readouterr().err, args
+    with pytest.raises(SystemExit):
+        main([policy, '--monitor-set', 'min_hold=0', '-o', str(tmp_path / 'y.json')])
+    assert 'give --shield' in capfd.readouterr().err
