@@ -56,13 +56,15 @@ def sweep(policy, monitor, thresholds: Sequence[float], seeds: Sequence[int], ep
     rows = []
     for seed in seeds:
         alone = summary_row(evaluate([policy], episodes, [seed], kappas, progress=progress), kappa)
-        rows.append({'threshold': None, 'seed': int(seed), **alone, 'reward_kept': 1.0})
+        rows.append({'threshold': None, 'seed': int(seed), **alone,
+                     'reward_kept': 1.0 if alone['reward'] > 0 else None})
         for threshold in thresholds:
             config = monitor_config(monitor_overrides(kind, threshold))
             results = evaluate([policy], episodes, [seed], kappas, progress=progress,
                                shield=monitor, shield_config=config)
             row = summary_row(results, kappa)
-            kept = row['reward'] / alone['reward'] if alone['reward'] > 0 else float('nan')
+            # None where the policy alone earns nothing: no share of it to keep
+            kept = row['reward'] / alone['reward'] if alone['reward'] > 0 else None
             rows.append({'threshold': float(threshold), 'seed': int(seed), **row,
                          'reward_kept': kept})
     return rows
@@ -73,8 +75,8 @@ def suggestion(rows: List[dict], keep: float) -> Optional[float]:
     thresholds = sorted({r['threshold'] for r in rows if r['threshold'] is not None})
     for threshold in thresholds:
         at = [r for r in rows if r['threshold'] == threshold]
-        if all(r['cost'] <= 1.0 and r['safe_fraction'] == 1.0 and r['reward_kept'] >= keep
-               for r in at):
+        if all(r['cost'] <= 1.0 and r['safe_fraction'] == 1.0 and r['reward_kept'] is not None
+               and r['reward_kept'] >= keep for r in at):
             return threshold
     return None
 
@@ -85,10 +87,11 @@ def table(rows: List[dict], kappa: float) -> str:
              'reward kept |', '|---:|---:|---|---:|---:|---:|---:|']
     for r in rows:
         name = 'policy alone' if r['threshold'] is None else f'{r["threshold"]:g}'
+        kept = '–' if r['reward_kept'] is None else f'{100 * r["reward_kept"]:.0f} %'
         cost = f'**{r["cost"]:.2f}**' if r['cost'] > 1.0 else f'{r["cost"]:.2f}'
         lines.append(f'| {name} | {r["seed"]} | {r["reward"]:.2f} ± {r["reward_std"]:.2f} | '
                      f'{cost} | {100 * r["safe_fraction"]:.0f} % | '
-                     f'{100 * r["replaced_share"]:.1f} % | {100 * r["reward_kept"]:.0f} % |')
+                     f'{100 * r["replaced_share"]:.1f} % | {kept} |')
     return '\n'.join(lines) + '\n'
 
 
@@ -103,7 +106,8 @@ def plot(rows: List[dict], path: Path, title: str, keep: float) -> None:
         at = sorted((r for r in rows if r['seed'] == seed and r['threshold'] is not None),
                     key=lambda r: r['threshold'])
         x = [r['threshold'] for r in at]
-        ax_r.plot(x, [100 * r['reward_kept'] for r in at], 'o-', label=f'seed {seed}')
+        ax_r.plot(x, [np.nan if r['reward_kept'] is None else 100 * r['reward_kept']
+                      for r in at], 'o-', label=f'seed {seed}')
         ax_c.plot(x, [r['cost'] for r in at], 'o-', label=f'seed {seed}')
         alone = [r for r in rows if r['seed'] == seed and r['threshold'] is None][0]
         ax_c.axhline(alone['cost'], ls=':', color=ax_c.lines[-1].get_color(),
@@ -146,7 +150,7 @@ def main(argv=None) -> int:
     report = {'policy': str(args.policy), 'monitor': str(args.monitor),
               'episodes': args.episodes, 'kappa': args.kappa, 'keep': args.keep,
               'suggested_threshold': best, 'rows': rows}
-    (out / 'sweep.json').write_text(json.dumps(report, indent=1) + '\n')
+    (out / 'sweep.json').write_text(json.dumps(report, indent=1, allow_nan=False) + '\n')
     text = table(rows, args.kappa)
     (out / 'sweep.md').write_text(
         f'`python -m offline_training.shield_sweep {args.policy} {args.monitor} --thresholds '

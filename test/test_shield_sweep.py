@@ -36,6 +36,8 @@ def test_suggestion_is_the_smallest_threshold_safe_and_rewarding_on_every_seed()
             row(5.0, 0, 0.2, 1.0, 0.9), row(5.0, 1, 0.4, 1.0, 0.81),
             row(9.0, 0, 2.0, 0.5, 1.0), row(9.0, 1, 0.0, 1.0, 1.0)]
     assert suggestion(rows, 0.8) == 5.0
+    # a policy that earns nothing alone has no reward share to keep: never suggested
+    assert suggestion([row(2.0, 0, 0.0, 1.0, None)], 0.8) is None
     assert suggestion(rows, 0.95) is None
     assert monitor_overrides('cost_ucb', 2.0) == {'budget': 2.0}
     assert monitor_overrides('feasibility', 2.0) == {'threshold_v': 2.0, 'threshold_q': 2.0}
