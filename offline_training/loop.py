@@ -111,6 +111,10 @@ class LoopConfig:
     deploy_episodes: int = 10            # simulator episodes per deployment
     deploy_horizon: int = 0              # steps per deployed episode (0: the task's horizon)
     deploy_config: str = DEFAULT_DEPLOY_CONFIG   # the ROS 2 parameters file of the deployment
+    # The monitor's parameters (saferl_ros.monitor.MonitorConfig names, e.g. {threshold_v: 3,
+    # threshold_q: 3}): set on safety_monitor_node in every deployment, and passed to a shielded
+    # evaluation as saferl-eval --monitor-set, so both judge with the same rule.
+    monitor_set: Dict[str, object] = field(default_factory=dict)
     train_steps: Optional[int] = None    # training steps per iteration (None: the preset's)
     train_set: Dict[str, object] = field(default_factory=dict)   # saferl-train --set values
     eval_episodes: int = 20
@@ -138,12 +142,19 @@ REQUIRED = tuple(f.name for f in fields(LoopConfig)
 KINDS = {'task': (str,), 'algorithm': (str,), 'start_bundle': (str,), 'output': (str,),
          'preset': (str,), 'monitor_bundle': (str, type(None)),
          'base_dataset': (str, type(None)), 'iterations': (int,), 'deploy_episodes': (int,),
-         'deploy_horizon': (int,), 'deploy_config': (str,), 'train_steps': (int, type(None)),
+         'deploy_horizon': (int,), 'deploy_config': (str,), 'monitor_set': (dict, type(None)),
+         'train_steps': (int, type(None)),
          'train_set': (dict, type(None)), 'eval_episodes': (int,), 'eval_shield': (bool,),
          'seed': (int,), 'threads': (int,)}
 # Smallest value of each count.
 MINIMUM = {'iterations': 1, 'deploy_episodes': 1, 'deploy_horizon': 0, 'train_steps': 1,
            'eval_episodes': 1, 'seed': 0, 'threads': 1}
+
+
+def config_defaults() -> dict:
+    """Return {key: default} of the loop config's optional keys."""
+    return {f.name: f.default if f.default_factory is MISSING else f.default_factory()
+            for f in fields(LoopConfig) if f.name not in REQUIRED}
 
 
 def _kind_names(kinds) -> str:
@@ -181,8 +192,9 @@ def read_config(path, overrides=()) -> LoopConfig:
             raise ConfigError(f'{where}: key {key!r} is {value}; give at least {MINIMUM[key]}')
         if isinstance(value, str) and not value.strip():
             raise ConfigError(f'{where}: key {key!r} is empty; give a value ({CONFIG_FIX})')
-    if data.get('train_set') is None:
-        data['train_set'] = {}
+    for key in ('train_set', 'monitor_set'):
+        if data.get(key) is None:
+            data[key] = {}
     config = LoopConfig(**data)
     check_config(config, where)
     return config
@@ -214,6 +226,7 @@ def check_config(config: LoopConfig, where: str) -> None:
         module.make_config(config.preset, **{**config.train_set, **fixed})
     except UserError as error:
         raise _key_error(where, 'train_set', error, 'fix or remove that field') from None
+    check_monitor_set(config.monitor_set, where)
     start = check_bundle(config.start_bundle, 'start_bundle', spec.name, where)
     if config.monitor_bundle is not None:
         check_bundle(config.monitor_bundle, 'monitor_bundle', spec.name, where, critic=True)
@@ -240,6 +253,20 @@ def check_config(config: LoopConfig, where: str) -> None:
     if output.exists() and not output.is_dir():
         raise ConfigError(f"{where}: key 'output': {output} exists and is not a folder; give "
                           'a folder for the loop')
+
+
+def check_monitor_set(values: dict, where: str) -> None:
+    """Check the monitor parameters of key 'monitor_set' as the monitor itself would."""
+    from saferl_ros.monitor import monitor_config
+
+    for name in values:
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}: key 'monitor_set' has the name {name!r}; give "
+                              'monitor parameter names, e.g. threshold_v')
+    try:
+        monitor_config(values)
+    except UserError as error:
+        raise _key_error(where, 'monitor_set', error, 'fix or remove that parameter') from None
 
 
 def check_bundle(value: str, key: str, task: str, where: str, critic: bool = False):
@@ -355,7 +382,9 @@ class Loop:
         if not isinstance(state, dict) or state.get('format') != FORMAT or \
                 not isinstance(state.get('stages'), dict):
             raise ConfigError(f'{self.state_path}: not a {FORMAT} state file; {fix}')
-        saved, now = state.get('config', {}), self.config.as_dict()
+        # A key the state file lacks (added to the loop after it was written) had its default.
+        saved = {**config_defaults(), **state.get('config', {})}
+        now = self.config.as_dict()
         changed = sorted(key for key in now
                          if key not in MAY_CHANGE and saved.get(key) != now[key])
         if changed:
@@ -465,6 +494,8 @@ class Loop:
         }
         if self.config.deploy_horizon:
             settings[f'{graph.SIM}.horizon'] = self.config.deploy_horizon
+        for name, value in self.config.monitor_set.items():
+            settings[f'{graph.MONITOR}.{name}'] = value
         episodes = self.config.deploy_episodes
         cmd = [sys.executable, '-m', 'saferl_ros.bringup', shown(self.deploy_config),
                '--episodes', str(episodes)]
@@ -563,6 +594,8 @@ class Loop:
                 '-o', shown(partial / RESULTS)]
         if config.eval_shield:
             argv += ['--shield', shown(self.monitor)]
+            for name, value in config.monitor_set.items():
+                argv += ['--monitor-set', f'{name}={json.dumps(value)}']
         _check(eval_main(argv), f'iter-{k} evaluate', 'saferl-eval')
         os.replace(partial, final)
         results = json.loads((final / RESULTS).read_text())

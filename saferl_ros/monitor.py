@@ -234,6 +234,10 @@ class CriticRule:
         """Return the verdict reason for an infeasible state."""
         return 'state infeasible'
 
+    def describe(self) -> str:
+        """Return the rule with its thresholds in force, e.g. 'V_h <= 0, Q_h <= 0'."""
+        raise NotImplementedError
+
     def action_reason(self, risk: float) -> str:
         """Return the verdict reason for an unacceptable proposal in a feasible state."""
         raise NotImplementedError
@@ -270,6 +274,10 @@ class FeasibilityRule(CriticRule):
         """Name Q_h and its threshold."""
         return f'action infeasible (Q_h={risk:.3g} > {self.threshold_q:g})'
 
+    def describe(self) -> str:
+        """Return 'V_h <= threshold_v, Q_h <= threshold_q'."""
+        return f'V_h <= {self.threshold_v:g}, Q_h <= {self.threshold_q:g}'
+
 
 class CostRule(CriticRule):
     """A cost critic (BCQ-Lag, DRCORL): Q_c(s, a) <= budget; it has no state value."""
@@ -299,6 +307,10 @@ class CostRule(CriticRule):
         """Name Q_c and the budget."""
         return f'cost over budget (Q_c={risk:.3g} > {self.budget:g})'
 
+    def describe(self) -> str:
+        """Return 'Q_c <= budget'."""
+        return f'Q_c <= {self.budget:g}'
+
 
 class CostUCBRule(CostRule):
     """
@@ -326,6 +338,10 @@ class CostUCBRule(CostRule):
     def action_reason(self, risk: float) -> str:
         """Name the upper confidence bound, k and the budget."""
         return f'cost over budget (Q_c mean + {self.k:g} std = {risk:.3g} > {self.budget:g})'
+
+    def describe(self) -> str:
+        """Return 'Q_c mean + k std <= budget'."""
+        return f'Q_c mean + {self.k:g} std <= {self.budget:g}'
 
 
 # Critic kind (manifest critic.kind) -> the rule that judges with it.

@@ -42,7 +42,8 @@ def base_config(tmp_path) -> dict:
     return {'task': 'BallCircle', 'algorithm': 'fisor', 'preset': 'test',
             'start_bundle': START, 'monitor_bundle': MONITOR, 'base_dataset': str(dataset),
             'iterations': 2, 'deploy_episodes': 2, 'deploy_horizon': 20, 'train_steps': 20,
-            'eval_episodes': 1, 'output': str(tmp_path / 'loop')}
+            'eval_episodes': 1, 'output': str(tmp_path / 'loop'),
+            'monitor_set': {'threshold_v': 2.5, 'threshold_q': 2.5}}
 
 
 def write_config(path: Path, config: dict) -> str:
@@ -175,6 +176,11 @@ def test_iteration_1_deploys_the_bundle_iteration_0_exported(loop_runs):
     assert [state[f'iter-{k}/deploy']['seed'] for k in (0, 1)] == [1, 2]
     manifest = yaml.safe_load((out / 'iter-1' / 'bundle' / 'manifest.yaml').read_text())
     assert manifest['name'] == 'loop-iter1' and manifest['algorithm'] == 'fisor'
+    # the monitor judged with the config's monitor_set, not the manifest's thresholds (0, 0)
+    for k in (0, 1):
+        log = (out / f'iter-{k}' / 'deploy.log').read_text()
+        assert 'safety_monitor_node.threshold_v=2.5' in log
+        assert 'critic feasibility (V_h <= 2.5, Q_h <= 2.5, min_hold 0.1 s)' in log, log[-3000:]
 
 
 def test_the_report_shows_deployments_interventions_and_evaluations(loop_runs):
@@ -203,6 +209,19 @@ def test_a_rerun_with_another_config_is_refused(loop_runs):
     code, output = run_main([loop_runs['path'], '--set', 'train_steps=30'])
     assert code == 2
     assert 'train_steps=20' in output and 'another output folder' in output
+
+
+def test_a_state_file_from_before_a_key_existed_counts_it_at_its_default(loop_runs):
+    # a loop started before 'eval_shield' existed ran unshielded evaluations: rerunning it with
+    # today's code (eval_shield false by default) is the same config, not a changed one
+    path = loop_runs['out'] / 'state.json'
+    state = json.loads(path.read_text())
+    del state['config']['eval_shield']
+    path.write_text(json.dumps(state))
+    code, output = run_main([loop_runs['path']])
+    assert code == 0 and 'iter-1/export: done earlier, skipped' in output, output
+    code, output = run_main([loop_runs['path'], '--set', 'eval_shield=true'])
+    assert code == 2 and 'this loop was run with eval_shield=False' in output, output
 
 
 def test_a_deployment_stopped_by_ctrl_c_is_deployed_again_not_trusted(tmp_path, monkeypatch):
@@ -262,6 +281,10 @@ def test_a_deployment_stopped_by_ctrl_c_is_deployed_again_not_trusted(tmp_path, 
     ({'preset': 'fast'}, "key 'preset': unknown FISOR preset 'fast'"),
     ({'train_set': {'num_candidate': 3}}, "key 'train_set': unknown FISOR config fields"),
     ({'train_set': {'steps': 3}}, "as the key 'train_steps'"),
+    ({'monitor_set': 3}, "key 'monitor_set' should be a mapping"),
+    ({'monitor_set': {'threshold': 3}}, "key 'monitor_set': 'threshold' is not a monitor "
+                                        'parameter'),
+    ({'monitor_set': {'min_hold': -1}}, "key 'monitor_set': min_hold is -1"),
     ({'start_bundle': 'models/nothing-here'}, "key 'start_bundle'"),
     ({'monitor_bundle': START}, "key 'monitor_bundle': models/bc_all-ballcircle (bc_all) "
                                 'has no critic'),

@@ -176,6 +176,9 @@ def test_thresholds_override_the_manifest():
     assert m.decide(INFEASIBLE_S, [0.4, 0], 1.0, 1.0, 1.0).state == MonitorState.NOMINAL
     m = monitor(threshold_v=-5.0)   # forces every state infeasible
     assert m.decide(FEASIBLE_S, [0, 0], 1.0, 1.0, 1.0).state == MonitorState.RECOVERY
+    # the rule says which thresholds are in force (the node logs it at configure)
+    assert monitor().rule.describe() == 'V_h <= 0, Q_h <= 0'
+    assert monitor(threshold_v=3.0, threshold_q=2.5).rule.describe() == 'V_h <= 3, Q_h <= 2.5'
 
 
 def test_min_hold_prevents_chattering():
@@ -236,6 +239,7 @@ def test_cost_critic_uses_budget():
     assert v.state == MonitorState.INTERVENING and 'budget' in v.reason
     v = m.decide([1.2, 0, 0], [0.6, 0], 3, 3, 3)   # even the fallback's 0.7 > 0.5
     assert v.state == MonitorState.RECOVERY
+    assert m.rule.describe() == 'Q_c <= 0.5'
 
 
 def test_safe_action_fallback_mode_and_clipping():
@@ -331,6 +335,7 @@ def test_cost_ucb_rule_judges_the_ensembles_mean_plus_k_std():
     # k = 0 judges the mean alone; a configured budget overrides the manifest's
     assert _ucb_monitor(k=0.0).decide([0.125, 0, 0], [0.125, 0.25], 1, 1, 1).passed
     assert _ucb_monitor(budget=1.0).decide([0.125, 0, 0], [0.125, 0.25], 1, 1, 1).passed
+    assert _ucb_monitor(budget=1.0).rule.describe() == 'Q_c mean + 2 std <= 1'
 
 
 def test_cost_ucb_rule_refuses_a_bad_k():

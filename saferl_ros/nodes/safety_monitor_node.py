@@ -150,7 +150,8 @@ class SafetyMonitorNode(LifecycleNode):
             self.entities.timer(cfg['diagnostics_period'], self._publish_diagnostics)
         self._publish_status(monitor.stop(MonitorState.INACTIVE, 0.0, 'configured, inactive'))
         self.get_logger().info(
-            f'configured with {bundle!r} (sha256 {bundle.sha256[:12]}), critic {monitor.kind}, '
+            f'configured with {bundle!r} (sha256 {bundle.sha256[:12]}), critic {monitor.kind} '
+            f'({monitor.rule.describe()}, min_hold {monitor.config.min_hold:g} s), '
             f'fallback {"bundle policy" if monitor.use_bundle_fallback else "safe action"}')
         return TransitionCallbackReturn.SUCCESS
 
