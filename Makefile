@@ -60,7 +60,7 @@ demo: venv
 LOOP_CONFIG ?= config/loop_ballcircle.yaml
 LOOP_ARGS ?=
 loop: venv
-	$(BIN)/saferl-loop $(LOOP_CONFIG) $(LOOP_ARGS)
+	$(BIN)/saferl-loop $(LOOP_CONFIG) --collect-missing $(LOOP_ARGS)
 
 data: venv
 	$(BIN)/python -m offline_training.collection.train_all --collect

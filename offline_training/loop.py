@@ -345,8 +345,11 @@ def _now() -> str:
 class Loop:
     """One loop's output folder: its state, its stages and the order they run in."""
 
-    def __init__(self, config: LoopConfig, echo: Callable[[str], None] = print):
+    def __init__(self, config: LoopConfig, echo: Callable[[str], None] = print,
+                 collect_missing: bool = False):
         self.config = config
+        # Collect the task's dataset from the committed behaviour agents when none is found.
+        self.collect_missing = collect_missing
         self.out = Path(config.output)
         self.echo = echo
         self.spec = get_task(config.task)
@@ -414,8 +417,18 @@ class Loop:
         try:
             return shown(resolve_dataset_path(None, self.spec.name))
         except DatasetError as error:
-            raise ConfigError(f"key 'base_dataset' is not set and {error.problems[0].message} "
-                              'Or set base_dataset: PATH') from None
+            if not self.collect_missing:
+                raise ConfigError(f"key 'base_dataset' is not set and "
+                                  f'{error.problems[0].message} Or set base_dataset: PATH, or '
+                                  'rerun with --collect-missing') from None
+        from offline_training.data.cli import main as data_main
+
+        self.echo(f'{PROG}: no {self.spec.name} dataset found: collecting it from the committed '
+                  f'behaviour agents (saferl-data collect --task {self.spec.name}; about a '
+                  'minute for a Ball task, up to 15 for CarCircle)')
+        _check(data_main(['collect', '--task', self.spec.name]), 'collect the base dataset',
+               'saferl-data collect')
+        return shown(resolve_dataset_path(None, self.spec.name))
 
     def done(self, key: str) -> bool:
         """Return whether stage ``key`` (``iter-k/stage``) is recorded as done."""
@@ -719,12 +732,16 @@ def main(argv=None) -> int:
     parser.add_argument('--set', dest='overrides', action='append', default=[],
                         type=parse_override, metavar='KEY=VALUE',
                         help='override a config key, e.g. --set iterations=1 (VALUE is YAML)')
+    parser.add_argument('--collect-missing', action='store_true',
+                        help="without base_dataset and without the task's dataset, collect it "
+                        'first from the committed behaviour agents (saferl-data collect; '
+                        '`make loop` passes this)')
     args = parser.parse_args(argv)
     if not Path(args.config).is_file():
         raise MissingFileError(f'{args.config}: no such loop config file; give a YAML file '
                                f'({CONFIG_FIX})')
     config = read_config(args.config, dict(args.overrides))
-    loop = Loop(config)
+    loop = Loop(config, collect_missing=args.collect_missing)
     with _TermAsInterrupt():
         try:
             ran = loop.run()

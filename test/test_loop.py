@@ -342,7 +342,38 @@ def test_the_base_dataset_defaults_to_the_tasks_file_as_saferl_train_finds_it(
     code, output = run_main([path])
     assert code == 2 and len(output.strip().splitlines()) == 1, output
     assert "key 'base_dataset' is not set and no dataset for BallCircle" in output
+    assert '--collect-missing' in output
     assert not (tmp_path / 'loop').exists()
+
+
+def test_collect_missing_collects_the_tasks_dataset_first(tmp_path, monkeypatch):
+    from offline_training.data import cli as data_cli
+    from offline_training.data import dataset as dataset_module
+
+    config = {key: value for key, value in base_config(tmp_path).items()
+              if key != 'base_dataset'}
+    folder = tmp_path / 'datasets'
+    monkeypatch.setattr(dataset_module, 'dataset_dirs', lambda: [folder])
+    calls = []
+
+    def collect(argv):   # stands in for the minute-long collection from the behaviour agents
+        calls.append(argv)
+        write_dataset(folder / 'SafetyBallCircle-v0-80-6.hdf5',
+                      synthetic_dataset('BallCircle', episodes=6, seed=1, max_length=40),
+                      'BallCircle')
+        return 0
+    monkeypatch.setattr(data_cli, 'main', collect)
+    loop = Loop(loop_module.read_config(write_config(tmp_path / 'loop.yaml', config)),
+                echo=lambda line: None, collect_missing=True)
+    found = Path(loop.resolve_base_dataset())
+    assert calls == [['collect', '--task', 'BallCircle']]
+    assert found.resolve() == (folder / 'SafetyBallCircle-v0-80-6.hdf5').resolve()
+    # a failed collection stops with its exit status, naming the command
+    monkeypatch.setattr(data_cli, 'main', lambda argv: 1)
+    (folder / 'SafetyBallCircle-v0-80-6.hdf5').unlink()
+    with pytest.raises(loop_module.StageError, match='saferl-data collect ended with exit '
+                                                     'status 1'):
+        loop.resolve_base_dataset()
 
 
 @pytest.mark.parametrize('shipped', sorted((Path(__file__).resolve().parents[1] / 'config')
