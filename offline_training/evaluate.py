@@ -381,7 +381,7 @@ def main(argv=None) -> int:
         parser.error('--monitor-set sets the parameters of the --shield monitor; give --shield')
     shield_config = None
     if args.monitor_overrides:
-        from offline_training.train import parse_override
+        from offline_training.overrides import parse_override
         from saferl_ros.monitor import monitor_config
         try:
             overrides = dict(parse_override(text) for text in args.monitor_overrides)

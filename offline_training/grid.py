@@ -33,6 +33,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from saferl_ros.errors import ConfigError
+
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ('BallCircle', 'CarCircle', 'DroneCircle', 'BallRun', 'CarRun', 'DroneRun')
 
@@ -233,6 +235,47 @@ def trained_already(job: Job, grid: Grid) -> bool:
         return False
 
 
+def branch_source_missing(job: Job, grid: Grid) -> Optional[str]:
+    """
+    Return why a branching run cannot start (its source checkpoint is missing), else None.
+
+    A branch already begun resumes from its own copy; a new one needs the checkpoint its parent
+    kept, which a parent trained before checkpoints were kept, trained elsewhere or deleted
+    does not have.
+    """
+    from offline_training.runs import kept_checkpoint_path
+
+    if (Path(grid.runs_dir) / job.name / 'checkpoint.pt').exists():
+        return None
+    parent_dir = Path(grid.runs_dir) / job.parent_name
+    kept = kept_checkpoint_path(parent_dir, job.method.branch_of[1])
+    if kept.is_file():
+        return None
+    return (f'it branches from {job.parent_name} at step {job.method.branch_of[1]}, but '
+            f'{repo_relative(kept)} does not exist (that run was trained before it kept '
+            'checkpoints, elsewhere, or not at all); retrain it (delete its folder and '
+            f'{repo_relative(Path(grid.results_dir) / (job.parent_name + ".json"))}), then '
+            'rerun')
+
+
+def check_branches(grid: Grid) -> None:
+    """
+    Raise ConfigError unless every Method.branch_of names an earlier method of the grid.
+
+    That method must have every seed of the branching one, so that the parent's run of each
+    task and seed is started first.
+    """
+    seen = {}
+    for method in grid.methods:
+        if method.branch_of is not None:
+            parent = seen.get(method.branch_of[0])
+            if parent is None or not set(method.seeds) <= set(parent.seeds):
+                raise ConfigError(f'grid {grid.name!r}: method {method.tag!r} branches from '
+                                  f'{method.branch_of[0]!r}, which is not an earlier method of '
+                                  'the grid with all of its seeds; list that method first')
+        seen[method.tag] = method
+
+
 def run_job(job: Job, grid: Grid, *after) -> Tuple[str, str]:
     """
     Train (or resume) one run and evaluate it unless its results exist; return a status.
@@ -255,6 +298,10 @@ def run_job(job: Job, grid: Grid, *after) -> Tuple[str, str]:
                           f'under a grid whose method has as many steps as it trained (e.g. '
                           f'h200), or delete {repo_relative(Path(grid.runs_dir) / job.name)} '
                           'to retrain')
+    if train is not None and job.method.branch_of is not None:
+        problem = branch_source_missing(job, grid)
+        if problem:
+            return job.name, f'FAILED: {problem}'
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
     if grid.datasets_dir is not None:
         env['DSRL_DATASET_DIR'] = str(grid.datasets_dir)
@@ -414,6 +461,7 @@ def main(argv=None) -> int:
         ('preset', args.preset), ('device', args.device), ('runs_dir', args.runs_dir),
         ('results_dir', args.results_dir)) if value is not None}
     grid = replace(grid, **changes)
+    check_branches(grid)
     if args.table:
         return write_tables(grid)
     todo = [job for job in grid.jobs()

@@ -38,7 +38,7 @@ The other stages call their command's ``main(argv)`` in this process.
 """
 
 import argparse
-from dataclasses import asdict, dataclass, field, fields, MISSING
+from dataclasses import asdict, dataclass, field, fields, MISSING, replace
 from datetime import datetime, timezone
 import json
 import os
@@ -51,7 +51,7 @@ import time
 from typing import Callable, Dict, Optional
 
 from offline_training.algos import ALGORITHMS, get_algorithm
-from offline_training.train import parse_override
+from offline_training.overrides import parse_override
 from saferl_ros import graph
 from saferl_ros.errors import (
     ConfigError, MissingFileError, read_yaml_mapping, reports_user_errors, UserError)
@@ -195,9 +195,7 @@ def read_config(path, overrides=()) -> LoopConfig:
     for key in ('train_set', 'monitor_set'):
         if data.get(key) is None:
             data[key] = {}
-    config = LoopConfig(**data)
-    check_config(config, where)
-    return config
+    return check_config(LoopConfig(**data), where)
 
 
 def _key_error(where: str, key: str, error: Exception, fix: str = '') -> ConfigError:
@@ -205,8 +203,12 @@ def _key_error(where: str, key: str, error: Exception, fix: str = '') -> ConfigE
     return ConfigError(f'{where}: key {key!r}: {message}' + (f'; {fix}' if fix else ''))
 
 
-def check_config(config: LoopConfig, where: str) -> None:
-    """Check the config's names, bundles and files; raise a one-line ConfigError if wrong."""
+def check_config(config: LoopConfig, where: str) -> LoopConfig:
+    """
+    Check the config's names, bundles and files; raise a one-line ConfigError if wrong.
+
+    Return the config with its monitor_set values as the monitor reads them.
+    """
     try:
         spec = get_task(config.task)
     except UserError as error:
@@ -226,10 +228,11 @@ def check_config(config: LoopConfig, where: str) -> None:
         module.make_config(config.preset, **{**config.train_set, **fixed})
     except UserError as error:
         raise _key_error(where, 'train_set', error, 'fix or remove that field') from None
-    check_monitor_set(config.monitor_set, where)
     start = check_bundle(config.start_bundle, 'start_bundle', spec.name, where)
     if config.monitor_bundle is not None:
-        check_bundle(config.monitor_bundle, 'monitor_bundle', spec.name, where, critic=True)
+        monitor = check_bundle(config.monitor_bundle, 'monitor_bundle', spec.name, where,
+                               critic=True)
+        judges = [(monitor.name, monitor.critic_kind)]
     else:
         if config.eval_shield:
             raise ConfigError(f"{where}: key 'eval_shield' is true but no 'monitor_bundle' is "
@@ -240,10 +243,14 @@ def check_config(config: LoopConfig, where: str) -> None:
             raise ConfigError(f"{where}: key 'monitor_bundle' is not set, and the start bundle "
                               f'{start.name!r} has no critic to monitor itself; set '
                               'monitor_bundle (e.g. models/fisor-ballcircle)')
-        if algorithm_critic(config.algorithm, spec.name) == 'none':
+        trained_kind = algorithm_critic(config.algorithm, spec.name)
+        if trained_kind == 'none':
             raise ConfigError(f"{where}: key 'monitor_bundle' is not set, and "
                               f'{config.algorithm} bundles have no critic to monitor '
                               'themselves; set monitor_bundle (e.g. models/fisor-ballcircle)')
+        judges = [(start.name, start.critic_kind),
+                  (f'the {config.algorithm} bundles the loop exports', trained_kind)]
+    monitor_set = check_monitor_set(config.monitor_set, where, judges)
     check_deploy_config(config.deploy_config, where)
     if config.base_dataset is not None and not Path(config.base_dataset).is_file():
         raise ConfigError(f"{where}: key 'base_dataset': {config.base_dataset} is not a file; "
@@ -253,20 +260,30 @@ def check_config(config: LoopConfig, where: str) -> None:
     if output.exists() and not output.is_dir():
         raise ConfigError(f"{where}: key 'output': {output} exists and is not a folder; give "
                           'a folder for the loop')
+    return replace(config, monitor_set=monitor_set)
 
 
-def check_monitor_set(values: dict, where: str) -> None:
-    """Check the monitor parameters of key 'monitor_set' as the monitor itself would."""
-    from saferl_ros.monitor import monitor_config
+def check_monitor_set(values: dict, where: str, monitors) -> dict:
+    """
+    Return key 'monitor_set' with its values as the monitor reads them.
+
+    YAML's string '1e9' becomes the number; the values are checked as the monitor checks them
+    and against the critic kind of each of ``monitors`` ((bundle name, critic kind) pairs:
+    every critic that will judge with them).
+    """
+    from saferl_ros.monitor import check_applies, monitor_config
 
     for name in values:
         if not isinstance(name, str):
             raise ConfigError(f"{where}: key 'monitor_set' has the name {name!r}; give "
                               'monitor parameter names, e.g. threshold_v')
     try:
-        monitor_config(values)
+        config = monitor_config(values)
+        for name, kind in monitors:
+            check_applies(values, kind, name)
     except UserError as error:
         raise _key_error(where, 'monitor_set', error, 'fix or remove that parameter') from None
+    return {name: getattr(config, name) for name in values}
 
 
 def check_bundle(value: str, key: str, task: str, where: str, critic: bool = False):

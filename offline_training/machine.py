@@ -1,5 +1,6 @@
 """The machine a figure was measured on: ``machine_info()`` (benchmarks, evaluations, results)."""
 
+from importlib import metadata
 import os
 import platform
 import sys
@@ -21,9 +22,11 @@ def machine_info() -> dict:
     info = {'cpu': cpu, 'cores': os.cpu_count(), 'platform': platform.platform(),
             'python': platform.python_version(), 'numpy': np.__version__}
     for module in ('torch', 'onnxruntime', 'pybullet'):
+        # The installed version from the package metadata, without importing it: evaluating a
+        # bundle must not load torch (seconds and hundreds of MB) only to name its version.
         try:
-            info[module] = str(__import__(module).__version__)  # torch's is a str subclass
-        except (ImportError, AttributeError):
+            info[module] = metadata.version(module)
+        except metadata.PackageNotFoundError:
             info[module] = None
     info['gpu'] = None
     # Name the GPU only where this process already uses CUDA: no import, no CUDA start-up, and

@@ -25,14 +25,17 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from offline_training.evaluate import evaluate
-from saferl_ros.errors import reports_user_errors
+from saferl_ros.errors import ConfigError, reports_user_errors
 
 
 def monitor_overrides(critic_kind: str, threshold: float) -> Dict[str, float]:
     """Return the monitor parameters that put its boundary at ``threshold`` for this critic."""
-    if critic_kind == 'cost_ucb':
+    if critic_kind in ('cost', 'cost_ucb'):          # Q_c (or its UCB) <= budget
         return {'budget': float(threshold)}
-    return {'threshold_v': float(threshold), 'threshold_q': float(threshold)}
+    if critic_kind == 'feasibility':                 # V_h <= t and Q_h <= t
+        return {'threshold_v': float(threshold), 'threshold_q': float(threshold)}
+    raise ConfigError(f'the monitor bundle has critic kind {critic_kind!r}; the sweep moves '
+                      "the boundary of a 'feasibility', 'cost' or 'cost_ucb' critic")
 
 
 def summary_row(results: dict, kappa: float) -> dict:

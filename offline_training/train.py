@@ -25,16 +25,17 @@ from offline_training.algos.protocol import reads_costs
 from offline_training.data.dataset import (
     DatasetError, describe_generated, file_generated_info, load_dataset, resolve_dataset_path)
 from offline_training.machine import machine_info
+from offline_training.overrides import parse_override
 from offline_training.runs import (
     check_resume, CHECKPOINT, CHECKPOINTS, CONFIG, default_run_dir, keep_checkpoint_copy,
     kept_checkpoint_path, load_checkpoint, new_run_config, restore, RESUME_FIX, SUMMARY,
     write_checkpoint, write_yaml)
-from saferl_ros.errors import ConfigError, MissingFileError, read_yaml_mapping, reports_user_errors
+from saferl_ros.errors import (ConfigError, MissingFileError, read_yaml_mapping,
+                               reports_user_errors, UserError)
 from saferl_ros.files import atomic_path, sha256_file
 from saferl_ros.tasks import get_task
 import torch
 from tqdm import tqdm
-import yaml
 
 
 def _load_data(dataset, data, task) -> Tuple[Dict[str, np.ndarray], dict]:
@@ -108,16 +109,29 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
                                  'training_transitions': int(len(arrays['obs']))})
 
     ckpt_path = run_dir / CHECKPOINT
-    if init_from is not None:
-        branch_from(Path(init_from), run_dir, algo, seed)
+    new_branch = init_from is not None and branch_from(Path(init_from), run_dir, algo, seed,
+                                                       provenance['sha256'])
     step = 0
     train_cpu_s = 0.0          # CPU seconds spent training (not evaluating), over all sessions
     train_wall_s = 0.0         # wall seconds likewise
     if ckpt_path.exists():
         defaults = {f.name: f.default for f in fields(config) if f.default is not MISSING}
         may_change = getattr(module, 'resume_may_change', None)
-        state, saved = check_resume(run_dir, algo, seed, run_config['algo_config'], defaults,
-                                    may_change and (lambda at: may_change(config, at)))
+        try:
+            state, saved = check_resume(run_dir, algo, seed, run_config['algo_config'],
+                                        defaults,
+                                        may_change and (lambda at: may_change(config, at)))
+        except UserError as error:
+            if not new_branch:
+                raise
+            # a branch this run cannot continue: leave no copy behind to block the next try
+            for made in (ckpt_path, run_dir / CONFIG):
+                made.unlink(missing_ok=True)
+            raise ConfigError(f'--init-from {init_from}: this run cannot continue it: '
+                              f'{str(error).splitlines()[0]} (a branch may change only the '
+                              'fields its algorithm lets change at that step, e.g. DRCORL '
+                              'stage-4 fields from a checkpoint at or before the end of '
+                              'pretraining)') from None
         restore(ckpt_path, RESUME_FIX, (model, state['model']), (trainer, state['trainer']),
                 (buffer, state['buffer']))
         set_rng_state(state['rng'])
@@ -207,18 +221,32 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
     return run_dir
 
 
-def branch_from(checkpoint: Path, run_dir: Path, algo: str, seed: int) -> None:
+def branch_from(checkpoint: Path, run_dir: Path, algo: str, seed: int,
+                dataset_sha256: str) -> bool:
     """
     Make ``run_dir`` a copy of the run that wrote ``checkpoint``, stopped at that checkpoint.
 
     The checkpoint and its run's config.yaml are copied (the run's own folder is untouched);
-    config.yaml records where the run came from. A ``run_dir`` already branched from the same
-    checkpoint is left as it is (rerunning the command resumes it); any other checkpoint there
-    is refused.
+    config.yaml records where the run came from. The source run must have trained on the
+    dataset this run trains on (``dataset_sha256``): the replay state and every model in the
+    checkpoint belong to it. A ``run_dir`` already branched from the same checkpoint path is
+    left as it is and False returned (rerunning the command resumes it, even when the source
+    run has trained on or gone since); any other run there is refused. Return True when the
+    branch was made now.
     """
     checkpoint = Path(checkpoint)
     source_dir = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS \
         else checkpoint.parent
+    ckpt_path = run_dir / CHECKPOINT
+    if ckpt_path.exists():
+        saved = read_yaml_mapping(run_dir / CONFIG, RESUME_FIX) if (run_dir / CONFIG).is_file() \
+            else {}
+        branched = (saved.get('initialised_from') or {}).get('checkpoint')
+        if branched is None or Path(branched).resolve() != checkpoint.resolve():
+            what = f'was branched from {branched}' if branched else 'was not branched from it'
+            raise ConfigError(f'--init-from {checkpoint}: {run_dir} already holds a run that '
+                              f'{what}; choose another --out')
+        return False
     if not checkpoint.is_file() or checkpoint.is_symlink():
         raise MissingFileError(f'--init-from {checkpoint}: not a checkpoint file; give a kept '
                                f'RUN/{CHECKPOINTS}/step_<N>.pt or RUN/{CHECKPOINT}')
@@ -227,37 +255,22 @@ def branch_from(checkpoint: Path, run_dir: Path, algo: str, seed: int) -> None:
                                'the run it belongs to is unknown; give a checkpoint inside a '
                                'saferl-train run folder')
     origin = {'checkpoint': str(checkpoint), 'sha256': sha256_file(checkpoint)}
-    ckpt_path = run_dir / CHECKPOINT
-    if ckpt_path.exists():
-        saved = read_yaml_mapping(run_dir / CONFIG, RESUME_FIX) if (run_dir / CONFIG).is_file() \
-            else {}
-        if (saved.get('initialised_from') or {}).get('sha256') != origin['sha256']:
-            raise ConfigError(f'{run_dir} already holds a run that was not branched from '
-                              f'{checkpoint}; choose another --out')
-        return
+    source = read_yaml_mapping(source_dir / CONFIG, RESUME_FIX)
+    source_data = (source.get('dataset') or {}).get('sha256')
+    if source_data != dataset_sha256:
+        raise ConfigError(f'--init-from {checkpoint}: its run trained on another dataset '
+                          f'(sha256 {str(source_data)[:12]}, this one '
+                          f'{str(dataset_sha256)[:12]}); give the same --dataset as that run')
     state = load_checkpoint(checkpoint, 'cpu', RESUME_FIX, keys=('algorithm', 'seed', 'step'))
     if state['algorithm'] != algo or state['seed'] != seed:
         raise ConfigError(f'--init-from {checkpoint} is {state["algorithm"]} seed '
                           f'{state["seed"]}, not {algo} seed {seed}; pass the same algorithm and '
                           '--seed')
-    saved = read_yaml_mapping(source_dir / CONFIG, RESUME_FIX)
-    saved['initialised_from'] = {**origin, 'step': int(state['step'])}
-    write_yaml(saved, run_dir / CONFIG)
+    source['initialised_from'] = {**origin, 'step': int(state['step'])}
+    write_yaml(source, run_dir / CONFIG)
     with atomic_path(ckpt_path) as tmp:
         shutil.copyfile(checkpoint, tmp)
-
-
-def parse_override(text: str):
-    """Return (key, value) of one ``--set KEY=VALUE`` (VALUE read as YAML); saferl-loop too."""
-    key, sep, value = text.partition('=')
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f'--set expects KEY=VALUE, got {text!r}')
-    try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError as error:
-        reason = getattr(error, 'problem', None) or type(error).__name__
-        raise argparse.ArgumentTypeError(f'--set {key}: {value!r} is not a YAML value '
-                                         f'({reason})') from None
+    return True
 
 
 @reports_user_errors('saferl-train', expected=(DatasetError,))

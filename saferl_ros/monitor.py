@@ -113,32 +113,78 @@ class MonitorConfig:
                                          'unset to use the bundle manifest')
 
 
+# What kind of value each MonitorConfig field takes from a command line or a YAML file.
+_OPTIONAL_NUMBERS = ('threshold_v', 'threshold_q', 'budget')        # None: the manifest's
+_NUMBERS = ('observation_timeout', 'proposal_timeout', 'min_hold')
+
+
+def _number(name: str, value, optional: bool = False):
+    """Return ``value`` as a float (YAML reads 1e9 as a string); MonitorConfigError if not one."""
+    if value is None and optional:
+        return None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    unset = ", or null for the bundle manifest's" if optional else ''
+    raise MonitorConfigError(f'{name} is {value!r}; give a number{unset}')
+
+
 def monitor_config(overrides: Dict[str, object]) -> MonitorConfig:
     """
     Return a validated MonitorConfig with ``overrides`` (e.g. from saferl-eval --monitor-set).
 
-    An unknown name or a value of the wrong kind raises MonitorConfigError naming it.
+    Values are converted to the field's kind first (the numbers YAML reads as strings, one
+    number for ``safe_action`` = that value on every action dimension); an unknown name or a
+    value of the wrong kind raises MonitorConfigError naming it and the fix.
     """
-    known = {f.name: f for f in fields(MonitorConfig)}
-    overrides = dict(overrides)
-    for name, value in overrides.items():
-        if name not in known or name == 'seed':
+    known = [f.name for f in fields(MonitorConfig) if f.name != 'seed']
+    converted = {}
+    for name, value in dict(overrides).items():
+        if name not in known:
             raise MonitorConfigError(f'{name!r} is not a monitor parameter; use one of '
-                                     f'{", ".join(n for n in known if n != "seed")}')
-        if isinstance(value, str) and name != 'fallback':
-            try:              # YAML reads 1e9 as a string; every other field is numeric
-                overrides[name] = value = float(value)
-            except ValueError:
-                raise MonitorConfigError(f'{name} is {value!r}; it must be a number') from None
-        if isinstance(value, bool) or not isinstance(value, (int, float, str, list, type(None))):
-            raise MonitorConfigError(f'{name} is {value!r}; give a number (or a list for '
-                                     "safe_action, 'bundle'/'safe_action' for fallback)")
-    try:
-        config = MonitorConfig(**overrides)
-        config.validate()
-    except TypeError as error:                  # e.g. math.isfinite of a string
-        raise MonitorConfigError(f'monitor parameters {overrides}: {error}') from None
+                                     f'{", ".join(known)}')
+        if name in _OPTIONAL_NUMBERS or name in _NUMBERS:
+            value = _number(name, value, optional=name in _OPTIONAL_NUMBERS)
+        elif name == 'fallback_samples':
+            number = _number(name, value)
+            if not number.is_integer():
+                raise MonitorConfigError(f'fallback_samples is {value!r}; give an integer in '
+                                         '[1, 256]')
+            value = int(number)
+        elif name == 'fallback':
+            if not isinstance(value, str):
+                raise MonitorConfigError(f"fallback is {value!r}; use 'bundle' or 'safe_action'")
+        elif name == 'safe_action' and value is not None:
+            items = value if isinstance(value, (list, tuple)) else [value]
+            if not items:
+                raise MonitorConfigError('safe_action is []; give one number per action '
+                                         'dimension, or one for all')
+            value = [_number('safe_action', item) for item in items]
+        converted[name] = value
+    config = MonitorConfig(**converted)
+    config.validate()
     return config
+
+
+def check_applies(overrides: Dict[str, object], critic_kind: str, bundle_name: str = '?'):
+    """
+    Refuse monitor parameters the bundle's critic never reads (MonitorConfigError).
+
+    A feasibility critic is judged by threshold_v and threshold_q, a cost critic by budget: a
+    threshold given to the other kind would change nothing while looking like it did.
+    """
+    ignored = {'feasibility': ('budget',), 'cost': ('threshold_v', 'threshold_q'),
+               'cost_ucb': ('threshold_v', 'threshold_q')}.get(critic_kind, ())
+    for name in ignored:
+        if overrides.get(name) is not None:
+            used = 'budget' if critic_kind.startswith('cost') else 'threshold_v and threshold_q'
+            raise MonitorConfigError(
+                f'{name} does not apply to monitor bundle {bundle_name!r}: its {critic_kind} '
+                f'critic is judged by {used}; set that instead')
 
 
 @dataclass
@@ -388,13 +434,18 @@ class SafetyMonitor:
                 "'none'); give the monitor a bundle with a feasibility or cost critic "
                 '(monitor_bundle parameter); it may differ from the controller bundle')
         cfg = self.config
+        check_applies({name: getattr(cfg, name) for name in _OPTIONAL_NUMBERS},
+                      bundle.critic_kind, getattr(bundle, 'name', '?'))
         self.rule = critic_rule(bundle.critic_kind, dict(bundle.critic_config), cfg,
                                 getattr(bundle, 'name', '?'))
         self.obs_dim, self.act_dim = int(bundle.obs_dim), int(bundle.act_dim)
         self.low = np.asarray(bundle.action_low, dtype=np.float32)
         self.high = np.asarray(bundle.action_high, dtype=np.float32)
-        safe = np.zeros(self.act_dim, np.float32) if cfg.safe_action is None else \
-            _finite_vector(cfg.safe_action, self.act_dim)
+        safe_action = cfg.safe_action
+        if safe_action is not None and len(safe_action) == 1:
+            safe_action = list(safe_action) * self.act_dim   # one value for every dimension
+        safe = np.zeros(self.act_dim, np.float32) if safe_action is None else \
+            _finite_vector(safe_action, self.act_dim)
         if safe is None:
             raise MonitorConfigError(
                 f'safe_action is {list(cfg.safe_action)!r}; it must hold {self.act_dim} finite '

@@ -197,10 +197,35 @@ def test_monitor_parameters_are_set_from_the_command_line(tmp_path, capfd):
     for args, message in ((['--monitor-set', 'hold=0'], "'hold' is not a monitor parameter"),
                           (['--monitor-set', 'min_hold=-1'], 'min_hold is -1'),
                           (['--monitor-set', 'min_hold=soon'], 'min_hold'),
-                          (['--monitor-set', 'seed=3'], "'seed' is not a monitor parameter")):
+                          (['--monitor-set', 'seed=3'], "'seed' is not a monitor parameter"),
+                          (['--monitor-set', 'budget=1'],
+                           "budget does not apply to monitor bundle 'fisor-ballcircle'"),
+                          (['--monitor-set', 'safe_action=[]'], 'safe_action is []'),
+                          (['--monitor-set', 'fallback_samples=1.5'], 'give an integer')):
         assert main([policy, '--shield', monitor, *args, '--episodes', '1',
                      '-o', str(tmp_path / 'x.json')]) == 2, args
         assert message in capfd.readouterr().err, args
     with pytest.raises(SystemExit):
         main([policy, '--monitor-set', 'min_hold=0', '-o', str(tmp_path / 'y.json')])
     assert 'give --shield' in capfd.readouterr().err
+
+
+def test_a_shielded_bundle_evaluation_needs_no_torch(tmp_path):
+    # bundles run on ONNX Runtime alone, with --monitor-set too (its parser imports no torch)
+    from pathlib import Path
+    import subprocess
+    import sys
+
+    models = Path(__file__).resolve().parents[1] / 'models'
+    code = ('import sys\n'
+            'from offline_training.evaluate import main\n'
+            f'code = main([{str(models / "bc_all-ballcircle")!r}, "--shield", '
+            f'{str(models / "fisor-ballcircle")!r}, "--monitor-set", "threshold_v=3", '
+            f'"--episodes", "1", "--no-progress", "-o", {str(tmp_path / "r.json")!r}])\n'
+            'assert code == 0, code\n'
+            'assert "torch" not in sys.modules, "torch was imported"\n')
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / 'r.json').read_text())['shield']['monitor_config'] == \
+        {'threshold_v': 3.0}

@@ -4,8 +4,8 @@ import json
 
 from offline_training.data.dataset import write_dataset
 from offline_training.data.synthetic import synthetic_dataset
-from offline_training.grid import (commands, Grid, GRIDS, Job, main, Method, run_grid,
-                                   write_tables)
+from offline_training.grid import (branch_source_missing, check_branches, commands, Grid,
+                                   GRIDS, Job, main, Method, run_grid, write_tables)
 import pytest
 import yaml
 
@@ -95,6 +95,40 @@ def test_the_commands_use_one_thread_and_name_no_machine_path():
     assert train[train.index('--out') + 1] == 'runs/core-hour/fisor-BallCircle-s0'
     assert str(results) == 'docs/results/core-hour/fisor-BallCircle-s0.json'
     assert evaluate[evaluate.index('--episodes') + 1] == '20'
+
+
+def test_a_branch_names_an_earlier_method_and_needs_its_kept_checkpoint(tmp_path):
+    from dataclasses import replace
+
+    from offline_training.algos import drcorl
+    from saferl_ros.errors import ConfigError
+
+    for grid in GRIDS.values():
+        check_branches(grid)
+    rollout = next(m for m in GRIDS['core-hour'].methods if m.tag == 'drcorl-rollout')
+    # the branch step is where the cpu preset's pretraining ends (the checkpoint kept there)
+    assert rollout.branch_of == ('drcorl', drcorl.milestones(drcorl.make_config('cpu'))[0])
+    with pytest.raises(ConfigError, match="'b' branches from 'a', which is not an earlier"):
+        check_branches(Grid('bad', (Method('b', 'drcorl', 3, branch_of=('a', 1)),
+                                    Method('a', 'drcorl', 3))))
+    with pytest.raises(ConfigError, match='with all of its seeds'):
+        check_branches(Grid('bad', (Method('a', 'drcorl', 3),
+                                    Method('b', 'drcorl', 3, seeds=(0, 1),
+                                           branch_of=('a', 1)))))
+    grid = replace(GRIDS['core-hour'], runs_dir=tmp_path / 'runs',
+                   results_dir=tmp_path / 'results')
+    job = Job(rollout, 'BallCircle', 0)
+    # a parent trained before checkpoints were kept (or elsewhere): one line saying what to do
+    problem = branch_source_missing(job, grid)
+    assert 'drcorl-BallCircle-s0 at step 160000' in problem and 'retrain it' in problem
+    kept = tmp_path / 'runs' / 'drcorl-BallCircle-s0' / 'checkpoints' / 'step_000160000.pt'
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b'a checkpoint')
+    assert branch_source_missing(job, grid) is None
+    kept.unlink()       # a branch begun earlier resumes from its own copy
+    (tmp_path / 'runs' / job.name).mkdir()
+    (tmp_path / 'runs' / job.name / 'checkpoint.pt').write_bytes(b'its own copy')
+    assert branch_source_missing(job, grid) is None
 
 
 def test_the_command_line_refuses_bad_options_in_one_line(capsys):

@@ -285,6 +285,8 @@ def test_a_deployment_stopped_by_ctrl_c_is_deployed_again_not_trusted(tmp_path, 
     ({'monitor_set': {'threshold': 3}}, "key 'monitor_set': 'threshold' is not a monitor "
                                         'parameter'),
     ({'monitor_set': {'min_hold': -1}}, "key 'monitor_set': min_hold is -1"),
+    ({'monitor_set': {'budget': 1}}, "key 'monitor_set': budget does not apply to monitor "
+                                     "bundle 'fisor-ballcircle'"),
     ({'start_bundle': 'models/nothing-here'}, "key 'start_bundle'"),
     ({'monitor_bundle': START}, "key 'monitor_bundle': models/bc_all-ballcircle (bc_all) "
                                 'has no critic'),
@@ -318,6 +320,9 @@ def test_a_config_that_is_no_mapping_or_no_file_is_refused(tmp_path):
 
 def test_set_overrides_are_validated_like_the_file(tmp_path):
     path = write_config(tmp_path / 'loop.yaml', base_config(tmp_path))
+    # values as the monitor reads them: YAML's string '1e9' becomes the number it means
+    config = loop_module.read_config(path, {'monitor_set': {'threshold_v': '1e9'}})
+    assert config.monitor_set == {'threshold_v': 1e9}
     code, output = run_main([path, '--set', 'eval_episodes=0'])
     assert code == 2 and "key 'eval_episodes' is 0; give at least 1" in output
     code, output = run_main([path, '--set', 'colour=blue'])

@@ -4,8 +4,8 @@ import math
 
 import numpy as np
 import pytest
-from saferl_ros.monitor import (FallbackChoice, MonitorConfig, MonitorConfigError, MonitorState,
-                                SafetyMonitor, state_names)
+from saferl_ros.monitor import (check_applies, FallbackChoice, monitor_config, MonitorConfig,
+                                MonitorConfigError, MonitorState, SafetyMonitor, state_names)
 
 
 class FakeBundle:
@@ -262,7 +262,7 @@ def test_bundle_without_critic_is_refused():
     ({'observation_timeout': 0}, 'observation_timeout'),
     ({'proposal_timeout': -1}, 'proposal_timeout'),
     ({'fallback': 'nothing'}, 'fallback'),
-    ({'safe_action': [0]}, 'safe_action'),
+    ({'safe_action': [0, 0, 0]}, 'safe_action'),
     ({'safe_action': [0.0, 1.5]}, 'safe_action'),
     ({'fallback_samples': 0}, 'fallback_samples'),
     ({'threshold_v': math.nan}, 'threshold_v'),
@@ -270,6 +270,21 @@ def test_bundle_without_critic_is_refused():
 def test_bad_config_names_the_parameter(cfg, name):
     with pytest.raises(MonitorConfigError, match=name):
         monitor(**cfg)
+
+
+def test_one_safe_action_value_stands_for_every_dimension():
+    # as the node's safe_action parameter: [-0.5] on a 2-D action is [-0.5, -0.5]
+    m = monitor(fallback='safe_action', safe_action=[-0.5])
+    np.testing.assert_allclose(m.safe_action, [-0.5, -0.5])
+    assert monitor_config({'safe_action': '-0.5'}).safe_action == [-0.5]
+
+
+def test_parameters_the_critic_never_reads_are_refused():
+    with pytest.raises(MonitorConfigError, match='budget does not apply'):
+        monitor(budget=0.5)                      # a feasibility critic
+    with pytest.raises(MonitorConfigError, match='threshold_v does not apply'):
+        monitor('cost', threshold_v=1.0)
+    check_applies({'budget': None, 'threshold_v': 2.0}, 'feasibility')   # unset is fine
 
 
 def test_counters_and_state_codes():

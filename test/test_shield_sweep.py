@@ -5,6 +5,7 @@ from pathlib import Path
 
 from offline_training.shield_sweep import main, monitor_overrides, suggestion
 import pytest
+from saferl_ros.errors import ConfigError
 
 MODELS = Path(__file__).resolve().parents[1] / 'models'
 
@@ -40,4 +41,7 @@ def test_suggestion_is_the_smallest_threshold_safe_and_rewarding_on_every_seed()
     assert suggestion([row(2.0, 0, 0.0, 1.0, None)], 0.8) is None
     assert suggestion(rows, 0.95) is None
     assert monitor_overrides('cost_ucb', 2.0) == {'budget': 2.0}
+    assert monitor_overrides('cost', 2.0) == {'budget': 2.0}       # BCQ-Lag's cost critic
+    with pytest.raises(ConfigError, match="critic kind 'none'"):
+        monitor_overrides('none', 2.0)
     assert monitor_overrides('feasibility', 2.0) == {'threshold_v': 2.0, 'threshold_q': 2.0}

@@ -35,13 +35,17 @@ def estimates(model, config, obs) -> dict:
     """Return C_hat over ``obs`` with the UCB (mean + k std) and with the ensemble mean alone."""
     import torch
 
-    scale = (1.0 - config.gamma) * config.episode_len / config.cost_limit
+    from offline_training.algos.drcorl import normalized_cost_estimate
+
+    def c_hat(q):        # the estimate training computes (DRCORL's own function)
+        return float(normalized_cost_estimate(q, config.gamma, config.episode_len,
+                                              config.cost_limit))
     with torch.no_grad():
         obs_t = torch.as_tensor(np.asarray(obs, dtype=np.float32))
-        mean, std = model.cost_mean_std(obs_t, model.act(obs_t))
-    ucb = float((mean + config.ucb_k * std).mean())
-    return {'states': int(len(obs)), 'c_hat_ucb': ucb * scale,
-            'c_hat_mean': float(mean.mean()) * scale, 'q_c_std': float(std.mean())}
+        act = model.act(obs_t)
+        mean, std = model.cost_mean_std(obs_t, act)
+        return {'states': int(len(obs)), 'c_hat_ucb': c_hat(model.cost_ucb(obs_t, act)),
+                'c_hat_mean': c_hat(mean), 'q_c_std': float(std.mean())}
 
 
 def main(argv=None) -> int:

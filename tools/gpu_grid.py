@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from offline_training.grid import GRIDS, Job, repo_relative  # noqa: E402
-from offline_training.train import parse_override  # noqa: E402
+from offline_training.overrides import parse_override  # noqa: E402
 
 
 def log(message: str) -> None:

@@ -110,6 +110,16 @@ class Algorithm(Protocol):
         """Return the graphs the bundle holds and the manifest's critic section."""
 
 
+# Optional module-level hooks, found with getattr by the code named (absent = the default):
+#   reads_costs(config) -> bool          False: trains without cost labels (train.py, below)
+#   REQUIRES_GENERATED = True            trains only on a generated dataset (OASIS; train.py)
+#   milestones(config) -> steps          checkpoints kept as RUN/checkpoints/step_<N>.pt at these
+#                                        steps, e.g. DRCORL's end of pretraining (train.py)
+#   resume_may_change(config, step)      config fields a run resumed or branched (--init-from)
+#     -> set of names                    at ``step`` may change (runs.check_resume)
+# and on the trainer: close()            release workers (e.g. a simulator) when training ends.
+
+
 def reads_costs(module: ModuleType, config) -> bool:
     """
     Return whether training ``module`` with ``config`` reads the dataset's cost labels.

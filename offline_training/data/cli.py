@@ -229,7 +229,7 @@ def _load_source(item, task):
 
 def _generator_config(args, spec):
     from offline_training.algos import oasis
-    from offline_training.train import parse_override
+    from offline_training.overrides import parse_override
 
     overrides = dict(parse_override(text) for text in args.overrides)
     overrides['kappa'] = args.kappa
