@@ -61,6 +61,14 @@ def untrained_bundle(algorithm: str, out_dir: Path, task: str = 'BallCircle') ->
                             out_dir / f'{algorithm}-paper-untrained', spec.name))
 
 
+def pass_through(bundle_dir: str) -> dict:
+    """Return the monitor parameters that let every proposal of this bundle's critic pass."""
+    from saferl_ros.bundle import load_bundle
+    from saferl_ros.monitor import boundary_at
+
+    return boundary_at(load_bundle(bundle_dir, verify_golden=False).critic_kind, 1e9)
+
+
 def shown(path: str) -> str:
     """Return a path as the results show it: relative to the repository, else its last part."""
     try:
@@ -210,7 +218,7 @@ def measure(config: dict, bundle: str, observations: np.ndarray, args, tmp: Path
     monitor_params = {'bundle': bundle, 'observation_timeout': 1.0, 'proposal_timeout': 1.0,
                       'watchdog': False, 'precompute_fallback': config['precompute']}
     if args.pass_through:
-        monitor_params.update(threshold_v=1e9, threshold_q=1e9)
+        monitor_params.update(pass_through(bundle))
     if config['composed']:
         procs = [start_composed(bundle, monitor_params, tmp / f'composed-{tag}.log',
                                 executor_kind, tmp)]
@@ -395,8 +403,8 @@ def measure_onebox(config: dict, bundle: str, args, tmp: Path) -> dict:
                       f'{node_graph.MONITOR}.precompute_fallback='
                       f'{str(config["precompute"]).lower()}']
         if args.pass_through:
-            overrides += [f'{node_graph.MONITOR}.threshold_v=1e9',
-                          f'{node_graph.MONITOR}.threshold_q=1e9']
+            overrides += [f'{node_graph.MONITOR}.{name}={value}'
+                          for name, value in pass_through(bundle).items()]
         spec = tmp / f'onebox-{tag}.json'
         out = tmp / f'onebox-{tag}.out.json'
         spec.write_text(json.dumps({

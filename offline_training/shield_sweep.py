@@ -21,21 +21,11 @@ import argparse
 import json
 from pathlib import Path
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 from offline_training.evaluate import evaluate
-from saferl_ros.errors import ConfigError, reports_user_errors
-
-
-def monitor_overrides(critic_kind: str, threshold: float) -> Dict[str, float]:
-    """Return the monitor parameters that put its boundary at ``threshold`` for this critic."""
-    if critic_kind in ('cost', 'cost_ucb'):          # Q_c (or its UCB) <= budget
-        return {'budget': float(threshold)}
-    if critic_kind == 'feasibility':                 # V_h <= t and Q_h <= t
-        return {'threshold_v': float(threshold), 'threshold_q': float(threshold)}
-    raise ConfigError(f'the monitor bundle has critic kind {critic_kind!r}; the sweep moves '
-                      "the boundary of a 'feasibility', 'cost' or 'cost_ucb' critic")
+from saferl_ros.errors import reports_user_errors
 
 
 def summary_row(results: dict, kappa: float) -> dict:
@@ -52,7 +42,7 @@ def sweep(policy, monitor, thresholds: Sequence[float], seeds: Sequence[int], ep
           kappa: float, progress: bool = True) -> List[dict]:
     """Return one row per (threshold, seed), threshold None being the policy alone."""
     from saferl_ros.bundle import load_bundle
-    from saferl_ros.monitor import monitor_config
+    from saferl_ros.monitor import boundary_at, monitor_config
 
     kind = load_bundle(monitor).critic_kind
     kappas = sorted({float(kappa), 10.0, 5.0})
@@ -62,7 +52,7 @@ def sweep(policy, monitor, thresholds: Sequence[float], seeds: Sequence[int], ep
         rows.append({'threshold': None, 'seed': int(seed), **alone,
                      'reward_kept': 1.0 if alone['reward'] > 0 else None})
         for threshold in thresholds:
-            config = monitor_config(monitor_overrides(kind, threshold))
+            config = monitor_config(boundary_at(kind, threshold))
             results = evaluate([policy], episodes, [seed], kappas, progress=progress,
                                shield=monitor, shield_config=config)
             row = summary_row(results, kappa)

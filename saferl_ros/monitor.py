@@ -170,6 +170,21 @@ def monitor_config(overrides: Dict[str, object]) -> MonitorConfig:
     return config
 
 
+def boundary_at(critic_kind: str, value: float) -> Dict[str, float]:
+    """
+    Return the monitor parameters that put the boundary of a ``critic_kind`` critic at ``value``.
+
+    Feasibility: V_h <= value and Q_h <= value; a cost critic (or its UCB): Q_c <= value. A huge
+    value lets every proposal pass (a latency benchmark's pass-through).
+    """
+    if critic_kind in ('cost', 'cost_ucb'):
+        return {'budget': float(value)}
+    if critic_kind == 'feasibility':
+        return {'threshold_v': float(value), 'threshold_q': float(value)}
+    raise MonitorConfigError(f'critic kind {critic_kind!r} has no boundary to move; the monitor '
+                             f'judges with {sorted(CRITIC_RULES)}')
+
+
 def check_applies(overrides: Dict[str, object], critic_kind: str, bundle_name: str = '?'):
     """
     Refuse monitor parameters the bundle's critic never reads (MonitorConfigError).

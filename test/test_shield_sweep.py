@@ -3,9 +3,9 @@
 import json
 from pathlib import Path
 
-from offline_training.shield_sweep import main, monitor_overrides, suggestion
+from offline_training.shield_sweep import main, suggestion
 import pytest
-from saferl_ros.errors import ConfigError
+from saferl_ros.monitor import boundary_at, MonitorConfigError
 
 MODELS = Path(__file__).resolve().parents[1] / 'models'
 
@@ -40,8 +40,9 @@ def test_suggestion_is_the_smallest_threshold_safe_and_rewarding_on_every_seed()
     # a policy that earns nothing alone has no reward share to keep: never suggested
     assert suggestion([row(2.0, 0, 0.0, 1.0, None)], 0.8) is None
     assert suggestion(rows, 0.95) is None
-    assert monitor_overrides('cost_ucb', 2.0) == {'budget': 2.0}
-    assert monitor_overrides('cost', 2.0) == {'budget': 2.0}       # BCQ-Lag's cost critic
-    with pytest.raises(ConfigError, match="critic kind 'none'"):
-        monitor_overrides('none', 2.0)
-    assert monitor_overrides('feasibility', 2.0) == {'threshold_v': 2.0, 'threshold_q': 2.0}
+    # where each critic kind's boundary is moved
+    assert boundary_at('cost_ucb', 2.0) == {'budget': 2.0}
+    assert boundary_at('cost', 2.0) == {'budget': 2.0}       # BCQ-Lag's cost critic
+    with pytest.raises(MonitorConfigError, match="critic kind 'none'"):
+        boundary_at('none', 2.0)
+    assert boundary_at('feasibility', 2.0) == {'threshold_v': 2.0, 'threshold_q': 2.0}
