@@ -80,8 +80,34 @@ def iterations(out: Path, state: dict) -> List[dict]:
             row[stage] = stages.get(f'iter-{k}/{stage}')
         row['episodes'] = (recorded_episodes(out / row['deploy']['recordings'])
                            if row['deploy'] else None)
+        row['spread'] = evaluation_spread(out, row['evaluate'])
         rows.append(row)
     return rows
+
+
+def evaluation_spread(out: Path, evaluation: Optional[dict]) -> Optional[dict]:
+    """
+    Return the standard errors of an evaluation's means, from its results file.
+
+    {'reward': SE, 'cost_k5': SE, 'cost_k10': SE, 'episodes': n}, SE = std / sqrt(n) over the
+    evaluation episodes; None when there is no readable results file (the report then shows
+    the means alone).
+    """
+    import json
+
+    if not evaluation or 'results' not in evaluation:
+        return None
+    try:
+        summary = json.loads((out / evaluation['results']).read_text())['summary']
+        normalized = {float(k): v for k, v in summary['normalized'].items()}
+        n = int(summary['episodes'])
+        spread = {'episodes': n,
+                  'reward': normalized[5.0]['reward']['std'] / np.sqrt(max(n, 1))}
+        for kappa in KAPPAS:
+            spread[f'cost_k{kappa}'] = normalized[float(kappa)]['cost']['std'] / np.sqrt(max(n, 1))
+        return spread
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def markdown(out: Path, state: dict, rows: List[dict]) -> str:
@@ -138,7 +164,8 @@ def markdown(out: Path, state: dict, rows: List[dict]) -> str:
     lines += ['', '## Evaluation (saferl-eval)', '',
               f'Each iteration\'s trained run{shield}, {_count(config.get("eval_episodes"))} '
               f'of the full horizon, seed {config.get("seed")}: DSRL-normalised reward and '
-              'cost (mean over the episodes; safe means C_norm <= 1).', '',
+              'cost (mean ± its standard error, std / sqrt(episodes); safe means C_norm <= '
+              '1).', '',
               '| iteration | R_norm | C_norm κ=5 | C_norm κ=10 | exported bundle |',
               '|---:|---:|---:|---:|---|']
     for row in rows:
@@ -146,8 +173,14 @@ def markdown(out: Path, state: dict, rows: List[dict]) -> str:
         if not evaluation:
             lines.append(f'| {row["iteration"]} | not yet | | | |')
             continue
-        lines.append(f'| {row["iteration"]} | {evaluation["reward_norm_k5"]:.3f} | '
-                     f'{evaluation["cost_norm_k5"]:.2f} | {evaluation["cost_norm_k10"]:.2f} | '
+        spread = row.get('spread')
+
+        def cell(value, key, digits):
+            error = f' ± {spread[key]:.{digits}f}' if spread else ''
+            return f'{value:.{digits}f}{error}'
+        lines.append(f'| {row["iteration"]} | {cell(evaluation["reward_norm_k5"], "reward", 3)} '
+                     f'| {cell(evaluation["cost_norm_k5"], "cost_k5", 2)} | '
+                     f'{cell(evaluation["cost_norm_k10"], "cost_k10", 2)} | '
                      f'{export.get("bundle", "not yet")} |')
     lines += ['', '## Stages', '', '| iteration | ' + ' | '.join(
         ('deploy', 'merge', 'train', 'evaluate', 'export')) + ' |', '|---:' + '|---:' * 5 + '|']
@@ -192,16 +225,19 @@ def plot(rows: List[dict], path: Path, title: str) -> None:
     evaluated = [r for r in rows if r['evaluate']]
     if evaluated:
         its = [r['iteration'] for r in evaluated]
-        r_norm_ax.plot(its, [r['evaluate']['reward_norm_k5'] for r in evaluated], 'o-',
-                       color='tab:green')
+        def errors(key):        # standard errors where the results file gave them
+            return [r['spread'][key] if r.get('spread') else 0.0 for r in evaluated]
+        r_norm_ax.errorbar(its, [r['evaluate']['reward_norm_k5'] for r in evaluated],
+                           yerr=errors('reward'), fmt='o-', color='tab:green', capsize=3)
         for kappa, style in zip(KAPPAS, ('s--', '^:')):
-            c_norm_ax.plot(its, [r['evaluate'][f'cost_norm_k{kappa}'] for r in evaluated],
-                           style, color='tab:red', label=f'κ = {kappa}')
+            c_norm_ax.errorbar(its, [r['evaluate'][f'cost_norm_k{kappa}'] for r in evaluated],
+                               yerr=errors(f'cost_k{kappa}'), fmt=style, color='tab:red',
+                               capsize=3, label=f'κ = {kappa}')
         c_norm_ax.axhline(1.0, color='grey', linewidth=0.8, linestyle='--',
                           label='safe below 1')
         c_norm_ax.legend(loc='best', fontsize=8)
-    r_norm_ax.set_title('evaluation: normalised reward')
-    c_norm_ax.set_title('evaluation: normalised cost')
+    r_norm_ax.set_title('evaluation: normalised reward (± s.e.)')
+    c_norm_ax.set_title('evaluation: normalised cost (± s.e.)')
     merged = [r for r in rows if r['merge']]
     if merged:
         data_ax.plot([r['iteration'] for r in merged], [r['merge']['transitions'] for r in merged],

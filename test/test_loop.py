@@ -199,8 +199,14 @@ def test_the_report_shows_deployments_interventions_and_evaluations(loop_runs):
         steps, replaced = sum(e['steps'] for e in episodes), sum(e['replaced'] for e in episodes)
         assert f'{100 * replaced / steps:.1f} % ({replaced} of {steps})' in report
         evaluation = loop_runs['state']['stages'][f'iter-{k}/evaluate']
-        assert f'| {k} | {evaluation["reward_norm_k5"]:.3f} | ' \
-               f'{evaluation["cost_norm_k5"]:.2f} | {evaluation["cost_norm_k10"]:.2f} |' in report
+        # each mean with its standard error over the evaluation episodes (std / sqrt(n))
+        summary = json.loads((out / evaluation['results']).read_text())['summary']
+        norm, n = summary['normalized'], summary['episodes']
+        se = {key: norm[kappa][part]['std'] / n ** 0.5 for key, kappa, part in (
+            ('r', '5', 'reward'), ('c5', '5', 'cost'), ('c10', '10', 'cost'))}
+        assert f'| {k} | {evaluation["reward_norm_k5"]:.3f} ± {se["r"]:.3f} | ' \
+               f'{evaluation["cost_norm_k5"]:.2f} ± {se["c5"]:.2f} | ' \
+               f'{evaluation["cost_norm_k10"]:.2f} ± {se["c10"]:.2f} |' in report
     assert f'| 0 | `{START}` | 2 | 40 |' in report
     assert '| 1 | `iter-0/bundle` | 2 | 40 |' in report
 
