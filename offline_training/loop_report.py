@@ -225,6 +225,7 @@ def plot(rows: List[dict], path: Path, title: str) -> None:
     evaluated = [r for r in rows if r['evaluate']]
     if evaluated:
         its = [r['iteration'] for r in evaluated]
+
         def errors(key):        # standard errors where the results file gave them
             return [r['spread'][key] if r.get('spread') else 0.0 for r in evaluated]
         r_norm_ax.errorbar(its, [r['evaluate']['reward_norm_k5'] for r in evaluated],
