@@ -31,7 +31,7 @@ decisions come out in a lock-step simulation, on a robot and in the unit tests.
 from dataclasses import dataclass, field, fields
 from enum import IntEnum
 import math
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from saferl_ros.errors import ConfigError
@@ -177,12 +177,10 @@ def boundary_at(critic_kind: str, value: float) -> Dict[str, float]:
     Feasibility: V_h <= value and Q_h <= value; a cost critic (or its UCB): Q_c <= value. A huge
     value lets every proposal pass (a latency benchmark's pass-through).
     """
-    if critic_kind in ('cost', 'cost_ucb'):
-        return {'budget': float(value)}
-    if critic_kind == 'feasibility':
-        return {'threshold_v': float(value), 'threshold_q': float(value)}
-    raise MonitorConfigError(f'critic kind {critic_kind!r} has no boundary to move; the monitor '
-                             f'judges with {sorted(CRITIC_RULES)}')
+    if critic_kind not in CRITIC_RULES:
+        raise MonitorConfigError(f'critic kind {critic_kind!r} has no boundary to move; the '
+                                 f'monitor judges with {sorted(CRITIC_RULES)}')
+    return {name: float(value) for name in CRITIC_RULES[critic_kind].parameters}
 
 
 def check_applies(overrides: Dict[str, object], critic_kind: str, bundle_name: str = '?'):
@@ -192,14 +190,15 @@ def check_applies(overrides: Dict[str, object], critic_kind: str, bundle_name: s
     A feasibility critic is judged by threshold_v and threshold_q, a cost critic by budget: a
     threshold given to the other kind would change nothing while looking like it did.
     """
-    ignored = {'feasibility': ('budget',), 'cost': ('threshold_v', 'threshold_q'),
-               'cost_ucb': ('threshold_v', 'threshold_q')}.get(critic_kind, ())
-    for name in ignored:
-        if overrides.get(name) is not None:
-            used = 'budget' if critic_kind.startswith('cost') else 'threshold_v and threshold_q'
-            raise MonitorConfigError(
-                f'{name} does not apply to monitor bundle {bundle_name!r}: its {critic_kind} '
-                f'critic is judged by {used}; set that instead')
+    if critic_kind not in CRITIC_RULES:
+        return      # no critic: the monitor refuses the bundle itself, with its own message
+    used = CRITIC_RULES[critic_kind].parameters
+    for rule in CRITIC_RULES.values():
+        for name in rule.parameters:
+            if name not in used and overrides.get(name) is not None:
+                raise MonitorConfigError(
+                    f'{name} does not apply to monitor bundle {bundle_name!r}: its '
+                    f'{critic_kind} critic is judged by {" and ".join(used)}; set that instead')
 
 
 @dataclass
@@ -273,6 +272,7 @@ class CriticRule:
 
     kind = ''
     risk_key = ''
+    parameters: Tuple[str, ...] = ()   # the MonitorConfig fields that place its boundary
 
     def values(self, outputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         """Return the values judged (Verdict's v_h, q_h, q_c) from the critic's outputs."""
@@ -314,6 +314,7 @@ class FeasibilityRule(CriticRule):
 
     kind = 'feasibility'
     risk_key = 'q_h'
+    parameters = ('threshold_v', 'threshold_q')
 
     def __init__(self, critic: Dict, config: MonitorConfig):
         self.threshold_v = _threshold(config.threshold_v, critic, 'threshold_v')
@@ -345,6 +346,7 @@ class CostRule(CriticRule):
 
     kind = 'cost'
     risk_key = 'q_c'
+    parameters = ('budget',)
 
     def __init__(self, critic: Dict, config: MonitorConfig):
         self.budget = _threshold(config.budget, critic, 'budget')
