@@ -52,6 +52,7 @@ from typing import Callable, Dict, Optional
 
 from offline_training.algos import ALGORITHMS, get_algorithm
 from offline_training.overrides import parse_override
+from offline_training.results import kappa_entry
 from saferl_ros import graph
 from saferl_ros.errors import (
     ConfigError, MissingFileError, read_yaml_mapping, reports_user_errors, UserError)
@@ -647,14 +648,6 @@ class Loop:
                             '--name', name]), f'iter-{k} export', 'saferl-export')
         return {'bundle': f'iter-{k}/{BUNDLE}', 'name': name,
                 'manifest_sha256': sha256_file(folder / BUNDLE / 'manifest.yaml')}
-
-
-def kappa_entry(normalized: dict, kappa: float) -> dict:
-    """Return the entry of ``kappa`` in a results summary's 'normalized' (keys '5' or '5.0')."""
-    for key, value in normalized.items():
-        if float(key) == float(kappa):
-            return value
-    raise KeyError(f'no kappa {kappa} in the results; evaluated at {sorted(normalized)}')
 
 
 def _check(code: int, stage: str, command: str) -> None:

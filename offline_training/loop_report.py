@@ -11,11 +11,13 @@ RECOVERY without ``replaced``. Evaluation figures come from each iteration's saf
 (atomically), so they show the loop as far as it has run.
 """
 
+import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import h5py
 import numpy as np
+from offline_training.results import kappa_entry
 from saferl_ros.files import atomic_path, atomic_write_text
 from saferl_ros.monitor import FALLBACK_STATES, MonitorState
 from saferl_ros.recorder import read_index
@@ -93,18 +95,17 @@ def evaluation_spread(out: Path, evaluation: Optional[dict]) -> Optional[dict]:
     evaluation episodes; None when there is no readable results file (the report then shows
     the means alone).
     """
-    import json
-
     if not evaluation or 'results' not in evaluation:
         return None
     try:
         summary = json.loads((out / evaluation['results']).read_text())['summary']
-        normalized = {float(k): v for k, v in summary['normalized'].items()}
         n = int(summary['episodes'])
-        spread = {'episodes': n,
-                  'reward': normalized[5.0]['reward']['std'] / np.sqrt(max(n, 1))}
+        root_n = np.sqrt(max(n, 1))
+        spread = {'episodes': n, 'reward': kappa_entry(summary['normalized'], KAPPAS[0])
+                  ['reward']['std'] / root_n}
         for kappa in KAPPAS:
-            spread[f'cost_k{kappa}'] = normalized[float(kappa)]['cost']['std'] / np.sqrt(max(n, 1))
+            spread[f'cost_k{kappa}'] = kappa_entry(summary['normalized'], kappa)['cost']['std'] \
+                / root_n
         return spread
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -79,6 +79,14 @@ def summarize(task, episodes: List[dict], kappas: Sequence[float] = KAPPAS) -> d
 
 # --------------------------------------------------------------------------- tables
 
+def kappa_entry(normalized: dict, kappa: float) -> dict:
+    """Return the entry of ``kappa`` in a results summary's 'normalized' (keys '5' or '5.0')."""
+    for key, value in normalized.items():
+        if float(key) == float(kappa):
+            return value
+    raise KeyError(f'no kappa {kappa} in the results; evaluated at {sorted(normalized)}')
+
+
 def result_label(result: dict) -> str:
     """
     Return the table column of one results file.

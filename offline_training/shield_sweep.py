@@ -25,13 +25,13 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 from offline_training.evaluate import evaluate
+from offline_training.results import kappa_entry
 from saferl_ros.errors import reports_user_errors
 
 
 def summary_row(results: dict, kappa: float) -> dict:
     """Return the figures of one evaluation at ``kappa``: reward, cost, safe share, replaced."""
-    # keys are the kappas (floats in memory, strings once written as JSON)
-    norm = next(v for k, v in results['summary']['normalized'].items() if float(k) == kappa)
+    norm = kappa_entry(results['summary']['normalized'], kappa)
     shield = results.get('shield', {})
     return {'reward': norm['reward']['mean'], 'reward_std': norm['reward']['std'],
             'cost': norm['cost']['mean'], 'safe_fraction': norm['safe_fraction'],
