@@ -9,7 +9,8 @@ from offline_training.algos.batching import ReplayBuffer
 from offline_training.algos.critics import expectile_loss
 from offline_training.algos.diffusion import ddpm_sample, DiffusionSchedule, vp_beta_schedule
 from offline_training.algos.fisor import cosine_decay, reversed_expectile_loss
-from offline_training.algos.networks import QEnsemble, soft_update
+from offline_training.algos.infrastructure import adam
+from offline_training.algos.networks import Mish, mish, QEnsemble, soft_update
 from offline_training.algos.protocol import PRESET_NAMES, protocol_problems, Trainer
 from offline_training.data.synthetic import synthetic_dataset
 import pytest
@@ -54,6 +55,60 @@ def test_soft_update_and_cosine_decay():
     assert cosine_decay(50, 100) == pytest.approx(0.5)
     assert cosine_decay(100, 100) == pytest.approx(0.0)
     assert cosine_decay(250, 100) == pytest.approx(0.0)
+
+
+def test_mish_matches_its_definition_and_derivative():
+    # Values and slopes against x tanh(softplus(x)) in float64, over the whole range the networks
+    # see and beyond (large |x|: the sigmoid saturates, no NaN, the right limits).
+    x = torch.linspace(-60.0, 60.0, 24001, dtype=torch.float64)
+    exact = x * torch.tanh(torch.nn.functional.softplus(x))
+    assert torch.allclose(mish(x), exact, rtol=1e-12, atol=1e-12)
+    x32 = x.float()
+    assert (mish(x32).double() - exact).abs().max() < 2e-6
+    assert torch.isfinite(mish(x32)).all() and mish(t([-100.0])).abs().item() < 1e-30
+    assert mish(t([100.0])).item() == 100.0
+    sample = torch.randn(64, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(mish, (sample,))
+    # The derivative against autograd through the textbook formula.
+    y = torch.linspace(-30, 30, 601, dtype=torch.float64, requires_grad=True)
+    (slope,) = torch.autograd.grad(mish(y).sum(), y)
+    y2 = y.detach().clone().requires_grad_(True)
+    (reference,) = torch.autograd.grad((y2 * torch.tanh(torch.nn.functional.softplus(y2))).sum(),
+                                       y2)
+    assert torch.allclose(slope, reference, rtol=1e-10, atol=1e-12)
+    assert torch.equal(Mish()(y.detach()), mish(y.detach()))
+
+
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')
+def test_mish_is_torch_mish_while_exporting():
+    # Export traces aten::mish (export.py maps it to ONNX operators); the sigmoid form would be
+    # an opaque Python function in the traced graph.
+    traced = torch.jit.trace(Mish(), (torch.randn(4),))
+    assert 'aten::mish' in str(traced.graph)
+
+
+def test_adam_uses_the_fused_kernel_where_it_exists():
+    float_net = torch.nn.Linear(3, 2)
+    assert adam(float_net.parameters(), lr=1e-3).defaults['fused'] is True
+    decayed = adam(float_net.parameters(), lr=1e-3, weight_decay=0.01)
+    assert isinstance(decayed, torch.optim.AdamW) and decayed.defaults['weight_decay'] == 0.01
+    # float64 has no fused kernel: torch's default implementation, not an error.
+    double_net = torch.nn.Linear(3, 2).double()
+    assert not adam(double_net.parameters(), lr=1e-3).defaults['fused']
+    # One step equals torch's reference (per-tensor loop) implementation.
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(5, 4), torch.nn.Linear(5, 4)
+    b.load_state_dict(a.state_dict())
+    fused = adam(a.parameters(), lr=1e-2)
+    loop = torch.optim.Adam(b.parameters(), lr=1e-2, foreach=False)
+    data = torch.randn(8, 5)
+    for opt, net in ((fused, a), (loop, b)):
+        for _ in range(3):
+            opt.zero_grad()
+            net(data).pow(2).sum().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
 
 
 def test_q_ensemble_heads_are_independent_networks():

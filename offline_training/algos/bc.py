@@ -11,7 +11,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 from offline_training.algos.batching import clip_actions, ReplayBuffer
-from offline_training.algos.infrastructure import config_from_preset
+from offline_training.algos.infrastructure import adam, config_from_preset
 from offline_training.algos.networks import mlp
 from offline_training.algos.protocol import batch_shape, ExportPlan, GraphSpec
 from offline_training.data.trajectories import trajectory_returns
@@ -126,7 +126,7 @@ class BCTrainer:
 
     def __init__(self, model: BCModel, config: BCConfig):
         self.model, self.config = model, config
-        self.opt = torch.optim.Adam(model.actor.parameters(), lr=config.actor_lr)
+        self.opt = adam(model.actor.parameters(), lr=config.actor_lr)
 
     def update(self, buffer: ReplayBuffer) -> Dict[str, torch.Tensor]:
         """One gradient step on a batch."""

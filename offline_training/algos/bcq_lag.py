@@ -21,7 +21,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 from offline_training.algos.batching import clip_actions, ReplayBuffer
-from offline_training.algos.infrastructure import config_from_preset, set_seed
+from offline_training.algos.infrastructure import adam, config_from_preset, set_seed
 from offline_training.algos.networks import mlp, QEnsemble, soft_update
 from offline_training.algos.protocol import batch_shape, ExportedMethod, ExportPlan, GraphSpec
 import torch
@@ -290,11 +290,10 @@ class BCQLagTrainer:
 
     def __init__(self, model: BCQLagModel, config: BCQLagConfig):
         self.model, self.config = model, config
-        self.vae_opt = torch.optim.Adam(model.vae.parameters(), lr=config.vae_lr)
-        self.critic_opt = torch.optim.Adam(model.critic.parameters(), lr=config.critic_lr)
-        self.cost_critic_opt = torch.optim.Adam(model.cost_critic.parameters(),
-                                                lr=config.critic_lr)
-        self.actor_opt = torch.optim.Adam(model.actor.parameters(), lr=config.actor_lr)
+        self.vae_opt = adam(model.vae.parameters(), lr=config.vae_lr)
+        self.critic_opt = adam(model.critic.parameters(), lr=config.critic_lr)
+        self.cost_critic_opt = adam(model.cost_critic.parameters(), lr=config.critic_lr)
+        self.actor_opt = adam(model.actor.parameters(), lr=config.actor_lr)
         self.pid = PIDLagrangian(*config.pid, threshold=config.qc_threshold)
 
     @staticmethod

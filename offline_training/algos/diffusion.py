@@ -10,10 +10,9 @@ predictor of FISOR's policy and of DRCORL's behaviour model.
 import math
 from typing import Callable, Sequence
 
-from offline_training.algos.networks import init_linear, mlp
+from offline_training.algos.networks import init_linear, Mish, mish, mlp
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 
 def vp_beta_schedule(timesteps: int, b_min: float = 0.1, b_max: float = 10.0) -> torch.Tensor:
@@ -121,7 +120,7 @@ class MLPResNetBlock(nn.Module):
         self.fc2 = init_linear(nn.Linear(4 * hidden, hidden), 'lecun_normal')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc2(F.mish(self.fc1(self.norm(self.dropout(x)))))
+        y = self.fc2(mish(self.fc1(self.norm(self.dropout(x)))))
         return x + y
 
 
@@ -140,7 +139,7 @@ class MLPResNet(nn.Module):
         x = self.inp(x)
         for block in self.blocks:
             x = block(x)
-        return self.out(F.mish(x))
+        return self.out(mish(x))
 
 
 class EpsilonNet(nn.Module):
@@ -158,7 +157,7 @@ class EpsilonNet(nn.Module):
                  cond_hidden: Sequence[int] = (128, 128), time_scale: float = 0.2):
         super().__init__()
         self.time_features = FourierFeatures(time_dim, std=time_scale)
-        self.cond = mlp([time_dim, *cond_hidden], nn.Mish, init='xavier_uniform')
+        self.cond = mlp([time_dim, *cond_hidden], Mish, init='xavier_uniform')
         self.body = MLPResNet(act_dim + obs_dim + cond_hidden[-1], act_dim, hidden, num_blocks,
                               dropout)
 

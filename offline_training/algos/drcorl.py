@@ -34,7 +34,7 @@ import numpy as np
 from offline_training.algos.batching import clip_actions, ReplayBuffer
 from offline_training.algos.critics import reward_target, reward_value_loss
 from offline_training.algos.diffusion import EpsilonNet
-from offline_training.algos.infrastructure import config_from_preset
+from offline_training.algos.infrastructure import adam, config_from_preset
 from offline_training.algos.networks import mlp, QEnsemble, soft_update, ValueNet
 from offline_training.algos.protocol import batch_shape, ExportedMethod, ExportPlan, GraphSpec
 from saferl_ros.errors import ConfigError
@@ -476,12 +476,12 @@ class DrcorlTrainer:
         self.model, self.config = model, config
         # train() may change steps after the config was made (--steps): check again here.
         config.check_stages()
-        self.behavior_opt = torch.optim.AdamW(model.behavior.parameters(), lr=config.behavior_lr,
-                                              weight_decay=config.behavior_weight_decay)
-        self.q_r_opt = torch.optim.Adam(model.q_r.parameters(), lr=config.critic_lr)
-        self.v_r_opt = torch.optim.Adam(model.v_r.parameters(), lr=config.critic_lr)
-        self.q_c_opt = torch.optim.Adam(model.q_c.parameters(), lr=config.critic_lr)
-        self.policy_opt = torch.optim.Adam(model.policy.parameters(), lr=config.policy_lr)
+        self.behavior_opt = adam(model.behavior.parameters(), lr=config.behavior_lr,
+                                 weight_decay=config.behavior_weight_decay)
+        self.q_r_opt = adam(model.q_r.parameters(), lr=config.critic_lr)
+        self.v_r_opt = adam(model.v_r.parameters(), lr=config.critic_lr)
+        self.q_c_opt = adam(model.q_c.parameters(), lr=config.critic_lr)
+        self.policy_opt = adam(model.policy.parameters(), lr=config.policy_lr)
         self.iteration = 0
         self._env = None            # the 'rollout' estimate's simulator, made on first use
 

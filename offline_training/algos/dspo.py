@@ -34,7 +34,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 from offline_training.algos import bc
 from offline_training.algos.batching import clip_actions, ReplayBuffer
-from offline_training.algos.infrastructure import config_from_preset
+from offline_training.algos.infrastructure import adam, config_from_preset
 from offline_training.algos.networks import mlp
 from offline_training.algos.protocol import ExportPlan
 from offline_training.algos.trajectory_diffusion import (TrajectoryDiffusion,
@@ -536,12 +536,11 @@ class DspoTrainer:
     def __init__(self, model: DspoModel, config: DspoConfig):
         self.model, self.config = model, config
         config.check_stages()
-        self.disc_opt = torch.optim.AdamW(model.discriminator.parameters(), lr=config.disc_lr,
-                                          weight_decay=config.disc_weight_decay)
-        self.q_opt = torch.optim.Adam(model.q.parameters(), lr=config.q_lr)
-        self.diffusion_opt = torch.optim.Adam(model.diffusion.parameters(),
-                                              lr=config.diffusion_lr)
-        self.bc_opt = torch.optim.Adam(model.policy.parameters(), lr=config.bc_lr)
+        self.disc_opt = adam(model.discriminator.parameters(), lr=config.disc_lr,
+                             weight_decay=config.disc_weight_decay)
+        self.q_opt = adam(model.q.parameters(), lr=config.q_lr)
+        self.diffusion_opt = adam(model.diffusion.parameters(), lr=config.diffusion_lr)
+        self.bc_opt = adam(model.policy.parameters(), lr=config.bc_lr)
         self.iteration = 0
         self.labels: Optional[torch.Tensor] = None       # z_tau of every trajectory
         self.generated: Optional[Dict[str, torch.Tensor]] = None   # D^S and D^G for BC

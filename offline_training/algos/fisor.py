@@ -26,7 +26,7 @@ import numpy as np
 from offline_training.algos.batching import clip_actions, ReplayBuffer
 from offline_training.algos.critics import reward_target, reward_value_loss
 from offline_training.algos.diffusion import ddpm_sample, DiffusionSchedule, EpsilonNet
-from offline_training.algos.infrastructure import config_from_preset
+from offline_training.algos.infrastructure import adam, config_from_preset
 from offline_training.algos.networks import QEnsemble, soft_update, ValueNet
 from offline_training.algos.protocol import batch_shape, ExportedMethod, ExportPlan, GraphSpec
 from saferl_ros.errors import ConfigError
@@ -388,8 +388,7 @@ class FisorTrainer:
     def __init__(self, model: FisorModel, config: FisorConfig):
         self.model, self.config = model, config
         # AdamW with weight decay 0 and a cosine-decayed learning rate, as optax in the code.
-        self.actor_opt = torch.optim.AdamW(model.actor.parameters(), lr=config.actor_lr,
-                                           weight_decay=0.0)
+        self.actor_opt = adam(model.actor.parameters(), lr=config.actor_lr, weight_decay=0.0)
         self.actor_sched = cosine_lr_scheduler(self.actor_opt, config.actor_decay_steps)
         # critics-first bookkeeping: iterations done, where the actor phase began, the last
         # snapshot (feasible fraction, weights on the probe) and the frozen per-transition weights
@@ -401,10 +400,10 @@ class FisorTrainer:
         # train() may change steps after the config was made (--steps): check again here.
         config.check_critic_phase()
         self.critic_cap = config.critic_phase_cap()
-        self.q_r_opt = torch.optim.Adam(model.q_r.parameters(), lr=config.critic_lr)
-        self.v_r_opt = torch.optim.Adam(model.v_r.parameters(), lr=config.value_lr)
-        self.q_h_opt = torch.optim.Adam(model.q_h.parameters(), lr=config.critic_lr)
-        self.v_h_opt = torch.optim.Adam(model.v_h.parameters(), lr=config.value_lr)
+        self.q_r_opt = adam(model.q_r.parameters(), lr=config.critic_lr)
+        self.v_r_opt = adam(model.v_r.parameters(), lr=config.value_lr)
+        self.q_h_opt = adam(model.q_h.parameters(), lr=config.critic_lr)
+        self.v_h_opt = adam(model.v_h.parameters(), lr=config.value_lr)
 
     @staticmethod
     def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:

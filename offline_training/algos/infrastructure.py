@@ -9,7 +9,7 @@ from dataclasses import fields
 import random
 import types
 import typing
-from typing import Mapping
+from typing import Iterable, Mapping, Optional
 
 import numpy as np
 from saferl_ros.errors import ConfigError, UnknownNameError
@@ -107,6 +107,26 @@ def config_from_preset(config_cls, presets: Mapping[str, dict], preset: str, ove
         return config_cls(**{**presets[preset], **checked})
     except ValueError as error:  # __post_init__'s consistency checks
         raise ConfigError(f'{label} config: {error}') from None
+
+
+# --------------------------------------------------------------------------- optimisers
+
+def adam(params: Iterable[torch.nn.Parameter], lr: float,
+         weight_decay: Optional[float] = None) -> torch.optim.Optimizer:
+    """
+    Return Adam (AdamW when ``weight_decay`` is given) with torch's fused kernel where it runs.
+
+    The fused kernel updates every tensor of a network in one call; torch's default on a CPU is
+    a Python loop over the tensors, which took ~12 % of a FISOR `cpu` actor update (the fused
+    step is 6.7x faster for that network, 2.4x for a critic): bench/bench_fisor_kernels.py. Same
+    algorithm and hyperparameters; the fused kernel exists for float32 tensors on CPU and CUDA.
+    """
+    params = list(params)
+    fused = bool(params) and all(p.dtype == torch.float32 and p.device.type in ('cpu', 'cuda')
+                                 for p in params)
+    if weight_decay is None:
+        return torch.optim.Adam(params, lr=lr, fused=fused or None)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 # --------------------------------------------------------------------------- devices and seeding

@@ -10,6 +10,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 
 def init_linear(layer: nn.Linear, kind: str = 'xavier_uniform') -> nn.Linear:
@@ -25,6 +26,50 @@ def init_linear(layer: nn.Linear, kind: str = 'xavier_uniform') -> nn.Linear:
     if kind != 'torch' and layer.bias is not None:
         nn.init.zeros_(layer.bias)
     return layer
+
+
+class _SigmoidMish(torch.autograd.Function):
+    """
+    mish(x) = x tanh(softplus(x)) through the sigmoid, with its derivative written out.
+
+    With s = sigmoid(x): tanh(softplus(x)) = s (2 - s) / (1 + (1 - s)^2), since 1 + e^x =
+    1 / (1 - s), and d mish / dx = tanh(softplus(x)) + x s (1 - tanh(softplus(x))^2). On this
+    project's CPUs torch's own mish kernel (scalar tanh and softplus) took ~21 % of a FISOR `cpu`
+    actor update; this form is 2.4x faster forward and 3.5x with the backward pass, and as
+    accurate (max error 1e-6 against float64 over [-100, 100], torch's float32 mish 7e-7):
+    bench/bench_fisor_kernels.py, docs/algorithms.md.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        s = torch.sigmoid(x)
+        soft_tanh = s * (2 - s) / (1 + (1 - s).square())
+        ctx.save_for_backward(x, s, soft_tanh)
+        return x * soft_tanh
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, s, soft_tanh = ctx.saved_tensors
+        return grad * (soft_tanh + x * s * (1 - soft_tanh.square()))
+
+
+def mish(x: torch.Tensor) -> torch.Tensor:
+    """
+    Return x tanh(softplus(x)), the mish activation (Misra 2019) of jaxrl5's networks.
+
+    While a graph is traced for export this is torch's aten::mish, which the exporter maps to
+    ONNX operators of its own (export.py); otherwise the faster sigmoid form above.
+    """
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return F.mish(x)
+    return _SigmoidMish.apply(x)
+
+
+class Mish(nn.Module):
+    """The module form of :func:`mish` (an ``activation`` for :func:`mlp`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mish(x)
 
 
 def mlp(dims: Sequence[int], activation: Callable[[], nn.Module] = nn.ReLU,

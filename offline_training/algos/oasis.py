@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from offline_training.algos import bcq_lag
-from offline_training.algos.infrastructure import config_from_preset, set_seed
+from offline_training.algos.infrastructure import adam, config_from_preset, set_seed
 from offline_training.algos.networks import mlp, soft_update
 from offline_training.algos.trajectory_diffusion import (first_state_pin, TrajectoryDiffusion,
                                                          TrajectoryDiffusionConfig)
@@ -352,7 +352,7 @@ def train_generator(model: OASISModel, sampler: WindowSampler, config: OASISConf
     """Train diffusion + inverse dynamics jointly (AdamW, warm-up, clip, EMA); return logs."""
     rng = np.random.default_rng(seed)
     params = list(model.diffusion.parameters()) + list(model.inverse.parameters())
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    opt = adam(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: min(1.0, (step + 1) / max(config.warmup, 1)))
     ema = deepcopy(nn.ModuleList([model.diffusion, model.inverse])).requires_grad_(False)
@@ -420,7 +420,7 @@ def train_labeller(model: OASISModel, data: Dict[str, np.ndarray], config: OASIS
         act = torch.as_tensor(np.clip(data['actions'][idx], -1, 1), device=device)
         return obs.float(), act.float(), nxt.float()
 
-    opt = torch.optim.Adam(lab.parameters(), lr=config.label_lr)
+    opt = adam(lab.parameters(), lr=config.label_lr)
     rng = np.random.default_rng(seed + 2)
     for _ in trange(config.label_steps, desc='oasis labellers', disable=not progress,
                     dynamic_ncols=True):

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from offline_training.algos.diffusion import DiffusionSchedule, FourierFeatures, MLPResNet
-from offline_training.algos.networks import mlp
+from offline_training.algos.networks import Mish, mlp
 import torch
 from torch import nn
 
@@ -108,9 +108,9 @@ class TrajectoryEpsNet(nn.Module):
         c = config
         self.horizon, self.dim = c.horizon, c.dim
         self.time_features = FourierFeatures(c.time_dim, std=0.2)
-        self.time_net = mlp([c.time_dim, c.cond_hidden, c.cond_hidden], nn.Mish,
+        self.time_net = mlp([c.time_dim, c.cond_hidden, c.cond_hidden], Mish,
                             init='xavier_uniform')
-        self.cond_net = mlp([c.cond_dim, c.cond_hidden, c.cond_hidden], nn.Mish,
+        self.cond_net = mlp([c.cond_dim, c.cond_hidden, c.cond_hidden], Mish,
                             init='xavier_uniform')
         flat = c.horizon * c.dim
         self.body = MLPResNet(flat + 2 * c.cond_hidden, flat, c.hidden, c.num_blocks, c.dropout)

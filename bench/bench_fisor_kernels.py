@@ -1,0 +1,138 @@
+"""
+FISOR iterations with torch's own kernels against the project's, side by side in one run.
+
+    python bench/bench_fisor_kernels.py [--preset cpu] [--seconds 4] [--rounds 3] [--threads 1]
+
+Two choices in the training code are measured, each alone and together, against torch's
+defaults:
+
+- mish: ``networks.mish`` (the sigmoid form with its derivative written out) against
+  ``torch.nn.functional.mish``;
+- Adam: the fused kernel (``infrastructure.adam``) against torch's default on a CPU, a Python
+  loop over the parameter tensors.
+
+Each variant builds its own FISOR model and trainer (same seed, synthetic data with the task's
+dimensions) and times three kinds of iteration: a critic-only one (critics-first, phase 1), an
+actor-only one (phase 2, weighted sampling) and a joint one (the paper's schedule). Variants are
+timed in turns, ``--rounds`` times, so a change of machine load hits them alike; the table gives
+the median rate and its ratio to torch's defaults. Prints the machine.
+"""
+
+import argparse
+import contextlib
+import os
+import statistics
+import time
+from unittest import mock
+
+from offline_training.algos import diffusion, fisor, networks
+from offline_training.algos.batching import ReplayBuffer
+from offline_training.algos.infrastructure import set_seed
+from offline_training.data.synthetic import synthetic_dataset
+from offline_training.machine import machine_info
+from saferl_ros.tasks import get_task
+import torch
+import torch.nn.functional as F
+
+VARIANTS = ('torch defaults', 'project mish', 'fused Adam', 'project (both)')
+PHASES = ('critic-only', 'actor-only', 'joint')
+
+
+def _loop_adam(cls):
+    """Return ``cls`` forced to torch's per-tensor loop (neither fused nor foreach)."""
+    def make(params, **kwargs):
+        return cls(params, **{**kwargs, 'fused': None, 'foreach': False})
+    return make
+
+
+@contextlib.contextmanager
+def variant(name: str):
+    """Patch the training code to the kernels of ``name`` while the block runs."""
+    patches = []
+    if name in ('torch defaults', 'fused Adam'):
+        patches += [mock.patch.object(networks, 'mish', F.mish),
+                    mock.patch.object(diffusion, 'mish', F.mish)]
+    if name in ('torch defaults', 'project mish'):
+        patches += [mock.patch.object(torch.optim, 'Adam', _loop_adam(torch.optim.Adam)),
+                    mock.patch.object(torch.optim, 'AdamW', _loop_adam(torch.optim.AdamW))]
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        yield
+
+
+def make_trainer(phase: str, preset: str, task, buffer_data):
+    """Return a trainer whose next updates are iterations of ``phase``."""
+    set_seed(0)
+    schedule = 'joint' if phase == 'joint' else 'critics-first'
+    # critic-only: a critic phase longer than the timing; actor-only: a short one, run through
+    critic_steps = 10 if phase == 'actor-only' else 999_999
+    config = fisor.resolve_config(fisor.make_config(
+        preset, schedule=schedule, steps=1_000_000, critic_steps=critic_steps), task)
+    buffer = ReplayBuffer(fisor.prepare_arrays(buffer_data, config), torch.device('cpu'))
+    model = fisor.build_model(task.obs_dim, task.act_dim, config)
+    trainer = fisor.make_trainer(model, config)
+    model.train()
+    if phase == 'actor-only':
+        for _ in range(config.critic_steps):      # through the critic phase
+            trainer.update(buffer)
+    return trainer, buffer
+
+
+def time_updates(trainer, buffer, seconds: float) -> float:
+    """Return the iterations per second of ``trainer`` over about ``seconds``."""
+    for _ in range(3):
+        trainer.update(buffer)
+    iters, start = 0, time.perf_counter()
+    while iters < 5 or time.perf_counter() - start < seconds:
+        trainer.update(buffer)
+        iters += 1
+    return iters / (time.perf_counter() - start)
+
+
+def main(argv=None) -> int:
+    """Run the comparison and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--task', default='BallCircle')
+    parser.add_argument('--preset', default='cpu', choices=sorted(fisor.PRESETS))
+    parser.add_argument('--seconds', type=float, default=4.0, help='timing per case and round')
+    parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument('--threads', type=int, default=1, help='torch CPU threads')
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    task = get_task(args.task)
+    data = synthetic_dataset(task.name, episodes=-(-100_000 // task.horizon),
+                             max_length=task.horizon, fixed_length=True, terminal_fraction=0)
+    info = machine_info()
+    print(f"CPU: {info['cpu']}, {info['cores']} logical cores, torch {info['torch']}, "
+          f"threads {args.threads}, Python {info['python']}")
+    print(f'FISOR preset {args.preset}, task {task.name}, {args.rounds} rounds x '
+          f'{args.seconds:g} s per case, load average before: '
+          f'{", ".join(f"{x:.2f}" for x in os.getloadavg())}\n')
+    rates = {(v, p): [] for v in VARIANTS for p in PHASES}
+    trainers = {}
+    for name in VARIANTS:
+        with variant(name):
+            for phase in PHASES:
+                trainers[name, phase] = make_trainer(phase, args.preset, task, data)
+    for _ in range(args.rounds):
+        for phase in PHASES:
+            for name in VARIANTS:
+                with variant(name):
+                    rates[name, phase].append(time_updates(*trainers[name, phase],
+                                                           args.seconds))
+    print('| variant | ' + ' | '.join(f'{p} it/s (x)' for p in PHASES) + ' |')
+    print('|---|' + '---:|' * len(PHASES))
+    for name in VARIANTS:
+        cells = []
+        for phase in PHASES:
+            rate = statistics.median(rates[name, phase])
+            base = statistics.median(rates['torch defaults', phase])
+            cells.append(f'{rate:.1f} ({rate / base:.2f})')
+        print(f'| {name} | ' + ' | '.join(cells) + ' |')
+    print(f'\nload average after: {", ".join(f"{x:.2f}" for x in os.getloadavg())}')
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
