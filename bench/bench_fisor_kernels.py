@@ -2,6 +2,7 @@
 FISOR iterations with torch's own kernels against the project's, side by side in one run.
 
     python bench/bench_fisor_kernels.py [--preset cpu] [--seconds 4] [--rounds 3] [--threads 1]
+                                        [--kernels-only]
 
 Two choices in the training code are measured, each alone and together, against torch's
 defaults:
@@ -11,11 +12,15 @@ defaults:
 - Adam: the fused kernel (``infrastructure.adam``) against torch's default on a CPU, a Python
   loop over the parameter tensors.
 
-Each variant builds its own FISOR model and trainer (same seed, synthetic data with the task's
-dimensions) and times three kinds of iteration: a critic-only one (critics-first, phase 1), an
-actor-only one (phase 2, weighted sampling) and a joint one (the paper's schedule). Variants are
-timed in turns, ``--rounds`` times, so a change of machine load hits them alike; the table gives
-the median rate and its ratio to torch's defaults. Prints the machine.
+First the kernels alone, each beside torch's (median microseconds per call): mish forward and
+forward + backward on a [256, 512] activation (the `cpu` actor's inner layer at batch 256), and
+one optimiser step for the `cpu` preset's actor and for a 256 x 256 Q ensemble. Then (unless
+``--kernels-only``) whole iterations: each variant builds its own FISOR model and trainer
+(same seed, synthetic data with the task's dimensions) and times three kinds of iteration: a
+critic-only one (critics-first, phase 1), an actor-only one (phase 2, weighted sampling) and a
+joint one (the paper's schedule). Variants are timed in turns, ``--rounds`` times, so a change of
+machine load hits them alike; the table gives the median rate and its ratio to torch's defaults.
+Prints the machine.
 """
 
 import argparse
@@ -27,7 +32,9 @@ from unittest import mock
 
 from offline_training.algos import diffusion, fisor, networks
 from offline_training.algos.batching import ReplayBuffer
-from offline_training.algos.infrastructure import set_seed
+from offline_training.algos.diffusion import EpsilonNet
+from offline_training.algos.infrastructure import adam, set_seed
+from offline_training.algos.networks import QEnsemble
 from offline_training.data.synthetic import synthetic_dataset
 from offline_training.machine import machine_info
 from saferl_ros.tasks import get_task
@@ -59,6 +66,46 @@ def variant(name: str):
         for patch in patches:
             stack.enter_context(patch)
         yield
+
+
+def microseconds(call, repeats: int = 200) -> float:
+    """Return the median time of ``call()`` in microseconds over ``repeats`` timed calls."""
+    for _ in range(10):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def kernel_rows(task, preset: str):
+    """Yield (kernel, torch's us, the project's us) for mish and for one optimiser step."""
+    x = torch.randn(256, 512, requires_grad=True)
+    grad = torch.randn(256, 512)
+
+    def forward_backward(activation):
+        def call():
+            activation(x).backward(grad)
+            x.grad = None
+        return call
+    with torch.no_grad():
+        yield ('mish forward [256, 512]', microseconds(lambda: F.mish(x)),
+               microseconds(lambda: networks.mish(x)))
+    yield ('mish forward + backward', microseconds(forward_backward(F.mish)),
+           microseconds(forward_backward(networks.mish)))
+    config = fisor.make_config(preset)
+    nets = {'Adam step, actor': EpsilonNet(task.obs_dim, task.act_dim, config.actor_hidden,
+                                           config.actor_blocks),
+            'Adam step, Q ensemble': QEnsemble(task.obs_dim, task.act_dim,
+                                               config.critic_hidden)}
+    for label, net in nets.items():
+        for param in net.parameters():
+            param.grad = torch.randn_like(param)
+        loop = torch.optim.Adam(net.parameters(), lr=1e-9, foreach=False)
+        fused = adam(net.parameters(), lr=1e-9)
+        yield label, microseconds(loop.step), microseconds(fused.step)
 
 
 def make_trainer(phase: str, preset: str, task, buffer_data):
@@ -98,6 +145,8 @@ def main(argv=None) -> int:
     parser.add_argument('--seconds', type=float, default=4.0, help='timing per case and round')
     parser.add_argument('--rounds', type=int, default=3)
     parser.add_argument('--threads', type=int, default=1, help='torch CPU threads')
+    parser.add_argument('--kernels-only', action='store_true',
+                        help='time the kernels alone, not whole iterations')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     task = get_task(args.task)
@@ -109,6 +158,13 @@ def main(argv=None) -> int:
     print(f'FISOR preset {args.preset}, task {task.name}, {args.rounds} rounds x '
           f'{args.seconds:g} s per case, load average before: '
           f'{", ".join(f"{x:.2f}" for x in os.getloadavg())}\n')
+    print(f'| kernel ({args.preset} sizes) | torch us | project us | x |')
+    print('|---|---:|---:|---:|')
+    for label, torch_us, project_us in kernel_rows(task, args.preset):
+        print(f'| {label} | {torch_us:.0f} | {project_us:.0f} | {torch_us / project_us:.2f} |')
+    print()
+    if args.kernels_only:
+        return 0
     rates = {(v, p): [] for v in VARIANTS for p in PHASES}
     trainers = {}
     for name in VARIANTS:

@@ -1,5 +1,6 @@
 """Unit tests of the algorithm pieces: every loss against values computed by hand."""
 
+import copy
 import math
 import types
 
@@ -77,6 +78,13 @@ def test_mish_matches_its_definition_and_derivative():
                                        y2)
     assert torch.allclose(slope, reference, rtol=1e-10, atol=1e-12)
     assert torch.equal(Mish()(y.detach()), mish(y.detach()))
+    # First derivatives only: a second backward pass raises instead of dropping terms.
+    (first,) = torch.autograd.grad(mish(sample).sum(), sample, create_graph=True)
+    with pytest.raises(RuntimeError):
+        first.sum().backward()
+    # Half precision is torch's own kernel (more accurate there than the sigmoid form).
+    half = torch.linspace(-8, 8, 101).to(torch.bfloat16)
+    assert torch.equal(mish(half), torch.nn.functional.mish(half))
 
 
 @pytest.mark.filterwarnings('ignore::DeprecationWarning')
@@ -92,7 +100,7 @@ def test_adam_uses_the_fused_kernel_where_it_exists():
     assert adam(float_net.parameters(), lr=1e-3).defaults['fused'] is True
     decayed = adam(float_net.parameters(), lr=1e-3, weight_decay=0.01)
     assert isinstance(decayed, torch.optim.AdamW) and decayed.defaults['weight_decay'] == 0.01
-    # float64 has no fused kernel: torch's default implementation, not an error.
+    # Only float32 parameters get the fused kernel; others torch's default implementation.
     double_net = torch.nn.Linear(3, 2).double()
     assert not adam(double_net.parameters(), lr=1e-3).defaults['fused']
     # One step equals torch's reference (per-tensor loop) implementation.
@@ -107,6 +115,30 @@ def test_adam_uses_the_fused_kernel_where_it_exists():
             opt.zero_grad()
             net(data).pow(2).sum().backward()
             opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_adam_keeps_its_kernel_when_resuming_an_older_state():
+    # A checkpoint written by torch's per-tensor Adam (every run before the fused kernel) must
+    # resume on the fused kernel, and continue the same optimisation.
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(5, 4), torch.nn.Linear(5, 4)
+    data = torch.randn(8, 5)
+
+    def step(opt, net):
+        opt.zero_grad()
+        net(data).pow(2).sum().backward()
+        opt.step()
+    old = torch.optim.Adam(a.parameters(), lr=1e-2, foreach=False)
+    for _ in range(2):
+        step(old, a)
+    b.load_state_dict(a.state_dict())
+    resumed = adam(b.parameters(), lr=1e-2)
+    resumed.load_state_dict(copy.deepcopy(old.state_dict()))   # as from a checkpoint file
+    assert resumed.param_groups[0]['fused'] is True
+    step(old, a)
+    step(resumed, b)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
 

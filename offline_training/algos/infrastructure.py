@@ -117,16 +117,38 @@ def adam(params: Iterable[torch.nn.Parameter], lr: float,
     Return Adam (AdamW when ``weight_decay`` is given) with torch's fused kernel where it runs.
 
     The fused kernel updates every tensor of a network in one call; torch's default on a CPU is
-    a Python loop over the tensors, which took ~12 % of a FISOR `cpu` actor update (the fused
-    step is 6.7x faster for that network, 2.4x for a critic): bench/bench_fisor_kernels.py. Same
-    algorithm and hyperparameters; the fused kernel exists for float32 tensors on CPU and CUDA.
+    a Python loop over the tensors, which took ~12 % of a FISOR `cpu` actor update (one step of
+    that network's optimiser about 6x faster fused, a critic's about 2.4x:
+    `python bench/bench_fisor_kernels.py --kernels-only`). Same algorithm and hyperparameters.
+    Asked for when every parameter is float32 on a CPU or a CUDA device (what these networks
+    train in); otherwise torch's default implementation.
+
+    Loading a saved state keeps this optimiser's kernel: torch would take the saved ``fused``
+    flag, so a run resumed from a checkpoint written before the fused kernel was used (or on
+    another device) would silently fall back to the loop.
     """
     params = list(params)
     fused = bool(params) and all(p.dtype == torch.float32 and p.device.type in ('cpu', 'cuda')
                                  for p in params)
     if weight_decay is None:
-        return torch.optim.Adam(params, lr=lr, fused=fused or None)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+        optimizer = torch.optim.Adam(params, lr=lr, fused=fused or None)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay,
+                                      fused=fused or None)
+    kernel = [(group['fused'], group['foreach']) for group in optimizer.param_groups]
+
+    def keep_kernel(opt: torch.optim.Optimizer) -> None:
+        for group, (group_fused, group_foreach) in zip(opt.param_groups, kernel):
+            group['fused'], group['foreach'] = group_fused, group_foreach
+            if not group_fused:
+                continue
+            for param in group['params']:   # the fused kernel wants its step counters there
+                state = opt.state.get(param, {})
+                if torch.is_tensor(state.get('step')):
+                    state['step'] = state['step'].to(device=param.device, dtype=torch.float32)
+
+    optimizer.register_load_state_dict_post_hook(keep_kernel)
+    return optimizer
 
 
 # --------------------------------------------------------------------------- devices and seeding

@@ -10,6 +10,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
 
@@ -35,32 +36,39 @@ class _SigmoidMish(torch.autograd.Function):
     With s = sigmoid(x): tanh(softplus(x)) = s (2 - s) / (1 + (1 - s)^2), since 1 + e^x =
     1 / (1 - s), and d mish / dx = tanh(softplus(x)) + x s (1 - tanh(softplus(x))^2). On this
     project's CPUs torch's own mish kernel (scalar tanh and softplus) took ~21 % of a FISOR `cpu`
-    actor update; this form is 2.4x faster forward and 3.5x with the backward pass, and as
-    accurate (max error 1e-6 against float64 over [-100, 100], torch's float32 mish 7e-7):
-    bench/bench_fisor_kernels.py, docs/algorithms.md.
+    actor update; on a [256, 512] activation this form is about 2.4x faster forward and 3.5x with
+    the backward pass (`python bench/bench_fisor_kernels.py --kernels-only`), and as accurate
+    (max error 1e-6 against float64 over [-100, 100], torch's float32 mish 7e-7). First
+    derivatives only: a second backward pass through it raises.
     """
 
     @staticmethod
     def forward(ctx, x):
         s = torch.sigmoid(x)
-        soft_tanh = s * (2 - s) / (1 + (1 - s).square())
+        # in place where a temporary is ours: each new [batch, 4 h] tensor is a fresh allocation
+        soft_tanh = torch.rsub(s, 2).mul_(s).div_(torch.rsub(s, 1).square_().add_(1))
         ctx.save_for_backward(x, s, soft_tanh)
         return x * soft_tanh
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         x, s, soft_tanh = ctx.saved_tensors
-        return grad * (soft_tanh + x * s * (1 - soft_tanh.square()))
+        slope = soft_tanh.square().neg_().add_(1).mul_(s).mul_(x).add_(soft_tanh)
+        return slope.mul_(grad)
 
 
 def mish(x: torch.Tensor) -> torch.Tensor:
     """
     Return x tanh(softplus(x)), the mish activation (Misra 2019) of jaxrl5's networks.
 
-    While a graph is traced for export this is torch's aten::mish, which the exporter maps to
-    ONNX operators of its own (export.py); otherwise the faster sigmoid form above.
+    The sigmoid form above serves float32 and float64 tensors on a CPU, where torch's kernel is
+    slow. Everywhere else torch's own mish: on a GPU it is one fused kernel (the sigmoid form
+    would be several), in half precision it is the more accurate, and while a graph is traced
+    for export it is aten::mish, which the exporter maps to ONNX operators of its own (export.py).
     """
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if (x.device.type != 'cpu' or x.dtype not in (torch.float32, torch.float64)
+            or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
         return F.mish(x)
     return _SigmoidMish.apply(x)
 
