@@ -118,7 +118,7 @@ def adam(params: Iterable[torch.nn.Parameter], lr: float,
 
     The fused kernel updates every tensor of a network in one call; torch's default on a CPU is
     a Python loop over the tensors, which took ~12 % of a FISOR `cpu` actor update (one step of
-    that network's optimiser about 6x faster fused, a critic's about 2.4x:
+    that network's optimiser 4-5x faster fused, a Q ensemble's 2.7-3.6x:
     `python bench/bench_fisor_kernels.py --kernels-only`). Same algorithm and hyperparameters.
     Asked for when every parameter is float32 on a CPU or a CUDA device (what these networks
     train in); otherwise torch's default implementation.

@@ -36,7 +36,7 @@ class _SigmoidMish(torch.autograd.Function):
     With s = sigmoid(x): tanh(softplus(x)) = s (2 - s) / (1 + (1 - s)^2), since 1 + e^x =
     1 / (1 - s), and d mish / dx = tanh(softplus(x)) + x s (1 - tanh(softplus(x))^2). On this
     project's CPUs torch's own mish kernel (scalar tanh and softplus) took ~21 % of a FISOR `cpu`
-    actor update; on a [256, 512] activation this form is about 2.4x faster forward and 3.5x with
+    actor update; on a [256, 512] activation this form is 2.3-3.0x faster forward and 2.7-3.1x with
     the backward pass (`python bench/bench_fisor_kernels.py --kernels-only`), and as accurate
     (max error 1e-6 against float64 over [-100, 100], torch's float32 mish 7e-7). First
     derivatives only: a second backward pass through it raises.
