@@ -95,6 +95,14 @@ def test_mish_is_torch_mish_while_exporting():
     assert 'aten::mish' in str(traced.graph)
 
 
+def _descend(optimizer, net, data, steps=1):
+    """Take ``steps`` optimiser steps on the toy loss sum(net(data)^2)."""
+    for _ in range(steps):
+        optimizer.zero_grad()
+        net(data).pow(2).sum().backward()
+        optimizer.step()
+
+
 def test_adam_uses_the_fused_kernel_where_it_exists():
     float_net = torch.nn.Linear(3, 2)
     assert adam(float_net.parameters(), lr=1e-3).defaults['fused'] is True
@@ -111,10 +119,7 @@ def test_adam_uses_the_fused_kernel_where_it_exists():
     loop = torch.optim.Adam(b.parameters(), lr=1e-2, foreach=False)
     data = torch.randn(8, 5)
     for opt, net in ((fused, a), (loop, b)):
-        for _ in range(3):
-            opt.zero_grad()
-            net(data).pow(2).sum().backward()
-            opt.step()
+        _descend(opt, net, data, steps=3)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
 
@@ -125,20 +130,14 @@ def test_adam_keeps_its_kernel_when_resuming_an_older_state():
     torch.manual_seed(0)
     a, b = torch.nn.Linear(5, 4), torch.nn.Linear(5, 4)
     data = torch.randn(8, 5)
-
-    def step(opt, net):
-        opt.zero_grad()
-        net(data).pow(2).sum().backward()
-        opt.step()
     old = torch.optim.Adam(a.parameters(), lr=1e-2, foreach=False)
-    for _ in range(2):
-        step(old, a)
+    _descend(old, a, data, steps=2)
     b.load_state_dict(a.state_dict())
     resumed = adam(b.parameters(), lr=1e-2)
     resumed.load_state_dict(copy.deepcopy(old.state_dict()))   # as from a checkpoint file
     assert resumed.param_groups[0]['fused'] is True
-    step(old, a)
-    step(resumed, b)
+    _descend(old, a, data)
+    _descend(resumed, b, data)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
 
