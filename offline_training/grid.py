@@ -145,6 +145,13 @@ GRIDS: Dict[str, Grid] = {
          # simulator episode per iteration): online interaction, labelled so
          Method('drcorl-rollout', 'drcorl', 162_000, ('cost_estimate=rollout',), seeds=(0, 1, 2),
                 branch_of=('drcorl', 160_000)),
+         # the same runs' stages 1-3, then 50 000 critic-only TD iterations on the warm-started
+         # policy (the critics evaluate it, not the behaviour policy) and the offline rule's
+         # estimate over the data's initial states (docs/algorithms.md "DRCORL"), about 15
+         # CPU-minutes more: offline, its own column
+         Method('drcorl-settled', 'drcorl', 212_000,
+                ('critic_settle_steps=50000', 'estimate_states=initial'), seeds=(0, 1, 2),
+                branch_of=('drcorl', 160_000)),
          Method('bc_all', 'bc_all', 100_000),
          Method('bc_safe-k5', 'bc_safe', 100_000, ('cost_limit=5',)),
          Method('bc_safe-k10', 'bc_safe', 100_000, ('cost_limit=10',)),

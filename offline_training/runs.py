@@ -197,9 +197,12 @@ class Run:
         return self.module.export_plan(self.model, self.config)
 
 
-def open_run(run_dir, device='cpu') -> Run:
+def open_run(run_dir, device='cpu', checkpoint=None) -> Run:
     """
     Read a run folder: rebuild its algorithm config and model and load the checkpoint's weights.
+
+    ``checkpoint``: another checkpoint file of the same run to take the weights from (e.g. one
+    kept at a milestone, RUN/checkpoints/step_<N>.pt) instead of the run's last.
 
     A missing, unreadable or inconsistent run folder raises a
     :class:`~saferl_ros.errors.UserError` that names the file.
@@ -227,8 +230,12 @@ def open_run(run_dir, device='cpu') -> Run:
     except UserError as error:
         raise ConfigError(f'{where}: {error}') from None
     model = module.build_model(*dims, config)
-    state = load_checkpoint(run_dir / CHECKPOINT, device, fix, keys=('model', 'step'))
-    restore(run_dir / CHECKPOINT, fix, (model, state['model']))
+    weights = run_dir / CHECKPOINT if checkpoint is None else Path(checkpoint)
+    if not weights.is_file():
+        raise MissingFileError(f'{weights} is missing or not a file; pass a checkpoint of '
+                               f'{run_dir} (e.g. {run_dir / "checkpoints"}/step_<N>.pt)')
+    state = load_checkpoint(weights, device, fix, keys=('model', 'step'))
+    restore(weights, fix, (model, state['model']))
     run_config['checkpoint_step'] = int(state['step'])
     return Run(algo, module, run_config, config, model.to(device).eval())
 

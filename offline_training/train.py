@@ -77,7 +77,6 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
     module, fixed = get_algorithm(algo)
     algo = algo.lower().replace('-', '_')
     run_dir = Path(out) if out is not None else default_run_dir(algo, spec.name, seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
     torch_device = resolve_device(device)
 
     config = module.make_config(preset, **{**(overrides or {}), **fixed})
@@ -108,6 +107,7 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
                                 {**provenance, 'transitions': int(buffer.size),
                                  'training_transitions': int(len(arrays['obs']))})
 
+    run_dir.mkdir(parents=True, exist_ok=True)    # only once the inputs are known to be good
     ckpt_path = run_dir / CHECKPOINT
     new_branch = init_from is not None and branch_from(Path(init_from), run_dir, algo, seed,
                                                        provenance['sha256'])

@@ -10,7 +10,7 @@ from offline_training.algos.infrastructure import set_seed
 from offline_training.data.dataset import write_dataset
 from offline_training.data.synthetic import rollout_dataset, synthetic_dataset
 import pytest
-from saferl_ros.errors import ConfigError
+from saferl_ros.errors import ConfigError, MissingFileError
 from saferl_ros.tasks import get_task
 import torch
 from torch.nn.utils import parameters_to_vector
@@ -229,6 +229,7 @@ def test_prepare_arrays_links_next_actions_within_episodes():
     assert np.array_equal(arrays['next_act'][3], arrays['act'][4])
     assert not arrays['next_act'][1].any() and not arrays['next_act'][5].any()
     assert arrays['next_known'].tolist() == [1] * 6
+    assert arrays['first'].tolist() == [1, 0, 1, 1, 0, 0]   # episodes 0-1, 2, 3-5
     data['next_observations'][3] += 1.0                    # s' is not the next row's s
     assert drcorl.prepare_arrays(data, config)['next_known'].tolist() == [1, 1, 1, 0, 1, 1]
     assert np.allclose(arrays['reward'], data['rewards'] * 2.0)
@@ -283,6 +284,86 @@ def test_short_training_run_losses_fall_in_every_stage(dataset):
     assert all(np.isfinite(list(h.values())).all() for h in adaptation)
     assert adaptation[-1]['schedule/beta'] == pytest.approx(1.0)
     assert adaptation[-1]['schedule/slack'] == 0.0
+
+
+def test_settling_steps_train_the_critics_alone_before_the_policy_moves(dataset):
+    set_seed(0)
+    settle, policy_iterations = 40, 20
+    config = drcorl.resolve_config(drcorl.make_config(
+        'test', critic_settle_steps=settle, steps=20 + settle + policy_iterations),
+        get_task(TASK))
+    assert config.adaptation_length() == settle + policy_iterations
+    assert config.policy_iterations() == policy_iterations
+    # without --steps the settling comes on top of the four stages
+    assert drcorl.make_config('test', critic_settle_steps=settle).policy_iterations() == \
+        drcorl.make_config('test').adaptation_steps
+    with pytest.raises(ConfigError, match='critic_settle_steps'):     # no policy iteration left
+        drcorl.make_config('test', critic_settle_steps=10, steps=30)
+    with pytest.raises(ConfigError, match='critic_settle_steps'):
+        drcorl.make_config('test', critic_settle_steps=-1)
+    assert 'critic_settle_steps' in drcorl.resume_may_change(config, config.pretraining_steps())
+    buffer = ReplayBuffer(drcorl.prepare_arrays(dataset, config), 'cpu')
+    model = drcorl.build_model(buffer.data['obs'].shape[1], buffer.data['act'].shape[1], config)
+    trainer = drcorl.make_trainer(model, config)
+
+    def flat(module):
+        return parameters_to_vector(module.parameters()).detach().clone()
+    for _ in range(config.pretraining_steps()):
+        trainer.update(buffer)
+    policy, cost_critic = flat(model.policy), flat(model.q_c)
+    settling = [trainer.update(buffer) for _ in range(settle)]
+    # the policy stands still while the critics learn; each iteration logs the estimate it moves
+    assert torch.equal(flat(model.policy), policy)
+    assert not torch.equal(flat(model.q_c), cost_critic)
+    assert all('schedule/branch' not in logs for logs in settling)
+    assert 'estimate/cost_norm' in settling[-1]          # logged at the last settling iteration
+    assert all(drcorl.STAGES[int(logs['schedule/stage'])] == 'adaptation' for logs in settling)
+    obs = buffer.data['obs'][:64]
+    with torch.no_grad():      # the logged estimate is App. B.3's, by hand on the target heads
+        heads = model.q_c_target(obs, model.act(obs))
+        ucb = heads.mean(0) + config.ucb_k * heads.std(0, unbiased=False)
+        by_hand = (1 - config.gamma) * config.episode_len * float(ucb.mean()) / config.cost_limit
+        assert float(trainer.offline_cost_estimate(obs)) == pytest.approx(by_hand, rel=1e-5)
+    adapting = [trainer.update(buffer) for _ in range(policy_iterations)]
+    assert not torch.equal(flat(model.policy), policy)
+    # the schedules start at the first policy iteration and end at the last one
+    assert adapting[0]['schedule/beta'] == pytest.approx(config.temperature_start)
+    assert adapting[0]['schedule/slack'] == pytest.approx(config.slack_start)
+    assert adapting[-1]['schedule/beta'] == pytest.approx(config.temperature_end)
+    assert adapting[-1]['schedule/slack'] == 0.0
+
+
+@pytest.mark.parametrize('states', ['batch', 'initial'])
+def test_offline_estimate_averages_over_the_chosen_states(dataset, states, monkeypatch):
+    set_seed(0)
+    config = drcorl.resolve_config(drcorl.make_config('test', estimate_states=states),
+                                   get_task(TASK))
+    buffer = ReplayBuffer(drcorl.prepare_arrays(dataset, config), 'cpu')
+    model = drcorl.build_model(buffer.data['obs'].shape[1], buffer.data['act'].shape[1], config)
+    trainer = drcorl.make_trainer(model, config)
+    for _ in range(config.pretraining_steps()):
+        trainer.update(buffer)
+    # a cost critic that reads the state's first coordinate: C_hat is then a mean of those
+    monkeypatch.setattr(model, 'cost_ucb', lambda obs, act: obs[:, 0])
+    seen = []
+    real_sample = buffer.sample
+
+    def sample(size):
+        seen.append(real_sample(size))
+        return seen[-1]
+    monkeypatch.setattr(buffer, 'sample', sample)
+    logs = trainer.update(buffer)
+    if states == 'batch':
+        mean_first_coordinate = float(seen[-1]['obs'][:config.policy_batch_size, 0].mean())
+    else:
+        dones = np.asarray(dataset['terminals']) + np.asarray(dataset['timeouts']) > 0
+        starts = np.concatenate([[0], np.flatnonzero(dones)[:-1] + 1])
+        assert len(starts) == 10
+        mean_first_coordinate = float(np.asarray(dataset['observations'])[starts, 0].mean())
+    expected = (1 - config.gamma) * config.episode_len * mean_first_coordinate / config.cost_limit
+    assert float(logs['estimate/cost_norm']) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ConfigError, match='estimate_states'):
+        drcorl.make_config('test', estimate_states='final')
 
 
 # --------------------------------------------------------------------------- bundle and CLI
@@ -490,3 +571,16 @@ def test_cost_estimate_tool_reports_the_three_state_sources(tmp_path, capsys):
     assert report['initial']['q_c_std'] == pytest.approx(float(std.mean()), rel=1e-4)
     returns = [data['costs'][s:e].sum() for s, e in zip(*episode_spans(data))]
     assert report['dataset_safe_share'] == pytest.approx(np.mean(np.array(returns) <= 10.0))
+    # the critics beside the data's own discounted cost-to-go, here at the kept checkpoint
+    kept = run / 'checkpoints' / f'step_{config.pretraining_steps():09d}.pt'
+    assert tool.main([str(run), '--checkpoint', str(kept), '--episodes', '1', '--states', '50',
+                      '-o', str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report['checkpoint_step'] == config.pretraining_steps()
+    assert report['dataset_q_c']['rows'] == 50
+    assert np.isfinite(report['dataset_q_c']['q_c_mean'])
+    # two episodes, gamma 0.5: rows 0-2 and 3-4, each sum stopping at its episode's end
+    to_go = tool.discounted_cost_to_go(np.array([1.0, 0.0, 2.0, 3.0, 1.0]), [0, 3], [3, 5], 0.5)
+    assert to_go.tolist() == [1.5, 1.0, 2.0, 3.5, 1.0]
+    with pytest.raises(MissingFileError, match='step_7.pt is missing'):
+        tool.main([str(run), '--checkpoint', str(run / 'checkpoints' / 'step_7.pt')])

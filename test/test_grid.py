@@ -81,15 +81,17 @@ def test_a_tiny_grid_trains_evaluates_resumes_and_reports_failures(tiny_grid, tm
 def test_the_commands_use_one_thread_and_name_no_machine_path():
     grid = GRIDS['core-hour']
     jobs = grid.jobs()
-    # FISOR, DRCORL, DRCORL with the rollout rule x 3 seeds, 4 baselines x 1 seed
-    assert len(jobs) == 6 * (3 + 3 + 3 + 4)
-    assert [job.name for job in jobs[:7]] == [
+    # FISOR, DRCORL, DRCORL with the rollout rule, with settled critics x 3 seeds, 4 baselines
+    # x 1 seed
+    assert len(jobs) == 6 * (3 + 3 + 3 + 3 + 4)
+    assert [job.name for job in jobs[:8]] == [
         'fisor-BallCircle-s0', 'drcorl-BallCircle-s0', 'drcorl-rollout-BallCircle-s0',
-        'bc_all-BallCircle-s0', 'bc_safe-k5-BallCircle-s0', 'bc_safe-k10-BallCircle-s0',
-        'bcq_lag-k5-BallCircle-s0']
-    branch, _, _ = commands(jobs[2], grid)
-    assert branch[branch.index('--init-from') + 1] == \
-        'runs/core-hour/drcorl-BallCircle-s0/checkpoints/step_000160000.pt'
+        'drcorl-settled-BallCircle-s0', 'bc_all-BallCircle-s0', 'bc_safe-k5-BallCircle-s0',
+        'bc_safe-k10-BallCircle-s0', 'bcq_lag-k5-BallCircle-s0']
+    for branch_job in jobs[2:4]:
+        branch, _, _ = commands(branch_job, grid)
+        assert branch[branch.index('--init-from') + 1] == \
+            'runs/core-hour/drcorl-BallCircle-s0/checkpoints/step_000160000.pt'
     train, evaluate, results = commands(jobs[0], grid)
     assert train[train.index('--threads') + 1] == '1'
     assert train[train.index('--out') + 1] == 'runs/core-hour/fisor-BallCircle-s0'

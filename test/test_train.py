@@ -250,6 +250,19 @@ def test_critics_first_needs_iterations_left_for_the_actor():
         fisor.make_config('cpu', critic_check_every=0)
 
 
+def test_a_refused_config_or_dataset_leaves_no_run_folder(dataset, tmp_path):
+    kwargs = {'device': 'cpu', 'progress': False, 'preset': 'cpu'}
+    with pytest.raises(ConfigError, match='critic_steps'):
+        train('fisor', TASK, seed=0, out=tmp_path / 'bad-config', data=dataset, steps=100,
+              overrides={'schedule': 'critics-first', 'critic_steps': 100}, **kwargs)
+    wrong_dims = {**dataset, 'observations': dataset['observations'][:, :3],
+                  'next_observations': dataset['next_observations'][:, :3]}
+    with pytest.raises(ConfigError, match='obs/act dims'):
+        train('bc_all', TASK, seed=0, out=tmp_path / 'bad-data', data=wrong_dims, steps=2,
+              **kwargs)
+    assert not (tmp_path / 'bad-config').exists() and not (tmp_path / 'bad-data').exists()
+
+
 def test_resume_accepts_a_run_made_before_a_config_field_existed(dataset, tmp_path):
     kwargs = {'data': dataset, 'steps': 4, 'device': 'cpu', 'progress': False, 'preset': 'cpu',
               'overrides': TINY['fisor']}

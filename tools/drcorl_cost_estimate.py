@@ -2,7 +2,8 @@
 """
 Where a trained DRCORL run's cost estimate C_hat comes from, against the policy's true cost.
 
-    python tools/drcorl_cost_estimate.py RUN [--episodes 5] [--states 20000] [-o OUT.json]
+    python tools/drcorl_cost_estimate.py RUN [--checkpoint CKPT] [--episodes 5] [--states 20000]
+                                         [-o OUT.json]
 
 The adaptation rule (docs/algorithms.md "DRCORL") compares
 C_hat = (1 - gamma) T mean_s Q_c^UCB(s, pi(s)) / kappa with 1. This reports C_hat with the
@@ -15,6 +16,12 @@ policy really has in the simulator:
 
 If C_hat on the policy's own states is far above its true cost, the critic over-estimates (the
 state distribution is not the cause); if only the dataset average is high, the states are.
+
+``dataset_q_c`` compares the critics with the data themselves: the target ensemble's mean Q_c at
+the sampled dataset (s, a) beside the dataset's discounted cost-to-go from the same rows (to the
+episode's end, where training's TD stops too). At the end of pretraining (``--checkpoint
+RUN/checkpoints/step_<N>.pt``) the critics should equal it (they evaluate the behaviour policy);
+later they evaluate the policy, so on its actions they should be lower where it is safer.
 Episodes are seeded episode_seed(8, k), apart from evaluation's seed 0.
 """
 
@@ -29,6 +36,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DIAGNOSTIC_SEED = 8
+
+
+def discounted_cost_to_go(costs, starts, ends, gamma: float) -> np.ndarray:
+    """Return sum_k gamma^k c_{t+k} for every row t, each sum stopping at its episode's end."""
+    to_go = np.zeros(len(costs))
+    for start, end in zip(starts, ends):
+        running = 0.0
+        for row in range(end - 1, start - 1, -1):
+            running = costs[row] + gamma * running
+            to_go[row] = running
+    return to_go
 
 
 def estimates(model, config, obs) -> dict:
@@ -51,6 +69,9 @@ def estimates(model, config, obs) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip())
     parser.add_argument('run', help='a saferl-train DRCORL run folder')
+    parser.add_argument('--checkpoint', default=None,
+                        help="the run's weights from this checkpoint (e.g. the kept "
+                             'RUN/checkpoints/step_<N>.pt) instead of its last')
     parser.add_argument('--episodes', type=int, default=5)
     parser.add_argument('--states', type=int, default=20_000,
                         help='dataset states sampled for the "dataset" estimate')
@@ -66,7 +87,7 @@ def main(argv=None) -> int:
     from saferl_ros.tasks import get_task
     torch.set_num_threads(1)
 
-    run = open_run(args.run)
+    run = open_run(args.run, checkpoint=args.checkpoint)
     if run.algorithm != 'drcorl':
         parser.error(f'{args.run} is a {run.algorithm} run; this tool reads DRCORL runs')
     model, config, spec = run.model, run.config, get_task(run.task)
@@ -76,6 +97,10 @@ def main(argv=None) -> int:
     pick = np.random.default_rng(0).choice(len(obs), min(args.states, len(obs)), replace=False)
     costs = np.asarray(data['costs'], dtype=np.float64)
     data_costs = np.array([costs[s:e].sum() for s, e in zip(starts, ends)])
+    to_go = discounted_cost_to_go(costs, starts, ends, config.gamma)
+    with torch.no_grad():
+        q_data = model.q_c_target(torch.as_tensor(obs[pick]), torch.as_tensor(
+            np.asarray(data['actions'], dtype=np.float32)[pick])).mean(dim=0)
 
     env = spec.make_env()
     visited, episode_costs = [], []
@@ -92,12 +117,15 @@ def main(argv=None) -> int:
     finally:
         env.close()
     report = {
-        'run': str(args.run), 'task': spec.name, 'kappa': config.cost_limit,
+        'run': str(args.run), 'checkpoint_step': run.run_config['checkpoint_step'],
+        'task': spec.name, 'kappa': config.cost_limit,
         'horizon_T': config.episode_len, 'gamma': config.gamma, 'ucb_k': config.ucb_k,
         'cost_pessimism': config.cost_pessimism,
         'dataset': estimates(model, config, obs[pick]),
         'initial': estimates(model, config, obs[starts]),
         'policy': estimates(model, config, np.concatenate(visited)),
+        'dataset_q_c': {'rows': int(len(pick)), 'q_c_mean': float(q_data.mean()),
+                        'discounted_cost_to_go': float(to_go[pick].mean())},
         'policy_true_normalized_cost': float(np.mean(episode_costs)) / config.cost_limit,
         'policy_episodes': args.episodes,
         'dataset_episode_cost_mean': float(data_costs.mean()),

@@ -14,11 +14,13 @@ Training has four stages, one trainer iteration updating the stage it is in:
    critics Q_c^i trained by pessimistic TD on the dataset's next actions (Eq. 18);
 3. warm start: the policy, a deterministic tanh MLP (the Dirac limit of the paper's
    constant-variance Gaussian), follows the diffusion score alone (the reverse KL, Eqs. 6-9);
-4. safe adaptation (Algorithm 2): each iteration updates the critics by TD with a' = pi(s'),
-   estimates the policy's normalised episode cost offline from the ensemble's upper confidence
-   bound (Sec. 4.2, App. B.3) and takes the reward step (Eqs. 19, 21), the cost step (Eqs. 20,
-   21) or their gradient-manipulation combination (Eq. 12), with the slacks h-/h+ and the
-   temperature beta on linear schedules (App. C.1).
+4. safe adaptation (Algorithm 2): each iteration updates the critics by TD with a' = pi(s')
+   (after ``critic_settle_steps`` critic-only iterations that let them evaluate the warm-started
+   policy instead of the behaviour policy; 0 in the presets), estimates the policy's normalised
+   episode cost offline from the ensemble's upper confidence bound (Sec. 4.2, App. B.3) and
+   takes the reward step (Eqs. 19, 21), the cost step (Eqs. 20, 21) or their
+   gradient-manipulation combination (Eq. 12), with the slacks h-/h+ and the temperature beta
+   on linear schedules (App. C.1).
 
 Deployment runs the policy MLP alone. The bundle's cost critic returns the ensemble's mean and
 standard deviation of Q_c, and the monitor's ``cost_ucb`` rule passes an action while
@@ -37,6 +39,7 @@ from offline_training.algos.diffusion import EpsilonNet
 from offline_training.algos.infrastructure import adam, config_from_preset
 from offline_training.algos.networks import mlp, QEnsemble, soft_update, ValueNet
 from offline_training.algos.protocol import batch_shape, ExportedMethod, ExportPlan, GraphSpec
+from offline_training.data.trajectories import episode_spans
 from saferl_ros.errors import ConfigError
 import torch
 from torch import nn
@@ -54,12 +57,22 @@ BRANCHES = {'reward': 0, 'both': 1, 'cost': 2}
 # code, through an early `return` in its evaluate_cost): the cost of one simulator episode of the
 # current policy per iteration / kappa; online interaction, labelled so in the results.
 COST_ESTIMATES = ('offline', 'rollout')
+# The states the offline estimate averages over. 'batch' (the paper, App. B.3): the training
+# batch's, "assuming the dataset state distribution is close to the target distribution".
+# 'initial': every episode's first state in the dataset, so that the mean is the policy's own
+# expected cost J_c = E_{s0} V_c(s0) whatever share of the data lies where the policy never goes.
+ESTIMATE_STATES = ('batch', 'initial')
+# The critic-only settling iterations log C_hat every this many iterations and at their last (the
+# estimate over every initial state costs about as much as a critic update; the training loop
+# logs every --log-every iterations, 500 in the grids).
+SETTLE_ESTIMATE_EVERY = 500
 # Seed of the 'rollout' estimate's episodes (episode_seed(ROLLOUT_SEED, iteration)): apart from
 # evaluation's seed 0, so training never sees the start states the results are measured on.
 ROLLOUT_SEED = 9
 # Fields read only by the adaptation stage (stage 4): a run branched from the checkpoint kept at
 # the end of stage 3 (saferl-train --init-from) may change them, e.g. to compare rules.
-ADAPTATION_FIELDS = frozenset({'adaptation_steps', 'temperature_schedule', 'temperature_start',
+ADAPTATION_FIELDS = frozenset({'adaptation_steps', 'critic_settle_steps', 'estimate_states',
+                               'temperature_schedule', 'temperature_start',
                                'temperature_end', 'slack_start', 'slack_decay', 'ucb_k',
                                'cost_estimate', 'task'})
 
@@ -73,6 +86,14 @@ class DrcorlConfig:
     critic_steps: int = 500_000         # stage 2, critic pretraining (code loads ckpt 50 = 500k)
     warmstart_steps: int = 50_000       # stage 3, KL-only policy steps (code: 50 epochs x 1000)
     adaptation_steps: int = 2_000       # stage 4, safe adaptation (Table 2: 2050 = 50 + 2000)
+    # Stage 4 begins with this many critic-only TD iterations (a' = pi(s'), no policy step), so
+    # that the cost estimate reads Q_c of the warm-started policy, not the behaviour policy's Q_c
+    # that pretraining leaves (2000 adaptation iterations are too few for the critics to move
+    # there while the policy changes). Counted inside the adaptation stage's iterations (the
+    # default total adds them to the four stages); the slack and temperature schedules run over
+    # the policy iterations that follow. Not in the
+    # paper (its estimate is offline, its code's online): docs/algorithms.md "DRCORL".
+    critic_settle_steps: int = 0
     steps: Optional[int] = None         # total iterations; None: the sum of the four stages
     # --- behaviour model (Eq. 5): the official ScoreNet_IDQL, FISOR's network family
     behavior_batch_size: int = 2048
@@ -118,6 +139,7 @@ class DrcorlConfig:
     cost_limit: float = 10.0            # kappa, the episode cost budget
     episode_len: Optional[int] = None   # T of the cost estimate; resolved from the task horizon
     cost_estimate: str = 'offline'      # C_hat's source: COST_ESTIMATES ('rollout': the code's)
+    estimate_states: str = 'batch'      # the offline C_hat's states: ESTIMATE_STATES
     task: Optional[str] = None          # the simulator of 'rollout' (resolved from the task)
 
     def __post_init__(self):
@@ -127,16 +149,21 @@ class DrcorlConfig:
         if self.cost_estimate not in COST_ESTIMATES:
             raise ConfigError(f'cost_estimate {self.cost_estimate!r}: use one of '
                               f'{", ".join(COST_ESTIMATES)}')
+        if self.estimate_states not in ESTIMATE_STATES:
+            raise ConfigError(f'estimate_states {self.estimate_states!r}: use one of '
+                              f'{", ".join(ESTIMATE_STATES)}')
         if self.temperature_schedule not in TEMPERATURE_SCHEDULES:
             raise ConfigError(f'temperature_schedule {self.temperature_schedule!r}: use one of '
                               f'{", ".join(TEMPERATURE_SCHEDULES)}')
         stages = (self.behavior_steps, self.critic_steps, self.warmstart_steps,
                   self.adaptation_steps)
+        if self.critic_settle_steps < 0:
+            raise ConfigError(f'critic_settle_steps ({self.critic_settle_steps}) must be >= 0')
         if min(stages) < 0:
             raise ConfigError(f'stage steps must be >= 0, got behavior/critic/warmstart/'
                               f'adaptation = {stages}')
         if self.steps is None:
-            self.steps = sum(stages)
+            self.steps = sum(stages) + self.critic_settle_steps
         if self.cost_ensemble < 2:
             raise ConfigError(f'cost_ensemble ({self.cost_ensemble}) must be >= 2: the UCB needs '
                               'the spread of an ensemble')
@@ -157,13 +184,18 @@ class DrcorlConfig:
         """Return the adaptation iterations: what ``steps`` leaves after stages 1-3."""
         return int(self.steps) - self.pretraining_steps()
 
+    def policy_iterations(self) -> int:
+        """Return the adaptation iterations that step the policy: those after the settling."""
+        return self.adaptation_length() - self.critic_settle_steps
+
     def check_stages(self) -> None:
-        """Refuse a total that leaves the adaptation stage no iteration."""
-        if self.adaptation_length() < 1:
+        """Refuse a total that leaves the adaptation stage no policy iteration."""
+        if self.policy_iterations() < 1:
             raise ConfigError(
                 f'steps ({self.steps}) must exceed behavior_steps + critic_steps + '
-                f'warmstart_steps ({self.pretraining_steps()}): the adaptation stage gets the '
-                'iterations left; lower the stage steps or raise --steps')
+                f'warmstart_steps + critic_settle_steps '
+                f'({self.pretraining_steps() + self.critic_settle_steps}): the adaptation '
+                'stage gets the iterations left; lower the stage steps or raise --steps')
 
     def stage_of(self, iteration: int) -> Tuple[str, int]:
         """Return (stage name, index within the stage) of the 0-based ``iteration``."""
@@ -444,7 +476,8 @@ def prepare_arrays(data: Dict[str, np.ndarray], config: DrcorlConfig) -> Dict[st
     Rewards are scaled by reward_scale, costs are raw; ``mask`` = 1 - (terminal or timeout);
     ``next_act`` is the dataset's action at s' (the next row of the same episode), which the
     cost critics' pretraining TD (Eq. 18) bootstraps with, and ``next_known`` is 0 on the rows
-    whose episode goes on but whose next row is not s' (those rows get no cost-TD weight).
+    whose episode goes on but whose next row is not s' (those rows get no cost-TD weight);
+    ``first`` is 1 on each episode's first row (the states of ``estimate_states: initial``).
     """
     obs = np.asarray(data['observations'], dtype=np.float32)
     next_obs = np.asarray(data['next_observations'], dtype=np.float32)
@@ -457,6 +490,8 @@ def prepare_arrays(data: Dict[str, np.ndarray], config: DrcorlConfig) -> Dict[st
     next_act = np.zeros_like(act)
     next_act[:-1] = act[1:]
     next_act[~continues] = 0.0
+    first = np.zeros(len(obs), dtype=np.float32)
+    first[episode_spans(data)[0]] = 1.0
     scale = config.reward_scale if config.normalize_rewards and config.reward_scale else 1.0
     return {
         'obs': obs, 'act': act, 'next_obs': next_obs, 'next_act': next_act,
@@ -464,6 +499,7 @@ def prepare_arrays(data: Dict[str, np.ndarray], config: DrcorlConfig) -> Dict[st
         'cost': np.asarray(data['costs'], dtype=np.float32).reshape(-1),
         'mask': (~done).astype(np.float32),
         'next_known': (done | continues).astype(np.float32),
+        'first': first,
     }
 
 
@@ -484,6 +520,7 @@ class DrcorlTrainer:
         self.policy_opt = adam(model.policy.parameters(), lr=config.policy_lr)
         self.iteration = 0
         self._env = None            # the 'rollout' estimate's simulator, made on first use
+        self._initial_obs = None    # the dataset's first states ('initial' estimate)
 
     @staticmethod
     def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
@@ -495,14 +532,20 @@ class DrcorlTrainer:
         """Run one iteration of the stage the iteration count is in; return its logs."""
         stage, index = self.config.stage_of(self.iteration)
         self.iteration += 1
+        if stage == 'adaptation' and self._initial_obs is None:
+            self._initial_obs = buffer.data['obs'][buffer.data['first'] > 0]
         if stage == 'behavior':
             logs = self.behavior_update(buffer.sample(self.config.behavior_batch_size))
         elif stage == 'critics':
             logs = self.critic_pretrain_update(buffer.sample(self.config.critic_batch_size))
         elif stage == 'warmstart':
             logs = self.policy_update(buffer.sample(self.config.policy_batch_size), None)
+        elif index < self.config.critic_settle_steps:
+            logs = self.critic_settle_update(buffer.sample(self.config.critic_batch_size),
+                                             index)
         else:
             c = self.config
+            index -= c.critic_settle_steps
             batch = buffer.sample(max(c.policy_batch_size, c.critic_batch_size))
             logs = self.critic_td_update({k: v[:c.critic_batch_size] for k, v in batch.items()})
             logs.update(self.policy_update({k: v[:c.policy_batch_size] for k, v in batch.items()},
@@ -558,6 +601,28 @@ class DrcorlTrainer:
         soft_update(m.q_r_target, m.q_r, c.critic_tau)
         return {'loss/q_r': q_r_loss.detach(), **logs}
 
+    def critic_settle_update(self, batch: Dict[str, torch.Tensor],
+                             index: int) -> Dict[str, torch.Tensor]:
+        """Critic-only TD iteration ``index`` of stage 4's settling; logs C_hat now and then."""
+        logs = self.critic_td_update(batch)
+        done = index + 1
+        if done % SETTLE_ESTIMATE_EVERY == 0 or done == self.config.critic_settle_steps:
+            with torch.no_grad():
+                logs['estimate/cost_norm'] = self.offline_cost_estimate(self.estimate_obs(batch))
+        return logs
+
+    def estimate_obs(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Return the states the offline estimate averages over (``estimate_states``)."""
+        if self.config.estimate_states == 'initial':
+            return self._initial_obs
+        return batch['obs']
+
+    def offline_cost_estimate(self, obs: torch.Tensor) -> torch.Tensor:
+        """Return C_hat = (1 - gamma) T mean Q_c^UCB(s, pi(s)) / kappa over ``obs`` (App. B.3)."""
+        m, c = self.model, self.config
+        return normalized_cost_estimate(m.cost_ucb(obs, m.act(obs)), c.gamma, c.episode_len,
+                                        c.cost_limit)
+
     def _cost_td(self, batch: Dict[str, torch.Tensor], next_act: torch.Tensor,
                  weight: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
         m, c = self.model, self.config
@@ -608,7 +673,7 @@ class DrcorlTrainer:
             self._step(self.policy_opt, loss)
             return {'loss/policy_kl': loss.detach()}
 
-        length = c.adaptation_length()
+        length = c.policy_iterations()
         beta = temperature_schedule(index, length, c.temperature_schedule, c.temperature_start,
                                     c.temperature_end)
         slack = slack_schedule(index, length, c.slack_start, c.slack_decay)
@@ -616,8 +681,7 @@ class DrcorlTrainer:
             estimate = self.rollout_cost(index) / c.cost_limit
         else:
             with torch.no_grad():
-                estimate = float(normalized_cost_estimate(m.cost_ucb(obs, a0), c.gamma,
-                                                          c.episode_len, c.cost_limit))
+                estimate = float(self.offline_cost_estimate(self.estimate_obs(batch)))
         branch = select_branch(estimate, slack, slack)
         values = {}
 
