@@ -147,7 +147,7 @@ GRIDS: Dict[str, Grid] = {
                 branch_of=('drcorl', 160_000)),
          # the same runs' stages 1-3, then 50 000 critic-only TD iterations on the warm-started
          # policy (the critics evaluate it, not the behaviour policy) and the offline rule's
-         # estimate over the data's initial states (docs/algorithms.md "DRCORL"), about 15
+         # estimate over the data's initial states (docs/algorithms.md "DRCORL"), 15-20
          # CPU-minutes more: offline, its own column
          Method('drcorl-settled', 'drcorl', 212_000,
                 ('critic_settle_steps=50000', 'estimate_states=initial'), seeds=(0, 1, 2),

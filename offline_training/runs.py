@@ -235,6 +235,11 @@ def open_run(run_dir, device='cpu', checkpoint=None) -> Run:
         raise MissingFileError(f'{weights} is missing or not a file; pass a checkpoint of '
                                f'{run_dir} (e.g. {run_dir / "checkpoints"}/step_<N>.pt)')
     state = load_checkpoint(weights, device, fix, keys=('model', 'step'))
+    seed = run_config.get('seed')
+    if checkpoint is not None and (state.get('algorithm', algo) != algo or
+                                   state.get('seed', seed) != seed):
+        raise ConfigError(f'{weights} is {state.get("algorithm")} seed {state.get("seed")}, '
+                          f'but {run_dir} is {algo} seed {seed}; pass a checkpoint of that run')
     restore(weights, fix, (model, state['model']))
     run_config['checkpoint_step'] = int(state['step'])
     return Run(algo, module, run_config, config, model.to(device).eval())

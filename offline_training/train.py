@@ -107,10 +107,16 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
                                 {**provenance, 'transitions': int(buffer.size),
                                  'training_transitions': int(len(arrays['obs']))})
 
+    made_dir = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)    # only once the inputs are known to be good
     ckpt_path = run_dir / CHECKPOINT
-    new_branch = init_from is not None and branch_from(Path(init_from), run_dir, algo, seed,
-                                                       provenance['sha256'])
+    try:
+        new_branch = init_from is not None and branch_from(Path(init_from), run_dir, algo, seed,
+                                                           provenance['sha256'])
+    except UserError:
+        if made_dir and not any(run_dir.iterdir()):   # a refused branch leaves no empty folder
+            run_dir.rmdir()
+        raise
     step = 0
     train_cpu_s = 0.0          # CPU seconds spent training (not evaluating), over all sessions
     train_wall_s = 0.0         # wall seconds likewise

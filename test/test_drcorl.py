@@ -290,8 +290,8 @@ def test_settling_steps_train_the_critics_alone_before_the_policy_moves(dataset)
     set_seed(0)
     settle, policy_iterations = 40, 20
     config = drcorl.resolve_config(drcorl.make_config(
-        'test', critic_settle_steps=settle, steps=20 + settle + policy_iterations),
-        get_task(TASK))
+        'test', critic_settle_steps=settle, steps=20 + settle + policy_iterations,
+        estimate_states='initial'), get_task(TASK))
     assert config.adaptation_length() == settle + policy_iterations
     assert config.policy_iterations() == policy_iterations
     # without --steps the settling comes on top of the four stages
@@ -311,12 +311,26 @@ def test_settling_steps_train_the_critics_alone_before_the_policy_moves(dataset)
     for _ in range(config.pretraining_steps()):
         trainer.update(buffer)
     policy, cost_critic = flat(model.policy), flat(model.q_c)
+    td_calls = []
+    real_td = trainer.critic_td_update
+
+    def spy(batch):        # the settling's TD is the one with a' = pi(s')
+        td_calls.append(len(batch['obs']))
+        return real_td(batch)
+    trainer.critic_td_update = spy
     settling = [trainer.update(buffer) for _ in range(settle)]
+    assert td_calls == [config.critic_batch_size] * settle
     # the policy stands still while the critics learn; each iteration logs the estimate it moves
     assert torch.equal(flat(model.policy), policy)
     assert not torch.equal(flat(model.q_c), cost_critic)
     assert all('schedule/branch' not in logs for logs in settling)
     assert 'estimate/cost_norm' in settling[-1]          # logged at the last settling iteration
+    dones = np.asarray(dataset['terminals']) + np.asarray(dataset['timeouts']) > 0
+    first_states = torch.as_tensor(np.asarray(dataset['observations'], np.float32)[
+        np.concatenate([[0], np.flatnonzero(dones)[:-1] + 1])])
+    with torch.no_grad():     # nothing moved since: the logged value is the estimate right now
+        assert float(settling[-1]['estimate/cost_norm']) == pytest.approx(
+            float(trainer.offline_cost_estimate(first_states)), rel=1e-5)
     assert all(drcorl.STAGES[int(logs['schedule/stage'])] == 'adaptation' for logs in settling)
     obs = buffer.data['obs'][:64]
     with torch.no_grad():      # the logged estimate is App. B.3's, by hand on the target heads
@@ -364,6 +378,12 @@ def test_offline_estimate_averages_over_the_chosen_states(dataset, states, monke
     assert float(logs['estimate/cost_norm']) == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ConfigError, match='estimate_states'):
         drcorl.make_config('test', estimate_states='final')
+    with pytest.raises(ConfigError, match='cost_estimate'):    # it only picks offline states
+        drcorl.make_config('test', estimate_states='initial', cost_estimate='rollout')
+    fresh = drcorl.make_trainer(model, config)
+    if states == 'initial':      # the first states come from update(buffer): a clear refusal
+        with pytest.raises(RuntimeError, match='update'):
+            fresh.policy_update(seen[-1], 0)
 
 
 # --------------------------------------------------------------------------- bundle and CLI
@@ -584,3 +604,9 @@ def test_cost_estimate_tool_reports_the_three_state_sources(tmp_path, capsys):
     assert to_go.tolist() == [1.5, 1.0, 2.0, 3.5, 1.0]
     with pytest.raises(MissingFileError, match='step_7.pt is missing'):
         tool.main([str(run), '--checkpoint', str(run / 'checkpoints' / 'step_7.pt')])
+    other = tmp_path / 'other-seed'       # a checkpoint of another run is refused, not read
+    assert train_main(['drcorl', '--task', TASK, '--preset', 'test', '--dataset', str(path),
+                       '--out', str(other), '--seed', '1', '--device', 'cpu',
+                       '--no-progress']) == 0
+    with pytest.raises(ConfigError, match='seed 1'):
+        tool.main([str(run), '--checkpoint', str(other / 'checkpoint.pt')])

@@ -92,6 +92,11 @@ def test_the_commands_use_one_thread_and_name_no_machine_path():
         branch, _, _ = commands(branch_job, grid)
         assert branch[branch.index('--init-from') + 1] == \
             'runs/core-hour/drcorl-BallCircle-s0/checkpoints/step_000160000.pt'
+    # the settled branch: 50 000 critic-only iterations on top of the parent's 162 000
+    settled, _, _ = commands(jobs[3], grid)
+    assert settled[settled.index('--steps') + 1] == '212000'
+    sets = [settled[i + 1] for i, arg in enumerate(settled) if arg == '--set']
+    assert sets == ['critic_settle_steps=50000', 'estimate_states=initial']
     train, evaluate, results = commands(jobs[0], grid)
     assert train[train.index('--threads') + 1] == '1'
     assert train[train.index('--out') + 1] == 'runs/core-hour/fisor-BallCircle-s0'

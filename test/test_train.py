@@ -16,7 +16,7 @@ from offline_training.data.synthetic import rollout_dataset, synthetic_dataset
 from offline_training.runs import load_run
 from offline_training.train import main, train
 import pytest
-from saferl_ros.errors import ConfigError
+from saferl_ros.errors import ConfigError, MissingFileError
 from saferl_ros.tasks import get_task
 import torch
 import yaml
@@ -261,6 +261,10 @@ def test_a_refused_config_or_dataset_leaves_no_run_folder(dataset, tmp_path):
         train('bc_all', TASK, seed=0, out=tmp_path / 'bad-data', data=wrong_dims, steps=2,
               **kwargs)
     assert not (tmp_path / 'bad-config').exists() and not (tmp_path / 'bad-data').exists()
+    with pytest.raises(MissingFileError, match='not a checkpoint file'):   # a refused branch
+        train('bc_all', TASK, seed=0, out=tmp_path / 'bad-branch', data=dataset, steps=2,
+              init_from=tmp_path / 'no-such-run' / 'checkpoint.pt', **kwargs)
+    assert not (tmp_path / 'bad-branch').exists()
 
 
 def test_resume_accepts_a_run_made_before_a_config_field_existed(dataset, tmp_path):

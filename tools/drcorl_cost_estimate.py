@@ -20,8 +20,10 @@ state distribution is not the cause); if only the dataset average is high, the s
 ``dataset_q_c`` compares the critics with the data themselves: the target ensemble's mean Q_c at
 the sampled dataset (s, a) beside the dataset's discounted cost-to-go from the same rows (to the
 episode's end, where training's TD stops too). At the end of pretraining (``--checkpoint
-RUN/checkpoints/step_<N>.pt``) the critics should equal it (they evaluate the behaviour policy);
-later they evaluate the policy, so on its actions they should be lower where it is safer.
+RUN/checkpoints/step_<N>.pt``) the critics evaluate the behaviour policy, so they should equal it
+up to the upward bias of the pessimistic target (Eq. 18: lambda max + (1 - lambda) min over the
+ensemble at every bootstrap); later they evaluate the policy, so on the data's actions followed
+by the policy they may be lower where the policy is safer.
 Episodes are seeded episode_seed(8, k), apart from evaluation's seed 0.
 """
 
@@ -80,6 +82,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from offline_training.algos.batching import clip_actions
     from offline_training.data.dataset import load_dataset
     from offline_training.data.trajectories import episode_spans
     from offline_training.runs import open_run
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
     to_go = discounted_cost_to_go(costs, starts, ends, config.gamma)
     with torch.no_grad():
         q_data = model.q_c_target(torch.as_tensor(obs[pick]), torch.as_tensor(
-            np.asarray(data['actions'], dtype=np.float32)[pick])).mean(dim=0)
+            clip_actions(data['actions'])[pick])).mean(dim=0)   # as training feeds them
 
     env = spec.make_env()
     visited, episode_costs = [], []

@@ -60,7 +60,10 @@ COST_ESTIMATES = ('offline', 'rollout')
 # The states the offline estimate averages over. 'batch' (the paper, App. B.3): the training
 # batch's, "assuming the dataset state distribution is close to the target distribution".
 # 'initial': every episode's first state in the dataset, so that the mean is the policy's own
-# expected cost J_c = E_{s0} V_c(s0) whatever share of the data lies where the policy never goes.
+# discounted cost E_{s0} V_c(s0), whatever share of the data lies where the policy never goes.
+# (1 - gamma) T V_c(s0) equals the episode cost only for costs spread evenly in time: a cost in
+# the first steps counts up to (1 - gamma) T (3x at T = 300), one near the end of a 300-step
+# episode about 0.15x, so late violations are under-counted (docs/algorithms.md "DRCORL").
 ESTIMATE_STATES = ('batch', 'initial')
 # The critic-only settling iterations log C_hat every this many iterations and at their last (the
 # estimate over every initial state costs about as much as a critic update; the training loop
@@ -152,6 +155,10 @@ class DrcorlConfig:
         if self.estimate_states not in ESTIMATE_STATES:
             raise ConfigError(f'estimate_states {self.estimate_states!r}: use one of '
                               f'{", ".join(ESTIMATE_STATES)}')
+        if self.estimate_states != 'batch' and self.cost_estimate != 'offline':
+            raise ConfigError(f'estimate_states {self.estimate_states!r} chooses the states of '
+                              'the offline estimate, but cost_estimate is '
+                              f'{self.cost_estimate!r}; drop one of the two')
         if self.temperature_schedule not in TEMPERATURE_SCHEDULES:
             raise ConfigError(f'temperature_schedule {self.temperature_schedule!r}: use one of '
                               f'{", ".join(TEMPERATURE_SCHEDULES)}')
@@ -606,7 +613,8 @@ class DrcorlTrainer:
         """Critic-only TD iteration ``index`` of stage 4's settling; logs C_hat now and then."""
         logs = self.critic_td_update(batch)
         done = index + 1
-        if done % SETTLE_ESTIMATE_EVERY == 0 or done == self.config.critic_settle_steps:
+        if self.config.cost_estimate == 'offline' and (
+                done % SETTLE_ESTIMATE_EVERY == 0 or done == self.config.critic_settle_steps):
             with torch.no_grad():
                 logs['estimate/cost_norm'] = self.offline_cost_estimate(self.estimate_obs(batch))
         return logs
@@ -614,6 +622,10 @@ class DrcorlTrainer:
     def estimate_obs(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Return the states the offline estimate averages over (``estimate_states``)."""
         if self.config.estimate_states == 'initial':
+            if self._initial_obs is None:
+                raise RuntimeError("estimate_states 'initial' reads the dataset's first states, "
+                                   'which update(buffer) collects; call update, not the stage '
+                                   'methods, first')
             return self._initial_obs
         return batch['obs']
 
