@@ -94,8 +94,8 @@ class DrcorlConfig:
     # that pretraining leaves (2000 adaptation iterations are too few for the critics to move
     # there while the policy changes). Counted inside the adaptation stage's iterations (the
     # default total adds them to the four stages); the slack and temperature schedules run over
-    # the policy iterations that follow. Not in the
-    # paper (its estimate is offline, its code's online): docs/algorithms.md "DRCORL".
+    # the policy iterations that follow. Not in the paper (its estimate is offline, its code's
+    # online): docs/algorithms.md "DRCORL".
     critic_settle_steps: int = 0
     steps: Optional[int] = None         # total iterations; None: the sum of the four stages
     # --- behaviour model (Eq. 5): the official ScoreNet_IDQL, FISOR's network family
