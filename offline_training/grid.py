@@ -20,6 +20,9 @@ Grids are named (``--grid``); the default one is the grid docs/results.md report
 method is one line in its ``methods``. A method may branch from another method's run of the same
 task and seed (``Method.branch_of``: saferl-train --init-from the checkpoint that run kept at a
 step, e.g. DRCORL's end of pretraining); Ray starts the branch once that run has finished.
+A method may also train on a dataset the grid makes per task first (``Method.data`` names a
+``DataStep``: one ``saferl-data`` command, e.g. OASIS's tempting variant and its reshaped file);
+Ray starts the runs once their dataset is written, and a written dataset is not made again.
 """
 
 import argparse
@@ -51,6 +54,24 @@ class Method:
     # (method tag, step): start each run from that method's run of the same task and seed, at
     # the checkpoint it kept at that step (saferl-train --init-from); the run waits for it
     branch_of: Optional[Tuple[str, int]] = None
+    # the tag of the grid's DataStep whose file the runs train on (None: the task's dataset)
+    data: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class DataStep:
+    """
+    A dataset the grid makes for each task before the runs that train on it.
+
+    One ``saferl-data`` command: ``args`` follow ``saferl-data``, with ``{source}``, ``{task}``,
+    ``{preset}`` (the grid's) and ``{out}`` filled in. Its source is the file of the data step
+    tagged ``source``, or the task's collected dataset when None. The file is
+    RUNS_DIR/data/TAG-TASK.hdf5.
+    """
+
+    tag: str
+    args: Tuple[str, ...]
+    source: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +114,9 @@ class Grid:
     notes_path: Optional[Path] = REPO / 'docs' / 'results' / 'NOTES.md'
     datasets_dir: Optional[Path] = None   # $DSRL_DATASET_DIR for the runs (None: the default)
     description: str = ''
+    data_steps: Tuple[DataStep, ...] = ()  # datasets made per task (Method.data names one)
+    kappas: Tuple[float, ...] = (5, 10)    # the results page's tables
+    paper: str = 'fisor'                   # whose published rows stand beside ours
 
     def jobs(self) -> List[Job]:
         """
@@ -168,6 +192,28 @@ GRIDS: Dict[str, Grid] = {
         tasks=tuple(task for task in TASKS if task != 'DroneCircle'),
         **own_folders('h200'),
         description="FISOR 'cpu' preset (critics-first), 34 000-36 000 iterations on one H200"),
+    # OASIS's protocol (its Table 1): each task's "tempting" variant (saferl-data tempting: 90 %
+    # of the trajectories with cost return in [0, 30] removed), kappa = 20. OASIS is BCQ-Lag on
+    # the file OASIS generates from the tempting data (one generator per task, generator seed 0,
+    # its 'cpu' preset: about 1-1.5 CPU-hours); the baselines train on the tempting data itself.
+    # Budgets as the core-hour grid's.
+    'oasis': Grid(
+        'oasis',
+        (Method('oasis', 'oasis', 50_000, ('cost_limit=20',), seeds=(0, 1, 2), data='oasis-k20'),
+         Method('bcq_lag-k20', 'bcq_lag', 50_000, ('cost_limit=20',), seeds=(0, 1, 2),
+                data='tempting'),
+         Method('fisor', 'fisor', 100_000, seeds=(0, 1, 2), data='tempting'),
+         Method('bc_all', 'bc_all', 100_000, data='tempting'),
+         Method('bc_safe-k20', 'bc_safe', 100_000, ('cost_limit=20',), data='tempting')),
+        data_steps=(
+            DataStep('tempting', ('tempting', '{source}', '--task', '{task}', '-o', '{out}')),
+            DataStep('oasis-k20', ('reshape', '{source}', '--task', '{task}', '--kappa', '20',
+                                   '--preset', '{preset}', '--no-progress', '-o', '{out}'),
+                     source='tempting')),
+        kappas=(20,), paper='oasis', **own_folders('oasis'),
+        description="OASIS's protocol: tempting datasets, kappa 20; OASIS (BCQ-Lag on its "
+                    'generated data, generator cpu preset) beside BCQ-Lag, FISOR, BC-All and '
+                    'BC-Safe on the tempting data'),
     # The paper's settings for a GPU machine: FISOR's 'paper' preset (joint schedule) at 1M
     # iterations, the baselines at OSRL's 100 000 steps.
     'paper': Grid(
@@ -206,6 +252,8 @@ def commands(job: Job, grid: Grid) -> Tuple[List[str], List[str], Path]:
              '--checkpoint-every', str(grid.checkpoint_every), '--device', grid.device]
     for item in job.method.overrides:
         train += ['--set', item]
+    if job.method.data is not None:
+        train += ['--dataset', str(repo_relative(data_path(job.method.data, job.task, grid)))]
     if job.method.branch_of is not None:
         from offline_training.runs import kept_checkpoint_path
         train += ['--init-from', str(kept_checkpoint_path(
@@ -215,6 +263,61 @@ def commands(job: Job, grid: Grid) -> Tuple[List[str], List[str], Path]:
                 '--seeds', *map(str, grid.eval_seeds), '--threads', '1', '--no-progress',
                 '-o', str(results)]
     return train, evaluate, results
+
+
+def data_path(tag: str, task: str, grid: Grid) -> Path:
+    """Return the file the grid's data step ``tag`` makes for ``task``."""
+    return Path(grid.runs_dir) / 'data' / f'{tag}-{task}.hdf5'
+
+
+def data_step(tag: str, grid: Grid) -> DataStep:
+    """Return the grid's data step tagged ``tag`` (ConfigError if it has none)."""
+    for step in grid.data_steps:
+        if step.tag == tag:
+            return step
+    raise ConfigError(f'grid {grid.name!r} has no data step {tag!r} (it has '
+                      f'{", ".join(s.tag for s in grid.data_steps) or "none"})')
+
+
+def data_command(step: DataStep, task: str, grid: Grid) -> List[str]:
+    """
+    Return the saferl-data command of one data step for one task.
+
+    A step without a source reads the task's collected dataset, found as the runs find it
+    (the grid's datasets_dir first); DatasetNotFoundError if there is none.
+    """
+    if step.source is None:
+        from offline_training.data.dataset import dataset_dirs, resolve_dataset_path
+        dirs = ([Path(grid.datasets_dir)] if grid.datasets_dir is not None else []) \
+            + dataset_dirs()
+        source = resolve_dataset_path(task=task, dirs=dirs)
+    else:
+        source = data_path(step.source, task, grid)
+    fill = {'source': str(repo_relative(source)), 'task': task, 'preset': grid.preset,
+            'out': str(repo_relative(data_path(step.tag, task, grid)))}
+    return ['saferl-data', *(arg.format(**fill) for arg in step.args)]
+
+
+def data_steps_needed(jobs: Sequence[Job], grid: Grid) -> List[Tuple[DataStep, str]]:
+    """Return the (data step, task) pairs that ``jobs`` need, each after its source."""
+    needed: List[Tuple[DataStep, str]] = []
+
+    def add(tag: str, task: str) -> None:
+        step = data_step(tag, grid)
+        if step.source is not None:
+            add(step.source, task)
+        if (step, task) not in needed:
+            needed.append((step, task))
+
+    for job in jobs:
+        if job.method.data is not None:
+            add(job.method.data, job.task)
+    return needed
+
+
+def data_step_name(step: DataStep, task: str) -> str:
+    """Return a data step's name in the grid's statuses and logs."""
+    return f'data-{step.tag}-{task}'
 
 
 def _die_with_parent() -> None:
@@ -283,18 +386,79 @@ def check_branches(grid: Grid) -> None:
         seen[method.tag] = method
 
 
+def check_data_steps(grid: Grid) -> None:
+    """
+    Raise ConfigError unless every Method.data and DataStep.source names a data step.
+
+    A data step's source must be an earlier step of the grid (so that none waits on itself).
+    """
+    seen = set()
+    for step in grid.data_steps:
+        if step.source is not None and step.source not in seen:
+            raise ConfigError(f'grid {grid.name!r}: data step {step.tag!r} reads {step.source!r}, '
+                              'which is not an earlier data step of the grid; list it first')
+        seen.add(step.tag)
+    for method in grid.methods:
+        if method.data is not None and method.data not in seen:
+            raise ConfigError(f'grid {grid.name!r}: method {method.tag!r} trains on data step '
+                              f'{method.data!r}, which the grid does not have')
+
+
+def _run_commands(cmds: Sequence[List[str]], log: Path, grid: Grid) -> Optional[str]:
+    """Run commands one after another (one thread each), output to ``log``; return a failure."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    if grid.datasets_dir is not None:
+        env['DSRL_DATASET_DIR'] = str(grid.datasets_dir)
+    bin_dir = Path(sys.executable).parent
+    with open(log, 'a') as stream:
+        for cmd in cmds:
+            stream.write(f'$ {" ".join(cmd)}\n')
+            stream.flush()
+            code = subprocess.call([str(bin_dir / cmd[0])] + cmd[1:], stdout=stream,
+                                   stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                   preexec_fn=_die_with_parent)
+            if code != 0:
+                return f'FAILED (exit {code}; log: {repo_relative(log)})'
+    return None
+
+
+def run_data_step(step: DataStep, task: str, grid: Grid, *after) -> Tuple[str, str]:
+    """
+    Make one data step's file for one task unless it exists; return (name, status).
+
+    ``after``: the Ray result of the step it reads (Ray starts this one once it is finished).
+    The file is written in one rename by saferl-data, so a file that exists is complete.
+    """
+    name = data_step_name(step, task)
+    out = data_path(step.tag, task, grid)
+    if out.is_file():
+        return name, 'done already'
+    if step.source is not None and not data_path(step.source, task, grid).is_file():
+        return name, (f'FAILED: its source {repo_relative(data_path(step.source, task, grid))} '
+                      "was not made (see that step's log)")
+    from offline_training.data.dataset import DatasetError
+    try:
+        cmd = data_command(step, task, grid)
+    except DatasetError as error:
+        return name, f'FAILED: {error}'
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    failure = _run_commands([cmd], Path(grid.runs_dir) / 'logs' / f'{name}.log', grid)
+    return name, failure or f'ok in {time.time() - start:.0f} s'
+
+
 def run_job(job: Job, grid: Grid, *after) -> Tuple[str, str]:
     """
     Train (or resume) one run and evaluate it unless its results exist; return a status.
 
-    ``after``: the Ray results of the runs this one branches from (Ray starts it once they are
-    finished; their values are not needed).
+    ``after``: the Ray results of the run this one branches from and of the data step it trains
+    on (Ray starts it once they are finished; their values are not needed).
     """
     train, evaluate, results = commands(job, grid)
     if (REPO / results).exists():
         return job.name, 'done already'
     log = log_path(job, grid)
-    log.parent.mkdir(parents=True, exist_ok=True)
     if trained_already(job, grid):
         # e.g. trained on a GPU machine by tools/gpu_grid.py, whose slimmed checkpoint can be
         # evaluated but not resumed
@@ -309,32 +473,26 @@ def run_job(job: Job, grid: Grid, *after) -> Tuple[str, str]:
         problem = branch_source_missing(job, grid)
         if problem:
             return job.name, f'FAILED: {problem}'
-    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
-    if grid.datasets_dir is not None:
-        env['DSRL_DATASET_DIR'] = str(grid.datasets_dir)
-    bin_dir = Path(sys.executable).parent
+    if train is not None and job.method.data is not None:
+        data = data_path(job.method.data, job.task, grid)
+        if not data.is_file():
+            return job.name, (f'FAILED: its dataset {repo_relative(data)} was not made (see '
+                              f'{repo_relative(log.parent)}/data-{job.method.data}-'
+                              f'{job.task}.log)')
     start = time.time()
-    with open(log, 'a') as stream:
-        for cmd in filter(None, (train, evaluate)):
-            stream.write(f'$ {" ".join(cmd)}\n')
-            stream.flush()
-            code = subprocess.call([str(bin_dir / cmd[0])] + cmd[1:], stdout=stream,
-                                   stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                   preexec_fn=_die_with_parent)
-            if code != 0:
-                return job.name, f'FAILED (exit {code}; log: {repo_relative(log)})'
-    return job.name, f'ok in {time.time() - start:.0f} s'
+    failure = _run_commands(list(filter(None, (train, evaluate))), log, grid)
+    return job.name, failure or f'ok in {time.time() - start:.0f} s'
 
 
 def run_grid(jobs: Sequence[Job], grid: Grid, workers: int = 2,
              address: Optional[str] = None, echo=print) -> Dict[str, str]:
     """
-    Run ``jobs`` as Ray tasks of one CPU each; return {run name: status}.
+    Run ``jobs`` (and the data steps they need) as Ray tasks of one CPU each.
 
-    Without ``address`` a local Ray instance with ``workers`` CPUs runs them; with it, the
-    cluster at that address. Statuses are echoed as runs finish. On Ctrl-C the runs in flight
-    are cancelled (their training processes stop with their Ray workers; rerunning resumes them)
-    and KeyboardInterrupt propagates.
+    Return {run or data step name: status}. Without ``address`` a local Ray instance with
+    ``workers`` CPUs runs them; with it, the cluster at that address. Statuses are echoed as
+    they finish. On Ctrl-C the runs in flight are cancelled (their training processes stop with
+    their Ray workers; rerunning resumes them) and KeyboardInterrupt propagates.
     """
     import ray
 
@@ -346,22 +504,34 @@ def run_grid(jobs: Sequence[Job], grid: Grid, workers: int = 2,
         os.environ.setdefault('RAY_worker_niceness', '0')
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     statuses: Dict[str, str] = {}
+    pending: Dict[object, str] = {}
     try:
+        remote_step = ray.remote(num_cpus=1, max_retries=0)(run_data_step)
         remote_job = ray.remote(num_cpus=1, max_retries=0)(run_job)
+        # Each Ray task waits for the results it is given: a data step for the one it reads, a
+        # run for the run it branches from and for the data step it trains on.
+        data_refs = {}
+        for step, task in data_steps_needed(jobs, grid):
+            source = data_refs.get((step.source, task))
+            ref = remote_step.remote(step, task, grid, *([source] if source else []))
+            data_refs[(step.tag, task)] = ref
+            pending[ref] = data_step_name(step, task)
         refs = {}
-        for job in jobs:     # a run that branches from another of these waits for it (Ray)
-            parent = refs.get(job.parent_name)
-            refs[job.name] = remote_job.remote(job, grid, *([parent] if parent else []))
-        pending = {refs[job.name]: job for job in jobs}
+        for job in jobs:
+            after = [ref for ref in (refs.get(job.parent_name),
+                                     data_refs.get((job.method.data, job.task))) if ref]
+            refs[job.name] = remote_job.remote(job, grid, *after)
+            pending[refs[job.name]] = job.name
+        total = len(pending)
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
-            job = pending.pop(done[0])
+            name = pending.pop(done[0])
             try:
                 name, status = ray.get(done[0])
             except ray.exceptions.RayError as error:
-                name, status = job.name, f'FAILED (Ray: {type(error).__name__}: {error})'
+                status = f'FAILED (Ray: {type(error).__name__}: {error})'
             statuses[name] = status
-            echo(f'{time.strftime("%H:%M:%S")} [{len(statuses)}/{len(jobs)}] {name}: {status}')
+            echo(f'{time.strftime("%H:%M:%S")} [{len(statuses)}/{total}] {name}: {status}')
     except KeyboardInterrupt:
         for ref in list(pending):
             ray.cancel(ref, force=True)
@@ -437,9 +607,12 @@ def write_tables(grid: Grid) -> int:
               f'`saferl-grid --grid {grid.name}` first', file=sys.stderr)
         return 1
     cmd = [str(Path(sys.executable).parent / 'saferl-eval'), 'table', *files,
-           '-o', str(repo_relative(grid.table_path)), '--kappa', '5', '10']
+           '-o', str(repo_relative(grid.table_path)), '--kappa',
+           *(f'{k:g}' for k in grid.kappas)]
     if grid.notes_path is not None:
         cmd += ['--notes', str(repo_relative(grid.notes_path))]
+    if grid.paper != 'fisor':
+        cmd += ['--paper', grid.paper]
     return subprocess.call(cmd, cwd=REPO)
 
 
@@ -469,6 +642,7 @@ def main(argv=None) -> int:
         ('results_dir', args.results_dir)) if value is not None}
     grid = replace(grid, **changes)
     check_branches(grid)
+    check_data_steps(grid)
     if args.table:
         return write_tables(grid)
     todo = [job for job in grid.jobs()
@@ -476,12 +650,20 @@ def main(argv=None) -> int:
     if not todo:
         parser.error(f'no run of grid {grid.name!r} matches --only {" ".join(args.only)}')
     if args.dry_run:
+        from offline_training.data.dataset import DatasetError
+        for step, task in data_steps_needed(todo, grid):
+            try:
+                print(' '.join(data_command(step, task, grid)))
+            except DatasetError as error:
+                print(f'# {data_step_name(step, task)}: {error}')
         for job in todo:
             train, evaluate, _ = commands(job, grid)
             print(' '.join(train))
             print(' '.join(evaluate))
         return 0
-    print(f'grid {grid.name!r}: {len(todo)} runs, '
+    steps = data_steps_needed(todo, grid)
+    print(f'grid {grid.name!r}: {len(todo)} runs'
+          + (f' after {len(steps)} data steps' if steps else '') + ', '
           + (f'Ray cluster {args.address}' if args.address else f'{args.workers} local CPUs'),
           flush=True)
     try:
@@ -492,7 +674,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 130
     failed = [name for name, status in statuses.items() if status.startswith('FAILED')]
-    print(f'{len(statuses) - len(failed)} of {len(statuses)} runs ok'
+    print(f'{len(statuses) - len(failed)} of {len(statuses)} runs'
+          + (' and data steps' if steps else '') + ' ok'
           + (f'; failed: {", ".join(failed)}' if failed else ''))
     return 1 if failed else 0
 

@@ -12,11 +12,12 @@ seeds) is one unit: the unit's mean over its episodes; the reported mean +- std 
 
 import argparse
 import csv
+from dataclasses import dataclass
 import json
 import os
 from pathlib import Path
 import re
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 from saferl_ros.errors import ConfigError, MissingFileError
@@ -39,6 +40,42 @@ PAPER = {
               'DroneRun': (0.30, 0.55), 'AntCircle': (0.20, 0.00), 'BallCircle': (0.34, 0.00),
               'CarCircle': (0.40, 0.11), 'DroneCircle': (0.48, 0.00)},
 }
+# OASIS paper, Table 1: the "tempting" datasets (most low-cost trajectories removed), kappa = 20,
+# 3 seeds, means only. Its BC is trained on all the data (our bc_all); 'oasis' is BCQ-Lag on
+# OASIS's generated data. The paper normalises reward by the dataset's best return.
+PAPER_OASIS = {
+    'bc_all': {'BallRun': (0.55, 2.04), 'CarRun': (0.94, 1.50), 'DroneRun': (0.62, 3.48),
+               'BallCircle': (0.73, 2.53), 'CarCircle': (0.59, 3.39),
+               'DroneCircle': (0.82, 3.29)},
+    'bcq_lag': {'BallRun': (0.51, 1.96), 'CarRun': (0.96, 2.31), 'DroneRun': (0.76, 5.19),
+                'BallCircle': (0.76, 2.62), 'CarCircle': (0.79, 3.25),
+                'DroneCircle': (0.88, 3.90)},
+    'fisor': {'BallRun': (0.17, 0.04), 'CarRun': (0.85, 0.15), 'DroneRun': (0.44, 2.52),
+              'BallCircle': (0.28, 0.00), 'CarCircle': (0.24, 0.15),
+              'DroneCircle': (0.49, 0.02)},
+    'oasis': {'BallRun': (0.28, 0.79), 'CarRun': (0.85, 0.02), 'DroneRun': (0.13, 0.79),
+              'BallCircle': (0.70, 0.45), 'CarCircle': (0.76, 0.89),
+              'DroneCircle': (0.60, 0.25)},
+}
+
+
+@dataclass(frozen=True)
+class PaperTable:
+    """A paper's published rows, shown beside ours: (normalised reward, cost) per algorithm."""
+
+    rows: Dict[str, Dict[str, Tuple[float, float]]]
+    kappa: float          # the threshold its costs are normalised by
+    caption: str          # what the columns are, for the page's header
+
+
+PAPER_TABLES = {
+    'fisor': PaperTable(PAPER, 5.0, 'Table 1 of the FISOR paper (κ = 5, 20 episodes × 3 seeds, '
+                        'the hosted DSRL datasets)'),
+    'oasis': PaperTable(PAPER_OASIS, 20.0, 'Table 1 of the OASIS paper (tempting variants of '
+                        'the hosted DSRL datasets, κ = 20, 3 seeds; reward normalised by the '
+                        "dataset's best return)"),
+}
+DEFAULT_PAPER = 'fisor'
 
 
 def _mean_std(values) -> Dict[str, float]:
@@ -126,16 +163,21 @@ def _cell(stat: dict) -> str:
 
 
 def results_table(results: Sequence[dict], kappa: float = TABLE_KAPPA,
-                  details: bool = True) -> str:
-    """Return the markdown results table at ``kappa`` (unsafe costs, C_norm > 1, in bold)."""
+                  details: bool = True, paper: str = DEFAULT_PAPER) -> str:
+    """
+    Return the markdown results table at ``kappa`` (unsafe costs, C_norm > 1, in bold).
+
+    ``paper``: the PAPER_TABLES entry whose rows of the same algorithms stand beside ours.
+    """
+    published = PAPER_TABLES[paper].rows
     merged = merge_results(results)
     tasks = sorted({t for t, _ in merged}, key=lambda t: (t.endswith('Run'), t))
     labels = sorted({label for _, label in merged})
     algorithm_of = {label: entry['algorithm'] for (_, label), entry in merged.items()}
-    paper = sorted({algorithm_of[label] for label in labels} & set(PAPER))
+    shown = sorted({algorithm_of[label] for label in labels} & set(published))
     head = ['Task'] + [f'{label} R↑ / C↓' for label in labels]
-    head += [f'paper {a} R / C' for a in paper]
-    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * (1 + len(labels) + len(paper))]
+    head += [f'paper {a} R / C' for a in shown]
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * (1 + len(labels) + len(shown))]
     for task in tasks:
         cells = [task]
         for label in labels:
@@ -147,8 +189,8 @@ def results_table(results: Sequence[dict], kappa: float = TABLE_KAPPA,
             cost = _cell(norm['cost'])
             cost = f'**{cost}**' if norm['cost']['mean'] > 1 else cost
             cells.append(f'{_cell(norm["reward"])} / {cost}')
-        for algorithm in paper:
-            row = PAPER[algorithm].get(task)
+        for algorithm in shown:
+            row = published[algorithm].get(task)
             cells.append(f'{row[0]:.2f} / {row[1]:.2f}' if row else '–')
         lines.append('| ' + ' | '.join(cells) + ' |')
     if not details:
@@ -190,8 +232,14 @@ def results_csv(results: Sequence[dict], path) -> None:
                                  ';'.join(entry['names'])])
 
 
-def reward_cost_plots(results: Sequence[dict], out_dir, kappa: float = TABLE_KAPPA) -> List[Path]:
-    """Draw one normalised reward-vs-cost plot per task (safe region: C_norm <= 1)."""
+def reward_cost_plots(results: Sequence[dict], out_dir, kappa: float = TABLE_KAPPA,
+                      paper: str = DEFAULT_PAPER) -> List[Path]:
+    """
+    Draw one normalised reward-vs-cost plot per task (safe region: C_norm <= 1).
+
+    The ``paper`` table's points (squares) are drawn on the plots at its own kappa.
+    """
+    published = PAPER_TABLES[paper]
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -214,11 +262,11 @@ def reward_cost_plots(results: Sequence[dict], out_dir, kappa: float = TABLE_KAP
                             xerr=norm['cost']['std'], yerr=norm['reward']['std'], fmt='o',
                             color=color, capsize=3, label=f'{label} (ours)')
             algorithm = merged[(task, label)]['algorithm']
-            paper = PAPER.get(algorithm, {}).get(task)
-            if paper and algorithm not in drawn_paper and float(kappa) == 5.0:
+            point = published.rows.get(algorithm, {}).get(task)
+            if point and algorithm not in drawn_paper and float(kappa) == published.kappa:
                 drawn_paper.add(algorithm)
-                ax.plot(paper[1], paper[0], marker='s', mfc='none', color=color, ls='none',
-                        label=f'{algorithm} (paper, kappa 5)')
+                ax.plot(point[1], point[0], marker='s', mfc='none', color=color, ls='none',
+                        label=f'{algorithm} (paper, kappa {published.kappa:g})')
         ax.set_xlabel(f'normalised cost (kappa = {kappa:g})')
         ax.set_ylabel('normalised reward')
         ax.set_title(f'{task}: reward vs cost')
@@ -267,13 +315,17 @@ def read_results(path) -> dict:
 
 
 def write_table(result_files: Sequence, out, kappa=TABLE_KAPPA, plot_dir=None,
-                notes=None) -> Path:
+                notes=None, paper: str = DEFAULT_PAPER) -> Path:
     """
     Write the markdown tables (and the CSV and plots next to them) from results JSON files.
 
     ``kappa``: one threshold or several (one table and one set of plots each; the first is the
     main one). ``notes``: a markdown file appended below the tables (what was run, caveats).
+    ``paper``: the PAPER_TABLES entry shown beside ours.
     """
+    if paper not in PAPER_TABLES:
+        raise ConfigError(f'unknown paper table {paper!r}; choose one of '
+                          f'{", ".join(sorted(PAPER_TABLES))}')
     kappas = [float(k) for k in (kappa if isinstance(kappa, (list, tuple)) else [kappa])]
     results = [read_results(f) for f in result_files]
     out = Path(out)
@@ -289,21 +341,23 @@ def write_table(result_files: Sequence, out, kappa=TABLE_KAPPA, plot_dir=None,
     header = (
         '# Results\n\n'
         f'<!-- generated by `saferl-eval table {files} -o {out} --kappa {kappa_args}'
-        f'{f" --notes {notes}" if notes is not None else ""}`; edit the sources, not this '
+        f'{f" --notes {notes}" if notes is not None else ""}'
+        f'{f" --paper {paper}" if paper != DEFAULT_PAPER else ""}`; edit the sources, not this '
         'page -->\n\n'
         'Each cell: normalised reward (R↑) / normalised cost (C↓), normalised as DSRL does, '
         'mean ± std (over '
         'evaluation units: training seeds or evaluation seeds, or over episodes for a single '
-        'one). Costs above 1 (unsafe) are in bold. The paper columns are Table 1 of the FISOR '
-        'paper (κ = 5, 20 episodes × 3 seeds, the hosted DSRL datasets); ours use the datasets '
+        f'one). Costs above 1 (unsafe) are in bold. The paper columns are '
+        f'{PAPER_TABLES[paper].caption}; ours use the datasets '
         'collected here, so they are comparable in protocol but not in data. Other κ: the CSV '
         f'next to this file. Plots: `{plot_dir}`. '
         f'Machine: {"; ".join(machines) or "unknown"}.\n\n')
     sections = []
     for k in kappas:
-        title = f'## κ = {k:g}' + (" (FISOR's threshold for these tasks)" if k == 5 else '')
-        sections.append(f'{title}\n\n' + results_table(results, k, details=False))
-        pngs = reward_cost_plots(results, plot_dir, k)
+        title = f'## κ = {k:g}' + (f" ({paper.upper()}'s threshold for these tasks)"
+                                   if k == PAPER_TABLES[paper].kappa else '')
+        sections.append(f'{title}\n\n' + results_table(results, k, details=False, paper=paper))
+        pngs = reward_cost_plots(results, plot_dir, k, paper)
         if k == kappas[0]:
             links = ' '.join(f'![{png.stem}]({os.path.relpath(png, out.parent)})' for png in pngs)
             sections.append(f'Reward against cost at κ = {k:g} (squares: the paper):\n\n{links}\n')
@@ -332,7 +386,10 @@ def table_main(argv=None) -> int:
                         'results.md, else OUT_DIR/img/STEM)')
     parser.add_argument('--notes', default=None,
                         help='markdown file appended below the table (runs, caveats)')
+    parser.add_argument('--paper', default=DEFAULT_PAPER, choices=sorted(PAPER_TABLES),
+                        help="whose published rows stand beside ours: 'fisor' (FISOR's Table 1, "
+                        "kappa 5; default) or 'oasis' (OASIS's Table 1, tempting data, kappa 20)")
     args = parser.parse_args(argv)
-    out = write_table(args.results, args.out, args.kappa, args.plot_dir, args.notes)
+    out = write_table(args.results, args.out, args.kappa, args.plot_dir, args.notes, args.paper)
     print(f'saferl-eval: wrote {out} and {out.with_suffix(".csv")}')
     return 0

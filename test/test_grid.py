@@ -4,7 +4,8 @@ import json
 
 from offline_training.data.dataset import write_dataset
 from offline_training.data.synthetic import synthetic_dataset
-from offline_training.grid import (branch_source_missing, check_branches, commands, Grid,
+from offline_training.grid import (branch_source_missing, check_branches, check_data_steps,
+                                   commands, data_command, data_steps_needed, DataStep, Grid,
                                    GRIDS, Job, main, Method, run_grid, write_tables)
 import pytest
 import yaml
@@ -234,3 +235,82 @@ def test_one_machine_tool_names_packed_runs_where_they_unpack(tmp_path):
     assert tool.pack_name(repo / 'runs' / 'core-hour' / 'fisor-X-s0') == \
         'runs/core-hour/fisor-X-s0'                  # unpack at the repository root
     assert tool.pack_name(tmp_path / 'my-runs' / 'fisor-X-s0') == 'my-runs/fisor-X-s0'
+
+
+def test_data_steps_make_each_dataset_once_before_the_runs_that_train_on_it(tmp_path):
+    # OASIS's shape: a tempting variant of the task's data, a reshaped file made from it, runs
+    # on each; and a step whose command fails, whose run then fails with its dataset named.
+    datasets = tmp_path / 'datasets'
+    datasets.mkdir()
+    write_dataset(datasets / 'SafetyBallCircle-v0-test-12.hdf5',
+                  synthetic_dataset('BallCircle', episodes=12, seed=0, max_length=40),
+                  'BallCircle')
+    tempting = DataStep('tempting', ('tempting', '{source}', '--task', '{task}',
+                                     '--remove-ratio', '0.5', '-o', '{out}'))
+    reshaped = DataStep('gen', ('reshape', '{source}', '--task', '{task}', '--kappa', '20',
+                                '--preset', '{preset}', '--no-progress', '-o', '{out}'),
+                        source='tempting')
+    broken = DataStep('broken', ('tempting', '{source}', '--task', '{task}', '--remove-ratio',
+                                 '2', '-o', '{out}'))
+    grid = Grid('data', (Method('oasis', 'oasis', 6, ('cost_limit=20',), data='gen'),
+                         Method('bc_all', 'bc_all', 4, data='tempting'),
+                         Method('bc_safe', 'bc_safe', 4, data='broken')),
+                tasks=('BallCircle',), preset='test', eval_episodes=1, checkpoint_every=2,
+                runs_dir=tmp_path / 'runs', results_dir=tmp_path / 'results',
+                table_path=tmp_path / 'results.md', runs_page=tmp_path / 'runs.md',
+                notes_path=None, datasets_dir=datasets, data_steps=(tempting, reshaped, broken),
+                kappas=(20,), paper='oasis')
+    check_data_steps(grid)
+    # the data steps come before the runs, each after the step it reads
+    assert [(s.tag, t) for s, t in data_steps_needed(grid.jobs(), grid)] == [
+        ('tempting', 'BallCircle'), ('gen', 'BallCircle'), ('broken', 'BallCircle')]
+    command = data_command(reshaped, 'BallCircle', grid)
+    source = tmp_path / 'runs' / 'data' / 'tempting-BallCircle.hdf5'
+    assert command[:3] == ['saferl-data', 'reshape', str(source)]
+    assert command[command.index('-o') + 1].endswith('runs/data/gen-BallCircle.hdf5')
+    assert '{' not in ' '.join(command) and command[command.index('--preset') + 1] == 'test'
+    lines = []
+    statuses = run_grid(grid.jobs(), grid, workers=2, echo=lines.append)
+    for name in ('data-tempting-BallCircle', 'data-gen-BallCircle', 'oasis-BallCircle-s0',
+                 'bc_all-BallCircle-s0'):
+        assert statuses[name].startswith('ok'), (name, statuses[name])
+    assert len(lines) == 6 and lines[-1].split()[1] == '[6/6]'
+    assert statuses['data-broken-BallCircle'].startswith('FAILED')
+    assert '--remove-ratio must lie in [0, 1]' in (
+        tmp_path / 'runs' / 'logs' / 'data-broken-BallCircle.log').read_text()
+    failed = statuses['bc_safe-BallCircle-s0']
+    assert failed.startswith('FAILED') and 'broken-BallCircle.hdf5 was not made' in failed
+    # each run trained on its step's file: OASIS on the generated one, BC on the tempting one
+    for run, tag in (('oasis-BallCircle-s0', 'gen'), ('bc_all-BallCircle-s0', 'tempting')):
+        config = yaml.safe_load((tmp_path / 'runs' / run / 'config.yaml').read_text())
+        assert config['dataset']['path'].endswith(f'runs/data/{tag}-BallCircle.hdf5')
+    # nothing is made twice: the datasets and runs are done already on a second pass
+    made = {p.name: p.stat().st_mtime_ns for p in (tmp_path / 'runs' / 'data').glob('*.hdf5')}
+    again = run_grid(grid.jobs()[:2], grid, workers=2, echo=lines.append)
+    assert set(again.values()) == {'done already'} and len(again) == 4
+    assert made == {p.name: p.stat().st_mtime_ns
+                    for p in (tmp_path / 'runs' / 'data').glob('*.hdf5')}
+    # the results page stands the OASIS paper's rows beside ours, at kappa 20
+    assert write_tables(grid) == 0
+    page = (tmp_path / 'results.md').read_text()
+    assert '## κ = 20' in page and '## κ = 5' not in page and '--paper oasis' in page
+    assert 'paper oasis R / C' in page and 'Table 1 of the OASIS paper' in page
+
+
+def test_a_data_step_must_exist_and_come_after_its_source():
+    from saferl_ros.errors import ConfigError
+
+    for grid in GRIDS.values():
+        check_data_steps(grid)
+    first, second = DataStep('a', ('x',)), DataStep('b', ('y',), source='a')
+    with pytest.raises(ConfigError, match="reads 'a', which is not an earlier data step"):
+        check_data_steps(Grid('bad', (), data_steps=(second, first)))
+    with pytest.raises(ConfigError, match="trains on data step 'c', which the grid does not"):
+        check_data_steps(Grid('bad', (Method('m', 'bc_all', 3, data='c'),),
+                              data_steps=(first,)))
+    # the OASIS grid: its tempting step reads the collected data, the reshape reads that
+    oasis = GRIDS['oasis']
+    assert [s.tag for s in oasis.data_steps] == ['tempting', 'oasis-k20']
+    train, _, _ = commands(Job(oasis.methods[0], 'CarRun', 1), oasis)
+    assert train[:2] == ['saferl-train', 'oasis']
+    assert train[train.index('--dataset') + 1] == 'runs/oasis/data/oasis-k20-CarRun.hdf5'

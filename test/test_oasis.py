@@ -1,5 +1,6 @@
 """OASIS: losses, guidance, the first-state pin, a tiny generator, the generated file, the CLI."""
 
+from dataclasses import replace
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from offline_training.data.dataset import (check_file, COST_LABELS_ATTR, UNLABEL
 from offline_training.data.synthetic import synthetic_dataset
 import pytest
 from saferl_ros.dataset_keys import DSRL_KEYS
+from saferl_ros.errors import ConfigError
 from saferl_ros.files import sha256_file
 from saferl_ros.tasks import get_task
 import torch
@@ -294,6 +296,80 @@ def test_reshape_bad_inputs_fail_in_one_line(raw_file, reshaped, tmp_path, capsy
     with pytest.raises(SystemExit):
         cli.main(['reshape', str(raw_file), '-o', str(tmp_path / 'a'), *base,
                   '--condition', 'ten'])
+
+
+def test_generator_training_resumes_where_it_was_killed(tmp_path, monkeypatch):
+    # An interrupted reshape (Ctrl-C, a lost machine) resumes its generator from the state kept
+    # every few steps: the same parameters as a run that was never interrupted.
+    data = _toy(episodes=8, length=12, obs_dim=2)
+    config = oasis.resolve_generator_config(oasis.make_generator_config(
+        'test', steps=30, ema_start=10), get_task(TASK))
+    sampler = oasis.WindowSampler(data, config.horizon, config.cost_sample_offset)
+
+    def train(checkpoint, identity=None, seed=0, config=config):
+        torch.manual_seed(seed)
+        model = oasis.OASISModel(2, 2, config)
+        logs = oasis.train_generator(model, sampler, config, seed=seed, checkpoint=checkpoint,
+                                     identity=identity or {'data': 'toy'}, checkpoint_every=10)
+        return model, logs
+
+    straight, _ = train(None)
+    checkpoint = tmp_path / 'gen.partial'
+    calls = {'n': 0}
+    real_loss = oasis.generator_loss
+
+    def dies_at_step_25(*args, **kwargs):
+        calls['n'] += 1
+        if calls['n'] == 25:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(oasis, 'generator_loss', dies_at_step_25)
+    with pytest.raises(KeyboardInterrupt):
+        train(checkpoint)
+    monkeypatch.setattr(oasis, 'generator_loss', real_loss)
+    assert torch.load(checkpoint, weights_only=False)['step'] == 20
+    resumed, logs = train(checkpoint)
+    assert logs['resumed_at'] == 20
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    # another run's state is refused, with the field that differs, not silently resumed
+    with pytest.raises(ConfigError, match=r"config fields \['lr'\] differ"):
+        train(checkpoint, config=replace(config, lr=0.5))
+    with pytest.raises(ConfigError, match='seed differ'):
+        train(checkpoint, seed=1)
+    with pytest.raises(ConfigError, match='source data differ'):
+        train(checkpoint, identity={'data': 'other'})
+    # generation settings may change (the same generator serves another kappa)
+    assert train(checkpoint, config=replace(config, kappa=10.0, num_starts=7))[1]['resumed_at']
+    checkpoint.write_bytes(b'junk')
+    with pytest.raises(ConfigError, match='not a readable OASIS generator checkpoint'):
+        train(checkpoint)
+
+
+def test_reshape_resumes_an_interrupted_generator_and_removes_its_state(
+        raw_file, tmp_path, monkeypatch, capsys):
+    out = tmp_path / 'gen.hdf5'
+    args = ['reshape', str(raw_file), '--task', TASK, '-o', str(out), '--preset', 'test',
+            '--no-progress', '--device', 'cpu', '--set', 'steps=30']
+    monkeypatch.setattr(oasis, 'GENERATOR_CHECKPOINT_EVERY', 10)
+    real_fit = oasis.fit
+
+    def fit_then_killed(*args, **kwargs):
+        real_fit(*args, **kwargs)       # the state was kept at steps 10 and 20
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(oasis, 'fit', fit_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(args)
+    partial = Path(str(out) + '.generator.pt.partial')
+    assert partial.is_file() and not out.exists()
+    monkeypatch.setattr(oasis, 'fit', real_fit)
+    assert cli.main(args) == 0
+    assert f'resuming from {partial}' in capsys.readouterr().out
+    assert not partial.exists() and out.is_file()
+    record = torch.load(str(out) + '.generator.pt', weights_only=True)
+    assert record['info']['generator']['resumed_at'] == 20
 
 
 def test_tempting_variant_drops_most_low_cost_trajectories(tmp_path, capsys):

@@ -19,16 +19,19 @@ not generated), i.e. ``saferl-train oasis --dataset OUT.hdf5``.
 from copy import deepcopy
 from dataclasses import asdict, dataclass, replace
 import hashlib
+from pathlib import Path
 import time
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from offline_training.algos import bcq_lag
-from offline_training.algos.infrastructure import adam, config_from_preset, set_seed
+from offline_training.algos.infrastructure import (adam, config_from_preset, rng_state,
+                                                   set_rng_state, set_seed)
 from offline_training.algos.networks import mlp, soft_update
 from offline_training.algos.trajectory_diffusion import (first_state_pin, TrajectoryDiffusion,
                                                          TrajectoryDiffusionConfig)
 from offline_training.data.trajectories import trajectory_returns
+from offline_training.runs import write_checkpoint
 from saferl_ros.dataset_keys import DSRL_KEYS
 from saferl_ros.errors import ConfigError
 from saferl_ros.tasks import get_task
@@ -39,6 +42,15 @@ from tqdm import tqdm, trange
 
 NAME = 'oasis'
 GENERATOR_FORMAT = 'saferl-oasis-generator-1'
+GENERATOR_CHECKPOINT_FORMAT = 'saferl-oasis-generator-checkpoint-1'
+# Generator training keeps its state every this many steps (about 2-3 CPU-minutes on the
+# 'cpu' preset): an interrupted reshape resumes, losing at most that much.
+GENERATOR_CHECKPOINT_EVERY = 500
+# Config fields that generation or the labellers read, not the generator's training: a
+# resumed generator may differ in them (e.g. another kappa for the same generator).
+NOT_TRAINING = frozenset({'keep_states', 'guidance', 'noise_scale', 'kappa', 'num_starts',
+                          'conditions', 'sample_batch', 'label_hidden', 'label_steps',
+                          'label_batch', 'label_lr', 'holdout_fraction'})
 
 # The official code's generation conditions, (reward return, cost return) per task, kappa = 20
 # (official code, Generation/dataset_generation.py). Other kappas scale the costs by kappa/20.
@@ -348,8 +360,19 @@ def _first_state_pin_mask(config: OASISConfig, obs_dim: int, device) -> Optional
 
 
 def train_generator(model: OASISModel, sampler: WindowSampler, config: OASISConfig,
-                    device='cpu', seed: int = 0, progress: bool = False) -> Dict[str, float]:
-    """Train diffusion + inverse dynamics jointly (AdamW, warm-up, clip, EMA); return logs."""
+                    device='cpu', seed: int = 0, progress: bool = False,
+                    checkpoint: Optional[Path] = None, identity: Optional[dict] = None,
+                    checkpoint_every: Optional[int] = None) -> Dict[str, float]:
+    """
+    Train diffusion + inverse dynamics jointly (AdamW, warm-up, clip, EMA); return logs.
+
+    With ``checkpoint`` (a file path) the training state is written there every
+    ``checkpoint_every`` steps, and a file already there is resumed: the same steps, batches and
+    noise as an uninterrupted run. ``identity`` (e.g. the source data's sha256) is stored with
+    it; a checkpoint of another identity, config or seed is refused, not resumed.
+    ``checkpoint_every`` defaults to GENERATOR_CHECKPOINT_EVERY.
+    """
+    checkpoint_every = checkpoint_every or GENERATOR_CHECKPOINT_EVERY
     rng = np.random.default_rng(seed)
     params = list(model.diffusion.parameters()) + list(model.inverse.parameters())
     opt = adam(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -360,8 +383,29 @@ def train_generator(model: OASISModel, sampler: WindowSampler, config: OASISConf
     pin_mask = _first_state_pin_mask(config, model.obs_dim, device)
     mean, std = model.state_mean.cpu().numpy(), model.state_std.cpu().numpy()
     logs: Dict[str, float] = {}
+    owner = {'identity': identity or {}, 'seed': int(seed),
+             'config': {k: v for k, v in asdict(config).items() if k not in NOT_TRAINING}}
+    first, wall_before = 0, 0.0
+    if checkpoint is not None and Path(checkpoint).exists():
+        saved = _load_generator_checkpoint(checkpoint, owner)
+        live.load_state_dict(saved['live'])
+        ema.load_state_dict(saved['ema'])
+        opt.load_state_dict(saved['opt'])
+        sched.load_state_dict(saved['sched'])
+        rng.bit_generator.state = saved['sampler_rng']
+        set_rng_state(saved['rng'])
+        first, wall_before = int(saved['step']), float(saved['wall_s'])
     start = time.time()
-    bar = trange(config.steps, desc='oasis generator', disable=not progress, dynamic_ncols=True)
+
+    def save(done: int) -> None:
+        write_checkpoint({'format': GENERATOR_CHECKPOINT_FORMAT, 'owner': owner, 'step': done,
+                          'live': live.state_dict(), 'ema': ema.state_dict(),
+                          'opt': opt.state_dict(), 'sched': sched.state_dict(),
+                          'sampler_rng': rng.bit_generator.state, 'rng': rng_state(),
+                          'wall_s': wall_before + time.time() - start}, Path(checkpoint))
+
+    bar = trange(first, config.steps, initial=first, total=config.steps, desc='oasis generator',
+                 disable=not progress, dynamic_ncols=True)
     for step in bar:
         windows, actions, cond = sampler.sample(config.batch_size, rng)
         windows = torch.as_tensor((windows - mean) / std, device=device)
@@ -383,10 +427,36 @@ def train_generator(model: OASISModel, sampler: WindowSampler, config: OASISConf
                     'loss/inverse': inv.item()}
             bar.set_postfix({k.split('/')[-1]: f'{v:.3g}' for k, v in logs.items()},
                             refresh=False)
+        if checkpoint is not None and (step + 1) % checkpoint_every == 0 \
+                and step + 1 < config.steps:
+            save(step + 1)
     live.load_state_dict(ema.state_dict())
-    logs['wall_s'] = time.time() - start
+    logs['wall_s'] = wall_before + time.time() - start
     logs['it_per_s'] = config.steps / max(logs['wall_s'], 1e-9)
+    if first:
+        logs['resumed_at'] = first
     return logs
+
+
+def _load_generator_checkpoint(path, owner: dict) -> dict:
+    """Return a train_generator checkpoint made for ``owner``; else raise ConfigError."""
+    fix = 'remove it to train the generator from the start'
+    try:
+        saved = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as error:   # noqa: B902 - torch raises pickle, zip and runtime errors
+        raise ConfigError(f'{path}: not a readable OASIS generator checkpoint '
+                          f'({type(error).__name__}); {fix}') from None
+    if not isinstance(saved, dict) or saved.get('format') != GENERATOR_CHECKPOINT_FORMAT:
+        raise ConfigError(f'{path}: not an OASIS generator checkpoint; {fix}')
+    if saved.get('owner') != owner:
+        mine, theirs = owner, saved.get('owner') or {}
+        differ = sorted(k for k in set(mine['config']) | set(theirs.get('config', {}))
+                        if mine['config'].get(k) != theirs.get('config', {}).get(k))
+        what = (f'config fields {differ}' if differ else
+                'seed' if mine['seed'] != theirs.get('seed') else 'source data')
+        raise ConfigError(f'{path}: a generator checkpoint of another training run (its '
+                          f'{what} differ); {fix}, or train with the same settings')
+    return saved
 
 
 def _split_transitions(data, fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -462,8 +532,13 @@ def label_errors(model: OASISModel, data, idx: np.ndarray, device='cpu') -> Dict
 
 
 def fit(data: Dict[str, np.ndarray], config: OASISConfig, device='cpu', seed: int = 0,
-        progress: bool = False) -> Tuple[OASISModel, dict]:
-    """Train generator, inverse dynamics and labellers on raw DSRL arrays; return (model, info)."""
+        progress: bool = False, checkpoint: Optional[Path] = None) -> Tuple[OASISModel, dict]:
+    """
+    Train generator, inverse dynamics and labellers on raw DSRL arrays; return (model, info).
+
+    ``checkpoint``: where the generator's training state is kept (and resumed from), see
+    train_generator; the caller removes it once the trained generator is saved.
+    """
     set_seed(seed)
     obs_dim = np.asarray(data['observations']).shape[1]
     act_dim = np.asarray(data['actions']).shape[1]
@@ -473,7 +548,8 @@ def fit(data: Dict[str, np.ndarray], config: OASISConfig, device='cpu', seed: in
     model.state_std.copy_(torch.as_tensor(np.maximum(sampler.states.std(axis=0), 1e-3)))
     model.cost_max.fill_(sampler.cost_max)
     model.reward_max.fill_(sampler.reward_max)
-    generator_logs = train_generator(model, sampler, config, device, seed, progress)
+    generator_logs = train_generator(model, sampler, config, device, seed, progress,
+                                     checkpoint, {'source_sha256': arrays_sha256(data)})
     label_logs = train_labeller(model, data, config, device, seed, progress)
     info = {'generator': generator_logs, 'labels': label_logs,
             'trajectories_used': int(len(sampler.offsets)),
@@ -554,10 +630,11 @@ def generate(model: OASISModel, data: Dict[str, np.ndarray], config: OASISConfig
 
 def save_generator(path, model: OASISModel, config: OASISConfig, task: str, source_sha256: str,
                    info: dict) -> None:
-    """Write the trained generator, labellers, config and provenance (a torch file)."""
-    torch.save({'format': GENERATOR_FORMAT, 'task': task, 'config': asdict(config),
-                'obs_dim': model.obs_dim, 'act_dim': model.act_dim,
-                'source_sha256': source_sha256, 'info': info, 'state': model.state_dict()}, path)
+    """Write the trained generator, labellers, config and provenance (a torch file, atomically)."""
+    write_checkpoint({'format': GENERATOR_FORMAT, 'task': task, 'config': asdict(config),
+                      'obs_dim': model.obs_dim, 'act_dim': model.act_dim,
+                      'source_sha256': source_sha256, 'info': info,
+                      'state': model.state_dict()}, Path(path))
 
 
 def load_generator(path, device='cpu') -> Tuple[OASISModel, OASISConfig, dict]:

@@ -285,11 +285,18 @@ def cmd_reshape(args) -> int:
         info = record['info']
         print(f'generator    loaded {generator_path}')
     else:
+        # Training keeps its state beside the generator file, so that an interrupted reshape
+        # (Ctrl-C, a lost machine) resumes rather than restarts.
+        partial = Path(str(generator_path) + '.partial')
+        resumed = (f', resuming from {partial}' if partial.exists() else
+                   f', state kept in {partial} every {oasis.GENERATOR_CHECKPOINT_EVERY} steps')
         print(f'generator    training ({args.preset} preset, {config.steps} steps) -> '
-              f'{generator_path}')
-        model, info = oasis.fit(data, config, device, args.seed, progress=not args.no_progress)
+              f'{generator_path}{resumed}')
         generator_path.parent.mkdir(parents=True, exist_ok=True)
+        model, info = oasis.fit(data, config, device, args.seed, progress=not args.no_progress,
+                                checkpoint=partial)
         oasis.save_generator(generator_path, model, config, spec.name, source['sha256'], info)
+        partial.unlink(missing_ok=True)
     arrays, attrs, report = oasis.reshape(data, spec, config, source, model, info,
                                           args.mode, device, args.seed,
                                           progress=not args.no_progress)

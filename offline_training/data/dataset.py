@@ -120,11 +120,12 @@ def _how_to_get(spec: Optional[TaskSpec]) -> str:
             f'{dsrl_file} into $DSRL_DATASET_DIR (or ~/.dsrl/datasets) or pass its path.')
 
 
-def resolve_dataset_path(path=None, task=None) -> Path:
+def resolve_dataset_path(path=None, task=None, dirs: Optional[List[Path]] = None) -> Path:
     """
     Return the dataset file for an explicit path, or the task's file in the dataset dirs.
 
     A task's file is ``Safety<Task>-v0-*.hdf5`` (DSRL's naming); the newest match wins.
+    ``dirs``: the folders to search, in order (default ``dataset_dirs()``).
     Raises DatasetNotFoundError naming every place searched and how to produce a dataset.
     """
     spec = get_task(task) if task is not None else None
@@ -136,7 +137,7 @@ def resolve_dataset_path(path=None, task=None) -> Path:
     if spec is None:
         raise DatasetNotFoundError([Problem('-', '-', 'give a dataset path or a task name')])
     searched = []
-    for folder in dataset_dirs():
+    for folder in (dataset_dirs() if dirs is None else dirs):
         searched.append(str(folder))
         matches = sorted(folder.glob(f'Safety{spec.name}-v0-*.hdf5'), key=os.path.getmtime)
         if matches:
