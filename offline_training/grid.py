@@ -54,8 +54,10 @@ class Method:
     # (method tag, step): start each run from that method's run of the same task and seed, at
     # the checkpoint it kept at that step (saferl-train --init-from); the run waits for it
     branch_of: Optional[Tuple[str, int]] = None
-    # the tag of the grid's DataStep whose file the runs train on (None: the task's dataset)
+    # the tag of the grid's DataStep whose file the runs train on (None: the task's dataset);
+    # ``{data}`` in an override is that step's RUNS_DIR/data/TAG-TASK prefix
     data: Optional[str] = None
+    data_file: Optional[str] = None   # which of the step's files (a suffix; None: its first)
 
 
 @dataclass(frozen=True)
@@ -64,14 +66,16 @@ class DataStep:
     A dataset the grid makes for each task before the runs that train on it.
 
     One ``saferl-data`` command: ``args`` follow ``saferl-data``, with ``{source}``, ``{task}``,
-    ``{preset}`` (the grid's) and ``{out}`` filled in. Its source is the file of the data step
-    tagged ``source``, or the task's collected dataset when None. The file is
-    RUNS_DIR/data/TAG-TASK.hdf5.
+    ``{preset}`` (the grid's), ``{prefix}`` (RUNS_DIR/data/TAG-TASK) and ``{out}`` (the first
+    file) filled in. ``files``: the suffixes of the files it writes after the prefix; the step is
+    done when all exist. Its source is the first file of the data step tagged ``source``, or the
+    task's collected dataset when None.
     """
 
     tag: str
     args: Tuple[str, ...]
     source: Optional[str] = None
+    files: Tuple[str, ...] = ('.hdf5',)
 
 
 @dataclass(frozen=True)
@@ -214,6 +218,28 @@ GRIDS: Dict[str, Grid] = {
         description="OASIS's protocol: tempting datasets, kappa 20; OASIS (BCQ-Lag on its "
                     'generated data, generator cpu preset) beside BCQ-Lag, FISOR, BC-All and '
                     'BC-Safe on the tempting data'),
+    # DSPO's evaluation: per task and kappa, split-demos of the collected dataset (the 12 safe
+    # demonstrations of highest reward, the other trajectories without costs, 20 % of them kept
+    # out with their costs for the discriminator's check), then DSPO ('cpu' preset: 8000
+    # discriminator + 80 000 diffusion + 100 000 BC iterations, about 40-50 CPU-minutes) beside
+    # BC-All on the cost-free set and BC on the demonstrations alone. FISOR and BC-Safe on the
+    # full labelled data, the reference with cost labels, are the core-hour grid's runs.
+    'dspo': Grid(
+        'dspo',
+        tuple(method for kappa in (10, 5) for method in (
+            Method(f'dspo-k{kappa}', 'dspo', 188_000, ('demos={data}-demos.hdf5',),
+                   seeds=(0, 1, 2), data=f'split-k{kappa}'),
+            Method(f'bc_all-unlabelled-k{kappa}', 'bc_all', 100_000, data=f'split-k{kappa}'),
+            Method(f'bc_all-demos-k{kappa}', 'bc_all', 100_000, data=f'split-k{kappa}',
+                   data_file='-demos.hdf5'))),
+        data_steps=tuple(
+            DataStep(f'split-k{kappa}', ('split-demos', '{source}', '--task', '{task}', '--kappa',
+                                         str(kappa), '--holdout', '0.2', '-o', '{prefix}'),
+                     files=('-unlabelled.hdf5', '-demos.hdf5', '-heldout.hdf5'))
+            for kappa in (10, 5)),
+        kappas=(10, 5), paper='none', **own_folders('dspo'),
+        description='DSPO (cpu preset) on a cost-free split with 12 safe demonstrations per '
+                    'kappa, beside BC-All on the cost-free set and BC on the demonstrations'),
     # The paper's settings for a GPU machine: FISOR's 'paper' preset (joint schedule) at 1M
     # iterations, the baselines at OSRL's 100 000 steps.
     'paper': Grid(
@@ -250,10 +276,14 @@ def commands(job: Job, grid: Grid) -> Tuple[List[str], List[str], Path]:
              '--seed', str(job.seed), '--steps', str(job.method.steps), '--out', str(run_dir),
              '--threads', '1', '--no-progress', '--log-every', '500',
              '--checkpoint-every', str(grid.checkpoint_every), '--device', grid.device]
-    for item in job.method.overrides:
-        train += ['--set', item]
+    overrides = job.method.overrides
     if job.method.data is not None:
-        train += ['--dataset', str(repo_relative(data_path(job.method.data, job.task, grid)))]
+        prefix = str(repo_relative(data_prefix(job.method.data, job.task, grid)))
+        overrides = tuple(item.format(data=prefix) for item in overrides)
+        train += ['--dataset', str(repo_relative(data_path(job.method.data, job.task, grid,
+                                                           job.method.data_file)))]
+    for item in overrides:
+        train += ['--set', item]
     if job.method.branch_of is not None:
         from offline_training.runs import kept_checkpoint_path
         train += ['--init-from', str(kept_checkpoint_path(
@@ -265,9 +295,20 @@ def commands(job: Job, grid: Grid) -> Tuple[List[str], List[str], Path]:
     return train, evaluate, results
 
 
-def data_path(tag: str, task: str, grid: Grid) -> Path:
-    """Return the file the grid's data step ``tag`` makes for ``task``."""
-    return Path(grid.runs_dir) / 'data' / f'{tag}-{task}.hdf5'
+def data_prefix(tag: str, task: str, grid: Grid) -> Path:
+    """Return where the grid's data step ``tag`` writes for ``task``: RUNS_DIR/data/TAG-TASK."""
+    return Path(grid.runs_dir) / 'data' / f'{tag}-{task}'
+
+
+def data_path(tag: str, task: str, grid: Grid, file: Optional[str] = None) -> Path:
+    """Return a file the data step ``tag`` makes for ``task`` (suffix ``file``; its first)."""
+    file = data_step(tag, grid).files[0] if file is None else file
+    return Path(str(data_prefix(tag, task, grid)) + file)
+
+
+def data_files(step: 'DataStep', task: str, grid: Grid) -> List[Path]:
+    """Return every file one data step makes for one task."""
+    return [data_path(step.tag, task, grid, file) for file in step.files]
 
 
 def data_step(tag: str, grid: Grid) -> DataStep:
@@ -294,6 +335,7 @@ def data_command(step: DataStep, task: str, grid: Grid) -> List[str]:
     else:
         source = data_path(step.source, task, grid)
     fill = {'source': str(repo_relative(source)), 'task': task, 'preset': grid.preset,
+            'prefix': str(repo_relative(data_prefix(step.tag, task, grid))),
             'out': str(repo_relative(data_path(step.tag, task, grid)))}
     return ['saferl-data', *(arg.format(**fill) for arg in step.args)]
 
@@ -402,6 +444,11 @@ def check_data_steps(grid: Grid) -> None:
         if method.data is not None and method.data not in seen:
             raise ConfigError(f'grid {grid.name!r}: method {method.tag!r} trains on data step '
                               f'{method.data!r}, which the grid does not have')
+        files = data_step(method.data, grid).files if method.data is not None else ()
+        if method.data_file is not None and method.data_file not in files:
+            raise ConfigError(f'grid {grid.name!r}: method {method.tag!r} trains on file '
+                              f'{method.data_file!r} of data step {method.data!r}, which writes '
+                              f'only {", ".join(files) or "nothing (no data step)"}')
 
 
 def _run_commands(cmds: Sequence[List[str]], log: Path, grid: Grid) -> Optional[str]:
@@ -428,12 +475,15 @@ def run_data_step(step: DataStep, task: str, grid: Grid, *after) -> Tuple[str, s
     Make one data step's file for one task unless it exists; return (name, status).
 
     ``after``: the Ray result of the step it reads (Ray starts this one once it is finished).
-    The file is written in one rename by saferl-data, so a file that exists is complete.
+    saferl-data writes each file in one rename, so a file that exists is complete; the files of
+    a step interrupted between two of them are removed and the step made again.
     """
     name = data_step_name(step, task)
-    out = data_path(step.tag, task, grid)
-    if out.is_file():
+    outputs = data_files(step, task, grid)
+    if all(out.is_file() for out in outputs):
         return name, 'done already'
+    for out in outputs:
+        out.unlink(missing_ok=True)
     if step.source is not None and not data_path(step.source, task, grid).is_file():
         return name, (f'FAILED: its source {repo_relative(data_path(step.source, task, grid))} '
                       "was not made (see that step's log)")
@@ -442,9 +492,12 @@ def run_data_step(step: DataStep, task: str, grid: Grid, *after) -> Tuple[str, s
         cmd = data_command(step, task, grid)
     except DatasetError as error:
         return name, f'FAILED: {error}'
-    out.parent.mkdir(parents=True, exist_ok=True)
+    outputs[0].parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     failure = _run_commands([cmd], Path(grid.runs_dir) / 'logs' / f'{name}.log', grid)
+    missing = [str(repo_relative(out)) for out in outputs if not out.is_file()]
+    if failure is None and missing:
+        failure = f'FAILED: the command did not write {", ".join(missing)}'
     return name, failure or f'ok in {time.time() - start:.0f} s'
 
 
@@ -474,7 +527,7 @@ def run_job(job: Job, grid: Grid, *after) -> Tuple[str, str]:
         if problem:
             return job.name, f'FAILED: {problem}'
     if train is not None and job.method.data is not None:
-        data = data_path(job.method.data, job.task, grid)
+        data = data_path(job.method.data, job.task, grid, job.method.data_file)
         if not data.is_file():
             return job.name, (f'FAILED: its dataset {repo_relative(data)} was not made (see '
                               f'{repo_relative(log.parent)}/data-{job.method.data}-'

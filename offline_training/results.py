@@ -74,6 +74,9 @@ PAPER_TABLES = {
     'oasis': PaperTable(PAPER_OASIS, 20.0, 'Table 1 of the OASIS paper (tempting variants of '
                         'the hosted DSRL datasets, κ = 20, 3 seeds; reward normalised by the '
                         "dataset's best return)"),
+    # DSPO's tables are lost in the copy of the paper available to this project.
+    'none': PaperTable({}, float('nan'), "no published rows to compare with (the DSPO paper's "
+                       'tables are lost in the copy available to this project)'),
 }
 DEFAULT_PAPER = 'fisor'
 
@@ -347,9 +350,11 @@ def write_table(result_files: Sequence, out, kappa=TABLE_KAPPA, plot_dir=None,
         'Each cell: normalised reward (R↑) / normalised cost (C↓), normalised as DSRL does, '
         'mean ± std (over '
         'evaluation units: training seeds or evaluation seeds, or over episodes for a single '
-        f'one). Costs above 1 (unsafe) are in bold. The paper columns are '
-        f'{PAPER_TABLES[paper].caption}; ours use the datasets '
-        'collected here, so they are comparable in protocol but not in data. Other κ: the CSV '
+        'one). Costs above 1 (unsafe) are in bold. '
+        + (f'The paper columns are {PAPER_TABLES[paper].caption}; ours use the datasets '
+           'collected here, so they are comparable in protocol but not in data. '
+           if PAPER_TABLES[paper].rows else f'No paper columns: {PAPER_TABLES[paper].caption}. ')
+        + 'Other κ: the CSV '
         f'next to this file. Plots: `{plot_dir}`. '
         f'Machine: {"; ".join(machines) or "unknown"}.\n\n')
     sections = []
@@ -360,7 +365,8 @@ def write_table(result_files: Sequence, out, kappa=TABLE_KAPPA, plot_dir=None,
         pngs = reward_cost_plots(results, plot_dir, k, paper)
         if k == kappas[0]:
             links = ' '.join(f'![{png.stem}]({os.path.relpath(png, out.parent)})' for png in pngs)
-            sections.append(f'Reward against cost at κ = {k:g} (squares: the paper):\n\n{links}\n')
+            squares = ' (squares: the paper)' if PAPER_TABLES[paper].rows else ''
+            sections.append(f'Reward against cost at κ = {k:g}{squares}:\n\n{links}\n')
     details = '## Evaluation units\n\n' + '\n'.join(results_details(merge_results(results)))
     extra = f'\n{Path(notes).read_text()}' if notes is not None else ''
     out.write_text(header + '\n'.join(sections) + '\n' + details + '\n' + extra)
@@ -388,7 +394,8 @@ def table_main(argv=None) -> int:
                         help='markdown file appended below the table (runs, caveats)')
     parser.add_argument('--paper', default=DEFAULT_PAPER, choices=sorted(PAPER_TABLES),
                         help="whose published rows stand beside ours: 'fisor' (FISOR's Table 1, "
-                        "kappa 5; default) or 'oasis' (OASIS's Table 1, tempting data, kappa 20)")
+                        "kappa 5; default), 'oasis' (OASIS's Table 1, tempting data, kappa 20) "
+                        "or 'none'")
     args = parser.parse_args(argv)
     out = write_table(args.results, args.out, args.kappa, args.plot_dir, args.notes, args.paper)
     print(f'saferl-eval: wrote {out} and {out.with_suffix(".csv")}')

@@ -314,3 +314,47 @@ def test_a_data_step_must_exist_and_come_after_its_source():
     train, _, _ = commands(Job(oasis.methods[0], 'CarRun', 1), oasis)
     assert train[:2] == ['saferl-train', 'oasis']
     assert train[train.index('--dataset') + 1] == 'runs/oasis/data/oasis-k20-CarRun.hdf5'
+
+
+def test_a_data_step_of_several_files_is_made_again_when_one_is_missing(tmp_path):
+    # DSPO's split writes three files; one missing (killed between two) means made again, and
+    # the runs find the one they train on and the demonstrations through {data}.
+    from offline_training.grid import data_files, run_data_step
+    from saferl_ros.errors import ConfigError
+
+    datasets = tmp_path / 'datasets'
+    datasets.mkdir()
+    write_dataset(datasets / 'SafetyBallCircle-v0-test-30.hdf5',
+                  synthetic_dataset('BallCircle', episodes=30, seed=0, max_length=20),
+                  'BallCircle')
+    split = DataStep('split', ('split-demos', '{source}', '--task', '{task}', '--kappa', '40',
+                               '--num-demos', '3', '--holdout', '0.2', '-o', '{prefix}'),
+                     files=('-unlabelled.hdf5', '-demos.hdf5', '-heldout.hdf5'))
+    grid = Grid('split', (Method('dspo', 'dspo', 4, ('demos={data}-demos.hdf5',), data='split'),
+                          Method('demos', 'bc_all', 4, data='split', data_file='-demos.hdf5')),
+                tasks=('BallCircle',), preset='test', runs_dir=tmp_path / 'runs',
+                results_dir=tmp_path / 'results', datasets_dir=datasets, data_steps=(split,))
+    check_data_steps(grid)
+    name, status = run_data_step(split, 'BallCircle', grid)
+    assert name == 'data-split-BallCircle' and status.startswith('ok'), status
+    files = data_files(split, 'BallCircle', grid)
+    assert all(f.is_file() for f in files)
+    assert run_data_step(split, 'BallCircle', grid)[1] == 'done already'
+    files[1].unlink()                     # killed after the first file
+    stale = files[0].stat().st_mtime_ns
+    assert run_data_step(split, 'BallCircle', grid)[1].startswith('ok')
+    assert all(f.is_file() for f in files) and files[0].stat().st_mtime_ns != stale
+    dspo, _, _ = commands(grid.jobs()[0], grid)
+    prefix = str(tmp_path / 'runs' / 'data' / 'split-BallCircle')
+    assert dspo[dspo.index('--dataset') + 1] == prefix + '-unlabelled.hdf5'
+    assert dspo[dspo.index('--set') + 1] == f'demos={prefix}-demos.hdf5'
+    demos, _, _ = commands(grid.jobs()[1], grid)
+    assert demos[demos.index('--dataset') + 1] == prefix + '-demos.hdf5'
+    with pytest.raises(ConfigError, match="file '-demo.hdf5' of data step 'split', which writes"):
+        check_data_steps(Grid('bad', (Method('m', 'bc_all', 3, data='split',
+                                             data_file='-demo.hdf5'),), data_steps=(split,)))
+    # the DSPO grid: each kappa's split, DSPO on its cost-free set with its demonstrations
+    dspo_grid = GRIDS['dspo']
+    train, _, _ = commands(Job(dspo_grid.methods[3], 'CarRun', 2), dspo_grid)
+    assert train[train.index('--dataset') + 1] == 'runs/dspo/data/split-k5-CarRun-unlabelled.hdf5'
+    assert 'demos=runs/dspo/data/split-k5-CarRun-demos.hdf5' in train
