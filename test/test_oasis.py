@@ -186,6 +186,17 @@ def replace_config(config, **changes):
 
 # ------------------------------------------------------------------ the generated file
 
+def test_reshape_writes_its_report_and_the_asked_against_made_plot(reshaped):
+    report = json.loads(Path(str(reshaped) + '.report.json').read_text())
+    config = oasis.make_generator_config('test')
+    assert len(report['conditions']) == 3
+    assert all(row['windows'] == config.num_starts for row in report['conditions'])
+    assert report['generated_transitions'] == 3 * config.num_starts * (config.keep_states - 1)
+    assert 'reward_mae' in report['fit']['labels']
+    png = Path(str(reshaped) + '.conditions.png')
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
 def test_generated_file_validates_and_loads_with_dsrl(reshaped):
     import dsrl  # noqa: F401  (registers the Offline*-v0 ids)
     import gymnasium as gym

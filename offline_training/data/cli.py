@@ -30,7 +30,7 @@ from offline_training.data.trajectories import (DEFAULT_NUM_DEMOS, select_trajec
                                                 split_safe_demos, trajectory_returns)
 from saferl_ros.dataset_keys import DSRL_KEYS
 from saferl_ros.errors import ConfigError, EXIT_USER_ERROR, UserError
-from saferl_ros.files import sha256_file
+from saferl_ros.files import atomic_write_json, sha256_file
 from saferl_ros.tasks import get_task
 
 KAPPAS = (5, 10, 20, 40)
@@ -302,6 +302,12 @@ def cmd_reshape(args) -> int:
                                           progress=not args.no_progress)
     manifest = write_dataset(out, arrays, spec.name, attrs=attrs)
     _print_reshape_summary(data, report, spec)
+    # The report (per-condition returns, label error, timings) and its picture, beside the file.
+    atomic_write_json(Path(str(out) + '.report.json'), report)
+    from offline_training.data.plot import plot_generation
+    png = plot_generation(data, report, Path(str(out) + '.conditions.png'), spec.name,
+                          config.kappa)
+    print(f'report       {out}.report.json, plot {png}')
     print(f'wrote {out}: {manifest["transitions"]} transitions ({args.mode}: '
           f'{report["generated_transitions"]} generated), marked generated; train with '
           f'`saferl-train oasis --task {spec.name} --dataset {out}`')
