@@ -22,12 +22,16 @@ task and seed (``Method.branch_of``: saferl-train --init-from the checkpoint tha
 step, e.g. DRCORL's end of pretraining); Ray starts the branch once that run has finished.
 A method may also train on a dataset the grid makes per task first (``Method.data`` names a
 ``DataStep``: one ``saferl-data`` command, e.g. OASIS's tempting variant and its reshaped file);
-Ray starts the runs once their dataset is written, and a written dataset is not made again.
+Ray starts the runs once their dataset is written, and a written dataset is not made again:
+RUNS_DIR/data/TAG-TASK.made-by.json records the command and the source's sha256 that made it,
+and files made otherwise (another preset, a newer dataset) are refused, not reused. Only runs
+that still have to train need their datasets; finished runs are evaluated or skipped without.
 """
 
 import argparse
 import ctypes
 from dataclasses import dataclass, replace
+import json
 import os
 from pathlib import Path
 import signal
@@ -37,6 +41,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from saferl_ros.errors import ConfigError
+from saferl_ros.files import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ('BallCircle', 'CarCircle', 'DroneCircle', 'BallRun', 'CarRun', 'DroneRun')
@@ -58,6 +63,7 @@ class Method:
     # ``{data}`` in an override is that step's RUNS_DIR/data/TAG-TASK prefix
     data: Optional[str] = None
     data_file: Optional[str] = None   # which of the step's files (a suffix; None: its first)
+    tasks: Optional[Tuple[str, ...]] = None   # only these of the grid's tasks (None: all)
 
 
 @dataclass(frozen=True)
@@ -133,7 +139,8 @@ class Grid:
         return [Job(method, task, method.seeds[k])
                 for k in range(rounds)
                 for task in self.tasks
-                for method in self.methods if k < len(method.seeds)]
+                for method in self.methods
+                if k < len(method.seeds) and (method.tasks is None or task in method.tasks)]
 
 
 BASELINES_SHORT = (
@@ -208,12 +215,23 @@ GRIDS: Dict[str, Grid] = {
                 data='tempting'),
          Method('fisor', 'fisor', 100_000, seeds=(0, 1, 2), data='tempting'),
          Method('bc_all', 'bc_all', 100_000, data='tempting'),
-         Method('bc_safe-k20', 'bc_safe', 100_000, ('cost_limit=20',), data='tempting')),
+         Method('bc_safe-k20', 'bc_safe', 100_000, ('cost_limit=20',), data='tempting'),
+         # the data-efficiency check (the paper's Fig. 6, BallCircle): OASIS and BCQ-Lag on
+         # 2 400 and 12 000 transitions (2 % and 10 % of the tempting file) drawn at random
+         # as whole windows / trajectories from the generated and the tempting data
+         *(Method(f'{tag}-n{n}', algorithm, 50_000, ('cost_limit=20',), data=f'{source}-n{n}',
+                  tasks=('BallCircle',))
+           for n in (2400, 12_000)
+           for tag, algorithm, source in (('oasis', 'oasis', 'oasis-k20'),
+                                          ('bcq_lag-k20', 'bcq_lag', 'tempting')))),
         data_steps=(
             DataStep('tempting', ('tempting', '{source}', '--task', '{task}', '-o', '{out}')),
             DataStep('oasis-k20', ('reshape', '{source}', '--task', '{task}', '--kappa', '20',
                                    '--preset', '{preset}', '--no-progress', '-o', '{out}'),
-                     source='tempting')),
+                     source='tempting'),
+            *(DataStep(f'{source}-n{n}', ('subset', '{source}', '--task', '{task}',
+                                          '--transitions', str(n), '-o', '{out}'), source=source)
+              for n in (2400, 12_000) for source in ('oasis-k20', 'tempting'))),
         kappas=(20,), paper='oasis', **own_folders('oasis'),
         description="OASIS's protocol: tempting datasets, kappa 20; OASIS (BCQ-Lag on its "
                     'generated data, generator cpu preset) beside BCQ-Lag, FISOR, BC-All and '
@@ -279,7 +297,7 @@ def commands(job: Job, grid: Grid) -> Tuple[List[str], List[str], Path]:
     overrides = job.method.overrides
     if job.method.data is not None:
         prefix = str(repo_relative(data_prefix(job.method.data, job.task, grid)))
-        overrides = tuple(item.format(data=prefix) for item in overrides)
+        overrides = tuple(item.replace('{data}', prefix) for item in overrides)
         train += ['--dataset', str(repo_relative(data_path(job.method.data, job.task, grid,
                                                            job.method.data_file)))]
     for item in overrides:
@@ -320,20 +338,53 @@ def data_step(tag: str, grid: Grid) -> DataStep:
                       f'{", ".join(s.tag for s in grid.data_steps) or "none"})')
 
 
-def data_command(step: DataStep, task: str, grid: Grid) -> List[str]:
+def data_source(step: DataStep, task: str, grid: Grid) -> Path:
     """
-    Return the saferl-data command of one data step for one task.
+    Return the file one data step reads for one task.
 
     A step without a source reads the task's collected dataset, found as the runs find it
     (the grid's datasets_dir first); DatasetNotFoundError if there is none.
     """
-    if step.source is None:
-        from offline_training.data.dataset import dataset_dirs, resolve_dataset_path
-        dirs = ([Path(grid.datasets_dir)] if grid.datasets_dir is not None else []) \
-            + dataset_dirs()
-        source = resolve_dataset_path(task=task, dirs=dirs)
-    else:
-        source = data_path(step.source, task, grid)
+    if step.source is not None:
+        return data_path(step.source, task, grid)
+    from offline_training.data.dataset import dataset_dirs, resolve_dataset_path
+    dirs = ([Path(grid.datasets_dir)] if grid.datasets_dir is not None else []) + dataset_dirs()
+    return resolve_dataset_path(task=task, dirs=dirs)
+
+
+def data_stamp_path(step: DataStep, task: str, grid: Grid) -> Path:
+    """Return the record of what made a data step's files (command, source sha256)."""
+    return Path(str(data_prefix(step.tag, task, grid)) + '.made-by.json')
+
+
+def _check_stamp(stamp: Path, made_by: dict) -> str:
+    """
+    Return the status of a data step whose files exist (made by this command, from this data).
+
+    Files made by another command or from other data (another preset, a newer dataset) are
+    not silently reused; files without a record (made before records were kept) are adopted,
+    and the status says so.
+    """
+    if not stamp.is_file():
+        atomic_write_json(stamp, dict(made_by, adopted=True))
+        return 'done already (no record of what made it: adopted as made by this command)'
+    try:
+        before = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        before = {}
+    if before.get('command') == made_by['command'] and \
+            before.get('source_sha256') == made_by['source_sha256']:
+        return 'done already'
+    what = ('another command: ' + ' '.join(before.get('command') or ['?'])
+            if before.get('command') != made_by['command'] else 'another version of its source')
+    prefix = str(repo_relative(stamp))[:-len('.made-by.json')]
+    return (f'FAILED: its files were made by {what}; delete them ({prefix}*) to make them '
+            'again with this one, or run the grid as it was')
+
+
+def data_command(step: DataStep, task: str, grid: Grid) -> List[str]:
+    """Return the saferl-data command of one data step for one task (data_source's errors)."""
+    source = data_source(step, task, grid)
     fill = {'source': str(repo_relative(source)), 'task': task, 'preset': grid.preset,
             'prefix': str(repo_relative(data_prefix(step.tag, task, grid))),
             'out': str(repo_relative(data_path(step.tag, task, grid)))}
@@ -355,6 +406,17 @@ def data_steps_needed(jobs: Sequence[Job], grid: Grid) -> List[Tuple[DataStep, s
         if job.method.data is not None:
             add(job.method.data, job.task)
     return needed
+
+
+def still_to_train(jobs: Sequence[Job], grid: Grid) -> List[Job]:
+    """
+    Return the jobs that will train: neither evaluated (results file) nor trained already.
+
+    Only they need their data steps: a grid whose runs are done makes no dataset again (the
+    runs folder and its datasets need not be on this machine).
+    """
+    return [job for job in jobs if not (REPO / commands(job, grid)[2]).exists()
+            and not trained_already(job, grid)]
 
 
 def data_step_name(step: DataStep, task: str) -> str:
@@ -436,11 +498,16 @@ def check_data_steps(grid: Grid) -> None:
     """
     seen = set()
     for step in grid.data_steps:
+        if step.tag in seen:
+            raise ConfigError(f'grid {grid.name!r}: two data steps are tagged {step.tag!r}')
         if step.source is not None and step.source not in seen:
             raise ConfigError(f'grid {grid.name!r}: data step {step.tag!r} reads {step.source!r}, '
                               'which is not an earlier data step of the grid; list it first')
         seen.add(step.tag)
     for method in grid.methods:
+        if method.data is None and any('{data}' in item for item in method.overrides):
+            raise ConfigError(f'grid {grid.name!r}: method {method.tag!r} has {{data}} in an '
+                              'override but trains on no data step (set Method.data)')
         if method.data is not None and method.data not in seen:
             raise ConfigError(f'grid {grid.name!r}: method {method.tag!r} trains on data step '
                               f'{method.data!r}, which the grid does not have')
@@ -478,26 +545,32 @@ def run_data_step(step: DataStep, task: str, grid: Grid, *after) -> Tuple[str, s
     saferl-data writes each file in one rename, so a file that exists is complete; the files of
     a step interrupted between two of them are removed and the step made again.
     """
+    from offline_training.data.dataset import DatasetError
+    from saferl_ros.files import sha256_file
+
     name = data_step_name(step, task)
     outputs = data_files(step, task, grid)
-    if all(out.is_file() for out in outputs):
-        return name, 'done already'
-    for out in outputs:
-        out.unlink(missing_ok=True)
     if step.source is not None and not data_path(step.source, task, grid).is_file():
         return name, (f'FAILED: its source {repo_relative(data_path(step.source, task, grid))} '
                       "was not made (see that step's log)")
-    from offline_training.data.dataset import DatasetError
     try:
         cmd = data_command(step, task, grid)
     except DatasetError as error:
         return name, f'FAILED: {error}'
+    made_by = {'command': cmd, 'source_sha256': sha256_file(data_source(step, task, grid))}
+    stamp = data_stamp_path(step, task, grid)
+    if all(out.is_file() for out in outputs):
+        return name, _check_stamp(stamp, made_by)
+    for out in outputs:         # the files of a step interrupted between two of them
+        out.unlink(missing_ok=True)
     outputs[0].parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     failure = _run_commands([cmd], Path(grid.runs_dir) / 'logs' / f'{name}.log', grid)
     missing = [str(repo_relative(out)) for out in outputs if not out.is_file()]
     if failure is None and missing:
         failure = f'FAILED: the command did not write {", ".join(missing)}'
+    if failure is None:
+        atomic_write_json(stamp, made_by)
     return name, failure or f'ok in {time.time() - start:.0f} s'
 
 
@@ -564,7 +637,7 @@ def run_grid(jobs: Sequence[Job], grid: Grid, workers: int = 2,
         # Each Ray task waits for the results it is given: a data step for the one it reads, a
         # run for the run it branches from and for the data step it trains on.
         data_refs = {}
-        for step, task in data_steps_needed(jobs, grid):
+        for step, task in data_steps_needed(still_to_train(jobs, grid), grid):
             source = data_refs.get((step.source, task))
             ref = remote_step.remote(step, task, grid, *([source] if source else []))
             data_refs[(step.tag, task)] = ref
@@ -714,7 +787,7 @@ def main(argv=None) -> int:
             print(' '.join(train))
             print(' '.join(evaluate))
         return 0
-    steps = data_steps_needed(todo, grid)
+    steps = data_steps_needed(still_to_train(todo, grid), grid)
     print(f'grid {grid.name!r}: {len(todo)} runs'
           + (f' after {len(steps)} data steps' if steps else '') + ', '
           + (f'Ray cluster {args.address}' if args.address else f'{args.workers} local CPUs'),

@@ -170,9 +170,12 @@ def results_table(results: Sequence[dict], kappa: float = TABLE_KAPPA,
     """
     Return the markdown results table at ``kappa`` (unsafe costs, C_norm > 1, in bold).
 
-    ``paper``: the PAPER_TABLES entry whose rows of the same algorithms stand beside ours.
+    ``paper``: the PAPER_TABLES entry whose rows of the same algorithms stand beside ours (in
+    the table at the paper's kappa).
     """
-    published = PAPER_TABLES[paper].rows
+    # the paper's rows only beside ours at its own kappa (its costs are normalised by it)
+    table = PAPER_TABLES[paper]
+    published = table.rows if float(kappa) == table.kappa else {}
     merged = merge_results(results)
     tasks = sorted({t for t, _ in merged}, key=lambda t: (t.endswith('Run'), t))
     labels = sorted({label for _, label in merged})

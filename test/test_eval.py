@@ -131,6 +131,8 @@ def test_table_keeps_variants_apart_and_writes_one_table_per_kappa(tmp_path):
     # bc_safe-k10: mean cost 10 -> C_norm 2.00 at kappa 5 (bold, unsafe), 1.00 at kappa 10.
     k5, k10 = text.split('## κ = 10')
     assert '**2.00 ± 0.40**' in k5 and '1.00 ± 0.20' in k10.split('## Evaluation units')[0]
+    # the paper's kappa-5 rows stand beside ours at kappa 5 only
+    assert '0.34 / 0.00' in k5 and 'paper fisor' not in k10.split('## Evaluation units')[0]
     # FISOR's two training seeds are two units: the std is over seeds.
     assert 'BallCircle / fisor: 4 episodes' in text and 'std over seeds' in text
     assert (tmp_path / 'img' / 'results' / 'reward_cost_BallCircle_kappa10.png').is_file()

@@ -238,6 +238,8 @@ def test_one_machine_tool_names_packed_runs_where_they_unpack(tmp_path):
 
 
 def test_data_steps_make_each_dataset_once_before_the_runs_that_train_on_it(tmp_path):
+    from dataclasses import replace
+
     # OASIS's shape: a tempting variant of the task's data, a reshaped file made from it, runs
     # on each; and a step whose command fails, whose run then fails with its dataset named.
     datasets = tmp_path / 'datasets'
@@ -284,12 +286,29 @@ def test_data_steps_make_each_dataset_once_before_the_runs_that_train_on_it(tmp_
     for run, tag in (('oasis-BallCircle-s0', 'gen'), ('bc_all-BallCircle-s0', 'tempting')):
         config = yaml.safe_load((tmp_path / 'runs' / run / 'config.yaml').read_text())
         assert config['dataset']['path'].endswith(f'runs/data/{tag}-BallCircle.hdf5')
-    # nothing is made twice: the datasets and runs are done already on a second pass
+    # nothing is made twice: a data step whose files exist is done already, with a record of
+    # the command and source that made it; one made otherwise is refused, not reused
+    from offline_training.grid import data_stamp_path, run_data_step
     made = {p.name: p.stat().st_mtime_ns for p in (tmp_path / 'runs' / 'data').glob('*.hdf5')}
-    again = run_grid(grid.jobs()[:2], grid, workers=2, echo=lines.append)
-    assert set(again.values()) == {'done already'} and len(again) == 4
+    assert run_data_step(reshaped, 'BallCircle', grid)[1] == 'done already'
     assert made == {p.name: p.stat().st_mtime_ns
                     for p in (tmp_path / 'runs' / 'data').glob('*.hdf5')}
+    stamp = data_stamp_path(reshaped, 'BallCircle', grid)
+    assert json.loads(stamp.read_text())['command'] == command
+    other = replace(grid, preset='cpu')
+    status = run_data_step(reshaped, 'BallCircle', other)[1]
+    assert status.startswith('FAILED: its files were made by another command') and \
+        'gen-BallCircle*' in status
+    stamp.unlink()                # files from before records were kept: adopted, and said so
+    assert 'adopted' in run_data_step(reshaped, 'BallCircle', grid)[1]
+    assert run_data_step(reshaped, 'BallCircle', grid)[1] == 'done already'
+    # runs that are done need no data: without the datasets (a fresh clone holds the results,
+    # not runs/), the finished runs are done already and no data step runs
+    import shutil
+    shutil.rmtree(tmp_path / 'runs' / 'data')
+    again = run_grid(grid.jobs()[:2], grid, workers=2, echo=lines.append)
+    assert again == {'oasis-BallCircle-s0': 'done already', 'bc_all-BallCircle-s0': 'done already'}
+    assert not (tmp_path / 'runs' / 'data').exists()
     # the results page stands the OASIS paper's rows beside ours, at kappa 20
     assert write_tables(grid) == 0
     page = (tmp_path / 'results.md').read_text()
@@ -308,9 +327,27 @@ def test_a_data_step_must_exist_and_come_after_its_source():
     with pytest.raises(ConfigError, match="trains on data step 'c', which the grid does not"):
         check_data_steps(Grid('bad', (Method('m', 'bc_all', 3, data='c'),),
                               data_steps=(first,)))
+    with pytest.raises(ConfigError, match="two data steps are tagged 'a'"):
+        check_data_steps(Grid('bad', (), data_steps=(first, first)))
+    with pytest.raises(ConfigError, match='has {data} in an override but trains on no data'):
+        check_data_steps(Grid('bad', (Method('m', 'dspo', 3, ('demos={data}-demos.hdf5',)),)))
+    # {data} is the only placeholder: other braces in an override stay as they are
+    braces = Grid('ok', (Method('m', 'bc_all', 3, ('x={a: 1}', 'y={data}.h5'), data='a'),),
+                  data_steps=(first,))
+    check_data_steps(braces)
+    train, _, _ = commands(braces.jobs()[0], braces)
+    sets = [train[i + 1] for i, arg in enumerate(train) if arg == '--set']
+    assert sets == ['x={a: 1}', 'y=runs/data/a-BallCircle.h5']
     # the OASIS grid: its tempting step reads the collected data, the reshape reads that
     oasis = GRIDS['oasis']
-    assert [s.tag for s in oasis.data_steps] == ['tempting', 'oasis-k20']
+    assert [s.tag for s in oasis.data_steps][:2] == ['tempting', 'oasis-k20']
+    # the data-efficiency runs (the paper's Fig. 6) are BallCircle's alone, on subsets
+    names = [job.name for job in oasis.jobs()]
+    assert 'oasis-n2400-BallCircle-s0' in names and 'bcq_lag-k20-n12000-BallCircle-s0' in names
+    assert not [n for n in names if '-n2400-' in n and 'BallCircle' not in n]
+    assert len(names) == 6 * (3 + 3 + 3 + 1 + 1) + 4
+    subsets = [s for s, t in data_steps_needed(oasis.jobs(), oasis) if s.tag.endswith('-n2400')]
+    assert [s.source for s in subsets] == ['oasis-k20', 'tempting']
     train, _, _ = commands(Job(oasis.methods[0], 'CarRun', 1), oasis)
     assert train[:2] == ['saferl-train', 'oasis']
     assert train[train.index('--dataset') + 1] == 'runs/oasis/data/oasis-k20-CarRun.hdf5'

@@ -405,6 +405,62 @@ def check_and_load(path):
     return load_dataset(path, task=TASK)
 
 
+def test_subset_keeps_whole_trajectories_and_the_marks_of_its_source(reshaped, raw_file,
+                                                                     tmp_path, capsys):
+    # OASIS's data-efficiency check trains on a small share of generated or raw data.
+    import h5py
+    from offline_training.data.dataset import file_generated_info, is_unlabelled
+
+    small = tmp_path / 'gen-small.hdf5'
+    assert cli.main(['subset', str(reshaped), '--task', TASK, '--transitions', '50',
+                     '-o', str(small)]) == 0
+    window = oasis.make_generator_config('test').keep_states - 1
+    with h5py.File(small, 'r') as h5:
+        n = h5['observations'].shape[0]
+        ends = np.asarray(h5['timeouts']) | np.asarray(h5['terminals'])
+    assert 50 <= n < 50 + window and n % window == 0 and ends[-1]
+    assert file_generated_info(small)['source_sha256'] == \
+        file_generated_info(reshaped)['source_sha256']          # still generated data
+    assert validate_file(small, task=TASK) == []
+    # the same seed draws the same trajectories; another seed others
+    again, other = tmp_path / 'again.hdf5', tmp_path / 'other.hdf5'
+    assert cli.main(['subset', str(reshaped), '--task', TASK, '--transitions', '50',
+                     '-o', str(again)]) == 0
+    assert cli.main(['subset', str(reshaped), '--task', TASK, '--transitions', '50',
+                     '--seed', '1', '-o', str(other)]) == 0
+    with h5py.File(small, 'r') as a, h5py.File(again, 'r') as b, h5py.File(other, 'r') as c:
+        assert np.array_equal(a['observations'][:], b['observations'][:])
+        assert not np.array_equal(a['observations'][:], c['observations'][:])
+    # collected data stays collected; a cost-free file stays cost-free
+    half = tmp_path / 'half.hdf5'
+    assert cli.main(['subset', str(raw_file), '--task', TASK, '--fraction', '0.5',
+                     '-o', str(half)]) == 0
+    assert file_generated_info(half) is None
+    cost_free = synthetic_dataset(TASK, episodes=10, seed=2, max_length=30)
+    cost_free['costs'] = np.full(len(cost_free['costs']), np.nan, np.float32)
+    write_dataset(tmp_path / 'cost-free.hdf5', cost_free, TASK,
+                  attrs={COST_LABELS_ATTR: UNLABELLED})
+    assert cli.main(['subset', str(tmp_path / 'cost-free.hdf5'), '--task', TASK, '--fraction',
+                     '0.3', '-o', str(tmp_path / 'cf.hdf5')]) == 0
+    with h5py.File(tmp_path / 'cf.hdf5', 'r') as h5:
+        assert is_unlabelled(h5.attrs) and np.isnan(h5['costs'][:]).all()
+    capsys.readouterr()
+    # bad inputs: one line each, nothing written
+    for args, message in (([], 'exactly one of --fraction and --transitions'),
+                          (['--fraction', '0.5', '--transitions', '5'], 'exactly one'),
+                          (['--fraction', '0'], '--fraction must lie in (0, 1]'),
+                          (['--transitions', '0'], '--transitions must be >= 1'),
+                          (['--transitions', '10000000'], 'is more than')):
+        assert cli.main(['subset', str(raw_file), '--task', TASK, *args,
+                         '-o', str(tmp_path / 'bad.hdf5')]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / 'bad.hdf5').exists()
+    assert cli.main(['subset', str(raw_file), '--task', TASK, '--fraction', '0.5',
+                     '-o', str(half)]) == 2
+    assert 'already exists' in capsys.readouterr().err
+
+
 def test_reshape_reads_a_recorder_run_folder(raw_file, tmp_path, capsys):
     from saferl_ros.recorder import RecordingWriter, Step
 

@@ -383,17 +383,25 @@ def train_generator(model: OASISModel, sampler: WindowSampler, config: OASISConf
     pin_mask = _first_state_pin_mask(config, model.obs_dim, device)
     mean, std = model.state_mean.cpu().numpy(), model.state_std.cpu().numpy()
     logs: Dict[str, float] = {}
+    # the device kind too: a CUDA state resumed on the CPU would not continue the same run
     owner = {'identity': identity or {}, 'seed': int(seed),
+             'device': torch.device(device).type,
              'config': {k: v for k, v in asdict(config).items() if k not in NOT_TRAINING}}
     first, wall_before = 0, 0.0
     if checkpoint is not None and Path(checkpoint).exists():
         saved = _load_generator_checkpoint(checkpoint, owner)
-        live.load_state_dict(saved['live'])
-        ema.load_state_dict(saved['ema'])
-        opt.load_state_dict(saved['opt'])
-        sched.load_state_dict(saved['sched'])
-        rng.bit_generator.state = saved['sampler_rng']
-        set_rng_state(saved['rng'])
+        try:
+            live.load_state_dict(saved['live'])
+            ema.load_state_dict(saved['ema'])
+            opt.load_state_dict(saved['opt'])
+            sched.load_state_dict(saved['sched'])
+            rng.bit_generator.state = saved['sampler_rng']
+            set_rng_state(saved['rng'])
+        except (RuntimeError, KeyError, ValueError, TypeError) as error:
+            first = (str(error).strip().splitlines() or [''])[0]
+            raise ConfigError(f'{checkpoint}: does not match this generator '
+                              f'({type(error).__name__}: {first}); remove it to train the '
+                              'generator from the start') from None
         first, wall_before = int(saved['step']), float(saved['wall_s'])
     start = time.time()
 
@@ -453,7 +461,8 @@ def _load_generator_checkpoint(path, owner: dict) -> dict:
         differ = sorted(k for k in set(mine['config']) | set(theirs.get('config', {}))
                         if mine['config'].get(k) != theirs.get('config', {}).get(k))
         what = (f'config fields {differ}' if differ else
-                'seed' if mine['seed'] != theirs.get('seed') else 'source data')
+                'seed' if mine['seed'] != theirs.get('seed') else
+                'device' if mine['device'] != theirs.get('device') else 'source data')
         raise ConfigError(f'{path}: a generator checkpoint of another training run (its '
                           f'{what} differ); {fix}, or train with the same settings')
     return saved

@@ -283,6 +283,8 @@ def cmd_reshape(args) -> int:
                          conditions=config.conditions, guidance=config.guidance,
                          sample_batch=config.sample_batch)
         info = record['info']
+        # a training state left by a run killed between saving the generator and removing it
+        Path(str(generator_path) + '.partial').unlink(missing_ok=True)
         print(f'generator    loaded {generator_path}')
     else:
         # Training keeps its state beside the generator file, so that an interrupted reshape
@@ -300,14 +302,15 @@ def cmd_reshape(args) -> int:
     arrays, attrs, report = oasis.reshape(data, spec, config, source, model, info,
                                           args.mode, device, args.seed,
                                           progress=not args.no_progress)
-    manifest = write_dataset(out, arrays, spec.name, attrs=attrs)
+    # The report (per-condition returns, label error, timings) and its picture, beside the
+    # file and before it: a written dataset means a complete step (the grid relies on it).
     _print_reshape_summary(data, report, spec)
-    # The report (per-condition returns, label error, timings) and its picture, beside the file.
     atomic_write_json(Path(str(out) + '.report.json'), report)
     from offline_training.data.plot import plot_generation
     png = plot_generation(data, report, Path(str(out) + '.conditions.png'), spec.name,
                           config.kappa)
     print(f'report       {out}.report.json, plot {png}')
+    manifest = write_dataset(out, arrays, spec.name, attrs=attrs)
     print(f'wrote {out}: {manifest["transitions"]} transitions ({args.mode}: '
           f'{report["generated_transitions"]} generated), marked generated; train with '
           f'`saferl-train oasis --task {spec.name} --dataset {out}`')
@@ -359,7 +362,9 @@ def cmd_tempting(args) -> int:
         raise ConfigError('every trajectory was removed; lower --remove-ratio')
     index = np.concatenate(keep)
     subset = {k: np.asarray(data[k])[index] for k in DSRL_KEYS}
-    attrs = {'tempting_from': source['path'], 'tempting_from_sha256': source['sha256'],
+    # the source's name and sha256, not its path: the same data gives the same file anywhere
+    attrs = {'tempting_from': Path(source['path']).name,
+             'tempting_from_sha256': source['sha256'],
              'tempting': {'cost_min': args.cost_min, 'cost_max': args.cost_max,
                           'remove_ratio': args.remove_ratio, 'seed': args.seed,
                           'removed_trajectories': removed}}
@@ -369,6 +374,58 @@ def cmd_tempting(args) -> int:
           f'{args.cost_max:g}]; kept {manifest["trajectories"]} '
           f'({np.mean(costs <= args.cost_max):.1%} of them within {args.cost_max:g})')
     print(f'wrote {out}: {manifest["transitions"]} transitions')
+    return 0
+
+
+def cmd_subset(args) -> int:
+    """Keep whole trajectories drawn at random until a share (or a count) of the transitions."""
+    import h5py
+
+    from offline_training.data.dataset import (COST_LABELS_ATTR, GENERATED_ATTR,
+                                               generated_info, is_unlabelled, UNLABELLED)
+    from offline_training.data.trajectories import split_trajectories
+
+    spec = get_task(args.task)
+    if (args.fraction is None) == (args.transitions is None):
+        raise ConfigError('give exactly one of --fraction and --transitions')
+    if args.fraction is not None and not 0.0 < args.fraction <= 1.0:
+        raise ConfigError(f'--fraction must lie in (0, 1], got {args.fraction:g}')
+    if args.transitions is not None and args.transitions < 1:
+        raise ConfigError(f'--transitions must be >= 1, got {args.transitions}')
+    out = _refuse_existing(args.output)
+    path = resolve_dataset_path(Path(args.source), spec.name)
+    data = load_dataset(path, task=spec.name)
+    with h5py.File(path, 'r') as h5:
+        generated, unlabelled = generated_info(h5.attrs), is_unlabelled(h5.attrs)
+    total = len(data['observations'])
+    wanted = args.transitions if args.transitions is not None else int(
+        np.ceil(args.fraction * total))
+    if wanted > total:
+        raise ConfigError(f'--transitions {wanted} is more than {path} holds ({total})')
+    trajectories = split_trajectories(data)
+    order = np.random.default_rng(args.seed).permutation(len(trajectories))
+    keep, count = [], 0
+    for i in order:            # whole trajectories, so that every kept episode is complete
+        if count >= wanted:
+            break
+        keep.append(i)
+        count += trajectories[i].length
+    keep.sort()                # in the source's order
+    index = np.concatenate([np.arange(trajectories[i].start, trajectories[i].stop) for i in keep])
+    subset = {k: np.asarray(data[k])[index] for k in DSRL_KEYS}
+    attrs = {'subset_of': path.name, 'subset_of_sha256': sha256_file(path),
+             'subset': {'fraction': args.fraction, 'transitions': args.transitions,
+                        'seed': args.seed, 'trajectories': len(keep)}}
+    if generated is not None:      # a share of generated data is still generated data
+        attrs.update({GENERATED_ATTR: True, **generated})
+    if unlabelled:                 # and a share of a cost-free file is still cost-free
+        attrs[COST_LABELS_ATTR] = UNLABELLED
+    manifest = write_dataset(out, subset, spec.name, attrs=attrs)
+    kept = manifest['transitions']
+    print(f'kept {len(keep)} of {len(trajectories)} trajectories at random (seed {args.seed}): '
+          f'{kept} of {total} transitions ({kept / total:.1%})'
+          + ('; generated data, marked so' if generated is not None else ''))
+    print(f'wrote {out}')
     return 0
 
 
@@ -523,6 +580,20 @@ def build_parser() -> argparse.ArgumentParser:
     tempting.add_argument('--remove-ratio', type=float, default=0.9)
     tempting.add_argument('--seed', type=int, default=0)
     tempting.set_defaults(func=cmd_tempting)
+    subset = sub.add_parser(
+        'subset', help='keep a random share of the trajectories of a dataset',
+        description='Keep whole trajectories drawn at random until at least --fraction of the '
+                    "transitions (or --transitions of them) are kept, e.g. OASIS's data-"
+                    'efficiency check. A generated or cost-free source stays marked so.')
+    subset.add_argument('source', help='DSRL HDF5 file (collected, generated or cost-free)')
+    subset.add_argument('--task', required=True, help='task name, e.g. BallCircle')
+    subset.add_argument('-o', '--output', required=True, help='output HDF5 file')
+    subset.add_argument('--fraction', type=float, default=None,
+                        help='share of the transitions to keep, in (0, 1]')
+    subset.add_argument('--transitions', type=int, default=None,
+                        help='number of transitions to keep (at least; whole trajectories)')
+    subset.add_argument('--seed', type=int, default=0, help='seed of the draw')
+    subset.set_defaults(func=cmd_subset)
     split = sub.add_parser(
         'split-demos', help='split a labelled dataset into a cost-free set and safe demos (DSPO)',
         description='Choose the safe demonstrations of a labelled dataset (the N trajectories of '
