@@ -44,12 +44,7 @@ def plot_returns(data, out_path, task=None, title: Optional[str] = None,
     ax.legend(loc='lower right', fontsize=8)
     if reward_returns.size:
         ax.set_xlim(left=min(-1.0, float(np.min(cost_returns)) - 1))
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path)
-    plt.close(fig)
-    return out_path
+    return _save(fig, out_path)
 
 
 def plot_generation(data, report: dict, out_path, task, kappa: float) -> Path:
@@ -84,6 +79,13 @@ def plot_generation(data, report: dict, out_path, task, kappa: float) -> Path:
     ax.set_title(f'{spec.name}: OASIS generation, asked vs made (reward, cost)')
     ax.grid(alpha=0.3)
     ax.legend(loc='lower right', fontsize=7)
+    return _save(fig, out_path)
+
+
+def _save(fig, out_path) -> Path:
+    """Write a figure as PNG (making its folder) and close it; return the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
