@@ -424,3 +424,51 @@ def test_quality_only_on_the_trajectories_of_a_split_file(tmp_path, capsys):
     assert discriminator_quality.main([str(run), str(other), '--kappa', '10', '--only',
                                        str(unlabelled_path)]) == 2
     assert 'sha256 differs' in capsys.readouterr().err
+
+
+def test_model_selection_keeps_the_discriminator_that_ranks_held_out_demos_highest(
+        monkeypatch):
+    from offline_training.algos import dspo
+    from saferl_ros.errors import ConfigError
+
+    # the score: held-out demonstrations against unlabelled trajectories of similar return
+    assert dspo.select_score(torch.tensor([0.9, 0.4]), torch.tensor([0.4, 0.1])) == 0.875
+    assert dspo.select_score(torch.tensor([0.1]), torch.tensor([0.5, 0.6])) == 0.0
+    data = labelled(episodes=24, length=24, seed=1)
+    starts, stops = episode_spans(data)
+    for start, stop in zip(starts[:4], stops[:4]):
+        data['actions'][start:stop] = np.clip(data['actions'][start:stop] + 0.8, -1, 1)
+    trainer, buffer = make_trainer(data, demos='first:4', disc_steps=60, disc_batch_size=8,
+                                   disc_lr=1e-3, embed_dim=16, disc_select_holdout=1,
+                                   disc_select_every=20)
+    # only unlabelled trajectories whose return reaches the demonstrations' lowest are matched
+    # (at least 20 of them: here the 20 of highest return)
+    trainer.update(buffer)
+    data_ = trainer.data
+    matched = trainer.select['matched']
+    assert len(matched) == 20 and not data_.demo[matched].any()
+    assert data_.returns[matched].min() >= data_.returns[data_.unlabelled_index].sort().values[-20]
+    # one demonstration is held out of D_phi's positives, the others train it
+    held, train = trainer.select['held'], trainer.select['train']
+    assert len(held) == 1 and len(train) == 3
+    assert sorted(torch.cat([held, train]).tolist()) == sorted(data_.demo_index.tolist())
+    # scores that fall after iteration 20: the discriminator of iteration 20 is kept
+    real_score, scores = dspo.select_score, iter([0.9, 0.5, 0.1])
+    monkeypatch.setattr(dspo, 'select_score', lambda held, matched: (
+        real_score(held, matched), next(scores))[1])
+    logs = [trainer.update(buffer) for _ in range(59)]
+    scored = [i + 2 for i, log in enumerate(logs) if 'value/select_auc' in log]
+    assert scored == [20, 40, 60]
+    assert trainer.select['best_iteration'] == 20 and trainer.select['best_score'] == 0.9
+    # stage 2 labels with the kept discriminator, not the last iterate (which differs)
+    kept = trainer.select['best_state']
+    last = {k: v.clone() for k, v in trainer.model.discriminator.state_dict().items()}
+    assert any(not torch.equal(last[k], kept[k]) for k in kept)
+    trainer.label()
+    for key, value in trainer.model.discriminator.state_dict().items():
+        assert torch.equal(value, kept[key]), key
+    with pytest.raises(ConfigError, match='must leave D_phi at least one'):
+        bad, bad_buffer = make_trainer(data, demos='first:4', disc_select_holdout=4)
+        bad.update(bad_buffer)
+    with pytest.raises(ConfigError, match='disc_select_holdout'):
+        small_config(disc_select_holdout=-1)

@@ -75,6 +75,12 @@ class DspoConfig:
     disc_stride: int = 1               # D_phi sees steps 0, k, 2k, ... of each trajectory
     disc_batch_size: int = 32          # trajectories of D^S and of D^U per step, each
     disc_lr: float = 1e-4
+    # Model selection without cost labels (our option; the paper is silent, and the last iterate
+    # over-fitted the 12 positives on BallCircle): hold this many demonstrations out of D_phi's
+    # positives and keep the D_phi whose held-out demonstrations rank highest among the
+    # unlabelled trajectories of comparable return (select_score). 0: the last iterate.
+    disc_select_holdout: int = 0
+    disc_select_every: int = 500
     disc_weight_decay: float = 1e-4
     # --- return-agnostic term (Eqs. 4, 5; App. D.1)
     mi_weight: float = 1.0             # lambda; 0 is the "w/o return-agnostic" ablation
@@ -114,6 +120,9 @@ class DspoConfig:
                               f'({self.return_bins}) >= 2')
         if self.disc_stride < 1:
             raise ConfigError(f'disc_stride must be >= 1, got {self.disc_stride}')
+        if self.disc_select_holdout < 0 or self.disc_select_every < 1:
+            raise ConfigError(f'disc_select_holdout ({self.disc_select_holdout}) must be >= 0 '
+                              f'and disc_select_every ({self.disc_select_every}) >= 1')
         if self.horizon < 1 or self.num_generated < 1:
             raise ConfigError('horizon and num_generated must be >= 1')
         if self.steps is None:
@@ -506,13 +515,45 @@ def set_normalisation(model: DspoModel, buffer: ReplayBuffer) -> None:
 
 @torch.no_grad()
 def label_trajectories(discriminator: SafetyTransformer, data: Trajectories,
-                       chunk: int = 64) -> torch.Tensor:
-    """Return z_tau = sigmoid(D_phi logit) [N] of every trajectory of ``data`` (eval mode)."""
+                       chunk: int = 64, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Return z_tau = sigmoid(D_phi logit) of the trajectories ``index`` (all; eval mode)."""
     discriminator.eval()
-    count = data.obs.shape[0]
-    return torch.cat([torch.sigmoid(discriminator(*data.batch(
-        torch.arange(i, min(i + chunk, count), device=data.obs.device))))
-        for i in range(0, count, chunk)])
+    if index is None:
+        index = torch.arange(data.obs.shape[0], device=data.obs.device)
+    return torch.cat([torch.sigmoid(discriminator(*data.batch(index[i:i + chunk])))
+                      for i in range(0, len(index), chunk)])
+
+
+def select_score(z_held: torch.Tensor, z_matched: torch.Tensor) -> float:
+    """
+    Return the held-out demonstrations' AUC against unlabelled trajectories of similar return.
+
+    The share of (held-out demonstration, unlabelled trajectory) pairs in which the
+    demonstration has the larger z (ties count a half): 1 when every held-out safe
+    demonstration ranks above them, 0.5 by chance. The unlabelled trajectories are those whose
+    return is at least the demonstrations' lowest (see matched_unlabelled), so a z that merely
+    follows the return does not score. Reads no costs.
+    """
+    from offline_training.discriminator_quality import roc_auc
+
+    scores = torch.cat([z_held, z_matched]).cpu().numpy()
+    positive = np.arange(len(scores)) < len(z_held)
+    return roc_auc(scores, positive)
+
+
+def matched_unlabelled(data: 'Trajectories', minimum: int = 20) -> torch.Tensor:
+    """
+    Return the unlabelled trajectories whose reward return reaches the demonstrations' lowest.
+
+    At least ``minimum`` (the highest-return ones) when fewer reach it.
+    """
+    returns = data.returns[data.unlabelled_index]
+    floor = data.returns[data.demo_index].min()
+    matched = data.unlabelled_index[returns >= floor]
+    if len(matched) < min(minimum, len(returns)):
+        order = torch.argsort(returns, descending=True)
+        matched = data.unlabelled_index[order[:minimum]]
+    return matched
 
 
 def safety_signal(model: DspoModel, config: DspoConfig, data) -> Tuple[np.ndarray, np.ndarray]:
@@ -545,6 +586,9 @@ class DspoTrainer:
         self.labels: Optional[torch.Tensor] = None       # z_tau of every trajectory
         self.generated: Optional[Dict[str, torch.Tensor]] = None   # D^S and D^G for BC
         self.data: Optional[Trajectories] = None
+        # model selection (disc_select_holdout > 0): the held-out demonstrations, the best
+        # D_phi so far and its score and iteration
+        self.select: Optional[Dict[str, object]] = None
 
     @staticmethod
     def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
@@ -581,11 +625,39 @@ class DspoTrainer:
 
     # -- stage 1 -------------------------------------------------------------------------------
 
+    def _start_selection(self, buffer: ReplayBuffer) -> None:
+        """Hold disc_select_holdout demonstrations out of D_phi's positives (once)."""
+        data, k = self.data, self.config.disc_select_holdout
+        if k >= len(data.demo_index):
+            raise ConfigError(f'disc_select_holdout ({k}) must leave D_phi at least one of the '
+                              f'{len(data.demo_index)} demonstrations; lower it')
+        order = torch.randperm(len(data.demo_index), device=buffer.device,
+                               generator=buffer.generator)
+        self.select = {'held': data.demo_index[order[:k]], 'train': data.demo_index[order[k:]],
+                       'matched': matched_unlabelled(data), 'best_score': -1.0,
+                       'best_iteration': -1, 'best_state': None}
+
+    def _selection_step(self) -> Dict[str, torch.Tensor]:
+        """Score D_phi on the held-out demonstrations; keep it if it is the best so far."""
+        sel, disc = self.select, self.model.discriminator
+        held, matched = sel['held'], sel['matched']
+        z = label_trajectories(disc, self.data, index=torch.cat([held, matched]))
+        disc.train()
+        score = select_score(z[:len(held)], z[len(held):])
+        if score > sel['best_score']:
+            sel.update(best_score=score, best_iteration=self.iteration,
+                       best_state={k: v.detach().clone() for k, v in disc.state_dict().items()})
+        return {'value/select_auc': torch.tensor(score),
+                'value/select_best_iteration': torch.tensor(float(sel['best_iteration']))}
+
     def discriminator_update(self, buffer: ReplayBuffer) -> Dict[str, torch.Tensor]:
         """One q_theta step (Eq. 5) then one phi step (Eq. 1 + lambda Eq. 4)."""
         m, c, data = self.model, self.config, self.data
         batch = c.disc_batch_size
-        demo = data.demo_index[self._randint(buffer, len(data.demo_index), batch)]
+        if c.disc_select_holdout and self.select is None:
+            self._start_selection(buffer)
+        positives = data.demo_index if self.select is None else self.select['train']
+        demo = positives[self._randint(buffer, len(positives), batch)]
         unlabelled = data.unlabelled_index[self._randint(buffer, len(data.unlabelled_index),
                                                          batch)]
         index = torch.cat([demo, unlabelled])
@@ -607,10 +679,19 @@ class DspoTrainer:
             loss = loss + c.mi_weight * mi
             logs['loss/vclub'] = mi.detach()
         self._step(self.disc_opt, loss)
+        if self.select is not None and (self.iteration % c.disc_select_every == 0
+                                        or self.iteration == c.disc_steps):
+            logs.update(self._selection_step())
         return logs
 
     def label(self) -> torch.Tensor:
-        """Return z_tau = D_phi(tau) of every trajectory (dropout off)."""
+        """
+        Return z_tau = D_phi(tau) of every trajectory (dropout off).
+
+        With model selection, D_phi is first set to the best one it kept.
+        """
+        if self.select is not None and self.select['best_state'] is not None:
+            self.model.discriminator.load_state_dict(self.select['best_state'])
         labels = label_trajectories(self.model.discriminator, self.data)
         self.model.discriminator.train()
         return labels
@@ -679,7 +760,7 @@ class DspoTrainer:
         return {'disc_opt': self.disc_opt.state_dict(), 'q_opt': self.q_opt.state_dict(),
                 'diffusion_opt': self.diffusion_opt.state_dict(),
                 'bc_opt': self.bc_opt.state_dict(), 'iteration': self.iteration,
-                'labels': self.labels, 'generated': self.generated}
+                'labels': self.labels, 'generated': self.generated, 'select': self.select}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the states saved by state_dict()."""
@@ -687,6 +768,7 @@ class DspoTrainer:
             getattr(self, name).load_state_dict(state[name])
         self.iteration = int(state['iteration'])
         self.labels, self.generated = state['labels'], state['generated']
+        self.select = state.get('select')
 
 
 def make_trainer(model: DspoModel, config: DspoConfig) -> DspoTrainer:
