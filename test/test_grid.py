@@ -11,6 +11,16 @@ import pytest
 import yaml
 
 
+def synthetic_datasets(tmp_path, episodes: int = 6, max_length: int = 40):
+    """Return a folder with one synthetic BallCircle file (a grid's $DSRL_DATASET_DIR)."""
+    datasets = tmp_path / 'datasets'
+    datasets.mkdir()
+    write_dataset(datasets / f'SafetyBallCircle-v0-test-{episodes}.hdf5',
+                  synthetic_dataset('BallCircle', episodes=episodes, seed=0,
+                                    max_length=max_length), 'BallCircle')
+    return datasets
+
+
 @pytest.fixture
 def tiny_grid(tmp_path):
     """
@@ -19,10 +29,7 @@ def tiny_grid(tmp_path):
     Two plain ones, one whose override is a typo, and a DRCORL run with a branch from its
     end-of-pretraining checkpoint (step 8 + 8 + 4).
     """
-    datasets = tmp_path / 'datasets'
-    datasets.mkdir()
-    write_dataset(datasets / 'SafetyBallCircle-v0-test-6.hdf5',
-                  synthetic_dataset('BallCircle', episodes=6, seed=0, max_length=40), 'BallCircle')
+    datasets = synthetic_datasets(tmp_path)
     return Grid('tiny', (Method('fisor', 'fisor', 6), Method('bc_all', 'bc_all', 4),
                          Method('typo', 'bc_all', 4, ('bach_size=8',)),
                          Method('drcorl', 'drcorl', 30),
@@ -172,10 +179,7 @@ def test_one_machine_tool_sizes_steps_packs_slim_runs_that_the_grid_only_evaluat
     import torch
     from offline_training.grid import run_job, trained_already
 
-    datasets = tmp_path / 'datasets'
-    datasets.mkdir()
-    write_dataset(datasets / 'SafetyBallCircle-v0-test-6.hdf5',
-                  synthetic_dataset('BallCircle', episodes=6, seed=0, max_length=40), 'BallCircle')
+    datasets = synthetic_datasets(tmp_path)
     monkeypatch.setenv('DSRL_DATASET_DIR', str(datasets))
     tool = _gpu_grid_tool()
     out, runs = tmp_path / 'out', tmp_path / 'runs'
@@ -242,11 +246,7 @@ def test_data_steps_make_each_dataset_once_before_the_runs_that_train_on_it(tmp_
 
     # OASIS's shape: a tempting variant of the task's data, a reshaped file made from it, runs
     # on each; and a step whose command fails, whose run then fails with its dataset named.
-    datasets = tmp_path / 'datasets'
-    datasets.mkdir()
-    write_dataset(datasets / 'SafetyBallCircle-v0-test-12.hdf5',
-                  synthetic_dataset('BallCircle', episodes=12, seed=0, max_length=40),
-                  'BallCircle')
+    datasets = synthetic_datasets(tmp_path, episodes=12)
     tempting = DataStep('tempting', ('tempting', '{source}', '--task', '{task}',
                                      '--remove-ratio', '0.5', '-o', '{out}'))
     reshaped = DataStep('gen', ('reshape', '{source}', '--task', '{task}', '--kappa', '20',
@@ -359,11 +359,7 @@ def test_a_data_step_of_several_files_is_made_again_when_one_is_missing(tmp_path
     from offline_training.grid import data_files, run_data_step
     from saferl_ros.errors import ConfigError
 
-    datasets = tmp_path / 'datasets'
-    datasets.mkdir()
-    write_dataset(datasets / 'SafetyBallCircle-v0-test-30.hdf5',
-                  synthetic_dataset('BallCircle', episodes=30, seed=0, max_length=20),
-                  'BallCircle')
+    datasets = synthetic_datasets(tmp_path, episodes=30, max_length=20)
     split = DataStep('split', ('split-demos', '{source}', '--task', '{task}', '--kappa', '40',
                                '--num-demos', '3', '--holdout', '0.2', '-o', '{prefix}'),
                      files=('-unlabelled.hdf5', '-demos.hdf5', '-heldout.hdf5'))
