@@ -599,6 +599,12 @@ def run_job(job: Job, grid: Grid, *after) -> Tuple[str, str]:
         problem = branch_source_missing(job, grid)
         if problem:
             return job.name, f'FAILED: {problem}'
+    # Ray hands over the results of the tasks this one waited for: a data step that failed
+    # (e.g. its files were made by another command) means its file is not this run's to use.
+    failed = [f'{name}: {status}' for name, status in after
+              if name.startswith('data-') and status.startswith('FAILED')]
+    if train is not None and failed:
+        return job.name, f'FAILED: its data step failed ({failed[0]})'
     if train is not None and job.method.data is not None:
         data = data_path(job.method.data, job.task, grid, job.method.data_file)
         if not data.is_file():

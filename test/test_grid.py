@@ -281,7 +281,8 @@ def test_data_steps_make_each_dataset_once_before_the_runs_that_train_on_it(tmp_
     assert '--remove-ratio must lie in [0, 1]' in (
         tmp_path / 'runs' / 'logs' / 'data-broken-BallCircle.log').read_text()
     failed = statuses['bc_safe-BallCircle-s0']
-    assert failed.startswith('FAILED') and 'broken-BallCircle.hdf5 was not made' in failed
+    assert failed.startswith('FAILED: its data step failed (data-broken-BallCircle: FAILED')
+    assert 'data-broken-BallCircle.log' in failed
     # each run trained on its step's file: OASIS on the generated one, BC on the tempting one
     for run, tag in (('oasis-BallCircle-s0', 'gen'), ('bc_all-BallCircle-s0', 'tempting')):
         config = yaml.safe_load((tmp_path / 'runs' / run / 'config.yaml').read_text())
@@ -299,6 +300,12 @@ def test_data_steps_make_each_dataset_once_before_the_runs_that_train_on_it(tmp_
     status = run_data_step(reshaped, 'BallCircle', other)[1]
     assert status.startswith('FAILED: its files were made by another command') and \
         'gen-BallCircle*' in status
+    # a run that waited for that step does not train on its file
+    from offline_training.grid import run_job
+    newcomer = Job(Method('oasis2', 'oasis', 6, ('cost_limit=20',), data='gen'), 'BallCircle', 0)
+    name, refused = run_job(newcomer, other, ('data-gen-BallCircle', status))
+    assert refused.startswith('FAILED: its data step failed (data-gen-BallCircle: FAILED')
+    assert not (tmp_path / 'runs' / 'oasis2-BallCircle-s0').exists()
     stamp.unlink()                # files from before records were kept: adopted, and said so
     assert 'adopted' in run_data_step(reshaped, 'BallCircle', grid)[1]
     assert run_data_step(reshaped, 'BallCircle', grid)[1] == 'done already'
