@@ -44,9 +44,8 @@ def cpu_model() -> str:
     return platform.processor() or 'unknown'
 
 
-def bench_case(algo: str, preset: str, task, device: torch.device, seconds: float,
-               min_iters: int) -> dict:
-    """Time one algorithm/preset; return its figures."""
+def build_case(algo: str, preset: str, task, device: torch.device):
+    """Return (config, model, trainer, buffer) of one algorithm/preset on synthetic task data."""
     set_seed(0)
     module, fixed = get_algorithm(algo)
     overrides = dict(fixed)
@@ -59,6 +58,13 @@ def bench_case(algo: str, preset: str, task, device: torch.device, seconds: floa
     model = module.build_model(task.obs_dim, task.act_dim, config).to(device)
     trainer = module.make_trainer(model, config)
     model.train()
+    return config, model, trainer, buffer
+
+
+def bench_case(algo: str, preset: str, task, device: torch.device, seconds: float,
+               min_iters: int) -> dict:
+    """Time one algorithm/preset; return its figures."""
+    config, model, trainer, buffer = build_case(algo, preset, task, device)
 
     def sync():
         if device.type == 'cuda':

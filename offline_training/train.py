@@ -20,7 +20,7 @@ import numpy as np
 from offline_training.algos import ALGORITHMS, get_algorithm
 from offline_training.algos.batching import check_dataset, ReplayBuffer
 from offline_training.algos.infrastructure import (
-    resolve_device, rng_state, set_rng_state, set_seed)
+    allocator_setting, keep_freed_memory, resolve_device, rng_state, set_rng_state, set_seed)
 from offline_training.algos.protocol import reads_costs
 from offline_training.data.dataset import (
     DatasetError, describe_generated, file_generated_info, load_dataset, resolve_dataset_path)
@@ -222,7 +222,7 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
                     'it_per_s': round((step - start_step) / max(elapsed, 1e-9), 2),
                     'train_cpu_s': round(train_cpu_s + time.process_time() - cpu_mark, 1),
                     'train_wall_s': round(train_wall_s + time.time() - start_time, 1),
-                    'machine': machine_info(),
+                    'machine': machine_info(), 'allocator': allocator_setting(),
                     'last_logs': last_logs}, run_dir / SUMMARY)
     return run_dir
 
@@ -321,6 +321,7 @@ def main(argv=None) -> int:
         parser.error(f'--steps must be >= 1, got {args.steps}')
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()
     run_dir = train(args.algo, args.task, args.preset, args.seed, dataset=args.dataset,
                     steps=args.steps, out=args.out, device=args.device,
                     log_every=args.log_every, checkpoint_every=args.checkpoint_every,

@@ -2,6 +2,7 @@
 
 import os
 from pathlib import Path
+import platform
 import signal
 import subprocess
 import sys
@@ -367,6 +368,40 @@ def test_killed_process_resumes_at_its_checkpoint(dataset_file, tmp_path):
     assert main([*args, '--steps', str(step + 30)]) == 0
     summary = yaml.safe_load((out / 'summary.yaml').read_text())
     assert summary['step'] == step + 30 and summary['steps_this_session'] == 30
+    # The summary names the malloc setting its speed figures were measured under.
+    if platform.libc_ver()[0] == 'glibc':
+        assert summary['allocator'].startswith('allocator: glibc keeps up to 256 MiB')
+
+
+ALLOCATION_PROBE = """
+import resource, torch
+from offline_training.algos.infrastructure import allocator_setting, keep_freed_memory
+def faults():
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        held = [torch.ones(768 * 1024) for _ in range(10)]   # ten 3 MiB blocks, as a step
+        del held
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
+faults()
+default = faults()
+before = allocator_setting()
+after = keep_freed_memory()
+faults()
+print(default, faults(), before, after, sep='|')
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='mallopt is glibc only')
+def test_kept_freed_memory_stops_the_page_faults_of_repeated_step_allocations():
+    # A fresh interpreter: the setting is per process. Default glibc returns the freed 30 MiB
+    # to the kernel each round (the next round faults it back page by page); kept, it does not.
+    out = subprocess.run([sys.executable, '-c', ALLOCATION_PROBE], check=True,
+                         capture_output=True, text=True).stdout.strip().split('|')
+    default, kept = int(out[0]), int(out[1])
+    assert out[2] == 'allocator: default malloc settings'
+    assert out[3].startswith('allocator: glibc keeps up to 256 MiB')
+    assert default > 20 * 7000 // 2, f'default malloc faulted only {default} pages'
+    assert kept < default // 20, f'{kept} page faults with freed memory kept vs {default}'
 
 
 def test_bcq_lag_trains_from_any_dataset_dict():

@@ -171,6 +171,55 @@ def resolve_device(device: str = 'auto') -> torch.device:
                           'cuda[:i]') from None
 
 
+# glibc's malloc hands blocks above a dynamic threshold back to the kernel when they are freed and
+# trims the heap top as soon as 2x that threshold is free. A training step allocates and frees the
+# same few-MB activations every iteration (BCQ-Lag scores 10 sampled next actions per state:
+# [2560, 200] tensors), so every step re-maps and re-zeroes them: ~7700 page faults and a third of
+# the CPU time in the kernel (bench/bench_allocator.py). Keeping freed memory in the heap removes
+# that; the memory kept is bounded by KEEP_FREED_BYTES.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3           # glibc <malloc.h>
+MMAP_THRESHOLD_BYTES = 32 * 2**20                     # the largest value glibc accepts (64-bit)
+KEEP_FREED_BYTES = 256 * 2**20
+_allocator_setting = 'allocator: default malloc settings'
+
+
+def allocator_setting() -> str:
+    """Return what keep_freed_memory() did in this process (recorded in a run's summary)."""
+    return _allocator_setting
+
+
+def keep_freed_memory() -> str:
+    """
+    Make glibc keep freed training activations in the heap instead of unmapping them.
+
+    Only the calling process changes (the training CLIs call it; library functions do not).
+    Returns a one-line description of what was done, or why nothing was (not glibc): the
+    setting changes speed only, never results.
+    """
+    global _allocator_setting
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library('c')
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        _allocator_setting = 'allocator: not glibc (no mallopt); default malloc settings kept'
+    else:
+        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        if (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+                and mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES)):
+            _allocator_setting = (f'allocator: glibc keeps up to {KEEP_FREED_BYTES >> 20} MiB '
+                                  f'of freed memory (mmap threshold '
+                                  f'{MMAP_THRESHOLD_BYTES >> 20} MiB)')
+        else:
+            _allocator_setting = ('allocator: mallopt refused the thresholds; default malloc '
+                                  'settings kept')
+    return _allocator_setting
+
+
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) and make cuDNN deterministic."""
     random.seed(seed)

@@ -256,8 +256,9 @@ def cmd_reshape(args) -> int:
     from dataclasses import replace
 
     from offline_training.algos import oasis
-    from offline_training.algos.infrastructure import resolve_device
+    from offline_training.algos.infrastructure import keep_freed_memory, resolve_device
 
+    keep_freed_memory()    # speed only: the generator's training step re-allocates MB tensors
     spec = get_task(args.task)
     if not args.kappa > 0:
         raise ConfigError(f'--kappa must be > 0 (a cost budget), got {args.kappa:g}')
