@@ -111,10 +111,10 @@ class ModelAgent(Agent):
 class RunAgent(ModelAgent):
     """A saferl-train run folder's model (its last checkpoint)."""
 
-    def __init__(self, path):
+    def __init__(self, path, inference=None):
         from offline_training.runs import open_run
 
-        run = open_run(path)
+        run = open_run(path, inference=inference)
         super().__init__(run.algorithm, run.model, run.config, run.task,
                          Path(path).resolve().name)
 
@@ -188,16 +188,25 @@ def is_bundle(path) -> bool:
     return os.path.lexists(Path(path) / 'manifest.yaml')
 
 
-def load_agent(path) -> Agent:
-    """Return the agent of a bundle folder (manifest.yaml) or a run folder (config.yaml)."""
+def load_agent(path, inference=None) -> Agent:
+    """
+    Return the agent of a bundle folder (manifest.yaml) or a run folder (config.yaml).
+
+    ``inference``: inference settings of a run folder to use instead of its own
+    (offline_training.runs.INFERENCE_SETTINGS); a bundle's graphs were fixed at export.
+    """
     path = Path(path)
     if not path.is_dir():
         raise MissingFileError(f'{path}: no such folder; give a model bundle folder (e.g. '
                                'models/NAME) or a saferl-train run folder (e.g. runs/NAME)')
     if is_bundle(path):
+        if inference:
+            raise ConfigError(f'{path} is a bundle: its graphs were fixed at export, so '
+                              f'{sorted(inference)} cannot change; evaluate its run folder with '
+                              '--set, or re-export the run')
         return BundleAgent(path)
     if (path / 'config.yaml').is_file():
-        return RunAgent(path)
+        return RunAgent(path, inference)
     raise MissingFileError(f'{path}: neither a model bundle (manifest.yaml) nor a saferl-train '
                            'run folder (config.yaml + checkpoint.pt); point at one of those')
 
@@ -223,7 +232,7 @@ def rollout(agent: Agent, env, seed: int, episode: int) -> dict:
 
 def evaluate(sources: Sequence, episodes: int = 20, seeds: Sequence[int] = (0,),
              kappas: Sequence[float] = KAPPAS, progress: bool = True, shield=None,
-             shield_config=None) -> dict:
+             shield_config=None, inference=None) -> dict:
     """
     Roll out every source for ``episodes`` episodes per seed; return the results dict.
 
@@ -231,9 +240,10 @@ def evaluate(sources: Sequence, episodes: int = 20, seeds: Sequence[int] = (0,),
     or one bundle); evaluate different algorithms separately and combine them with ``table``.
     ``shield``: a monitor bundle whose critics judge every action (:class:`ShieldedAgent`,
     ``shield_config`` a :class:`saferl_ros.monitor.MonitorConfig`); the results then record the
-    share of steps whose action the monitor replaced.
+    share of steps whose action the monitor replaced. ``inference``: inference settings for run
+    folders (load_agent); the results record them and take them into their table label.
     """
-    agents = [load_agent(s) for s in sources]
+    agents = [load_agent(s, inference) for s in sources]
     if shield is not None:
         agents = [ShieldedAgent(agent, shield, shield_config) for agent in agents]
     tasks = {a.task for a in agents}
@@ -273,6 +283,11 @@ def evaluate(sources: Sequence, episodes: int = 20, seeds: Sequence[int] = (0,),
         'machine': machine_info(),
         'created': datetime.now(timezone.utc).isoformat(timespec='seconds'),
     }
+    if inference:
+        # its own column in `saferl-eval table`: the run's label and the changed settings
+        results['inference'] = dict(inference)
+        results['label'] = result_label(results) + ''.join(
+            f'+{key}={value}' for key, value in sorted(inference.items()))
     if shield is not None:
         decisions = sum(row['decisions'] for row in rows)
         replaced = sum(row['replaced'] for row in rows)
@@ -372,6 +387,11 @@ def main(argv=None) -> int:
                         metavar='KEY=VALUE',
                         help='with --shield: a safety monitor parameter other than its default, '
                         'e.g. min_hold=0 or threshold_v=0.5 (saferl_ros.monitor.MonitorConfig)')
+    parser.add_argument('--set', dest='inference', action='append', default=[],
+                        metavar='KEY=VALUE',
+                        help='run folders only: act with this inference setting instead of the '
+                        "run's, e.g. num_candidates=32 or selection=feasible-maxq (FISOR); "
+                        'recorded in the results and their table label')
     parser.add_argument('--threads', type=int, default=1, help='torch threads for run folders')
     parser.add_argument('--no-progress', action='store_true')
     args = parser.parse_args(argv)
@@ -397,9 +417,16 @@ def main(argv=None) -> int:
     if not all(is_bundle(s) for s in args.sources):
         import torch  # only run folders need torch; bundles run on onnxruntime alone
         torch.set_num_threads(args.threads)
+    inference = None
+    if args.inference:
+        from offline_training.overrides import parse_override
+        try:
+            inference = dict(parse_override(text) for text in args.inference)
+        except argparse.ArgumentTypeError as error:
+            parser.error(str(error))
     results = evaluate(args.sources, args.episodes, args.seeds, args.kappa,
                        progress=not args.no_progress, shield=args.shield,
-                       shield_config=shield_config)
+                       shield_config=shield_config, inference=inference)
     if args.label:
         results['label'] = args.label
     write_results(results, out)

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 import warnings
 
 import numpy as np
-from offline_training.algos import get_algorithm
+from offline_training.algos import fisor, get_algorithm
 from offline_training.algos.protocol import ExportPlan, GraphSpec
 from offline_training.runs import code_version, open_run, yaml_safe
 from saferl_ros import bundle as rt
@@ -334,25 +334,27 @@ def make_test_bundle(out_dir, task='BallCircle', seed: int = 0, algorithm: str =
 
 def export_run(run_dir, out_dir, name: Optional[str] = None, seed: int = 0,
                num_candidates: Optional[int] = None,
-               fallback_candidates: Optional[int] = None, overwrite: bool = False) -> Path:
+               fallback_candidates: Optional[int] = None, overwrite: bool = False,
+               selection: Optional[str] = None) -> Path:
     """
     Export the model of a ``saferl-train`` run folder as a bundle; return the bundle folder.
 
     ``num_candidates``/``fallback_candidates`` override FISOR's N for the policy/fallback graphs
-    (the paper's N = 16; more candidates is more conservative: a wider search for low Q_h).
+    (the paper's N = 16; more candidates is more conservative: a wider search for low Q_h);
+    ``selection`` FISOR's choice among the candidates ('minqc', the paper's, or
+    'feasible-maxq'). The bundle's provenance config records the values used.
     """
-    run = open_run(run_dir)
+    inference = {key: value for key, value in (('num_candidates', num_candidates),
+                                               ('fallback_candidates', fallback_candidates),
+                                               ('selection', selection)) if value is not None}
+    run = open_run(run_dir, inference=inference)
     run_config = run.run_config
-    if num_candidates is not None:
-        run.model.num_candidates = int(num_candidates)
-    if fallback_candidates is not None:
-        run.model.fallback_candidates = int(fallback_candidates)
     plan = run.export_plan()
     dataset = run_config.get('dataset') or {}
     provenance = {
         'dataset': shown_path(dataset['path']) if dataset.get('path') else dataset.get('source'),
         'dataset_sha256': dataset.get('sha256'),
-        'config': {'preset': run_config.get('preset'), **run_config['algo_config']},
+        'config': {'preset': run_config.get('preset'), **run_config['algo_config'], **inference},
         'code_version': run_config.get('code_version') or code_version(),
         'export_code_version': code_version(),
         'seed': run_config.get('seed'),
@@ -379,6 +381,9 @@ def main(argv=None) -> int:
                         help="FISOR: candidates N of the policy graph (default: the run's)")
     parser.add_argument('--fallback-candidates', type=int, default=None,
                         help="FISOR: candidates of the fallback graph (default: the run's)")
+    parser.add_argument('--selection', default=None, choices=fisor.SELECTIONS,
+                        help="FISOR: the policy graph's choice among its candidates (default: "
+                        "the run's; minqc is the paper's, docs/algorithms.md)")
     parser.add_argument('--force', action='store_true', help='replace an existing bundle')
     parser.add_argument('--feasibility-plot', nargs='?', const='', default=None, metavar='PNG',
                         help='also draw V_h over the x-y plane (Circle tasks; default '
@@ -390,7 +395,7 @@ def main(argv=None) -> int:
             parser.error(f'{option} must be >= 1, got {value}')
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     out = export_run(args.run, args.out, args.name, args.seed, args.candidates,
-                     args.fallback_candidates, overwrite=args.force)
+                     args.fallback_candidates, overwrite=args.force, selection=args.selection)
     print(f'saferl-export: wrote and verified {out}')
     if args.feasibility_plot is not None:
         from offline_training.feasibility_plot import plot_bundle_feasibility

@@ -8,7 +8,7 @@ export, evaluation and the feasibility picture read it through :func:`open_run`,
 that turns a run folder back into its algorithm, its config and its model.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 import datetime
 from pathlib import Path
 import subprocess
@@ -30,8 +30,9 @@ CHECKPOINTS = 'checkpoints'   # RUN/checkpoints/step_<N>.pt: copies kept at chos
 CHECKPOINT_KEYS = ('algorithm', 'seed', 'step', 'model', 'trainer', 'buffer', 'rng')
 # Config fields a resumed run may change: the step budget and inference-only settings (they shape
 # the exported graphs, not the training).
-RESUME_MAY_CHANGE = frozenset({'steps', 'num_candidates', 'fallback_candidates', 'clip_sampler',
-                               'ddpm_temperature'})
+INFERENCE_SETTINGS = frozenset({'num_candidates', 'fallback_candidates', 'clip_sampler',
+                                'ddpm_temperature', 'selection'})
+RESUME_MAY_CHANGE = INFERENCE_SETTINGS | {'steps'}
 RESUME_FIX = 'choose another --out, or delete the run folder to start over'
 LOAD_FIX = 'point at a finished or checkpointed saferl-train run folder (runs/ALGO-TASK-sSEED)'
 
@@ -197,12 +198,15 @@ class Run:
         return self.module.export_plan(self.model, self.config)
 
 
-def open_run(run_dir, device='cpu', checkpoint=None) -> Run:
+def open_run(run_dir, device='cpu', checkpoint=None, inference=None) -> Run:
     """
     Read a run folder: rebuild its algorithm config and model and load the checkpoint's weights.
 
     ``checkpoint``: another checkpoint file of the same run to take the weights from (e.g. one
     kept at a milestone, RUN/checkpoints/step_<N>.pt) instead of the run's last.
+    ``inference``: settings of INFERENCE_SETTINGS to use instead of the run's (e.g.
+    ``{'num_candidates': 32}``); they change how the trained model acts, never its weights, and
+    are recorded in the returned run_config under 'inference'.
 
     A missing, unreadable or inconsistent run folder raises a
     :class:`~saferl_ros.errors.UserError` that names the file.
@@ -224,11 +228,28 @@ def open_run(run_dir, device='cpu', checkpoint=None) -> Run:
     dims = [require_field(run_config, key, where, int, fix) for key in ('obs_dim', 'act_dim')]
     task = require_field(run_config, 'task', where, dict, fix)
     require_field(task, 'name', f'{where} task', str, fix)
+    inference = dict(inference or {})
+    not_inference = sorted(set(inference) - INFERENCE_SETTINGS)
+    if not_inference:
+        raise ConfigError(f'{not_inference} are not inference settings; a trained run may change '
+                          f'only {sorted(INFERENCE_SETTINGS)} (retrain to change the others)')
     try:
         module, _ = get_algorithm(algo)
+    except UserError as error:
+        raise ConfigError(f'{where}: {error}') from None
+    own = INFERENCE_SETTINGS & {field.name for field in fields(module.CONFIG)}
+    if set(inference) - own:
+        raise ConfigError(f'{run_dir} is {algo}, which has no {sorted(set(inference) - own)}; '
+                          f'its inference settings are {sorted(own) or "none"}')
+    try:
         config = module.make_config('paper', **algo_config)
     except UserError as error:
         raise ConfigError(f'{where}: {error}') from None
+    if inference:
+        try:
+            config = module.make_config('paper', **{**algo_config, **inference})
+        except UserError as error:
+            raise ConfigError(f'inference settings {inference}: {error}') from None
     model = module.build_model(*dims, config)
     weights = run_dir / CHECKPOINT if checkpoint is None else Path(checkpoint)
     if not weights.is_file():
@@ -242,6 +263,8 @@ def open_run(run_dir, device='cpu', checkpoint=None) -> Run:
                           f'but {run_dir} is {algo} seed {seed}; pass a checkpoint of that run')
     restore(weights, fix, (model, state['model']))
     run_config['checkpoint_step'] = int(state['step'])
+    if inference:
+        run_config['inference'] = inference
     return Run(algo, module, run_config, config, model.to(device).eval())
 
 

@@ -15,6 +15,7 @@ from offline_training.algos.networks import Mish, mish, QEnsemble, soft_update
 from offline_training.algos.protocol import PRESET_NAMES, protocol_problems, Trainer
 from offline_training.data.synthetic import synthetic_dataset
 import pytest
+from saferl_ros.errors import ConfigError
 from saferl_ros.tasks import get_task
 import torch
 
@@ -311,11 +312,36 @@ def test_select_safest_takes_argmin_of_max_head_q_h():
     assert torch.equal(chosen, t([[-0.2, 0.5], [0.1, 0.0]]))   # a tie goes to the first
 
 
+def test_feasible_maxq_takes_the_best_reward_among_feasible_candidates():
+    model, _ = _small_fisor()
+    obs = torch.zeros(3, 4)
+    candidates = t([[[0.3, 0.9], [-0.2, 0.5], [-0.9, 0.1]],     # two feasible: best reward 0.5
+                    [[0.1, 0.0], [0.2, 1.0], [0.4, 0.7]],       # none feasible: argmin Q_h
+                    [[0.0, 0.2], [-0.5, 0.2], [0.5, 0.9]]])     # Q_h = 0 is feasible; reward tie
+    # Q_h is the first action coordinate, Q_r the second.
+    model.q_h_max = lambda o, a: a[:, 0]
+    model.q_r_min = lambda o, a: a[:, 1]
+    chosen = model.select_feasible_best(obs, candidates)
+    assert torch.equal(chosen, t([[-0.2, 0.5], [0.1, 0.0], [0.0, 0.2]]))
+    # 'minqc' on the same candidates: the smallest Q_h, whatever the reward
+    assert torch.equal(model.select_safest(obs, candidates),
+                       t([[-0.9, 0.1], [0.1, 0.0], [-0.5, 0.2]]))
+    noise = model.sample_noise(3, generator=torch.Generator().manual_seed(0))
+    model.selection = 'feasible-maxq'
+    assert torch.equal(model.act(obs, noise),
+                       model.select_feasible_best(obs, model.sample_candidates(obs, noise)))
+    assert torch.equal(model.fallback(obs, noise),
+                       model.select_safest(obs, model.sample_candidates(obs, noise)))
+    with pytest.raises(ConfigError, match="selection 'maxq'"):
+        fisor.make_config('cpu', selection='maxq')
+
+
 def test_select_safest_uses_max_over_q_h_heads():
     model, _ = _small_fisor()
     obs, act = torch.randn(5, 4), torch.rand(5, 2) * 2 - 1
     heads = model.q_h_target(obs, act)
     assert torch.equal(model.q_h_max(obs, act), heads.max(dim=0).values)
+    assert torch.equal(model.q_r_min(obs, act), model.q_r_target(obs, act).min(dim=0).values)
     v_h, q_h = model.feasibility(obs, act)
     assert v_h.shape == q_h.shape == (5,)
 

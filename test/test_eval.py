@@ -84,11 +84,12 @@ def test_saferl_eval_cli(bundle, tmp_path, capfd):
     assert main([str(tmp_path / 'missing'), '--episodes', '1']) == 2
 
 
-def test_run_folder_and_its_bundle_act_alike(tmp_path, ballcircle_arrays):
+@pytest.mark.parametrize('selection', ['minqc', 'feasible-maxq'])
+def test_run_folder_and_its_bundle_act_alike(tmp_path, ballcircle_arrays, selection):
     from offline_training.export import export_run
     from offline_training.train import train
     run = train('fisor', 'BallCircle', preset='test', data=ballcircle_arrays, steps=3,
-                out=tmp_path / 'run', progress=False)
+                out=tmp_path / 'run', progress=False, overrides={'selection': selection})
     torch_agent = load_agent(run)
     onnx_agent = load_agent(export_run(run, tmp_path / 'bundle'))
     assert (torch_agent.kind, onnx_agent.kind) == ('run', 'bundle')
@@ -101,6 +102,34 @@ def test_run_folder_and_its_bundle_act_alike(tmp_path, ballcircle_arrays):
         np.testing.assert_allclose(torch_agent.act(obs, rng_torch), action, atol=1e-4)
         obs, *_ = env.step(action)
     env.close()
+
+
+def test_eval_set_changes_a_run_folders_inference_and_labels_the_result(
+        tmp_path, ballcircle_arrays, bundle, capfd):
+    from offline_training.train import train
+    run = train('fisor', 'BallCircle', preset='test', data=ballcircle_arrays, steps=3,
+                out=tmp_path / 'fisor-BallCircle-s0', progress=False)
+    out = tmp_path / 'r.json'
+    assert main([str(run), '--episodes', '1', '-o', str(out), '--no-progress',
+                 '--set', 'selection=feasible-maxq', '--set', 'num_candidates=4']) == 0
+    result = json.loads(out.read_text())
+    assert result['inference'] == {'selection': 'feasible-maxq', 'num_candidates': 4}
+    assert result_label(result) == 'fisor+num_candidates=4+selection=feasible-maxq'
+    capfd.readouterr()
+    # Refused, each with one line naming the cause: a training setting, a setting the algorithm
+    # has not, a bad value, and a bundle (its graphs are fixed).
+    for args, message in (([str(run), '--set', 'steps=5'], 'not inference settings'),
+                          ([str(run), '--set', 'selection=best'], "selection 'best'"),
+                          ([str(bundle), '--set', 'num_candidates=4'], 'is a bundle')):
+        assert main([*args, '--episodes', '1', '-o', str(tmp_path / 'x.json'),
+                     '--no-progress']) == 2
+        assert message in capfd.readouterr().err
+    bc = train('bc_all', 'BallCircle', preset='test', data=ballcircle_arrays, steps=2,
+               out=tmp_path / 'bc', progress=False)
+    assert main([str(bc), '--set', 'num_candidates=4', '--episodes', '1', '-o',
+                 str(tmp_path / 'x.json'), '--no-progress']) == 2
+    assert 'bc_all, which has no' in capfd.readouterr().err
+    assert not (tmp_path / 'x.json').exists()
 
 
 def _fake_result(name, algorithm, costs, task='BallCircle'):

@@ -128,6 +128,11 @@ def test_saferl_export_cli_exports_a_training_run(tmp_path, ballcircle_arrays, c
     assert 'exists' in capfd.readouterr().err
     assert main([str(run), '-o', str(out), '--force', '--candidates', '4']) == 0
     assert load_bundle(out).noise_shape('policy', 1) == (1, 4, 6, 2)
+    assert load_bundle(out).manifest['provenance']['config']['num_candidates'] == 4
+    assert main([str(run), '-o', str(out), '--force', '--selection', 'feasible-maxq']) == 0
+    manifest = load_bundle(out).manifest
+    assert manifest['algorithm_config']['selection'].endswith('(feasible-maxq)')
+    assert manifest['provenance']['config']['selection'] == 'feasible-maxq'
     assert main([str(tmp_path / 'nothing'), '-o', str(tmp_path / 'x')]) == 2
     assert 'not a finished' in capfd.readouterr().err
     assert yaml.safe_load((out / 'manifest.yaml').read_text())['format'] == 'saferl_bundle/1'

@@ -14,7 +14,8 @@ objectives are trained concurrently:
 
 Sign conventions (used by the runtime monitor too): V_h(s) <= 0 means the state is feasible,
 max_j Q_h^j(s, a) <= 0 means the action keeps it feasible. Inference samples N candidates with
-DDPM from the EMA noise model and returns the one with the smallest max-of-heads target Q_h.
+DDPM from the EMA noise model and returns the one with the smallest max-of-heads target Q_h
+(``selection='feasible-maxq'``, our option: the best-Q_r candidate among the feasible ones).
 """
 
 from copy import deepcopy
@@ -36,6 +37,14 @@ from torch import nn
 NAME = 'fisor'
 SCHEDULES = ('joint', 'critics-first')
 ACTOR_SAMPLING = ('weighted-loss', 'weighted-sampling')
+# Action selection among the N candidates: 'minqc' is the paper's and the official code's (argmin
+# of max-of-heads Q_h); 'feasible-maxq' is ours: argmax of Q_r among the candidates whose Q_h <= 0,
+# argmin Q_h when none is.
+SELECTIONS = ('minqc', 'feasible-maxq')
+SELECTION_TEXT = {  # what a bundle manifest says its policy graph does
+    'minqc': 'argmin max_j Qbar_h^j(s, a) over the candidates (minqc)',
+    'feasible-maxq': 'argmax min_j Qbar_r^j(s, a) over the candidates with max_j Qbar_h^j(s, a) '
+                     '<= 0, else argmin max_j Qbar_h^j(s, a) (feasible-maxq)'}
 
 
 @dataclass
@@ -79,6 +88,7 @@ class FisorConfig:
     actor_ema: float = 0.001            # EMA rate of the sampling copy of the noise model
     # --- inference
     num_candidates: int = 16            # N
+    selection: str = 'minqc'            # one of SELECTIONS (inference only)
     # Candidates of the fallback (argmin Q_h) selection: the paper's N. 64 was measured to cost 4x
     # the compute for the safety monitor's fallback (docs/ros.md, bench_ros_latency.py).
     fallback_candidates: int = 16
@@ -110,6 +120,8 @@ class FisorConfig:
                               'actor_updates_per_step (critics use the first rows of the batch)')
         if self.schedule not in SCHEDULES:
             raise ConfigError(f'schedule {self.schedule!r}: use one of {", ".join(SCHEDULES)}')
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f'selection {self.selection!r}: use one of {", ".join(SELECTIONS)}')
         if self.actor_sampling not in ACTOR_SAMPLING:
             raise ConfigError(f'actor_sampling {self.actor_sampling!r}: use one of '
                               f'{", ".join(ACTOR_SAMPLING)}')
@@ -251,6 +263,7 @@ class FisorModel(nn.Module):
         self.clip_sampler = config.clip_sampler
         self.ddpm_temperature = config.ddpm_temperature
         self.num_candidates = config.num_candidates
+        self.selection = config.selection
         self.fallback_candidates = config.fallback_candidates
         self.actor = EpsilonNet(obs_dim, act_dim, config.actor_hidden, config.actor_blocks,
                                 config.actor_dropout, config.time_dim, config.cond_hidden)
@@ -296,6 +309,23 @@ class FisorModel(nn.Module):
         """Return max_j Qbar_h^j(s, a) over the target heads (what FISOR selects with): [B]."""
         return self.q_h_target(obs, act).max(dim=0).values
 
+    def q_r_min(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """Return min_j Qbar_r^j(s, a) over the target heads (pessimistic reward value): [B]."""
+        return self.q_r_target(obs, act).min(dim=0).values
+
+    @staticmethod
+    def _per_candidate(value, obs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Return value(s, a) [B * N] of every candidate [B, N, A] of its state, as [B, N]."""
+        batch, num, act_dim = candidates.shape
+        obs_rep = obs.unsqueeze(1).expand(batch, num, obs.shape[-1]).reshape(batch * num, -1)
+        return value(obs_rep, candidates.reshape(batch * num, act_dim)).reshape(batch, num)
+
+    @staticmethod
+    def _gather(candidates: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+        """Return candidates[b, best[b]]: [B, A]."""
+        index = best.view(-1, 1, 1).expand(-1, 1, candidates.shape[-1])
+        return torch.gather(candidates, 1, index).squeeze(1)
+
     def select_safest(self, obs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """
         Return, per state, the candidate [B, N, A] with the smallest max-of-heads Q_h: [B, A].
@@ -304,16 +334,34 @@ class FisorModel(nn.Module):
         policy: argmin Q_h ignores reward and picks the action that minimises the worst future
         violation. Ties go to the first candidate (as torch.argmin and ONNX ArgMin do).
         """
-        batch, num, act_dim = candidates.shape
-        obs_rep = obs.unsqueeze(1).expand(batch, num, obs.shape[-1]).reshape(batch * num, -1)
-        q_h = self.q_h_max(obs_rep, candidates.reshape(batch * num, act_dim)).reshape(batch, num)
-        best = torch.argmin(q_h, dim=1)
-        index = best.view(batch, 1, 1).expand(batch, 1, act_dim)
-        return torch.gather(candidates, 1, index).squeeze(1)
+        q_h = self._per_candidate(self.q_h_max, obs, candidates)
+        return self._gather(candidates, torch.argmin(q_h, dim=1))
+
+    def select_feasible_best(self, obs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """
+        Return the candidate with the largest Q_r among those with max-of-heads Q_h <= 0.
+
+        Our option (``selection='feasible-maxq'``), not the paper's: 'minqc' takes the safest
+        candidate even deep inside the feasible region, where every candidate keeps the state
+        feasible, and so gives up reward there. Here the feasibility critic only vetoes; reward
+        (min over the Q_r target heads) chooses among the candidates it lets through. Where no
+        candidate is feasible, the argmin-Q_h candidate, as 'minqc'.
+        """
+        q_h = self._per_candidate(self.q_h_max, obs, candidates)
+        q_r = self._per_candidate(self.q_r_min, obs, candidates)
+        feasible = q_h <= 0
+        best_reward = torch.argmax(torch.where(feasible, q_r, torch.full_like(q_r, -math.inf)),
+                                   dim=1)
+        any_feasible = feasible.to(q_h.dtype).amax(dim=1) > 0
+        best = torch.where(any_feasible, best_reward, torch.argmin(q_h, dim=1))
+        return self._gather(candidates, best)
 
     def act(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Return FISOR's action [B, A]: N DDPM candidates, argmin of max-of-heads Q_h."""
-        return self.select_safest(obs, self.sample_candidates(obs, noise))
+        """Return FISOR's action [B, A]: N DDPM candidates, then the configured selection."""
+        candidates = self.sample_candidates(obs, noise)
+        if self.selection == 'feasible-maxq':
+            return self.select_feasible_best(obs, candidates)
+        return self.select_safest(obs, candidates)
 
     def fallback(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """
@@ -655,5 +703,5 @@ def export_plan(model: FisorModel, config: FisorConfig) -> ExportPlan:
     critic = {'kind': 'feasibility', 'threshold_v': 0.0, 'threshold_q': 0.0}
     extra = {'num_candidates': model.num_candidates, 'diffusion_steps': model.diffusion_steps,
              'fallback_candidates': model.fallback_candidates,
-             'selection': 'argmin max_j Qbar_h^j(s, a) over the candidates (minqc)'}
+             'selection': SELECTION_TEXT[model.selection]}
     return ExportPlan(NAME, graphs, critic, extra=extra)
