@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 import json
 import os
 from pathlib import Path
+import re
 import sys
 from typing import Sequence
 
@@ -51,6 +52,9 @@ class Agent:
     kind: str  # 'bundle' or 'run'
     algorithm: str
     task: str
+    # Settings that make this policy a variant of its algorithm (e.g. FISOR's selection when not
+    # the paper's): they name its own column in the results table.
+    variant: dict = {}
 
     def act(self, obs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         raise NotImplementedError
@@ -71,6 +75,7 @@ class BundleAgent(Agent):
         self.bundle = load_bundle(path)
         self.name, self.kind = self.bundle.name, 'bundle'
         self.algorithm, self.task = self.bundle.algorithm, self.bundle.task_name
+        self.variant = bundle_variant(self.bundle.manifest)
 
     def act(self, obs, rng):
         return self.bundle.policy(obs, rng=rng)[0]
@@ -117,6 +122,12 @@ class RunAgent(ModelAgent):
         run = open_run(path, inference=inference)
         super().__init__(run.algorithm, run.model, run.config, run.task,
                          Path(path).resolve().name)
+        # the settings changed here, and a variant the run was trained as
+        self.inference = run.run_config.get('inference', {})
+        self.variant = {**{key: getattr(run.config, key) for key, default in
+                           VARIANT_DEFAULTS.items()
+                           if getattr(run.config, key, default) != default},
+                        **self.inference}
 
 
 class ShieldedAgent(Agent):
@@ -143,7 +154,7 @@ class ShieldedAgent(Agent):
         self.config = config or MonitorConfig()
         self.period = get_task(inner.task).control_period
         self.name, self.kind, self.task = inner.name, inner.kind, inner.task
-        self.algorithm = inner.algorithm
+        self.algorithm, self.variant = inner.algorithm, inner.variant
         self.monitor = None
         self.clock = 0.0
 
@@ -181,6 +192,23 @@ def shield_overrides(config) -> dict:
         return {}
     defaults = asdict(MonitorConfig())
     return {key: value for key, value in asdict(config).items() if value != defaults[key]}
+
+
+# Inference settings whose non-default value makes a policy a variant of its algorithm, labelled in
+# the results even when the run was trained or exported with it (not only under --set).
+VARIANT_DEFAULTS = {'selection': 'minqc'}
+
+
+def bundle_variant(manifest: dict) -> dict:
+    """Return the VARIANT_DEFAULTS settings a bundle's manifest states away from the default."""
+    details = manifest.get('algorithm_config') or {}
+    variant = {}
+    for key, default in VARIANT_DEFAULTS.items():
+        # FISOR's manifest describes its selection and names it last in parentheses
+        match = re.search(r'\(([\w-]+)\)\s*$', str(details.get(key, '')))
+        if match and match.group(1) != default:
+            variant[key] = match.group(1)
+    return variant
 
 
 def is_bundle(path) -> bool:
@@ -243,6 +271,11 @@ def evaluate(sources: Sequence, episodes: int = 20, seeds: Sequence[int] = (0,),
     share of steps whose action the monitor replaced. ``inference``: inference settings for run
     folders (load_agent); the results record them and take them into their table label.
     """
+    if inference and 'fallback_candidates' in inference:
+        raise ConfigError('fallback_candidates shapes only the fallback graph, which an '
+                          'evaluation does not run (it rolls out the policy; --shield uses the '
+                          "monitor bundle's fallback); set it at export: saferl-export "
+                          '--fallback-candidates')
     agents = [load_agent(s, inference) for s in sources]
     if shield is not None:
         agents = [ShieldedAgent(agent, shield, shield_config) for agent in agents]
@@ -283,11 +316,19 @@ def evaluate(sources: Sequence, episodes: int = 20, seeds: Sequence[int] = (0,),
         'machine': machine_info(),
         'created': datetime.now(timezone.utc).isoformat(timespec='seconds'),
     }
-    if inference:
-        # its own column in `saferl-eval table`: the run's label and the changed settings
-        results['inference'] = dict(inference)
+    variants = {tuple(sorted(a.variant.items())) for a in agents}
+    if len(variants) != 1:
+        raise ConfigError(f'the sources are different variants {sorted(dict(v) for v in variants)}'
+                          '; evaluate each variant separately')
+    changed = {k: v for a in agents for k, v in getattr(a, 'inference', {}).items()}
+    if changed:
+        results['inference'] = changed    # settings changed at evaluation (--set)
+    variant = dict(variants.pop())
+    if variant:
+        # its own column in `saferl-eval table`: the run's label and the variant's settings
+        results['variant'] = variant
         results['label'] = result_label(results) + ''.join(
-            f'+{key}={value}' for key, value in sorted(inference.items()))
+            f'+{key}={value}' for key, value in sorted(variant.items()))
     if shield is not None:
         decisions = sum(row['decisions'] for row in rows)
         replaced = sum(row['replaced'] for row in rows)
@@ -377,7 +418,8 @@ def main(argv=None) -> int:
     parser.add_argument('--label', default=None,
                         help='column name in `saferl-eval table` (default: the run-name prefix, '
                              'e.g. bc_safe-k5 for runs/bc_safe-k5-BallCircle-s0, else the '
-                             'algorithm)')
+                             'algorithm, then +KEY=VALUE of a variant such as '
+                             '+selection=feasible-maxq); replaces the whole label')
     parser.add_argument('--shield', metavar='MONITOR_BUNDLE', default=None,
                         help="apply the safety monitor's rule with this bundle's critics to "
                         'every action, as safety_monitor_node does (any policy: e.g. a BC '
@@ -412,6 +454,9 @@ def main(argv=None) -> int:
         parser.error("--update-manifest stores the bundle's own evaluation; drop it with --shield")
     if args.out is None and len(args.sources) > 1:
         parser.error('several sources: give -o FILE.json for their combined results')
+    if args.out is None and args.inference:
+        parser.error("--set: give -o FILE.json (RUN/eval/results.json keeps the run's own "
+                     'evaluation)')
     out = Path(args.out) if args.out else default_results_path(args.sources)
     _check_writable(out)
     if not all(is_bundle(s) for s in args.sources):

@@ -206,7 +206,8 @@ def open_run(run_dir, device='cpu', checkpoint=None, inference=None) -> Run:
     kept at a milestone, RUN/checkpoints/step_<N>.pt) instead of the run's last.
     ``inference``: settings of INFERENCE_SETTINGS to use instead of the run's (e.g.
     ``{'num_candidates': 32}``); they change how the trained model acts, never its weights, and
-    are recorded in the returned run_config under 'inference'.
+    are recorded in the returned run_config under 'inference' (those that differ from the
+    run's).
 
     A missing, unreadable or inconsistent run folder raises a
     :class:`~saferl_ros.errors.UserError` that names the file.
@@ -247,9 +248,13 @@ def open_run(run_dir, device='cpu', checkpoint=None, inference=None) -> Run:
         raise ConfigError(f'{where}: {error}') from None
     if inference:
         try:
-            config = module.make_config('paper', **{**algo_config, **inference})
+            changed = module.make_config('paper', **{**algo_config, **inference})
         except UserError as error:
             raise ConfigError(f'inference settings {inference}: {error}') from None
+        # only what differs from the run's own settings counts as changed
+        inference = {key: value for key, value in inference.items()
+                     if getattr(changed, key) != getattr(config, key)}
+        config = changed
     model = module.build_model(*dims, config)
     weights = run_dir / CHECKPOINT if checkpoint is None else Path(checkpoint)
     if not weights.is_file():

@@ -334,6 +334,12 @@ def test_feasible_maxq_takes_the_best_reward_among_feasible_candidates():
                        model.select_safest(obs, model.sample_candidates(obs, noise)))
     with pytest.raises(ConfigError, match="selection 'maxq'"):
         fisor.make_config('cpu', selection='maxq')
+    # A NaN or -inf reward value never lets an infeasible candidate win (argmax of a row that is
+    # -inf everywhere would return the first, infeasible, candidate).
+    for bad in (-math.inf, math.nan):
+        model.q_r_min = lambda o, a: torch.full((len(a),), bad)
+        chosen = model.select_feasible_best(obs, candidates)
+        assert (model.q_h_max(obs, chosen) <= 0).tolist() == [True, False, True], bad
 
 
 def test_select_safest_uses_max_over_q_h_heads():

@@ -93,6 +93,9 @@ def test_run_folder_and_its_bundle_act_alike(tmp_path, ballcircle_arrays, select
     torch_agent = load_agent(run)
     onnx_agent = load_agent(export_run(run, tmp_path / 'bundle'))
     assert (torch_agent.kind, onnx_agent.kind) == ('run', 'bundle')
+    # a run trained (or a bundle exported) as a variant is labelled as one without --set
+    expected = {} if selection == 'minqc' else {'selection': selection}
+    assert torch_agent.variant == onnx_agent.variant == expected
     env = get_task('BallCircle').make_env()
     np.random.seed(0)
     obs, _ = env.reset(seed=0)
@@ -113,13 +116,26 @@ def test_eval_set_changes_a_run_folders_inference_and_labels_the_result(
     assert main([str(run), '--episodes', '1', '-o', str(out), '--no-progress',
                  '--set', 'selection=feasible-maxq', '--set', 'num_candidates=4']) == 0
     result = json.loads(out.read_text())
-    assert result['inference'] == {'selection': 'feasible-maxq', 'num_candidates': 4}
+    assert result['inference'] == result['variant'] == {'selection': 'feasible-maxq',
+                                                        'num_candidates': 4}
     assert result_label(result) == 'fisor+num_candidates=4+selection=feasible-maxq'
+    # a setting equal to the run's own changes nothing and labels nothing
+    assert main([str(run), '--episodes', '1', '-o', str(out), '--no-progress',
+                 '--set', 'selection=minqc']) == 0
+    result = json.loads(out.read_text())
+    assert 'inference' not in result and result_label(result) == 'fisor'
     capfd.readouterr()
+    # --set without -o would replace the run's own RUN/eval/results.json
+    with pytest.raises(SystemExit):
+        main([str(run), '--episodes', '1', '--set', 'selection=feasible-maxq'])
+    assert 'give -o' in capfd.readouterr().err and not (run / 'eval').exists()
     # Refused, each with one line naming the cause: a training setting, a setting the algorithm
-    # has not, a bad value, and a bundle (its graphs are fixed).
+    # has not, bad values, a setting evaluation does not use, and a bundle (graphs are fixed).
     for args, message in (([str(run), '--set', 'steps=5'], 'not inference settings'),
                           ([str(run), '--set', 'selection=best'], "selection 'best'"),
+                          ([str(run), '--set', 'num_candidates=0'], 'must be >= 1'),
+                          ([str(run), '--set', 'ddpm_temperature=-1'], 'must be >= 0'),
+                          ([str(run), '--set', 'fallback_candidates=8'], 'saferl-export'),
                           ([str(bundle), '--set', 'num_candidates=4'], 'is a bundle')):
         assert main([*args, '--episodes', '1', '-o', str(tmp_path / 'x.json'),
                      '--no-progress']) == 2

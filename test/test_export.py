@@ -133,6 +133,9 @@ def test_saferl_export_cli_exports_a_training_run(tmp_path, ballcircle_arrays, c
     manifest = load_bundle(out).manifest
     assert manifest['algorithm_config']['selection'].endswith('(feasible-maxq)')
     assert manifest['provenance']['config']['selection'] == 'feasible-maxq'
+    from offline_training.evaluate import bundle_variant
+    assert bundle_variant(manifest) == {'selection': 'feasible-maxq'}
+    assert bundle_variant({'algorithm_config': {'selection': 'argmin ... (minqc)'}}) == {}
     assert main([str(tmp_path / 'nothing'), '-o', str(tmp_path / 'x')]) == 2
     assert 'not a finished' in capfd.readouterr().err
     assert yaml.safe_load((out / 'manifest.yaml').read_text())['format'] == 'saferl_bundle/1'

@@ -120,6 +120,12 @@ class FisorConfig:
                               'actor_updates_per_step (critics use the first rows of the batch)')
         if self.schedule not in SCHEDULES:
             raise ConfigError(f'schedule {self.schedule!r}: use one of {", ".join(SCHEDULES)}')
+        if self.num_candidates < 1 or self.fallback_candidates < 1:
+            raise ConfigError(f'num_candidates ({self.num_candidates}) and fallback_candidates '
+                              f'({self.fallback_candidates}) must be >= 1 (the paper: 16)')
+        if not self.ddpm_temperature >= 0:
+            raise ConfigError(f'ddpm_temperature ({self.ddpm_temperature}) must be >= 0 '
+                              '(1.0: the trained sampler)')
         if self.selection not in SELECTIONS:
             raise ConfigError(f'selection {self.selection!r}: use one of {", ".join(SELECTIONS)}')
         if self.actor_sampling not in ACTOR_SAMPLING:
@@ -349,8 +355,12 @@ class FisorModel(nn.Module):
         """
         q_h = self._per_candidate(self.q_h_max, obs, candidates)
         q_r = self._per_candidate(self.q_r_min, obs, candidates)
-        feasible = q_h <= 0
-        best_reward = torch.argmax(torch.where(feasible, q_r, torch.full_like(q_r, -math.inf)),
+        feasible = q_h <= 0   # a NaN Q_h is not feasible
+        # Finite reward scores for the feasible candidates (a NaN or -inf Q_r ranks last among
+        # them but above every infeasible one), so argmax never lands on an infeasible candidate.
+        lowest = torch.finfo(q_r.dtype).min
+        score = torch.nan_to_num(q_r, nan=lowest, neginf=lowest)
+        best_reward = torch.argmax(torch.where(feasible, score, torch.full_like(q_r, -math.inf)),
                                    dim=1)
         any_feasible = feasible.to(q_h.dtype).amax(dim=1) > 0
         best = torch.where(any_feasible, best_reward, torch.argmin(q_h, dim=1))
@@ -677,7 +687,8 @@ def export_plan(model: FisorModel, config: FisorConfig) -> ExportPlan:
     Return FISOR's graphs: sampler policy, feasibility critic and argmin-Q_h fallback.
 
     ``policy(observation, noise) -> action`` is the whole sampler of Sec. 3.4 (N candidates, T
-    DDPM steps, argmin over the max of the Q_h heads); ``critic(observation, action) -> v_h,
+    DDPM steps, argmin over the max of the Q_h heads; with ``selection='feasible-maxq'`` the
+    best-Q_r feasible candidate instead); ``critic(observation, action) -> v_h,
     q_h``; ``fallback`` is the same sampler over ``fallback_candidates``, the infeasible-region
     behaviour of Eq. 13 evaluated greedily. The candidate counts are the model's (export may
     change them). FISOR trains on raw observations (the official code does not normalise them),

@@ -174,9 +174,10 @@ def resolve_device(device: str = 'auto') -> torch.device:
 # glibc's malloc hands blocks above a dynamic threshold back to the kernel when they are freed and
 # trims the heap top as soon as 2x that threshold is free. A training step allocates and frees the
 # same few-MB activations every iteration (BCQ-Lag scores 10 sampled next actions per state:
-# [2560, 200] tensors), so every step re-maps and re-zeroes them: ~7700 page faults and a third of
+# [2560, 200] tensors), so every step re-maps and re-zeroes them: ~6300 page faults and a fifth of
 # the CPU time in the kernel (bench/bench_allocator.py). Keeping freed memory in the heap removes
-# that; the memory kept is bounded by KEEP_FREED_BYTES.
+# that; the free memory kept at the top of a heap is bounded by KEEP_FREED_BYTES (blocks above
+# the mmap threshold are still returned when freed).
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3           # glibc <malloc.h>
 MMAP_THRESHOLD_BYTES = 32 * 2**20                     # the largest value glibc accepts (64-bit)
 KEEP_FREED_BYTES = 256 * 2**20
@@ -192,19 +193,24 @@ def keep_freed_memory() -> str:
     """
     Make glibc keep freed training activations in the heap instead of unmapping them.
 
-    Only the calling process changes (the training CLIs call it; library functions do not).
+    Only the calling process changes: the training CLIs call it (saferl-train's main, so also
+    saferl-loop, which calls it in its own process; saferl-data reshape); library functions such
+    as train() do not.
     Returns a one-line description of what was done, or why nothing was (not glibc): the
     setting changes speed only, never results.
     """
     global _allocator_setting
     import ctypes
     import ctypes.util
-    name = ctypes.util.find_library('c')
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):
-        mallopt = None
+    mallopt = None
+    # find_library may find nothing in a minimal container (no ldconfig cache); glibc's soname
+    # and the process's own symbols are tried too.
+    for name in (ctypes.util.find_library('c'), 'libc.so.6', None):
+        try:
+            mallopt = ctypes.CDLL(name).mallopt
+            break
+        except (OSError, AttributeError, TypeError):
+            continue
     if mallopt is None:
         _allocator_setting = 'allocator: not glibc (no mallopt); default malloc settings kept'
     else:
