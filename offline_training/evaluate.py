@@ -285,6 +285,11 @@ def evaluate(sources: Sequence, episodes: int = 20, seeds: Sequence[int] = (0,),
         raise ConfigError(f'evaluate one task and algorithm at a time; got tasks '
                           f'{sorted(tasks)} and algorithms {sorted(algorithms)}; run saferl-eval '
                           'once per task and algorithm and combine with `saferl-eval table`')
+    variants = {tuple(sorted(a.variant.items())) for a in agents}
+    if len(variants) != 1:
+        names = [dict(variant) for variant in sorted(variants)]
+        raise ConfigError(f'the sources are different variants {names}; evaluate each variant '
+                          'separately')
     spec = get_task(tasks.pop())
     rows = []
     env = spec.make_env()
@@ -316,10 +321,6 @@ def evaluate(sources: Sequence, episodes: int = 20, seeds: Sequence[int] = (0,),
         'machine': machine_info(),
         'created': datetime.now(timezone.utc).isoformat(timespec='seconds'),
     }
-    variants = {tuple(sorted(a.variant.items())) for a in agents}
-    if len(variants) != 1:
-        raise ConfigError(f'the sources are different variants {sorted(dict(v) for v in variants)}'
-                          '; evaluate each variant separately')
     changed = {k: v for a in agents for k, v in getattr(a, 'inference', {}).items()}
     if changed:
         results['inference'] = changed    # settings changed at evaluation (--set)

@@ -7,6 +7,7 @@ from offline_training.evaluate import evaluate, load_agent, main, rollout, write
 from offline_training.export import make_test_bundle
 from offline_training.results import result_label, summarize, write_table
 import pytest
+from saferl_ros.errors import ConfigError
 from saferl_ros.tasks import get_task
 
 
@@ -146,6 +147,12 @@ def test_eval_set_changes_a_run_folders_inference_and_labels_the_result(
                  str(tmp_path / 'x.json'), '--no-progress']) == 2
     assert 'bc_all, which has no' in capfd.readouterr().err
     assert not (tmp_path / 'x.json').exists()
+    # runs of two variants do not pool into one result (refused before any rollout)
+    other = train('fisor', 'BallCircle', preset='test', data=ballcircle_arrays, steps=3,
+                  out=tmp_path / 'fisor-BallCircle-s1', progress=False,
+                  overrides={'selection': 'feasible-maxq'})
+    with pytest.raises(ConfigError, match='different variants'):
+        evaluate([run, other], episodes=1, progress=False)
 
 
 def _fake_result(name, algorithm, costs, task='BallCircle'):
