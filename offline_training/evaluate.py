@@ -55,6 +55,7 @@ class Agent:
     # Settings that make this policy a variant of its algorithm (e.g. FISOR's selection when not
     # the paper's): they name its own column in the results table.
     variant: dict = {}
+    inference: dict = {}   # inference settings changed for this evaluation (saferl-eval --set)
 
     def act(self, obs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         raise NotImplementedError
@@ -155,6 +156,7 @@ class ShieldedAgent(Agent):
         self.period = get_task(inner.task).control_period
         self.name, self.kind, self.task = inner.name, inner.kind, inner.task
         self.algorithm, self.variant = inner.algorithm, inner.variant
+        self.inference = inner.inference
         self.monitor = None
         self.clock = 0.0
 
@@ -321,7 +323,7 @@ def evaluate(sources: Sequence, episodes: int = 20, seeds: Sequence[int] = (0,),
         'machine': machine_info(),
         'created': datetime.now(timezone.utc).isoformat(timespec='seconds'),
     }
-    changed = {k: v for a in agents for k, v in getattr(a, 'inference', {}).items()}
+    changed = {k: v for a in agents for k, v in a.inference.items()}
     if changed:
         results['inference'] = changed    # settings changed at evaluation (--set)
     variant = dict(variants.pop())
