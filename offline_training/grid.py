@@ -16,10 +16,11 @@ do twice the work of one run on two threads). Locally Ray starts with ``--worker
 ``--address`` the runs go to an existing cluster, whose nodes need this repository at the same
 path with ``runs/``, ``datasets/`` and ``docs/results/`` on a shared file system.
 
-Grids are named (``--grid``); the default one is the grid docs/results.md reports. Adding a
-method is one line in its ``methods``. A method may branch from another method's run of the same
-task and seed (``Method.branch_of``: saferl-train --init-from the checkpoint that run kept at a
-step, e.g. DRCORL's end of pretraining); Ray starts the branch once that run has finished.
+Grids are named (``--grid``); the default one is the grid docs/results.md reports (a ``Page``
+of its runs: FISOR and the baselines). Adding a method is one line in its ``methods``. A method
+may branch from another method's run of the same task and seed (``Method.branch_of``:
+saferl-train --init-from the checkpoint that run kept at a step, e.g. DRCORL's end of
+pretraining); Ray starts the branch once that run has finished.
 A method may also train on a dataset the grid makes per task first (``Method.data`` names a
 ``DataStep``: one ``saferl-data`` command, e.g. OASIS's tempting variant and its reshaped file);
 Ray starts the runs once their dataset is written, and a written dataset is not made again:
@@ -40,7 +41,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from saferl_ros.errors import ConfigError
+from saferl_ros.errors import ConfigError, read_yaml_mapping, UserError
 from saferl_ros.files import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,6 +106,15 @@ class Job:
         return f'{self.method.branch_of[0]}-{self.task}-s{self.seed}'
 
 
+@dataclass(frozen=True)
+class Page:
+    """A further results page of a grid: only some of its methods, with its own notes."""
+
+    path: Path                          # the markdown page, e.g. docs/results.md
+    methods: Tuple[str, ...]            # the method tags it shows
+    notes_path: Optional[Path] = None   # markdown appended below its tables
+
+
 @dataclass
 class Grid:
     """What runs (methods x tasks x seeds) and where its files go."""
@@ -120,13 +130,14 @@ class Grid:
     runs_dir: Path = REPO / 'runs'
     results_dir: Path = REPO / 'docs' / 'results' / 'runs'
     table_path: Path = REPO / 'docs' / 'results.md'
-    runs_page: Path = REPO / 'docs' / 'results' / 'runs.md'
+    runs_page: Optional[Path] = REPO / 'docs' / 'results' / 'runs.md'   # None: not rebuilt
     notes_path: Optional[Path] = REPO / 'docs' / 'results' / 'NOTES.md'
     datasets_dir: Optional[Path] = None   # $DSRL_DATASET_DIR for the runs (None: the default)
     description: str = ''
     data_steps: Tuple[DataStep, ...] = ()  # datasets made per task (Method.data names one)
     kappas: Tuple[float, ...] = (5, 10)    # the results page's tables
     paper: str = 'fisor'                   # whose published rows stand beside ours
+    pages: Tuple[Page, ...] = ()           # further pages built from some methods' results
 
     def jobs(self) -> List[Job]:
         """
@@ -160,12 +171,18 @@ def own_folders(name: str) -> dict:
 
 
 GRIDS: Dict[str, Grid] = {
-    # The grid of 21 Nov 2026 behind today's docs/results.md: FISOR's joint schedule at 12 000
-    # iterations (about 12 CPU-minutes), baselines at 5 000-10 000.
+    # The grid of 21 Nov 2026 (docs/results/short.md): FISOR's joint schedule at 12 000
+    # iterations (about 12 CPU-minutes), baselines at 5 000-10 000. Its runs and results files
+    # keep their first places (runs/, docs/results/runs/).
     'short': Grid(
         'short',
         (Method('fisor', 'fisor', 12_000, ('schedule=joint',), seeds=(0, 1, 2)),
          *BASELINES_SHORT),
+        table_path=REPO / 'docs' / 'results' / 'short.md',
+        notes_path=REPO / 'docs' / 'results' / 'short-notes.md',
+        # its runs page (docs/results/runs.md) was written by the tool before saferl-grid, with
+        # columns this one does not make, from run folders that are gone: kept as it is
+        runs_page=None,
         description='FISOR joint schedule, 12 000 iterations; baselines 5 000-10 000'),
     # About one core-hour per FISOR and BCQ-Lag run (FISOR's 'cpu' preset, critics-first: 40 000
     # critic iterations at ~40 it/s, then 60 000 actor iterations at ~24 it/s; BCQ-Lag ~14 it/s);
@@ -191,7 +208,12 @@ GRIDS: Dict[str, Grid] = {
          Method('bc_safe-k5', 'bc_safe', 100_000, ('cost_limit=5',)),
          Method('bc_safe-k10', 'bc_safe', 100_000, ('cost_limit=10',)),
          Method('bcq_lag-k5', 'bcq_lag', 50_000, ('cost_limit=5',))),
-        **own_folders('core-hour'),
+        **{**own_folders('core-hour'),
+           'notes_path': REPO / 'docs' / 'results' / 'core-hour-notes.md'},
+        # docs/results.md: FISOR beside the baselines (DRCORL's columns stay on core-hour.md)
+        pages=(Page(REPO / 'docs' / 'results.md',
+                    ('fisor', 'bc_all', 'bc_safe-k5', 'bc_safe-k10', 'bcq_lag-k5'),
+                    REPO / 'docs' / 'results' / 'NOTES.md'),),
         description='about one core-hour per FISOR (critics-first), DRCORL and BCQ-Lag run'),
     # FISOR's 'cpu' preset trained on one lent H200 by tools/gpu_grid.py (30 Nov 2026): 13 runs
     # sharing the GPU through MPS for about 5 minutes reached 36 000 iterations each (BallCircle
@@ -271,7 +293,7 @@ GRIDS: Dict[str, Grid] = {
         **own_folders('paper'),
         description="the paper's settings (FISOR 'paper' preset, 1M iterations) on CUDA"),
 }
-DEFAULT_GRID = 'short'
+DEFAULT_GRID = 'core-hour'
 
 
 def repo_relative(path) -> Path:
@@ -440,12 +462,10 @@ def log_path(job: Job, grid: Grid) -> Path:
 
 def trained_already(job: Job, grid: Grid) -> bool:
     """Return whether the run's summary.yaml says it trained all of the method's steps."""
-    import yaml
-
     summary = Path(grid.runs_dir) / job.name / 'summary.yaml'
     try:
-        return int(yaml.safe_load(summary.read_text())['step']) >= job.method.steps
-    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return int(read_yaml_mapping(summary, 'retrain the run')['step']) >= job.method.steps
+    except (UserError, OSError, KeyError, TypeError, ValueError):
         return False
 
 
@@ -516,6 +536,17 @@ def check_data_steps(grid: Grid) -> None:
             raise ConfigError(f'grid {grid.name!r}: method {method.tag!r} trains on file '
                               f'{method.data_file!r} of data step {method.data!r}, which writes '
                               f'only {", ".join(files) or "nothing (no data step)"}')
+
+
+def check_pages(grid: Grid) -> None:
+    """Raise ConfigError unless every further page shows only methods of the grid."""
+    tags = {method.tag for method in grid.methods}
+    for page in grid.pages:
+        unknown = [tag for tag in page.methods if tag not in tags]
+        if unknown or not page.methods:
+            raise ConfigError(f'grid {grid.name!r}: page {repo_relative(page.path)} shows '
+                              f'{", ".join(unknown) or "no method"}, not among the grid\'s '
+                              f'methods ({", ".join(sorted(tags))})')
 
 
 def _run_commands(cmds: Sequence[List[str]], log: Path, grid: Grid) -> Optional[str]:
@@ -691,8 +722,6 @@ def runs_table(grid: Grid, kept: Optional[Dict[str, str]] = None) -> str:
     A run whose folder is not here (trained on another machine, or not unpacked) keeps its row
     from ``kept`` (the page's earlier finished rows) rather than turning "not finished".
     """
-    import yaml
-
     lines = ['| run | preset | overrides | steps | training CPU | it/s | dataset (sha256) | '
              'machine | code |',
              '|---|---|---|---:|---:|---:|---|---|---|']
@@ -705,8 +734,8 @@ def runs_table(grid: Grid, kept: Optional[Dict[str, str]] = None) -> str:
         if not (run_dir / 'summary.yaml').is_file():
             lines.append(f'| {job.name} | {grid.preset} | {overrides} | not finished | | | | | |')
             continue
-        config = yaml.safe_load((run_dir / 'config.yaml').read_text())
-        summary = yaml.safe_load((run_dir / 'summary.yaml').read_text())
+        config = read_yaml_mapping(run_dir / 'config.yaml', 'retrain the run')
+        summary = read_yaml_mapping(run_dir / 'summary.yaml', 'retrain the run')
         data = config.get('dataset', {})
         # runs from before summaries recorded them: wall time of the last session, no machine
         cpu = summary.get('train_cpu_s')
@@ -726,23 +755,40 @@ def runs_table(grid: Grid, kept: Optional[Dict[str, str]] = None) -> str:
 
 def write_tables(grid: Grid) -> int:
     """Write the grid's runs table and build its results page (wraps `saferl-eval table`)."""
-    runs_page = Path(grid.runs_page)
-    runs_page.parent.mkdir(parents=True, exist_ok=True)
-    # Runs made on another machine (or not unpacked here) keep their finished rows; the
-    # results page is rebuilt from the results files alone.
-    runs_page.write_text(f'# The runs of grid `{grid.name}`\n\n<!-- generated by '
-                         f'`saferl-grid --grid {grid.name} --table` -->\n\n'
-                         + runs_table(grid, kept=finished_rows(runs_page)))
-    files = sorted(str(repo_relative(p)) for p in Path(grid.results_dir).glob('*.json'))
+    if grid.runs_page is not None:
+        runs_page = Path(grid.runs_page)
+        runs_page.parent.mkdir(parents=True, exist_ok=True)
+        # Runs made on another machine (or not unpacked here) keep their finished rows; the
+        # results page is rebuilt from the results files alone.
+        runs_page.write_text(f'# The runs of grid `{grid.name}`\n\n<!-- generated by '
+                             f'`saferl-grid --grid {grid.name} --table` -->\n\n'
+                             + runs_table(grid, kept=finished_rows(runs_page)))
+    files = sorted(Path(grid.results_dir).glob('*.json'))
     if not files:
         print(f'error: no results files in {repo_relative(grid.results_dir)}; run '
               f'`saferl-grid --grid {grid.name}` first', file=sys.stderr)
         return 1
-    cmd = [str(Path(sys.executable).parent / 'saferl-eval'), 'table', *files,
-           '-o', str(repo_relative(grid.table_path)), '--kappa',
-           *(f'{k:g}' for k in grid.kappas)]
-    if grid.notes_path is not None:
-        cmd += ['--notes', str(repo_relative(grid.notes_path))]
+    code = table_command(grid, files, grid.table_path, grid.notes_path)
+    for page in grid.pages:
+        names = {job.name for job in grid.jobs() if job.method.tag in page.methods}
+        shown = [path for path in files if path.stem in names]
+        if not shown:
+            print(f'error: no results files of {", ".join(page.methods)} in '
+                  f'{repo_relative(grid.results_dir)} for {repo_relative(page.path)}',
+                  file=sys.stderr)
+            code = code or 1
+            continue
+        code = table_command(grid, shown, page.path, page.notes_path) or code
+    return code
+
+
+def table_command(grid: Grid, files: Sequence[Path], out: Path, notes: Optional[Path]) -> int:
+    """Build one results page from results files with `saferl-eval table`; its exit status."""
+    cmd = [str(Path(sys.executable).parent / 'saferl-eval'), 'table',
+           *(str(repo_relative(path)) for path in files),
+           '-o', str(repo_relative(out)), '--kappa', *(f'{k:g}' for k in grid.kappas)]
+    if notes is not None:
+        cmd += ['--notes', str(repo_relative(notes))]
     if grid.paper != 'fisor':
         cmd += ['--paper', grid.paper]
     return subprocess.call(cmd, cwd=REPO)
@@ -775,6 +821,7 @@ def main(argv=None) -> int:
     grid = replace(grid, **changes)
     check_branches(grid)
     check_data_steps(grid)
+    check_pages(grid)
     if args.table:
         return write_tables(grid)
     todo = [job for job in grid.jobs()

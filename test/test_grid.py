@@ -5,8 +5,9 @@ import json
 from offline_training.data.dataset import write_dataset
 from offline_training.data.synthetic import synthetic_dataset
 from offline_training.grid import (branch_source_missing, check_branches, check_data_steps,
-                                   commands, data_command, data_steps_needed, DataStep, Grid,
-                                   GRIDS, Job, main, Method, run_grid, write_tables)
+                                   check_pages, commands, data_command, data_steps_needed,
+                                   DataStep, Grid, GRIDS, Job, main, Method, Page, run_grid,
+                                   write_tables)
 import pytest
 import yaml
 
@@ -38,7 +39,8 @@ def tiny_grid(tmp_path):
                 tasks=('BallCircle',), preset='test', eval_episodes=1,
                 checkpoint_every=2, runs_dir=tmp_path / 'runs', results_dir=tmp_path / 'results',
                 table_path=tmp_path / 'results.md', runs_page=tmp_path / 'runs.md',
-                notes_path=None, datasets_dir=datasets, description='a test grid')
+                notes_path=None, datasets_dir=datasets, description='a test grid',
+                pages=(Page(tmp_path / 'headline.md', ('fisor', 'bc_all')),))
 
 
 def test_a_tiny_grid_trains_evaluates_resumes_and_reports_failures(tiny_grid, tmp_path):
@@ -75,6 +77,10 @@ def test_a_tiny_grid_trains_evaluates_resumes_and_reports_failures(tiny_grid, tm
     assert 'fisor-BallCircle-s0' in (tmp_path / 'runs.md').read_text()
     assert 'not finished' in (tmp_path / 'runs.md').read_text()     # the typo run
     assert (tmp_path / 'results.md').is_file()
+    # the further page shows only its methods; the grid's page shows them all
+    headline = (tmp_path / 'headline.md').read_text()
+    assert 'fisor R↑' in headline and 'bc_all R↑' in headline and 'drcorl' not in headline
+    assert 'drcorl R↑' in (tmp_path / 'results.md').read_text()
     # on a machine without (some of) the run folders a finished run keeps its row, not
     # rewritten as unfinished; one that never finished stays unfinished
     import shutil
@@ -321,6 +327,20 @@ def test_data_steps_make_each_dataset_once_before_the_runs_that_train_on_it(tmp_
     page = (tmp_path / 'results.md').read_text()
     assert '## κ = 20' in page and '## κ = 5' not in page and '--paper oasis' in page
     assert 'paper oasis R / C' in page and 'Table 1 of the OASIS paper' in page
+
+
+def test_a_page_shows_methods_of_its_grid(tmp_path):
+    from saferl_ros.errors import ConfigError
+
+    for grid in GRIDS.values():
+        check_pages(grid)
+    assert [page.path.name for page in GRIDS['core-hour'].pages] == ['results.md']
+    with pytest.raises(ConfigError, match="shows fisr, not among the grid's methods"):
+        check_pages(Grid('bad', (Method('fisor', 'fisor', 3),),
+                         pages=(Page(tmp_path / 'p.md', ('fisor', 'fisr')),)))
+    with pytest.raises(ConfigError, match='shows no method'):
+        check_pages(Grid('bad', (Method('fisor', 'fisor', 3),),
+                         pages=(Page(tmp_path / 'p.md', ()),)))
 
 
 def test_a_data_step_must_exist_and_come_after_its_source():
