@@ -235,7 +235,7 @@ def load_agent(path, inference=None) -> Agent:
                               f'{sorted(inference)} cannot change; evaluate its run folder with '
                               '--set, or re-export the run')
         return BundleAgent(path)
-    if (path / 'config.yaml').is_file():
+    if os.path.lexists(path / 'config.yaml'):  # open_run says what is wrong with it
         return RunAgent(path, inference)
     raise MissingFileError(f'{path}: neither a model bundle (manifest.yaml) nor a saferl-train '
                            'run folder (config.yaml + checkpoint.pt); point at one of those')
@@ -442,6 +442,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.episodes < 1:
         parser.error('--episodes must be >= 1')
+    if min(args.seeds) < 0:
+        parser.error(f'--seeds must be >= 0, got {min(args.seeds)}')
     if args.monitor_overrides and not args.shield:
         parser.error('--monitor-set sets the parameters of the --shield monitor; give --shield')
     shield_config = None

@@ -390,6 +390,8 @@ def main(argv=None) -> int:
                         help='also draw V_h over the x-y plane (Circle tasks; default '
                         'OUT/feasibility.png, not part of the verified files)')
     args = parser.parse_args(argv)
+    if args.seed < 0:
+        parser.error(f'--seed must be >= 0, got {args.seed}')
     for option, value in (('--candidates', args.candidates),
                           ('--fallback-candidates', args.fallback_candidates)):
         if value is not None and value < 1:

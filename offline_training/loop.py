@@ -59,7 +59,6 @@ from saferl_ros.errors import (
 from saferl_ros.files import atomic_write_json, sha256_file
 from saferl_ros.paths import resolve_path
 from saferl_ros.tasks import get_task
-import yaml
 
 PROG = 'saferl-loop'
 FORMAT = 'saferl_loop/1'
@@ -607,7 +606,8 @@ class Loop:
         for name, value in config.train_set.items():
             argv += ['--set', f'{name}={json.dumps(value)}']
         _check(train_main(argv), f'iter-{k} train', 'saferl-train')
-        summary = yaml.safe_load((folder / RUN / 'summary.yaml').read_text())
+        summary = read_yaml_mapping(folder / RUN / 'summary.yaml',
+                                    f'delete {folder / RUN} and rerun the loop')
         return {'run': f'iter-{k}/{RUN}', 'steps': int(summary['step']),
                 'train_cpu_s': summary.get('train_cpu_s')}
 

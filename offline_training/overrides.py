@@ -8,6 +8,7 @@ stays free of it.
 
 import argparse
 
+from saferl_ros.errors import load_yaml, short_repr
 import yaml
 
 
@@ -15,10 +16,10 @@ def parse_override(text: str):
     """Return (key, value) of one ``--set KEY=VALUE`` (VALUE read as YAML)."""
     key, sep, value = text.partition('=')
     if not sep or not key:
-        raise argparse.ArgumentTypeError(f'--set expects KEY=VALUE, got {text!r}')
+        raise argparse.ArgumentTypeError(f'--set expects KEY=VALUE, got {short_repr(text)}')
     try:
-        return key.strip(), yaml.safe_load(value)
+        return key.strip(), load_yaml(value)
     except yaml.YAMLError as error:
         reason = getattr(error, 'problem', None) or type(error).__name__
-        raise argparse.ArgumentTypeError(f'--set {key}: {value!r} is not a YAML value '
+        raise argparse.ArgumentTypeError(f'--set {key}: {short_repr(value)} is not a YAML value '
                                          f'({reason})') from None

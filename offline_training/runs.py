@@ -10,16 +10,21 @@ that turns a run folder back into its algorithm, its config and its model.
 
 from dataclasses import asdict, dataclass, fields
 import datetime
+import os
 from pathlib import Path
+import pickle
+import re
+import stat
 import subprocess
 from types import ModuleType
 from typing import Callable, Iterable, Optional, Tuple
+import zipfile
 
 import numpy as np
 from offline_training.algos import get_algorithm
 from saferl_ros.errors import (
-    ConfigError, MissingFileError, read_yaml_mapping, require_field, UserError)
-from saferl_ros.files import atomic_path, atomic_write_yaml
+    ConfigError, MissingFileError, read_yaml_mapping, require_field, short_repr, UserError)
+from saferl_ros.files import atomic_path, atomic_write_yaml, file_kind
 import torch
 from torch import nn
 
@@ -35,6 +40,14 @@ INFERENCE_SETTINGS = frozenset({'num_candidates', 'fallback_candidates', 'clip_s
 RESUME_MAY_CHANGE = INFERENCE_SETTINGS | {'steps'}
 RESUME_FIX = 'choose another --out, or delete the run folder to start over'
 LOAD_FIX = 'point at a finished or checkpointed saferl-train run folder (runs/ALGO-TASK-sSEED)'
+# The only Python objects a checkpoint holds besides tensors and plain values (dicts, lists,
+# tuples, str, numbers): the uint32 numpy array of numpy's global RNG state
+# (rng_state()['numpy']). torch.load(weights_only=True) refuses every other global, so a file
+# cannot run code when loaded. The last entry is numpy 1.x's name of the function that rebuilds
+# an array (checkpoints written before numpy 2.0).
+_RECONSTRUCT = np.ndarray((0,)).__reduce__()[0]
+CHECKPOINT_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _RECONSTRUCT,
+                      (_RECONSTRUCT, 'numpy.core.multiarray._reconstruct')]
 
 
 def kept_checkpoint_path(run_dir, step: int) -> Path:
@@ -115,17 +128,66 @@ def write_checkpoint(state: dict, path: Path) -> None:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: Path, device, fix: str, keys=CHECKPOINT_KEYS) -> dict:
-    """Return the checkpoint dict in ``path``; raise ConfigError if it lacks one of ``keys``."""
+def _check_checkpoint_archive(path: Path, fix: str) -> None:
+    """Refuse anything but a regular file in the uncompressed zip format torch.save writes."""
     try:
-        state = torch.load(path, map_location=device, weights_only=False)
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise MissingFileError(f'{path}: missing; {fix}') from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f'{path} is {file_kind(mode)}, not a regular file; {fix}')
+    try:
+        with zipfile.ZipFile(path) as archive:
+            packed = [info.filename for info in archive.infolist()
+                      if info.compress_type != zipfile.ZIP_STORED]
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
+        raise ConfigError(f'{path}: not a readable checkpoint (not the zip archive torch.save '
+                          f'writes: {short_repr(str(error))}); {fix}') from None
+    if packed:  # torch.save stores; a compressed member could inflate without bound
+        raise ConfigError(f'{path}: not a readable checkpoint (member {short_repr(packed[0])} '
+                          f'is compressed, which torch.save never does); {fix}')
+
+
+def load_checkpoint(path: Path, device, fix: str, keys=CHECKPOINT_KEYS) -> dict:
+    """
+    Return the checkpoint dict in ``path``; raise ConfigError if it lacks one of ``keys``.
+
+    The file is loaded with ``torch.load(weights_only=True)``, allowing only
+    CHECKPOINT_GLOBALS besides tensors and plain values: a file that names any other Python
+    object (a tampered checkpoint that would run code) is refused before anything is built.
+    It must be a regular file in torch.save's uncompressed zip format, so loading it takes
+    memory in proportion to its size.
+    """
+    path = Path(path)
+    _check_checkpoint_archive(path, fix)
+    try:
+        with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
+            state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r'GLOBAL ([\w.]+)', str(error))
+        if found:
+            raise ConfigError(f'{path}: refused: it names the Python object {found.group(1)}, '
+                              'which no saferl-train checkpoint holds and which could run code '
+                              'if loaded (the file was tampered with or is not a checkpoint); '
+                              f'{fix}') from None
+        raise ConfigError(f'{path}: not a readable checkpoint ({_unpickler_reason(error)}); '
+                          f'{fix}') from None
     except Exception as error:  # torch raises pickle, zip and runtime errors for a bad file
         raise ConfigError(f'{path}: not a readable checkpoint ({type(error).__name__}: '
-                          f'{str(error).splitlines()[0] if str(error) else ""}); {fix}') from None
+                          f'{_unpickler_reason(error)}); {fix}') from None
     missing = [key for key in keys if not isinstance(state, dict) or key not in state]
     if missing:
         raise ConfigError(f'{path}: not a saferl-train checkpoint (missing {missing}); {fix}')
     return state
+
+
+def _unpickler_reason(error: BaseException) -> str:
+    """Return the line of a torch.load error that says what was wrong, cut short."""
+    text = str(error)
+    if 'WeightsUnpickler error:' in text:  # skip torch's advice to load it unsafely
+        text = text.split('WeightsUnpickler error:', 1)[1]
+    reason = next((line.strip() for line in text.splitlines() if line.strip()), '')
+    return reason if len(reason) <= 160 else reason[:157] + '...'
 
 
 def restore(path: Path, fix: str, *pairs) -> None:
@@ -198,6 +260,42 @@ class Run:
         return self.module.export_plan(self.model, self.config)
 
 
+def max_model_values() -> int:
+    """
+    Return the most parameters and buffer values a run's model may have.
+
+    A bundle file holds at most saferl_ros.bundle.MAX_BUNDLE_FILE_BYTES, so a model whose
+    float32 weights alone are larger could never be exported (paper-size models have < 5 M).
+    """
+    from saferl_ros.bundle import MAX_BUNDLE_FILE_BYTES  # read at call time
+    return MAX_BUNDLE_FILE_BYTES // 4
+
+
+def check_model_size(module: ModuleType, dims, config, where: str, fix: str) -> int:
+    """
+    Return the number of values of the model ``module`` builds for ``dims`` and ``config``.
+
+    The model is built on torch's ``meta`` device (shapes only, no memory), so dimensions or
+    layer sizes from a config file are checked before anything is allocated: a model that
+    cannot be built, or has more than :func:`max_model_values`, raises ConfigError on ``where``.
+    """
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device('meta'):
+            shapes = module.build_model(*dims, config)
+    except (RuntimeError, ValueError, TypeError, OverflowError) as error:
+        first = (str(error).strip().splitlines() or [''])[0]
+        raise ConfigError(f'{where}: cannot build the model it describes '
+                          f'({type(error).__name__}: {short_repr(first)}); {fix}') from None
+    values = sum(t.numel() for t in (*shapes.parameters(), *shapes.buffers()))
+    limit = max_model_values()
+    if values > limit:
+        raise ConfigError(f'{where}: obs_dim {dims[0]}, act_dim {dims[1]} and the layer sizes of '
+                          f'algo_config describe a model of {values} values, more than the '
+                          f'{limit} a run may have (saferl_ros.bundle.MAX_BUNDLE_FILE_BYTES / 4: '
+                          f'no bundle could hold it); {fix}')
+    return values
+
+
 def open_run(run_dir, device='cpu', checkpoint=None, inference=None) -> Run:
     """
     Read a run folder: rebuild its algorithm config and model and load the checkpoint's weights.
@@ -227,6 +325,10 @@ def open_run(run_dir, device='cpu', checkpoint=None, inference=None) -> Run:
     algo = require_field(run_config, 'algorithm', where, str, fix)
     algo_config = require_field(run_config, 'algo_config', where, dict, fix)
     dims = [require_field(run_config, key, where, int, fix) for key in ('obs_dim', 'act_dim')]
+    for key, dim in zip(('obs_dim', 'act_dim'), dims):
+        if isinstance(dim, bool) or dim < 1:
+            raise ConfigError(f'{where}: field {key!r} is {dim!r}, expected a positive integer; '
+                              f'{fix}')
     task = require_field(run_config, 'task', where, dict, fix)
     require_field(task, 'name', f'{where} task', str, fix)
     inference = dict(inference or {})
@@ -255,6 +357,7 @@ def open_run(run_dir, device='cpu', checkpoint=None, inference=None) -> Run:
         inference = {key: value for key, value in inference.items()
                      if getattr(changed, key) != getattr(config, key)}
         config = changed
+    check_model_size(module, dims, config, where, fix)
     model = module.build_model(*dims, config)
     weights = run_dir / CHECKPOINT if checkpoint is None else Path(checkpoint)
     if not weights.is_file():

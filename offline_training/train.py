@@ -43,8 +43,10 @@ def _load_data(dataset, data, task) -> Tuple[Dict[str, np.ndarray], dict]:
     if data is not None:
         check_dataset(data)
         return data, {'path': None, 'sha256': None, 'source': 'in-memory'}
+    from saferl_ros.dataset_keys import DSRL_KEYS    # training reads only these keys
+
     path = resolve_dataset_path(dataset, task.name)
-    loaded = load_dataset(path, task.name)
+    loaded = load_dataset(path, task.name, keys=DSRL_KEYS)
     check_dataset(loaded)
     provenance = {'path': str(path), 'sha256': sha256_file(path), 'source': 'file'}
     generated = file_generated_info(path)
@@ -289,14 +291,16 @@ def main(argv=None) -> int:
     parser.add_argument('--task', required=True, help='task, e.g. BallCircle')
     parser.add_argument('--preset', default='paper',
                         help="config preset: 'paper', 'cpu' or 'test' (tiny networks)")
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--seed', type=int, default=0, help='training seed, >= 0 (default 0)')
     parser.add_argument('--dataset', default=None,
                         help='HDF5 file (default: the task file in $DSRL_DATASET_DIR)')
     parser.add_argument('--steps', type=int, default=None, help='override the training steps')
     parser.add_argument('--out', default=None, help='run folder (default runs/ALGO-TASK-sSEED)')
     parser.add_argument('--device', default='auto', help="'auto', 'cpu' or 'cuda[:i]'")
-    parser.add_argument('--log-every', type=int, default=1000)
-    parser.add_argument('--checkpoint-every', type=int, default=10_000)
+    parser.add_argument('--log-every', type=int, default=1000, metavar='N',
+                        help='log the losses every N >= 1 steps (and at the end)')
+    parser.add_argument('--checkpoint-every', type=int, default=10_000, metavar='N',
+                        help='write RUN/checkpoint.pt every N >= 1 steps (and at the end)')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     parser.add_argument('--set', dest='overrides', action='append', default=[],
                         type=parse_override, metavar='KEY=VALUE',
@@ -319,6 +323,12 @@ def main(argv=None) -> int:
         parser.error('--eval-every must be >= 0 and --eval-episodes >= 1')
     if args.steps is not None and args.steps < 1:
         parser.error(f'--steps must be >= 1, got {args.steps}')
+    if args.seed < 0:
+        parser.error(f'--seed must be >= 0, got {args.seed}')
+    for option, value in (('--log-every', args.log_every),
+                          ('--checkpoint-every', args.checkpoint_every)):
+        if value < 1:
+            parser.error(f'{option} must be >= 1, got {value}')
     if args.threads:
         torch.set_num_threads(args.threads)
     keep_freed_memory()

@@ -25,7 +25,9 @@ import time
 from typing import Dict, List, Optional
 
 from saferl_ros import graph as node_graph
-from saferl_ros.errors import EXIT_USER_ERROR, UserError
+from saferl_ros.errors import (
+    EXIT_USER_ERROR, MAX_YAML_BYTES, StrictSafeLoader, UserError, yaml_problem)
+from saferl_ros.files import read_regular_file
 import yaml
 
 # Activation order (saferl_ros.graph): consumers first, the observation source last.
@@ -41,13 +43,14 @@ class BringupError(UserError, RuntimeError):
     """A parameters file or override that cannot be used."""
 
 
-class _ParameterLoader(yaml.SafeLoader):
+class _ParameterLoader(StrictSafeLoader):
     """
     YAML as ROS 2 reads parameter files: ``1.0e9`` and ``1e-3`` are numbers.
 
     PyYAML implements YAML 1.1, where a float needs a dot and a signed exponent, so ``1.0e9``
     would arrive as the string '1.0e9' (and fail the node's type check with a confusing
     message), while rcl's parser, which ``ros2 launch`` uses for the same file, reads a double.
+    Like every YAML reader of this project it refuses anchors and aliases (StrictSafeLoader).
     """
 
 
@@ -76,10 +79,16 @@ def load_parameters(path) -> Dict[str, dict]:
     """
     layout = '`node_name: {ros__parameters: {param: value}}` (see config/sim.yaml)'
     try:
-        with open(path) as stream:
-            raw = yaml.load(stream, Loader=_ParameterLoader)
-    except (OSError, yaml.YAMLError) as exc:
-        raise BringupError(f'{path}: cannot read the parameters file ({exc})') from exc
+        raw = yaml.load(read_regular_file(path, MAX_YAML_BYTES, f'write {layout}').decode('utf-8'),
+                        Loader=_ParameterLoader)
+    except UserError as exc:
+        raise BringupError(str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise BringupError(f'{path}: cannot read the parameters file (not UTF-8 text: '
+                           f'{exc.reason} at byte {exc.start})') from None
+    except yaml.YAMLError as exc:
+        raise BringupError(f'{path}: cannot read the parameters file (not valid YAML: '
+                           f'{yaml_problem(exc)})') from None
     if raw is None:
         raise BringupError(f'{path}: the parameters file is empty; it must name the nodes to '
                            f'start, as {layout}')

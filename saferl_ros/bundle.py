@@ -31,10 +31,13 @@ import os
 from pathlib import Path
 import stat
 from typing import Dict, List, Optional, Tuple
+import zipfile
 
 import numpy as np
 import onnxruntime as ort
-from saferl_ros.errors import UserError
+from saferl_ros.errors import (
+    load_yaml, MAX_REPR_CHARS, MAX_YAML_BYTES, short_repr, UserError, yaml_problem)
+from saferl_ros.files import file_kind, READ_FLAGS
 import yaml
 
 FORMAT = 'saferl_bundle/1'
@@ -51,12 +54,16 @@ REEXPORT = 're-export the bundle with `saferl-export RUN -o DIR`'
 # Largest file load_bundle reads (checked before reading): shipped graphs are a few MB, a
 # paper-size FISOR sampler tens of MB; anything larger is not a file saferl-export wrote.
 MAX_BUNDLE_FILE_BYTES = 256 << 20
-MAX_MANIFEST_BYTES = 4 << 20
+MAX_MANIFEST_BYTES = MAX_YAML_BYTES
+# golden.npz: at most this many zip members (golden.npz has one per graph input and output);
+# the arrays load_bundle reads from it may hold at most MAX_BUNDLE_FILE_BYTES together, checked
+# against the sizes the zip directory and each .npy header declare before anything is inflated.
+MAX_GOLDEN_MEMBERS = 256
 _CHUNK = 1 << 20
-# Flags of every open of a bundle file: never follow a symbolic link (the lstat check comes
-# first; this closes the gap between check and open) and never block on a FIFO put in its place.
-_OPEN_FLAGS = (os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_NONBLOCK', 0)
-               | getattr(os, 'O_CLOEXEC', 0) | getattr(os, 'O_BINARY', 0))
+# Flags of every open of a bundle file: those of every untrusted read (saferl_ros.files), and
+# never follow a symbolic link (the lstat check comes first; this closes the gap between check
+# and open).
+_OPEN_FLAGS = READ_FLAGS | getattr(os, 'O_NOFOLLOW', 0)
 
 
 class BundleError(UserError, RuntimeError):
@@ -233,7 +240,7 @@ def _require(mapping, key: str, where: str, kind=None):
     value = mapping[key]
     if kind is not None and not isinstance(value, kind):
         raise BundleError(f'{where}: field {key!r} should be a {kind.__name__}, found '
-                          f'{type(value).__name__} ({value!r}); {REEXPORT}')
+                          f'{type(value).__name__} ({short_repr(value)}); {REEXPORT}')
     return value
 
 
@@ -242,11 +249,6 @@ def is_plain_name(name) -> bool:
     return (isinstance(name, str) and name not in ('', '.', '..') and '/' not in name
             and '\\' not in name and '\0' not in name and os.sep not in name
             and (os.altsep is None or os.altsep not in name))
-
-
-_FILE_KINDS = ((stat.S_ISDIR, 'a folder'), (stat.S_ISFIFO, 'a FIFO (named pipe)'),
-               (stat.S_ISSOCK, 'a socket'), (stat.S_ISCHR, 'a character device'),
-               (stat.S_ISBLK, 'a block device'))
 
 
 def _not_regular(file: Path, mode: int) -> BundleError:
@@ -259,9 +261,8 @@ def _not_regular(file: Path, mode: int) -> BundleError:
         return BundleError(f'{file} is a symbolic link (to {target}); a bundle holds regular '
                            f'files only: copy the file in (`cp --remove-destination {target} '
                            f'{file}`) or {REEXPORT}')
-    kind = next((text for test, text in _FILE_KINDS if test(mode)), 'not a regular file')
-    return BundleError(f'{file} is {kind}; a bundle holds regular files only: put the file '
-                       f'itself there or {REEXPORT}')
+    return BundleError(f'{file} is {file_kind(mode)}; a bundle holds regular files only: put '
+                       f'the file itself there or {REEXPORT}')
 
 
 def read_bundle_file(folder: Path, name: str, missing: str, keep: bool = True,
@@ -277,8 +278,8 @@ def read_bundle_file(folder: Path, name: str, missing: str, keep: bool = True,
     """
     limit = MAX_BUNDLE_FILE_BYTES if limit is None else limit
     if not is_plain_name(name):
-        raise BundleError(f'{folder / MANIFEST}: names the file {name!r}; bundle files are plain '
-                          f'file names inside the bundle folder; {REEXPORT}')
+        raise BundleError(f'{folder / MANIFEST}: names the file {short_repr(name)}; bundle files '
+                          f'are plain file names inside the bundle folder; {REEXPORT}')
     file = folder / name
     try:
         info = os.lstat(file)
@@ -338,17 +339,20 @@ def _read_manifest(path: Path):
         path, MANIFEST, f'a bundle folder must contain {MANIFEST}; {REEXPORT}',
         limit=MAX_MANIFEST_BYTES)
     try:
-        manifest = yaml.safe_load(data.decode('utf-8'))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise BundleError(f'{file}: not valid YAML ({exc}); {REEXPORT}') from exc
+        manifest = load_yaml(data.decode('utf-8'))
+    except UnicodeDecodeError as exc:
+        raise BundleError(f'{file}: not UTF-8 text ({exc.reason} at byte {exc.start}); '
+                          f'{REEXPORT}') from None
+    except yaml.YAMLError as exc:
+        raise BundleError(f'{file}: not valid YAML ({yaml_problem(exc)}); {REEXPORT}') from None
     if not isinstance(manifest, dict):
         raise BundleError(f'{file}: expected a mapping, found {type(manifest).__name__}; '
                           f'{REEXPORT}')
     found = manifest.get('format')
     if found != FORMAT:
         raise BundleError(
-            f'{file}: field format is {found!r}, expected {FORMAT!r}: this runtime reads only '
-            f'{FORMAT} bundles; {REEXPORT} with the saferl_ros version you deploy')
+            f'{file}: field format is {short_repr(found)}, expected {FORMAT!r}: this runtime '
+            f'reads only {FORMAT} bundles; {REEXPORT} with the saferl_ros version you deploy')
     return manifest, sha256
 
 
@@ -380,8 +384,8 @@ def _check_manifest(manifest: dict, where: str) -> None:
     critic = _require(manifest, 'critic', where, dict)
     kind = _require(critic, 'kind', f'{where} critic', str)
     if kind not in CRITIC_KINDS:
-        raise BundleError(f'{where}: critic.kind is {kind!r}, expected one of {CRITIC_KINDS}; '
-                          f'{REEXPORT}')
+        raise BundleError(f'{where}: critic.kind is {short_repr(kind)}, expected one of '
+                          f'{CRITIC_KINDS}; {REEXPORT}')
     if kind == 'feasibility':
         _require(critic, 'threshold_v', f'{where} critic')
         _require(critic, 'threshold_q', f'{where} critic')
@@ -393,7 +397,8 @@ def _check_manifest(manifest: dict, where: str) -> None:
     _require(graphs, 'policy', f'{where} graphs', dict)
     unknown = sorted(set(graphs) - set(GRAPH_NAMES))
     if unknown:
-        raise BundleError(f'{where}: graphs has unknown entries {unknown}, expected a subset of '
+        raise BundleError(f'{where}: graphs has unknown entries {short_repr(unknown)}, expected '
+                          f'a subset of '
                           f'{GRAPH_NAMES}; {REEXPORT}')
     if (kind == 'none') != ('critic' not in graphs):
         raise BundleError(f'{where}: critic.kind is {kind!r} but graphs '
@@ -413,15 +418,17 @@ def _check_files(path: Path, manifest: dict) -> Dict[str, bytes]:
             raise BundleError(f'{where}: files has no sha256 for {name}; {REEXPORT}')
     for name in files:
         if not is_plain_name(name) or name == MANIFEST:
-            raise BundleError(f'{where}: files lists {name!r}; entries must be plain file names '
-                              f'inside the bundle folder (not {MANIFEST}); {REEXPORT}')
+            raise BundleError(f'{where}: files lists {short_repr(name)}; entries must be plain '
+                              f'file names inside the bundle folder (not {MANIFEST}); '
+                              f'{REEXPORT}')
     contents = {}
     for name, expected in files.items():
         found, data = read_bundle_file(
             path, name, f'the manifest lists it with sha256 {str(expected)[:12]}...; copy the '
             f'whole bundle folder or {REEXPORT}', keep=name in needed)
         if found != expected:
-            raise BundleError(f'{path / name}: sha256 mismatch, manifest expects {expected}, '
+            raise BundleError(f'{path / name}: sha256 mismatch, manifest expects '
+                              f'{short_repr(expected)}, '
                               f'file has {found}; the file was modified or corrupted; '
                               f'{REEXPORT}')
         if data is not None:
@@ -432,13 +439,14 @@ def _check_files(path: Path, manifest: dict) -> Dict[str, bytes]:
 def _expected_shape(spec, graph: str, tensor: str, where: str) -> list:
     if not isinstance(spec, list) or not spec:
         raise BundleError(f'{where}: graphs.{graph}.{tensor} shape should be a non-empty list, '
-                          f'found {spec!r}; {REEXPORT}')
+                          f'found {short_repr(spec)}; {REEXPORT}')
     return spec
 
 
 def _fmt(shape) -> str:
-    """Format a shape the way the manifest writes it: [batch, 8]."""
-    return '[' + ', '.join(str(d) for d in shape) + ']'
+    """Format a shape the way the manifest writes it: [batch, 8] (a long one cut short)."""
+    text = '[' + ', '.join(str(d) for d in shape[:8]) + (', ...]' if len(shape) > 8 else ']')
+    return text if len(text) <= MAX_REPR_CHARS else text[:MAX_REPR_CHARS - 3] + '...'
 
 
 def _check_graph(graph: _Graph, manifest: dict, where: str) -> None:
@@ -477,22 +485,92 @@ def _check_graph(graph: _Graph, manifest: dict, where: str) -> None:
     if graph.name in ('policy', 'fallback'):
         if list(graph.outputs) != ['action'] or graph.outputs['action'] != [BATCH, act_dim]:
             raise BundleError(f'{where}: graphs.{graph.name}.outputs should be '
-                              f'{{action: [batch, {act_dim}]}}, found {graph.outputs}; '
+                              f'{{action: [batch, {act_dim}]}}, found '
+                              f'{short_repr(graph.outputs)}; '
                               f'{REEXPORT}')
     if graph.name == 'critic':
         kind = manifest['critic']['kind']
         expected = set(CRITIC_OUTPUTS[kind])
         if set(graph.outputs) != expected:
-            raise BundleError(f'{where}: graphs.critic.outputs are {sorted(graph.outputs)}, a '
+            raise BundleError(f'{where}: graphs.critic.outputs are '
+                              f'{short_repr(sorted(graph.outputs))}, a '
                               f'{kind} critic has {sorted(expected)}; {REEXPORT}')
+
+
+def _read_golden(file: Path, data: bytes, keys) -> Dict[str, np.ndarray]:
+    """
+    Return the arrays ``keys`` of golden.npz (``data``); those it lacks are left out.
+
+    Only the members named by ``keys`` are read, and only after the size the zip directory
+    declares for each (all of them together at most MAX_BUNDLE_FILE_BYTES) and the size its
+    .npy header declares (shape x dtype, at most the member's size) have been checked, so a
+    small file that inflates to gigabytes is refused, not inflated.
+    """
+    limit = MAX_BUNDLE_FILE_BYTES
+    # Each zip directory entry starts with this signature, so the count bounds the entries
+    # zipfile would parse (and keep in memory) before any check below.
+    entries = data.count(b'PK\x01\x02')
+    if entries > MAX_GOLDEN_MEMBERS:
+        raise BundleError(f'{file}: holds up to {entries} zip members, more than the '
+                          f'{MAX_GOLDEN_MEMBERS} a golden file may have; it is not a file '
+                          f'saferl-export wrote; {REEXPORT}')
+    arrays, total = {}, 0
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = {info.filename: info for info in archive.infolist()}
+            for key in keys:
+                info = members.get(f'{key}.npy')
+                if info is None:
+                    continue
+                total += info.file_size
+                if total > limit:
+                    raise BundleError(
+                        f'{file}: member {key}.npy declares {info.file_size} bytes '
+                        f'uncompressed, past the {limit} the golden arrays may hold together '
+                        f'(saferl_ros.bundle.MAX_BUNDLE_FILE_BYTES); it is not a file '
+                        f'saferl-export wrote; {REEXPORT}')
+                with archive.open(info) as stream:
+                    arrays[key] = _read_npy(file, key, stream, info.file_size)
+    except BundleError:
+        raise
+    except Exception as exc:  # a corrupt zip raises zipfile/ValueError/OSError variants
+        raise BundleError(f'{file}: cannot be read ({short_repr(str(exc))}); '
+                          f'{REEXPORT}') from None
+    return arrays
+
+
+def _read_npy(file: Path, key: str, stream, size: int) -> np.ndarray:
+    """Read one .npy member of ``size`` bytes; its header's shape x dtype is checked first."""
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f'{key}.npy has .npy format version {version}, expected 1.0 or 2.0')
+    if dtype.kind not in 'biuf' or dtype.hasobject:
+        raise BundleError(f'{file}: {key} has dtype {short_repr(str(dtype))}, expected numbers; '
+                          f'{REEXPORT}')
+    count = 1
+    for dim in shape:
+        count *= int(dim)
+    nbytes = count * dtype.itemsize
+    if nbytes > size:
+        raise BundleError(f'{file}: {key} declares shape {short_repr(tuple(shape))} of '
+                          f'{dtype} ({nbytes} bytes) in a member of {size} bytes; it is not a '
+                          f'file saferl-export wrote; {REEXPORT}')
+    raw = stream.read(nbytes)
+    if len(raw) != nbytes:
+        raise BundleError(f'{file}: {key} is truncated ({len(raw)} of {nbytes} bytes); '
+                          f'{REEXPORT}')
+    return np.frombuffer(raw, dtype=dtype).reshape(shape, order='F' if fortran else 'C')
 
 
 def _check_golden(path: Path, data: bytes, graphs: Dict[str, _Graph], atol: float) -> None:
     file = path / GOLDEN
-    try:
-        golden = dict(np.load(io.BytesIO(data), allow_pickle=False))
-    except Exception as exc:  # a corrupt zip raises zipfile/ValueError/OSError variants
-        raise BundleError(f'{file}: cannot be read ({exc}); {REEXPORT}') from exc
+    golden = _read_golden(file, data, [golden_key(graph.name, tensor)
+                                       for graph in graphs.values()
+                                       for tensor in (*graph.inputs, *graph.outputs)])
     for graph in graphs.values():
         feeds = {}
         for tensor in graph.inputs:

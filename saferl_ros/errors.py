@@ -12,12 +12,18 @@ workspace (``offline_training``, never rclpy). It needs the standard library and
 """
 
 import functools
+import reprlib
 import sys
 from typing import Callable, Tuple, Type
 
 import yaml
 
 EXIT_USER_ERROR = 2
+# Largest YAML file read_yaml_mapping (and the bundle loader, for manifest.yaml) reads: run
+# configs, summaries and manifests are a few kB; checked before the file is read.
+MAX_YAML_BYTES = 4 << 20
+# Longest repr of a user's value quoted in an error message.
+MAX_REPR_CHARS = 80
 
 # Operating-system errors about a path the user gave: their message names the path.
 PATH_ERRORS: Tuple[Type[BaseException], ...] = (
@@ -76,29 +82,69 @@ def reports_user_errors(prog: str, expected: Tuple[Type[BaseException], ...] = (
     return wrap
 
 
-def read_yaml_mapping(path, fix: str) -> dict:
+def short_repr(value, limit: int = MAX_REPR_CHARS) -> str:
+    """Return ``repr(value)`` cut to about ``limit`` characters (nested containers elided)."""
+    shortener = reprlib.Repr()
+    shortener.maxstring = shortener.maxother = limit
+    text = shortener.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+class StrictSafeLoader(yaml.SafeLoader):
+    """
+    ``yaml.SafeLoader`` without anchors and aliases: the loader of every YAML file we read.
+
+    An alias (``*a``) repeats a whole structure without repeating its text, so a 1 kB file of
+    nested aliases expands into billions of values (a "billion laughs" bomb) once anything walks
+    it. No file of this project needs them, so an anchor (``&a``) or alias is a
+    :class:`yaml.YAMLError` naming its line.
+    """
+
+    def compose_node(self, parent, index):
+        """Compose the next node; refuse an alias or an anchored node."""
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, 'anchor', None) is not None:
+            what = 'alias *' if isinstance(event, yaml.AliasEvent) else 'anchor &'
+            raise yaml.composer.ComposerError(
+                None, None, f'{what}{event.anchor[:40]} at line {event.start_mark.line + 1}: '
+                'YAML anchors and aliases are not allowed, write the values out')
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text):
+    """Parse one YAML document (str or bytes) with :class:`StrictSafeLoader`."""
+    return yaml.load(text, Loader=StrictSafeLoader)
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """Return a YAML error's problem and line as one short phrase: 'REASON at line N'."""
+    where = getattr(error, 'problem_mark', None)
+    line = f' at line {where.line + 1}' if where is not None else ''
+    reason = getattr(error, 'problem', None) or type(error).__name__
+    return f'{reason}{line}'
+
+
+def read_yaml_mapping(path, fix: str, limit: int = MAX_YAML_BYTES) -> dict:
     """
     Return the mapping in YAML file ``path``; raise a one-line :class:`UserError` otherwise.
 
-    A missing file raises :class:`MissingFileError`; unparsable YAML, an empty document or a
-    document that is not a mapping (a list, a string) raises :class:`ConfigError`. ``fix`` ends
-    every message: what the user should do about it.
+    A missing file raises :class:`MissingFileError`; anything but a regular file (a link to one
+    is fine) of at most ``limit`` bytes, unparsable YAML, YAML with anchors or aliases, an empty
+    document or a document that is not a mapping (a list, a string) raises
+    :class:`ConfigError`, before anything is read where possible. ``fix`` ends every message:
+    what the user should do about it.
     """
+    from saferl_ros.files import read_regular_file  # files.py imports this module
+    data = read_regular_file(path, limit, fix)
     try:
-        with open(path, 'rb') as stream:
-            text = stream.read().decode('utf-8')
-    except FileNotFoundError:
-        raise MissingFileError(f'{path}: missing; {fix}') from None
+        text = data.decode('utf-8')
     except UnicodeDecodeError as error:
         raise ConfigError(f'{path}: not UTF-8 text ({error.reason} at byte {error.start}); '
                           f'{fix}') from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as error:
-        where = getattr(error, 'problem_mark', None)
-        line = f' at line {where.line + 1}' if where is not None else ''
-        reason = getattr(error, 'problem', None) or type(error).__name__
-        raise ConfigError(f'{path}: not valid YAML ({reason}{line}); {fix}') from None
+        raise ConfigError(f'{path}: not valid YAML ({yaml_problem(error)}); {fix}') from None
     if data is None:
         raise ConfigError(f'{path}: empty, expected a mapping of fields; {fix}')
     if not isinstance(data, dict):
@@ -116,5 +162,5 @@ def require_field(mapping: dict, key: str, where: str, kind=None, fix: str = '')
     if kind is not None and not isinstance(value, kind):
         names = ' or '.join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
         raise ConfigError(f'{where}: field {key!r} should be a {names}, found '
-                          f'{type(value).__name__} {value!r}{tail}')
+                          f'{type(value).__name__} {short_repr(value)}{tail}')
     return value

@@ -1,20 +1,93 @@
 """
-File-safety helpers shared by both layers: atomic writes and content hashes.
+File-safety helpers shared by both layers: atomic writes, bounded reads and content hashes.
 
 Every file the project writes for someone else to read (datasets and their manifests, run
 configs and checkpoints, recordings and their index, bundle manifests) goes through
 :func:`atomic_path`: the bytes are written to a hidden temporary name in the same folder, flushed
 to disk, then renamed over the target. A reader, or a process killed mid-write, therefore sees the
-old file or the new one, never half of one. (Reading untrusted files is guarded where they are
-read: ``saferl_ros.bundle.read_bundle_file`` and ``offline_training.data.dataset.check_file``.)
+old file or the new one, never half of one.
+
+Every small file the project reads from a user (run configs and summaries through
+``saferl_ros.errors.read_yaml_mapping``) goes through :func:`read_regular_file`: it must be a
+regular file (a symbolic link to one is fine; a device, FIFO or folder is refused before it is
+opened) of at most a given size, checked before reading and again while reading. Bundle files
+have a stricter variant, ``saferl_ros.bundle.read_bundle_file`` (no links at all); datasets are
+checked by ``offline_training.data.dataset.check_file``. A file named by another file (a
+recording's episodes, named by its index) is checked with :func:`plain_file_problem` before it
+is opened: a regular file inside the folder, reached through no link and no '..'.
 """
 
 from contextlib import contextmanager
 import hashlib
 import json
 import os
-from pathlib import Path
-from typing import Iterator
+from pathlib import Path, PurePosixPath
+import stat
+from typing import Iterator, Optional
+
+from saferl_ros.errors import ConfigError, MissingFileError
+import yaml
+
+# Flags of every open of an untrusted file: never block on a FIFO put in a file's place, never
+# leak the descriptor into a child process.
+READ_FLAGS = (os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0) | getattr(os, 'O_CLOEXEC', 0)
+              | getattr(os, 'O_BINARY', 0))
+READ_CHUNK = 1 << 20
+FILE_KINDS = ((stat.S_ISDIR, 'a folder'), (stat.S_ISFIFO, 'a FIFO (named pipe)'),
+              (stat.S_ISSOCK, 'a socket'), (stat.S_ISCHR, 'a character device'),
+              (stat.S_ISBLK, 'a block device'), (stat.S_ISLNK, 'a symbolic link'))
+
+
+def file_kind(mode: int) -> str:
+    """Return what a non-regular file is, from its ``st_mode``: 'a folder', 'a FIFO ...'."""
+    return next((text for test, text in FILE_KINDS if test(mode)), 'not a regular file')
+
+
+def read_regular_file(path, limit: int, fix: str) -> bytes:
+    """
+    Return the bytes of regular file ``path`` of at most ``limit`` bytes; raise ConfigError else.
+
+    A symbolic link is followed, but what it leads to must be a regular file: a device (e.g.
+    ``/dev/zero``), FIFO, socket or folder is refused before it is opened, and a file larger
+    than ``limit`` before it is read. The open descriptor is checked to be the file examined,
+    and reading stops past ``limit`` bytes (a file that grows meanwhile). A missing file raises
+    :class:`~saferl_ros.errors.MissingFileError`. ``fix`` ends every message.
+    """
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise MissingFileError(f'{path}: missing; {fix}') from None
+    except OSError as error:
+        raise ConfigError(f'{path}: cannot be examined ({error.strerror}); {fix}') from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f'{path} is {file_kind(info.st_mode)}, not a regular file; {fix}')
+    if info.st_size > limit:
+        raise ConfigError(f'{path}: {info.st_size} bytes, more than the {limit} this file may '
+                          f'have; {fix}')
+    try:
+        fd = os.open(path, READ_FLAGS)
+    except OSError as error:
+        raise ConfigError(f'{path}: cannot be opened ({error.strerror}); {fix}') from None
+    chunks, size = [], 0
+    try:
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
+            raise ConfigError(f'{path}: was replaced while being read; try again once nothing '
+                              f'writes to it')
+        while True:
+            chunk = os.read(fd, READ_CHUNK)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise ConfigError(f'{path}: grew past {limit} bytes while being read; try '
+                                  f'again once nothing writes to it')
+            chunks.append(chunk)
+    except OSError as error:
+        raise ConfigError(f'{path}: cannot be read ({error.strerror}); {fix}') from None
+    finally:
+        os.close(fd)
+    return b''.join(chunks)
 
 
 def temporary_sibling(path) -> Path:
@@ -70,10 +143,18 @@ def atomic_write_json(path, value) -> None:
     atomic_write_text(path, json.dumps(value, indent=2) + '\n')
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """SafeDumper that writes a value used twice out twice: our readers refuse aliases."""
+
+    def ignore_aliases(self, data) -> bool:
+        """Never write an anchor or alias (saferl_ros.errors.StrictSafeLoader refuses them)."""
+        return True
+
+
 def atomic_write_yaml(path, value) -> None:
     """Write ``value`` as block-style YAML, keys in their order, to ``path`` atomically."""
-    import yaml
-    atomic_write_text(path, yaml.safe_dump(value, sort_keys=False, width=120))
+    atomic_write_text(path, yaml.dump(value, Dumper=_NoAliasDumper, sort_keys=False,
+                                      width=120))
 
 
 def sha256_file(path) -> str:
@@ -83,3 +164,43 @@ def sha256_file(path) -> str:
         for block in iter(lambda: stream.read(1 << 20), b''):
             digest.update(block)
     return digest.hexdigest()
+
+
+def plain_file_problem(folder, relative) -> Optional[str]:
+    """
+    Return why ``folder/relative`` is not a regular file inside ``folder``, or None if it is.
+
+    ``relative`` must be a relative '/'-separated path of plain names (no '..', '.', empty part,
+    backslash or NUL). Every folder on the way and the file itself are examined with
+    ``os.lstat``: none may be a symbolic link, and the file must be a regular file (not a
+    folder, device, FIFO or socket). ``folder`` itself may be a link. Nothing is opened. The
+    reason reads after the file's name, e.g. ``is a symbolic link (to /dev/zero)``.
+    """
+    parts = PurePosixPath(relative).parts if isinstance(relative, str) else ()
+    if (not parts or relative.startswith('/') or any(part in ('.', '..') for part in parts)
+            or '\\' in relative or '\0' in relative):
+        return (f'is not a path inside {folder} ({relative!r}); only relative paths of plain '
+                "names, without '..', are accepted")
+    path = Path(folder)
+    for number, part in enumerate(parts, 1):
+        path = path / part
+        try:
+            mode = os.lstat(path).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            return 'is missing'
+        except OSError as exc:
+            return f'cannot be examined ({exc.strerror})'
+        if stat.S_ISLNK(mode):
+            try:
+                target = os.readlink(path)      # the link's text; the target is never opened
+            except OSError:
+                target = '?'
+            if number < len(parts):
+                return (f'lies behind the symbolic link {path} (to {target}); only files inside '
+                        'the folder itself are read')
+            return f'is a symbolic link (to {target}); only regular files are read'
+        if number < len(parts) and not stat.S_ISDIR(mode):
+            return f'is missing ({path} is not a folder)'
+    if not stat.S_ISREG(mode):
+        return f'is {file_kind(mode)}, not a regular file'
+    return None

@@ -6,8 +6,9 @@ FISOR (Zheng et al., ICLR 2024) learns a feasibility value V_h(s) and action val
 h = +M unsafe, so ``<= 0`` means feasible. The monitor applies, for observation s and proposal a
 (docs/architecture.md "The safety monitor's rule"):
 
-1. invalid input (wrong size, NaN/Inf) -> the configured safe action, state FAULT;
-   an observation or proposal older than its timeout -> the safe action, state STALE;
+1. invalid input (wrong size, NaN/Inf, a stamp more than ``future_tolerance`` ahead of the
+   monitor's clock) -> the configured safe action, state FAULT; an observation or proposal older
+   than its timeout -> the safe action, state STALE;
 2. v = V_h(s), q = max_j Q_h^j(s, a)  (the critic graph already takes the max over heads);
 3. v <= thr_v and q <= thr_q -> pass a through, state NOMINAL;
 4. otherwise the fallback (FISOR's infeasible-region policy: argmin over candidates of max-of-heads
@@ -75,6 +76,12 @@ class MonitorConfig:
     # A proposal that answers an observation older than this is stale [s]; also how long the
     # monitor waits for the controller after an observation before it stops the robot.
     proposal_timeout: float = 0.25
+    # An observation (or proposal) stamped more than this ahead of the monitor's clock is refused
+    # (FAULT) [s]: its age would be negative, so it would pass every freshness test, and the
+    # watchdog, which measures silence from the newest stamp, would stay quiet until the clock
+    # caught up. The tolerance absorbs clock skew and /clock arriving just after the
+    # observation it stamps (one control period of simulation time: 0.1 s on Circle tasks).
+    future_tolerance: float = 0.2
     # Once the fallback takes over it keeps control at least this long [s] (anti-chattering).
     min_hold: float = 0.1
     # The action published on FAULT, STALE and INACTIVE (None: zeros, clipped into the bounds).
@@ -98,6 +105,10 @@ class MonitorConfig:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise MonitorConfigError(f'{name} is {value!r}; it must be a positive number of '
                                          'seconds (e.g. 0.25 = several control periods)')
+        if not (isinstance(self.future_tolerance, (int, float))
+                and math.isfinite(self.future_tolerance) and self.future_tolerance >= 0):
+            raise MonitorConfigError(f'future_tolerance is {self.future_tolerance!r}; it must be '
+                                     'a number of seconds >= 0 (e.g. 0.2)')
         if not (math.isfinite(self.min_hold) and self.min_hold >= 0):
             raise MonitorConfigError(f'min_hold is {self.min_hold!r}; it must be >= 0 seconds')
         if not (isinstance(self.fallback_samples, int) and 1 <= self.fallback_samples <= 256):
@@ -115,7 +126,7 @@ class MonitorConfig:
 
 # What kind of value each MonitorConfig field takes from a command line or a YAML file.
 _OPTIONAL_NUMBERS = ('threshold_v', 'threshold_q', 'budget')        # None: the manifest's
-_NUMBERS = ('observation_timeout', 'proposal_timeout', 'min_hold')
+_NUMBERS = ('observation_timeout', 'proposal_timeout', 'future_tolerance', 'min_hold')
 
 
 def _number(name: str, value, optional: bool = False):
@@ -514,6 +525,10 @@ class SafetyMonitor:
         if act is None:
             return self._stop(MonitorState.FAULT, obs_stamp, proposed, _describe(
                 'proposed action', proposed, self.act_dim))
+        for what, stamp in (('observation', obs_stamp), ('proposal', proposal_stamp)):
+            ahead = self.stamp_ahead(what, stamp, now)
+            if ahead:
+                return self._stop(MonitorState.FAULT, obs_stamp, act, ahead)
         age = now - obs_stamp
         if age > self.config.observation_timeout:
             return self._stop(MonitorState.STALE, obs_stamp, act,
@@ -581,10 +596,15 @@ class SafetyMonitor:
         Return a STALE stop if the inputs went silent, else None.
 
         Called periodically by the node: no observation for ``observation_timeout``, or an
-        observation left unanswered by the controller for ``proposal_timeout``.
+        observation left unanswered by the controller for ``proposal_timeout``. The node never
+        passes a stamp refused by :meth:`stamp_ahead`; one that is ahead anyway (a caller that
+        did not check) gives FAULT, since silence measured from it would be negative.
         """
         if last_obs_stamp is None:
             return None  # nothing seen yet: the node publishes INACTIVE/safe until then
+        ahead = self.stamp_ahead('newest observation', last_obs_stamp, now)
+        if ahead:
+            return self._stop(MonitorState.FAULT, last_obs_stamp, None, ahead)
         if now - last_obs_stamp > self.config.observation_timeout:
             return self._stop(MonitorState.STALE, last_obs_stamp, None,
                               f'no observation for {(now - last_obs_stamp) * 1e3:.0f} ms')
@@ -594,6 +614,22 @@ class SafetyMonitor:
                               f'controller silent: no proposal for the observation of '
                               f'{(now - last_obs_stamp) * 1e3:.0f} ms ago')
         return None
+
+    def stamp_ahead(self, what: str, stamp: float, now: float) -> str:
+        """
+        Return why ``stamp`` is refused as lying in the future, or '' if it is not.
+
+        A stamp more than ``future_tolerance`` ahead of ``now`` (the monitor's clock) has a
+        negative age: it would pass every freshness test and hold the watchdog off until the
+        clock caught up. The node refuses such an observation (FAULT) and never lets its stamp
+        count as the newest one.
+        """
+        ahead = stamp - now
+        if ahead > self.config.future_tolerance:
+            return (f'{what} stamp is {ahead:.3f} s in the future (future_tolerance '
+                    f"{self.config.future_tolerance:g} s): the sender's clock is ahead of the "
+                    "monitor's; synchronise the clocks")
+        return ''
 
     def stop(self, state: MonitorState, stamp: float, reason: str) -> Verdict:
         """Return (and count) a safe-action verdict, e.g. INACTIVE on deactivate."""

@@ -34,7 +34,11 @@ from typing import Dict, List, Optional
 
 import h5py
 import numpy as np
-from saferl_ros.files import atomic_path, atomic_write_json
+from saferl_ros.dataset_keys import DSRL_KEYS
+from saferl_ros.errors import ConfigError, MissingFileError, UserError
+from saferl_ros.files import (atomic_path, atomic_write_json, plain_file_problem,
+                              read_regular_file)
+from saferl_ros.hdf5_limits import array_problem, link_problem, MAX_ROWS
 from saferl_ros.monitor import state_names
 
 FORMAT = 'saferl_recording/1'
@@ -45,10 +49,23 @@ EXTRA_KEYS = ('episode_ids', 'stamps_ns', 'proposed_actions', 'verdicts', 'criti
               'critic_q_h', 'critic_q_c', 'critic_risk_final', 'replaced', 'missed')
 # Bullet-Safety-Gym's action box; recordings store the applied (clipped) action.
 ACTION_LIMIT = 1.0
+# The DSRL fields of a step, which must be finite: one NaN or Inf makes the whole recording
+# fail validation (and ``saferl-data merge``). The extras may hold NaN ("not computed").
+FINITE_FIELDS = ('observation', 'next_observation', 'action', 'reward', 'cost')
 
 
-class RecordingError(RuntimeError):
-    """A recording folder that cannot be read or extended."""
+# Largest index.json read (checked before reading): an entry takes ~250 bytes, so this holds
+# some 250 000 episodes.
+MAX_INDEX_BYTES = 64 << 20
+# What to do about a recording whose index or one of whose episode files is damaged.
+_INDEX_FIX = ('the recorder writes it: restore the run folder from a copy, or record the run '
+              'again')
+_EPISODE_FIX = ('remove its entry from index.json to use the other episodes, or record the run '
+                'again')
+
+
+class RecordingError(UserError, RuntimeError):
+    """A recording folder that cannot be read or extended: the message names the file and fix."""
 
 
 @dataclass
@@ -69,6 +86,43 @@ class Step:
     risk_final: float = math.nan    # the critic's risk (Q_h or Q_c) of the applied action
     replaced: bool = False          # the monitor applied its fallback instead of the proposal
     missed: bool = False
+
+
+def non_finite_fields(step) -> List[str]:
+    """
+    Return the DSRL fields of ``step`` that hold NaN or Inf, or that are not numeric.
+
+    ``step``: a :class:`Step` or anything with the same field names (the recorder node's
+    Transition). Empty: the step may be written.
+    """
+    bad = []
+    for name in FINITE_FIELDS:
+        try:
+            finite = np.isfinite(np.asarray(getattr(step, name), np.float64)).all()
+        except (TypeError, ValueError):
+            finite = False
+        if not finite:
+            bad.append(name)
+    return bad
+
+
+def check_new_run_dir(run_dir) -> None:
+    """
+    Raise RecordingError unless ``run_dir`` is free for a new recording (absent or empty).
+
+    The recorder never writes into a folder that holds anything (an earlier run's index,
+    episodes or MCAP files would be mixed with, or overwritten by, the new run's).
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RecordingError(f'run folder {run_dir} exists and is not a folder; set run_name to '
+                             'a new name (or leave it empty for run_<UTC time>)')
+    held = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    if held:
+        shown = ', '.join(held[:3]) + (', ...' if len(held) > 3 else '')
+        raise RecordingError(f'run folder {run_dir} already exists and holds {shown}; the '
+                             'recorder never writes into an existing run: set run_name to a new '
+                             'name, leave it empty for run_<UTC time>, or move the folder away')
 
 
 def write_hdf5_atomic(path, arrays: Dict[str, np.ndarray], attrs: Optional[dict] = None,
@@ -153,7 +207,16 @@ class RecordingWriter:
         self.closed = False
 
     def add(self, step: Step) -> None:
-        """Append one transition to the episode in progress."""
+        """
+        Append one transition to the episode in progress.
+
+        A step with NaN or Inf in a DSRL field (:func:`non_finite_fields`) is refused
+        (RecordingError): the recorder node drops it and cuts the episode there.
+        """
+        bad = non_finite_fields(step)
+        if bad:
+            raise RecordingError(f'step holds NaN or Inf in {", ".join(bad)}; a recording holds '
+                                 'only finite observations, actions, rewards and costs')
         obs = np.asarray(step.observation, np.float32).reshape(-1)
         nxt = np.asarray(step.next_observation, np.float32).reshape(-1)
         act = np.asarray(step.action, np.float32).reshape(-1)
@@ -214,30 +277,146 @@ class RecordingWriter:
 
 
 def read_index(run_dir) -> dict:
-    """Return a recording's index, or raise RecordingError saying what is wrong."""
+    """
+    Return a recording's index, or raise RecordingError saying what is wrong and what to do.
+
+    The index must be a regular file of at most MAX_INDEX_BYTES (``read_regular_file``) holding
+    a JSON object with this format, the task, the file attributes and a list of episode
+    entries, each an object with an integer ``episode``, a string ``file`` (each file listed
+    once) and a positive integer ``steps``.
+    """
     file = Path(run_dir) / INDEX
-    if not file.is_file():
-        raise RecordingError(f'{file}: missing; {run_dir} is not a saferl_ros recording folder')
     try:
-        index = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise RecordingError(f'{file}: not valid JSON ({exc})') from exc
+        text = read_regular_file(file, MAX_INDEX_BYTES, _INDEX_FIX)
+    except MissingFileError:
+        raise RecordingError(f'{file}: missing; {run_dir} is not a saferl_ros recording '
+                             'folder') from None
+    except ConfigError as exc:
+        raise RecordingError(str(exc)) from None
+    try:
+        index = json.loads(text.decode('utf-8'))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RecordingError(f'{file}: not valid JSON ({exc}); {_INDEX_FIX}') from None
+    if not isinstance(index, dict):
+        raise RecordingError(f'{file}: expected a JSON object, found a '
+                             f'{type(index).__name__}; {_INDEX_FIX}')
     if index.get('format') != FORMAT:
-        raise RecordingError(f'{file}: format is {index.get("format")!r}, expected {FORMAT!r}')
+        raise RecordingError(f'{file}: format is {index.get("format")!r}, expected {FORMAT!r}; '
+                             f'{run_dir} is not a saferl_ros recording folder')
+    for key, kind in (('task', str), ('attrs', dict), ('episodes', list)):
+        if not isinstance(index.get(key), kind):
+            found = 'missing' if key not in index else f'a {type(index[key]).__name__}'
+            raise RecordingError(f'{file}: field {key!r} should be a {kind.__name__}, found '
+                                 f'{found}; {_INDEX_FIX}')
+    for number, entry in enumerate(index['episodes']):
+        where = f'{file}: episodes[{number}]'
+        if not isinstance(entry, dict):
+            raise RecordingError(f'{where} should be an object, found a '
+                                 f'{type(entry).__name__}; {_INDEX_FIX}')
+        for key, kind in (('episode', int), ('file', str), ('steps', int)):
+            value = entry.get(key)
+            if not isinstance(value, kind) or isinstance(value, bool) \
+                    or (key == 'steps' and value < 1):
+                found = 'missing' if key not in entry else repr(value)
+                what = 'a positive int' if key == 'steps' else f'a {kind.__name__}'
+                raise RecordingError(f'{where}: field {key!r} should be {what}, found {found}; '
+                                     f'{_INDEX_FIX}')
+    files = [entry['file'] for entry in index['episodes']]
+    if len(set(files)) < len(files):
+        twice = next(name for name in files if files.count(name) > 1)
+        raise RecordingError(f'{file}: lists the episode file {twice!r} more than once; '
+                             f'{_INDEX_FIX}')
     return index
 
 
-def load_episodes(run_dir) -> Dict[str, np.ndarray]:
-    """Concatenate the completed episodes listed in the index (DSRL keys + extras)."""
+def _read_episode(run_dir: Path, entry: dict, keys) -> Dict[str, np.ndarray]:
+    """
+    Return ``keys`` of one episode file listed in the index, checked before anything is read.
+
+    The file must be a regular file inside the run folder (`plain_file_problem`); each key must
+    be a plain dataset within the data layer's limits (`saferl_ros.hdf5_limits.array_problem`)
+    with the episode's ``steps`` rows. DSRL keys are required; the others are read if present.
+    """
+    file = run_dir / entry['file']
+    why = plain_file_problem(run_dir, entry['file'])
+    if why is not None:
+        raise RecordingError(f'{file}: {why}; {_EPISODE_FIX}')
+    try:
+        h5 = h5py.File(file, 'r', rdcc_nbytes=1 << 20)
+    except OSError as exc:
+        raise RecordingError(f'{file}: cannot be opened as HDF5 (truncated or corrupt?): {exc}; '
+                             f'{_EPISODE_FIX}') from None
+    items: Dict[str, h5py.Dataset] = {}
+    data = {}
+    with h5:
+        names = set(h5.keys())            # link names: nothing is followed or opened
+        for key in keys:                  # every key is checked before any is read
+            if key not in names:
+                if key in DSRL_KEYS:
+                    raise RecordingError(f'{file}: {key}: missing (an episode file holds '
+                                         f'{", ".join(DSRL_KEYS)}); {_EPISODE_FIX}')
+                continue
+            try:
+                why = link_problem(h5, key)
+                item = None if why else h5[key]
+                if why is None and not isinstance(item, h5py.Dataset):
+                    why = f'is a {type(item).__name__}, not a dataset'
+                why = why or array_problem(item)
+                if why is None and (not item.shape or item.shape[0] != entry['steps']):
+                    why = (f'has shape {item.shape}, but {INDEX} says the episode has '
+                           f'{entry["steps"]} steps')
+            except (OSError, ValueError, RuntimeError) as exc:
+                why = f'cannot be examined (truncated or corrupt file?): {exc}'
+            if why is not None:
+                raise RecordingError(f'{file}: {key}: {why}; {_EPISODE_FIX}')
+            items[key] = item
+        for key, item in items.items():
+            try:
+                data[key] = item[()]
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise RecordingError(f'{file}: {key}: cannot be read (truncated or corrupt '
+                                     f'file?): {exc}; {_EPISODE_FIX}') from None
+    return data
+
+
+def load_episodes(run_dir, keys=DSRL_KEYS + EXTRA_KEYS) -> Dict[str, np.ndarray]:
+    """
+    Concatenate ``keys`` of the completed episodes listed in the index (DSRL keys + extras).
+
+    Only the files the index lists are read, each a regular file inside the run folder, and of
+    each only ``keys`` (other datasets are never read), with the data layer's limits checked
+    before anything is read. The DSRL keys must be in every episode, an extra in all or none,
+    each with the same columns throughout, at most MAX_ROWS rows in all. Raises RecordingError
+    naming the file and the fix.
+    """
     run_dir = Path(run_dir)
     index = read_index(run_dir)
-    parts: Dict[str, List[np.ndarray]] = {}
-    for entry in index['episodes']:
-        with h5py.File(run_dir / entry['file'], 'r') as h5:
-            for key, item in h5.items():
-                parts.setdefault(key, []).append(item[()])
-    if not parts:
+    if not index['episodes']:
         raise RecordingError(f'{run_dir}: the recording holds no completed episode')
+    total = sum(entry['steps'] for entry in index['episodes'])
+    if total > MAX_ROWS:
+        raise RecordingError(f'{run_dir / INDEX}: lists {total} steps, more than the {MAX_ROWS} '
+                             f'a dataset may hold; {_INDEX_FIX}')
+    parts: Dict[str, List[np.ndarray]] = {}
+    first = run_dir / index['episodes'][0]['file']
+    for number, entry in enumerate(index['episodes']):
+        file = run_dir / entry['file']
+        episode = _read_episode(run_dir, entry, keys)
+        for key in keys:
+            if number and (key in episode) != (key in parts):
+                lacking, holder = (file, first) if key in parts else (first, file)
+                raise RecordingError(f'{lacking}: {key}: missing, but {holder} has it (every '
+                                     f'episode of a recording holds the same keys); '
+                                     f'{_EPISODE_FIX}')
+            if key not in episode:
+                continue
+            value = episode[key]
+            seen = parts[key][0] if number else value
+            if (value.shape[1:], value.dtype) != (seen.shape[1:], seen.dtype):
+                raise RecordingError(f'{file}: {key}: has shape {value.shape} of {value.dtype}, '
+                                     f'but {first} has shape {seen.shape} of {seen.dtype}; '
+                                     f'{_EPISODE_FIX}')
+            parts.setdefault(key, []).append(value)
     return {key: np.concatenate(values) for key, values in parts.items()}
 
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+import zlib
 
 import h5py
 import numpy as np
@@ -440,3 +441,164 @@ def test_a_symlinked_dataset_path_is_fine(tmp_path, ballcircle_arrays):
     os.symlink(path, link)
     assert Path(link).is_symlink() and validate_file(link) == []
     assert load_dataset(link)['rewards'].shape == (len(ballcircle_arrays['rewards']),)
+
+
+# ------------------------------------------- chunks, row widths, extra keys, outputs (review 14)
+
+
+def _no_reads(monkeypatch):
+    """Make reading any array fail the test: a refusal must come from the metadata alone."""
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f'{self.name} was read')
+    monkeypatch.setattr(h5py.Dataset, '__getitem__', refuse)
+
+
+def _replace(path, key, rows, chunk_rows, stream):
+    """Replace ``key`` by a resizable (rows, 8) float32 array of one chunk stored as ``stream``."""
+    with h5py.File(path, 'a') as h5:
+        del h5[key]
+        dataset = h5.create_dataset(key, shape=(rows, 8), maxshape=(None, 8), dtype='f4',
+                                    chunks=(chunk_rows, 8), compression='gzip')
+        dataset.id.write_direct_chunk((0, 0), stream)
+
+
+def test_a_huge_chunk_of_a_small_resizable_array_is_refused_before_reading(
+        tmp_path, ballcircle_arrays, monkeypatch, capsys):
+    # The review's file declared 2 rows in one gzip chunk of 50 million rows: 1.6 GB read for
+    # 64 bytes. Here a chunk just over MAX_CHUNK_BYTES, holding the real rows.
+    path = _good(tmp_path / 'SafetyBallCircle-v0-80-6.hdf5', ballcircle_arrays)
+    obs = ballcircle_arrays['observations']
+    chunk_rows = dataset_module.MAX_CHUNK_BYTES // 32 + 1
+    _replace(path, 'observations', len(obs), chunk_rows, zlib.compress(obs.tobytes()))
+    _no_reads(monkeypatch)
+    problems = validate_file(path)
+    assert _keys_and_messages(problems) == [(
+        'observations', f'declares chunks of 8.4 MB (chunk shape ({chunk_rows}, 8) for shape '
+                        f'({len(obs)}, 8)), more than the 8.4 MB accepted (h5py writes chunks of '
+                        'at most 1 MiB); the file is damaged or not a DSRL dataset: regenerate '
+                        'it (saferl-data collect) or copy the original file again')]
+    with pytest.raises(DatasetError, match='observations: declares chunks of'):
+        load_dataset(path, validate=False)
+    assert cli.main(['info', str(path)]) == 2
+    assert 'declares chunks of' in capsys.readouterr().err
+
+
+def test_a_chunk_whose_gzip_stream_inflates_past_its_size_is_refused(
+        tmp_path, ballcircle_arrays, monkeypatch):
+    # HDF5's deflate filter inflates until the stream ends: a 32 KB chunk may allocate GBs.
+    path = _good(tmp_path / 'SafetyBallCircle-v0-80-6.hdf5', ballcircle_arrays)
+    obs = ballcircle_arrays['observations']
+    _replace(path, 'observations', len(obs), 1024,
+             zlib.compress(obs.tobytes() + bytes(16 << 20)))      # inflates to 16 MB
+    with pytest.raises(DatasetError, match=r'observations: stores a chunk at \(0, 0\) that '
+                                           r'inflates past its declared 32.8 KB'):
+        load_dataset(path)
+    # and a stored chunk larger than its declared size needs (stream and all)
+    _replace(path, 'observations', len(obs), 256, zlib.compress(bytes(8 << 20), 1))
+    with monkeypatch.context() as patch:
+        _no_reads(patch)
+        problems = validate_file(path)
+    assert [p.key for p in problems] == ['observations'], _keys_and_messages(problems)
+    assert 'more than its declared 8.2 KB needs' in problems[0].message
+    # a real gzip'd file is unaffected (every chunk inflates to exactly its size)
+    assert validate_file(_good(tmp_path / 'SafetyBallCircle-v0-80-7.hdf5',
+                               ballcircle_arrays)) == []
+
+
+def test_filters_whose_output_is_unbounded_are_refused(tmp_path, ballcircle_arrays):
+    path = _good(tmp_path / 'SafetyBallCircle-v0-80-6.hdf5', ballcircle_arrays)
+    with h5py.File(path, 'a') as h5:
+        h5.create_dataset('critic_v_h', data=np.zeros(len(ballcircle_arrays['rewards'])),
+                          compression='lzf')
+    problems = validate_file(path)
+    assert [p.key for p in problems] == ['critic_v_h'], _keys_and_messages(problems)
+    assert 'HDF5 filters lzf, whose output cannot be bounded' in problems[0].message
+    assert 'h5repack -f GZIP=4' in problems[0].message
+
+
+def test_wide_rows_are_refused_without_a_task(tmp_path, monkeypatch, capsys):
+    # The review's file: 2 rows of 419 million float32 columns and no task to fix the widths.
+    width = dataset_module.MAX_ROW_BYTES // 4 + 1
+    path = _declare(tmp_path / 'notask.hdf5', 2, obs_width=width, task=None)
+    _no_reads(monkeypatch)
+    with _bounded() as used:
+        problems = validate_file(path)
+        with pytest.raises(DatasetError, match='observations: declares rows of 65.5 KB'):
+            load_dataset(path)
+        assert cli.main(['validate', str(path)]) == 1
+    assert used['peak'] < 10 << 20, used
+    assert sorted(p.key for p in problems) == ['next_observations', 'observations', 'task']
+    row = next(p.message for p in problems if p.key == 'observations')
+    assert row.startswith(f'declares rows of 65.5 KB (shape (2, {width}), 4-byte values), more '
+                          'than the 65.5 KB one row may hold')
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err and 'declares rows of' in err
+
+
+def test_extra_keys_are_limited_and_training_reads_only_the_dsrl_keys(
+        tmp_path, ballcircle_arrays, capsys):
+    from offline_training.train import _load_data
+    from saferl_ros.tasks import get_task
+
+    n = len(ballcircle_arrays['rewards'])
+    path = _good(tmp_path / 'SafetyBallCircle-v0-80-6.hdf5', ballcircle_arrays)
+    with h5py.File(path, 'a') as h5:
+        h5.create_dataset('foo', data=np.ones(n))
+    loaded, _ = _load_data(path, None, get_task('BallCircle'))
+    assert set(loaded) == set(DSRL_KEYS)
+    assert set(load_dataset(path, keys=DSRL_KEYS)) == set(DSRL_KEYS)
+    # an extra declaring more rows than a dataset may hold (the review's was 3 GB of gzip'd
+    # zeros) is refused, whoever reads the file
+    with h5py.File(path, 'a') as h5:
+        del h5['foo']
+        h5.create_dataset('foo', shape=(MAX_ROWS + 1,), dtype='f4', chunks=(1 << 16,),
+                          compression='gzip')
+    with _bounded() as used:
+        with pytest.raises(DatasetError, match=f'foo: declares {MAX_ROWS + 1} rows'):
+            _load_data(path, None, get_task('BallCircle'))
+        assert cli.main(['merge', '--dataset', str(path), '--task', 'BallCircle', '-o',
+                         str(tmp_path / 'merged.hdf5')]) == 2
+    assert used['peak'] < 10 << 20, used
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f'saferl-data: error: {path}: foo: declares'), err
+    assert not (tmp_path / 'merged.hdf5').exists()
+
+
+def test_merge_and_split_demos_never_overwrite_an_output(tmp_path, ballcircle_arrays, capsys):
+    source = _good(tmp_path / 'SafetyBallCircle-v0-80-6.hdf5', ballcircle_arrays)
+    precious = _good(tmp_path / 'precious.hdf5', ballcircle_arrays)
+    before = precious.read_bytes()
+    folder = tmp_path / 'folder'
+    folder.mkdir()
+    for out in (precious, folder):
+        assert cli.main(['merge', '--dataset', str(source), '--task', 'BallCircle',
+                         '-o', str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f'saferl-data: error: {out}: already exists; remove it or choose '
+                       'another -o'], err
+    assert precious.read_bytes() == before
+    (tmp_path / 'split-heldout.hdf5').write_bytes(b'an earlier split')
+    assert cli.main(['split-demos', str(source), '--kappa', '100', '--num-demos', '1',
+                     '-o', str(tmp_path / 'split')]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'split-heldout.hdf5: already exists' in err[0], err
+    assert (tmp_path / 'split-heldout.hdf5').read_bytes() == b'an earlier split'
+    assert not list(tmp_path.glob('split-[du]*'))
+
+
+def test_output_path_errors_are_one_line(tmp_path, ballcircle_arrays, capsys):
+    source = _good(tmp_path / 'SafetyBallCircle-v0-80-6.hdf5', ballcircle_arrays)
+    cases = [(['merge', '--dataset', str(source), '--task', 'BallCircle', '-o',
+               str(source) + '/x.hdf5'], f'{source} is not a folder; choose another -o'),
+             (['plot', str(source), '-o', str(tmp_path / 'x.txt')],
+              'x.txt: the plot is a PNG image; give -o a name ending in .png')]
+    (tmp_path / 'taken.png').mkdir()
+    cases.append((['plot', str(source), '-o', str(tmp_path / 'taken.png')], 'taken.png'))
+    if Path('/proc').is_dir():
+        cases.append((['merge', '--dataset', str(source), '--task', 'BallCircle', '-o',
+                       '/proc/nope.hdf5'], '/proc/nope.hdf5: cannot be written'))
+    for argv, needle in cases:
+        assert cli.main(argv) == 2, argv
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith('saferl-data: error: '), (argv, err)
+        assert needle in err[0], (argv, err)

@@ -15,11 +15,15 @@ import shutil
 import subprocess
 import sys
 import warnings
+import zipfile
 
+import numpy as np
 import pytest
 from saferl_ros import bundle as rt
 from saferl_ros.bundle import BundleError, load_bundle
-from saferl_ros.errors import ConfigError, MissingFileError, read_yaml_mapping, UserError
+from saferl_ros.errors import (
+    ConfigError, load_yaml, MissingFileError, read_yaml_mapping, require_field, UserError)
+from saferl_ros.files import atomic_write_yaml, sha256_file
 import torch
 import yaml
 
@@ -136,6 +140,127 @@ def test_manifest_file_names_must_be_plain(bundle_copy, name):
         load_bundle(bundle_copy)
 
 
+# A nine-level YAML alias bomb ("billion laughs"): 1 kB of text, 10**9 strings once expanded.
+ALIAS_BOMB = 'a0: &a0 [x,x,x,x,x,x,x,x,x,x]\n' + ''.join(
+    f'a{k}: &a{k} [{",".join([f"*a{k - 1}"] * 10)}]\n' for k in range(1, 9))
+
+
+def _rewrite_golden(bundle: Path, members: dict, drop=()) -> None:
+    """Replace/add golden.npz members {name: raw bytes or (bytes, compression)}; rehash."""
+    golden = bundle / 'golden.npz'
+    with zipfile.ZipFile(golden) as old:
+        kept = {info.filename: old.read(info) for info in old.infolist()
+                if info.filename not in members and info.filename not in drop}
+    with zipfile.ZipFile(golden, 'w') as new:
+        for name, data in {**kept, **members}.items():
+            data, compression = data if isinstance(data, tuple) else (data, zipfile.ZIP_STORED)
+            new.writestr(name, data, compress_type=compression)
+    manifest = yaml.safe_load((bundle / 'manifest.yaml').read_text())
+    manifest['files']['golden.npz'] = sha256_file(golden)
+    (bundle / 'manifest.yaml').write_text(yaml.safe_dump(manifest, sort_keys=False))
+
+
+def _npy(shape, payload: bytes = b'') -> bytes:
+    """Return a .npy member whose header declares float32 ``shape`` followed by ``payload``."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {'descr': '<f4', 'fortran_order': False, 'shape': tuple(shape)})
+    return header.getvalue() + payload
+
+
+def test_golden_members_the_check_does_not_need_are_never_read(bundle_copy):
+    # declares 64 MiB of float32 but holds 16 bytes: reading it would allocate, then fail
+    _rewrite_golden(bundle_copy, {'pad.npy': _npy((1 << 24,), bytes(16))})
+    assert load_bundle(bundle_copy).name == 'bc_all-ballcircle'
+
+
+def test_golden_npy_header_larger_than_its_member_is_refused_unallocated(bundle_copy):
+    _rewrite_golden(bundle_copy, {'policy.observation.npy': _npy((1 << 20, 8), bytes(32))})
+    with pytest.raises(BundleError, match=r'golden.npz: policy.observation declares shape '
+                                          r'\(1048576, 8\) of float32 \(33554432 bytes\) in a '
+                                          r'member of \d+ bytes'):
+        load_bundle(bundle_copy)
+
+
+def test_golden_member_inflating_past_the_limit_is_refused_uninflated(bundle_copy, monkeypatch):
+    monkeypatch.setattr(rt, 'MAX_BUNDLE_FILE_BYTES', 1 << 20)  # above every file on disk
+    zeros = _npy((1 << 19, 1), bytes(4 << 19))                  # 2 MiB inflated, ~2 kB on disk
+    _rewrite_golden(bundle_copy, {'policy.observation.npy': (zeros, zipfile.ZIP_DEFLATED)})
+    assert (bundle_copy / 'golden.npz').stat().st_size < 64 << 10
+    with pytest.raises(BundleError, match=r'golden.npz: member policy.observation.npy declares '
+                                          r'2097280 bytes uncompressed, past the 1048576'):
+        load_bundle(bundle_copy)
+
+
+def test_golden_with_too_many_members_is_refused(bundle_copy):
+    _rewrite_golden(bundle_copy, {f'pad{k}.npy': _npy((0,)) for k in range(300)})
+    with pytest.raises(BundleError, match=r'golden.npz: holds up to 30\d zip members, more than '
+                                          r'the 256'):
+        load_bundle(bundle_copy)
+
+
+def test_yaml_anchors_and_aliases_are_refused_everywhere(bundle_copy, tmp_path):
+    from offline_training.overrides import parse_override
+    from saferl_ros.bringup import BringupError, load_parameters
+    manifest = (bundle_copy / 'manifest.yaml').read_text()
+    (bundle_copy / 'manifest.yaml').write_text(ALIAS_BOMB + manifest.replace(
+        'name: bc_all-ballcircle', 'name: *a8', 1))
+    with pytest.raises(BundleError, match=r'manifest.yaml: not valid YAML \(anchor &a0 at line '
+                                          r'1: YAML anchors and aliases are not allowed'):
+        load_bundle(bundle_copy)
+    config = tmp_path / 'config.yaml'
+    config.write_text(ALIAS_BOMB + 'algorithm: *a8\n')
+    with pytest.raises(ConfigError, match='anchor &a0 at line 1: YAML anchors and aliases'):
+        read_yaml_mapping(config, 'FIX')
+    config.write_text('x: 1\ny: *x\n')  # an alias of an undefined anchor: refused just as well
+    with pytest.raises(ConfigError, match=r'alias \*x at line 2'):
+        read_yaml_mapping(config, 'FIX')
+    params = tmp_path / 'params.yaml'
+    params.write_text('common: &c {ros__parameters: {a: 1}}\nsim_node: *c\n')
+    with pytest.raises(BringupError, match='params.yaml: cannot read the parameters file '
+                                           r'\(not valid YAML: anchor &c at line 1'):
+        load_parameters(params)
+    with pytest.raises(Exception, match='anchor &a'):
+        parse_override('hidden=[&a 8, *a]')
+    with pytest.raises(yaml.YAMLError):
+        load_yaml(ALIAS_BOMB)
+    shared = [1, 2]                 # our own writer never emits an alias for a shared value
+    atomic_write_yaml(tmp_path / 'w.yaml', {'a': shared, 'b': shared})
+    assert read_yaml_mapping(tmp_path / 'w.yaml', 'FIX') == {'a': [1, 2], 'b': [1, 2]}
+
+
+def test_error_messages_quote_a_huge_value_briefly(bundle_copy):
+    with pytest.raises(ConfigError) as info:
+        require_field({'algorithm': [['x'] * 10_000] * 10_000}, 'algorithm', 'c.yaml', str)
+    assert len(str(info.value)) < 200 and '...' in str(info.value)
+    manifest = yaml.safe_load((bundle_copy / 'manifest.yaml').read_text())
+    manifest['name'] = ['x' * 100] * 5000
+    (bundle_copy / 'manifest.yaml').write_text(yaml.safe_dump(manifest))
+    with pytest.raises(BundleError) as info:
+        load_bundle(bundle_copy)
+    assert "field 'name' should be a str, found list" in str(info.value)
+    assert len(str(info.value)) < 300
+
+
+@pytest.mark.parametrize('kind', ['device', 'fifo', 'huge'])
+def test_yaml_files_must_be_small_regular_files(tmp_path, kind, opened):
+    config = tmp_path / 'config.yaml'
+    if kind == 'device':
+        config.symlink_to('/dev/zero')   # endless: reading it would never finish
+        expected = 'config.yaml is a character device, not a regular file; FIX'
+    elif kind == 'fifo':
+        os.mkfifo(config)                # opening it for reading would block forever
+        expected = 'config.yaml is a FIFO (named pipe), not a regular file; FIX'
+    else:
+        with open(config, 'wb') as stream:
+            stream.truncate(10 << 30)    # 10 GB, sparse
+        expected = 'config.yaml: 10737418240 bytes, more than the 4194304 this file may have'
+    opened.clear()
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        read_yaml_mapping(config, 'FIX')
+    assert str(config.resolve()) not in opened
+
+
 # --------------------------------------------------------------------------- shared helpers
 
 @pytest.mark.parametrize('text, found', [('', 'empty'), ('- a\n- b\n', 'found a list'),
@@ -191,19 +316,48 @@ GOOD_CONFIG = ('algorithm: bc_all\nobs_dim: 8\nact_dim: 2\ntask: {name: BallCirc
     ('no field', "config.yaml: field 'obs_dim' is missing"),
     ('garbage checkpoint', 'checkpoint.pt: not a readable checkpoint'),
     ('foreign checkpoint', "checkpoint.pt: not a saferl-train checkpoint (missing ['model'"),
+    ('compressed checkpoint', 'is compressed, which torch.save never does'),
+    ('alias bomb', 'config.yaml: not valid YAML (anchor &a0 at line 1: YAML anchors and aliases'),
+    ('config is /dev/zero', 'config.yaml is a character device, not a regular file'),
+    ('negative obs_dim', "config.yaml: field 'obs_dim' is -3, expected a positive integer"),
+    ('zero act_dim', "config.yaml: field 'act_dim' is 0, expected a positive integer"),
+    ('huge obs_dim', 'config.yaml: obs_dim 100000, act_dim 2 and the layer sizes of algo_config '
+                     'describe a model of 1600322 values, more than the 262144'),
+    ('huge hidden', 'config.yaml: obs_dim 8, act_dim 2 and the layer sizes of algo_config '
+                    'describe a model of 4024002 values, more than the 262144'),
+    ('negative hidden', 'config.yaml: cannot build the model it describes (RuntimeError'),
 ])
-def test_export_and_eval_report_bad_run_folders_in_one_line(tmp_path, capsys, case, needle):
+def test_export_and_eval_report_bad_run_folders_in_one_line(tmp_path, capsys, monkeypatch, case,
+                                                            needle):
     from offline_training import evaluate, export
+    # a model of more than 1 MiB of float32 is "too large" here: nothing large is allocated
+    # even where the check were missing
+    monkeypatch.setattr(rt, 'MAX_BUNDLE_FILE_BYTES', 1 << 20)
     texts = {'no config': None, 'empty': '', 'list': '- algorithm: bc_all\n',
              'unknown algorithm': GOOD_CONFIG.replace('bc_all', 'sac'),
              'bad field': GOOD_CONFIG.replace('[16, 16]', 'wide'),
-             'no field': GOOD_CONFIG.replace('obs_dim: 8\n', '')}
+             'no field': GOOD_CONFIG.replace('obs_dim: 8\n', ''),
+             'alias bomb': ALIAS_BOMB + GOOD_CONFIG.replace('algorithm: bc_all', 'algorithm: *a8'),
+             'config is /dev/zero': None,
+             'negative obs_dim': GOOD_CONFIG.replace('obs_dim: 8', 'obs_dim: -3'),
+             'zero act_dim': GOOD_CONFIG.replace('act_dim: 2', 'act_dim: 0'),
+             'huge obs_dim': GOOD_CONFIG.replace('obs_dim: 8', 'obs_dim: 100000'),
+             'huge hidden': GOOD_CONFIG.replace('[16, 16]', '[2000, 2000]'),
+             'negative hidden': GOOD_CONFIG.replace('[16, 16]', '[16, -5]')}
     if case == 'missing':
         run = tmp_path / 'nothing'
     else:
         run = _run_folder(tmp_path, texts.get(case, GOOD_CONFIG))
         if case == 'foreign checkpoint':
             torch.save({'weights': 1}, run / 'checkpoint.pt')
+        if case == 'config is /dev/zero':
+            (run / 'config.yaml').symlink_to('/dev/zero')
+        if case == 'compressed checkpoint':
+            torch.save({'model': {}, 'step': 1}, tmp_path / 'plain.pt')
+            with zipfile.ZipFile(tmp_path / 'plain.pt') as plain, \
+                    zipfile.ZipFile(run / 'checkpoint.pt', 'w', zipfile.ZIP_DEFLATED) as packed:
+                for info in plain.infolist():
+                    packed.writestr(info.filename, plain.read(info))
     assert export.main([str(run), '-o', str(tmp_path / 'bundle')]) == 2
     one_line_error(capsys.readouterr().err, 'saferl-export: error: ', run, needle)
     assert not (tmp_path / 'bundle').exists()
@@ -271,12 +425,30 @@ def test_train_rejects_unknown_algorithms_and_bad_set_values(capsys):
     from offline_training.train import main
     for argv in (['sac', '--task', 'BallCircle'],
                  ['fisor', '--task', 'BallCircle', '--set', 'steps=[1'],
-                 ['fisor', '--task', 'BallCircle', '--steps', '0']):
+                 ['fisor', '--task', 'BallCircle', '--steps', '0'],
+                 ['fisor', '--task', 'BallCircle', '--seed', '-1'],
+                 ['fisor', '--task', 'BallCircle', '--log-every', '0'],
+                 ['fisor', '--task', 'BallCircle', '--checkpoint-every', '0']):
         with pytest.raises(SystemExit) as info:
             main(argv)
         assert info.value.code == 2
         err = capsys.readouterr().err
         assert 'Traceback' not in err and 'saferl-train: error:' in err
+        assert argv[-2] in ('--task', '--set') or f'{argv[-2]} must be >= ' in err
+
+
+def test_export_and_eval_refuse_negative_seeds(tmp_path, capsys):
+    from offline_training import evaluate, export
+    for main, argv, needle in (
+            (export.main, [str(tmp_path), '-o', str(tmp_path / 'b'), '--seed', '-1'],
+             'saferl-export: error: --seed must be >= 0, got -1'),
+            (evaluate.main, [str(tmp_path), '--seeds', '0', '-2'],
+             'saferl-eval: error: --seeds must be >= 0, got -2')):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert 'Traceback' not in err and needle in err
 
 
 def test_user_errors_keep_their_builtin_types():

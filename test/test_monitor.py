@@ -232,6 +232,38 @@ def test_watchdog_stops_when_controller_or_sensor_falls_silent():
     assert v.state == MonitorState.STALE and 'no observation' in v.reason
 
 
+def test_future_stamped_observation_or_proposal_is_fault_and_never_fresh():
+    """Review 14: a stamp ahead of the clock has a negative age; it must not pass as fresh."""
+    m = monitor(observation_timeout=0.25, proposal_timeout=0.25, safe_action=[0.0, 0.0])
+    assert m.config.future_tolerance == 0.2      # the default
+    assert m.decide(FEASIBLE_S, [0.3, 0], 10.0, 10.0, 10.0).state == MonitorState.NOMINAL
+    # an hour ahead: refused, and the reason says by how much
+    v = m.decide(FEASIBLE_S, [0.3, 0], 3610.0, 3610.0, now=10.0)
+    assert v.state == MonitorState.FAULT and not v.passed
+    assert 'observation stamp is 3600.000 s in the future' in v.reason
+    assert 'future_tolerance 0.2 s' in v.reason
+    np.testing.assert_array_equal(v.action, [0, 0])
+    assert m.latest_stamp == 10.0      # the refused stamp is not the newest decided
+    # a proposal stamped ahead (its observation is not): refused too
+    v = m.decide(FEASIBLE_S, [0.3, 0], 10.0, 12.0, now=10.05)
+    assert v.state == MonitorState.FAULT and 'proposal stamp is 1.950 s in the future' in v.reason
+    # within the tolerance (clock skew, /clock arriving just after the observation): judged
+    v = m.decide(FEASIBLE_S, [0.3, 0], 10.15, 10.15, now=10.0)
+    assert v.state == MonitorState.NOMINAL
+    # the tolerance is a parameter; 0 refuses any stamp ahead of the clock
+    strict = monitor(future_tolerance=0.0)
+    assert strict.decide(FEASIBLE_S, [0, 0], 10.001, 10.001, 10.0).state == MonitorState.FAULT
+    assert monitor_config({'future_tolerance': '0.5'}).future_tolerance == 0.5
+
+
+def test_watchdog_refuses_a_newest_stamp_in_the_future():
+    """The watchdog never measures a negative silence: a stamp ahead of the clock is a FAULT."""
+    m = monitor(observation_timeout=0.2, proposal_timeout=0.1)
+    v = m.watchdog(3601.0, 3601.0, now=1.0)
+    assert v.state == MonitorState.FAULT and 'in the future' in v.reason
+    assert m.watchdog(1.1, 1.1, now=1.0) is None         # within future_tolerance
+
+
 def test_cost_critic_uses_budget():
     m = monitor('cost', min_hold=0.0)
     assert m.decide([0.1, 0, 0], [0.3, 0], 1, 1, 1).state == MonitorState.NOMINAL   # 0.4 <= 0.5
@@ -266,6 +298,8 @@ def test_bundle_without_critic_is_refused():
     ({'safe_action': [0.0, 1.5]}, 'safe_action'),
     ({'fallback_samples': 0}, 'fallback_samples'),
     ({'threshold_v': math.nan}, 'threshold_v'),
+    ({'future_tolerance': -0.1}, 'future_tolerance'),
+    ({'future_tolerance': math.inf}, 'future_tolerance'),
 ])
 def test_bad_config_names_the_parameter(cfg, name):
     with pytest.raises(MonitorConfigError, match=name):

@@ -354,7 +354,8 @@ def test_generator_training_resumes_where_it_was_killed(tmp_path, monkeypatch):
     # generation settings may change (the same generator serves another kappa)
     assert train(checkpoint, config=replace(config, kappa=10.0, num_starts=7))[1]['resumed_at']
     checkpoint.write_bytes(b'junk')
-    with pytest.raises(ConfigError, match='not a readable OASIS generator checkpoint'):
+    with pytest.raises(ConfigError, match='not a readable checkpoint .*; remove it to train the '
+                                          'generator from the start'):
         train(checkpoint)
 
 

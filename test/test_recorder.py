@@ -1,6 +1,7 @@
 """Recorder writer: DSRL-valid files, dsrl's own loader, and SIGKILL safety."""
 
 import json
+import math
 import os
 from pathlib import Path
 import signal
@@ -13,7 +14,8 @@ import numpy as np
 from offline_training.data.dataset import load_dataset, validate_file
 import pytest
 from saferl_ros.monitor import MonitorState
-from saferl_ros.recorder import (consolidate, read_index, RecordingError, RecordingWriter, Step)
+from saferl_ros.recorder import (check_new_run_dir, consolidate, non_finite_fields, read_index,
+                                 RecordingError, RecordingWriter, Step)
 from saferl_ros.sim import make_gym_env, SimEpisodes
 
 TASK = 'BallCircle'
@@ -84,6 +86,39 @@ def test_wrong_sizes_are_refused(tmp_path):
         writer.add(Step(np.zeros(7), np.zeros(2), 0, 0, np.zeros(8)))
 
 
+@pytest.mark.parametrize('field, value', [
+    ('observation', [math.nan] + [0.0] * 7), ('next_observation', [0.0] * 7 + [math.inf]),
+    ('action', [0.0, -math.inf]), ('reward', math.nan), ('cost', math.inf), ('reward', 'x'),
+])
+def test_non_finite_steps_are_refused_by_name(tmp_path, field, value):
+    """Review 14: one NaN/Inf step made the whole run fail validation and merge."""
+    step = Step(np.zeros(8), np.zeros(2), 0.0, 0.0, np.zeros(8))
+    assert non_finite_fields(step) == []
+    setattr(step, field, value)
+    assert non_finite_fields(step) == [field]
+    writer = RecordingWriter(tmp_path / 'r', TASK, 8, 2)
+    with pytest.raises(RecordingError, match=f'NaN or Inf in {field}'):
+        writer.add(step)
+    assert writer.steps == []
+    # the extras may hold NaN ("not computed"): accepted
+    writer.add(Step(np.zeros(8), np.zeros(2), 0.0, 0.0, np.zeros(8), v_h=math.nan,
+                    proposed=np.full(2, np.nan)))
+    assert len(writer.steps) == 1
+
+
+def test_a_run_folder_in_use_is_refused_naming_it(tmp_path):
+    check_new_run_dir(tmp_path / 'absent')           # absent: free
+    (tmp_path / 'empty').mkdir()
+    check_new_run_dir(tmp_path / 'empty')            # empty: free
+    RecordingWriter(tmp_path / 'used', TASK, 8, 2)
+    with pytest.raises(RecordingError, match=r'used already exists and holds episodes, '
+                                             r'index.json; .*set run_name to a new name'):
+        check_new_run_dir(tmp_path / 'used')
+    (tmp_path / 'file').write_text('x')
+    with pytest.raises(RecordingError, match='is not a folder'):
+        check_new_run_dir(tmp_path / 'file')
+
+
 CHILD = r"""
 import sys
 import numpy as np
@@ -148,4 +183,8 @@ def test_saferl_data_merge_builds_a_retraining_dataset(tmp_path, ballcircle_arra
     with h5py.File(out) as h5:
         sources = json.loads(h5.attrs['merged_from'])
     assert [s['transitions'] for s in sources] == [n_old, 60]
-    assert main(['merge', str(tmp_path), '--task', 'BallCircle', '-o', str(out)]) == 2
+    # not a recording folder (and an existing -o is refused, never overwritten)
+    assert main(['merge', str(tmp_path), '--task', 'BallCircle', '-o',
+                 str(tmp_path / 'other.hdf5')]) == 2
+    assert main(['merge', str(tmp_path / 'run'), '--task', 'BallCircle', '-o', str(out)]) == 2
+    assert load_dataset(out)['observations'].shape[0] == n_old + 60

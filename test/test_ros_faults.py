@@ -150,12 +150,51 @@ def test_clock_jumps_give_the_safe_action_or_a_judged_one(monitor_graph):
     # backwards by 10 s (e.g. a simulator restarted its clock): stale -> safe action
     cmd = robot.send(graph.executor, OBS, [0.9, 0.9], now - 10_000_000_000)
     assert list(cmd.position) == SAFE and state_of(graph) == MonitorState.STALE
-    # forwards by 100 s: no crash, no stale hold; the critic judges the proposal as usual
-    cmd = robot.send(graph.executor, OBS, [0.2, 0.1], now + 100_000_000_000)
+    # forwards by 100 s: its age would be negative, i.e. "fresh" for 100 s: refused -> safe
+    cmd = robot.send(graph.executor, OBS, [0.9, 0.9], now + 100_000_000_000)
+    assert list(cmd.position) == SAFE and state_of(graph) == MonitorState.FAULT
+    assert 'in the future' in graph.nodes[MONITOR].monitor.last.reason
+    # back on the monitor's clock: judged as usual
+    now = robot.get_clock().now().nanoseconds
+    cmd = robot.send(graph.executor, OBS, [0.2, 0.1], now)
     assert state_of(graph) in (MonitorState.NOMINAL,) + FALLBACK
     assert all(-1.0 <= v <= 1.0 for v in cmd.position)
-    monitor = graph.nodes[MONITOR].monitor
-    assert monitor.hold_until <= (now + 100_000_000_000) * 1e-9 + monitor.config.min_hold
+
+
+def test_a_future_stamp_is_refused_and_never_silences_the_watchdog(monitor_graph):
+    """
+    Refuse a stamp an hour ahead, and keep the watchdog working (review 14).
+
+    The observation was judged fresh, and its stamp became the newest one, so the watchdog
+    (silence = now - newest stamp < 0) never fired again.
+    """
+    graph, robot = monitor_graph
+    node = graph.nodes[MONITOR]
+    timeout = node.monitor.config.observation_timeout            # 1.0 s in this graph
+    now = robot.get_clock().now().nanoseconds
+    robot.send(graph.executor, OBS, [0.0, 0.0], now)             # judged: the watchdog's baseline
+    ahead = now + 3600 * 1_000_000_000
+    cmd = robot.send(graph.executor, OBS, [0.9, 0.9], ahead)
+    assert list(cmd.position) == SAFE and state_of(graph) == MonitorState.FAULT
+    reason = node.monitor.last.reason
+    assert 'observation stamp is 3' in reason and 's in the future' in reason, reason
+    # the refused stamp was never taken as the newest observation
+    assert node.last_obs_ns <= robot.get_clock().now().nanoseconds
+    assert node.last_decided_ns <= node.last_obs_ns
+    status = [m for m in robot.status if m.message == 'FAULT']
+    assert status and 'in the future' in next(v.value for v in status[-1].values
+                                              if v.key == 'reason')
+    # nothing more arrives: the watchdog stops the robot within observation_timeout (+ its
+    # period and slack), and keeps doing so
+    n, start = len(robot.final), time.monotonic()
+    assert spin_until(graph.executor, lambda: state_of(graph) == MonitorState.STALE,
+                      timeout + 1.5), state_of(graph)
+    assert time.monotonic() - start < timeout + 1.5
+    assert 'no observation' in node.monitor.last.reason
+    stale_count = len(robot.final) - n
+    spin_for(graph.executor, 0.3)
+    assert len(robot.final) - n > stale_count                   # still publishing stops
+    assert all(list(m.position) == SAFE for m in robot.final[n:])
 
 
 def test_controller_silence_stops_the_robot(monitor_graph):

@@ -280,6 +280,107 @@ def test_recorder_joins_verdicts_and_refuses_steps_of_other_channels(tmp_path):
     assert data['critic_q_h'][1] == 0.5 and data['critic_risk_final'][1] == pytest.approx(-0.2)
 
 
+def _transition(episode, step, stamp, obs, reward=1.0, cost=0.0, terminated=False,
+                truncated=False) -> StepRecord:
+    """Return a BallCircle step whose next observation is ``obs + 0.01`` (continuous)."""
+    obs = np.asarray(obs, np.float64)
+    return step_msg(Transition(stamp_ns=stamp, task='BallCircle', episode=episode, step=step,
+                               reward=reward, cost=cost, terminated=terminated,
+                               truncated=truncated, missed=False, observation_names=CHANNELS,
+                               observation=obs, next_observation=obs + 0.01,
+                               action=[0.5, -0.5]))
+
+
+def test_recorder_refuses_a_run_folder_in_use_before_the_first_step(tmp_path, capfd):
+    """
+    Refuse a run folder in use at configure and activate, in one line each (review 14).
+
+    With run_name naming an existing run, configure and activate succeeded and the first step
+    raised RecordingError inside the subscription callback (traceback, run lost).
+    """
+    from saferl_ros.recorder import RecordingWriter
+    RecordingWriter(tmp_path / 'taken', 'BallCircle', 8, 2).close()
+    params = {'task': 'BallCircle', 'output_dir': str(tmp_path), 'run_name': 'taken',
+              'join_timeout': 0.0}
+    with one_node(graph.RECORDER, params, []) as (nodes, node, probe):
+        assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+        assert f'run folder {tmp_path}/taken already exists' in node.last_error
+        assert 'set run_name to a new name' in node.last_error
+    # activate refuses it too: a folder taken after configure, or a second activation
+    params['run_name'] = 'run'
+    with one_node(graph.RECORDER, params, []) as (nodes, node, probe):
+        step_pub = probe.publisher(StepRecord, common.STEP, common.RECORD_QOS)
+        assert node.trigger_configure() == SUCCESS and node.trigger_activate() == SUCCESS
+        assert spin_until(nodes.executor, lambda: probe.count_subscribers(common.STEP) >= 1,
+                          5.0)
+        spin_for(nodes.executor, 0.2)
+        step_pub.publish(_transition(0, 1, 1000, [0.1] * 8, truncated=True))
+        assert spin_until(nodes.executor, lambda: node.received == 1, 5.0)
+        assert node.trigger_deactivate() == SUCCESS          # closes tmp_path/run
+        assert node.trigger_activate() == TransitionCallbackReturn.FAILURE
+        assert f'run folder {tmp_path}/run already exists' in node.last_error
+        assert not node.active
+        step_pub.publish(_transition(1, 1, 2000, [0.2] * 8, truncated=True))
+        spin_for(nodes.executor, 0.5)      # a step now neither raises nor reaches the old run
+        assert node.received == 1
+    data = recorded(tmp_path / 'run')
+    assert data['stamps_ns'].tolist() == [1000]
+    err = capfd.readouterr().err
+    assert 'Traceback' not in err and 'RecordingError' not in err
+    lines = [line for line in err.splitlines() if 'already exists' in line]
+    assert len(lines) == 2, err        # configure's line and activate's, one each
+    assert 'configure failed' in lines[0] and 'activate failed' in lines[1]
+
+
+def test_recorder_drops_non_finite_steps_and_the_run_stays_valid(tmp_path):
+    """Review 14: a NaN/Inf step was written, and the whole run then failed merge."""
+    from offline_training.data.dataset import validate_file
+    from saferl_ros.recorder import read_index
+    params = {'task': 'BallCircle', 'output_dir': str(tmp_path), 'run_name': 'run',
+              'join_timeout': 0.0}
+    nan_obs = [math.nan] + [0.0] * 7
+    with one_node(graph.RECORDER, params, []) as (nodes, node, probe):
+        step_pub = probe.publisher(StepRecord, common.STEP, common.RECORD_QOS)
+        assert node.trigger_configure() == SUCCESS and node.trigger_activate() == SUCCESS
+        assert spin_until(nodes.executor, lambda: probe.count_subscribers(common.STEP) >= 1,
+                          5.0)
+        spin_for(nodes.executor, 0.2)
+        sent = [
+            # episode 0: step 3 holds a NaN observation and an infinite reward
+            _transition(0, 1, 101, [0.10] * 8), _transition(0, 2, 102, [0.11] * 8),
+            _transition(0, 3, 103, nan_obs, reward=math.inf),
+            _transition(0, 4, 104, [0.13] * 8), _transition(0, 5, 105, [0.14] * 8,
+                                                            truncated=True),
+            # episode 1: its terminal step has a NaN cost
+            _transition(1, 1, 201, [0.20] * 8), _transition(1, 2, 202, [0.21] * 8,
+                                                            cost=math.nan, terminated=True),
+            _transition(2, 1, 301, [0.30] * 8), _transition(2, 2, 302, [0.31] * 8,
+                                                            truncated=True)]
+        for msg in sent:
+            step_pub.publish(msg)
+            spin_for(nodes.executor, 0.03)
+        assert spin_until(nodes.executor, lambda: node.received == len(sent), 5.0)
+        spin_for(nodes.executor, 0.2)
+        assert node.trigger_deactivate() == SUCCESS
+        dropped = getattr(node, 'dropped_non_finite', None)
+    run = tmp_path / 'run'
+    data = recorded(run)
+    assert data['stamps_ns'].tolist() == [101, 102, 104, 105, 201, 301, 302]
+    for key in ('observations', 'next_observations', 'actions', 'rewards', 'costs'):
+        assert np.isfinite(data[key]).all(), key
+    # each dropped step cuts its episode: the pieces stay continuous, the cut ones truncated
+    episodes = read_index(run)['episodes']
+    assert [e['steps'] for e in episodes] == [2, 2, 1, 2]
+    assert [e.get('cut') for e in episodes] == ['non-finite', None, 'non-finite', None]
+    assert episodes[0]['non_finite'] == ['observation', 'next_observation', 'reward']
+    assert episodes[2]['non_finite'] == ['cost']
+    assert data['terminals'].sum() == 0 and data['timeouts'].sum() == 4
+    assert validate_file(run / 'recording.hdf5') == []
+    for entry in episodes:
+        assert validate_file(run / entry['file']) == [], entry
+    assert dropped == 2          # counted by the node (and in the log line closing the run)
+
+
 def test_robot_adapter_answers_once_and_sends_only_its_safe_stop_while_inactive():
     outputs = [(common.OBSERVATION, JointState, common.SENSOR_QOS),
                (common.STEP, StepRecord, common.RECORD_QOS),

@@ -14,7 +14,7 @@ from offline_training.algos.batching import ReplayBuffer
 from offline_training.algos.infrastructure import set_seed
 from offline_training.data.dataset import write_dataset
 from offline_training.data.synthetic import rollout_dataset, synthetic_dataset
-from offline_training.runs import load_run
+from offline_training.runs import CHECKPOINT_GLOBALS, load_checkpoint, load_run, open_run
 from offline_training.train import main, train
 import pytest
 from saferl_ros.errors import ConfigError, MissingFileError
@@ -83,7 +83,7 @@ def test_short_training_run_losses_fall(algo, dataset):
 
 
 def _checkpoint(run_dir):
-    return torch.load(Path(run_dir) / 'checkpoint.pt', weights_only=False)
+    return load_checkpoint(Path(run_dir) / 'checkpoint.pt', 'cpu', 'FIX')  # weights only
 
 
 def _assert_same_state(a, b, exact=True):
@@ -301,6 +301,41 @@ def test_resume_accepts_changed_inference_settings(dataset, tmp_path):
     saved = yaml.safe_load(open(tmp_path / 'config.yaml'))
     assert saved['algo_config']['fallback_candidates'] == 4
     assert torch.load(tmp_path / 'checkpoint.pt', weights_only=False)['step'] == 3
+
+
+def test_checkpoints_load_weights_only_and_a_pickle_payload_is_refused(
+        ballcircle_arrays, tmp_path):
+    run = train('fisor', TASK, preset='test', data=ballcircle_arrays, steps=2, out=tmp_path / 'r',
+                progress=False, device='cpu')
+    # What a checkpoint of the current code holds besides tensors and plain values is exactly
+    # what the loader allows (numpy arrays of the RNG state), and it loads without pickle.
+    allowed = {f'{g.__module__}.{g.__qualname__}' for g in CHECKPOINT_GLOBALS
+               if not isinstance(g, tuple)}
+    found = set(torch.serialization.get_unsafe_globals_in_checkpoint(run / 'checkpoint.pt'))
+    assert found and found <= allowed, (found, allowed)
+    state = load_checkpoint(run / 'checkpoint.pt', 'cpu', 'FIX')
+    assert state['step'] == 2 and isinstance(state['rng']['numpy'][1], np.ndarray)
+    assert open_run(run).run_config['checkpoint_step'] == 2
+    train('fisor', TASK, preset='test', data=ballcircle_arrays, steps=3, out=run,
+          progress=False, device='cpu')  # resume: the same loader
+    assert _checkpoint(run)['step'] == 3
+    # A checkpoint that names any other Python object is refused unread: nothing runs.
+    marker = tmp_path / 'PWNED'
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f'touch {marker}',))
+    torch.save({'algorithm': 'fisor', 'seed': 0, 'step': 1, 'model': Payload(), 'trainer': {},
+                'buffer': {}, 'rng': {}}, run / 'checkpoint.pt')
+    for load in (lambda: load_checkpoint(run / 'checkpoint.pt', 'cpu', 'FIX'),
+                 lambda: open_run(run),
+                 lambda: train('fisor', TASK, preset='test', data=ballcircle_arrays, steps=4,
+                               out=run, progress=False, device='cpu')):
+        with pytest.raises(ConfigError, match=r'checkpoint.pt: refused: it names the Python '
+                                              r'object (os|posix)\.system') as info:
+            load()
+        assert '\n' not in str(info.value)
+    assert not marker.exists()
 
 
 @pytest.fixture(scope='module')

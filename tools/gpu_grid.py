@@ -154,10 +154,11 @@ def stop_at_deadline(procs) -> None:
 
 def slim_checkpoint(run_dir: Path) -> None:
     """Keep only what evaluation and export read from the checkpoint (model weights, step)."""
+    from offline_training.runs import load_checkpoint, LOAD_FIX
     import torch
 
     path = run_dir / 'checkpoint.pt'
-    state = torch.load(path, map_location='cpu', weights_only=False)
+    state = load_checkpoint(path, 'cpu', LOAD_FIX, keys=('model', 'step'))  # never runs code
     keep = {key: state[key] for key in ('algorithm', 'seed', 'step', 'model', 'train_cpu_s',
                                         'train_wall_s') if key in state}
     tmp = path.with_suffix('.tmp')

@@ -31,7 +31,7 @@ from offline_training.algos.networks import mlp, soft_update
 from offline_training.algos.trajectory_diffusion import (first_state_pin, TrajectoryDiffusion,
                                                          TrajectoryDiffusionConfig)
 from offline_training.data.trajectories import trajectory_returns
-from offline_training.runs import write_checkpoint
+from offline_training.runs import load_checkpoint, write_checkpoint
 from saferl_ros.dataset_keys import DSRL_KEYS
 from saferl_ros.errors import ConfigError
 from saferl_ros.tasks import get_task
@@ -454,11 +454,7 @@ def train_generator(model: OASISModel, sampler: WindowSampler, config: OASISConf
 def _load_generator_checkpoint(path, owner: dict) -> dict:
     """Return a train_generator checkpoint made for ``owner``; else raise ConfigError."""
     fix = 'remove it to train the generator from the start'
-    try:
-        saved = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as error:   # noqa: B902 - torch raises pickle, zip and runtime errors
-        raise ConfigError(f'{path}: not a readable OASIS generator checkpoint '
-                          f'({type(error).__name__}); {fix}') from None
+    saved = load_checkpoint(Path(path), 'cpu', fix, keys=())  # weights only: never runs code
     if not isinstance(saved, dict) or saved.get('format') != GENERATOR_CHECKPOINT_FORMAT:
         raise ConfigError(f'{path}: not an OASIS generator checkpoint; {fix}')
     if saved.get('owner') != owner:

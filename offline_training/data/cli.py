@@ -16,6 +16,7 @@ Examples::
 """
 
 import argparse
+import os
 from pathlib import Path
 import sys
 from typing import List, Optional
@@ -29,7 +30,7 @@ from offline_training.data.plot import plot_returns
 from offline_training.data.trajectories import (DEFAULT_NUM_DEMOS, select_trajectories,
                                                 split_safe_demos, trajectory_returns)
 from saferl_ros.dataset_keys import DSRL_KEYS
-from saferl_ros.errors import ConfigError, EXIT_USER_ERROR, UserError
+from saferl_ros.errors import ConfigError, reports_user_errors
 from saferl_ros.files import atomic_write_json, sha256_file
 from saferl_ros.tasks import get_task
 
@@ -117,6 +118,9 @@ def cmd_validate(args) -> int:
 
 def cmd_plot(args) -> int:
     """Write the reward-versus-cost scatter plot of a dataset."""
+    if Path(args.output).suffix.lower() != '.png':
+        raise ConfigError(f'{args.output}: the plot is a PNG image; give -o a name ending in '
+                          '.png')
     path, data, report = _load(args)
     out = plot_returns(data, args.output, task=report.task)
     print(f'wrote {out}')
@@ -151,66 +155,81 @@ def cmd_train_behavior(args) -> int:
 
 def cmd_merge(args) -> int:
     """Build a retraining dataset: an existing dataset plus robot/sim recordings."""
-    # The recorder's reader (numpy + h5py, no ROS): it lists the completed episodes of a run.
-    from saferl_ros.recorder import load_episodes, RecordingError
-
+    items = ([args.dataset] if args.dataset else []) + list(args.recordings)
+    if not items:
+        raise ConfigError('nothing to merge; give --dataset and/or recordings')
+    out = _refuse_existing(args.output)
     parts, sources, generated = [], [], []
-    for item in ([args.dataset] if args.dataset else []) + list(args.recordings):
+    for item in items:
         path = Path(item)
-        if path.is_dir():
-            try:   # a recorder run folder: its completed episodes (also after a crash)
-                data = load_episodes(path)
-            except RecordingError as err:
-                print(f'saferl-data: error: {err}', file=sys.stderr)
-                return EXIT_USER_ERROR
-            problems = validate_arrays(data, args.task, source=str(path))
-            if problems:
-                raise DatasetError(problems)
+        if path.is_dir():   # a recorder run folder: its completed episodes (also after a crash)
+            data = _load_recording(path, args.task)
         else:
-            data = load_dataset(path, task=args.task)
+            data = load_dataset(path, task=args.task, keys=DSRL_KEYS)
             if file_generated_info(path) is not None:
                 generated.append(str(path))
-        parts.append({k: np.asarray(data[k]) for k in DSRL_KEYS})
+        parts.append(data)
         sources.append({'path': str(path), 'transitions': int(len(data['observations'])),
                         **({'sha256': sha256_file(path)} if path.is_file() else {})})
         print(f'{path}: {len(data["observations"])} transitions')
-    if not parts:
-        print('saferl-data: error: nothing to merge; give --dataset and/or recordings',
-              file=sys.stderr)
-        return EXIT_USER_ERROR
     merged = {k: np.concatenate([p[k] for p in parts]) for k in DSRL_KEYS}
     attrs = {'merged_from': sources}
     if generated:   # generated transitions stay marked as such
         attrs.update({'generated': True, 'generator': 'merge of ' + ', '.join(generated),
                       'source_sha256': ','.join(s.get('sha256', '') for s in sources),
                       'mode': 'mix'})
-    manifest = write_dataset(args.output, merged, args.task, attrs=attrs)
-    print(f'wrote {args.output}: {manifest["transitions"]} transitions, '
+    manifest = _write_output(out, merged, args.task, attrs=attrs)
+    print(f'wrote {out}: {manifest["transitions"]} transitions, '
           f'{manifest["trajectories"]} trajectories')
     return 0
 
 
 def _refuse_existing(output) -> Path:
+    """
+    Return the output path of a command that writes a dataset; refuse one that exists.
+
+    No command overwrites a file (or folder) it did not make; a missing parent folder is
+    created when the file is written, as `write_dataset` does, but a parent that is a file is
+    refused here.
+    """
     out = Path(output)
-    if out.exists():
+    if out.exists() or out.is_symlink():
         raise ConfigError(f'{out}: already exists; remove it or choose another -o')
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f'{out}: {parent} is not a folder; choose another -o')
     return out
+
+
+def _write_output(out: Path, arrays, task, attrs) -> dict:
+    """`write_dataset`, with a file system that refuses the file reported as the user's error."""
+    try:
+        return write_dataset(out, arrays, task, attrs=attrs)
+    except OSError as err:
+        if isinstance(err, DatasetError) or err.errno is None:
+            raise
+        raise ConfigError(f'{out}: cannot be written ({os.strerror(err.errno)}); choose an -o '
+                          'in a folder you can write to') from None
+
+
+def _load_recording(path: Path, task) -> dict:
+    """Return the DSRL arrays of a recorder run folder, checked like a dataset file."""
+    # The recorder's reader (numpy + h5py, no ROS): the completed episodes the index lists,
+    # only the DSRL keys, each file checked (saferl_ros.hdf5_limits) before it is read.
+    from saferl_ros.recorder import load_episodes
+
+    data = load_episodes(path, keys=DSRL_KEYS)
+    problems = validate_arrays(data, task, source=str(path))
+    if problems:
+        raise DatasetError(problems)
+    return data
 
 
 def _load_source(item, task):
     """Return (DSRL arrays, {'path', 'sha256', 'kind'}) of a dataset file or a recording."""
-    from saferl_ros.recorder import load_episodes, RecordingError
-
     path = Path(item)
     if path.is_dir():
-        try:
-            data = load_episodes(path)
-        except RecordingError as err:
-            raise DatasetError([Problem(str(path), '-', str(err))]) from None
-        data = {k: np.asarray(data[k]) for k in DSRL_KEYS}
-        problems = validate_arrays(data, task, source=str(path))
-        if problems:
-            raise DatasetError(problems)
+        data = _load_recording(path, task)
         from offline_training.algos.oasis import arrays_sha256
         return data, {'path': str(path), 'sha256': arrays_sha256(data), 'kind': 'recording'}
     path = resolve_dataset_path(path, task)
@@ -218,13 +237,12 @@ def _load_source(item, task):
         raise DatasetError([Problem(str(path), 'generated', 'is generated data, not collected; '
                                                             'give the collected dataset or '
                                                             'recording it came from')])
-    data = load_dataset(path, task=task)
+    data = load_dataset(path, task=task, keys=DSRL_KEYS)
     if np.isnan(np.asarray(data['costs'])).any():
         why = ('holds no cost labels (a cost-free split-demos file); OASIS needs them: give '
                'the labelled dataset')
         raise DatasetError([Problem(str(path), 'costs', why)])
-    return ({k: data[k] for k in DSRL_KEYS},
-            {'path': str(path), 'sha256': sha256_file(path), 'kind': 'file'})
+    return data, {'path': str(path), 'sha256': sha256_file(path), 'kind': 'file'}
 
 
 def _generator_config(args, spec):
@@ -311,7 +329,7 @@ def cmd_reshape(args) -> int:
     png = plot_generation(data, report, Path(str(out) + '.conditions.png'), spec.name,
                           config.kappa)
     print(f'report       {out}.report.json, plot {png}')
-    manifest = write_dataset(out, arrays, spec.name, attrs=attrs)
+    manifest = _write_output(out, arrays, spec.name, attrs=attrs)
     print(f'wrote {out}: {manifest["transitions"]} transitions ({args.mode}: '
           f'{report["generated_transitions"]} generated), marked generated; train with '
           f'`saferl-train oasis --task {spec.name} --dataset {out}`')
@@ -369,7 +387,7 @@ def cmd_tempting(args) -> int:
              'tempting': {'cost_min': args.cost_min, 'cost_max': args.cost_max,
                           'remove_ratio': args.remove_ratio, 'seed': args.seed,
                           'removed_trajectories': removed}}
-    manifest = write_dataset(out, subset, spec.name, attrs=attrs)
+    manifest = _write_output(out, subset, spec.name, attrs=attrs)
     rewards, costs, _, _ = trajectory_returns(subset)
     print(f'removed {removed} trajectories with cost return in [{args.cost_min:g}, '
           f'{args.cost_max:g}]; kept {manifest["trajectories"]} '
@@ -395,7 +413,7 @@ def cmd_subset(args) -> int:
         raise ConfigError(f'--transitions must be >= 1, got {args.transitions}')
     out = _refuse_existing(args.output)
     path = resolve_dataset_path(Path(args.source), spec.name)
-    data = load_dataset(path, task=spec.name)
+    data = load_dataset(path, task=spec.name, keys=DSRL_KEYS)
     with h5py.File(path, 'r') as h5:
         generated, unlabelled = generated_info(h5.attrs), is_unlabelled(h5.attrs)
     total = len(data['observations'])
@@ -421,7 +439,7 @@ def cmd_subset(args) -> int:
         attrs.update({GENERATED_ATTR: True, **generated})
     if unlabelled:                 # and a share of a cost-free file is still cost-free
         attrs[COST_LABELS_ATTR] = UNLABELLED
-    manifest = write_dataset(out, subset, spec.name, attrs=attrs)
+    manifest = _write_output(out, subset, spec.name, attrs=attrs)
     kept = manifest['transitions']
     print(f'kept {len(keep)} of {len(trajectories)} trajectories at random (seed {args.seed}): '
           f'{kept} of {total} transitions ({kept / total:.1%})'
@@ -441,21 +459,20 @@ def cmd_split_demos(args) -> int:
     """Write a cost-free unlabelled dataset and the safe demonstrations of a labelled one."""
     from offline_training.data.dataset import COST_LABELS_ATTR, UNLABELLED
 
+    outputs = [_refuse_existing(p) for p in split_paths(args.output, heldout=True)]
     path = resolve_dataset_path(args.path, args.task)
     report = check_file(path, task=args.task)
     if report.problems:
         raise DatasetError(report.problems)
     if report.unlabelled:
-        print(f'saferl-data: error: {path} has no cost labels ({COST_LABELS_ATTR}='
-              f'{UNLABELLED!r}); give the labelled dataset it was split from', file=sys.stderr)
-        return EXIT_USER_ERROR
-    data = load_dataset(path, task=report.task.name, validate=False)
+        raise ConfigError(f'{path} has no cost labels ({COST_LABELS_ATTR}={UNLABELLED!r}); give '
+                          'the labelled dataset it was split from')
+    data = load_dataset(path, task=report.task.name, validate=False, keys=DSRL_KEYS)
     try:
         split = split_safe_demos(data, args.kappa, args.num_demos, args.holdout, args.seed)
     except ValueError as err:
-        print(f'saferl-data: error: {path}: {err}', file=sys.stderr)
-        return EXIT_USER_ERROR
-    unlabelled_path, demos_path, heldout_path = split_paths(args.output, heldout=True)
+        raise ConfigError(f'{path}: {err}') from None
+    unlabelled_path, demos_path, heldout_path = outputs
     source = {'path': path.name, 'sha256': sha256_file(path), 'kappa': split.kappa,
               'rule': f'demos: the {len(split.demos)} trajectories of highest reward return '
                       f'among the {split.num_safe} with cost return <= kappa'}
@@ -463,8 +480,6 @@ def cmd_split_demos(args) -> int:
     parts = [(unlabelled_path, split.unlabelled, 'unlabelled'), (demos_path, split.demos, 'demos')]
     if split.heldout.size:
         parts.append((heldout_path, split.heldout, 'heldout'))
-    elif heldout_path.exists():
-        heldout_path.unlink()      # a stale held-out file of an earlier split would mislead
     for part_path, indices, role in parts:
         part = select_trajectories(data, indices, DSRL_KEYS)
         attrs = {'split_role': role, 'split_source': source,
@@ -475,7 +490,7 @@ def cmd_split_demos(args) -> int:
             # trajectories keep theirs: they are for evaluation only.
             part['costs'] = np.full(len(part['costs']), np.nan, dtype=np.float32)
             attrs[COST_LABELS_ATTR] = UNLABELLED
-        manifest = write_dataset(part_path, part, report.task.name, attrs=attrs)
+        manifest = _write_output(part_path, part, report.task.name, attrs=attrs)
         returns = reward_returns[indices]
         print(f'wrote {part_path}: {manifest["trajectories"]} trajectories '
               f'({manifest["transitions"]} transitions), reward return '
@@ -620,23 +635,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@reports_user_errors('saferl-data', expected=(DatasetError, KeyError))
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the CLI; return the exit code."""
+    """
+    Run the CLI; return the exit code.
+
+    A file, folder or name that cannot be used is the user's mistake: one line per problem
+    (``saferl-data: error: ...``) and exit status 2, as every tool (saferl_ros.errors). A
+    dataset's problems (DatasetError), a recording's (RecordingError, a UserError) and path
+    errors (PATH_ERRORS) are reported so. `validate`'s verdict on a readable file is 1.
+    """
     args = build_parser().parse_args(argv)
-    # A file or name that cannot be used is the user's mistake: exit status 2, as every tool
-    # (saferl_ros.errors.EXIT_USER_ERROR). `validate`'s verdict on a readable file is 1.
-    try:
-        return args.func(args)
-    except DatasetError as err:
-        print('saferl-data: error: ' + str(err).replace('\n', '\nsaferl-data: error: '),
-              file=sys.stderr)
-        return EXIT_USER_ERROR
-    except (KeyError, UserError) as err:
-        print(f'saferl-data: error: {err.args[0]}', file=sys.stderr)
-        return EXIT_USER_ERROR
-    except UserError as err:
-        print(f'saferl-data: error: {err}', file=sys.stderr)
-        return EXIT_USER_ERROR
+    return args.func(args)
 
 
 if __name__ == '__main__':

@@ -24,6 +24,12 @@ from offline_training.data.trajectories import trajectory_returns
 # The extras that saferl_ros recordings add (numpy + h5py module, no ROS): accepted without a note.
 from saferl_ros.dataset_keys import DSRL_KEYS, FLAG_KEYS, FLOAT_KEYS, VECTOR_KEYS
 from saferl_ros.files import atomic_write_json, sha256_file
+from saferl_ros.hdf5_limits import (chunk_stream_problem, declaration_problem, describe_shortfall,
+                                    elsewhere_problem, link_problem, rows_problem,
+                                    storage_shortfall)
+# The limits, re-exported: what a file may declare (documented in docs/data.md).
+from saferl_ros.hdf5_limits import (MAX_CHUNK_BYTES, MAX_EXPANSION, MAX_ROW_BYTES,  # noqa: F401
+                                    MAX_ROWS, SMALL_ARRAY_BYTES)
 from saferl_ros.recorder import EXTRA_KEYS as RECORDING_KEYS, write_hdf5_atomic
 from saferl_ros.tasks import get_task, TaskSpec
 
@@ -33,19 +39,8 @@ ACTION_BOUND = 1.0 + 1e-5
 # next_observations[t] must equal observations[t + 1] inside an episode, up to this tolerance.
 CONTINUITY_ATOL = 1e-4
 
-# What a file may declare, checked before anything is read (HDF5 lets a few KB declare any
-# shape; chunks never written read back as fill values, so reading would allocate it all).
-# Row limit: DSRL's largest Bullet-Safety-Gym dataset holds ~2.9 million transitions (AntCircle,
-# 5728 episodes of up to 500 steps) and the others 1-2 million; 20 million leaves room for merged
-# recordings, while 1e8 rows of 72 float32 columns would already need 29 GB for one key.
-MAX_ROWS = 20_000_000
-# Declared (uncompressed) bytes per byte actually stored. Deflate (gzip) cannot expand a byte
-# into more than ~1032 (shuffle and lzf expand less), so no real gzip'd array exceeds this, however
-# compressible: all-zero costs or flags, common in real files, compress 400-700:1, which is why a
-# bound on the whole file's ratio (e.g. 200:1) is not used per key. Unwritten chunks store 0.
-MAX_EXPANSION = 1100
-# Arrays declaring up to this many bytes pass the expansion rule whatever they store.
-SMALL_ARRAY_BYTES = 64 * 1024
+# What a file may declare (rows, bytes per row, chunk sizes, filters, stored bytes) is checked
+# before anything is read, with the limits the recorder's reader shares (saferl_ros.hdf5_limits).
 # Values are checked in blocks of rows of about BLOCK_BYTES per key, more (up to MAX_BLOCK_BYTES)
 # to cover whole chunks: the memory used stays bounded whatever the file's size. Whole chunks are
 # read at once, so a small HDF5 chunk cache per array suffices (HDF5 2.0's default is 8 MiB).
@@ -209,88 +204,36 @@ def describe_generated(info: dict) -> str:
             'synthetic transitions, not collected data')
 
 
-def _human(nbytes: int) -> str:
-    """Return a byte count as a short human-readable string (e.g. ``3.2 GB``)."""
-    if nbytes < 1000:
-        return f'{nbytes} bytes'
-    value, unit = float(nbytes), 'bytes'
-    for unit in ('KB', 'MB', 'GB', 'TB'):
-        value /= 1000
-        if value < 1000:
-            break
-    return f'{value:.1f} {unit}'
-
-
-def _link_problem(h5: h5py.File, key: str) -> Optional[str]:
-    """Return why top-level name ``key`` is not a plain object of this file; never follows it."""
-    try:
-        link = h5.get(key, getlink=True)
-    except (OSError, TypeError, ValueError, KeyError) as err:
-        return f'is a link of a kind h5py cannot inspect ({err}); {_PLAIN_FIX}'
-    if isinstance(link, h5py.HardLink):
-        return None
-    if isinstance(link, h5py.SoftLink):
-        return f'is a soft link to {link.path}; {_PLAIN_FIX}'
-    if isinstance(link, h5py.ExternalLink):
-        return f'is an external link to {link.path} in {link.filename}; {_PLAIN_FIX}'
-    return f'is a {type(link).__name__}, not a plain dataset; {_PLAIN_FIX}'
-
-
-def _storage_shortfall(ds: h5py.Dataset) -> Optional[Tuple[str, int, int, int]]:
-    """
-    Return how a dataset's declared size is not backed by stored data, or None if it is.
-
-    The result is (kind, declared bytes, stored bytes or chunks, expected chunks), kind being
-    ``unwritten``, ``chunks`` or ``expansion``. Reads metadata only. HDF5 lets a file declare
-    any shape, and chunks never written read back as fill values, so a few KB can declare
-    terabytes that reading would allocate. A real array has every chunk stored, and each stored
-    byte expands to at most ~1032 bytes (deflate's limit; shuffle and lzf expand less): a real
-    file, however compressible (all-zero costs compress ~600:1), passes all three rules.
-    """
-    if not ds.shape:
-        return None
-    declared = int(np.prod(ds.shape, dtype=np.int64)) * ds.dtype.itemsize
-    if declared == 0:
-        return None
-    stored = ds.id.get_storage_size()
-    if stored == 0:
-        return 'unwritten', declared, 0, 0
-    if ds.chunks:
-        expected = 1
-        for size, chunk in zip(ds.shape, ds.chunks):
-            expected *= -(-size // chunk)
-        try:
-            present = ds.id.get_num_chunks()
-        except (AttributeError, RuntimeError, OSError):   # HDF5 < 1.10.5 cannot count chunks
-            present = expected
-        if present < expected:
-            return 'chunks', declared, present, expected
-    if declared > MAX_EXPANSION * stored + SMALL_ARRAY_BYTES:
-        return 'expansion', declared, stored, 0
-    return None
-
-
 def _storage_problems(datasets: Dict[str, h5py.Dataset], source: str) -> List[Problem]:
-    """Return one problem per kind of storage shortfall, naming every key that has it."""
+    """
+    Return the problems of what the datasets declare and store, reading no array.
+
+    First each array's declaration (`declaration_problem`: rows, bytes per row, chunk size,
+    filters), then one problem per kind of storage shortfall naming every key that has it, then,
+    only if all of that passes, whether a stored chunk inflates past its declared size.
+    """
+    problems = []
+    for key, item in datasets.items():
+        why = declaration_problem(item)
+        if why is not None:
+            problems.append(Problem(source, key, f'{why}; {_REWRITE_FIX}'))
+    if problems:
+        return problems
     found: Dict[str, list] = {}
     for key, item in datasets.items():
-        shortfall = _storage_shortfall(item)
+        shortfall = storage_shortfall(item)
         if shortfall is not None:
             found.setdefault(shortfall[0], []).append((key,) + shortfall[1:])
-    problems = []
     for kind, entries in found.items():
         keys = ', '.join(entry[0] for entry in entries)
-        declared = _human(sum(entry[1] for entry in entries))
-        if kind == 'unwritten':
-            what = f'{declared} declared, none of it stored in the file (never written)'
-        elif kind == 'chunks':
-            what = (f'{declared} declared, but only {sum(e[2] for e in entries)} of '
-                    f'{sum(e[3] for e in entries)} chunks stored (the rest was never written '
-                    'and would read as fill values)')
-        else:
-            what = (f'{declared} declared, but only {_human(sum(e[2] for e in entries))} stored, '
-                    f'more than gzip can expand ({MAX_EXPANSION}:1)')
+        what = describe_shortfall(kind, *(sum(entry[i] for entry in entries) for i in (1, 2, 3)))
         problems.append(Problem(source, keys, f'{what}; {_REWRITE_FIX}'))
+    if problems:
+        return problems
+    for key, item in datasets.items():
+        why = chunk_stream_problem(item)
+        if why is not None:
+            problems.append(Problem(source, key, f'{why}; {_REWRITE_FIX}'))
     return problems
 
 
@@ -315,9 +258,9 @@ def _inspect_objects(h5: h5py.File, source: str, problems: List[Problem],
     """
     datasets: Dict[str, h5py.Dataset] = {}
     for key in h5.keys():
-        why = _link_problem(h5, key)
+        why = link_problem(h5, key)
         if why is not None:
-            problems.append(Problem(source, key, why))
+            problems.append(Problem(source, key, f'{why}; {_PLAIN_FIX}'))
             continue
         item = h5[key]
         if not isinstance(item, h5py.Dataset):
@@ -325,14 +268,9 @@ def _inspect_objects(h5: h5py.File, source: str, problems: List[Problem],
             notes.append(Problem(source, key, f'{kind} outside the DSRL layout; ignored here '
                                               "(dsrl's loader reads any datasets inside it)"))
             continue
-        if item.is_virtual:
-            problems.append(Problem(source, key, 'is a virtual dataset whose data lies in other '
-                                                 f'files; {_PLAIN_FIX}'))
-            continue
-        if item.external:
-            files = ', '.join(str(entry[0]) for entry in item.external)
-            problems.append(Problem(source, key, f'keeps its data in external raw file(s) {files}'
-                                                 f'; {_PLAIN_FIX}'))
+        why = elsewhere_problem(item)
+        if why is not None:
+            problems.append(Problem(source, key, f'{why}; {_PLAIN_FIX}'))
             continue
         alias = next((name for name, seen in datasets.items() if seen.id == item.id), None)
         if alias is not None:
@@ -359,9 +297,9 @@ def _check_layout(arrays, spec: Optional[TaskSpec], bad) -> None:
     if n == 0:
         bad('observations', 'contains no transitions')
         return
-    if n > MAX_ROWS:
-        bad('observations', f'declares {n} rows, more than the {MAX_ROWS} accepted (DSRL '
-                            'datasets hold at most ~3 million); ' + _REWRITE_FIX)
+    too_many = rows_problem(n)
+    if too_many:
+        bad('observations', f'{too_many}; {_REWRITE_FIX}')
         return
     expected_width = {'observations': spec.obs_dim if spec else None,
                       'next_observations': spec.obs_dim if spec else None,
@@ -620,8 +558,10 @@ def _inspect(h5: h5py.File, report: DatasetReport, task, require_task: bool):
     """
     Run every check that reads no data; return the required datasets, or None on problems.
 
-    In order: links and odd objects, the task, missing keys, the declared layout (shapes, row
-    counts, the row limit, dtypes), then whether every declared array is backed by stored data.
+    In order: links and odd objects, the task, missing keys, the declared layout of the DSRL
+    keys (shapes, row counts, the row limit, dtypes), then, for every array, extras included,
+    what it declares (rows, bytes per row, chunk size, filters), whether it is backed by stored
+    data and whether a stored chunk inflates past its declared size (`_storage_problems`).
     """
     source = str(report.path)
     problems = report.problems
@@ -712,7 +652,8 @@ def load_dataset(path=None, task=None, validate=True, keys=None) -> Dict[str, np
     `dataset_dirs`. Never downloads. Raises DatasetError listing every problem found.
     What the file declares is always checked before anything is read (`check_file`);
     ``validate=False`` skips only the checks of the values. ``keys`` loads only those keys
-    (default: every plain dataset; extra keys such as recording extras are returned unchanged).
+    (default: every plain dataset; extra keys such as recording extras are returned unchanged,
+    each within the same limits). Code that uses only the DSRL keys passes ``keys=DSRL_KEYS``.
     """
     path = resolve_dataset_path(path, task)
     report = check_file(path, task, values=validate, require_task=False)

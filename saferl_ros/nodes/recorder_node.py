@@ -10,6 +10,14 @@ deactivate closes it (the partial episode is kept as a truncation) and consolida
 ``<run>/raw/episode_<k>.mcap`` with ROS 2 schema names, one file per episode (finished when
 the raw copy of the episode's last step message is written, so a killed recorder loses only the
 open one), and ``ros2 bag play`` replays each.
+
+A run folder that already exists and is not empty is refused: configure (when ``run_name`` names
+it) or activate (e.g. a second activation with the same ``run_name``) fails with one line naming
+the folder, before any step is received. A step with NaN or Inf in its observation, next
+observation, action, reward or cost is dropped, never written (one such value makes the whole
+run fail ``saferl-data validate`` and ``merge``): a throttled warning names the fields, the
+steps before it are committed as a truncated episode (index entry ``cut: non-finite``), the steps
+after it start the next one, and ``dropped_non_finite`` counts the drops.
 """
 
 from collections import OrderedDict
@@ -33,7 +41,8 @@ from saferl_ros.nodes.records import (step_from_msg, STEP_TYPE, Transition, verd
                                       VERDICT_TYPE)
 from saferl_ros.observation import channel_names
 from saferl_ros.paths import resolve_path
-from saferl_ros.recorder import new_run_dir, RecordingWriter, Step
+from saferl_ros.recorder import (check_new_run_dir, new_run_dir, non_finite_fields,
+                                 RecordingError, RecordingWriter, Step)
 from sensor_msgs.msg import JointState
 from std_msgs.msg import String
 
@@ -87,6 +96,7 @@ class RecorderNode(LifecycleNode):
         self.last_error = ''
         self.run_dirs: List[str] = []
         self.received = 0
+        self.dropped_non_finite = 0    # steps refused for NaN/Inf (never written)
         self.last_output = None
         # Set by configure:
         self.cfg: Dict[str, Any] = {}
@@ -116,7 +126,9 @@ class RecorderNode(LifecycleNode):
                         folder, MANIFEST, f'parameter {key} must name a bundle folder',
                         keep=False)
                     hashes[f'{key}_path'] = cfg[key]
-        except Exception as exc:  # unknown task, unreadable bundle manifest
+            if cfg['run_name']:
+                check_new_run_dir(f'{cfg["output_dir"]}/{cfg["run_name"]}')
+        except Exception as exc:  # unknown task, unreadable bundle manifest, run folder in use
             return fail(self, exc)
         self.cfg, self.channels, self.hashes = cfg, channels, hashes
         self.obs_dim = len(channels)
@@ -142,11 +154,19 @@ class RecorderNode(LifecycleNode):
         root = self.cfg['output_dir']
         run_dir = (f'{root}/{self.cfg["run_name"]}' if self.cfg['run_name']
                    else str(new_run_dir(root)))
+        try:
+            check_new_run_dir(run_dir)   # checked at configure too; it may be in use by now
+        except RecordingError as exc:
+            # Refused here, not on the first step (inside a callback: the run would be lost).
+            self.get_logger().error(f'{self.get_name()}: activate failed: {exc}')
+            self.last_error = str(exc)
+            return TransitionCallbackReturn.FAILURE
         self.act_dim = None
         self.episode = None
         self.run_dir = run_dir
         self.raw_episode = None
         self.writer = None
+        self.dropped_non_finite = 0
         if self.cfg['mcap']:
             self.mcap = McapSeries(f'{run_dir}/raw',
                                    metadata={'task': self.cfg['task'], **self.hashes})
@@ -163,8 +183,10 @@ class RecorderNode(LifecycleNode):
         if self.writer is not None:
             self.last_output = self.writer.close(consolidate_run=self.cfg['consolidate'])
             self.run_dirs.append(self.run_dir)
+            dropped = (f', {self.dropped_non_finite} steps with NaN/Inf dropped'
+                       if self.dropped_non_finite else '')
             self.get_logger().info(f'closed {self.run_dir} ({len(self.writer.index["episodes"])}'
-                                   f' episodes) -> {self.last_output}')
+                                   f' episodes{dropped}) -> {self.last_output}')
         if self.mcap is not None:
             self.mcap.close()
             self.mcap = None
@@ -252,10 +274,20 @@ class RecorderNode(LifecycleNode):
                 f'{len(t.action)} action values); check the recorder task parameter',
                 throttle_duration_sec=5.0)
             return
+        bad = non_finite_fields(t)
+        if bad:
+            self._drop_non_finite(t, bad)
+            return
         if self.writer is None:
+            try:
+                self.writer = RecordingWriter(self.run_dir, self.cfg['task'], obs_dim,
+                                              len(t.action), attrs=dict(self.hashes))
+            except (RecordingError, OSError) as exc:
+                # e.g. another process took the folder after activate: a line, not a traceback
+                self.get_logger().error(f'cannot record step {t.step} of episode {t.episode}: '
+                                        f'{exc}', throttle_duration_sec=5.0)
+                return
             self.act_dim = len(t.action)
-            self.writer = RecordingWriter(self.run_dir, self.cfg['task'], obs_dim, self.act_dim,
-                                          attrs=dict(self.hashes))
         if self.episode is not None and t.episode != self.episode and self.writer.steps:
             self._end_episode(terminal=False, timeout=True, info={'cut': True})
         self.episode = t.episode
@@ -273,6 +305,25 @@ class RecorderNode(LifecycleNode):
             missed = int(sum(s.missed for s in self.writer.steps))
             self._end_episode(terminal=t.terminated, timeout=t.truncated,
                               info={'missed': missed})
+
+    def _drop_non_finite(self, t: Transition, fields: List[str]):
+        """
+        Drop a step with NaN/Inf: never written, and the episode is cut there.
+
+        Dropping it alone would leave a gap (next_observations[t] != observations[t + 1]),
+        which validation refuses too; so the steps before it are committed as a truncated
+        episode and those after it start a new one (also when the dropped step ended the
+        episode: its terminal flag is lost with it, and the truncation says so honestly).
+        """
+        self.dropped_non_finite += 1
+        self.get_logger().warning(
+            f'dropped step {t.step} of episode {t.episode} (stamp {t.stamp_ns}): '
+            f'{", ".join(fields)} hold NaN or Inf; the episode is cut there '
+            f'({self.dropped_non_finite} dropped in this run)', throttle_duration_sec=5.0)
+        if self.writer is not None and self.writer.steps:
+            self._end_episode(terminal=False, timeout=True,
+                              info={'cut': 'non-finite', 'non_finite': fields})
+        self.episode = t.episode
 
     def _end_episode(self, **kwargs):
         """Commit the episode (HDF5)."""

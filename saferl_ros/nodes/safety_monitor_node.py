@@ -6,7 +6,9 @@ proposal with the observation it answers (by stamp), publishes the final action 
 the verdict and critic values (monitor/verdict, for the recorder), the current state
 (monitor/status: reliable + transient local, so a late subscriber sees it) and /diagnostics with
 the counters. A watchdog publishes the safe action (STALE) when observations stop or the
-controller falls silent; deactivate publishes it once (INACTIVE). An unconfigured monitor (e.g.
+controller falls silent; deactivate publishes it once (INACTIVE). An observation stamped more than
+``future_tolerance`` ahead of the monitor's clock is refused at once (FAULT, safe action) and
+never becomes the newest stamp the watchdog measures silence from. An unconfigured monitor (e.g.
 its bundle failed verification) publishes nothing, so the robot side's command timeout holds the
 robot stopped.
 """
@@ -46,6 +48,11 @@ PARAMS = [
           min_value=0.0),
     Param('proposal_timeout', 0.25, 'A proposal answering an observation older than this is '
           'stale; also how long the controller may stay silent [s].', min_value=0.0),
+    Param('future_tolerance', 0.2, 'An observation stamped more than this ahead of the '
+          "monitor's clock is refused (FAULT, safe action) and never counts as the newest one "
+          'for the watchdog [s]. Absorbs clock skew and /clock arriving just after the '
+          'observation (one control period of simulation time).', min_value=0.0,
+          max_value=10.0),
     Param('min_hold', 0.1, 'The fallback keeps control at least this long [s] (anti-chatter).',
           min_value=0.0),
     Param('safe_action', [0.0], 'Action on FAULT/STALE/INACTIVE (one per dimension, or one '
@@ -88,10 +95,13 @@ class SafetyMonitorNode(LifecycleNode):
         self.bundle = None
         self.channels: List[str] = []
         self.act_names: List[str] = []
-        # stamp -> (observation or None if invalid, the Future of its fallback being computed in
-        #           the worker or None, its fallback noise or None)
+        # stamp -> (observation or None if refused, the Future of its fallback being computed in
+        #           the worker or None, its fallback noise or None, why it was refused or '')
         self.observations: 'OrderedDict[int, tuple]' = OrderedDict()
         self.worker: Optional[ThreadPoolExecutor] = None   # precompute_fallback's thread
+        # Newest observation stamp (for one refused as in the future: its arrival time, never
+        # its stamp) and newest stamp answered; last_decided_ns <= last_obs_ns, so a proposal
+        # for a stamp the monitor never accepted cannot mark later observations as answered.
         self.last_obs_ns: Optional[int] = None
         self.last_decided_ns: Optional[int] = None
         self.last_status: Optional[tuple] = None     # (state, cause) last on monitor/status
@@ -123,7 +133,8 @@ class SafetyMonitorNode(LifecycleNode):
                 threshold_q=optional_float(cfg['threshold_q']),
                 budget=optional_float(cfg['budget']),
                 observation_timeout=cfg['observation_timeout'],
-                proposal_timeout=cfg['proposal_timeout'], min_hold=cfg['min_hold'],
+                proposal_timeout=cfg['proposal_timeout'],
+                future_tolerance=cfg['future_tolerance'], min_hold=cfg['min_hold'],
                 safe_action=safe, fallback=cfg['fallback'], seed=cfg['seed'],
                 fallback_samples=cfg['fallback_samples']))
         except Exception as exc:  # BundleError, ObservationError, MonitorConfigError
@@ -205,9 +216,25 @@ class SafetyMonitorNode(LifecycleNode):
         if not self.active:
             return
         stamp = stamp_to_ns(msg.header.stamp)
+        now_ns = self.get_clock().now().nanoseconds
+        ahead = self.monitor.stamp_ahead('observation', stamp * 1e-9, now_ns * 1e-9)
+        if ahead:
+            # Refused before anything else, and answered at once with the safe action. Its stamp
+            # never becomes last_obs_ns (silence measured from it would be negative: the
+            # watchdog would stay quiet until the clock caught up); its arrival time does, so
+            # the watchdog stops the robot once refused observations stop coming too.
+            self.get_logger().error(ahead, throttle_duration_sec=2.0)
+            self._publish(self.monitor.stop(MonitorState.FAULT, stamp * 1e-9, ahead), stamp)
+            self._remember(stamp, (None, None, None, ahead))
+            self.last_obs_ns = now_ns if self.last_obs_ns is None else \
+                max(self.last_obs_ns, now_ns)
+            self.last_decided_ns = self.last_obs_ns
+            return
         obs: Optional[np.ndarray] = np.asarray(msg.position, np.float32)
+        refused = ''
         if list(msg.name) != self.channels:
             obs = None   # remembered as invalid: its proposal gets a FAULT verdict
+            refused = 'observation channels do not match the bundle'
             try:
                 check_channels(self.channels, msg.name, source='incoming')
             except ObservationError as exc:
@@ -221,12 +248,16 @@ class SafetyMonitorNode(LifecycleNode):
             noise = self.monitor.fallback_noise(obs)
             if self.worker is not None and noise is not None:
                 future = self.worker.submit(self.monitor.fallback_for, obs, noise)
-        self.observations[stamp] = (obs, future, noise)
+        self._remember(stamp, (obs, future, noise, refused))
+        self.last_obs_ns = stamp if self.last_obs_ns is None else max(self.last_obs_ns, stamp)
+
+    def _remember(self, stamp: int, entry: tuple):
+        """Keep an observation's entry for its proposal (the newest 32)."""
+        self.observations[stamp] = entry
         while len(self.observations) > 32:
-            _, (_, old, _) = self.observations.popitem(last=False)
+            _, (_, old, _, _) = self.observations.popitem(last=False)
             if old is not None:
                 old.cancel()       # not started yet: never will (bounds the worker's queue)
-        self.last_obs_ns = stamp if self.last_obs_ns is None else max(self.last_obs_ns, stamp)
 
     def _on_proposal(self, msg: JointState):
         if not self.active:
@@ -237,14 +268,16 @@ class SafetyMonitorNode(LifecycleNode):
                                         'proposal answers an unknown or expired observation')
         elif self.observations[stamp][0] is None:
             verdict = self.monitor.stop(MonitorState.FAULT, stamp * 1e-9,
-                                        'observation channels do not match the bundle')
+                                        self.observations[stamp][3])
         else:
-            obs, future, noise = self.observations[stamp]
+            obs, future, noise, _ = self.observations[stamp]
             verdict = self.monitor.decide(obs, list(msg.position), obs_stamp=stamp * 1e-9,
                                           proposal_stamp=stamp * 1e-9, now=self._now(),
                                           fallback=_pending(future), fallback_noise=noise)
-        self.last_decided_ns = stamp if self.last_decided_ns is None else \
-            max(self.last_decided_ns, stamp)
+        if self.last_obs_ns is not None and stamp <= self.last_obs_ns:
+            # Only stamps the monitor accepted count as answered (not a refused future one).
+            self.last_decided_ns = stamp if self.last_decided_ns is None else \
+                max(self.last_decided_ns, stamp)
         self._publish(verdict, stamp)
 
     def _on_watchdog(self):
