@@ -37,7 +37,7 @@ import numpy as np
 import onnxruntime as ort
 from saferl_ros.errors import (
     load_yaml, MAX_REPR_CHARS, MAX_YAML_BYTES, short_repr, UserError, yaml_problem)
-from saferl_ros.files import file_kind, READ_FLAGS
+from saferl_ros.files import file_kind, read_bounded, READ_FLAGS, ReadAborted
 import yaml
 
 FORMAT = 'saferl_bundle/1'
@@ -59,7 +59,6 @@ MAX_MANIFEST_BYTES = MAX_YAML_BYTES
 # the arrays load_bundle reads from it may hold at most MAX_BUNDLE_FILE_BYTES together, checked
 # against the sizes the zip directory and each .npy header declare before anything is inflated.
 MAX_GOLDEN_MEMBERS = 256
-_CHUNK = 1 << 20
 # Flags of every open of a bundle file: those of every untrusted read (saferl_ros.files), and
 # never follow a symbolic link (the lstat check comes first; this closes the gap between check
 # and open).
@@ -304,24 +303,15 @@ def read_bundle_file(folder: Path, name: str, missing: str, keep: bool = True,
             raise _not_regular(file, stat.S_IFLNK) from None
         raise BundleError(f'{file}: cannot be opened ({exc.strerror}); check its '
                           f'permissions') from None
-    digest, chunks, size = hashlib.sha256(), [], 0
+    digest, chunks = hashlib.sha256(), []
     try:
-        opened = os.fstat(fd)
-        if (not stat.S_ISREG(opened.st_mode)
-                or (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino)):
-            raise BundleError(f'{file}: was replaced while being loaded; load the bundle again '
-                              f'once nothing writes to its folder')
-        while True:
-            chunk = os.read(fd, _CHUNK)
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > limit:
-                raise BundleError(f'{file}: grew past {limit} bytes while being read; load the '
-                                  f'bundle again once nothing writes to its folder')
+        for chunk in read_bounded(fd, info, limit):
             digest.update(chunk)
             if keep:
                 chunks.append(chunk)
+    except ReadAborted as why:
+        raise BundleError(f'{file}: {why}; load the bundle again once nothing writes to its '
+                          f'folder') from None
     except OSError as exc:
         raise BundleError(f'{file}: cannot be read ({exc.strerror}); {REEXPORT}') from None
     finally:

@@ -68,26 +68,42 @@ def read_regular_file(path, limit: int, fix: str) -> bytes:
         fd = os.open(path, READ_FLAGS)
     except OSError as error:
         raise ConfigError(f'{path}: cannot be opened ({error.strerror}); {fix}') from None
-    chunks, size = [], 0
     try:
-        opened = os.fstat(fd)
-        if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
-            raise ConfigError(f'{path}: was replaced while being read; try again once nothing '
-                              f'writes to it')
-        while True:
-            chunk = os.read(fd, READ_CHUNK)
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > limit:
-                raise ConfigError(f'{path}: grew past {limit} bytes while being read; try '
-                                  f'again once nothing writes to it')
-            chunks.append(chunk)
+        return b''.join(read_bounded(fd, info, limit))
+    except ReadAborted as why:
+        raise ConfigError(f'{path}: {why}; try again once nothing writes to it') from None
     except OSError as error:
         raise ConfigError(f'{path}: cannot be read ({error.strerror}); {fix}') from None
     finally:
         os.close(fd)
-    return b''.join(chunks)
+
+
+class ReadAborted(Exception):
+    """The file :func:`read_bounded` reads changed under it; the message says how."""
+
+
+def read_bounded(fd: int, checked: os.stat_result, limit: int) -> Iterator[bytes]:
+    """
+    Yield the contents of the open file ``fd`` in chunks, at most ``limit`` bytes in all.
+
+    ``checked`` is the stat result the caller's checks were made on: if ``fd`` is not that
+    regular file (it was swapped between the check and the open), or the file grows past
+    ``limit`` while it is read, :class:`ReadAborted` is raised, so no more than ``limit`` bytes
+    are ever held whatever the file does.
+    """
+    opened = os.fstat(fd)
+    if (not stat.S_ISREG(opened.st_mode)
+            or (opened.st_dev, opened.st_ino) != (checked.st_dev, checked.st_ino)):
+        raise ReadAborted('was replaced while being read')
+    size = 0
+    while True:
+        chunk = os.read(fd, READ_CHUNK)
+        if not chunk:
+            return
+        size += len(chunk)
+        if size > limit:
+            raise ReadAborted(f'grew past {limit} bytes while being read')
+        yield chunk
 
 
 def temporary_sibling(path) -> Path:
