@@ -134,7 +134,9 @@ def test_eval_set_changes_a_run_folders_inference_and_labels_the_result(
     # has not, bad values, a setting evaluation does not use, and a bundle (graphs are fixed).
     for args, message in (([str(run), '--set', 'steps=5'], 'not inference settings'),
                           ([str(run), '--set', 'selection=best'], "selection 'best'"),
-                          ([str(run), '--set', 'num_candidates=0'], 'must be >= 1'),
+                          ([str(run), '--set', 'num_candidates=0'], 'must lie in [1, 1024]'),
+                          ([str(run), '--set', 'num_candidates=100000000'],
+                           'must lie in [1, 1024]'),
                           ([str(run), '--set', 'ddpm_temperature=-1'], 'must be >= 0'),
                           ([str(run), '--set', 'fallback_candidates=8'], 'saferl-export'),
                           ([str(bundle), '--set', 'num_candidates=4'], 'is a bundle')):

@@ -47,6 +47,13 @@ SELECTION_TEXT = {  # what a bundle manifest says its policy graph does
                      '<= 0, else argmin max_j Qbar_h^j(s, a) (feasible-maxq)'}
 
 
+# Most actions sampled per state (num_candidates, fallback_candidates): each one is a whole
+# reverse diffusion chain per observation, so a value from a command line or a config file
+# (`saferl-eval --set num_candidates=...`) must not be able to ask for unbounded memory; the
+# paper samples 16.
+MAX_CANDIDATES = 1024
+
+
 @dataclass
 class FisorConfig:
     """FISOR hyperparameters; the defaults are the paper's Table 5 / the official config."""
@@ -120,9 +127,11 @@ class FisorConfig:
                               'actor_updates_per_step (critics use the first rows of the batch)')
         if self.schedule not in SCHEDULES:
             raise ConfigError(f'schedule {self.schedule!r}: use one of {", ".join(SCHEDULES)}')
-        if self.num_candidates < 1 or self.fallback_candidates < 1:
+        if not (1 <= self.num_candidates <= MAX_CANDIDATES
+                and 1 <= self.fallback_candidates <= MAX_CANDIDATES):
             raise ConfigError(f'num_candidates ({self.num_candidates}) and fallback_candidates '
-                              f'({self.fallback_candidates}) must be >= 1 (the paper: 16)')
+                              f'({self.fallback_candidates}) must lie in [1, {MAX_CANDIDATES}] '
+                              '(the paper: 16)')
         if not self.ddpm_temperature >= 0:
             raise ConfigError(f'ddpm_temperature ({self.ddpm_temperature}) must be >= 0 '
                               '(1.0: the trained sampler)')
