@@ -17,7 +17,7 @@ do twice the work of one run on two threads). Locally Ray starts with ``--worker
 path with ``runs/``, ``datasets/`` and ``docs/results/`` on a shared file system.
 
 Grids are named (``--grid``); the default one is the grid docs/results.md reports (a ``Page``
-of its runs: FISOR and the baselines). Adding a method is one line in its ``methods``. A method
+of its runs: the offline methods). Adding a method is one line in its ``methods``. A method
 may branch from another method's run of the same task and seed (``Method.branch_of``:
 saferl-train --init-from the checkpoint that run kept at a step, e.g. DRCORL's end of
 pretraining); Ray starts the branch once that run has finished.
@@ -210,9 +210,11 @@ GRIDS: Dict[str, Grid] = {
          Method('bcq_lag-k5', 'bcq_lag', 50_000, ('cost_limit=5',))),
         **{**own_folders('core-hour'),
            'notes_path': REPO / 'docs' / 'results' / 'core-hour-notes.md'},
-        # docs/results.md: FISOR beside the baselines (DRCORL's columns stay on core-hour.md)
+        # docs/results.md: the offline methods (drcorl-rollout interacts with the simulator
+        # while it trains, so it stays on core-hour.md)
         pages=(Page(REPO / 'docs' / 'results.md',
-                    ('fisor', 'bc_all', 'bc_safe-k5', 'bc_safe-k10', 'bcq_lag-k5'),
+                    ('fisor', 'drcorl', 'drcorl-settled', 'bc_all', 'bc_safe-k5', 'bc_safe-k10',
+                     'bcq_lag-k5'),
                     REPO / 'docs' / 'results' / 'NOTES.md'),),
         description='about one core-hour per FISOR (critics-first), DRCORL and BCQ-Lag run'),
     # FISOR's 'cpu' preset trained on one lent H200 by tools/gpu_grid.py (30 Nov 2026): 13 runs
