@@ -39,6 +39,9 @@ INFERENCE_SETTINGS = frozenset({'num_candidates', 'fallback_candidates', 'clip_s
                                 'ddpm_temperature', 'selection'})
 RESUME_MAY_CHANGE = INFERENCE_SETTINGS | {'steps'}
 RESUME_FIX = 'choose another --out, or delete the run folder to start over'
+# Most layers (or residual blocks) one network of a run may have: the models here have 2-6, and
+# a config file asking for thousands would take minutes to build before its size is known.
+MAX_LAYERS = 64
 LOAD_FIX = 'point at a finished or checkpointed saferl-train run folder (runs/ALGO-TASK-sSEED)'
 # The only Python objects a checkpoint holds besides tensors and plain values (dicts, lists,
 # tuples, str, numbers): the uint32 numpy array of numpy's global RNG state
@@ -260,6 +263,14 @@ class Run:
         return self.module.export_plan(self.model, self.config)
 
 
+def _config_fields(config) -> dict:
+    """Return a config dataclass's fields by name (an empty dict for anything else)."""
+    try:
+        return asdict(config)
+    except TypeError:
+        return {}
+
+
 def max_model_values() -> int:
     """
     Return the most parameters and buffer values a run's model may have.
@@ -279,6 +290,15 @@ def check_model_size(module: ModuleType, dims, config, where: str, fix: str) -> 
     layer sizes from a config file are checked before anything is allocated: a model that
     cannot be built, or has more than :func:`max_model_values`, raises ConfigError on ``where``.
     """
+    depth = {key: value for key, value in _config_fields(config).items()
+             if (isinstance(value, (list, tuple)) and len(value) > MAX_LAYERS)
+             or (key.endswith(('blocks', 'layers')) and isinstance(value, int)
+                 and value > MAX_LAYERS)}
+    if depth:  # a deep model takes long to build even on the meta device
+        key, value = next(iter(depth.items()))
+        size = len(value) if isinstance(value, (list, tuple)) else value
+        raise ConfigError(f'{where}: algo_config field {key!r} asks for {size} layers, more than '
+                          f'the {MAX_LAYERS} a run may have; {fix}')
     try:
         with torch.random.fork_rng(devices=[]), torch.device('meta'):
             shapes = module.build_model(*dims, config)

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 
 from saferl_ros import graph as node_graph
 from saferl_ros.errors import (
-    EXIT_USER_ERROR, MAX_YAML_BYTES, StrictSafeLoader, UserError, yaml_problem)
+    EXIT_USER_ERROR, load_yaml, MAX_YAML_BYTES, StrictSafeLoader, UserError, yaml_problem)
 from saferl_ros.files import read_regular_file
 import yaml
 
@@ -66,7 +66,7 @@ _ParameterLoader.add_implicit_resolver(
 
 def parse_value(text: str):
     """Parse one parameter value as ROS 2 parameter files do (``1.0e9`` is a float)."""
-    return yaml.load(text, Loader=_ParameterLoader)
+    return load_yaml(text, _ParameterLoader)
 
 
 def load_parameters(path) -> Dict[str, dict]:
@@ -79,8 +79,8 @@ def load_parameters(path) -> Dict[str, dict]:
     """
     layout = '`node_name: {ros__parameters: {param: value}}` (see config/sim.yaml)'
     try:
-        raw = yaml.load(read_regular_file(path, MAX_YAML_BYTES, f'write {layout}').decode('utf-8'),
-                        Loader=_ParameterLoader)
+        raw = load_yaml(read_regular_file(path, MAX_YAML_BYTES, f'write {layout}').decode('utf-8'),
+                        _ParameterLoader)
     except UserError as exc:
         raise BringupError(str(exc)) from None
     except UnicodeDecodeError as exc:

@@ -59,6 +59,10 @@ MAX_MANIFEST_BYTES = MAX_YAML_BYTES
 # the arrays load_bundle reads from it may hold at most MAX_BUNDLE_FILE_BYTES together, checked
 # against the sizes the zip directory and each .npy header declare before anything is inflated.
 MAX_GOLDEN_MEMBERS = 256
+# golden.npz: largest batch (leading dimension) of a golden array (saferl-export writes 4). Every
+# other dimension must be the one the manifest declares, checked on each .npy header before its
+# data is read, so the golden check never feeds the graphs (or allocates) more than this.
+MAX_GOLDEN_BATCH = 64
 # Flags of every open of a bundle file: those of every untrusted read (saferl_ros.files), and
 # never follow a symbolic link (the lstat check comes first; this closes the gap between check
 # and open).
@@ -487,14 +491,15 @@ def _check_graph(graph: _Graph, manifest: dict, where: str) -> None:
                               f'{kind} critic has {sorted(expected)}; {REEXPORT}')
 
 
-def _read_golden(file: Path, data: bytes, keys) -> Dict[str, np.ndarray]:
+def _read_golden(file: Path, data: bytes, shapes: Dict[str, list]) -> Dict[str, np.ndarray]:
     """
-    Return the arrays ``keys`` of golden.npz (``data``); those it lacks are left out.
+    Return the golden.npz arrays ``shapes`` names (key: declared shape); absent ones left out.
 
-    Only the members named by ``keys`` are read, and only after the size the zip directory
-    declares for each (all of them together at most MAX_BUNDLE_FILE_BYTES) and the size its
-    .npy header declares (shape x dtype, at most the member's size) have been checked, so a
-    small file that inflates to gigabytes is refused, not inflated.
+    Only the members named by ``shapes`` are read, and only after the size the zip directory
+    declares for each (all of them together at most MAX_BUNDLE_FILE_BYTES), the size its .npy
+    header declares (shape x dtype, at most the member's size) and the header's shape (the
+    declared one, batch dimension at most MAX_GOLDEN_BATCH) have been checked, so a small file
+    that inflates to gigabytes, or feeds the graphs a huge batch, is refused, not read.
     """
     limit = MAX_BUNDLE_FILE_BYTES
     # Each zip directory entry starts with this signature, so the count bounds the entries
@@ -508,7 +513,7 @@ def _read_golden(file: Path, data: bytes, keys) -> Dict[str, np.ndarray]:
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             members = {info.filename: info for info in archive.infolist()}
-            for key in keys:
+            for key, spec in shapes.items():
                 info = members.get(f'{key}.npy')
                 if info is None:
                     continue
@@ -520,7 +525,7 @@ def _read_golden(file: Path, data: bytes, keys) -> Dict[str, np.ndarray]:
                         f'(saferl_ros.bundle.MAX_BUNDLE_FILE_BYTES); it is not a file '
                         f'saferl-export wrote; {REEXPORT}')
                 with archive.open(info) as stream:
-                    arrays[key] = _read_npy(file, key, stream, info.file_size)
+                    arrays[key] = _read_npy(file, key, stream, info.file_size, spec)
     except BundleError:
         raise
     except Exception as exc:  # a corrupt zip raises zipfile/ValueError/OSError variants
@@ -529,8 +534,21 @@ def _read_golden(file: Path, data: bytes, keys) -> Dict[str, np.ndarray]:
     return arrays
 
 
-def _read_npy(file: Path, key: str, stream, size: int) -> np.ndarray:
-    """Read one .npy member of ``size`` bytes; its header's shape x dtype is checked first."""
+def _golden_shape_ok(shape: tuple, spec: list) -> bool:
+    """Return whether a golden array's ``shape`` fits the manifest's ``spec``."""
+    if len(shape) != len(spec):
+        return False
+    for dim, declared in zip(shape, spec):
+        if isinstance(declared, int) and not isinstance(declared, bool):
+            if int(dim) != declared:
+                return False
+        elif int(dim) > MAX_GOLDEN_BATCH:  # the batch (or another symbolic) dimension
+            return False
+    return True
+
+
+def _read_npy(file: Path, key: str, stream, size: int, spec: list) -> np.ndarray:
+    """Read one .npy member of ``size`` bytes; its header's size and shape are checked first."""
     version = np.lib.format.read_magic(stream)
     if version == (1, 0):
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
@@ -549,6 +567,11 @@ def _read_npy(file: Path, key: str, stream, size: int) -> np.ndarray:
         raise BundleError(f'{file}: {key} declares shape {short_repr(tuple(shape))} of '
                           f'{dtype} ({nbytes} bytes) in a member of {size} bytes; it is not a '
                           f'file saferl-export wrote; {REEXPORT}')
+    if not _golden_shape_ok(shape, spec):
+        raise BundleError(f'{file}: {key} has shape {short_repr(tuple(shape))}, the manifest '
+                          f'declares {_fmt(spec)} and a golden batch may be at most '
+                          f'{MAX_GOLDEN_BATCH} (saferl_ros.bundle.MAX_GOLDEN_BATCH); it is not '
+                          f'a file saferl-export wrote; {REEXPORT}')
     raw = stream.read(nbytes)
     if len(raw) != nbytes:
         raise BundleError(f'{file}: {key} is truncated ({len(raw)} of {nbytes} bytes); '
@@ -558,18 +581,32 @@ def _read_npy(file: Path, key: str, stream, size: int) -> np.ndarray:
 
 def _check_golden(path: Path, data: bytes, graphs: Dict[str, _Graph], atol: float) -> None:
     file = path / GOLDEN
-    golden = _read_golden(file, data, [golden_key(graph.name, tensor)
+    golden = _read_golden(file, data, {golden_key(graph.name, tensor): spec
                                        for graph in graphs.values()
-                                       for tensor in (*graph.inputs, *graph.outputs)])
+                                       for tensor, spec in (*graph.inputs.items(),
+                                                            *graph.outputs.items())})
+    # Every input is read and checked (shape, batch) before any graph runs.
+    all_feeds = {}
     for graph in graphs.values():
-        feeds = {}
-        for tensor in graph.inputs:
+        feeds, batches = {}, {}
+        for tensor, spec in graph.inputs.items():
             key = golden_key(graph.name, tensor)
             if key not in golden:
                 raise BundleError(f'{file}: array {key!r} is missing (golden input of the '
                                   f'{graph.name} graph); {REEXPORT}')
             feeds[tensor] = golden[key].astype(np.float32, copy=False)
-        outputs = graph.run(feeds)
+            if spec[0] == BATCH:
+                batches[key] = feeds[tensor].shape[0]
+        if len(set(batches.values())) > 1:
+            raise BundleError(f'{file}: the golden inputs of the {graph.name} graph have '
+                              f'different batch sizes ({short_repr(batches)}); {REEXPORT}')
+        all_feeds[graph.name] = feeds
+    for graph in graphs.values():
+        try:
+            outputs = graph.run(all_feeds[graph.name])
+        except Exception as exc:  # onnxruntime raises several unrelated exception types
+            raise BundleError(f'{graph.path}: onnxruntime cannot run the {graph.name} graph on '
+                              f'the golden inputs ({short_repr(str(exc))}); {REEXPORT}') from None
         for tensor, value in outputs.items():
             key = golden_key(graph.name, tensor)
             if key not in golden:

@@ -83,10 +83,18 @@ def reports_user_errors(prog: str, expected: Tuple[Type[BaseException], ...] = (
 
 
 def short_repr(value, limit: int = MAX_REPR_CHARS) -> str:
-    """Return ``repr(value)`` cut to about ``limit`` characters (nested containers elided)."""
-    shortener = reprlib.Repr()
-    shortener.maxstring = shortener.maxother = limit
-    text = shortener.repr(value)
+    """
+    Return ``repr(value)`` cut to at most ``limit`` characters, at its end.
+
+    Nested containers are elided by :mod:`reprlib` (so a huge structure is never walked whole);
+    a string keeps its beginning, where a message says what is wrong.
+    """
+    if isinstance(value, str):
+        text = repr(value[:limit])
+    else:
+        shortener = reprlib.Repr()
+        shortener.maxstring = shortener.maxother = limit
+        text = shortener.repr(value)
     return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
@@ -111,9 +119,18 @@ class StrictSafeLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
-def load_yaml(text):
-    """Parse one YAML document (str or bytes) with :class:`StrictSafeLoader`."""
-    return yaml.load(text, Loader=StrictSafeLoader)
+def load_yaml(text, loader=None):
+    """
+    Parse one YAML document (str or bytes) with :class:`StrictSafeLoader` (or ``loader``).
+
+    Every failure is a :class:`yaml.YAMLError`: a value Python refuses to build (an integer of
+    more than 4300 digits raises ValueError) is turned into one, so callers catch one type.
+    """
+    try:
+        return yaml.load(text, Loader=loader or StrictSafeLoader)
+    except ValueError as error:
+        raise yaml.MarkedYAMLError(
+            problem=f'a value cannot be read: {short_repr(str(error))}') from None
 
 
 def yaml_problem(error: yaml.YAMLError) -> str:

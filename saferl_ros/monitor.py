@@ -631,6 +631,38 @@ class SafetyMonitor:
                     "monitor's; synchronise the clocks")
         return ''
 
+    def clock_waiting(self, stamp: float, now: float, sim_time: bool) -> str:
+        """
+        Return why an observation must wait for the simulation clock, or '' if it need not.
+
+        Under ``use_sim_time`` the monitor's clock reads 0 until the first /clock message. An
+        observation stamped ahead of that (past ``future_tolerance``) says nothing about the
+        sender's clock: it is ignored (STALE, safe action), and it never becomes the newest
+        observation, so silence is measured on the simulation clock once it runs. A stamp
+        within the tolerance (a lock-step simulation starts at 0) is judged as usual.
+        """
+        if not sim_time or now > 0.0 or not self.stamp_ahead('observation', stamp, now):
+            return ''
+        return (f'observation stamped {stamp:.3f} s arrived before the first /clock message '
+                '(use_sim_time): ignored until the simulation clock runs')
+
+    def clock_jumped(self, delta: Optional[float], why: str = '') -> str:
+        """
+        Forget the old time line after the clock jumped; return the reason to log and report.
+
+        ``delta``: the jump [s] (negative: back, e.g. a simulation reset its /clock), None when
+        the clock source changed (``why`` says how). The fallback's hold and the newest stamp
+        decided belong to the old time line; the node forgets its stamps too, so silence is
+        measured afresh from the next observation (until then the watchdog waits, as before the
+        first one).
+        """
+        self.hold_until = -math.inf
+        self.latest_stamp = -math.inf
+        what = why or (f'clock jumped back by {-delta:.3f} s' if delta is not None and delta < 0
+                       else f'clock jumped by {delta:+.3f} s' if delta is not None
+                       else 'clock changed')
+        return f'{what}: stamps of the old time line forgotten; no observation since'
+
     def stop(self, state: MonitorState, stamp: float, reason: str) -> Verdict:
         """Return (and count) a safe-action verdict, e.g. INACTIVE on deactivate."""
         return self._stop(state, stamp, None, reason)

@@ -35,7 +35,7 @@ from typing import Dict, List, Optional
 import h5py
 import numpy as np
 from saferl_ros.dataset_keys import DSRL_KEYS
-from saferl_ros.errors import ConfigError, MissingFileError, UserError
+from saferl_ros.errors import ConfigError, MissingFileError, short_repr, UserError
 from saferl_ros.files import (atomic_path, atomic_write_json, plain_file_problem,
                               read_regular_file)
 from saferl_ros.hdf5_limits import array_problem, link_problem, MAX_ROWS
@@ -295,13 +295,15 @@ def read_index(run_dir) -> dict:
         raise RecordingError(str(exc)) from None
     try:
         index = json.loads(text.decode('utf-8'))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RecordingError(f'{file}: not valid JSON ({exc}); {_INDEX_FIX}') from None
+    except ValueError as exc:  # not UTF-8, not JSON, or an integer of over 4300 digits
+        raise RecordingError(f'{file}: not valid JSON ({short_repr(str(exc))}); '
+                             f'{_INDEX_FIX}') from None
     if not isinstance(index, dict):
         raise RecordingError(f'{file}: expected a JSON object, found a '
                              f'{type(index).__name__}; {_INDEX_FIX}')
     if index.get('format') != FORMAT:
-        raise RecordingError(f'{file}: format is {index.get("format")!r}, expected {FORMAT!r}; '
+        raise RecordingError(f'{file}: format is {short_repr(index.get("format"))}, expected '
+                             f'{FORMAT!r}; '
                              f'{run_dir} is not a saferl_ros recording folder')
     for key, kind in (('task', str), ('attrs', dict), ('episodes', list)):
         if not isinstance(index.get(key), kind):
@@ -317,15 +319,16 @@ def read_index(run_dir) -> dict:
             value = entry.get(key)
             if not isinstance(value, kind) or isinstance(value, bool) \
                     or (key == 'steps' and value < 1):
-                found = 'missing' if key not in entry else repr(value)
+                found = 'missing' if key not in entry else short_repr(value)
                 what = 'a positive int' if key == 'steps' else f'a {kind.__name__}'
                 raise RecordingError(f'{where}: field {key!r} should be {what}, found {found}; '
                                      f'{_INDEX_FIX}')
-    files = [entry['file'] for entry in index['episodes']]
-    if len(set(files)) < len(files):
-        twice = next(name for name in files if files.count(name) > 1)
-        raise RecordingError(f'{file}: lists the episode file {twice!r} more than once; '
-                             f'{_INDEX_FIX}')
+    seen = set()
+    for entry in index['episodes']:
+        if entry['file'] in seen:
+            raise RecordingError(f'{file}: lists the episode file {short_repr(entry["file"])} '
+                                 f'more than once; {_INDEX_FIX}')
+        seen.add(entry['file'])
     return index
 
 

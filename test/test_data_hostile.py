@@ -233,9 +233,12 @@ def test_chunks_smaller_than_gzip_can_produce_are_refused(tmp_path, ballcircle_a
         dataset = h5.create_dataset('stamps_ns', shape=(400_000, 2), dtype='f4',
                                     chunks=(400_000, 2), compression='gzip')
         dataset.id.write_direct_chunk((0, 0), b'\x78\x9c' + b'\x00' * 8)
-    problems = validate_file(path)
+    problems = check_file(path, keys=None).problems       # read by whoever reads every key
     assert [p.key for p in problems] == ['stamps_ns'], _keys_and_messages(problems)
     assert f'more than gzip can expand ({MAX_EXPANSION}:1)' in problems[0].message
+    report = check_file(path)                               # never read by validate or training
+    assert report.problems == [] and [p.key for p in report.notes] == ['stamps_ns']
+    assert f'refused: {problems[0].message.split(";")[0]}' in report.notes[0].message
 
 
 def test_a_real_highly_compressible_file_is_accepted_and_checked_in_blocks(tmp_path):
@@ -510,7 +513,10 @@ def test_filters_whose_output_is_unbounded_are_refused(tmp_path, ballcircle_arra
     with h5py.File(path, 'a') as h5:
         h5.create_dataset('critic_v_h', data=np.zeros(len(ballcircle_arrays['rewards'])),
                           compression='lzf')
-    problems = validate_file(path)
+    assert validate_file(path) == []      # an extra that validate and training never read
+    with pytest.raises(DatasetError) as refusal:
+        load_dataset(path)                # every key, so critic_v_h too
+    problems = refusal.value.problems
     assert [p.key for p in problems] == ['critic_v_h'], _keys_and_messages(problems)
     assert 'HDF5 filters lzf, whose output cannot be bounded' in problems[0].message
     assert 'h5repack -f GZIP=4' in problems[0].message
@@ -535,7 +541,7 @@ def test_wide_rows_are_refused_without_a_task(tmp_path, monkeypatch, capsys):
     assert 'Traceback' not in err and 'declares rows of' in err
 
 
-def test_extra_keys_are_limited_and_training_reads_only_the_dsrl_keys(
+def test_extra_keys_never_read_are_notes_and_the_limits_apply_to_the_keys_read(
         tmp_path, ballcircle_arrays, capsys):
     from offline_training.train import _load_data
     from saferl_ros.tasks import get_task
@@ -547,21 +553,60 @@ def test_extra_keys_are_limited_and_training_reads_only_the_dsrl_keys(
     loaded, _ = _load_data(path, None, get_task('BallCircle'))
     assert set(loaded) == set(DSRL_KEYS)
     assert set(load_dataset(path, keys=DSRL_KEYS)) == set(DSRL_KEYS)
-    # an extra declaring more rows than a dataset may hold (the review's was 3 GB of gzip'd
-    # zeros) is refused, whoever reads the file
+    # (a) extras that break the limits (one declaring more rows than a dataset may hold, the
+    # review's was 3 GB of gzip'd zeros; variable-length strings; lzf) are never read by
+    # training or validate: notes saying what reading them would meet, not problems
     with h5py.File(path, 'a') as h5:
         del h5['foo']
         h5.create_dataset('foo', shape=(MAX_ROWS + 1,), dtype='f4', chunks=(1 << 16,),
                           compression='gzip')
+        h5.create_dataset('infos_text', data=np.array(['a', 'b'], dtype=h5py.string_dtype()))
+        h5.create_dataset('extra_lzf', data=np.ones(n), compression='lzf')
+    refused = '; reading it would be refused: '
+    report = check_file(path)
+    assert report.problems == []
+    assert {p.key: p.message for p in report.notes} == {
+        'foo': 'extra dataset, not a DSRL or recording key; never read (training ignores it)'
+               f'{refused}declares {MAX_ROWS + 1} rows, more than the {MAX_ROWS} accepted '
+               '(DSRL datasets hold at most ~3 million)',
+        'infos_text': 'extra dataset, not a DSRL or recording key; never read (training ignores '
+                      f'it){refused}holds variable-length values, whose size cannot be bounded '
+                      'before reading',
+        'extra_lzf': 'extra dataset, not a DSRL or recording key; never read (training ignores '
+                     f'it){refused}is stored through the HDF5 filters lzf, whose output cannot '
+                     'be bounded before reading (DSRL files use gzip, optionally after shuffle: '
+                     '`h5repack -f GZIP=4 IN OUT` rewrites a file so)'}
+    assert cli.main(['validate', str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith('OK: ') and 'note: infos_text: extra dataset' in out
     with _bounded() as used:
-        with pytest.raises(DatasetError, match=f'foo: declares {MAX_ROWS + 1} rows'):
-            _load_data(path, None, get_task('BallCircle'))
+        loaded, _ = _load_data(path, None, get_task('BallCircle'))
+        assert set(loaded) == set(DSRL_KEYS)
+        # (b) whoever reads every key (load_dataset's default) meets the same limits
+        for keys in (None, DSRL_KEYS + ('foo',)):
+            with pytest.raises(DatasetError, match=f'foo: declares {MAX_ROWS + 1} rows'):
+                load_dataset(path, keys=keys)
+        with pytest.raises(DatasetError) as refusal:
+            load_dataset(path, validate=False)
+        assert {p.key for p in refusal.value.problems} == {'foo', 'infos_text', 'extra_lzf'}
         assert cli.main(['merge', '--dataset', str(path), '--task', 'BallCircle', '-o',
-                         str(tmp_path / 'merged.hdf5')]) == 2
+                         str(tmp_path / 'merged.hdf5')]) == 0
     assert used['peak'] < 10 << 20, used
+    capsys.readouterr()
+    # (c) a DSRL key that breaks the same limits is refused by validate, training and merge
+    with h5py.File(path, 'a') as h5:
+        del h5['rewards']
+        h5.create_dataset('rewards', data=ballcircle_arrays['rewards'].astype('f4'),
+                          compression='lzf')
+    match = 'rewards: is stored through the HDF5 filters lzf'
+    assert [p.key for p in validate_file(path)] == ['rewards']
+    with pytest.raises(DatasetError, match=match):
+        _load_data(path, None, get_task('BallCircle'))
+    assert cli.main(['merge', '--dataset', str(path), '--task', 'BallCircle', '-o',
+                     str(tmp_path / 'merged2.hdf5')]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f'saferl-data: error: {path}: foo: declares'), err
-    assert not (tmp_path / 'merged.hdf5').exists()
+    assert len(err) == 1 and err[0].startswith(f'saferl-data: error: {path}: rewards: is '), err
+    assert not (tmp_path / 'merged2.hdf5').exists()
 
 
 def test_merge_and_split_demos_never_overwrite_an_output(tmp_path, ballcircle_arrays, capsys):

@@ -22,7 +22,8 @@ import pytest
 from saferl_ros import bundle as rt
 from saferl_ros.bundle import BundleError, load_bundle
 from saferl_ros.errors import (
-    ConfigError, load_yaml, MissingFileError, read_yaml_mapping, require_field, UserError)
+    ConfigError, load_yaml, MissingFileError, read_yaml_mapping, require_field, short_repr,
+    UserError)
 from saferl_ros.files import atomic_write_yaml, sha256_file
 import torch
 import yaml
@@ -199,6 +200,66 @@ def test_golden_with_too_many_members_is_refused(bundle_copy):
         load_bundle(bundle_copy)
 
 
+def _no_graph_run(monkeypatch):
+    """Make any ONNX graph run during the golden check fail the test."""
+    def refuse(self, feeds):
+        raise AssertionError(f'{self.name} graph ran on {[v.shape for v in feeds.values()]}')
+    monkeypatch.setattr(rt._Graph, 'run', refuse)
+
+
+@pytest.mark.parametrize('member, shape', [
+    ('policy.observation', (rt.MAX_GOLDEN_BATCH + 1, 8)),  # batch past the cap
+    ('policy.observation', (4, 9)),                        # observation.dim is 8
+    ('policy.observation', (4, 8, 1)),                     # one dimension too many
+    ('policy.observation', (32,)),                         # one too few
+    ('policy.action', (rt.MAX_GOLDEN_BATCH + 1, 2)),       # outputs are checked before runs
+    ('policy.action', (4, 3)),                             # action.dim is 2
+])
+def test_golden_array_off_its_declared_shape_is_refused_before_any_graph_runs(
+        bundle_copy, monkeypatch, member, shape):
+    count = int(np.prod(shape))  # a few kB at most: the member really holds the data
+    _rewrite_golden(bundle_copy, {f'{member}.npy': _npy(shape, bytes(4 * count))})
+    _no_graph_run(monkeypatch)
+    with pytest.raises(BundleError) as info:
+        load_bundle(bundle_copy)
+    message = str(info.value)
+    assert '\n' not in message
+    assert message.startswith(f'{bundle_copy / "golden.npz"}: {member} has shape {shape}, the '
+                              f'manifest declares [batch, ')
+    assert f'a golden batch may be at most {rt.MAX_GOLDEN_BATCH}' in message
+
+
+def test_huge_golden_batch_in_a_small_file_is_refused_unallocated(bundle_copy, monkeypatch):
+    # The reviewer's case, scaled down: a batch of 6,000,000 declared in a tiny member (the
+    # header alone); neither the data nor the graph's buffers may be allocated.
+    _rewrite_golden(bundle_copy, {'policy.observation.npy': _npy((6_000_000, 8), bytes(32))})
+    assert (bundle_copy / 'golden.npz').stat().st_size < 16 << 10
+    _no_graph_run(monkeypatch)
+    with pytest.raises(BundleError, match=r'golden.npz: policy.observation declares shape '
+                                          r'\(6000000, 8\)'):
+        load_bundle(bundle_copy)
+
+
+def test_golden_batch_at_the_cap_is_accepted(bundle_copy):
+    obs = np.linspace(-1, 1, rt.MAX_GOLDEN_BATCH * 8, dtype=np.float32).reshape(-1, 8)
+    action = load_bundle(bundle_copy, verify_golden=False).policy(obs)
+    buffers = {}
+    for key, value in (('policy.observation', obs), ('policy.action', action)):
+        buffers[key] = io.BytesIO()
+        np.save(buffers[key], value)
+    _rewrite_golden(bundle_copy, {f'{k}.npy': v.getvalue() for k, v in buffers.items()})
+    assert load_bundle(bundle_copy).name == 'bc_all-ballcircle'
+
+
+def test_golden_inputs_of_one_graph_with_different_batches_are_refused(tmp_path, monkeypatch):
+    bundle = Path(shutil.copytree(REPO / 'models' / 'bcq_lag-ballcircle', tmp_path / 'b'))
+    _rewrite_golden(bundle, {'critic.action.npy': _npy((3, 2), bytes(4 * 6))})
+    _no_graph_run(monkeypatch)
+    with pytest.raises(BundleError, match=r'golden.npz: the golden inputs of the critic graph '
+                                          r'have different batch sizes'):
+        load_bundle(bundle)
+
+
 def test_yaml_anchors_and_aliases_are_refused_everywhere(bundle_copy, tmp_path):
     from offline_training.overrides import parse_override
     from saferl_ros.bringup import BringupError, load_parameters
@@ -240,6 +301,12 @@ def test_error_messages_quote_a_huge_value_briefly(bundle_copy):
         load_bundle(bundle_copy)
     assert "field 'name' should be a str, found list" in str(info.value)
     assert len(str(info.value)) < 300
+    # a long message keeps its beginning, where it says what is wrong (not cut in the middle)
+    text = 'episode_len is unset; call resolve_config first ' + 'x' * 200 + ' END'
+    quoted = short_repr(text)
+    assert quoted.startswith("'episode_len is unset; call resolve_config first xxx")
+    assert quoted.endswith('x...') and len(quoted) == 80
+    assert short_repr('short') == "'short'"
 
 
 @pytest.mark.parametrize('kind', ['device', 'fifo', 'huge'])
@@ -326,6 +393,9 @@ GOOD_CONFIG = ('algorithm: bc_all\nobs_dim: 8\nact_dim: 2\ntask: {name: BallCirc
     ('huge hidden', 'config.yaml: obs_dim 8, act_dim 2 and the layer sizes of algo_config '
                     'describe a model of 4024002 values, more than the 262144'),
     ('negative hidden', 'config.yaml: cannot build the model it describes (RuntimeError'),
+    ('deep hidden', "config.yaml: algo_config field 'hidden' asks for 30000 layers, more than "
+                    'the 64'),
+    ('huge integer', 'config.yaml: not valid YAML (a value cannot be read:'),
 ])
 def test_export_and_eval_report_bad_run_folders_in_one_line(tmp_path, capsys, monkeypatch, case,
                                                             needle):
@@ -343,7 +413,11 @@ def test_export_and_eval_report_bad_run_folders_in_one_line(tmp_path, capsys, mo
              'zero act_dim': GOOD_CONFIG.replace('act_dim: 2', 'act_dim: 0'),
              'huge obs_dim': GOOD_CONFIG.replace('obs_dim: 8', 'obs_dim: 100000'),
              'huge hidden': GOOD_CONFIG.replace('[16, 16]', '[2000, 2000]'),
-             'negative hidden': GOOD_CONFIG.replace('[16, 16]', '[16, -5]')}
+             'negative hidden': GOOD_CONFIG.replace('[16, 16]', '[16, -5]'),
+             # a 30 000-layer model took 16 s to build (twice) before its size was known
+             'deep hidden': GOOD_CONFIG.replace('[16, 16]', str([1] * 30_000)),
+             # Python refuses to parse integers of more than 4300 digits (ValueError)
+             'huge integer': GOOD_CONFIG.replace('obs_dim: 8', 'obs_dim: ' + '9' * 5000)}
     if case == 'missing':
         run = tmp_path / 'nothing'
     else:

@@ -264,6 +264,34 @@ def test_watchdog_refuses_a_newest_stamp_in_the_future():
     assert m.watchdog(1.1, 1.1, now=1.0) is None         # within future_tolerance
 
 
+def test_clock_jumping_back_forgets_the_old_time_line():
+    """Review 14b: a simulation reset its /clock (100 s -> 0.1 s) while the monitor ran."""
+    m = monitor(min_hold=1.0)
+    assert m.decide(INFEASIBLE_S, [0, 0], 100.0, 100.0, 100.0).replaced   # hold until 101 s
+    reason = m.clock_jumped(-99.9)
+    assert reason.startswith('clock jumped back by 99.900 s: ')
+    assert 'no observation since' in reason
+    assert m.hold_until == -math.inf and m.latest_stamp == -math.inf
+    # the new time line is judged afresh: no hold carried over, nothing "in the future"
+    assert m.decide(FEASIBLE_S, [0, 0], 0.2, 0.2, 0.2).state == MonitorState.NOMINAL
+    # an observation stamped on the old time line is still refused as lying in the future
+    v = m.decide(FEASIBLE_S, [0, 0], 100.1, 100.1, 0.3)
+    assert v.state == MonitorState.FAULT and 'in the future' in v.reason
+    assert m.clock_jumped(None, 'clock switched to /clock (use_sim_time true)').startswith(
+        'clock switched to /clock')
+
+
+def test_an_observation_before_the_first_clock_message_waits_for_the_clock():
+    m = monitor()
+    # use_sim_time and the clock still 0: ignored, not blamed on the sender's clock
+    why = m.clock_waiting(100.0, 0.0, sim_time=True)
+    assert 'before the first /clock message' in why and '100.000 s' in why
+    assert m.clock_waiting(0.0, 0.0, sim_time=True) == ''      # lock-step starts at stamp 0
+    assert m.clock_waiting(0.1, 0.0, sim_time=True) == ''      # within future_tolerance
+    assert m.clock_waiting(100.0, 0.0, sim_time=False) == ''   # wall time: stamp_ahead's FAULT
+    assert m.clock_waiting(100.0, 50.0, sim_time=True) == ''   # the clock runs
+
+
 def test_cost_critic_uses_budget():
     m = monitor('cost', min_hold=0.0)
     assert m.decide([0.1, 0, 0], [0.3, 0], 1, 1, 1).state == MonitorState.NOMINAL   # 0.4 <= 0.5

@@ -118,6 +118,24 @@ def test_unreadable_or_oversized_index_files(run, monkeypatch):
         read_index(run.parent / 'big')
 
 
+def test_an_index_with_a_huge_integer_or_many_entries_is_one_line_and_quick(run):
+    """Review 14b: a 4301-digit integer raised a traceback; the duplicate check was quadratic."""
+    text = (run / 'index.json').read_text()
+    (run / 'index.json').write_text(text.replace('"steps": ', '"steps": ' + '9' * 5000, 1))
+    with pytest.raises(RecordingError, match=r'index.json: not valid JSON \(.*digits'):
+        read_index(run)
+    # 200 000 entries, the last two sharing a file: refused by name in one pass (a quadratic
+    # check took hours at the size the index's byte limit allows)
+    entries = [{'episode': k, 'file': f'episodes/episode_{k:06d}.hdf5', 'steps': 1}
+               for k in range(200_000)]
+    entries[-1]['file'] = entries[-2]['file']
+    index = json.loads(text)
+    index['episodes'] = entries
+    (run / 'index.json').write_text(json.dumps(index))
+    with pytest.raises(RecordingError, match='episode_199998.hdf5.* more than once'):
+        read_index(run)
+
+
 def _foreign_dataset(tmp_path) -> Path:
     """Return a valid DSRL file outside the recording (what a traversal would merge)."""
     other = _record(tmp_path / 'other', episodes=1)

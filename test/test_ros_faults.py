@@ -26,6 +26,8 @@ import numpy as np
 from offline_training.data.dataset import validate_file
 import pytest
 from rclpy.node import Node
+from rclpy.qos import QoSProfile
+from rosgraph_msgs.msg import Clock
 from saferl_interfaces.msg import StepRecord
 from saferl_ros.bringup import BringupError, Graph, main as bringup_main, run
 from saferl_ros.graph import CONTROLLER, MONITOR, RECORDER, SIM
@@ -204,6 +206,107 @@ def test_controller_silence_stops_the_robot(monitor_graph):
     assert spin_until(graph.executor, lambda: len(robot.final) > n, 5.0)   # watchdog
     assert list(robot.final[-1].position) == SAFE and state_of(graph) == MonitorState.STALE
     assert 'controller silent' in graph.nodes[MONITOR].monitor.last.reason
+
+
+# -- review 14b: the monitor under use_sim_time when /clock jumps back ---------------------------
+
+SECOND = 1_000_000_000
+
+
+@pytest.fixture
+def sim_time_graph():
+    """Run a safety monitor with use_sim_time; the test plays robot, controller and /clock."""
+    graph = Graph({MONITOR: {'bundle': SHIPPED_FISOR, 'use_sim_time': True, 'min_hold': 0.0,
+                             'observation_timeout': 0.25, 'proposal_timeout': 0.25}})
+    robot = Robot()
+    clock_pub = robot.create_publisher(Clock, '/clock', QoSProfile(depth=1))
+    graph.executor.add_node(robot)
+    assert graph.configure() == []
+    graph.activate()
+    assert spin_until(graph.executor, lambda: robot.count_subscribers(common.PROPOSED) >= 1
+                      and robot.count_subscribers(common.OBSERVATION) >= 1
+                      and clock_pub.get_subscription_count() >= 1, 5.0)
+    spin_for(graph.executor, 0.3)
+    node = graph.nodes[MONITOR]
+
+    def clock(stamp_ns: int):
+        """Publish /clock and wait until the monitor's clock reads it."""
+        msg = Clock()
+        msg.clock = common.ns_to_stamp(stamp_ns)
+        clock_pub.publish(msg)
+        assert spin_until(graph.executor,
+                          lambda: node.get_clock().now().nanoseconds == stamp_ns, 5.0)
+
+    yield graph, robot, node, clock
+    graph.deactivate()
+    graph.executor.remove_node(robot)
+    robot.destroy_node()
+    graph.shutdown()
+
+
+def test_sim_clock_jumping_back_forgets_the_stamps_and_never_faults(sim_time_graph, capfd):
+    graph, robot, node, clock = sim_time_graph
+    for k in range(5):                                   # the first run: 100.0 s .. 100.4 s
+        stamp = 100 * SECOND + k * SECOND // 10
+        clock(stamp)
+        robot.send(graph.executor, OBS, [0.0, 0.0], stamp)
+        assert state_of(graph) in (MonitorState.NOMINAL,) + FALLBACK
+    assert node.last_obs_ns == stamp
+    faults, n_final, n_status = node.monitor.counters.counts['FAULT'], len(robot.final), \
+        len(robot.status)
+    capfd.readouterr()
+    clock(SECOND // 10)                                  # the simulation resets: 100.4 s -> 0.1 s
+    assert spin_until(graph.executor, lambda: len(robot.final) > n_final, 2.0)
+    assert node.last_obs_ns is None and node.last_decided_ns is None and not node.observations
+    last = node.monitor.last
+    assert last.state == MonitorState.STALE and list(robot.final[-1].position) == SAFE
+    assert last.reason.startswith('clock jumped back by 100.300 s: '), last.reason
+    # the clock runs on with no observation: the watchdog (20 Hz of /clock) waits for one, as
+    # before the first observation; never "newest observation stamp is 100 s in the future"
+    for k in range(2, 12):
+        clock(k * SECOND // 10)
+        spin_for(graph.executor, 0.02)
+    assert node.monitor.counters.counts['FAULT'] == faults
+    assert [m.message for m in robot.status[n_status:]] == ['STALE']
+    logged = [line for line in capfd.readouterr().err.splitlines() if 'clock jumped back' in line]
+    assert len(logged) == 1 and '100.300 s' in logged[0], logged
+    # observations on the new time line are judged as usual, silence measured from them
+    stamp = 12 * SECOND // 10
+    clock(stamp)
+    cmd = robot.send(graph.executor, OBS, [0.2, 0.1], stamp)
+    assert state_of(graph) in (MonitorState.NOMINAL,) + FALLBACK
+    assert all(-1.0 <= v <= 1.0 for v in cmd.position) and node.last_obs_ns == stamp
+    # one still stamped on the old time line is refused as lying in the future
+    cmd = robot.send(graph.executor, OBS, [0.9, 0.9], 100 * SECOND + SECOND // 2)
+    assert list(cmd.position) == SAFE and state_of(graph) == MonitorState.FAULT
+    assert 'in the future' in node.monitor.last.reason
+    # and once observations stop, the watchdog gives STALE (no observation), not FAULT
+    for k in range(13, 20):
+        clock(k * SECOND // 10)
+        spin_for(graph.executor, 0.02)
+    assert state_of(graph) == MonitorState.STALE
+    assert 'no observation for' in node.monitor.last.reason
+
+
+def test_an_observation_before_the_first_clock_waits_for_the_clock(sim_time_graph):
+    graph, robot, node, clock = sim_time_graph
+    assert node.get_clock().now().nanoseconds == 0      # no /clock yet
+    cmd = robot.send(graph.executor, OBS, [0.9, 0.9], 100 * SECOND)
+    assert list(cmd.position) == SAFE
+    stale = [m for m in robot.status if m.message == 'STALE']
+    assert stale and 'before the first /clock message' in next(
+        v.value for v in stale[0].values if v.key == 'reason')
+    assert node.last_obs_ns is None and node.monitor.counters.counts['FAULT'] == 0
+    # the clock starts: judged as usual, and no "no observation for 100100 ms"
+    stamp = 100 * SECOND + SECOND // 10
+    clock(stamp)
+    robot.send(graph.executor, OBS, [0.0, 0.0], stamp)
+    assert state_of(graph) in (MonitorState.NOMINAL,) + FALLBACK
+    clock(stamp + SECOND // 10)
+    spin_for(graph.executor, 0.1)
+    assert state_of(graph) in (MonitorState.NOMINAL,) + FALLBACK
+    assert not any('no observation' in v.value for m in robot.status for v in m.values
+                   if v.key == 'reason')
 
 
 @pytest.mark.parametrize('which, message', [

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import h5py
 import numpy as np
@@ -204,9 +204,26 @@ def describe_generated(info: dict) -> str:
             'synthetic transitions, not collected data')
 
 
+def _unread_problem(item: h5py.Dataset) -> Optional[str]:
+    """
+    Return why reading a dataset that is not read would be refused, from its metadata alone.
+
+    What it declares (`declaration_problem`), then whether it is backed by stored data; the
+    chunk streams of a key that is never read are not inflated.
+    """
+    try:
+        why = declaration_problem(item)
+        if why is None:
+            shortfall = storage_shortfall(item)
+            why = describe_shortfall(*shortfall) if shortfall is not None else None
+    except (OSError, ValueError, RuntimeError, TypeError) as err:
+        why = f'cannot be examined ({err})'
+    return why
+
+
 def _storage_problems(datasets: Dict[str, h5py.Dataset], source: str) -> List[Problem]:
     """
-    Return the problems of what the datasets declare and store, reading no array.
+    Return the problems of what the datasets to be read declare and store, reading no array.
 
     First each array's declaration (`declaration_problem`: rows, bytes per row, chunk size,
     filters), then one problem per kind of storage shortfall naming every key that has it, then,
@@ -246,7 +263,7 @@ def _task_attr(h5: h5py.File) -> dict:
 
 
 def _inspect_objects(h5: h5py.File, source: str, problems: List[Problem],
-                     notes: List[Problem]) -> Dict[str, h5py.Dataset]:
+                     notes: List[Problem], read=None) -> Dict[str, h5py.Dataset]:
     """
     Return the plain datasets at the top of a file, reading no data.
 
@@ -254,7 +271,9 @@ def _inspect_objects(h5: h5py.File, source: str, problems: List[Problem],
     them, and an external link points anywhere, HDF5 or not), and so are virtual or externally
     stored datasets, whose data lies in other files. A second name for an array already listed
     (a hard link) is refused too, since dsrl's loader sees each array once. Groups and datasets
-    outside the DSRL and recording keys are notes, not problems.
+    outside the DSRL and recording keys are notes, not problems. ``read``: the keys that will be
+    read (None: every dataset); a dataset outside them that would be refused if read
+    (`_unread_problem`) gets a note saying why, not a problem, since it is never read.
     """
     datasets: Dict[str, h5py.Dataset] = {}
     for key in h5.keys():
@@ -279,9 +298,14 @@ def _inspect_objects(h5: h5py.File, source: str, problems: List[Problem],
                                                  f'one of them; {_PLAIN_FIX}'))
             continue
         datasets[key] = item
+        unread = None if read is None or key in read else _unread_problem(item)
+        refused = '' if unread is None else f'; reading it would be refused: {unread}'
         if key not in DSRL_KEYS and key not in RECORDING_KEYS:
             notes.append(Problem(source, key, 'extra dataset, not a DSRL or recording key; '
-                                              'training ignores it'))
+                                              + ('never read (training ignores it)' + refused
+                                                 if refused else 'training ignores it')))
+        elif refused:
+            notes.append(Problem(source, key, 'recording key, never read here' + refused))
     return datasets
 
 
@@ -554,18 +578,27 @@ def _open(path: Path, problems: List[Problem]) -> Optional[h5py.File]:
         return None
 
 
-def _inspect(h5: h5py.File, report: DatasetReport, task, require_task: bool):
+def _read_keys(keys: Optional[Iterable[str]]) -> Optional[frozenset]:
+    """Return the keys a reader reads: the DSRL keys plus ``keys`` (None: every key)."""
+    return None if keys is None else frozenset(DSRL_KEYS) | frozenset(keys)
+
+
+def _inspect(h5: h5py.File, report: DatasetReport, task, require_task: bool,
+             keys: Optional[Iterable[str]] = DSRL_KEYS):
     """
     Run every check that reads no data; return the required datasets, or None on problems.
 
-    In order: links and odd objects, the task, missing keys, the declared layout of the DSRL
-    keys (shapes, row counts, the row limit, dtypes), then, for every array, extras included,
-    what it declares (rows, bytes per row, chunk size, filters), whether it is backed by stored
-    data and whether a stored chunk inflates past its declared size (`_storage_problems`).
+    In order: links and odd objects (every name), the task, missing keys, the declared layout of
+    the DSRL keys (shapes, row counts, the row limit, dtypes), then, for every array that will be
+    read (the DSRL keys and ``keys``; None: every array), what it declares (rows, bytes per row,
+    chunk size, filters), whether it is backed by stored data and whether a stored chunk inflates
+    past its declared size (`_storage_problems`). An array that is never read is not limited: if
+    reading it would be refused, a note says why.
     """
     source = str(report.path)
     problems = report.problems
-    datasets = _inspect_objects(h5, source, problems, report.notes)
+    read = _read_keys(keys)
+    datasets = _inspect_objects(h5, source, problems, report.notes, read)
     report.unlabelled = is_unlabelled(h5.attrs)
     report.layout = {k: (tuple(d.shape) if d.shape is not None else None, d.dtype)
                      for k, d in datasets.items()}
@@ -592,13 +625,15 @@ def _inspect(h5: h5py.File, report: DatasetReport, task, require_task: bool):
     problems.extend(layout_problems)
     if layout_problems:
         return None
-    problems.extend(_storage_problems(datasets, source))
+    problems.extend(_storage_problems(
+        {k: d for k, d in datasets.items() if read is None or k in read}, source))
     if any(p.key != 'task' for p in problems):
         return None
     return datasets
 
 
-def check_file(path, task=None, values=True, require_task=True) -> DatasetReport:
+def check_file(path, task=None, values=True, require_task=True,
+               keys: Optional[Iterable[str]] = DSRL_KEYS) -> DatasetReport:
     """
     Check a dataset file; return a DatasetReport (no problems means it is valid).
 
@@ -606,7 +641,9 @@ def check_file(path, task=None, values=True, require_task=True) -> DatasetReport
     checked before any array is read; then, if ``values``, the values are checked in blocks of
     rows, so memory stays bounded whatever the file's size. The task comes from ``task``, else
     the file's ``task`` attribute, else its DSRL-style name; ``require_task`` makes an unknown
-    task a problem.
+    task a problem. ``keys``: the keys the caller will read besides the DSRL keys (None: every
+    dataset in the file); the limits of `saferl_ros.hdf5_limits` apply to those, and an array
+    that is never read and would break them is a note, not a problem.
     """
     report = DatasetReport(Path(path))
     h5 = _open(report.path, report.problems)
@@ -618,7 +655,7 @@ def check_file(path, task=None, values=True, require_task=True) -> DatasetReport
             report.notes.append(Problem(str(report.path), GENERATED_ATTR,
                                         describe_generated(report.generated)))
         try:
-            datasets = _inspect(h5, report, task, require_task)
+            datasets = _inspect(h5, report, task, require_task, keys)
             # Datasets come back only when every declaration is sound (an unknown task, if
             # required, may have been reported: the task-independent value checks still run).
             if datasets is not None and values:
@@ -652,14 +689,17 @@ def load_dataset(path=None, task=None, validate=True, keys=None) -> Dict[str, np
     `dataset_dirs`. Never downloads. Raises DatasetError listing every problem found.
     What the file declares is always checked before anything is read (`check_file`);
     ``validate=False`` skips only the checks of the values. ``keys`` loads only those keys
-    (default: every plain dataset; extra keys such as recording extras are returned unchanged,
-    each within the same limits). Code that uses only the DSRL keys passes ``keys=DSRL_KEYS``.
+    (default: every plain dataset; extra keys such as recording extras are returned unchanged).
+    The limits of `saferl_ros.hdf5_limits` apply to every key read, and to the DSRL keys, which
+    the checks read: with ``keys=None`` an extra key that breaks them refuses the file, while
+    code that uses only the DSRL keys passes ``keys=DSRL_KEYS`` and such an extra is a note.
     """
     path = resolve_dataset_path(path, task)
-    report = check_file(path, task, values=validate, require_task=False)
+    keys = None if keys is None else list(keys)
+    report = check_file(path, task, values=validate, require_task=False, keys=keys)
     if report.problems:
         raise DatasetError(report.problems)
-    wanted = list(report.layout) if keys is None else list(keys)
+    wanted = list(report.layout) if keys is None else keys
     data: Dict[str, np.ndarray] = {}
     with h5py.File(path, 'r') as h5:
         for key in wanted:

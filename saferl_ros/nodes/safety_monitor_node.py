@@ -11,6 +11,13 @@ controller falls silent; deactivate publishes it once (INACTIVE). An observation
 never becomes the newest stamp the watchdog measures silence from. An unconfigured monitor (e.g.
 its bundle failed verification) publishes nothing, so the robot side's command timeout holds the
 robot stopped.
+
+Clock: when the node's clock jumps back (under ``use_sim_time`` a simulation reset or
+reconfigured its /clock) or its source changes (``use_sim_time`` switched), the node forgets
+every stamp of the old time line (newest observation, newest answered, the observations awaiting
+proposals, the fallback's hold), logs one line and publishes the safe action once (STALE); silence
+is then measured afresh from the next observation. An observation that arrives before the first
+/clock message, stamped ahead of the clock (0), is ignored (STALE, safe action) until it runs.
 """
 
 from collections import OrderedDict
@@ -22,6 +29,8 @@ from typing import Any, Dict, List, Optional
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 import numpy as np
+from rclpy.clock import ClockChange, JumpThreshold, TimeJump
+from rclpy.duration import Duration
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from saferl_interfaces.msg import MonitorVerdict
 from saferl_ros import graph
@@ -112,6 +121,11 @@ class SafetyMonitorNode(LifecycleNode):
         self.verdict_pub = None
         self.status_pub = None
         self.diag_pub = None
+        # Any backwards jump of the node's clock (or a change of its source) ends the time line
+        # the stamps above belong to (rcl calls this from the /clock callback, after the jump).
+        self.jump_handle = self.get_clock().create_jump_callback(
+            JumpThreshold(min_forward=None, min_backward=Duration(nanoseconds=-1),
+                          on_clock_change=True), post_callback=self._on_clock_jump)
 
     def on_configure(self, state) -> TransitionCallbackReturn:
         """Load + verify the monitor bundle, validate every parameter, build the rule."""
@@ -199,6 +213,10 @@ class SafetyMonitorNode(LifecycleNode):
     def destroy_node(self):
         """Stop the fallback worker, then destroy the node."""
         self._stop_worker()
+        handle = getattr(self, 'jump_handle', None)
+        if handle is not None:
+            handle.unregister()
+            self.jump_handle = None
         return super().destroy_node()
 
     def _stop_worker(self):
@@ -212,11 +230,49 @@ class SafetyMonitorNode(LifecycleNode):
     def _now(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9
 
+    def _forget_stamps(self):
+        """Forget every stamp of the current time line (the worker's queue too)."""
+        for _, future, _, _ in self.observations.values():
+            if future is not None:
+                future.cancel()
+        self.observations.clear()
+        self.last_obs_ns = self.last_decided_ns = None
+
+    def _on_clock_jump(self, jump: TimeJump):
+        change = jump.clock_change
+        if change == ClockChange.ROS_TIME_ACTIVATED:
+            delta, why = None, 'clock switched to /clock (use_sim_time true)'
+        elif change == ClockChange.ROS_TIME_DEACTIVATED:
+            delta, why = None, 'clock switched to system time (use_sim_time false)'
+        else:
+            delta, why = jump.delta.nanoseconds * 1e-9, ''
+        self._forget_stamps()
+        if self.monitor is None:
+            return      # unconfigured: nothing judged, nothing published
+        reason = self.monitor.clock_jumped(delta, why)
+        if not self.active:
+            self.get_logger().warning(reason)
+            return
+        stamp = self.get_clock().now().nanoseconds
+        verdict = self.monitor.stop(MonitorState.STALE, stamp * 1e-9, reason)
+        if _status_key(verdict) == self.last_status:
+            self.get_logger().warning(reason)   # else _publish logs it: one line either way
+        self._publish(verdict, stamp)
+
     def _on_observation(self, msg: JointState):
         if not self.active:
             return
         stamp = stamp_to_ns(msg.header.stamp)
-        now_ns = self.get_clock().now().nanoseconds
+        clock = self.get_clock()
+        now_ns = clock.now().nanoseconds
+        waiting = self.monitor.clock_waiting(stamp * 1e-9, now_ns * 1e-9,
+                                             getattr(clock, 'ros_time_is_active', False))
+        if waiting:
+            # Not refused as a sender's clock fault, and never the newest observation: silence
+            # is measured once the simulation clock runs (the proposal finds it unknown: STALE).
+            self.get_logger().warning(waiting, throttle_duration_sec=2.0)
+            self._publish(self.monitor.stop(MonitorState.STALE, stamp * 1e-9, waiting), stamp)
+            return
         ahead = self.monitor.stamp_ahead('observation', stamp * 1e-9, now_ns * 1e-9)
         if ahead:
             # Refused before anything else, and answered at once with the safe action. Its stamp
