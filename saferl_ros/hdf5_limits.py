@@ -45,15 +45,22 @@ _FILTER_NAMES = {_DEFLATE: 'gzip', _SHUFFLE: 'shuffle', _FLETCHER32: 'fletcher32
 
 
 def human(nbytes: int) -> str:
-    """Return a byte count as a short human-readable string (e.g. ``3.2 GB``)."""
-    if nbytes < 1000:
+    """
+    Return a byte count in binary units, e.g. ``3.0 GiB``.
+
+    The exact count follows where rounding hides it (``8.0 MiB (8388640 bytes)``), so a size
+    just over a limit reads as over it.
+    """
+    if nbytes < 1024:
         return f'{nbytes} bytes'
     value, unit = float(nbytes), 'bytes'
-    for unit in ('KB', 'MB', 'GB', 'TB'):
-        value /= 1000
-        if value < 1000:
+    for unit in ('KiB', 'MiB', 'GiB', 'TiB'):
+        value /= 1024
+        if value < 1024:
             break
-    return f'{value:.1f} {unit}'
+    text = f'{value:.1f} {unit}'
+    return text if round(value, 1) * 1024 ** ('KMGT'.index(unit[0]) + 1) == nbytes \
+        else f'{text} ({nbytes} bytes)'
 
 
 def link_problem(h5: h5py.File, key: str) -> Optional[str]:

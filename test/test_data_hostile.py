@@ -476,10 +476,11 @@ def test_a_huge_chunk_of_a_small_resizable_array_is_refused_before_reading(
     _no_reads(monkeypatch)
     problems = validate_file(path)
     assert _keys_and_messages(problems) == [(
-        'observations', f'declares chunks of 8.4 MB (chunk shape ({chunk_rows}, 8) for shape '
-                        f'({len(obs)}, 8)), more than the 8.4 MB accepted (h5py writes chunks of '
-                        'at most 1 MiB); the file is damaged or not a DSRL dataset: regenerate '
-                        'it (saferl-data collect) or copy the original file again')]
+        'observations', f'declares chunks of 8.0 MiB (8388640 bytes) (chunk shape ({chunk_rows}, '
+                        f'8) for shape ({len(obs)}, 8)), more than the 8.0 MiB accepted (h5py '
+                        'writes chunks of at most 1 MiB); the file is damaged or not a DSRL '
+                        'dataset: regenerate it (saferl-data collect) or copy the original file '
+                        'again')]
     with pytest.raises(DatasetError, match='observations: declares chunks of'):
         load_dataset(path, validate=False)
     assert cli.main(['info', str(path)]) == 2
@@ -494,7 +495,7 @@ def test_a_chunk_whose_gzip_stream_inflates_past_its_size_is_refused(
     _replace(path, 'observations', len(obs), 1024,
              zlib.compress(obs.tobytes() + bytes(16 << 20)))      # inflates to 16 MB
     with pytest.raises(DatasetError, match=r'observations: stores a chunk at \(0, 0\) that '
-                                           r'inflates past its declared 32.8 KB'):
+                                           r'inflates past its declared 32.0 KiB'):
         load_dataset(path)
     # and a stored chunk larger than its declared size needs (stream and all)
     _replace(path, 'observations', len(obs), 256, zlib.compress(bytes(8 << 20), 1))
@@ -502,7 +503,7 @@ def test_a_chunk_whose_gzip_stream_inflates_past_its_size_is_refused(
         _no_reads(patch)
         problems = validate_file(path)
     assert [p.key for p in problems] == ['observations'], _keys_and_messages(problems)
-    assert 'more than its declared 8.2 KB needs' in problems[0].message
+    assert 'more than its declared 8.0 KiB needs' in problems[0].message
     # a real gzip'd file is unaffected (every chunk inflates to exactly its size)
     assert validate_file(_good(tmp_path / 'SafetyBallCircle-v0-80-7.hdf5',
                                ballcircle_arrays)) == []
@@ -529,14 +530,15 @@ def test_wide_rows_are_refused_without_a_task(tmp_path, monkeypatch, capsys):
     _no_reads(monkeypatch)
     with _bounded() as used:
         problems = validate_file(path)
-        with pytest.raises(DatasetError, match='observations: declares rows of 65.5 KB'):
+        with pytest.raises(DatasetError,
+                           match=r'observations: declares rows of 64.0 KiB \(65540 bytes\)'):
             load_dataset(path)
         assert cli.main(['validate', str(path)]) == 1
     assert used['peak'] < 10 << 20, used
     assert sorted(p.key for p in problems) == ['next_observations', 'observations', 'task']
     row = next(p.message for p in problems if p.key == 'observations')
-    assert row.startswith(f'declares rows of 65.5 KB (shape (2, {width}), 4-byte values), more '
-                          'than the 65.5 KB one row may hold')
+    assert row.startswith(f'declares rows of 64.0 KiB (65540 bytes) (shape (2, {width}), 4-byte '
+                          'values), more than the 64.0 KiB one row may hold')
     err = capsys.readouterr().err
     assert 'Traceback' not in err and 'declares rows of' in err
 

@@ -272,8 +272,8 @@ def test_a_huge_chunk_or_a_forged_stream_in_an_episode_is_refused_before_reading
         ds.id.write_direct_chunk((0, 0), zlib.compress(obs.tobytes()))
     with monkeypatch.context() as patch:
         _no_reads(patch, _episode(run))
-        with pytest.raises(RecordingError, match=r'observations: declares chunks of 8.4 MB '
-                                                 rf'\(chunk shape \({rows}, 8\)'):
+        with pytest.raises(RecordingError, match=r'observations: declares chunks of 8.0 MiB '
+                                                 rf'\(\d+ bytes\) \(chunk shape \({rows}, 8\)'):
             load_episodes(run, keys=DSRL_KEYS)
     # a chunk declared as 32 KB whose gzip stream inflates to 16 MB
     with h5py.File(_episode(run), 'a') as h5:
@@ -283,7 +283,7 @@ def test_a_huge_chunk_or_a_forged_stream_in_an_episode_is_refused_before_reading
         ds.id.write_direct_chunk((0, 0), zlib.compress(obs.tobytes() + bytes(16 << 20)))
     _no_reads(monkeypatch, _episode(run))
     with pytest.raises(RecordingError, match=r'observations: stores a chunk at \(0, 0\) that '
-                                             r'inflates past its declared 32.8 KB'):
+                                             r'inflates past its declared 32.0 KiB'):
         load_episodes(run, keys=DSRL_KEYS)
 
 
