@@ -291,6 +291,15 @@ def _transition(episode, step, stamp, obs, reward=1.0, cost=0.0, terminated=Fals
                                action=[0.5, -0.5]))
 
 
+def _activate_recorder(nodes, node, probe):
+    """Configure and activate the recorder under test; return a publisher of its step topic."""
+    step_pub = probe.publisher(StepRecord, common.STEP, common.RECORD_QOS)
+    assert node.trigger_configure() == SUCCESS and node.trigger_activate() == SUCCESS
+    assert spin_until(nodes.executor, lambda: probe.count_subscribers(common.STEP) >= 1, 5.0)
+    spin_for(nodes.executor, 0.2)
+    return step_pub
+
+
 def test_recorder_refuses_a_run_folder_in_use_before_the_first_step(tmp_path, capfd):
     """
     Refuse a run folder in use at configure and activate, in one line each (review 14).
@@ -309,11 +318,7 @@ def test_recorder_refuses_a_run_folder_in_use_before_the_first_step(tmp_path, ca
     # activate refuses it too: a folder taken after configure, or a second activation
     params['run_name'] = 'run'
     with one_node(graph.RECORDER, params, []) as (nodes, node, probe):
-        step_pub = probe.publisher(StepRecord, common.STEP, common.RECORD_QOS)
-        assert node.trigger_configure() == SUCCESS and node.trigger_activate() == SUCCESS
-        assert spin_until(nodes.executor, lambda: probe.count_subscribers(common.STEP) >= 1,
-                          5.0)
-        spin_for(nodes.executor, 0.2)
+        step_pub = _activate_recorder(nodes, node, probe)
         step_pub.publish(_transition(0, 1, 1000, [0.1] * 8, truncated=True))
         assert spin_until(nodes.executor, lambda: node.received == 1, 5.0)
         assert node.trigger_deactivate() == SUCCESS          # closes tmp_path/run
@@ -340,11 +345,7 @@ def test_recorder_drops_non_finite_steps_and_the_run_stays_valid(tmp_path):
               'join_timeout': 0.0}
     nan_obs = [math.nan] + [0.0] * 7
     with one_node(graph.RECORDER, params, []) as (nodes, node, probe):
-        step_pub = probe.publisher(StepRecord, common.STEP, common.RECORD_QOS)
-        assert node.trigger_configure() == SUCCESS and node.trigger_activate() == SUCCESS
-        assert spin_until(nodes.executor, lambda: probe.count_subscribers(common.STEP) >= 1,
-                          5.0)
-        spin_for(nodes.executor, 0.2)
+        step_pub = _activate_recorder(nodes, node, probe)
         sent = [
             # episode 0: step 3 holds a NaN observation and an infinite reward
             _transition(0, 1, 101, [0.10] * 8), _transition(0, 2, 102, [0.11] * 8),
