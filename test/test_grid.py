@@ -118,6 +118,47 @@ def test_the_commands_use_one_thread_and_name_no_machine_path():
     assert evaluate[evaluate.index('--episodes') + 1] == '20'
 
 
+def test_a_report_runs_after_the_evaluation_and_stays_out_of_the_tables(tmp_path):
+    from offline_training.grid import report_command, run_job
+
+    # the report writes which run folder it read (a real command in this environment)
+    code = 'import json, sys; json.dump({"read": sys.argv[1]}, open(sys.argv[2], "w"))'
+    probe = ('probe', 'python', '-c', code, '{run}', '{out}')
+    grid = Grid('tiny', (Method('bc_all', 'bc_all', 4, report=probe),),
+                tasks=('BallCircle',), preset='test', eval_episodes=1, checkpoint_every=2,
+                runs_dir=tmp_path / 'runs', results_dir=tmp_path / 'results',
+                table_path=tmp_path / 'results.md', runs_page=None, notes_path=None,
+                datasets_dir=synthetic_datasets(tmp_path))
+    job = grid.jobs()[0]
+    report = tmp_path / 'results' / 'bc_all-BallCircle-s0-probe.json'
+    assert report_command(job, grid)[1] == report
+    name, status = run_job(job, grid)
+    assert status.startswith('ok'), status
+    assert json.loads(report.read_text()) == {'read': str(tmp_path / 'runs' / name)}
+    # a run evaluated without its report (say the report failed) makes the report alone
+    report.unlink()
+    assert run_job(job, grid) == (name, 'report made') and report.is_file()
+    assert run_job(job, grid) == (name, 'done already')
+    # without the run folder there is nothing to report on: done, nothing run
+    report.unlink()
+    import shutil
+    shutil.rmtree(tmp_path / 'runs' / name)
+    assert run_job(job, grid) == (name, 'done already') and not report.exists()
+    # the tables read the results files only, not the reports beside them
+    report.write_text('{"read": "not a results file"}')
+    assert write_tables(grid) == 0
+    assert 'bc_all-BallCircle-s0.json' in (tmp_path / 'results.md').read_text()
+    assert 'probe' not in (tmp_path / 'results.md').read_text()
+    # DSPO's report: its discriminator against the held-out trajectories of its own kappa
+    dspo = next(job for job in GRIDS['dspo'].jobs() if job.name == 'dspo-k5-CarRun-s0')
+    command, out = report_command(dspo, GRIDS['dspo'])
+    assert command[:3] == ['python', '-m', 'offline_training.discriminator_quality']
+    assert command[3:] == ['runs/dspo/dspo-k5-CarRun-s0',
+                           'runs/dspo/data/split-k5-CarRun-heldout.hdf5', '--kappa', '5',
+                           '-o', 'docs/results/dspo/dspo-k5-CarRun-s0-discriminator.json']
+    assert str(out) == command[-1]
+
+
 def test_a_branch_names_an_earlier_method_and_needs_its_kept_checkpoint(tmp_path):
     from dataclasses import replace
 
