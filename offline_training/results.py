@@ -21,6 +21,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 from saferl_ros.errors import ConfigError, MissingFileError
+from saferl_ros.files import read_regular_file
 from saferl_ros.tasks import normalized_score
 
 KAPPAS = (5, 10, 20, 40)
@@ -371,10 +372,49 @@ def write_table(result_files: Sequence, out, kappa=TABLE_KAPPA, plot_dir=None,
             squares = ' (squares: the paper)' if PAPER_TABLES[paper].rows else ''
             sections.append(f'Reward against cost at κ = {k:g}{squares}:\n\n{links}\n')
     details = '## Evaluation units\n\n' + '\n'.join(results_details(merge_results(results)))
-    extra = f'\n{Path(notes).read_text()}' if notes is not None else ''
+    extra = f'\n{expand_includes(Path(notes).read_text(), out)}' if notes is not None else ''
     out.write_text(header + '\n'.join(sections) + '\n' + details + '\n' + extra)
     results_csv(results, out.with_suffix('.csv'))
     return out
+
+
+# A notes line that stands for another generated page's tables (PATH relative to the page
+# the notes are appended to), e.g. '<!-- include results/dspo.md -->' in docs/results/NOTES.md
+INCLUDE_LINE = re.compile(r'^<!-- include (\S+) -->$', re.MULTILINE)
+MARKDOWN_LINK = re.compile(r'(\]\()([^)\s]+)(\))')
+MAX_INCLUDED_PAGE_BYTES = 4 << 20
+
+
+def included_tables(relative: str, out: Path) -> str:
+    """
+    Return the κ tables and plots of the results page ``out.parent / relative``, for ``out``.
+
+    That page must be one ``saferl-eval table`` wrote (rebuild it first: its grid's
+    ``--table``); its headings move one level down and its relative links are rewritten to
+    resolve from ``out``'s folder.
+    """
+    page = out.parent / relative
+    fix = 'rebuild it with its grid (saferl-grid --grid NAME --table) or drop the include line'
+    text = read_regular_file(page, MAX_INCLUDED_PAGE_BYTES, fix).decode('utf-8', 'replace')
+    start, end = text.find('\n## κ = '), text.find('\n## Evaluation units')
+    if start < 0 or end < start:
+        raise ConfigError(f'{page}: not a page saferl-eval table wrote (no "## κ = " tables '
+                          f'before "## Evaluation units"); {fix}')
+    body = re.sub(r'^## ', '### ', text[start + 1:end], flags=re.MULTILINE)
+
+    def relink(match):
+        target = match.group(2)
+        if re.match(r'[A-Za-z][A-Za-z+.-]*:|[#/]', target):       # a URL, an anchor, absolute
+            return match.group(0)
+        moved = os.path.relpath(os.path.normpath(page.parent / target), out.parent)
+        return match.group(1) + Path(moved).as_posix() + match.group(3)
+    return (f'<!-- the tables of {relative}, copied when this page was built -->\n'
+            + MARKDOWN_LINK.sub(relink, body).rstrip() + '\n')
+
+
+def expand_includes(notes: str, out: Path) -> str:
+    """Return ``notes`` with each include line replaced by that page's tables (see above)."""
+    return INCLUDE_LINE.sub(lambda match: included_tables(match.group(1), Path(out)), notes)
 
 
 # --------------------------------------------------------------------------- command line
@@ -394,7 +434,9 @@ def table_main(argv=None) -> int:
                         help='folder of the reward-cost PNGs (default OUT_DIR/img/results for '
                         'results.md, else OUT_DIR/img/STEM)')
     parser.add_argument('--notes', default=None,
-                        help='markdown file appended below the table (runs, caveats)')
+                        help='markdown file appended below the table (runs, caveats); a line '
+                        "'<!-- include PAGE -->' in it stands for the tables of another page "
+                        "this command wrote (PAGE relative to the output's folder)")
     parser.add_argument('--paper', default=DEFAULT_PAPER, choices=sorted(PAPER_TABLES),
                         help="whose published rows stand beside ours: 'fisor' (FISOR's Table 1, "
                         "kappa 5; default), 'oasis' (OASIS's Table 1, tempting data, kappa 20) "

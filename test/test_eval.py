@@ -200,6 +200,40 @@ def test_table_keeps_variants_apart_and_writes_one_table_per_kappa(tmp_path):
     assert 'BallCircle,bc_safe-k10,10.0,' in csv_text and 'BallCircle,bc_safe-k5,5.0,' in csv_text
 
 
+def test_notes_include_another_pages_tables_with_links_that_resolve(tmp_path):
+    import re
+
+    from saferl_ros.errors import UserError
+
+    files = []
+    for name, costs in (('dspo-k10-BallCircle-s0', [20, 30]), ('bc_all-BallCircle-s0', [4, 6])):
+        files.append(tmp_path / 'data' / f'{name}.json')
+        files[-1].parent.mkdir(exist_ok=True)
+        files[-1].write_text(json.dumps(_fake_result(name, name.split('-')[0], costs)))
+    # a grid's own page in docs/results/, then the main page whose notes include its tables
+    docs = tmp_path / 'docs'
+    sub = write_table(files[:1], docs / 'results' / 'dspo.md', kappa=[10, 5], paper='none')
+    notes = tmp_path / 'NOTES.md'
+    notes.write_text('## DSPO\n\nText before.\n<!-- include results/dspo.md -->\nText after.\n')
+    main_page = write_table(files[1:], docs / 'results.md', kappa=5, notes=notes).read_text()
+    dspo_part = main_page.split('## DSPO')[1]
+    assert 'Text before.' in dspo_part and 'Text after.' in dspo_part
+    assert '### κ = 10' in dspo_part and '### κ = 5' in dspo_part   # one level below its section
+    assert '**2.50 ± 0.50**' in dspo_part.split('### κ = 5')[0]     # cost 25 at kappa 10
+    assert '## Evaluation units' not in dspo_part and 'include' not in dspo_part
+    images = re.findall(r'!\[[^]]*\]\(([^)]+)\)', dspo_part)
+    assert images and all((docs / image).is_file() for image in images)
+    assert all(image.startswith('results/img/dspo/') for image in images)
+    assert 'reward_cost' in sub.read_text()
+    # an include of a missing page, or of a page that is not a table page, is refused by name
+    for target, content in (('results/none.md', None), ('results/prose.md', '# Just text\n')):
+        if content is not None:
+            (docs / target).write_text(content)
+        notes.write_text(f'<!-- include {target} -->\n')
+        with pytest.raises(UserError, match=re.escape(target.split('/')[1])):
+            write_table(files[1:], docs / 'results.md', kappa=5, notes=notes)
+
+
 def test_shielding_applies_the_monitor_rule_and_counts_replacements(tmp_path, capfd):
     # BC-All (no critics of its own) under the shipped FISOR bundle's critics, as the monitor
     # node would shield it; thresholds pin the two extremes of the rule.
