@@ -143,6 +143,11 @@ class Grid:
     kappas: Tuple[float, ...] = (5, 10)    # the results page's tables
     paper: str = 'fisor'                   # whose published rows stand beside ours
     pages: Tuple[Page, ...] = ()           # further pages built from some methods' results
+    # a column trained for one threshold (tag ending in -kK) only in the table of κ = K
+    match_kappa: bool = False
+    # (grid name, method tag): another grid's results shown beside this grid's on its page
+    # (e.g. DSPO's reference columns, FISOR and BC-Safe trained with cost labels)
+    references: Tuple[Tuple[str, str], ...] = ()
 
     def jobs(self) -> List[Job]:
         """
@@ -288,7 +293,10 @@ GRIDS: Dict[str, Grid] = {
                                          str(kappa), '--holdout', '0.2', '-o', '{prefix}'),
                      files=('-unlabelled.hdf5', '-demos.hdf5', '-heldout.hdf5'))
             for kappa in (10, 5)),
-        kappas=(10, 5), paper='none', **own_folders('dspo'),
+        kappas=(10, 5), paper='none', match_kappa=True,
+        references=(('core-hour', 'fisor'), ('core-hour', 'bc_safe-k10'),
+                    ('core-hour', 'bc_safe-k5')),
+        **{**own_folders('dspo'), 'notes_path': REPO / 'docs' / 'results' / 'dspo-notes.md'},
         description='DSPO (cpu preset) on a cost-free split with 12 safe demonstrations per '
                     'kappa, beside BC-All on the cost-free set and BC on the demonstrations'),
     # The paper's settings for a GPU machine: FISOR's 'paper' preset (joint schedule) at 1M
@@ -565,8 +573,22 @@ def check_data_steps(grid: Grid) -> None:
                               f'only {", ".join(files) or "nothing (no data step)"}')
 
 
+def reference_files(grid: Grid) -> List[Path]:
+    """Return the results files of the grid's references (Grid.references) that exist."""
+    files = []
+    for name, tag in grid.references:
+        other = GRIDS[name]
+        files += [Path(other.results_dir) / f'{job.name}.json' for job in other.jobs()
+                  if job.method.tag == tag and job.task in grid.tasks]
+    return [path for path in files if path.is_file()]
+
+
 def check_pages(grid: Grid) -> None:
-    """Raise ConfigError unless every further page shows only methods of the grid."""
+    """Raise ConfigError unless every page shows only methods of the grid (or references)."""
+    for name, tag in grid.references:
+        if name not in GRIDS or tag not in {method.tag for method in GRIDS[name].methods}:
+            raise ConfigError(f'grid {grid.name!r}: reference {name}/{tag} names no method of '
+                              f'a grid (grids: {", ".join(sorted(GRIDS))})')
     tags = {method.tag for method in grid.methods}
     for page in grid.pages:
         unknown = [tag for tag in page.methods if tag not in tags]
@@ -805,7 +827,7 @@ def write_tables(grid: Grid) -> int:
         print(f'error: no results files in {repo_relative(grid.results_dir)}; run '
               f'`saferl-grid --grid {grid.name}` first', file=sys.stderr)
         return 1
-    code = table_command(grid, files, grid.table_path, grid.notes_path)
+    code = table_command(grid, files + reference_files(grid), grid.table_path, grid.notes_path)
     for page in grid.pages:
         names = {job.name for job in grid.jobs() if job.method.tag in page.methods}
         shown = [path for path in files if path.stem in names]
@@ -828,6 +850,8 @@ def table_command(grid: Grid, files: Sequence[Path], out: Path, notes: Optional[
         cmd += ['--notes', str(repo_relative(notes))]
     if grid.paper != 'fisor':
         cmd += ['--paper', grid.paper]
+    if grid.match_kappa:
+        cmd.append('--match-kappa')
     return subprocess.call(cmd, cwd=REPO)
 
 

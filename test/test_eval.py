@@ -198,6 +198,14 @@ def test_table_keeps_variants_apart_and_writes_one_table_per_kappa(tmp_path):
     assert shared_plot.read_bytes() == before
     csv_text = out.with_suffix('.csv').read_text()
     assert 'BallCircle,bc_safe-k10,10.0,' in csv_text and 'BallCircle,bc_safe-k5,5.0,' in csv_text
+    # --match-kappa: a column trained for one threshold stands in that threshold's table only
+    matched = write_table(files, tmp_path / 'matched.md', kappa=[5, 10], match_kappa=True)
+    k5, k10 = matched.read_text().split('## Evaluation units')[0].split('## κ = 5')[1].split(
+        '## κ = 10')
+    assert 'bc_safe-k5 R↑' in k5 and 'bc_safe-k10' not in k5 and 'fisor R↑' in k5
+    assert 'bc_safe-k10 R↑' in k10 and 'bc_safe-k5' not in k10 and 'fisor R↑' in k10
+    assert '--match-kappa' in matched.read_text().splitlines()[2]
+    assert 'BallCircle,bc_safe-k10,5.0,' in matched.with_suffix('.csv').read_text()
 
 
 def test_notes_include_another_pages_tables_with_links_that_resolve(tmp_path):

@@ -370,6 +370,27 @@ def test_data_steps_make_each_dataset_once_before_the_runs_that_train_on_it(tmp_
     assert 'paper oasis R / C' in page and 'Table 1 of the OASIS paper' in page
 
 
+def test_a_grid_shows_another_grids_runs_beside_its_own_only_when_they_exist(tmp_path):
+    from dataclasses import replace
+
+    from offline_training.grid import reference_files
+    from saferl_ros.errors import ConfigError
+
+    dspo = GRIDS['dspo']
+    files = reference_files(dspo)
+    # the core-hour grid's FISOR (3 seeds) and BC-Safe runs on the labelled data, as they exist
+    names = {path.name for path in files}
+    assert {'fisor-BallCircle-s0.json', 'fisor-BallCircle-s2.json',
+            'bc_safe-k10-CarRun-s0.json', 'bc_safe-k5-DroneRun-s0.json'} <= names
+    assert all(path.parent == GRIDS['core-hour'].results_dir for path in files)
+    assert not any(name.startswith(('drcorl', 'bc_all', 'bcq')) for name in names)
+    assert reference_files(replace(dspo, tasks=('CarRun',))) == [
+        path for path in files if '-CarRun-' in path.name]
+    for bad in (('core-hour', 'fisr'), ('no-such-grid', 'fisor')):
+        with pytest.raises(ConfigError, match=f'reference {bad[0]}/{bad[1]}'):
+            check_pages(replace(dspo, references=(bad,)))
+
+
 def test_a_page_shows_methods_of_its_grid(tmp_path):
     from saferl_ros.errors import ConfigError
 
