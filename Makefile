@@ -26,7 +26,7 @@ help:
 	@echo "make venv       create .venv with every dependency at its pinned version and build the messages"
 	@echo "make test       create the environment if missing, then run the whole test suite"
 	@echo "make demo       run a shipped FISOR bundle in the simulated ROS 2 loop for 3 episodes (TASK=BallCircle;"
-	@echo "                BUNDLE=models/drcorl-carcircle another bundle, MONITOR_BUNDLE=models/fisor-carcircle its monitor)"
+	@echo "                BUNDLE=models/drcorl-carcircle another bundle and its task, MONITOR_BUNDLE=models/fisor-carcircle its monitor)"
 	@echo "make loop       deploy, record, merge, retrain, evaluate, export: config/loop_ballcircle.yaml (resumable; LOOP_ARGS='--set iterations=1')"
 	@echo "make data       train missing behaviour agents, then collect the six datasets into datasets/"
 	@echo "make lint       flake8 + pep257 with ament's settings"
@@ -52,13 +52,14 @@ check-env:
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# make demo TASK=CarCircle BUNDLE=models/drcorl-carcircle [MONITOR_BUNDLE=models/fisor-carcircle]
-TASK ?= BallCircle
+# make demo [TASK=CarRun] | [BUNDLE=models/drcorl-carcircle [MONITOR_BUNDLE=models/fisor-carcircle]]
+# (with BUNDLE the task is the bundle's own)
+TASK ?=
 BUNDLE ?=
 MONITOR_BUNDLE ?=
 demo: venv
-	$(BIN)/saferl-demo --episodes 3 --task $(TASK) $(if $(BUNDLE),--bundle $(BUNDLE)) \
-		$(if $(MONITOR_BUNDLE),--monitor-bundle $(MONITOR_BUNDLE))
+	$(BIN)/saferl-demo --episodes 3 $(if $(TASK),--task '$(TASK)') \
+		$(if $(BUNDLE),--bundle '$(BUNDLE)') $(if $(MONITOR_BUNDLE),--monitor-bundle '$(MONITOR_BUNDLE)')
 
 # The whole loop (docs/loop.md): rerunning it continues where it stopped. A small try:
 # make loop LOOP_ARGS='--set iterations=1 --set deploy_episodes=2 --set train_steps=200'

@@ -66,9 +66,10 @@ class Method:
     data_file: Optional[str] = None   # which of the step's files (a suffix; None: its first)
     tasks: Optional[Tuple[str, ...]] = None   # only these of the grid's tasks (None: all)
     # a command run after the evaluation, while the run folder is here, writing
-    # RESULTS_DIR/NAME-<report[0]>.json: report[1:] are its arguments (a console script of this
-    # environment, or 'python' and its arguments) with ``{run}`` (the run folder), ``{data}``
-    # (the data step's prefix) and ``{out}`` filled in; e.g. DSPO's discriminator check
+    # RESULTS_DIR/reports/NAME-<report[0]>.json: report[1:] are its arguments (a console
+    # script of this environment, or 'python' and its arguments) with ``{run}`` (the run
+    # folder), ``{data}`` (the data step's prefix) and ``{out}`` filled in; e.g. DSPO's
+    # discriminator check
     report: Optional[Tuple[str, ...]] = None
 
 
@@ -332,7 +333,8 @@ def report_command(job: Job, grid: Grid) -> Optional[Tuple[List[str], Path]]:
     """Return (the run's report command, the file it writes), or None if it has none."""
     if job.method.report is None:
         return None
-    out = repo_relative(Path(grid.results_dir) / f'{job.name}-{job.method.report[0]}.json')
+    out = repo_relative(Path(grid.results_dir) / 'reports' /
+                        f'{job.name}-{job.method.report[0]}.json')
     fill = {'{run}': str(repo_relative(Path(grid.runs_dir) / job.name)), '{out}': str(out)}
     if job.method.data is not None:
         fill['{data}'] = str(repo_relative(data_prefix(job.method.data, job.task, grid)))
@@ -476,6 +478,19 @@ def still_to_train(jobs: Sequence[Job], grid: Grid) -> List[Job]:
             and not trained_already(job, grid)]
 
 
+def needs_report(job: Job, grid: Grid) -> bool:
+    """Return whether an evaluated (or trained) run still lacks its report and can make it."""
+    report = report_command(job, grid)
+    return (report is not None and not (REPO / report[1]).exists()
+            and (Path(grid.runs_dir) / job.name).is_dir())
+
+
+def needing_data(jobs: Sequence[Job], grid: Grid) -> List[Job]:
+    """Return the jobs that read their data steps: those still to train or to report on."""
+    training = {job.name for job in still_to_train(jobs, grid)}
+    return [job for job in jobs if job.name in training or needs_report(job, grid)]
+
+
 def data_step_name(step: DataStep, task: str) -> str:
     """Return a data step's name in the grid's statuses and logs."""
     return f'data-{step.tag}-{task}'
@@ -585,11 +600,15 @@ def reference_files(grid: Grid) -> List[Path]:
 
 def check_pages(grid: Grid) -> None:
     """Raise ConfigError unless every page shows only methods of the grid (or references)."""
+    tags = {method.tag for method in grid.methods}
     for name, tag in grid.references:
         if name not in GRIDS or tag not in {method.tag for method in GRIDS[name].methods}:
             raise ConfigError(f'grid {grid.name!r}: reference {name}/{tag} names no method of '
                               f'a grid (grids: {", ".join(sorted(GRIDS))})')
-    tags = {method.tag for method in grid.methods}
+        if name == grid.name or tag in tags:
+            # its runs would pool with the grid's own column of that name in one cell
+            raise ConfigError(f'grid {grid.name!r}: reference {name}/{tag} is the grid itself '
+                              f'or shares a column name with one of its methods; rename one')
     for page in grid.pages:
         unknown = [tag for tag in page.methods if tag not in tags]
         if unknown or not page.methods:
@@ -663,13 +682,11 @@ def run_job(job: Job, grid: Grid, *after) -> Tuple[str, str]:
     """
     train, evaluate, results = commands(job, grid)
     report = report_command(job, grid)
-    if report is not None and (REPO / report[1]).exists():
-        report = None
     if (REPO / results).exists():
-        if report is None or not (Path(grid.runs_dir) / job.name).is_dir():
+        if not needs_report(job, grid):
             return job.name, 'done already'
         # evaluated before its report existed (or its report failed): the report alone
-        failure = _run_commands([report[0]], log_path(job, grid), grid)
+        failure = _run_report(report, job, grid)
         return job.name, failure or 'report made'
     log = log_path(job, grid)
     if trained_already(job, grid):
@@ -699,9 +716,18 @@ def run_job(job: Job, grid: Grid, *after) -> Tuple[str, str]:
                               f'{repo_relative(log.parent)}/data-{job.method.data}-'
                               f'{job.task}.log)')
     start = time.time()
-    failure = _run_commands(list(filter(None, (train, evaluate, report and report[0]))), log,
-                            grid)
+    # a report left from an earlier training of this run would describe another model
+    failure = (_run_commands(list(filter(None, (train, evaluate))), log, grid)
+               or (report and _run_report(report, job, grid)))
     return job.name, failure or f'ok in {time.time() - start:.0f} s'
+
+
+def _run_report(report: Tuple[List[str], Path], job: Job, grid: Grid) -> Optional[str]:
+    """Run a job's report command (replacing any earlier report); return a failure."""
+    (REPO / report[1]).unlink(missing_ok=True)
+    (REPO / report[1]).parent.mkdir(parents=True, exist_ok=True)
+    failure = _run_commands([report[0]], log_path(job, grid), grid)
+    return failure and f'FAILED (its report: {failure[len("FAILED ("):]}'
 
 
 def run_grid(jobs: Sequence[Job], grid: Grid, workers: int = 2,
@@ -731,7 +757,7 @@ def run_grid(jobs: Sequence[Job], grid: Grid, workers: int = 2,
         # Each Ray task waits for the results it is given: a data step for the one it reads, a
         # run for the run it branches from and for the data step it trains on.
         data_refs = {}
-        for step, task in data_steps_needed(still_to_train(jobs, grid), grid):
+        for step, task in data_steps_needed(needing_data(jobs, grid), grid):
             source = data_refs.get((step.source, task))
             ref = remote_step.remote(step, task, grid, *([source] if source else []))
             data_refs[(step.tag, task)] = ref
@@ -820,9 +846,7 @@ def write_tables(grid: Grid) -> int:
         runs_page.write_text(f'# The runs of grid `{grid.name}`\n\n<!-- generated by '
                              f'`saferl-grid --grid {grid.name} --table` -->\n\n'
                              + runs_table(grid, kept=finished_rows(runs_page)))
-    reports = {f'{job.name}-{job.method.report[0]}' for job in grid.jobs() if job.method.report}
-    files = [path for path in sorted(Path(grid.results_dir).glob('*.json'))
-             if path.stem not in reports]
+    files = sorted(Path(grid.results_dir).glob('*.json'))     # not reports/ (Method.report)
     if not files:
         print(f'error: no results files in {repo_relative(grid.results_dir)}; run '
               f'`saferl-grid --grid {grid.name}` first', file=sys.stderr)
@@ -904,7 +928,7 @@ def main(argv=None) -> int:
             if report is not None:
                 print(' '.join(report[0]))
         return 0
-    steps = data_steps_needed(still_to_train(todo, grid), grid)
+    steps = data_steps_needed(needing_data(todo, grid), grid)
     print(f'grid {grid.name!r}: {len(todo)} runs'
           + (f' after {len(steps)} data steps' if steps else '') + ', '
           + (f'Ray cluster {args.address}' if args.address else f'{args.workers} local CPUs'),

@@ -370,6 +370,13 @@ def write_table(result_files: Sequence, out, kappa=TABLE_KAPPA, plot_dir=None,
         f'next to this file. Plots: `{plot_dir}`. '
         f'Machine: {"; ".join(machines) or "unknown"}.\n\n')
     sections = []
+    if match_kappa:
+        elsewhere = sorted({result_label(r) for r in results
+                            if trained_kappa(result_label(r)) not in (None, *kappas)})
+        if elsewhere:
+            sections.append(f'Columns trained for a κ without a table here (the CSV has them): '
+                            f'{", ".join(elsewhere)}.\n')
+    linked = False
     for k in kappas:
         title = f'## κ = {k:g}' + (f" ({paper.upper()}'s threshold for these tasks)"
                                    if k == PAPER_TABLES[paper].kappa else '')
@@ -380,7 +387,8 @@ def write_table(result_files: Sequence, out, kappa=TABLE_KAPPA, plot_dir=None,
             continue
         sections.append(f'{title}\n\n' + results_table(shown, k, details=False, paper=paper))
         pngs = reward_cost_plots(shown, plot_dir, k, paper)
-        if k == kappas[0]:
+        if not linked:           # the plots of the first table shown
+            linked = True
             links = ' '.join(f'![{png.stem}]({os.path.relpath(png, out.parent)})' for png in pngs)
             squares = ' (squares: the paper)' if PAPER_TABLES[paper].rows else ''
             sections.append(f'Reward against cost at κ = {k:g}{squares}:\n\n{links}\n')
@@ -393,8 +401,9 @@ def write_table(result_files: Sequence, out, kappa=TABLE_KAPPA, plot_dir=None,
 
 # A notes line that stands for another generated page's tables (PATH relative to the page
 # the notes are appended to), e.g. '<!-- include results/dspo.md -->' in docs/results/NOTES.md
-INCLUDE_LINE = re.compile(r'^<!-- include (\S+) -->$', re.MULTILINE)
-MARKDOWN_LINK = re.compile(r'(\]\()([^)\s]+)(\))')
+INCLUDE_LINE = re.compile(r'^[ \t]*<!--\s*include\s+(\S+)\s*-->[ \t]*\r?$', re.MULTILINE)
+INCLUDE_LEFT = re.compile(r'<!--\s*include\b.*', re.IGNORECASE)
+MARKDOWN_LINK = re.compile(r'(\]\()([^)\s]+)((?:\s+"[^"]*")?\))')     # ](target "title")
 MAX_INCLUDED_PAGE_BYTES = 4 << 20
 
 
@@ -427,7 +436,12 @@ def included_tables(relative: str, out: Path) -> str:
 
 def expand_includes(notes: str, out: Path) -> str:
     """Return ``notes`` with each include line replaced by that page's tables (see above)."""
-    return INCLUDE_LINE.sub(lambda match: included_tables(match.group(1), Path(out)), notes)
+    expanded = INCLUDE_LINE.sub(lambda match: included_tables(match.group(1), Path(out)), notes)
+    left = INCLUDE_LEFT.search(expanded)
+    if left:      # e.g. text after the comment on its line: refused, not left as a comment
+        raise ConfigError(f'notes line {left.group(0).strip()!r}: an include must stand alone on '
+                          "its line as '<!-- include PAGE -->'")
+    return expanded
 
 
 # --------------------------------------------------------------------------- command line

@@ -625,6 +625,14 @@ def _check_golden(path: Path, data: bytes, graphs: Dict[str, _Graph], atol: floa
                     'check onnxruntime is the pinned version')
 
 
+def bundle_task(path) -> str:
+    """Return the task named in bundle folder ``path``'s manifest (nothing else is verified)."""
+    path = Path(os.path.expanduser(str(path))).resolve()
+    manifest, _ = _read_manifest(path)
+    where = str(path / MANIFEST)
+    return _require(_require(manifest, 'task', where, dict), 'name', f'{where}: task', str)
+
+
 def load_bundle(path, verify_golden: bool = True, golden_atol: float = GOLDEN_ATOL) -> Bundle:
     """
     Load and verify the bundle in folder ``path``; raise BundleError if it cannot be used.

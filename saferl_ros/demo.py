@@ -6,7 +6,10 @@ Runs ``config/demo.yaml`` through :mod:`saferl_ros.bringup` (sim -> controller -
 control latency, validates the recording and says where it is.
 
 ``--task CarRun`` runs ``models/fisor-carrun`` on CarRun (the simulator, the recorder's task and
-the zero safe action follow the task). The default bundle is ``models/fisor-ballcircle``. If the
+the zero safe action follow the task). With ``--bundle`` the task is the bundle's own; a
+``--task`` or ``--monitor-bundle`` of another task is refused before anything starts (the nodes
+would only hold the safe action, the observation channels being another robot's). The default
+bundle is ``models/fisor-ballcircle``. If the
 default BallCircle bundle is missing (a checkout without trained models), the demo says so and
 builds a tiny, untrained test bundle with
 ``offline_training.export.make_test_bundle`` in a temporary folder, in a separate process: the
@@ -23,6 +26,7 @@ import tempfile
 
 from saferl_ros import graph
 from saferl_ros.bringup import BringupError, run
+from saferl_ros.bundle import bundle_task, BundleError
 from saferl_ros.errors import UnknownNameError
 from saferl_ros.paths import package_share
 from saferl_ros.tasks import get_task
@@ -60,9 +64,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog='saferl-demo',
                                      description=__doc__.strip().split('\n')[0])
     parser.add_argument('--episodes', type=int, default=3)
-    parser.add_argument('--task', default=DEFAULT_TASK,
-                        help=f'task to run (default {DEFAULT_TASK}); its bundle is '
-                             'models/fisor-<task> unless --bundle is given')
+    parser.add_argument('--task', default=None,
+                        help=f"task to run (default: --bundle's task, else {DEFAULT_TASK}); its "
+                             'bundle is models/fisor-<task> unless --bundle is given')
     parser.add_argument('--bundle', default=None,
                         help=f'bundle folder (default: {DEFAULT_BUNDLE}, else a test bundle)')
     parser.add_argument('--monitor-bundle', default=None,
@@ -72,9 +76,20 @@ def main(argv=None) -> int:
     parser.add_argument('--output', default='recordings/demo', help='recording folder')
     args = parser.parse_args(argv)
     try:
-        spec = get_task(args.task)
-    except UnknownNameError as exc:
-        parser.error(exc.args[0])
+        given = {option: (folder, get_task(bundle_task(folder)).name)
+                 for option, folder in (('--bundle', args.bundle),
+                                        ('--monitor-bundle', args.monitor_bundle)) if folder}
+        spec = get_task(args.task if args.task is not None else
+                        given['--bundle'][1] if '--bundle' in given else DEFAULT_TASK)
+    except (UnknownNameError, BundleError) as exc:
+        print(f'saferl-demo: {exc.args[0]}', file=sys.stderr)
+        return 2
+    for option, (folder, task) in given.items():
+        if task != spec.name:
+            print(f'saferl-demo: {option} {folder} is a {task} bundle, but the task is '
+                  f"{spec.name}; pass --task {task} (or leave --task out: the bundle's task is "
+                  'used) or a bundle of the same task', file=sys.stderr)
+            return 2
     bundle = args.bundle
     if bundle is None:
         shipped = package_file(shipped_bundle(spec.name))

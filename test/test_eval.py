@@ -206,6 +206,13 @@ def test_table_keeps_variants_apart_and_writes_one_table_per_kappa(tmp_path):
     assert 'bc_safe-k10 R↑' in k10 and 'bc_safe-k5' not in k10 and 'fisor R↑' in k10
     assert '--match-kappa' in matched.read_text().splitlines()[2]
     assert 'BallCircle,bc_safe-k10,5.0,' in matched.with_suffix('.csv').read_text()
+    # a first kappa without any column: the plots of the next table are linked; a column of a
+    # kappa without a table is named, not lost
+    only = write_table(files[:2], tmp_path / 'only.md', kappa=[20, 5], match_kappa=True)
+    text = only.read_text()
+    assert 'No results trained for this threshold yet' in text.split('## κ = 5')[0]
+    assert 'Reward against cost at κ = 5' in text and '![' in text.split('## κ = 5')[1]
+    assert 'without a table here (the CSV has them): bc_safe-k10.' in text
 
 
 def test_notes_include_another_pages_tables_with_links_that_resolve(tmp_path):
@@ -233,6 +240,21 @@ def test_notes_include_another_pages_tables_with_links_that_resolve(tmp_path):
     assert images and all((docs / image).is_file() for image in images)
     assert all(image.startswith('results/img/dspo/') for image in images)
     assert 'reward_cost' in sub.read_text()
+    # spaces and a CRLF line end are tolerated; text after the comment is refused, not dropped
+    notes.write_text('  <!--  include   results/dspo.md  -->  \r\n')
+    assert '### κ = 10' in write_table(files[1:], docs / 'results.md', kappa=5,
+                                       notes=notes).read_text()
+    notes.write_text('<!-- include results/dspo.md --> and more\n')
+    with pytest.raises(UserError, match='must stand alone'):
+        write_table(files[1:], docs / 'results.md', kappa=5, notes=notes)
+    # a link with a title is rewritten too; anchors and URLs are kept
+    from offline_training.results import included_tables
+    (docs / 'results' / 'titled.md').write_text(
+        '# R\n\n## κ = 5\n\n![a](img/a.png "A plot") [b](#top) [c](https://x.org/y.md)\n\n'
+        '## Evaluation units\n')
+    copied = included_tables('results/titled.md', docs / 'results.md')
+    assert '![a](results/img/a.png "A plot")' in copied
+    assert '[b](#top)' in copied and '[c](https://x.org/y.md)' in copied
     # an include of a missing page, or of a page that is not a table page, is refused by name
     for target, content in (('results/none.md', None), ('results/prose.md', '# Just text\n')):
         if content is not None:

@@ -130,7 +130,7 @@ def test_a_report_runs_after_the_evaluation_and_stays_out_of_the_tables(tmp_path
                 table_path=tmp_path / 'results.md', runs_page=None, notes_path=None,
                 datasets_dir=synthetic_datasets(tmp_path))
     job = grid.jobs()[0]
-    report = tmp_path / 'results' / 'bc_all-BallCircle-s0-probe.json'
+    report = tmp_path / 'results' / 'reports' / 'bc_all-BallCircle-s0-probe.json'
     assert report_command(job, grid)[1] == report
     name, status = run_job(job, grid)
     assert status.startswith('ok'), status
@@ -139,9 +139,23 @@ def test_a_report_runs_after_the_evaluation_and_stays_out_of_the_tables(tmp_path
     report.unlink()
     assert run_job(job, grid) == (name, 'report made') and report.is_file()
     assert run_job(job, grid) == (name, 'done already')
+    # a report that fails says so, and the next run of the grid makes it again
+    from dataclasses import replace
+    failing = replace(grid, methods=(replace(grid.methods[0], report=(
+        'probe', 'python', '-c', 'raise SystemExit(3)')),))
+    report.unlink()
+    status = run_job(failing.jobs()[0], failing)[1]
+    assert status.startswith('FAILED (its report: exit 3') and not report.exists()
+    assert run_job(job, grid) == (name, 'report made')
+    # retrained (its results deleted), the run's report is made again, not kept from before
+    report.write_text('{"read": "the model trained before"}')
+    (tmp_path / 'results' / f'{name}.json').unlink()
+    import shutil
+    shutil.rmtree(tmp_path / 'runs' / name)
+    assert run_job(job, grid)[1].startswith('ok')
+    assert json.loads(report.read_text()) == {'read': str(tmp_path / 'runs' / name)}
     # without the run folder there is nothing to report on: done, nothing run
     report.unlink()
-    import shutil
     shutil.rmtree(tmp_path / 'runs' / name)
     assert run_job(job, grid) == (name, 'done already') and not report.exists()
     # the tables read the results files only, not the reports beside them
@@ -155,7 +169,7 @@ def test_a_report_runs_after_the_evaluation_and_stays_out_of_the_tables(tmp_path
     assert command[:3] == ['python', '-m', 'offline_training.discriminator_quality']
     assert command[3:] == ['runs/dspo/dspo-k5-CarRun-s0',
                            'runs/dspo/data/split-k5-CarRun-heldout.hdf5', '--kappa', '5',
-                           '-o', 'docs/results/dspo/dspo-k5-CarRun-s0-discriminator.json']
+                           '-o', 'docs/results/dspo/reports/dspo-k5-CarRun-s0-discriminator.json']
     assert str(out) == command[-1]
 
 
@@ -386,9 +400,12 @@ def test_a_grid_shows_another_grids_runs_beside_its_own_only_when_they_exist(tmp
     assert not any(name.startswith(('drcorl', 'bc_all', 'bcq')) for name in names)
     assert reference_files(replace(dspo, tasks=('CarRun',))) == [
         path for path in files if '-CarRun-' in path.name]
-    for bad in (('core-hour', 'fisr'), ('no-such-grid', 'fisor')):
+    for bad in (('core-hour', 'fisr'), ('no-such-grid', 'fisor'), ('dspo', 'dspo-k10')):
         with pytest.raises(ConfigError, match=f'reference {bad[0]}/{bad[1]}'):
             check_pages(replace(dspo, references=(bad,)))
+    # a reference whose column name is one of the grid's own would pool the two in one cell
+    with pytest.raises(ConfigError, match='shares a column name'):
+        check_pages(replace(dspo, methods=dspo.methods + (Method('fisor', 'fisor', 10),)))
 
 
 def test_a_page_shows_methods_of_its_grid(tmp_path):

@@ -1,6 +1,7 @@
 """The ROS 2 loop in one process over real DDS: sim, controller, safety monitor, recorder."""
 
 import math
+from pathlib import Path
 import time
 
 from diagnostic_msgs.msg import DiagnosticStatus
@@ -365,15 +366,26 @@ def test_demo_runs_drcorl_under_its_own_critics_and_under_a_fisor_monitor(tmp_pa
     from saferl_ros.demo import main as demo
     drcorl = build_bundle(tmp_path / 'drcorl', algorithm='drcorl', task='BallRun')
     fisor = build_bundle(tmp_path / 'fisor', task='BallRun')
-    for name, extra in (('own', []), ('fisor', ['--monitor-bundle', fisor])):
+    # without --task the bundle's own task runs
+    for name, extra in (('own', []), ('fisor', ['--task', 'BallRun', '--monitor-bundle', fisor])):
         out = tmp_path / f'rec-{name}'
-        assert demo(['--task', 'BallRun', '--bundle', drcorl, '--episodes', '1',
-                     '--output', str(out), *extra]) == 0, name
+        assert demo(['--bundle', drcorl, '--episodes', '1', '--output', str(out), *extra]) == 0
         data = recorded(next(out.iterdir()))
         # every step was judged by the monitor's critic (no miss, a critic value per step)
         assert len(data['rewards']) == 100 and not missed(data).any(), name
         assert np.isin(data['verdicts'], [0, 1, 2]).all(), name
-    assert 'monitor ' + fisor in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert 'monitor ' + fisor in out and out.count('1 episodes of BallRun') == 2
+    # another task's bundle is refused in one line before anything starts (its observation
+    # channels are another robot's: the nodes would only ever hold the safe action)
+    carcircle = str(Path(__file__).resolve().parents[1] / 'models' / 'fisor-carcircle')
+    for args, wrong in ((['--task', 'BallCircle', '--bundle', drcorl], 'a BallRun bundle'),
+                        (['--bundle', drcorl, '--monitor-bundle', carcircle],
+                         'a CarCircle bundle')):
+        assert demo(args + ['--output', str(tmp_path / 'refused')]) == 2
+        err = capsys.readouterr().err
+        assert wrong in err and 'pass --task' in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / 'refused').exists()
 
 
 def test_controller_refuses_reordered_channels_and_nan(bundles, loop):
