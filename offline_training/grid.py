@@ -89,6 +89,9 @@ class DataStep:
     args: Tuple[str, ...]
     source: Optional[str] = None
     files: Tuple[str, ...] = ('.hdf5',)
+    # side files the command writes next to its first file (suffixes after that file's name,
+    # e.g. reshape's '.report.json'), copied to RESULTS_DIR/data/TAG-TASK<suffix> to be kept
+    keep: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -263,7 +266,9 @@ GRIDS: Dict[str, Grid] = {
             DataStep('tempting', ('tempting', '{source}', '--task', '{task}', '-o', '{out}')),
             DataStep('oasis-k20', ('reshape', '{source}', '--task', '{task}', '--kappa', '20',
                                    '--preset', '{preset}', '--no-progress', '-o', '{out}'),
-                     source='tempting'),
+                     source='tempting',
+                     # the generated returns against the conditions (json) and their picture
+                     keep=('.report.json', '.conditions.png')),
             *(DataStep(f'{source}-n{n}', ('subset', '{source}', '--task', '{task}',
                                           '--transitions', str(n), '-o', '{out}'), source=source)
               for n in (2400, 12_000) for source in ('oasis-k20', 'tempting'))),
@@ -670,7 +675,22 @@ def run_data_step(step: DataStep, task: str, grid: Grid, *after) -> Tuple[str, s
         failure = f'FAILED: the command did not write {", ".join(missing)}'
     if failure is None:
         atomic_write_json(stamp, made_by)
+        failure = keep_side_files(step, task, grid)
     return name, failure or f'ok in {time.time() - start:.0f} s'
+
+
+def keep_side_files(step: DataStep, task: str, grid: Grid) -> Optional[str]:
+    """Copy a data step's side files (DataStep.keep) into the results; return a failure."""
+    import shutil
+
+    kept = Path(grid.results_dir) / 'data'
+    for suffix in step.keep:
+        side = Path(str(data_files(step, task, grid)[0]) + suffix)
+        if not side.is_file():
+            return f'FAILED: the command did not write {repo_relative(side)}'
+        kept.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(side, kept / f'{step.tag}-{task}{suffix}')
+    return None
 
 
 def run_job(job: Job, grid: Grid, *after) -> Tuple[str, str]:

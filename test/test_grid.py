@@ -312,7 +312,7 @@ def test_data_steps_make_each_dataset_once_before_the_runs_that_train_on_it(tmp_
                                      '--remove-ratio', '0.5', '-o', '{out}'))
     reshaped = DataStep('gen', ('reshape', '{source}', '--task', '{task}', '--kappa', '20',
                                 '--preset', '{preset}', '--no-progress', '-o', '{out}'),
-                        source='tempting')
+                        source='tempting', keep=('.report.json', '.conditions.png'))
     broken = DataStep('broken', ('tempting', '{source}', '--task', '{task}', '--remove-ratio',
                                  '2', '-o', '{out}'))
     grid = Grid('data', (Method('oasis', 'oasis', 6, ('cost_limit=20',), data='gen'),
@@ -338,6 +338,16 @@ def test_data_steps_make_each_dataset_once_before_the_runs_that_train_on_it(tmp_
                  'bc_all-BallCircle-s0'):
         assert statuses[name].startswith('ok'), (name, statuses[name])
     assert len(lines) == 6 and lines[-1].split()[1] == '[6/6]'
+    # the reshape's report and picture are kept with the results (runs/ is this machine's)
+    for suffix in ('.report.json', '.conditions.png'):
+        kept = tmp_path / 'results' / 'data' / f'gen-BallCircle{suffix}'
+        made = tmp_path / 'runs' / 'data' / f'gen-BallCircle.hdf5{suffix}'
+        assert kept.read_bytes() == made.read_bytes()
+    assert 'conditions' in json.loads(
+        (tmp_path / 'results' / 'data' / 'gen-BallCircle.report.json').read_text())
+    from offline_training.grid import keep_side_files
+    assert 'did not write' in keep_side_files(replace(reshaped, keep=('.nothing',)),
+                                              'BallCircle', grid)
     assert statuses['data-broken-BallCircle'].startswith('FAILED')
     assert '--remove-ratio must lie in [0, 1]' in (
         tmp_path / 'runs' / 'logs' / 'data-broken-BallCircle.log').read_text()
