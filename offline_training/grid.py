@@ -272,7 +272,8 @@ GRIDS: Dict[str, Grid] = {
             *(DataStep(f'{source}-n{n}', ('subset', '{source}', '--task', '{task}',
                                           '--transitions', str(n), '-o', '{out}'), source=source)
               for n in (2400, 12_000) for source in ('oasis-k20', 'tempting'))),
-        kappas=(20,), paper='oasis', **own_folders('oasis'),
+        kappas=(20,), paper='oasis',
+        **{**own_folders('oasis'), 'notes_path': REPO / 'docs' / 'results' / 'oasis-notes.md'},
         description="OASIS's protocol: tempting datasets, kappa 20; OASIS (BCQ-Lag on its "
                     'generated data, generator cpu preset) beside BCQ-Lag, FISOR, BC-All and '
                     'BC-Safe on the tempting data'),
