@@ -335,21 +335,26 @@ def repo_relative(path) -> Path:
         return Path(path)
 
 
+def fill_placeholders(items: Sequence[str], job: Job, grid: Grid, **values) -> List[str]:
+    """Return ``items`` with ``{data}`` (the job's data step prefix) and ``{KEY}`` of values."""
+    if job.method.data is not None:
+        values['data'] = repo_relative(data_prefix(job.method.data, job.task, grid))
+    filled = []
+    for item in items:
+        for key, value in values.items():
+            item = item.replace(f'{{{key}}}', str(value))
+        filled.append(item)
+    return filled
+
+
 def report_command(job: Job, grid: Grid) -> Optional[Tuple[List[str], Path]]:
     """Return (the run's report command, the file it writes), or None if it has none."""
     if job.method.report is None:
         return None
     out = repo_relative(Path(grid.results_dir) / 'reports' /
                         f'{job.name}-{job.method.report[0]}.json')
-    fill = {'{run}': str(repo_relative(Path(grid.runs_dir) / job.name)), '{out}': str(out)}
-    if job.method.data is not None:
-        fill['{data}'] = str(repo_relative(data_prefix(job.method.data, job.task, grid)))
-    cmd = []
-    for item in job.method.report[1:]:
-        for key, value in fill.items():
-            item = item.replace(key, value)
-        cmd.append(item)
-    return cmd, out
+    run = repo_relative(Path(grid.runs_dir) / job.name)
+    return fill_placeholders(job.method.report[1:], job, grid, run=run, out=out), out
 
 
 def commands(job: Job, grid: Grid) -> Tuple[List[str], List[str], Path]:
@@ -359,10 +364,8 @@ def commands(job: Job, grid: Grid) -> Tuple[List[str], List[str], Path]:
              '--seed', str(job.seed), '--steps', str(job.method.steps), '--out', str(run_dir),
              '--threads', '1', '--no-progress', '--log-every', '500',
              '--checkpoint-every', str(grid.checkpoint_every), '--device', grid.device]
-    overrides = job.method.overrides
+    overrides = fill_placeholders(job.method.overrides, job, grid)
     if job.method.data is not None:
-        prefix = str(repo_relative(data_prefix(job.method.data, job.task, grid)))
-        overrides = tuple(item.replace('{data}', prefix) for item in overrides)
         train += ['--dataset', str(repo_relative(data_path(job.method.data, job.task, grid,
                                                            job.method.data_file)))]
     for item in overrides:
