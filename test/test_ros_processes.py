@@ -124,9 +124,14 @@ def test_processes_loop_then_kill_recorder_and_controller(tmp_path):
 
         # SIGINT / SIGTERM deactivate a node before it exits: the recorder closes and
         # consolidates its run, the monitor publishes its safe stop (INACTIVE).
+        # The second recorder writes its run's index with the first step it receives; on a
+        # loaded machine its discovery by the simulator may lag the whole test so far (CI saw
+        # it receive no step in 3 s), so it is signalled only once it holds a step.
+        graceful = tmp_path / 'rec' / 'graceful'
+        assert spin_until(executor, lambda: (graceful / 'index.json').is_file(), 30.0), \
+            logs['recorder_b'].read_text()[-3000:]
         procs['recorder_b'].send_signal(signal.SIGINT)
         assert procs['recorder_b'].wait(20) == 0
-        graceful = tmp_path / 'rec' / 'graceful'
         assert (graceful / 'index.json').is_file(), logs['recorder_b'].read_text()[-3000:]
         assert read_index(graceful)['closed']
         assert validate_file(graceful / 'recording.hdf5') == []
