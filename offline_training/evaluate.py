@@ -33,7 +33,8 @@ from typing import Sequence
 
 import numpy as np
 from offline_training.machine import machine_info
-from offline_training.results import KAPPAS, result_label, summarize, table_main
+from offline_training.results import (check_kappas, check_replaceable, KAPPAS, read_results,
+                                      result_label, summarize, table_main)
 from saferl_ros.errors import ConfigError, MissingFileError, reports_user_errors
 from saferl_ros.sim import episode_seed, run_episode
 from saferl_ros.tasks import get_task, normalized_score
@@ -442,6 +443,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.episodes < 1:
         parser.error('--episodes must be >= 1')
+    if args.threads < 1:
+        parser.error(f'--threads must be >= 1, got {args.threads}')
     if min(args.seeds) < 0:
         parser.error(f'--seeds must be >= 0, got {min(args.seeds)}')
     if args.monitor_overrides and not args.shield:
@@ -463,6 +466,7 @@ def main(argv=None) -> int:
         parser.error("--set: give -o FILE.json (RUN/eval/results.json keeps the run's own "
                      'evaluation)')
     out = Path(args.out) if args.out else default_results_path(args.sources)
+    check_kappas(args.kappa, '--kappa')
     _check_writable(out)
     if not all(is_bundle(s) for s in args.sources):
         import torch  # only run folders need torch; bundles run on onnxruntime alone
@@ -498,6 +502,19 @@ def _check_writable(out: Path) -> None:
     if folder.exists() and not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
         raise ConfigError(f'{out}: cannot be written ({folder} is not a writable folder); give '
                           '-o FILE.json in a folder you can write to')
+    # Replaced only if it is an earlier results file (with its CSV): -o naming a dataset or a
+    # file of the user's by mistake loses nothing.
+    if out.suffix != '.json':
+        raise ConfigError(f'-o {out}: give a .json file name')
+    if out.exists() or out.is_symlink():
+        try:
+            read_results(out)
+        except ConfigError as error:
+            raise ConfigError(f'-o {out}: exists and is not a results file of saferl-eval '
+                              f'({str(error).split("; ")[0]}), so it is not replaced; give a new '
+                              '.json name or remove it yourself') from None
+    check_replaceable(out.with_suffix('.csv'), '.csv', 'task,algorithm,source,seed',
+                      'a CSV that saferl-eval wrote')
 
 
 def _manifest_metrics(results: dict, out: Path) -> dict:

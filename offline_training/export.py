@@ -183,8 +183,17 @@ def write_bundle(plan: ExportPlan, out_dir, task, name: Optional[str] = None,
     """
     spec = get_task(task)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f'{out_dir} exists; pass --force (overwrite=True) to replace it')
+    if out_dir.exists() or out_dir.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f'{out_dir} exists; pass --force (overwrite=True) to replace it')
+        # --force replaces a bundle, nothing else: not a folder of other files (`-o models`
+        # would take every shipped bundle with it), not a link, not a file
+        if out_dir.is_symlink() or not out_dir.is_dir() or \
+                not (out_dir / rt.MANIFEST).is_file():
+            what = ('a symbolic link' if out_dir.is_symlink() else
+                    'a folder without a manifest.yaml' if out_dir.is_dir() else 'not a folder')
+            raise FileExistsError(f'{out_dir} exists and is {what}, not a bundle: --force only '
+                                  'replaces a bundle; choose another output folder')
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     low = -np.ones(spec.act_dim, dtype=np.float32)
     high = np.ones(spec.act_dim, dtype=np.float32)
@@ -236,9 +245,15 @@ def write_bundle(plan: ExportPlan, out_dir, task, name: Optional[str] = None,
         # tracer would pass the first check and fail this one.
         loaded = rt.load_bundle(tmp)
         check_parity(loaded, plan, {g: {t: v[:1] for t, v in f.items()} for g, f in feeds.items()})
+        # The old bundle is moved aside, not deleted, until the new one is in place: a kill in
+        # between leaves it whole next to out_dir (.NAME.replaced-PID), never lost.
+        replaced = None
         if out_dir.exists():
-            shutil.rmtree(out_dir)
+            replaced = out_dir.with_name(f'.{out_dir.name}.replaced-{os.getpid()}')
+            os.replace(out_dir, replaced)
         os.replace(tmp, out_dir)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -351,6 +366,8 @@ def export_run(run_dir, out_dir, name: Optional[str] = None, seed: int = 0,
     run_config = run.run_config
     plan = run.export_plan()
     dataset = run_config.get('dataset') or {}
+    if not isinstance(dataset, dict):   # written by saferl-train as a mapping; edited by hand
+        dataset = {'source': str(dataset)[:200]}
     provenance = {
         'dataset': shown_path(dataset['path']) if dataset.get('path') else dataset.get('source'),
         'dataset_sha256': dataset.get('sha256'),

@@ -25,6 +25,7 @@ from offline_training.algos import get_algorithm
 from saferl_ros.errors import (
     ConfigError, MissingFileError, read_yaml_mapping, require_field, short_repr, UserError)
 from saferl_ros.files import atomic_path, atomic_write_yaml, file_kind
+from saferl_ros.tasks import get_task
 import torch
 from torch import nn
 
@@ -181,6 +182,10 @@ def load_checkpoint(path: Path, device, fix: str, keys=CHECKPOINT_KEYS) -> dict:
     missing = [key for key in keys if not isinstance(state, dict) or key not in state]
     if missing:
         raise ConfigError(f'{path}: not a saferl-train checkpoint (missing {missing}); {fix}')
+    step = state.get('step', 0)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ConfigError(f'{path}: its step is {str(step)[:40]!r}, not an integer >= 0 (the '
+                          f'file was tampered with or is not a checkpoint); {fix}')
     return state
 
 
@@ -350,7 +355,15 @@ def open_run(run_dir, device='cpu', checkpoint=None, inference=None) -> Run:
             raise ConfigError(f'{where}: field {key!r} is {dim!r}, expected a positive integer; '
                               f'{fix}')
     task = require_field(run_config, 'task', where, dict, fix)
-    require_field(task, 'name', f'{where} task', str, fix)
+    name = require_field(task, 'name', f'{where} task', str, fix)
+    try:
+        spec = get_task(name)
+    except KeyError as error:
+        raise ConfigError(f'{where}: {error.args[0]}; {fix}') from None
+    if tuple(dims) != (spec.obs_dim, spec.act_dim):
+        # a model of one task evaluated or exported as another's (a hand-edited config.yaml)
+        raise ConfigError(f'{where}: obs_dim {dims[0]} and act_dim {dims[1]} do not match task '
+                          f'{spec.name} ({spec.obs_dim} and {spec.act_dim}); {fix}')
     inference = dict(inference or {})
     not_inference = sorted(set(inference) - INFERENCE_SETTINGS)
     if not_inference:

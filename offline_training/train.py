@@ -27,9 +27,9 @@ from offline_training.data.dataset import (
 from offline_training.machine import machine_info
 from offline_training.overrides import parse_override
 from offline_training.runs import (
-    check_resume, CHECKPOINT, CHECKPOINTS, CONFIG, default_run_dir, keep_checkpoint_copy,
-    kept_checkpoint_path, load_checkpoint, new_run_config, restore, RESUME_FIX, SUMMARY,
-    write_checkpoint, write_yaml)
+    check_model_size, check_resume, CHECKPOINT, CHECKPOINTS, CONFIG, default_run_dir,
+    keep_checkpoint_copy, kept_checkpoint_path, load_checkpoint, new_run_config, restore,
+    RESUME_FIX, SUMMARY, write_checkpoint, write_yaml)
 from saferl_ros.errors import (ConfigError, MissingFileError, read_yaml_mapping,
                                reports_user_errors, UserError)
 from saferl_ros.files import atomic_path, sha256_file
@@ -85,6 +85,9 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
     if steps is not None:
         config.steps = int(steps)
     config = module.resolve_config(config, spec)
+    # the layer sizes are checked on the meta device before anything is allocated
+    check_model_size(module, (spec.obs_dim, spec.act_dim), config, f'{algo} config',
+                     'lower the layer sizes given with --set')
 
     set_seed(seed)
     data, provenance = _load_data(dataset, data, spec)
@@ -329,6 +332,8 @@ def main(argv=None) -> int:
                           ('--checkpoint-every', args.checkpoint_every)):
         if value < 1:
             parser.error(f'{option} must be >= 1, got {value}')
+    if args.threads is not None and args.threads < 1:
+        parser.error(f'--threads must be >= 1, got {args.threads}')
     if args.threads:
         torch.set_num_threads(args.threads)
     keep_freed_memory()

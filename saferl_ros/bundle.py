@@ -27,6 +27,7 @@ robot needs none of the training stack. See docs/bundle.md for the full contract
 import errno
 import hashlib
 import io
+import math
 import os
 from pathlib import Path
 import stat
@@ -247,6 +248,18 @@ def _require(mapping, key: str, where: str, kind=None):
     return value
 
 
+def _require_number(mapping, key: str, where: str, minimum: Optional[float] = None) -> float:
+    """Return ``mapping[key]`` if it is a finite real number (at least ``minimum``)."""
+    value = _require(mapping, key, where)
+    # bool is an int in Python, and true as a threshold is a typo, not 1
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value) or (minimum is not None and value < minimum):
+        wanted = 'a finite number' + (f' >= {minimum:g}' if minimum is not None else '')
+        raise BundleError(f'{where}: field {key!r} is {short_repr(value)}; it must be '
+                          f'{wanted}; {REEXPORT}')
+    return float(value)
+
+
 def is_plain_name(name) -> bool:
     """Return whether ``name`` is a plain file name: no folder part, no ``..``, no NUL."""
     return (isinstance(name, str) and name not in ('', '.', '..') and '/' not in name
@@ -354,7 +367,7 @@ def _check_manifest(manifest: dict, where: str) -> None:
     for key in ('name', 'algorithm'):
         _require(manifest, key, where, str)
     task = _require(manifest, 'task', where, dict)
-    _require(task, 'name', f'{where} task')
+    _require(task, 'name', f'{where} task', str)
     obs = _require(manifest, 'observation', where, dict)
     dim = _require(obs, 'dim', f'{where} observation', int)
     channels = _require(obs, 'channels', f'{where} observation', list)
@@ -370,23 +383,33 @@ def _check_manifest(manifest: dict, where: str) -> None:
                                   f'entries, expected {dim}; {REEXPORT}')
     act = _require(manifest, 'action', where, dict)
     act_dim = _require(act, 'dim', f'{where} action', int)
+    bounds = {}
     for key in ('low', 'high'):
         values = _require(act, key, f'{where} action', list)
         if len(values) != act_dim:
             raise BundleError(f'{where}: action.{key} has {len(values)} entries, expected '
                               f'action.dim = {act_dim}; {REEXPORT}')
+        # The controller clips every action to these bounds: a NaN bound would turn every
+        # action into NaN, swapped ones into a constant full-scale command.
+        bounds[key] = [_require_number(dict(enumerate(values)), i, f'{where} action.{key}')
+                       for i in range(act_dim)]
+    if any(lo >= hi for lo, hi in zip(bounds['low'], bounds['high'])):
+        raise BundleError(f'{where}: action.low {short_repr(bounds["low"])} must lie below '
+                          f'action.high {short_repr(bounds["high"])} in every entry; {REEXPORT}')
     critic = _require(manifest, 'critic', where, dict)
     kind = _require(critic, 'kind', f'{where} critic', str)
     if kind not in CRITIC_KINDS:
         raise BundleError(f'{where}: critic.kind is {short_repr(kind)}, expected one of '
                           f'{CRITIC_KINDS}; {REEXPORT}')
+    # The monitor compares the critic with these: inf or NaN would switch the shield off (or
+    # on for good) without a word, so they are checked like the monitor's own parameters.
     if kind == 'feasibility':
-        _require(critic, 'threshold_v', f'{where} critic')
-        _require(critic, 'threshold_q', f'{where} critic')
+        _require_number(critic, 'threshold_v', f'{where} critic')
+        _require_number(critic, 'threshold_q', f'{where} critic')
     if kind in ('cost', 'cost_ucb'):
-        _require(critic, 'budget', f'{where} critic')
+        _require_number(critic, 'budget', f'{where} critic')
     if kind == 'cost_ucb':
-        _require(critic, 'k', f'{where} critic')
+        _require_number(critic, 'k', f'{where} critic', minimum=0.0)
     graphs = _require(manifest, 'graphs', where, dict)
     _require(graphs, 'policy', f'{where} graphs', dict)
     unknown = sorted(set(graphs) - set(GRAPH_NAMES))

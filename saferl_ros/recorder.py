@@ -29,6 +29,7 @@ import json
 import math
 from pathlib import Path
 import re
+import tempfile
 import time
 from typing import Dict, List, Optional
 
@@ -123,6 +124,27 @@ def check_new_run_dir(run_dir) -> None:
         raise RecordingError(f'run folder {run_dir} already exists and holds {shown}; the '
                              'recorder never writes into an existing run: set run_name to a new '
                              'name, leave it empty for run_<UTC time>, or move the folder away')
+
+
+def check_output_dir(root) -> None:
+    """
+    Create the recordings folder ``root`` if needed and prove it writable; raise RecordingError.
+
+    Checked before a run starts: a folder that cannot be written would otherwise cost the whole
+    run, refused step by step in a log line while the robot moves. A file is written and removed
+    (permission bits do not tell root about a read-only mount or /proc).
+    """
+    root = Path(root)
+    fix = 'set output_dir to a folder you can write to'
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except FileExistsError:
+        raise RecordingError(f'output_dir {root}: exists and is not a folder; {fix}') from None
+    except OSError as error:
+        raise RecordingError(f'output_dir {root}: cannot be written ({error.strerror}); '
+                             f'{fix}') from None
 
 
 def write_hdf5_atomic(path, arrays: Dict[str, np.ndarray], attrs: Optional[dict] = None,
@@ -295,7 +317,8 @@ def read_index(run_dir) -> dict:
         raise RecordingError(str(exc)) from None
     try:
         index = json.loads(text.decode('utf-8'))
-    except ValueError as exc:  # not UTF-8, not JSON, or an integer of over 4300 digits
+    except (ValueError, RecursionError) as exc:
+        # not UTF-8, not JSON, an integer of over 4300 digits, or nested past Python's stack
         raise RecordingError(f'{file}: not valid JSON ({short_repr(str(exc))}); '
                              f'{_INDEX_FIX}') from None
     if not isinstance(index, dict):

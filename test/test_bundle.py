@@ -109,6 +109,36 @@ def test_wrong_dimensions_are_refused(copy):
     refused(copy, 'graphs.policy.inputs.observation', '[batch, 9]')
 
 
+@pytest.mark.parametrize('key, value, fragment', [
+    ('threshold_v', float('inf'), "field 'threshold_v' is inf"),
+    ('threshold_q', float('nan'), "field 'threshold_q' is nan"),
+    ('threshold_v', 'a', "field 'threshold_v' is 'a'"),
+    ('threshold_q', [0.0], "field 'threshold_q' is [0.0]"),
+    ('threshold_v', True, "field 'threshold_v' is True"),
+], ids=['inf', 'nan', 'string', 'list', 'bool'])
+def test_critic_thresholds_must_be_finite_numbers(copy, key, value, fragment):
+    # an infinite threshold would switch the shield off without a word
+    edit_manifest(copy, lambda m: m['critic'].update({key: value}))
+    refused(copy, fragment, 'a finite number')
+
+
+@pytest.mark.parametrize('edit, fragment', [
+    (lambda act: act['low'].__setitem__(0, float('nan')), 'action.low: field 0 is nan'),
+    (lambda act: act.update(low=act['high'], high=act['low']), 'must lie below'),
+    (lambda act: act['high'].__setitem__(1, 'a'), 'action.high'),
+    (lambda act: act['low'].__setitem__(1, float('-inf')), 'action.low'),
+], ids=['nan', 'swapped', 'string', 'infinite'])
+def test_action_bounds_must_be_finite_and_ordered(copy, edit, fragment):
+    # the controller clips every action to them: NaN bounds would make every action NaN
+    edit_manifest(copy, lambda m: edit(m['action']))
+    refused(copy, fragment)
+
+
+def test_task_name_must_be_a_string(copy):
+    edit_manifest(copy, lambda m: m['task'].update(name=['BallCircle']))
+    refused(copy, "field 'name' should be a str")
+
+
 def test_channel_count_must_match_dim(copy):
     edit_manifest(copy, lambda m: m['observation']['channels'].pop())
     refused(copy, 'observation.channels has 7 names', 'observation.dim = 8')

@@ -385,6 +385,17 @@ def test_a_second_name_for_an_array_is_refused(tmp_path, ballcircle_arrays):
     assert 'second name (hard link)' in problems[0].message
 
 
+def test_many_top_level_names_are_refused_quickly(tmp_path, ballcircle_arrays):
+    # 20 000 one-value extras in a small file took minutes (each name compared with all others)
+    from offline_training.data.dataset import MAX_TOP_LEVEL_NAMES
+    path = _good(tmp_path / 'names.hdf5', ballcircle_arrays)
+    with h5py.File(path, 'a') as h5:
+        for i in range(MAX_TOP_LEVEL_NAMES):
+            h5[f'extra_{i:05d}'] = np.zeros(1)
+    problems = validate_file(path)      # refused before any name is looked at
+    assert f'more than the {MAX_TOP_LEVEL_NAMES} a dataset may have' in problems[0].message
+
+
 def test_virtual_and_externally_stored_datasets_are_refused(tmp_path, ballcircle_arrays):
     n = len(ballcircle_arrays['rewards'])
     source = _good(tmp_path / 'source.hdf5', ballcircle_arrays)

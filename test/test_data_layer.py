@@ -157,6 +157,10 @@ def _bad_cases(arrays):
     inf_act = arrays['actions'].copy()
     inf_act[0, 0] = np.inf
     yield 'Inf', changed(actions=inf_act), 'actions', 'hold NaN or Inf (first at index 0)'
+    # finite as float64, Inf once loaded as float32 (what training reads)
+    huge = arrays['rewards'].astype(np.float64)
+    huge[3] = 1e300
+    yield 'beyond float32', changed(rewards=huge), 'rewards', 'hold NaN or Inf (first at index 3)'
     yield 'short column', changed(costs=arrays['costs'][:-1]), 'costs', \
         f'has {n - 1} rows but observations has {n}'
     yield 'bad flags', changed(terminals=np.full(n, 2.0)), 'terminals', 'must hold only 0/1'
@@ -227,10 +231,19 @@ def test_wrong_task_is_reported(tmp_path):
     write_dataset(path, run_data, 'BallRun')
     assert validate_file(path) == []
     problems = validate_file(path, task='BallCircle')
-    assert any(p.key == 'observations' and 'has 7 columns but BallCircle' in p.message
-               for p in problems), _messages(problems)
+    # the file's own task attribute wins over a --task naming another, also where the shapes
+    # agree (CarRun is BallRun's shape): one robot's data are not trained as another's
+    for other in ('BallCircle', 'CarRun'):
+        problems = validate_file(path, task=other)
+        assert [p.key for p in problems] == ['task'], _messages(problems)
+        assert f'the file says task BallRun but {other} was given; pass --task BallRun' in \
+            problems[0].message
     unknown = _write_raw(tmp_path / 'mystery.hdf5', run_data)
     assert any(p.key == 'task' and 'pass --task' in p.message for p in validate_file(unknown))
+    # without a task attribute, --task says what the file is, and the shapes are checked
+    problems = validate_file(unknown, task='BallCircle')
+    assert any(p.key == 'observations' and 'has 7 columns but BallCircle' in p.message
+               for p in problems), _messages(problems)
 
 
 def test_missing_dataset_explains_where_to_put_it(tmp_path, monkeypatch):

@@ -1,6 +1,8 @@
 """Evaluation: DSRL's normalisation exactly, real PyBullet rollouts of a bundle, results table."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 from offline_training.evaluate import evaluate, load_agent, main, rollout, write_results
@@ -83,6 +85,26 @@ def test_saferl_eval_cli(bundle, tmp_path, capfd):
                  str(tmp_path / 'notes.md')]) == 0
     assert (tmp_path / 'results.md').read_text().endswith('Only a test bundle.\n')
     assert main([str(tmp_path / 'missing'), '--episodes', '1']) == 2
+    # -o replaces an earlier output of its own, nothing else (a dataset given by mistake)
+    dataset = tmp_path / 'data.hdf5'
+    dataset.write_bytes(b'\x89HDF\r\n\x1a\n' + bytes(100))
+    notes = tmp_path / 'notes.md'
+    capfd.readouterr()
+    for argv, needle in (
+            ([str(bundle), '-o', str(dataset)], 'give a .json file name'),
+            ([str(bundle), '-o', str(tmp_path / 'notes.json')], 'not a results file'),
+            ([str(bundle), '--kappa', 'nan', '-o', str(tmp_path / 'k.json')],
+             'a cost threshold must be a finite number > 0'),
+            (['table', str(out), '-o', str(notes)], 'is not a page saferl-eval table wrote'),
+            (['table', str(out), '-o', str(tmp_path / 'results.md'), '--kappa', '0'],
+             '--kappa 0: a cost threshold')):
+        (tmp_path / 'notes.json').write_text('{"mine": 1}')
+        assert main(argv + ['--episodes', '1'] * (argv[0] != 'table')) == 2, argv
+        err = capfd.readouterr().err
+        assert needle in err and 'Traceback' not in err, err
+    assert dataset.read_bytes().startswith(b'\x89HDF') and notes.read_text().startswith('## ')
+    assert json.loads((tmp_path / 'notes.json').read_text()) == {'mine': 1}
+    assert main([str(bundle), '--episodes', '1', '-o', str(out), '--no-progress']) == 0
 
 
 @pytest.mark.parametrize('selection', ['minqc', 'feasible-maxq'])
@@ -164,6 +186,38 @@ def _fake_result(name, algorithm, costs, task='BallCircle'):
             'sources': [name], 'episodes_per_seed': len(rows), 'seeds': [0],
             'kappas': [5.0, 10.0], 'episodes': rows,
             'summary': summarize(task, rows, (5.0, 10.0))}
+
+
+@pytest.mark.parametrize('edit, needle', [
+    (lambda r: r['episodes'][0].update(reward='1'), 'expected integers and finite numbers'),
+    (lambda r: r['episodes'][0].update(cost=None), 'expected integers and finite numbers'),
+    (lambda r: r['episodes'][0].update(seed=[0]), 'expected integers and finite numbers'),
+    (lambda r: r.update(kappas=['5']), 'kappas should be numbers > 0'),
+    (lambda r: r.update(machine='x'), "field 'machine' should be an object"),
+    (lambda r: r.update(episodes=[]), 'holds no episodes'),
+], ids=['reward', 'cost', 'seed', 'kappas', 'machine', 'no-episodes'])
+def test_table_refuses_malformed_results_in_one_line(tmp_path, edit, needle):
+    result = _fake_result('fisor-BallCircle-s0', 'fisor', [0, 1])
+    edit(result)
+    (tmp_path / 'r.json').write_text(json.dumps(result))
+    with pytest.raises(ConfigError, match=needle):
+        write_table([tmp_path / 'r.json'], tmp_path / 'results.md')
+
+
+@pytest.mark.parametrize('kind', ['deep', 'device', 'fifo'])
+def test_table_refuses_results_that_are_not_small_regular_json(tmp_path, kind):
+    path = tmp_path / 'r.json'
+    if kind == 'deep':
+        path.write_text('[' * 100_000 + ']' * 100_000)
+        needle = 'nested too deeply'
+    elif kind == 'device':
+        path = Path('/dev/zero')
+        needle = 'not a regular file'
+    else:
+        os.mkfifo(path)
+        needle = 'not a regular file'
+    with pytest.raises(ConfigError, match=needle):
+        write_table([path], tmp_path / 'results.md')
 
 
 def test_table_keeps_variants_apart_and_writes_one_table_per_kappa(tmp_path):

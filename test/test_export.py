@@ -136,6 +136,19 @@ def test_saferl_export_cli_exports_a_training_run(tmp_path, ballcircle_arrays, c
     from offline_training.evaluate import bundle_variant
     assert bundle_variant(manifest) == {'selection': 'feasible-maxq'}
     assert bundle_variant({'algorithm_config': {'selection': 'argmin ... (minqc)'}}) == {}
+    assert not list(out.parent.glob('.*replaced*'))    # the replaced bundle is gone
+    # --force replaces a bundle only: not a folder of other things, not a link to a bundle
+    others = tmp_path / 'notes'
+    others.mkdir()
+    (others / 'notes.txt').write_text('keep me')
+    link = tmp_path / 'link'
+    link.symlink_to(out)
+    capfd.readouterr()
+    for target, what in ((others, 'a folder without a manifest.yaml'),
+                         (link, 'a symbolic link')):
+        assert main([str(run), '-o', str(target), '--force']) == 2
+        assert what in capfd.readouterr().err
+    assert (others / 'notes.txt').read_text() == 'keep me' and load_bundle(link)
     assert main([str(tmp_path / 'nothing'), '-o', str(tmp_path / 'x')]) == 2
     assert 'not a finished' in capfd.readouterr().err
     assert yaml.safe_load((out / 'manifest.yaml').read_text())['format'] == 'saferl_bundle/1'

@@ -388,8 +388,11 @@ GOOD_CONFIG = ('algorithm: bc_all\nobs_dim: 8\nact_dim: 2\ntask: {name: BallCirc
     ('config is /dev/zero', 'config.yaml is a character device, not a regular file'),
     ('negative obs_dim', "config.yaml: field 'obs_dim' is -3, expected a positive integer"),
     ('zero act_dim', "config.yaml: field 'act_dim' is 0, expected a positive integer"),
-    ('huge obs_dim', 'config.yaml: obs_dim 100000, act_dim 2 and the layer sizes of algo_config '
-                     'describe a model of 1600322 values, more than the 262144'),
+    ('huge obs_dim', 'config.yaml: obs_dim 100000 and act_dim 2 do not match task BallCircle '
+                     '(8 and 2)'),
+    # the same shapes as another task's model would be exported as a "verified" bundle of it
+    ('other task', 'config.yaml: obs_dim 8 and act_dim 2 do not match task BallRun (7 and 2)'),
+    ('text step', "checkpoint.pt: its step is 'abc', not an integer >= 0"),
     ('huge hidden', 'config.yaml: obs_dim 8, act_dim 2 and the layer sizes of algo_config '
                     'describe a model of 4024002 values, more than the 262144'),
     ('negative hidden', 'config.yaml: cannot build the model it describes (RuntimeError'),
@@ -412,6 +415,7 @@ def test_export_and_eval_report_bad_run_folders_in_one_line(tmp_path, capsys, mo
              'negative obs_dim': GOOD_CONFIG.replace('obs_dim: 8', 'obs_dim: -3'),
              'zero act_dim': GOOD_CONFIG.replace('act_dim: 2', 'act_dim: 0'),
              'huge obs_dim': GOOD_CONFIG.replace('obs_dim: 8', 'obs_dim: 100000'),
+             'other task': GOOD_CONFIG.replace('BallCircle', 'BallRun'),
              'huge hidden': GOOD_CONFIG.replace('[16, 16]', '[2000, 2000]'),
              'negative hidden': GOOD_CONFIG.replace('[16, 16]', '[16, -5]'),
              # a 30 000-layer model took 16 s to build (twice) before its size was known
@@ -424,6 +428,8 @@ def test_export_and_eval_report_bad_run_folders_in_one_line(tmp_path, capsys, mo
         run = _run_folder(tmp_path, texts.get(case, GOOD_CONFIG))
         if case == 'foreign checkpoint':
             torch.save({'weights': 1}, run / 'checkpoint.pt')
+        if case == 'text step':
+            torch.save({'model': {}, 'step': 'abc'}, run / 'checkpoint.pt')
         if case == 'config is /dev/zero':
             (run / 'config.yaml').symlink_to('/dev/zero')
         if case == 'compressed checkpoint':
@@ -488,11 +494,22 @@ def test_saferl_eval_command_on_a_symlinked_bundle_file(bundle_copy, tmp_path):
      "FISOR config field 'steps' should be an integer, found str 'abc'"),
     (['bc_all', '--task', 'BallCircle', '--set', 'widht=3'], "unknown BC config fields ['widht']"),
     (['bc_all', '--task', 'BallCircle', '--preset', 'huge'], "unknown BC preset 'huge'"),
+    # checked before anything is allocated: 1e8 rows took the machine's memory
+    (['bc_all', '--task', 'BallCircle', '--set', 'batch_size=100000000'],
+     "BC config field 'batch_size' is 100000000; a batch must hold 1 to 131072 rows"),
+    (['fisor', '--task', 'BallCircle', '--set', 'critic_batch_size=0'],
+     "'critic_batch_size' is 0; a batch must hold 1 to"),
+    (['bc_all', '--task', 'BallCircle', '--set', 'hidden=[200000,200000]'],
+     ('more than the', 'lower the layer sizes given with --set')),
+    (['fisor', '--task', 'BallCircle', '--set', 'actor_lr=nan'],
+     "FISOR config field 'actor_lr' is nan; give a finite number"),
 ])
 def test_train_reports_bad_values_in_one_line(tmp_path, capsys, argv, needle):
     from offline_training.train import main
     assert main(argv + ['--out', str(tmp_path / 'run'), '--no-progress']) == 2
-    one_line_error(capsys.readouterr().err, 'saferl-train: error: ', needle)
+    needles = needle if isinstance(needle, tuple) else (needle,)
+    one_line_error(capsys.readouterr().err, 'saferl-train: error: ', *needles)
+    assert not (tmp_path / 'run').exists()
 
 
 def test_train_rejects_unknown_algorithms_and_bad_set_values(capsys):
@@ -502,7 +519,8 @@ def test_train_rejects_unknown_algorithms_and_bad_set_values(capsys):
                  ['fisor', '--task', 'BallCircle', '--steps', '0'],
                  ['fisor', '--task', 'BallCircle', '--seed', '-1'],
                  ['fisor', '--task', 'BallCircle', '--log-every', '0'],
-                 ['fisor', '--task', 'BallCircle', '--checkpoint-every', '0']):
+                 ['fisor', '--task', 'BallCircle', '--checkpoint-every', '0'],
+                 ['fisor', '--task', 'BallCircle', '--threads', '-2']):
         with pytest.raises(SystemExit) as info:
             main(argv)
         assert info.value.code == 2

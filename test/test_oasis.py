@@ -274,8 +274,8 @@ def test_reshape_bad_inputs_fail_in_one_line(raw_file, reshaped, tmp_path, capsy
                                     *base])
     assert "unknown task 'Nope'" in error([str(raw_file), '-o', str(tmp_path / 'a'),
                                            '--task', 'Nope', '--preset', 'test'])
-    assert 'wrong task' in error([str(raw_file), '-o', str(tmp_path / 'a'), '--task', 'CarRun',
-                                  '--preset', 'test'])
+    assert 'the file says task BallCircle but CarRun was given' in error(
+        [str(raw_file), '-o', str(tmp_path / 'a'), '--task', 'CarRun', '--preset', 'test'])
     assert '--kappa must be > 0' in error([str(raw_file), '-o', str(tmp_path / 'a'), *base,
                                            '--kappa', '0'])
     assert 'already exists' in error([str(raw_file), '-o', str(reshaped), *base])

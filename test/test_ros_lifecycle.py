@@ -337,6 +337,27 @@ def test_recorder_refuses_a_run_folder_in_use_before_the_first_step(tmp_path, ca
     assert 'configure failed' in lines[0] and 'activate failed' in lines[1]
 
 
+@pytest.mark.parametrize('where', ['a file', '/proc'])
+def test_recorder_refuses_an_output_folder_it_cannot_write_at_configure(tmp_path, where):
+    """
+    An output_dir that cannot be written fails configure, before anything moves.
+
+    It was accepted, and every step of the run was then refused in a log line (the run lost,
+    saferl-bringup exiting 0). /proc: root's permission bits say writable, the write fails.
+    """
+    if where == 'a file':
+        (tmp_path / 'taken').write_text('not a folder')
+        output_dir, fragment = tmp_path / 'taken' / 'rec', 'Not a directory'
+    else:
+        output_dir, fragment = Path('/proc/saferl_no_such_folder'), 'cannot be written'
+    params = {'task': 'BallCircle', 'output_dir': str(output_dir), 'run_name': ''}
+    with one_node(graph.RECORDER, params, []) as (nodes, node, probe):
+        assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+        assert f'output_dir {output_dir}' in node.last_error, node.last_error
+        assert fragment in node.last_error and 'set output_dir to a folder you can write to' \
+            in node.last_error, node.last_error
+
+
 def test_recorder_drops_non_finite_steps_and_the_run_stays_valid(tmp_path):
     """Review 14: a NaN/Inf step was written, and the whole run then failed merge."""
     from offline_training.data.dataset import validate_file

@@ -6,6 +6,7 @@ placeable on a device and reproducible (RNG states are part of a checkpoint).
 """
 
 from dataclasses import fields
+import math
 import random
 import types
 import typing
@@ -103,10 +104,34 @@ def config_from_preset(config_cls, presets: Mapping[str, dict], preset: str, ove
             raise ConfigError(f'{label} config field {name!r} should be '
                               f'{_type_name(kinds[name])}, found {type(value).__name__} '
                               f'{value!r}; give a value of that type') from None
+        # NaN or inf as a learning rate, temperature or limit would train garbage for an hour
+        # (or fail deep inside torch); a field whose default is infinite may be given inf
+        number = checked[name]
+        if isinstance(number, float) and not math.isfinite(number) and \
+                not _infinite_default(config_cls, name):
+            raise ConfigError(f'{label} config field {name!r} is {number}; give a finite number')
     try:
-        return config_cls(**{**presets[preset], **checked})
+        config = config_cls(**{**presets[preset], **checked})
     except ValueError as error:  # __post_init__'s consistency checks
         raise ConfigError(f'{label} config: {error}') from None
+    for field in fields(config):
+        value = getattr(config, field.name)
+        if field.name.endswith(('batch_size', '_batch')) and isinstance(value, int) and \
+                not 1 <= value <= MAX_BATCH_SIZE:
+            # the batch is allocated whole each step: 1e8 rows took the machine's memory
+            raise ConfigError(f'{label} config field {field.name!r} is {value}; a batch must '
+                              f'hold 1 to {MAX_BATCH_SIZE} rows')
+    return config
+
+
+# Largest batch a config may ask for (rows per step): well above every preset (2 048 at most).
+MAX_BATCH_SIZE = 1 << 17
+
+
+def _infinite_default(config_cls, name: str) -> bool:
+    """Return whether the dataclass field ``name`` has an infinite float default."""
+    default = next(f.default for f in fields(config_cls) if f.name == name)
+    return isinstance(default, float) and math.isinf(default)
 
 
 # --------------------------------------------------------------------------- optimisers

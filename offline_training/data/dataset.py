@@ -146,7 +146,8 @@ def infer_task(path, attrs=None) -> Optional[TaskSpec]:
     """Guess a file's task from its ``task`` attribute, then from a DSRL-style file name."""
     if attrs is not None and 'task' in attrs:
         value = attrs['task']
-        return get_task(value.decode() if isinstance(value, bytes) else str(value))
+        return get_task(value.decode('utf-8', 'replace') if isinstance(value, bytes)
+                        else str(value))
     match = re.match(r'(?:Safety|Offline)?([A-Z][a-z]+(?:Circle|Run))', Path(path).name)
     if match:
         try:
@@ -176,11 +177,11 @@ def generated_info(attrs) -> Optional[dict]:
         if value is None:
             continue
         if isinstance(value, bytes):
-            value = value.decode()
+            value = value.decode('utf-8', 'replace')   # a note to show, not data to trust
         if isinstance(value, str) and value[:1] in '[{':
             try:
                 value = json.loads(value)
-            except ValueError:
+            except (ValueError, RecursionError):     # '[' * 100 000 is not a record
                 pass
         info[key] = value.item() if isinstance(value, np.generic) else value
     return info
@@ -262,6 +263,10 @@ def _task_attr(h5: h5py.File) -> dict:
         return {}
 
 
+# Top-level names a dataset file may hold: DSRL's keys, a recording's and a few extras are ~30.
+MAX_TOP_LEVEL_NAMES = 1024
+
+
 def _inspect_objects(h5: h5py.File, source: str, problems: List[Problem],
                      notes: List[Problem], read=None) -> Dict[str, h5py.Dataset]:
     """
@@ -276,6 +281,14 @@ def _inspect_objects(h5: h5py.File, source: str, problems: List[Problem],
     (`_unread_problem`) gets a note saying why, not a problem, since it is never read.
     """
     datasets: Dict[str, h5py.Dataset] = {}
+    names_of: Dict[object, str] = {}     # object id -> its first name (ids hash by address)
+    count = len(h5)
+    if count > MAX_TOP_LEVEL_NAMES:
+        # each name costs a lookup: tens of thousands of names in a small file would take minutes
+        problems.append(Problem(source, '-', f'holds {count} top-level names, more than the '
+                                             f'{MAX_TOP_LEVEL_NAMES} a dataset may have; '
+                                             f'{_PLAIN_FIX}'))
+        return datasets
     for key in h5.keys():
         why = link_problem(h5, key)
         if why is not None:
@@ -291,13 +304,14 @@ def _inspect_objects(h5: h5py.File, source: str, problems: List[Problem],
         if why is not None:
             problems.append(Problem(source, key, f'{why}; {_PLAIN_FIX}'))
             continue
-        alias = next((name for name, seen in datasets.items() if seen.id == item.id), None)
+        alias = names_of.get(item.id)
         if alias is not None:
             problems.append(Problem(source, key, 'is a second name (hard link) for the array '
                                                  f"stored as '{alias}'; dsrl's loader sees only "
                                                  f'one of them; {_PLAIN_FIX}'))
             continue
         datasets[key] = item
+        names_of[item.id] = key
         unread = None if read is None or key in read else _unread_problem(item)
         refused = '' if unread is None else f'; reading it would be refused: {unread}'
         if key not in DSRL_KEYS and key not in RECORDING_KEYS:
@@ -417,7 +431,10 @@ def _check_values(arrays, spec: Optional[TaskSpec], bad, unlabelled: bool = Fals
         for key in FLOAT_KEYS:
             if unlabelled and key == 'costs':
                 continue
-            bad_rows = ~np.isfinite(block[key].reshape(rows, -1)).all(axis=1)
+            # checked as loaded (float32): a float64 1e300 is finite as stored, Inf in training
+            with np.errstate(over='ignore', invalid='ignore'):
+                loaded = block[key].reshape(rows, -1).astype(np.float32, copy=False)
+            bad_rows = ~np.isfinite(loaded).all(axis=1)
             if bad_rows.any():
                 if nonfinite[key][1] is None:
                     nonfinite[key][1] = start + int(np.argmax(bad_rows))
@@ -608,6 +625,20 @@ def _inspect(h5: h5py.File, report: DatasetReport, task, require_task: bool,
     except KeyError as err:
         problems.append(Problem(source, 'task', str(err.args[0])))
         return None
+    if task is not None:
+        # Two tasks share their shapes (BallCircle and CarCircle, BallRun and CarRun): a --task
+        # other than the file's own would train (or merge, relabelled) one robot's data as
+        # another's without any other check noticing.
+        try:
+            own = infer_task(report.path, _task_attr(h5)) if _task_attr(h5) else None
+        except KeyError:          # an unknown attribute: --task says what the file is
+            own = None
+        if own is not None and own.name != report.task.name:
+            problems.append(Problem(source, 'task', f'the file says task {own.name} but '
+                                                    f'{report.task.name} was given; pass '
+                                                    f'--task {own.name} (the data are '
+                                                    f'{own.name} data) or fix the attribute'))
+            return None
     if report.task is None and require_task:
         problems.append(Problem(source, 'task', 'cannot tell which task this file is for '
                                                 '(no task attribute, no DSRL file name); '

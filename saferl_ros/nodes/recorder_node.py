@@ -41,14 +41,16 @@ from saferl_ros.nodes.records import (step_from_msg, STEP_TYPE, Transition, verd
                                       VERDICT_TYPE)
 from saferl_ros.observation import channel_names
 from saferl_ros.paths import resolve_path
-from saferl_ros.recorder import (check_new_run_dir, new_run_dir, non_finite_fields,
-                                 RecordingError, RecordingWriter, Step)
+from saferl_ros.recorder import (check_new_run_dir, check_output_dir, new_run_dir,
+                                 non_finite_fields, RecordingError, RecordingWriter, Step)
 from sensor_msgs.msg import JointState
 from std_msgs.msg import String
 
 PARAMS = [
     Param('task', 'BallCircle', 'Task of the recorded data (DSRL name).'),
-    Param('output_dir', 'recordings', 'Folder that receives one run folder per activation.'),
+    Param('output_dir', 'recordings', 'Folder that receives one run folder per activation. '
+          'Created if needed; one that cannot be written fails configure (and activate) in '
+          'one line, before anything moves.'),
     Param('run_name', '', "Run folder name (default: 'run_<UTC time>')."),
     Param('bundle', '', "Controller bundle folder; its manifest's sha256 is stored."),
     Param('monitor_bundle', '', "Monitor bundle folder; its manifest's sha256 is stored."),
@@ -126,6 +128,7 @@ class RecorderNode(LifecycleNode):
                         folder, MANIFEST, f'parameter {key} must name a bundle folder',
                         keep=False)
                     hashes[f'{key}_path'] = cfg[key]
+            check_output_dir(cfg['output_dir'])
             if cfg['run_name']:
                 check_new_run_dir(f'{cfg["output_dir"]}/{cfg["run_name"]}')
         except Exception as exc:  # unknown task, unreadable bundle manifest, run folder in use
@@ -155,7 +158,9 @@ class RecorderNode(LifecycleNode):
         run_dir = (f'{root}/{self.cfg["run_name"]}' if self.cfg['run_name']
                    else str(new_run_dir(root)))
         try:
-            check_new_run_dir(run_dir)   # checked at configure too; it may be in use by now
+            # both checked at configure too; the folder may be gone or in use by now
+            check_output_dir(root)
+            check_new_run_dir(run_dir)
         except RecordingError as exc:
             # Refused here, not on the first step (inside a callback: the run would be lost).
             self.get_logger().error(f'{self.get_name()}: activate failed: {exc}')
