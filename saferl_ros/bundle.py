@@ -383,6 +383,7 @@ def _check_manifest(manifest: dict, where: str) -> None:
                                   f'entries, expected {dim}; {REEXPORT}')
     act = _require(manifest, 'action', where, dict)
     act_dim = _require(act, 'dim', f'{where} action', int)
+    _check_task_layout(task['name'], channels, act_dim, where)
     bounds = {}
     for key in ('low', 'high'):
         values = _require(act, key, f'{where} action', list)
@@ -422,6 +423,28 @@ def _check_manifest(manifest: dict, where: str) -> None:
                           f'{"has" if "critic" in graphs else "lacks"} a critic entry; '
                           f'{REEXPORT}')
     _require(manifest, 'files', where, dict)
+
+
+def _check_task_layout(name: str, channels: list, act_dim: int, where: str) -> None:
+    """
+    Refuse a manifest whose observation channels or action size are not its task's.
+
+    BallCircle and CarCircle (BallRun and CarRun) have the same sizes, so only the channel names
+    tell a ball's model from a car's: a manifest naming the other task would otherwise run one
+    robot's policy on the other. A task outside the registry is not checked here.
+    """
+    from saferl_ros.observation import channel_names
+    from saferl_ros.tasks import get_task
+    try:
+        spec = get_task(name)
+    except KeyError:
+        return
+    expected = channel_names(spec.name)
+    if list(channels) != expected or act_dim != spec.act_dim:
+        raise BundleError(f'{where}: task {spec.name} observes {expected} and acts in '
+                          f'{spec.act_dim} values, but the manifest lists channels '
+                          f'{short_repr(channels)} and action.dim {act_dim}: the task does not '
+                          f'match the model; {REEXPORT}')
 
 
 def _check_files(path: Path, manifest: dict) -> Dict[str, bytes]:

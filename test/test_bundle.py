@@ -106,7 +106,18 @@ def test_wrong_dimensions_are_refused(copy):
         manifest['observation']['dim'] = 9
         manifest['observation']['channels'].append('extra')
     edit_manifest(copy, grow)
+    # a registry task knows its channels: the manifest no longer matches BallCircle's
+    refused(copy, 'task BallCircle observes', 'the task does not match the model')
+    # a task outside the registry (not checked against it): the graphs' shapes catch it
+    edit_manifest(copy, lambda m: m['task'].update(name='SomeRobotTask'))
     refused(copy, 'graphs.policy.inputs.observation', '[batch, 9]')
+
+
+def test_a_manifest_naming_a_task_of_the_same_shape_is_refused(copy):
+    # BallCircle and CarCircle share their sizes; only the channel names tell them apart
+    edit_manifest(copy, lambda m: m['task'].update(name='CarCircle'))
+    refused(copy, "task CarCircle observes ['x', 'y', 'vx', 'vy', 'sin_yaw'",
+            'the task does not match the model')
 
 
 @pytest.mark.parametrize('key, value, fragment', [

@@ -167,7 +167,7 @@ def test_sigkill_mid_episode_keeps_completed_episodes(tmp_path, extra_delay):
     assert not list(run.rglob('.*.tmp'))
 
 
-def test_saferl_data_merge_builds_a_retraining_dataset(tmp_path, ballcircle_arrays):
+def test_saferl_data_merge_builds_a_retraining_dataset(tmp_path, ballcircle_arrays, capsys):
     from offline_training.data.cli import main
     from offline_training.data.dataset import write_dataset
     existing = tmp_path / 'existing.hdf5'
@@ -188,3 +188,9 @@ def test_saferl_data_merge_builds_a_retraining_dataset(tmp_path, ballcircle_arra
                  str(tmp_path / 'other.hdf5')]) == 2
     assert main(['merge', str(tmp_path / 'run'), '--task', 'BallCircle', '-o', str(out)]) == 2
     assert load_dataset(out)['observations'].shape[0] == n_old + 60
+    # a BallCircle run is not merged as CarCircle data (the same shapes: nothing else notices)
+    assert main(['merge', str(tmp_path / 'run'), '--task', 'CarCircle', '-o',
+                 str(tmp_path / 'car.hdf5')]) == 2
+    assert not (tmp_path / 'car.hdf5').exists()
+    assert "index.json says the run recorded task 'BallCircle' but CarCircle was given" in \
+        capsys.readouterr().err

@@ -216,8 +216,16 @@ def _load_recording(path: Path, task) -> dict:
     """Return the DSRL arrays of a recorder run folder, checked like a dataset file."""
     # The recorder's reader (numpy + h5py, no ROS): the completed episodes the index lists,
     # only the DSRL keys, each file checked (saferl_ros.hdf5_limits) before it is read.
-    from saferl_ros.recorder import load_episodes
+    from saferl_ros.recorder import load_episodes, read_index
 
+    # the run's own task first: BallCircle and CarCircle (BallRun and CarRun) share their shapes
+    recorded = read_index(path)['task']
+    given = get_task(task).name if task is not None else recorded
+    if recorded != given:
+        raise DatasetError([Problem(str(path), 'task', f'index.json says the run recorded task '
+                                                       f'{recorded[:60]!r} but {given} was '
+                                                       f'given; pass --task {recorded[:60]} or '
+                                                       'leave this run out')])
     data = load_episodes(path, keys=DSRL_KEYS)
     problems = validate_arrays(data, task, source=str(path))
     if problems:
