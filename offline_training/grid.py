@@ -872,9 +872,9 @@ def write_tables(grid: Grid) -> int:
                              + runs_table(grid, kept=finished_rows(runs_page)))
     files = sorted(Path(grid.results_dir).glob('*.json'))     # not reports/ (Method.report)
     if not files:
-        print(f'error: no results files in {repo_relative(grid.results_dir)}; run '
-              f'`saferl-grid --grid {grid.name}` first', file=sys.stderr)
-        return 1
+        print(f'saferl-grid: error: no results files in {repo_relative(grid.results_dir)}; '
+              f'run `saferl-grid --grid {grid.name}` first', file=sys.stderr)
+        return 2
     code = table_command(grid, files + reference_files(grid), grid.table_path, grid.notes_path)
     for page in grid.pages:
         names = {job.name for job in grid.jobs() if job.method.tag in page.methods}
@@ -917,7 +917,8 @@ def main(argv=None) -> int:
     parser.add_argument('--dry-run', action='store_true', help='print the commands only')
     parser.add_argument('--table', action='store_true', help="only rebuild the grid's tables")
     parser.add_argument('--preset', default=None, help="training preset (default the grid's)")
-    parser.add_argument('--device', default=None, help="'cpu', 'cuda' or 'auto'")
+    parser.add_argument('--device', default=None, choices=('cpu', 'cuda', 'auto'),
+                        help="'cpu', 'cuda' or 'auto'")
     parser.add_argument('--runs-dir', type=Path, default=None)
     parser.add_argument('--results-dir', type=Path, default=None)
     args = parser.parse_args(argv)
@@ -928,6 +929,14 @@ def main(argv=None) -> int:
         ('preset', args.preset), ('device', args.device), ('runs_dir', args.runs_dir),
         ('results_dir', args.results_dir)) if value is not None}
     grid = replace(grid, **changes)
+    if args.preset is not None:
+        # refused here, not by every run after Ray has started them all
+        from offline_training.algos import get_algorithm
+        lacking = sorted({m.algorithm for m in grid.methods
+                          if args.preset not in get_algorithm(m.algorithm)[0].PRESETS})
+        if lacking:
+            parser.error(f'--preset {args.preset!r}: {", ".join(lacking)} of grid '
+                         f'{grid.name!r} have no such preset (paper, cpu and test exist for all)')
     check_branches(grid)
     check_data_steps(grid)
     check_pages(grid)

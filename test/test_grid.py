@@ -214,6 +214,13 @@ def test_the_command_line_refuses_bad_options_in_one_line(capsys):
     with pytest.raises(SystemExit):
         main(['--workers', '0'])
     assert '--workers must be >= 1' in capsys.readouterr().err
+    # checked before Ray starts every run only to see each fail
+    with pytest.raises(SystemExit):
+        main(['--preset', 'nosuch', '--dry-run'])
+    assert "--preset 'nosuch': bc_all, bc_safe" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(['--device', 'tpu', '--dry-run'])
+    assert "invalid choice: 'tpu'" in capsys.readouterr().err
     assert main(['--grid', 'core-hour', '--only', 'fisor-CarRun-s2', '--dry-run']) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and out[0].startswith('saferl-train fisor --task CarRun')

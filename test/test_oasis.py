@@ -399,6 +399,11 @@ def test_tempting_variant_drops_most_low_cost_trajectories(tmp_path, capsys):
         assert 'generated' not in h5.attrs and 'tempting_from_sha256' in h5.attrs
     assert cli.main(['tempting', str(source), '--task', TASK, '-o', str(tmp_path / 'x.hdf5'),
                      '--remove-ratio', '2']) == 2
+    # NaN compares false with every cost return: it removed nothing and wrote a copy
+    assert cli.main(['tempting', str(source), '--task', TASK, '-o', str(tmp_path / 'x.hdf5'),
+                     '--cost-min', 'nan']) == 2
+    assert '--cost-min must be a finite number' in capsys.readouterr().err
+    assert not (tmp_path / 'x.hdf5').exists()
 
 
 def check_and_load(path):

@@ -372,6 +372,10 @@ def cmd_tempting(args) -> int:
     spec = get_task(args.task)
     if not 0.0 <= args.remove_ratio <= 1.0:
         raise ConfigError(f'--remove-ratio must lie in [0, 1], got {args.remove_ratio:g}')
+    if not np.isfinite(args.cost_min) or np.isnan(args.cost_max):
+        # NaN compares false with everything: the command would remove nothing and say done
+        raise ConfigError(f'--cost-min must be a finite number and --cost-max a number (inf '
+                          f'for no upper bound), got {args.cost_min:g} and {args.cost_max:g}')
     if args.cost_max < args.cost_min:
         raise ConfigError(f'--cost-max ({args.cost_max:g}) is below --cost-min '
                           f'({args.cost_min:g})')
