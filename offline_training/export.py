@@ -32,7 +32,7 @@ from offline_training.algos import fisor, get_algorithm
 from offline_training.algos.protocol import ExportPlan, GraphSpec
 from offline_training.runs import code_version, open_run, yaml_safe
 from saferl_ros import bundle as rt
-from saferl_ros.errors import read_yaml_mapping, reports_user_errors
+from saferl_ros.errors import ConfigError, read_yaml_mapping, reports_user_errors
 from saferl_ros.files import atomic_write_yaml, sha256_file
 from saferl_ros.observation import channel_names
 from saferl_ros.paths import shown_path
@@ -364,6 +364,13 @@ def export_run(run_dir, out_dir, name: Optional[str] = None, seed: int = 0,
                                                ('selection', selection)) if value is not None}
     run = open_run(run_dir, inference=inference)
     run_config = run.run_config
+    bad = [name for name, tensor in run.model.state_dict().items()
+           if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        # said here: the golden-output check would blame the difference on onnxruntime
+        raise ConfigError(f'{run_dir}: the checkpoint holds NaN or Inf weights ({len(bad)} '
+                          f'tensors, e.g. {bad[0]}): training diverged; retrain it (a lower '
+                          'learning rate, another seed)')
     plan = run.export_plan()
     dataset = run_config.get('dataset') or {}
     if not isinstance(dataset, dict):   # written by saferl-train as a mapping; edited by hand

@@ -75,6 +75,8 @@ def main(argv=None) -> int:
     parser.add_argument('--config', default=str(package_file('config/demo.yaml')))
     parser.add_argument('--output', default='recordings/demo', help='recording folder')
     args = parser.parse_args(argv)
+    if args.episodes < 1:
+        parser.error(f'--episodes must be >= 1, got {args.episodes}')
     try:
         given = {option: (folder, get_task(bundle_task(folder)).name)
                  for option, folder in (('--bundle', args.bundle),

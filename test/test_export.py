@@ -151,6 +151,15 @@ def test_saferl_export_cli_exports_a_training_run(tmp_path, ballcircle_arrays, c
     assert (others / 'notes.txt').read_text() == 'keep me' and load_bundle(link)
     assert main([str(tmp_path / 'nothing'), '-o', str(tmp_path / 'x')]) == 2
     assert 'not a finished' in capfd.readouterr().err
+    # a diverged run: named as such, not as a golden-output difference "or onnxruntime"
+    import torch
+    state = torch.load(run / 'checkpoint.pt', weights_only=False)
+    first = next(key for key, value in state['model'].items() if value.is_floating_point())
+    state['model'][first].fill_(float('nan'))
+    torch.save(state, run / 'checkpoint.pt')
+    assert main([str(run), '-o', str(tmp_path / 'diverged')]) == 2
+    assert 'the checkpoint holds NaN or Inf weights' in capfd.readouterr().err
+    assert not (tmp_path / 'diverged').exists()
     assert yaml.safe_load((out / 'manifest.yaml').read_text())['format'] == 'saferl_bundle/1'
     assert Path(out / 'policy.onnx').is_file()
 

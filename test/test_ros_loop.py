@@ -360,6 +360,11 @@ def test_demo_runs_any_task_with_its_bundle(tmp_path, capsys):
     assert demo(['--task', 'AntRun', '--episodes', '1']) == 2
     err = capsys.readouterr().err
     assert 'no shipped bundle for AntRun' in err and 'fisor-ballcircle' in err
+    with pytest.raises(SystemExit) as info:       # refused before any banner or bundle
+        demo(['--episodes', '0'])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert '--episodes must be >= 1, got 0' in captured.err and captured.out == ''
 
 
 def test_demo_runs_drcorl_under_its_own_critics_and_under_a_fisor_monitor(tmp_path, capsys):
