@@ -260,6 +260,12 @@ def test_missing_dataset_explains_where_to_put_it(tmp_path, monkeypatch):
     write_dataset(tmp_path / 'SafetyCarRun-v0-40-2.hdf5', data, 'CarRun')
     assert resolve_dataset_path(task='OfflineCarRun-v0').name == 'SafetyCarRun-v0-40-2.hdf5'
     assert load_dataset(task='CarRun')['observations'].shape == data['observations'].shape
+    # a newer dangling link and a folder of a dataset's name are passed over, not followed
+    (tmp_path / 'SafetyCarRun-v0-40-9.hdf5').symlink_to(tmp_path / 'gone.hdf5')
+    (tmp_path / 'SafetyCarRun-v0-40-8.hdf5').mkdir()
+    assert resolve_dataset_path(task='CarRun').name == 'SafetyCarRun-v0-40-2.hdf5'
+    with pytest.raises(DatasetNotFoundError, match='is a folder, not a regular file'):
+        resolve_dataset_path(tmp_path / 'SafetyCarRun-v0-40-8.hdf5')
 
 
 # ---------------------------------------------------------------- trajectories and scores

@@ -23,7 +23,7 @@ import numpy as np
 from offline_training.data.trajectories import trajectory_returns
 # The extras that saferl_ros recordings add (numpy + h5py module, no ROS): accepted without a note.
 from saferl_ros.dataset_keys import DSRL_KEYS, FLAG_KEYS, FLOAT_KEYS, VECTOR_KEYS
-from saferl_ros.files import atomic_write_json, sha256_file
+from saferl_ros.files import atomic_write_json, file_kind, sha256_file
 from saferl_ros.hdf5_limits import (chunk_stream_problem, declaration_problem, describe_shortfall,
                                     elsewhere_problem, link_problem, rows_problem,
                                     storage_shortfall)
@@ -128,13 +128,20 @@ def resolve_dataset_path(path=None, task=None, dirs: Optional[List[Path]] = None
         path = Path(path).expanduser()
         if path.is_file():
             return path
+        if path.exists():        # a folder, a FIFO, a device: there, but not a dataset file
+            kind = file_kind(path.stat().st_mode)
+            raise DatasetNotFoundError([Problem(
+                str(path), '-', f'is {kind}, not a regular file; give an HDF5 dataset file')])
         raise DatasetNotFoundError([Problem(str(path), '-', 'no such file. ' + _how_to_get(spec))])
     if spec is None:
         raise DatasetNotFoundError([Problem('-', '-', 'give a dataset path or a task name')])
     searched = []
     for folder in (dataset_dirs() if dirs is None else dirs):
         searched.append(str(folder))
-        matches = sorted(folder.glob(f'Safety{spec.name}-v0-*.hdf5'), key=os.path.getmtime)
+        # regular files only: a dangling link or a folder of that name is passed over, not
+        # allowed to end the search (or to shadow a good file) with an unrelated error
+        matches = sorted((p for p in folder.glob(f'Safety{spec.name}-v0-*.hdf5')
+                          if p.is_file()), key=os.path.getmtime)
         if matches:
             return matches[-1]
     raise DatasetNotFoundError([Problem(
