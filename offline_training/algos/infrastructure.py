@@ -92,6 +92,7 @@ def config_from_preset(config_cls, presets: Mapping[str, dict], preset: str, ove
         raise UnknownNameError(f'unknown {label} preset {preset!r}; choose one of '
                                f'{sorted(presets)}')
     kinds = {f.name: f.type for f in fields(config_cls)}
+    defaults = {f.name: f.default for f in fields(config_cls)}
     unknown = sorted(set(overrides) - set(kinds))
     if unknown:
         raise UnknownNameError(f'unknown {label} config fields {unknown}; known fields: '
@@ -107,8 +108,8 @@ def config_from_preset(config_cls, presets: Mapping[str, dict], preset: str, ove
         # NaN or inf as a learning rate, temperature or limit would train garbage for an hour
         # (or fail deep inside torch); a field whose default is infinite may be given inf
         number = checked[name]
-        if isinstance(number, float) and not math.isfinite(number) and \
-                not _infinite_default(config_cls, name):
+        infinite_default = isinstance(defaults[name], float) and math.isinf(defaults[name])
+        if isinstance(number, float) and not math.isfinite(number) and not infinite_default:
             raise ConfigError(f'{label} config field {name!r} is {number}; give a finite number')
     try:
         config = config_cls(**{**presets[preset], **checked})
@@ -126,12 +127,6 @@ def config_from_preset(config_cls, presets: Mapping[str, dict], preset: str, ove
 
 # Largest batch a config may ask for (rows per step): well above every preset (2 048 at most).
 MAX_BATCH_SIZE = 1 << 17
-
-
-def _infinite_default(config_cls, name: str) -> bool:
-    """Return whether the dataclass field ``name`` has an infinite float default."""
-    default = next(f.default for f in fields(config_cls) if f.name == name)
-    return isinstance(default, float) and math.isinf(default)
 
 
 # --------------------------------------------------------------------------- optimisers

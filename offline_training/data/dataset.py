@@ -636,8 +636,9 @@ def _inspect(h5: h5py.File, report: DatasetReport, task, require_task: bool,
         # Two tasks share their shapes (BallCircle and CarCircle, BallRun and CarRun): a --task
         # other than the file's own would train (or merge, relabelled) one robot's data as
         # another's without any other check noticing.
+        attrs = _task_attr(h5)
         try:
-            own = infer_task(report.path, _task_attr(h5)) if _task_attr(h5) else None
+            own = infer_task(report.path, attrs) if attrs else None
         except KeyError:          # an unknown attribute: --task says what the file is
             own = None
         if own is not None and own.name != report.task.name:
