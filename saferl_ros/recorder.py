@@ -405,9 +405,13 @@ def _read_episode(run_dir: Path, entry: dict, keys) -> Dict[str, np.ndarray]:
     return data
 
 
-def load_episodes(run_dir, keys=DSRL_KEYS + EXTRA_KEYS) -> Dict[str, np.ndarray]:
+def load_episodes(run_dir, keys=DSRL_KEYS + EXTRA_KEYS,
+                  index: Optional[dict] = None) -> Dict[str, np.ndarray]:
     """
     Concatenate ``keys`` of the completed episodes listed in the index (DSRL keys + extras).
+
+    ``index`` is the run's index as :func:`read_index` returned it, for a caller that has read
+    it already (it is then not read again, so both work on the same listing); default: read it.
 
     Only the files the index lists are read, each a regular file inside the run folder, and of
     each only ``keys`` (other datasets are never read), with the data layer's limits checked
@@ -416,7 +420,7 @@ def load_episodes(run_dir, keys=DSRL_KEYS + EXTRA_KEYS) -> Dict[str, np.ndarray]
     naming the file and the fix.
     """
     run_dir = Path(run_dir)
-    index = read_index(run_dir)
+    index = read_index(run_dir) if index is None else index
     if not index['episodes']:
         raise RecordingError(f'{run_dir}: the recording holds no completed episode')
     total = sum(entry['steps'] for entry in index['episodes'])
@@ -457,7 +461,7 @@ def consolidate(run_dir, out=None) -> Path:
     for leftover in run_dir.rglob('.*.tmp'):
         leftover.unlink()
     index = read_index(run_dir)
-    data = load_episodes(run_dir)
+    data = load_episodes(run_dir, index=index)
     attrs = {**index['attrs'], 'episodes': len(index['episodes'])}
     return write_hdf5_atomic(Path(out) if out else run_dir / RECORDING, data, attrs)
 

@@ -651,7 +651,8 @@ def test_output_path_errors_are_one_line(tmp_path, ballcircle_arrays, capsys):
              (['plot', str(source), '-o', str(tmp_path / 'x.txt')],
               'x.txt: the plot is a PNG image; give -o a name ending in .png')]
     (tmp_path / 'taken.png').mkdir()
-    cases.append((['plot', str(source), '-o', str(tmp_path / 'taken.png')], 'taken.png'))
+    cases.append((['plot', str(source), '-o', str(tmp_path / 'taken.png')],
+                  'taken.png: exists and is not a regular file; give a new .png file name'))
     if Path('/proc').is_dir():
         cases.append((['merge', '--dataset', str(source), '--task', 'BallCircle', '-o',
                        '/proc/nope.hdf5'], '/proc/nope.hdf5: cannot be written'))

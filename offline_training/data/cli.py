@@ -121,6 +121,11 @@ def cmd_plot(args) -> int:
     if Path(args.output).suffix.lower() != '.png':
         raise ConfigError(f'{args.output}: the plot is a PNG image; give -o a name ending in '
                           '.png')
+    output = Path(args.output)
+    if output.is_dir() or (output.exists() and not output.is_file()):
+        # checked before the dataset is read, and named, not left to an errno from matplotlib
+        raise ConfigError(f'-o {output}: exists and is not a regular file; give a new .png '
+                          'file name')
     path, data, report = _load(args)
     out = plot_returns(data, args.output, task=report.task)
     print(f'wrote {out}')
@@ -219,14 +224,15 @@ def _load_recording(path: Path, task) -> dict:
     from saferl_ros.recorder import load_episodes, read_index
 
     # the run's own task first: BallCircle and CarCircle (BallRun and CarRun) share their shapes
-    recorded = read_index(path)['task']
+    index = read_index(path)
+    recorded = index['task']
     given = get_task(task).name if task is not None else recorded
     if recorded != given:
         raise DatasetError([Problem(str(path), 'task', f'index.json says the run recorded task '
                                                        f'{recorded[:60]!r} but {given} was '
                                                        f'given; pass --task {recorded[:60]} or '
                                                        'leave this run out')])
-    data = load_episodes(path, keys=DSRL_KEYS)
+    data = load_episodes(path, keys=DSRL_KEYS, index=index)
     problems = validate_arrays(data, task, source=str(path))
     if problems:
         raise DatasetError(problems)
