@@ -118,10 +118,9 @@ def cmd_validate(args) -> int:
 
 def cmd_plot(args) -> int:
     """Write the reward-versus-cost scatter plot of a dataset."""
-    if Path(args.output).suffix.lower() != '.png':
-        raise ConfigError(f'{args.output}: the plot is a PNG image; give -o a name ending in '
-                          '.png')
     output = Path(args.output)
+    if output.suffix.lower() != '.png':
+        raise ConfigError(f'{output}: the plot is a PNG image; give -o a name ending in .png')
     if output.is_dir() or (output.exists() and not output.is_file()):
         # checked before the dataset is read, and named, not left to an errno from matplotlib
         raise ConfigError(f'-o {output}: exists and is not a regular file; give a new .png '
