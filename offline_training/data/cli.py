@@ -126,7 +126,7 @@ def cmd_plot(args) -> int:
         raise ConfigError(f'-o {output}: exists and is not a regular file; give a new .png '
                           'file name')
     path, data, report = _load(args)
-    out = plot_returns(data, args.output, task=report.task)
+    out = plot_returns(data, output, task=report.task)
     print(f'wrote {out}')
     return 0
 
