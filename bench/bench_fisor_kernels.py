@@ -4,13 +4,16 @@ FISOR iterations with torch's own kernels against the project's, side by side in
     python bench/bench_fisor_kernels.py [--preset cpu] [--seconds 4] [--rounds 3] [--threads 1]
                                         [--kernels-only]
 
-Two choices in the training code are measured, each alone and together, against torch's
-defaults:
+Three choices in the training code are measured, each alone and together, against torch's
+defaults and the plain order of the computation:
 
 - mish: ``networks.mish`` (the sigmoid form with its derivative written out) against
   ``torch.nn.functional.mish``;
 - Adam: the fused kernel (``infrastructure.adam``) against torch's default on a CPU, a Python
-  loop over the parameter tensors.
+  loop over the parameter tensors;
+- shared forwards (joint iterations only): the target critics and the values evaluated once
+  for the first actor half and the critic update (``FisorTrainer.share_forwards``), against
+  evaluating them in both, as the iteration reads when written out step by step.
 
 First the kernels alone, each beside torch's (median microseconds per call): mish forward and
 forward + backward on a [256, 512] activation (the `cpu` actor's inner layer at batch 256), and
@@ -19,7 +22,8 @@ one optimiser step for the `cpu` preset's actor and for a 256 x 256 Q ensemble. 
 (same seed, synthetic data with the task's dimensions) and times three kinds of iteration: a
 critic-only one (critics-first, phase 1), an actor-only one (phase 2, weighted sampling) and a
 joint one (the paper's schedule). Variants are timed in turns, ``--rounds`` times, so a change of
-machine load hits them alike; the table gives the median rate and its ratio to torch's defaults.
+machine load hits them alike; the table gives the median rate (iterations per
+CPU-second of the process) and its ratio to torch's defaults.
 Prints the machine.
 """
 
@@ -41,7 +45,7 @@ from saferl_ros.tasks import get_task
 import torch
 import torch.nn.functional as F
 
-VARIANTS = ('torch defaults', 'project mish', 'fused Adam', 'project (both)')
+VARIANTS = ('torch defaults', 'project mish', 'fused Adam', 'shared forwards', 'project (all)')
 PHASES = ('critic-only', 'actor-only', 'joint')
 
 
@@ -56,12 +60,14 @@ def _loop_adam(cls):
 def variant(name: str):
     """Patch the training code to the kernels of ``name`` while the block runs."""
     patches = []
-    if name in ('torch defaults', 'fused Adam'):
+    if name not in ('project mish', 'project (all)'):
         patches += [mock.patch.object(networks, 'mish', F.mish),
                     mock.patch.object(diffusion, 'mish', F.mish)]
-    if name in ('torch defaults', 'project mish'):
+    if name not in ('fused Adam', 'project (all)'):
         patches += [mock.patch.object(torch.optim, 'Adam', _loop_adam(torch.optim.Adam)),
                     mock.patch.object(torch.optim, 'AdamW', _loop_adam(torch.optim.AdamW))]
+    if name not in ('shared forwards', 'project (all)'):
+        patches.append(mock.patch.object(fisor.FisorTrainer, 'share_forwards', False))
     with contextlib.ExitStack() as stack:
         for patch in patches:
             stack.enter_context(patch)
@@ -127,14 +133,20 @@ def make_trainer(phase: str, preset: str, task, buffer_data):
 
 
 def time_updates(trainer, buffer, seconds: float) -> float:
-    """Return the iterations per second of ``trainer`` over about ``seconds``."""
+    """
+    Return the iterations per CPU-second of ``trainer`` over about ``seconds`` of CPU time.
+
+    CPU time of this process, not wall time: with one thread it is the time the iterations took
+    on a core, so the time other jobs hold the cores (training runs beside the benchmark) does
+    not count as the variant's.
+    """
     for _ in range(3):
         trainer.update(buffer)
-    iters, start = 0, time.perf_counter()
-    while iters < 5 or time.perf_counter() - start < seconds:
+    iters, start = 0, time.process_time()
+    while iters < 5 or time.process_time() - start < seconds:
         trainer.update(buffer)
         iters += 1
-    return iters / (time.perf_counter() - start)
+    return iters / (time.process_time() - start)
 
 
 def main(argv=None) -> int:
@@ -142,7 +154,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--task', default='BallCircle')
     parser.add_argument('--preset', default='cpu', choices=sorted(fisor.PRESETS))
-    parser.add_argument('--seconds', type=float, default=4.0, help='timing per case and round')
+    parser.add_argument('--seconds', type=float, default=4.0,
+                        help='CPU seconds per case and round')
     parser.add_argument('--rounds', type=int, default=3)
     parser.add_argument('--threads', type=int, default=1, help='torch CPU threads')
     parser.add_argument('--kernels-only', action='store_true',
@@ -177,7 +190,7 @@ def main(argv=None) -> int:
                 with variant(name):
                     rates[name, phase].append(time_updates(*trainers[name, phase],
                                                            args.seconds))
-    print('| variant | ' + ' | '.join(f'{p} it/s (x)' for p in PHASES) + ' |')
+    print('| variant | ' + ' | '.join(f'{p} it/CPU-s (x)' for p in PHASES) + ' |')
     print('|---|' + '---:|' * len(PHASES))
     for name in VARIANTS:
         cells = []

@@ -369,6 +369,41 @@ def test_fisor_act_is_a_function_of_the_noise():
     assert torch.equal(modules['policy'](obs, noise), a1)
 
 
+@pytest.mark.parametrize('critic_batch', [64, 32])
+def test_joint_iteration_shares_forwards_without_changing_a_number(
+        critic_batch, ballcircle_arrays):
+    # One joint iteration evaluates the target critics and the values on the first actor half
+    # once (for Eq. 13's weights and for Eq. 8/15's losses). It must train exactly as the
+    # iteration written out step by step: actor, actor, then the critics on their own forwards.
+    task = get_task('BallCircle')
+    config = fisor.resolve_config(fisor.make_config(
+        'test', schedule='joint', critic_batch_size=critic_batch), task)
+    runs = []
+    for shared in (True, False):
+        torch.manual_seed(0)
+        model = fisor.build_model(task.obs_dim, task.act_dim, config)
+        trainer = fisor.make_trainer(model, config)
+        buffer = ReplayBuffer(fisor.prepare_arrays(ballcircle_arrays, config),
+                              torch.device('cpu'), seed=0)
+        model.train()
+        for _ in range(3):
+            if shared:
+                logs = trainer.update(buffer)
+                continue
+            batch = buffer.sample(config.actor_batch_size * config.actor_updates_per_step)
+            for k in range(config.actor_updates_per_step):
+                rows = slice(k * config.actor_batch_size, (k + 1) * config.actor_batch_size)
+                trainer.actor_update({key: v[rows] for key, v in batch.items()})
+            logs = trainer.critic_update(
+                {key: v[:config.critic_batch_size] for key, v in batch.items()})
+        runs.append((model.state_dict(), logs))
+    (a, logs_a), (b, logs_b) = runs
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    assert all(torch.equal(logs_a[key], logs_b[key]) for key in logs_b)
+    # and the iteration really did train the critics and the actor
+    assert not torch.equal(a['q_r.net.net.0.weight'], a['q_r_target.net.net.0.weight'])
+
+
 def test_ema_copy_stays_in_eval_mode():
     model, _ = _small_fisor()
     model.train()

@@ -449,8 +449,32 @@ def prepare_arrays(data: Dict[str, np.ndarray], config: FisorConfig) -> Dict[str
     }
 
 
+@dataclass
+class SharedForwards:
+    """
+    The target critics and the values on one batch, read by Eq. 13's weights and by the critics.
+
+    q_r_targets, q_h_targets: [heads, B] target Q_r and Q_h (no graph); v_r, v_h: [B] with their
+    graphs, so that Eq. 15's and Eq. 8's losses can use them.
+    """
+
+    q_r_targets: torch.Tensor
+    q_h_targets: torch.Tensor
+    v_r: torch.Tensor
+    v_h: torch.Tensor
+
+    def weights(self, config: FisorConfig) -> torch.Tensor:
+        """Return the policy weights of Eq. 13 (min over the Q_r heads, max over the Q_h heads)."""
+        return policy_weights(self.q_r_targets.min(dim=0).values, self.v_r.detach(),
+                              self.q_h_targets.max(dim=0).values, self.v_h.detach(), config)
+
+
 class FisorTrainer:
     """Optimisers and the one-iteration update of the official code (or critics-first)."""
+
+    # joint schedule: evaluate the target critics and the values once for the first actor half and
+    # the critics (same numbers either way; bench/bench_fisor_kernels.py turns it off to compare)
+    share_forwards = True
 
     def __init__(self, model: FisorModel, config: FisorConfig):
         self.model, self.config = model, config
@@ -480,11 +504,15 @@ class FisorTrainer:
 
     def batch_weights(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """Return Eq. 13's weights of (obs, act) from the current critics and values."""
+        with torch.no_grad():
+            return self.shared_forwards(obs, act).weights(self.config)
+
+    def shared_forwards(self, obs: torch.Tensor, act: torch.Tensor) -> SharedForwards:
+        """Evaluate the target critics and the values on (obs, act): Eq. 13's and Eq. 8/15's."""
         m = self.model
         with torch.no_grad():
-            q_r = m.q_r_target(obs, act).min(dim=0).values
-            q_h = m.q_h_target(obs, act).max(dim=0).values
-            return policy_weights(q_r, m.v_r(obs), q_h, m.v_h(obs), self.config)
+            q_r_targets, q_h_targets = m.q_r_target(obs, act), m.q_h_target(obs, act)
+        return SharedForwards(q_r_targets, q_h_targets, m.v_r(obs), m.v_h(obs))
 
     def actor_update(self, batch: Dict[str, torch.Tensor],
                      weights: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
@@ -504,13 +532,19 @@ class FisorTrainer:
         return {'loss/actor': loss.detach(), 'weights/mean': weights.mean(),
                 'weights/zero_fraction': (weights == 0).float().mean()}
 
-    def critic_update(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """V_r (Eq. 15), Q_r (Eq. 16), V_h (Eq. 8), Q_h (Eq. 9), in the code's order."""
+    def critic_update(self, batch: Dict[str, torch.Tensor],
+                      shared: Optional[SharedForwards] = None) -> Dict[str, torch.Tensor]:
+        """
+        V_r (Eq. 15), Q_r (Eq. 16), V_h (Eq. 8), Q_h (Eq. 9), in the code's order.
+
+        ``shared``: shared_forwards() of this batch's (obs, act) taken since the last critic
+        update (its V_r and V_h with their graphs), so that they are not evaluated twice.
+        """
         m, c = self.model, self.config
         obs, act, next_obs, mask = batch['obs'], batch['act'], batch['next_obs'], batch['mask']
-        with torch.no_grad():
-            q_r_targets = m.q_r_target(obs, act)
-        v_r_loss = reward_value_loss(q_r_targets, m.v_r(obs), c.expectile)
+        if shared is None:
+            shared = self.shared_forwards(obs, act)
+        v_r_loss = reward_value_loss(shared.q_r_targets, shared.v_r, c.expectile)
         self._step(self.v_r_opt, v_r_loss)
 
         with torch.no_grad():
@@ -519,10 +553,8 @@ class FisorTrainer:
         self._step(self.q_r_opt, q_r_loss)
         soft_update(m.q_r_target, m.q_r, c.critic_tau)
 
-        with torch.no_grad():
-            q_h_targets = m.q_h_target(obs, act)
-        v_h = m.v_h(obs)
-        v_h_loss = feasible_value_loss(q_h_targets, v_h, c.feasibility_expectile)
+        v_h = shared.v_h
+        v_h_loss = feasible_value_loss(shared.q_h_targets, v_h, c.feasibility_expectile)
         self._step(self.v_h_opt, v_h_loss)
 
         with torch.no_grad():
@@ -555,11 +587,21 @@ class FisorTrainer:
         c = self.config
         batch = buffer.sample(c.actor_batch_size * c.actor_updates_per_step)
         logs: Dict[str, torch.Tensor] = {}
+        shared = None
         for k in range(c.actor_updates_per_step):
             part = slice(k * c.actor_batch_size, (k + 1) * c.actor_batch_size)
-            logs.update(self.actor_update({key: v[part] for key, v in batch.items()}))
+            half = {key: v[part] for key, v in batch.items()}
+            weights = None
+            if self.share_forwards and k == 0 and c.critic_batch_size == c.actor_batch_size:
+                # The critic update below reads these same rows with the same (not yet updated)
+                # target critics and values: evaluate them once for both, as the official code's
+                # single jitted update does (XLA merges the repeated computation). Same numbers.
+                shared = self.shared_forwards(half['obs'], half['act'])
+                with torch.no_grad():
+                    weights = shared.weights(c)
+            logs.update(self.actor_update(half, weights))
         critic_part = {key: v[:c.critic_batch_size] for key, v in batch.items()}
-        logs.update(self.critic_update(critic_part))
+        logs.update(self.critic_update(critic_part, shared))
         logs['lr/actor'] = torch.tensor(self.actor_sched.get_last_lr()[0])
         return logs
 
