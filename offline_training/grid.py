@@ -79,15 +79,19 @@ class DataStep:
     A dataset the grid makes for each task before the runs that train on it.
 
     One ``saferl-data`` command: ``args`` follow ``saferl-data``, with ``{source}``, ``{task}``,
-    ``{preset}`` (the grid's), ``{prefix}`` (RUNS_DIR/data/TAG-TASK) and ``{out}`` (the first
-    file) filled in. ``files``: the suffixes of the files it writes after the prefix; the step is
-    done when all exist. Its source is the first file of the data step tagged ``source``, or the
-    task's collected dataset when None.
+    ``{preset}`` (the grid's), ``{prefix}`` (RUNS_DIR/data/TAG-TASK), ``{out}`` (the first
+    file) and ``{data[TAG]}`` (the first file of a step in ``needs``) filled in. ``files``: the
+    suffixes of the files it writes after the prefix; the step is done when all exist. Its source
+    is the first file of the data step tagged ``source``, or the task's collected dataset when
+    None.
     """
 
     tag: str
     args: Tuple[str, ...]
     source: Optional[str] = None
+    # data steps whose files the command also reads (e.g. a generator another step saved beside
+    # its file): made before this one, and their first files' sha256 recorded with its own
+    needs: Tuple[str, ...] = ()
     files: Tuple[str, ...] = ('.hdf5',)
     # side files the command writes next to its first file (suffixes after that file's name,
     # e.g. reshape's '.report.json'), copied to RESULTS_DIR/data/TAG-TASK<suffix> to be kept
@@ -254,6 +258,10 @@ GRIDS: Dict[str, Grid] = {
          Method('fisor', 'fisor', 100_000, seeds=(0, 1, 2), data='tempting'),
          Method('bc_all', 'bc_all', 100_000, data='tempting'),
          Method('bc_safe-k20', 'bc_safe', 100_000, ('cost_limit=20',), data='tempting'),
+         # ablation: OASIS with the same generator, its start states drawn as its training
+         # windows were (--start-states training) instead of from any state of the data
+         Method('oasis-training-starts', 'oasis', 50_000, ('cost_limit=20',),
+                data='oasis-k20-training-starts'),
          # the data-efficiency check (the paper's Fig. 6, BallCircle): OASIS and BCQ-Lag on
          # 2 400 and 12 000 transitions (2 % and 10 % of the tempting file) drawn at random
          # as whole windows / trajectories from the generated and the tempting data
@@ -268,6 +276,12 @@ GRIDS: Dict[str, Grid] = {
                                    '--preset', '{preset}', '--no-progress', '-o', '{out}'),
                      source='tempting',
                      # the generated returns against the conditions (json) and their picture
+                     keep=('.report.json', '.conditions.png')),
+            DataStep('oasis-k20-training-starts',
+                     ('reshape', '{source}', '--task', '{task}', '--kappa', '20', '--preset',
+                      '{preset}', '--start-states', 'training', '--generator',
+                      '{data[oasis-k20]}.generator.pt', '--no-progress', '-o', '{out}'),
+                     source='tempting', needs=('oasis-k20',),
                      keep=('.report.json', '.conditions.png')),
             *(DataStep(f'{source}-n{n}', ('subset', '{source}', '--task', '{task}',
                                           '--transitions', str(n), '-o', '{out}'), source=source)
@@ -441,10 +455,14 @@ def _check_stamp(stamp: Path, made_by: dict) -> str:
     except (OSError, ValueError):
         before = {}
     if before.get('command') == made_by['command'] and \
-            before.get('source_sha256') == made_by['source_sha256']:
+            before.get('source_sha256') == made_by['source_sha256'] and \
+            before.get('needs_sha256') == made_by.get('needs_sha256'):
         return 'done already'
     what = ('another command: ' + ' '.join(before.get('command') or ['?'])
-            if before.get('command') != made_by['command'] else 'another version of its source')
+            if before.get('command') != made_by['command'] else
+            'another version of its source' if
+            before.get('source_sha256') != made_by['source_sha256'] else
+            'another version of its inputs (' + ', '.join(made_by.get('needs_sha256') or ()) + ')')
     prefix = str(repo_relative(stamp))[:-len('.made-by.json')]
     return (f'FAILED: its files were made by {what}; delete them ({prefix}*) to make them '
             'again with this one, or run the grid as it was')
@@ -455,7 +473,8 @@ def data_command(step: DataStep, task: str, grid: Grid) -> List[str]:
     source = data_source(step, task, grid)
     fill = {'source': str(repo_relative(source)), 'task': task, 'preset': grid.preset,
             'prefix': str(repo_relative(data_prefix(step.tag, task, grid))),
-            'out': str(repo_relative(data_path(step.tag, task, grid)))}
+            'out': str(repo_relative(data_path(step.tag, task, grid))),
+            'data': {tag: str(repo_relative(data_path(tag, task, grid))) for tag in step.needs}}
     return ['saferl-data', *(arg.format(**fill) for arg in step.args)]
 
 
@@ -465,8 +484,8 @@ def data_steps_needed(jobs: Sequence[Job], grid: Grid) -> List[Tuple[DataStep, s
 
     def add(tag: str, task: str) -> None:
         step = data_step(tag, grid)
-        if step.source is not None:
-            add(step.source, task)
+        for before in ((step.source,) if step.source is not None else ()) + step.needs:
+            add(before, task)
         if (step, task) not in needed:
             needed.append((step, task))
 
@@ -571,17 +590,19 @@ def check_branches(grid: Grid) -> None:
 
 def check_data_steps(grid: Grid) -> None:
     """
-    Raise ConfigError unless every Method.data and DataStep.source names a data step.
+    Raise ConfigError unless every Method.data, DataStep.source and DataStep.needs names one.
 
-    A data step's source must be an earlier step of the grid (so that none waits on itself).
+    A data step's source and needs must be earlier steps of the grid (so that none waits on
+    itself).
     """
     seen = set()
     for step in grid.data_steps:
         if step.tag in seen:
             raise ConfigError(f'grid {grid.name!r}: two data steps are tagged {step.tag!r}')
-        if step.source is not None and step.source not in seen:
-            raise ConfigError(f'grid {grid.name!r}: data step {step.tag!r} reads {step.source!r}, '
-                              'which is not an earlier data step of the grid; list it first')
+        for tag in ((step.source,) if step.source is not None else ()) + step.needs:
+            if tag not in seen:
+                raise ConfigError(f'grid {grid.name!r}: data step {step.tag!r} reads {tag!r}, '
+                                  'which is not an earlier data step of the grid; list it first')
         seen.add(step.tag)
     for method in grid.methods:
         if method.data is None and any('{data}' in item for item in method.overrides):
@@ -658,14 +679,19 @@ def run_data_step(step: DataStep, task: str, grid: Grid, *after) -> Tuple[str, s
 
     name = data_step_name(step, task)
     outputs = data_files(step, task, grid)
-    if step.source is not None and not data_path(step.source, task, grid).is_file():
-        return name, (f'FAILED: its source {repo_relative(data_path(step.source, task, grid))} '
-                      "was not made (see that step's log)")
+    for role, tag in ([('source', step.source)] if step.source is not None else []) + \
+            [('input', tag) for tag in step.needs]:
+        if not data_path(tag, task, grid).is_file():
+            return name, (f'FAILED: its {role} {repo_relative(data_path(tag, task, grid))} '
+                          "was not made (see that step's log)")
     try:
         cmd = data_command(step, task, grid)
     except DatasetError as error:
         return name, f'FAILED: {error}'
     made_by = {'command': cmd, 'source_sha256': sha256_file(data_source(step, task, grid))}
+    if step.needs:
+        made_by['needs_sha256'] = {tag: sha256_file(data_path(tag, task, grid))
+                                   for tag in step.needs}
     stamp = data_stamp_path(step, task, grid)
     if all(out.is_file() for out in outputs):
         return name, _check_stamp(stamp, made_by)

@@ -5,9 +5,9 @@ import json
 from offline_training.data.dataset import write_dataset
 from offline_training.data.synthetic import synthetic_dataset
 from offline_training.grid import (branch_source_missing, check_branches, check_data_steps,
-                                   check_pages, commands, data_command, data_steps_needed,
-                                   DataStep, Grid, GRIDS, Job, main, Method, Page, run_grid,
-                                   write_tables)
+                                   check_pages, commands, data_command, data_path, data_step,
+                                   data_steps_needed, DataStep, Grid, GRIDS, Job, main, Method,
+                                   Page, repo_relative, run_grid, write_tables)
 import pytest
 import yaml
 
@@ -309,6 +309,46 @@ def test_one_machine_tool_names_packed_runs_where_they_unpack(tmp_path):
     assert tool.pack_name(tmp_path / 'my-runs' / 'fisor-X-s0') == 'my-runs/fisor-X-s0'
 
 
+def test_a_data_step_reads_what_another_made_and_notices_when_it_changes(tmp_path):
+    # OASIS's start-state ablation: a second reshape with the first one's generator. It runs
+    # after that step, records the sha256 of what it read, and refuses its files once that
+    # changed (they would describe another generator's output).
+    from offline_training.grid import data_stamp_path, run_data_step
+
+    datasets = synthetic_datasets(tmp_path, episodes=12)
+    tempting = DataStep('tempting', ('tempting', '{source}', '--task', '{task}',
+                                     '--remove-ratio', '0.5', '-o', '{out}'))
+    reshaped = DataStep('gen', ('reshape', '{source}', '--task', '{task}', '--kappa', '20',
+                                '--preset', '{preset}', '--no-progress', '-o', '{out}'),
+                        source='tempting')
+    starts = DataStep('starts', ('reshape', '{source}', '--task', '{task}', '--kappa', '20',
+                                 '--preset', '{preset}', '--start-states', 'training',
+                                 '--generator', '{data[gen]}.generator.pt', '--no-progress',
+                                 '-o', '{out}'), source='tempting', needs=('gen',))
+    grid = Grid('data', (Method('oasis', 'oasis', 6, ('cost_limit=20',), data='starts'),),
+                tasks=('BallCircle',), preset='test', runs_dir=tmp_path / 'runs',
+                results_dir=tmp_path / 'results', notes_path=None, datasets_dir=datasets,
+                data_steps=(tempting, reshaped, starts))
+    check_data_steps(grid)
+    order = [s.tag for s, _ in data_steps_needed(grid.jobs(), grid)]
+    assert order == ['tempting', 'gen', 'starts']
+    assert run_data_step(tempting, 'BallCircle', grid)[1].startswith('ok')
+    missing = run_data_step(starts, 'BallCircle', grid)[1]
+    assert missing.startswith('FAILED: its input') and \
+        'gen-BallCircle.hdf5 was not made' in missing
+    assert run_data_step(reshaped, 'BallCircle', grid)[1].startswith('ok')
+    assert run_data_step(starts, 'BallCircle', grid)[1].startswith('ok')
+    log = (tmp_path / 'runs' / 'logs' / 'data-starts-BallCircle.log').read_text()
+    assert 'generator    loaded' in log and 'gen-BallCircle.hdf5.generator.pt' in log
+    made_by = json.loads(data_stamp_path(starts, 'BallCircle', grid).read_text())
+    assert set(made_by['needs_sha256']) == {'gen'}
+    assert run_data_step(starts, 'BallCircle', grid)[1] == 'done already'
+    gen_file = tmp_path / 'runs' / 'data' / 'gen-BallCircle.hdf5'
+    gen_file.write_bytes(gen_file.read_bytes() + b'another generator')
+    status = run_data_step(starts, 'BallCircle', grid)[1]
+    assert status.startswith('FAILED: its files were made by another version of its inputs (gen)')
+
+
 def test_data_steps_make_each_dataset_once_before_the_runs_that_train_on_it(tmp_path):
     from dataclasses import replace
 
@@ -447,6 +487,8 @@ def test_a_data_step_must_exist_and_come_after_its_source():
     first, second = DataStep('a', ('x',)), DataStep('b', ('y',), source='a')
     with pytest.raises(ConfigError, match="reads 'a', which is not an earlier data step"):
         check_data_steps(Grid('bad', (), data_steps=(second, first)))
+    with pytest.raises(ConfigError, match="reads 'a', which is not an earlier data step"):
+        check_data_steps(Grid('bad', (), data_steps=(DataStep('b', ('y',), needs=('a',)), first)))
     with pytest.raises(ConfigError, match="trains on data step 'c', which the grid does not"):
         check_data_steps(Grid('bad', (Method('m', 'bc_all', 3, data='c'),),
                               data_steps=(first,)))
@@ -468,7 +510,17 @@ def test_a_data_step_must_exist_and_come_after_its_source():
     names = [job.name for job in oasis.jobs()]
     assert 'oasis-n2400-BallCircle-s0' in names and 'bcq_lag-k20-n12000-BallCircle-s0' in names
     assert not [n for n in names if '-n2400-' in n and 'BallCircle' not in n]
-    assert len(names) == 6 * (3 + 3 + 3 + 1 + 1) + 4
+    assert len(names) == 6 * (3 + 3 + 3 + 1 + 1 + 1) + 4
+    # the start-state ablation reshapes with the oasis-k20 step's generator: made after it, and
+    # the generator file is that step's
+    ablation = GRIDS['oasis'].jobs()[names.index('oasis-training-starts-CarCircle-s0')]
+    steps = [s.tag for s, t in data_steps_needed([ablation], oasis)]
+    assert steps == ['tempting', 'oasis-k20', 'oasis-k20-training-starts']
+    command = data_command(data_step('oasis-k20-training-starts', oasis), 'CarCircle', oasis)
+    generator = command[command.index('--generator') + 1]
+    assert generator == str(repo_relative(data_path('oasis-k20', 'CarCircle', oasis))) + \
+        '.generator.pt'
+    assert command[command.index('--start-states') + 1] == 'training'
     subsets = [s for s, t in data_steps_needed(oasis.jobs(), oasis) if s.tag.endswith('-n2400')]
     assert [s.source for s in subsets] == ['oasis-k20', 'tempting']
     train, _, _ = commands(Job(oasis.methods[0], 'CarRun', 1), oasis)

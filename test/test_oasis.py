@@ -117,6 +117,28 @@ def test_condition_and_window_sampler():
         oasis.WindowSampler(data, horizon=12)
 
 
+def test_start_states_from_the_data_or_the_training_windows():
+    # Half the toy's trajectories (the rising ones) cost 1 per step. With a weight offset below
+    # their cost return the training windows never come from them, nor do 'training' starts.
+    data = _toy(episodes=8, length=10)
+    returns = oasis.trajectory_returns(data)[1]
+    rising = {tuple(s) for s, c in zip(data['observations'], np.repeat(returns, 10)) if c > 5}
+    config = oasis.make_generator_config('test', horizon=5, num_starts=400,
+                                         cost_sample_offset=5.0)
+    assert config.start_states == 'data'   # the official code's choice is the default
+    from_data = oasis.start_states(data, config, np.random.default_rng(0))
+    assert from_data.shape == (400, 8) and from_data.dtype == np.float32
+    assert 0.3 < np.mean([tuple(s) in rising for s in from_data]) < 0.7
+    training = oasis.start_states(data, replace(config, start_states='training'),
+                                  np.random.default_rng(0))
+    assert training.shape == (400, 8) and not any(tuple(s) in rising for s in training)
+    # each can begin a full window: of a trajectory's 11 states, one of the first 11 - 5 + 1
+    firsts = {tuple(s) for e in range(8) for s in data['observations'][e * 10:e * 10 + 7]}
+    assert all(tuple(s) in firsts for s in training)
+    with pytest.raises(ValueError, match='start_states must be one of data, training'):
+        oasis.make_generator_config('test', start_states='anywhere')
+
+
 # ------------------------------------------------------------------ a tiny generator
 
 @pytest.fixture(scope='module')
@@ -253,6 +275,13 @@ def test_reshape_reuses_its_generator_and_mixes(reshaped, raw_file, capsys):
                      '--generator', str(reshaped) + '.generator.pt', '--mode', 'mix',
                      '--condition', '100,5', '--no-progress', '--device', 'cpu']) == 0
     assert 'generator    loaded' in capsys.readouterr().out
+    # generation settings come from the command, also for a loaded generator
+    other = raw_file.parent / 'starts.hdf5'
+    assert cli.main(['reshape', str(raw_file), '--task', TASK, '-o', str(other), '--preset',
+                     'test', '--generator', str(reshaped) + '.generator.pt', '--start-states',
+                     'training', '--no-progress', '--device', 'cpu']) == 0
+    with h5py.File(other, 'r') as h5:
+        assert json.loads(h5.attrs['model'])['config']['start_states'] == 'training'
     with h5py.File(out, 'r') as h5, h5py.File(raw_file, 'r') as raw:
         generated = oasis.make_generator_config('test').num_starts * 4
         assert h5['observations'].shape[0] == raw['observations'].shape[0] + generated
@@ -285,6 +314,8 @@ def test_reshape_bad_inputs_fail_in_one_line(raw_file, reshaped, tmp_path, capsy
                                    str(reshaped) + '.generator.pt'])
     assert 'not a saferl_ros recording' in error([str(tmp_path), '-o', str(tmp_path / 'a'),
                                                   *base])
+    assert 'start_states must be one of data, training' in error(
+        [str(raw_file), '-o', str(tmp_path / 'a'), *base, '--start-states', 'anywhere'])
     assert 'unknown OASIS preset' in error([str(raw_file), '-o', str(tmp_path / 'a'),
                                             '--task', TASK, '--preset', 'huge'])
     junk = tmp_path / 'junk.pt'

@@ -62,6 +62,8 @@ OFFICIAL_CONDITIONS: Dict[str, Tuple[Tuple[float, float], ...]] = {
     'CarRun': ((400, 10), (400, 15), (425, 20)),
     'DroneRun': ((275, 10), (275, 15), (300, 20)),
 }
+# Where generation's pinned start states are drawn (OASISConfig.start_states).
+START_STATES = ('data', 'training')
 # The inverse dynamics' hidden width (official ``embedding_dim``) and generator steps per task.
 INVERSE_HIDDEN = {'BallCircle': 32, 'CarCircle': 32, 'BallRun': 64, 'CarRun': 64,
                   'DroneCircle': 128, 'DroneRun': 128}
@@ -107,6 +109,10 @@ class OASISConfig:
     # generation (Sec. 5: three cost conditions <= kappa; 4000 start states in the code)
     kappa: float = 20.0
     num_starts: int = 4000
+    # where the pinned start states come from: 'data' (the code: uniform over the data's states)
+    # or 'training' (ours: the first states of windows drawn as the generator trained on them,
+    # trajectory weight max(cost_sample_offset - C, 0); docs/algorithms.md "OASIS")
+    start_states: str = 'data'
     conditions: Optional[Tuple[Tuple[float, float], ...]] = None   # (reward, cost) returns
     sample_batch: int = 1000
 
@@ -119,6 +125,9 @@ class OASISConfig:
                              f'{self.keep_states}')
         if self.kappa <= 0:
             raise ValueError(f'kappa must be > 0, got {self.kappa}')
+        if self.start_states not in START_STATES:
+            raise ValueError(f'start_states must be one of {", ".join(START_STATES)}, got '
+                             f'{self.start_states!r}')
 
 
 # 'cpu': the paper's shapes with 1/10 of the generator steps at a 10x learning rate and a
@@ -574,6 +583,24 @@ def _count(module: nn.Module) -> int:
 
 # --------------------------------------------------------------------------- generation
 
+def start_states(data: Dict[str, np.ndarray], config: OASISConfig,
+                 rng: np.random.Generator) -> np.ndarray:
+    """
+    Return config.num_starts start states [N, obs_dim] for generation (float32).
+
+    'data' (the official code): uniform over every state of the data. 'training': the first
+    states of windows drawn as the generator's training windows are (WindowSampler, trajectory
+    weight max(cost_sample_offset - C, 0)), so that each pinned state lies in the part of the data
+    the generator learnt from. A window of keep_states states cannot leave the region its first
+    state is in, so on a tempting dataset the first choice sets most of the generated cost.
+    """
+    if config.start_states == 'training':
+        sampler = WindowSampler(data, config.horizon, config.cost_sample_offset)
+        return sampler.sample(config.num_starts, rng)[0][:, 0].astype(np.float32)
+    obs_all = np.asarray(data['observations'], dtype=np.float32)
+    return obs_all[rng.integers(len(obs_all), size=config.num_starts)]
+
+
 @torch.no_grad()
 def generate(model: OASISModel, data: Dict[str, np.ndarray], config: OASISConfig,
              conditions, seed: int = 0, progress: bool = False,
@@ -585,9 +612,7 @@ def generate(model: OASISModel, data: Dict[str, np.ndarray], config: OASISConfig
     flagged as a timeout so the file has episode boundaries), its actions come from the inverse
     dynamics and its rewards and costs from the labellers.
     """
-    obs_all = np.asarray(data['observations'], dtype=np.float32)
-    rng = np.random.default_rng(seed + 3)
-    starts = obs_all[rng.integers(len(obs_all), size=config.num_starts)]
+    starts = start_states(data, config, np.random.default_rng(seed + 3))
     gen = torch.Generator(device=device).manual_seed(seed + 4)
     keep = config.keep_states
     parts = {k: [] for k in DSRL_KEYS}

@@ -268,6 +268,8 @@ def _generator_config(args, spec):
         overrides['steps'] = args.steps
     if args.starts is not None:
         overrides['num_starts'] = args.starts
+    if args.start_states is not None:
+        overrides['start_states'] = args.start_states
     if args.condition:
         overrides['conditions'] = [tuple(c) for c in args.condition]
     return oasis.resolve_generator_config(oasis.make_generator_config(args.preset, **overrides),
@@ -312,8 +314,8 @@ def cmd_reshape(args) -> int:
         # The trained shapes are the file's; generation settings come from this command.
         # (pin_first_state stays the file's: a generator trained with the pin needs it.)
         config = replace(saved, kappa=config.kappa, num_starts=config.num_starts,
-                         conditions=config.conditions, guidance=config.guidance,
-                         sample_batch=config.sample_batch)
+                         start_states=config.start_states, conditions=config.conditions,
+                         guidance=config.guidance, sample_batch=config.sample_batch)
         info = record['info']
         # a training state left by a run killed between saving the generator and removing it
         Path(str(generator_path) + '.partial').unlink(missing_ok=True)
@@ -593,6 +595,10 @@ def build_parser() -> argparse.ArgumentParser:
                          'repeat; default: the official ones for the task')
     reshape.add_argument('--steps', type=int, default=None, help='generator training steps')
     reshape.add_argument('--starts', type=int, default=None, help='start states per condition')
+    reshape.add_argument('--start-states', default=None, metavar='{data,training}',
+                         help="where the start states come from: 'data' (default, the official "
+                              "code: any state of the data) or 'training' (as the generator's "
+                              'training windows: trajectories weighted by max(70 - C, 0))')
     reshape.add_argument('--set', dest='overrides', action='append', default=[],
                          metavar='KEY=VALUE', help='override an OASIS config field')
     reshape.add_argument('--seed', type=int, default=0)
