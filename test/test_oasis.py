@@ -529,3 +529,23 @@ def test_merge_keeps_the_generated_mark(reshaped, raw_file, tmp_path):
     plain = tmp_path / 'plain.hdf5'
     assert cli.main(['merge', '--dataset', str(raw_file), '--task', TASK, '-o', str(plain)]) == 0
     assert check_file(plain).generated is None
+
+
+def test_start_state_tool_generates_from_each_set(reshaped, raw_file, tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        'oasis_start_states', Path(__file__).parents[1] / 'tools' / 'oasis_start_states.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / 'starts.json'
+    assert tool.main([str(reshaped) + '.generator.pt', str(raw_file), '--task', TASK,
+                      '--starts', '8', '-o', str(out)]) == 0
+    report = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    horizon = get_task(TASK).horizon
+    assert report['starts'] == 8 and len(report['conditions']) == 3
+    for name in ('data', 'training', 'cost-free steps', 'episode starts'):
+        row = report['rows'][name]
+        assert name in printed and len(row['cost']) == len(row['reward']) == 3
+        assert all(0.0 <= c <= horizon for c in row['cost'])
+        assert all(np.isfinite(r) for r in row['reward'])
