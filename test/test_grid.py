@@ -309,6 +309,16 @@ def test_one_machine_tool_names_packed_runs_where_they_unpack(tmp_path):
     assert tool.pack_name(tmp_path / 'my-runs' / 'fisor-X-s0') == 'my-runs/fisor-X-s0'
 
 
+def _tempting_and_reshape_steps():
+    """Return OASIS's two data steps in small: a tempting variant, a reshape of it ('gen')."""
+    tempting = DataStep('tempting', ('tempting', '{source}', '--task', '{task}',
+                                     '--remove-ratio', '0.5', '-o', '{out}'))
+    reshaped = DataStep('gen', ('reshape', '{source}', '--task', '{task}', '--kappa', '20',
+                                '--preset', '{preset}', '--no-progress', '-o', '{out}'),
+                        source='tempting', keep=('.report.json', '.conditions.png'))
+    return tempting, reshaped
+
+
 def test_a_data_step_reads_what_another_made_and_notices_when_it_changes(tmp_path):
     # OASIS's start-state ablation: a second reshape with the first one's generator. It runs
     # after that step, records the sha256 of what it read, and refuses its files once that
@@ -316,11 +326,7 @@ def test_a_data_step_reads_what_another_made_and_notices_when_it_changes(tmp_pat
     from offline_training.grid import data_stamp_path, run_data_step
 
     datasets = synthetic_datasets(tmp_path, episodes=12)
-    tempting = DataStep('tempting', ('tempting', '{source}', '--task', '{task}',
-                                     '--remove-ratio', '0.5', '-o', '{out}'))
-    reshaped = DataStep('gen', ('reshape', '{source}', '--task', '{task}', '--kappa', '20',
-                                '--preset', '{preset}', '--no-progress', '-o', '{out}'),
-                        source='tempting')
+    tempting, reshaped = _tempting_and_reshape_steps()
     starts = DataStep('starts', ('reshape', '{source}', '--task', '{task}', '--kappa', '20',
                                  '--preset', '{preset}', '--start-states', 'training',
                                  '--generator', '{data[gen]}.generator.pt', '--no-progress',
@@ -355,11 +361,7 @@ def test_data_steps_make_each_dataset_once_before_the_runs_that_train_on_it(tmp_
     # OASIS's shape: a tempting variant of the task's data, a reshaped file made from it, runs
     # on each; and a step whose command fails, whose run then fails with its dataset named.
     datasets = synthetic_datasets(tmp_path, episodes=12)
-    tempting = DataStep('tempting', ('tempting', '{source}', '--task', '{task}',
-                                     '--remove-ratio', '0.5', '-o', '{out}'))
-    reshaped = DataStep('gen', ('reshape', '{source}', '--task', '{task}', '--kappa', '20',
-                                '--preset', '{preset}', '--no-progress', '-o', '{out}'),
-                        source='tempting', keep=('.report.json', '.conditions.png'))
+    tempting, reshaped = _tempting_and_reshape_steps()
     broken = DataStep('broken', ('tempting', '{source}', '--task', '{task}', '--remove-ratio',
                                  '2', '-o', '{out}'))
     grid = Grid('data', (Method('oasis', 'oasis', 6, ('cost_limit=20',), data='gen'),
