@@ -97,6 +97,11 @@ class DataStep:
     # e.g. reshape's '.report.json'), copied to RESULTS_DIR/data/TAG-TASK<suffix> to be kept
     keep: Tuple[str, ...] = ()
 
+    @property
+    def inputs(self) -> Tuple[str, ...]:
+        """Return the tags of the data steps this one reads: its source, then its needs."""
+        return ((self.source,) if self.source is not None else ()) + self.needs
+
 
 @dataclass(frozen=True)
 class Job:
@@ -458,11 +463,12 @@ def _check_stamp(stamp: Path, made_by: dict) -> str:
             before.get('source_sha256') == made_by['source_sha256'] and \
             before.get('needs_sha256') == made_by.get('needs_sha256'):
         return 'done already'
-    what = ('another command: ' + ' '.join(before.get('command') or ['?'])
-            if before.get('command') != made_by['command'] else
-            'another version of its source' if
-            before.get('source_sha256') != made_by['source_sha256'] else
-            'another version of its inputs (' + ', '.join(made_by.get('needs_sha256') or ()) + ')')
+    if before.get('command') != made_by['command']:
+        what = 'another command: ' + ' '.join(before.get('command') or ['?'])
+    elif before.get('source_sha256') != made_by['source_sha256']:
+        what = 'another version of its source'
+    else:
+        what = f'another version of its inputs ({", ".join(made_by.get("needs_sha256") or ())})'
     prefix = str(repo_relative(stamp))[:-len('.made-by.json')]
     return (f'FAILED: its files were made by {what}; delete them ({prefix}*) to make them '
             'again with this one, or run the grid as it was')
@@ -484,7 +490,7 @@ def data_steps_needed(jobs: Sequence[Job], grid: Grid) -> List[Tuple[DataStep, s
 
     def add(tag: str, task: str) -> None:
         step = data_step(tag, grid)
-        for before in ((step.source,) if step.source is not None else ()) + step.needs:
+        for before in step.inputs:
             add(before, task)
         if (step, task) not in needed:
             needed.append((step, task))
@@ -599,7 +605,7 @@ def check_data_steps(grid: Grid) -> None:
     for step in grid.data_steps:
         if step.tag in seen:
             raise ConfigError(f'grid {grid.name!r}: two data steps are tagged {step.tag!r}')
-        for tag in ((step.source,) if step.source is not None else ()) + step.needs:
+        for tag in step.inputs:
             if tag not in seen:
                 raise ConfigError(f'grid {grid.name!r}: data step {step.tag!r} reads {tag!r}, '
                                   'which is not an earlier data step of the grid; list it first')
@@ -679,9 +685,9 @@ def run_data_step(step: DataStep, task: str, grid: Grid, *after) -> Tuple[str, s
 
     name = data_step_name(step, task)
     outputs = data_files(step, task, grid)
-    for role, tag in ([('source', step.source)] if step.source is not None else []) + \
-            [('input', tag) for tag in step.needs]:
+    for tag in step.inputs:
         if not data_path(tag, task, grid).is_file():
+            role = 'source' if tag == step.source else 'input'
             return name, (f'FAILED: its {role} {repo_relative(data_path(tag, task, grid))} '
                           "was not made (see that step's log)")
     try:

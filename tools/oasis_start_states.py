@@ -34,17 +34,25 @@ sys.path.insert(0, str(ROOT))
 
 
 def state_sets(data, kappa: float):
-    """Yield (name, observations to draw start states from, or None for 'training')."""
+    """
+    Yield (name, data to draw from, OASISConfig.start_states) for each way of drawing.
+
+    Every way but 'training' draws uniformly ('data') from a subset of the observations;
+    the subset is None when the data have no such states.
+    """
     from offline_training.data.trajectories import trajectory_returns
 
     _, costs, starts, stops = trajectory_returns(data)
     obs = np.asarray(data['observations'], dtype=np.float32)
     safe = [np.arange(a, b) for a, b, c in zip(starts, stops, costs) if c <= kappa]
-    yield 'data', obs
-    yield 'training', None
-    yield 'safe trajectories', obs[np.concatenate(safe)] if safe else None
-    yield 'cost-free steps', obs[np.asarray(data['costs']).reshape(-1) == 0]
-    yield 'episode starts', obs[starts]
+    subsets = {'safe trajectories': obs[np.concatenate(safe)] if safe else None,
+               'cost-free steps': obs[np.asarray(data['costs']).reshape(-1) == 0],
+               'episode starts': obs[starts]}
+    yield 'data', data, 'data'
+    yield 'training', data, 'training'
+    for name, states in subsets.items():
+        has = states is not None and len(states) > 0
+        yield name, ({'observations': states} if has else None), 'data'
 
 
 def main(argv=None) -> int:
@@ -75,15 +83,12 @@ def main(argv=None) -> int:
     print(f'{task.name}: conditions (reward, cost) {list(config.conditions)}; '
           f'episode equivalents over horizon {task.horizon}')
     rows = {}
-    for name, states in state_sets(data, args.kappa):
-        if name != 'training' and (states is None or len(states) == 0):
+    for name, source, drawn in state_sets(data, args.kappa):
+        if source is None:
             print(f'{name:18s} no such states')
             continue
-        if name == 'training':
-            source, used = data, replace(config, start_states='training')
-        else:
-            source, used = {'observations': states}, replace(config, start_states='data')
-        _, summary = oasis.generate(model, source, used, config.conditions, seed=0)
+        _, summary = oasis.generate(model, source, replace(config, start_states=drawn),
+                                    config.conditions, seed=0)
         cost = [s['cost_per_step'] * task.horizon for s in summary]
         reward = [s['reward_per_step'] * task.horizon for s in summary]
         rows[name] = {'cost': cost, 'reward': reward}

@@ -597,8 +597,7 @@ class FisorTrainer:
                 # target critics and values: evaluate them once for both, as the official code's
                 # single jitted update does (XLA merges the repeated computation). Same numbers.
                 shared = self.shared_forwards(half['obs'], half['act'])
-                with torch.no_grad():
-                    weights = shared.weights(c)
+                weights = shared.weights(c)    # of targets and detached values: no graph
             logs.update(self.actor_update(half, weights))
         critic_part = {key: v[:c.critic_batch_size] for key, v in batch.items()}
         logs.update(self.critic_update(critic_part, shared))
