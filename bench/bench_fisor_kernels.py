@@ -4,7 +4,7 @@ FISOR iterations with torch's own kernels against the project's, side by side in
     python bench/bench_fisor_kernels.py [--preset cpu] [--seconds 4] [--rounds 3] [--threads 1]
                                         [--kernels-only]
 
-Three choices in the training code are measured, each alone and together, against torch's
+Five choices in the training code are measured, each alone and together, against torch's
 defaults and the plain order of the computation:
 
 - mish: ``networks.mish`` (the sigmoid form with its derivative written out) against
@@ -13,7 +13,10 @@ defaults and the plain order of the computation:
   loop over the parameter tensors;
 - shared forwards (joint iterations only): the target critics and the values evaluated once
   for the first actor half and the critic update (``FisorTrainer.share_forwards``), against
-  evaluating them in both, as the iteration reads when written out step by step.
+  evaluating them in both, as the iteration reads when written out step by step;
+- uniform dropout: ``diffusion.dropout`` (the mask as uniform >= p) against ``F.dropout``;
+- step table: the actor's time condition computed once per distinct diffusion step and gathered
+  (``EpsilonNet.time_condition`` with ``num_steps``) against computing it on every row.
 
 First the kernels alone, each beside torch's (median microseconds per call): mish forward and
 forward + backward on a [256, 512] activation (the `cpu` actor's inner layer at batch 256), and
@@ -45,7 +48,8 @@ from saferl_ros.tasks import get_task
 import torch
 import torch.nn.functional as F
 
-VARIANTS = ('torch defaults', 'project mish', 'fused Adam', 'shared forwards', 'project (all)')
+VARIANTS = ('torch defaults', 'project mish', 'fused Adam', 'shared forwards', 'uniform dropout',
+            'step table', 'project (all)')
 PHASES = ('critic-only', 'actor-only', 'joint')
 
 
@@ -54,6 +58,14 @@ def _loop_adam(cls):
     def make(params, **kwargs):
         return cls(params, **{**kwargs, 'fused': None, 'foreach': False})
     return make
+
+
+def _torch_dropout(x, p, training):
+    return F.dropout(x, p, training)
+
+
+def _per_row_condition(net, t):
+    return net.cond(net.time_features(t))
 
 
 @contextlib.contextmanager
@@ -68,6 +80,11 @@ def variant(name: str):
                     mock.patch.object(torch.optim, 'AdamW', _loop_adam(torch.optim.AdamW))]
     if name not in ('shared forwards', 'project (all)'):
         patches.append(mock.patch.object(fisor.FisorTrainer, 'share_forwards', False))
+    if name not in ('uniform dropout', 'project (all)'):
+        patches.append(mock.patch.object(diffusion, 'dropout', _torch_dropout))
+    if name not in ('step table', 'project (all)'):
+        patches.append(mock.patch.object(diffusion.EpsilonNet, 'time_condition',
+                                         _per_row_condition))
     with contextlib.ExitStack() as stack:
         for patch in patches:
             stack.enter_context(patch)

@@ -8,7 +8,8 @@ import numpy as np
 from offline_training.algos import ALGORITHMS, bc, bcq_lag, critics, fisor, get_algorithm
 from offline_training.algos.batching import ReplayBuffer
 from offline_training.algos.critics import expectile_loss
-from offline_training.algos.diffusion import ddpm_sample, DiffusionSchedule, vp_beta_schedule
+from offline_training.algos.diffusion import (ddpm_sample, DiffusionSchedule, dropout,
+                                              EpsilonNet, vp_beta_schedule)
 from offline_training.algos.fisor import cosine_decay, reversed_expectile_loss
 from offline_training.algos.infrastructure import adam
 from offline_training.algos.networks import Mish, mish, QEnsemble, soft_update
@@ -292,6 +293,46 @@ def test_ddpm_sampler_clips_and_uses_the_given_noise():
     assert torch.equal(out, ddpm_sample(zero_eps, schedule, obs, torch.from_numpy(changed)))
     with pytest.raises(ValueError, match='noise must have shape'):
         ddpm_sample(zero_eps, schedule, obs, torch.zeros(2, 3, 5, 2))
+
+
+def test_step_table_is_the_per_row_condition():
+    # With integer steps the condition is computed once per step and gathered: same values and
+    # same gradients as evaluating the time MLP on every row (the parameters are shared).
+    torch.manual_seed(0)
+    per_row = EpsilonNet(4, 2, hidden=16, num_blocks=1, dropout=0.0, time_dim=8,
+                         cond_hidden=(16, 16)).double()
+    table = EpsilonNet(4, 2, hidden=16, num_blocks=1, dropout=0.0, time_dim=8,
+                       cond_hidden=(16, 16), num_steps=5).double()
+    table.load_state_dict(per_row.state_dict())       # no new entry in the state dict
+    x, obs = torch.randn(64, 2, dtype=torch.float64), torch.randn(64, 4, dtype=torch.float64)
+    steps = torch.randint(0, 5, (64, 1)).double()
+    outputs, grads = [], []
+    for net in (per_row, table):
+        out = net(x, obs, steps)
+        (out ** 2).sum().backward()
+        outputs.append(out.detach())
+        grads.append([p.grad.clone() for p in net.parameters()])
+    assert torch.allclose(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match='integer time steps 0..4'):
+        table(x, obs, steps + 0.5)
+    with pytest.raises(IndexError):
+        table(x, obs, torch.full((64, 1), 5.0, dtype=torch.float64))
+
+
+def test_dropout_zeroes_a_fraction_p_and_keeps_the_mean():
+    torch.manual_seed(0)
+    x = torch.ones(200_000, requires_grad=True)
+    y = dropout(x, 0.1, training=True)
+    zero_fraction = (y == 0).double().mean().item()
+    assert abs(zero_fraction - 0.1) < 0.003            # ~7 standard deviations
+    assert torch.unique(y.detach()).tolist() == pytest.approx([0.0, 1 / 0.9])
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())             # d/dx (x * mask / 0.9) = mask / 0.9
+    assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0, training=True) is x
+    with pytest.raises(ValueError, match='dropout must be in'):
+        EpsilonNet(4, 2, dropout=1.0)
 
 
 def _small_fisor(obs_dim=4, act_dim=2):

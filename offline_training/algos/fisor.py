@@ -281,7 +281,8 @@ class FisorModel(nn.Module):
         self.selection = config.selection
         self.fallback_candidates = config.fallback_candidates
         self.actor = EpsilonNet(obs_dim, act_dim, config.actor_hidden, config.actor_blocks,
-                                config.actor_dropout, config.time_dim, config.cond_hidden)
+                                config.actor_dropout, config.time_dim, config.cond_hidden,
+                                num_steps=config.diffusion_steps)
         self.actor_ema = deepcopy(self.actor)
         self.q_r = QEnsemble(obs_dim, act_dim, config.critic_hidden, config.num_q_heads)
         self.q_r_target = deepcopy(self.q_r)
