@@ -4,13 +4,16 @@ FISOR iterations with torch's own kernels against the project's, side by side in
     python bench/bench_fisor_kernels.py [--preset cpu] [--seconds 4] [--rounds 3] [--threads 1]
                                         [--kernels-only]
 
-Five choices in the training code are measured, each alone and together, against torch's
+Six choices in the training code are measured, each alone and together, against torch's
 defaults and the plain order of the computation:
 
-- mish: ``networks.mish`` (the sigmoid form with its derivative written out) against
-  ``torch.nn.functional.mish``;
-- Adam: the fused kernel (``infrastructure.adam``) against torch's default on a CPU, a Python
-  loop over the parameter tensors;
+- mish: ``networks.mish`` (the sigmoid form with its derivative written out, in torch's
+  operators) against ``torch.nn.functional.mish``;
+- native mish: the same form in one compiled loop each way (``native``, when this machine can
+  build it; otherwise that row equals 'project mish');
+- Adam: the fused kernel called lean (``infrastructure.adam``) against torch's default on a
+  CPU, a Python loop over the parameter tensors (and, kernels alone, against ``torch.optim``'s
+  own call of the fused kernel);
 - shared forwards (joint iterations only): the target critics and the values evaluated once
   for the first actor half and the critic update (``FisorTrainer.share_forwards``), against
   evaluating them in both, as the iteration reads when written out step by step;
@@ -19,14 +22,15 @@ defaults and the plain order of the computation:
   (``EpsilonNet.time_condition`` with ``num_steps``) against computing it on every row.
 
 First the kernels alone, each beside torch's (median microseconds per call): mish forward and
-forward + backward on a [256, 512] activation (the `cpu` actor's inner layer at batch 256), and
-one optimiser step for the `cpu` preset's actor and for a 256 x 256 Q ensemble. Then (unless
-``--kernels-only``) whole iterations: each variant builds its own FISOR model and trainer
-(same seed, synthetic data with the task's dimensions) and times three kinds of iteration: a
-critic-only one (critics-first, phase 1), an actor-only one (phase 2, weighted sampling) and a
-joint one (the paper's schedule). Variants are timed in turns, ``--rounds`` times, so a change of
-machine load hits them alike; the table gives the median rate (iterations per
-CPU-second of the process) and its ratio to torch's defaults.
+forward + backward on a [256, 512] activation (the `cpu` actor's inner layer at batch 256), the
+sigmoid form in torch's operators against the native loops, and one optimiser step for the `cpu`
+preset's actor and for a 256 x 256 Q ensemble. Then (unless ``--kernels-only``) whole
+iterations: each variant builds its own FISOR model and trainer (same seed, synthetic data with
+the task's dimensions) and times three kinds of iteration: a critic-only one (critics-first,
+phase 1), an actor-only one (phase 2, weighted sampling) and a joint one (the paper's schedule).
+Variants are timed in turns, ``--rounds`` times, so a change of machine load hits them alike;
+the table gives the median rate (iterations per CPU-second of the process) and its ratio to
+torch's defaults.
 Prints the machine.
 """
 
@@ -37,7 +41,7 @@ import statistics
 import time
 from unittest import mock
 
-from offline_training.algos import diffusion, fisor, networks
+from offline_training.algos import diffusion, fisor, native, networks
 from offline_training.algos.batching import ReplayBuffer
 from offline_training.algos.diffusion import EpsilonNet
 from offline_training.algos.infrastructure import adam, set_seed
@@ -48,8 +52,9 @@ from saferl_ros.tasks import get_task
 import torch
 import torch.nn.functional as F
 
-VARIANTS = ('torch defaults', 'project mish', 'fused Adam', 'shared forwards', 'uniform dropout',
-            'step table', 'project (all)')
+VARIANTS = ('torch defaults', 'project mish', 'native mish', 'fused Adam', 'shared forwards',
+            'uniform dropout', 'step table', 'project (all) but native', 'project (all)')
+ALL = ('project (all) but native', 'project (all)')
 PHASES = ('critic-only', 'actor-only', 'joint')
 
 
@@ -72,17 +77,19 @@ def _per_row_condition(net, t):
 def variant(name: str):
     """Patch the training code to the kernels of ``name`` while the block runs."""
     patches = []
-    if name not in ('project mish', 'project (all)'):
+    if name not in ('project mish', 'native mish', *ALL):
         patches += [mock.patch.object(networks, 'mish', F.mish),
                     mock.patch.object(diffusion, 'mish', F.mish)]
-    if name not in ('fused Adam', 'project (all)'):
+    if name not in ('native mish', 'project (all)'):
+        patches.append(mock.patch.object(native, 'library', lambda: None))
+    if name not in ('fused Adam', *ALL):
         patches += [mock.patch.object(torch.optim, 'Adam', _loop_adam(torch.optim.Adam)),
                     mock.patch.object(torch.optim, 'AdamW', _loop_adam(torch.optim.AdamW))]
-    if name not in ('shared forwards', 'project (all)'):
+    if name not in ('shared forwards', *ALL):
         patches.append(mock.patch.object(fisor.FisorTrainer, 'share_forwards', False))
-    if name not in ('uniform dropout', 'project (all)'):
+    if name not in ('uniform dropout', *ALL):
         patches.append(mock.patch.object(diffusion, 'dropout', _torch_dropout))
-    if name not in ('step table', 'project (all)'):
+    if name not in ('step table', *ALL):
         patches.append(mock.patch.object(diffusion.EpsilonNet, 'time_condition',
                                          _per_row_condition))
     with contextlib.ExitStack() as stack:
@@ -118,6 +125,15 @@ def kernel_rows(task, preset: str):
                microseconds(lambda: networks.mish(x)))
     yield ('mish forward + backward', microseconds(forward_backward(F.mish)),
            microseconds(forward_backward(networks.mish)))
+    if native.library() is not None:
+        def torch_form(tensor):
+            with mock.patch.object(native, 'library', lambda: None):
+                return networks.mish(tensor)
+        with torch.no_grad():
+            yield ('mish forward, sigmoid form: torch operators vs native loop',
+                   microseconds(lambda: torch_form(x)), microseconds(lambda: networks.mish(x)))
+        yield ('mish forward + backward, same', microseconds(forward_backward(torch_form)),
+               microseconds(forward_backward(networks.mish)))
     config = fisor.make_config(preset)
     nets = {'Adam step, actor': EpsilonNet(task.obs_dim, task.act_dim, config.actor_hidden,
                                            config.actor_blocks),
@@ -127,8 +143,11 @@ def kernel_rows(task, preset: str):
         for param in net.parameters():
             param.grad = torch.randn_like(param)
         loop = torch.optim.Adam(net.parameters(), lr=1e-9, foreach=False)
+        torch_fused = torch.optim.Adam(net.parameters(), lr=1e-9, fused=True)
         fused = adam(net.parameters(), lr=1e-9)
         yield label, microseconds(loop.step), microseconds(fused.step)
+        yield (f'{label}: torch.optim fused vs lean', microseconds(torch_fused.step),
+               microseconds(fused.step))
 
 
 def make_trainer(phase: str, preset: str, task, buffer_data):
@@ -185,6 +204,7 @@ def main(argv=None) -> int:
     info = machine_info()
     print(f"CPU: {info['cpu']}, {info['cores']} logical cores, torch {info['torch']}, "
           f"threads {args.threads}, Python {info['python']}")
+    print(native.status())
     print(f'FISOR preset {args.preset}, task {task.name}, {args.rounds} rounds x '
           f'{args.seconds:g} s per case, load average before: '
           f'{", ".join(f"{x:.2f}" for x in os.getloadavg())}\n')

@@ -17,7 +17,7 @@ import time
 from typing import Dict, Optional, Tuple
 
 import numpy as np
-from offline_training.algos import ALGORITHMS, get_algorithm
+from offline_training.algos import ALGORITHMS, get_algorithm, native
 from offline_training.algos.batching import check_dataset, ReplayBuffer
 from offline_training.algos.infrastructure import (
     allocator_setting, keep_freed_memory, resolve_device, rng_state, set_rng_state, set_seed)
@@ -228,7 +228,7 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
                     'train_cpu_s': round(train_cpu_s + time.process_time() - cpu_mark, 1),
                     'train_wall_s': round(train_wall_s + time.time() - start_time, 1),
                     'machine': machine_info(), 'allocator': allocator_setting(),
-                    'last_logs': last_logs}, run_dir / SUMMARY)
+                    'kernels': native.status(), 'last_logs': last_logs}, run_dir / SUMMARY)
     return run_dir
 
 

@@ -406,6 +406,8 @@ def test_killed_process_resumes_at_its_checkpoint(dataset_file, tmp_path):
     # The summary names the malloc setting its speed figures were measured under.
     if platform.libc_ver()[0] == 'glibc':
         assert summary['allocator'].startswith('allocator: glibc keeps up to 256 MiB')
+    # and whether mish ran in the compiled loops (and how they were built) or torch's operators
+    assert summary['kernels'].startswith('native kernels: ')
 
 
 ALLOCATION_PROBE = """

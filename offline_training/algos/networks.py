@@ -8,6 +8,7 @@ torch defaults for OSRL's baselines); ``init_linear`` names them.
 import math
 from typing import Callable, Optional, Sequence
 
+from offline_training.algos import native
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -41,7 +42,9 @@ class _SigmoidMish(torch.autograd.Function):
     forward and five backward, and on a [256, 512] activation this form is several times faster
     than torch's (`python bench/bench_fisor_kernels.py --kernels-only`) and as accurate (max error
     2e-6 against float64 over [-100, 100], torch's float32 mish 7e-7). First derivatives only: a
-    second backward pass through it raises.
+    second backward pass through it raises. Where the machine has a C compiler, ``_NativeMish``
+    computes the same form in one compiled loop each way (``native``); this class serves the
+    rest (float64, several threads, no compiler).
     """
 
     @staticmethod
@@ -64,18 +67,38 @@ class _SigmoidMish(torch.autograd.Function):
 _ONE = torch.ones(())
 
 
+class _NativeMish(torch.autograd.Function):
+    """The same sigmoid form in one compiled loop forward and one backward (``native``)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return native.mish_forward(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return native.mish_backward(x, grad)
+
+
 def mish(x: torch.Tensor) -> torch.Tensor:
     """
     Return x tanh(softplus(x)), the mish activation (Misra 2019) of jaxrl5's networks.
 
-    The sigmoid form above serves float32 and float64 tensors on a CPU, where torch's kernel is
-    slow. Everywhere else torch's own mish: on a GPU it is one fused kernel (the sigmoid form
-    would be several), in half precision it is the more accurate, and while a graph is traced
-    for export it is aten::mish, which the exporter maps to ONNX operators of its own (export.py).
+    On a CPU, where torch's kernel is slow, the sigmoid form above: for float32 on one thread
+    (the training rule) in the compiled loops of ``native`` when they are available, otherwise
+    in torch's operators (float64 too; with more threads torch's operators run in parallel,
+    the compiled loops would not). Everywhere else torch's own mish: on a GPU it is one fused
+    kernel, in half precision it is the more accurate, and while a graph is traced for export it
+    is aten::mish, which the exporter maps to ONNX operators of its own (export.py).
     """
     if (x.device.type != 'cpu' or x.dtype not in (torch.float32, torch.float64)
             or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
         return F.mish(x)
+    if (x.dtype == torch.float32 and torch.get_num_threads() == 1
+            and native.library() is not None):
+        return _NativeMish.apply(x)
     return _SigmoidMish.apply(x)
 
 
