@@ -11,9 +11,8 @@ defaults and the plain order of the computation:
   operators) against ``torch.nn.functional.mish``;
 - native mish: the same form in one compiled loop each way (``native``, when this machine can
   build it; otherwise that row equals 'project mish');
-- Adam: the fused kernel called lean (``infrastructure.adam``) against torch's default on a
-  CPU, a Python loop over the parameter tensors (and, kernels alone, against ``torch.optim``'s
-  own call of the fused kernel);
+- Adam: the fused kernel (``infrastructure.adam``) against torch's default on a CPU, a Python
+  loop over the parameter tensors;
 - shared forwards (joint iterations only): the target critics and the values evaluated once
   for the first actor half and the critic update (``FisorTrainer.share_forwards``), against
   evaluating them in both, as the iteration reads when written out step by step;
@@ -143,11 +142,8 @@ def kernel_rows(task, preset: str):
         for param in net.parameters():
             param.grad = torch.randn_like(param)
         loop = torch.optim.Adam(net.parameters(), lr=1e-9, foreach=False)
-        torch_fused = torch.optim.Adam(net.parameters(), lr=1e-9, fused=True)
         fused = adam(net.parameters(), lr=1e-9)
         yield label, microseconds(loop.step), microseconds(fused.step)
-        yield (f'{label}: torch.optim fused vs lean', microseconds(torch_fused.step),
-               microseconds(fused.step))
 
 
 def make_trainer(phase: str, preset: str, task, buffer_data):

@@ -166,3 +166,44 @@ def test_the_first_build_may_come_under_no_grad_or_inference_mode(fresh_build):
         torch.set_num_threads(threads)
     assert built or not _compiler_present(), native.status()
     assert torch.equal(y, z)
+
+
+def test_the_run_summary_says_whether_mish_ran_in_the_loops(fresh_build):
+    # nothing asked for yet: no build, and the summary says so
+    assert native.run_summary().startswith('mish in torch operators (the compiled loops were '
+                                           'not asked for')
+    assert native._status is None                       # run_summary() built nothing
+    x = torch.randn(8, 8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        mish(x)                                         # torch operators on two threads
+        assert native._status is None
+        torch.set_num_threads(1)
+        native.library()
+        if native.library() is None:
+            assert native.run_summary() == f'mish in torch operators ({native.status()})'
+            return
+        assert native.run_summary() == ('mish in torch operators (the compiled loops were '
+                                        'built but not used)')
+        mish(x)
+        assert native.run_summary() == f'mish in the compiled loops ({native.status()})'
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_build_that_raises_anything_leaves_torch_operators(fresh_build):
+    # e.g. no usable temporary folder: mish must still work, and say why the loops are off
+    def no_folder(*args, **kwargs):
+        raise FileNotFoundError('No usable temporary directory found')
+    fresh_build.setattr(native.tempfile, 'TemporaryDirectory', no_folder)
+    assert native.library() is None
+    assert native.status() == ('native kernels: off (build failed: FileNotFoundError: No usable '
+                               'temporary directory found); torch operators used')
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y = mish(torch.linspace(-3.0, 3.0, 7, requires_grad=True))
+    finally:
+        torch.set_num_threads(threads)
+    assert type(y.grad_fn).__name__ == '_SigmoidMishBackward'

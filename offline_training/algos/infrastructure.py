@@ -131,74 +131,6 @@ MAX_BATCH_SIZE = 1 << 17
 
 # --------------------------------------------------------------------------- optimisers
 
-class _LeanFusedStep:
-    """
-    torch's fused Adam(W) step without ``torch.optim``'s per-call bookkeeping.
-
-    Once every parameter has its state and its gradient, ``step()`` increments the step counters
-    and calls the fused kernel on the cached state lists, as ``torch.optim``'s fused path does
-    after regrouping the tensors by device and dtype and checking every option in Python on every
-    call: ~150 of the ~340 us of the FISOR `cpu` actor's step, ~100 of ~175 for a Q ensemble
-    (`python bench/bench_fisor_kernels.py --kernels-only`). The numbers are torch's, bit for bit
-    (tested); anything the lean call does not cover (a closure, a parameter without gradient,
-    amsgrad, a tensor learning rate, step hooks) takes torch's own step.
-    """
-
-    _lean_lists = None
-
-    def add_param_group(self, param_group: dict) -> None:
-        self._lean_lists = None
-        super().add_param_group(param_group)
-
-    def _lean_ready(self) -> bool:
-        if self._lean_lists is None:
-            lists = []
-            for group in self.param_groups:
-                if (not group.get('fused') or group['amsgrad'] or group['maximize']
-                        or group['capturable'] or group['differentiable']
-                        or torch.is_tensor(group['lr'])):
-                    return False
-                states = [self.state.get(param) for param in group['params']]
-                if not all(state and torch.is_tensor(state.get('step')) for state in states):
-                    return False
-                if len({param.device for param in group['params']}) > 1:
-                    return False
-                lists.append((group, group['params'], [st['exp_avg'] for st in states],
-                              [st['exp_avg_sq'] for st in states], [st['step'] for st in states]))
-            self._lean_lists = lists
-        return not (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        grads = None
-        if closure is None and self._lean_ready():
-            grads = [[param.grad for param in params] for _, params, *_ in self._lean_lists]
-            if any(grad is None or grad.is_sparse for group in grads for grad in group):
-                grads = None
-        if grads is None:
-            return super().step(closure)
-        for (group, params, exp_avgs, exp_avg_sqs, steps), group_grads in zip(
-                self._lean_lists, grads):
-            torch._foreach_add_(steps, 1)
-            self._lean_kernel(params, group_grads, exp_avgs, exp_avg_sqs, [], steps,
-                              amsgrad=False, lr=group['lr'], beta1=group['betas'][0],
-                              beta2=group['betas'][1], weight_decay=group['weight_decay'],
-                              eps=group['eps'], maximize=False)
-        return None
-
-
-class LeanAdam(_LeanFusedStep, torch.optim.Adam):
-    """``torch.optim.Adam(fused=True)`` with the lean step (same state dict)."""
-
-    _lean_kernel = staticmethod(torch._fused_adam_)
-
-
-class LeanAdamW(_LeanFusedStep, torch.optim.AdamW):
-    """``torch.optim.AdamW(fused=True)`` with the lean step (same state dict)."""
-
-    _lean_kernel = staticmethod(torch._fused_adamw_)
-
-
 def adam(params: Iterable[torch.nn.Parameter], lr: float,
          weight_decay: Optional[float] = None) -> torch.optim.Optimizer:
     """
@@ -207,8 +139,7 @@ def adam(params: Iterable[torch.nn.Parameter], lr: float,
     The fused kernel updates every tensor of a network in one call; torch's default on a CPU is
     a Python loop over the tensors, which took ~12 % of a FISOR `cpu` actor update (one step of
     that network's optimiser 4-5x faster fused, a Q ensemble's 2.7-3.6x:
-    `python bench/bench_fisor_kernels.py --kernels-only`), and the fused step is called without
-    ``torch.optim``'s per-call bookkeeping (``LeanAdam``). Same algorithm and hyperparameters.
+    `python bench/bench_fisor_kernels.py --kernels-only`). Same algorithm and hyperparameters.
     Asked for when every parameter is float32 on a CPU or a CUDA device (what these networks
     train in); otherwise torch's default implementation.
 
@@ -220,14 +151,13 @@ def adam(params: Iterable[torch.nn.Parameter], lr: float,
     fused = bool(params) and all(p.dtype == torch.float32 and p.device.type in ('cpu', 'cuda')
                                  for p in params)
     if weight_decay is None:
-        optimizer = (LeanAdam if fused else torch.optim.Adam)(params, lr=lr, fused=fused or None)
+        optimizer = torch.optim.Adam(params, lr=lr, fused=fused or None)
     else:
-        optimizer = (LeanAdamW if fused else torch.optim.AdamW)(
-            params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay,
+                                      fused=fused or None)
     kernel = [(group['fused'], group['foreach']) for group in optimizer.param_groups]
 
     def keep_kernel(opt: torch.optim.Optimizer) -> None:
-        opt._lean_lists = None          # the loaded state tensors replace the cached ones
         for group, (group_fused, group_foreach) in zip(opt.param_groups, kernel):
             group['fused'], group['foreach'] = group_fused, group_foreach
             if not group_fused:

@@ -17,7 +17,7 @@ loaded, from an in-memory copy where that folder may not map code: nothing is ca
 so nothing on disk can be swapped for it) and checked against float64 on a probe before use.
 When there is no compiler, the build or the check fails, or ``SAFERL_NATIVE_KERNELS=0`` is set,
 ``library()`` returns None and the callers use torch's operators; ``status()`` says which, and
-why (saferl-train records it in the run summary).
+why, and ``run_summary()`` whether mish did run in the loops (saferl-train's summary.yaml).
 """
 
 import ctypes
@@ -47,7 +47,7 @@ SOURCE = r"""
 
 static inline float exp_nonpositive(float a)
 {
-    float c = a < -87.0f ? -87.0f : a;
+    float c = a >= -87.0f ? a : -87.0f;           /* NaN too: no NaN reaches the int cast */
     float k = (c * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = c - k * 0.693359375f + k * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -60,7 +60,7 @@ static inline float exp_nonpositive(float a)
     int32_t bits = ((int32_t)k + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return a < -87.0f ? 0.0f : p * scale;
+    return a >= -87.0f ? p * scale : 0.0f;       /* NaN x still gives NaN: v * 0 */
 }
 
 /* sigmoid(v) from e = exp(-|v|), without overflow */
@@ -101,6 +101,7 @@ MACHINE_FLAGS = (('-march=native',), ())
 _lock = threading.Lock()
 _library: Optional[ctypes.CDLL] = None
 _status: Optional[str] = None
+_used = False            # set when mish ran in the loops in this process
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -121,12 +122,37 @@ def status() -> str:
 
 def reset() -> None:
     """Forget the library, so that the next call builds it again (tests; after changing CC)."""
-    global _library, _status
+    global _library, _status, _used
     with _lock:
-        _library, _status = None, None
+        _library, _status, _used = None, None, False
+
+
+def run_summary() -> str:
+    """
+    Return one line for a run's summary: whether mish ran in the compiled loops in this process.
+
+    Builds nothing: a run that never asked for the loops (a GPU, more than one thread, no mish)
+    says so.
+    """
+    if _used:
+        return f'mish in the compiled loops ({_status})'
+    if _status is None:
+        return ('mish in torch operators (the compiled loops were not asked for: no float32 '
+                'CPU mish on one thread in this run)')
+    if _library is None:
+        return f'mish in torch operators ({_status})'
+    return 'mish in torch operators (the compiled loops were built but not used)'
 
 
 def _load():
+    try:
+        return _build()
+    except Exception as error:  # noqa: B902 - any failure leaves torch's operators, said why
+        return None, (f'native kernels: off (build failed: {type(error).__name__}: '
+                      f'{str(error)[:200]}); torch operators used')
+
+
+def _build():
     if os.environ.get(SWITCH, '1').strip() == '0':
         return None, f'native kernels: off ({SWITCH}=0); torch operators used'
     command = shlex.split(os.environ.get(COMPILER) or 'cc')
@@ -140,7 +166,8 @@ def _load():
         for machine in MACHINE_FLAGS:
             try:
                 run = subprocess.run([*command, *FLAGS, *machine, '-o', str(target), str(source)],
-                                     capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+                                     capture_output=True, text=True, errors='replace',
+                                     timeout=BUILD_TIMEOUT_S)
             except (OSError, subprocess.TimeoutExpired) as error:
                 errors.append(f'{error}')
                 continue
@@ -154,10 +181,13 @@ def _load():
                 continue
             _declare(lib)
             problem = _self_check(lib)
-            if problem:
-                return None, f'native kernels: off ({problem}); torch operators used'
+            if problem:                       # the portable build may still be right
+                errors.append(problem)
+                continue
             flags = ' '.join((*FLAGS[:1], *machine))
             return lib, f'native kernels: mish (built with {command[0]} {flags})'
+    if errors[-1].startswith('self-check'):
+        return None, f'native kernels: off ({errors[-1]}); torch operators used'
     return None, (f'native kernels: off ({command[0]} failed: {errors[-1][:200]}); '
                   'torch operators used')
 
@@ -237,6 +267,8 @@ def _backward(lib: ctypes.CDLL, x: torch.Tensor, grad: torch.Tensor) -> torch.Te
 
 def mish_forward(x: torch.Tensor) -> torch.Tensor:
     """Return mish(x) for a float32 CPU tensor (the library must be available)."""
+    global _used
+    _used = True
     return _forward(library(), x)
 
 
