@@ -23,6 +23,12 @@ def _compiler_present() -> bool:
     return shutil.which((os.environ.get(native.COMPILER) or 'cc').split()[0]) is not None
 
 
+# Without a C compiler the loops cannot exist (torch's operators serve, tested below); with one,
+# a failed build fails these tests and test_the_kernels_build_wherever_there_is_a_compiler.
+needs_compiler = pytest.mark.skipif(not _compiler_present(),
+                                    reason='no C compiler (cc or $CC) on this machine')
+
+
 def _reference(x: torch.Tensor, grad: torch.Tensor):
     """Return mish(x) and grad * its derivative in float64, by torch's textbook formula."""
     x64 = x.double().requires_grad_(True)
@@ -31,14 +37,13 @@ def _reference(x: torch.Tensor, grad: torch.Tensor):
     return value.detach(), slope
 
 
+@needs_compiler
 def test_the_kernels_build_wherever_there_is_a_compiler():
-    if not _compiler_present():
-        pytest.skip('no C compiler on this machine: the torch operators serve (tested below)')
     assert native.library() is not None, native.status()
     assert native.status().startswith('native kernels: mish (built with')
 
 
-@pytest.mark.skipif(native.library() is None, reason='native kernels unavailable here')
+@needs_compiler
 def test_native_mish_matches_float64_over_the_whole_range():
     x = torch.linspace(-100.0, 100.0, 400_001)
     grad = torch.linspace(-3.0, 3.0, 400_001).flip(0)
@@ -60,7 +65,7 @@ def test_native_mish_matches_float64_over_the_whole_range():
     assert native.mish_forward(torch.empty(0, 5)).shape == (0, 5)
 
 
-@pytest.mark.skipif(native.library() is None, reason='native kernels unavailable here')
+@needs_compiler
 def test_mish_takes_the_loops_on_one_thread_and_torch_operators_on_more():
     x = torch.randn(128, 64, requires_grad=True)
     threads = torch.get_num_threads()
@@ -84,7 +89,7 @@ def test_mish_takes_the_loops_on_one_thread_and_torch_operators_on_more():
     assert (g_loops - g_operators).abs().max() < 1e-5
 
 
-@pytest.mark.skipif(native.library() is None, reason='native kernels unavailable here')
+@needs_compiler
 def test_native_functions_refuse_what_they_would_misread():
     with pytest.raises(ValueError, match='float32 CPU tensors, got torch.float64'):
         native.mish_forward(torch.zeros(3, dtype=torch.float64))
@@ -102,6 +107,8 @@ def test_switched_off_missing_or_failing_compiler_leaves_torch_operators(fresh_b
     assert native.library() is None
     assert native.status() == ('native kernels: off (SAFERL_NATIVE_KERNELS=0); torch operators '
                                'used')
+    with pytest.raises(RuntimeError, match=r'SAFERL_NATIVE_KERNELS=0.*call networks.mish'):
+        native.mish_forward(x.detach())
     y = mish(x)
     assert type(y.grad_fn).__name__ == '_SigmoidMishBackward'
     assert (y.double() - expected).abs().max() < 2e-6
@@ -119,9 +126,8 @@ def test_switched_off_missing_or_failing_compiler_leaves_torch_operators(fresh_b
     assert (mish(x).double() - expected).abs().max() < 2e-6
 
 
+@needs_compiler
 def test_a_wrongly_built_kernel_is_caught_by_the_self_check(fresh_build):
-    if not _compiler_present():
-        pytest.skip('no C compiler on this machine')
     # a kernel that computes x * p instead of x * p / (2 - p): it builds, and must not be used
     wrong = native.SOURCE.replace('y[i] = v * (p / (2.0f - p));', 'y[i] = v * p;')
     assert wrong != native.SOURCE
@@ -130,9 +136,8 @@ def test_a_wrongly_built_kernel_is_caught_by_the_self_check(fresh_build):
     assert 'self-check: the compiled mish is off by' in native.status()
 
 
+@needs_compiler
 def test_a_temporary_folder_that_cannot_map_code_loads_from_memory(fresh_build):
-    if not _compiler_present():
-        pytest.skip('no C compiler on this machine')
     # /tmp mounted noexec: dlopen of the built file fails; the bytes load from a memfd instead
     real_cdll, opened = native.ctypes.CDLL, []
 
@@ -192,6 +197,7 @@ def test_the_run_summary_says_whether_mish_ran_in_the_loops(fresh_build):
         torch.set_num_threads(threads)
 
 
+@needs_compiler
 def test_a_build_that_raises_anything_leaves_torch_operators(fresh_build):
     # e.g. no usable temporary folder: mish must still work, and say why the loops are off
     def no_folder(*args, **kwargs):

@@ -265,11 +265,19 @@ def _backward(lib: ctypes.CDLL, x: torch.Tensor, grad: torch.Tensor) -> torch.Te
     return out
 
 
+def _available() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f'{_status}: call networks.mish, which falls back to them')
+    return lib
+
+
 def mish_forward(x: torch.Tensor) -> torch.Tensor:
     """Return mish(x) for a float32 CPU tensor (the library must be available)."""
     global _used
+    lib = _available()
     _used = True
-    return _forward(library(), x)
+    return _forward(lib, x)
 
 
 def mish_backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -277,4 +285,4 @@ def mish_backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     if grad.shape != x.shape:
         raise ValueError(f'mish_backward: gradient shape {tuple(grad.shape)} differs from the '
                          f'input shape {tuple(x.shape)}')
-    return _backward(library(), x, grad)
+    return _backward(_available(), x, grad)
