@@ -241,28 +241,25 @@ def _self_check(lib: ctypes.CDLL) -> Optional[str]:
     return None
 
 
-def _check(*tensors: torch.Tensor) -> None:
-    # the kernels read raw float32 memory: anything else would be read wrongly or past its end
-    for tensor in tensors:
+def _elementwise(kernel, *inputs: torch.Tensor) -> torch.Tensor:
+    """Run ``kernel(inputs..., out, n)`` on contiguous float32 CPU copies; return ``out``."""
+    for tensor in inputs:
+        # the kernels read raw float32 memory: anything else would be read wrongly or past its end
         if tensor.dtype != torch.float32 or tensor.device.type != 'cpu':
             raise ValueError(f'native mish takes float32 CPU tensors, got {tensor.dtype} on '
                              f'{tensor.device}; use networks.mish, which picks the kernel')
+    inputs = [tensor.contiguous() for tensor in inputs]
+    out = torch.empty_like(inputs[0])
+    kernel(*(tensor.data_ptr() for tensor in inputs), out.data_ptr(), out.numel())
+    return out
 
 
 def _forward(lib: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
-    _check(x)
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    lib.saferl_mish_forward(x.data_ptr(), out.data_ptr(), x.numel())
-    return out
+    return _elementwise(lib.saferl_mish_forward, x)
 
 
 def _backward(lib: ctypes.CDLL, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    _check(x, grad)
-    x, grad = x.contiguous(), grad.contiguous()
-    out = torch.empty_like(x)
-    lib.saferl_mish_backward(x.data_ptr(), grad.data_ptr(), out.data_ptr(), x.numel())
-    return out
+    return _elementwise(lib.saferl_mish_backward, x, grad)
 
 
 def _available() -> ctypes.CDLL:
