@@ -5,14 +5,15 @@ import math
 import types
 
 import numpy as np
-from offline_training.algos import ALGORITHMS, bc, bcq_lag, critics, fisor, get_algorithm
+from offline_training.algos import (ALGORITHMS, bc, bcq_lag, critics, fisor, get_algorithm,
+                                    networks)
 from offline_training.algos.batching import ReplayBuffer
 from offline_training.algos.critics import expectile_loss
 from offline_training.algos.diffusion import (ddpm_sample, DiffusionSchedule, dropout,
                                               EpsilonNet, vp_beta_schedule)
 from offline_training.algos.fisor import cosine_decay, reversed_expectile_loss
 from offline_training.algos.infrastructure import adam
-from offline_training.algos.networks import Mish, mish, QEnsemble, soft_update
+from offline_training.algos.networks import Mish, mish, QEnsemble, soft_update, VectorizedLinear
 from offline_training.algos.protocol import PRESET_NAMES, protocol_problems, Trainer
 from offline_training.data.synthetic import synthetic_dataset
 import pytest
@@ -150,6 +151,38 @@ def test_q_ensemble_heads_are_independent_networks():
     out = q(torch.randn(5, 3), torch.randn(5, 2))
     assert out.shape == (2, 5)
     assert not torch.allclose(out[0], out[1])
+
+
+def test_width_one_ensemble_layer_is_the_batched_product():
+    # A critic's last layer (output width 1) runs as per-member matrix-vector products on a CPU;
+    # values and first derivatives are those of the batched product, for every member or a
+    # selection of them, with [E, B, in] or a shared [B, in] input; a traced graph keeps baddbmm.
+    torch.manual_seed(0)
+    f64 = torch.float64
+    layer = VectorizedLinear(6, 1, ensemble_size=3).double()
+    with torch.no_grad():
+        layer.bias.normal_()
+    for shared_input in (False, True):
+        for members, size in ((None, 3), (slice(1, 3), 2)):
+            x = torch.randn(*(() if shared_input else (size,)), 5, 6, dtype=f64,
+                            requires_grad=True)
+            weight, bias = ((layer.weight, layer.bias) if members is None
+                            else (layer.weight[members], layer.bias[members]))
+            grad = torch.randn(size, 5, 1, dtype=f64)
+            ours = layer(x, members)
+            assert ours.grad_fn.name() == '_ThinEnsembleLinearBackward'
+            reference = torch.baddbmm(bias, x.expand(size, 5, 6), weight)
+            inputs = (x, layer.weight, layer.bias)
+            for a, b in zip((ours, *torch.autograd.grad(ours, inputs, grad)),
+                            (reference, *torch.autograd.grad(reference, inputs, grad))):
+                assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    x = torch.randn(3, 5, 6, dtype=f64, requires_grad=True)
+    assert torch.autograd.gradcheck(networks._ThinEnsembleLinear.apply,
+                                    (x, layer.weight, layer.bias))
+    traced = torch.jit.trace(QEnsemble(3, 2, (8,), num_heads=2),
+                             (torch.randn(4, 3), torch.randn(4, 2)))
+    graph = str(traced.inlined_graph)
+    assert 'aten::baddbmm' in graph and 'PythonOp' not in graph
 
 
 def test_replay_buffer_vectorised_sampling_is_seeded():
@@ -442,7 +475,152 @@ def test_joint_iteration_shares_forwards_without_changing_a_number(
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
     assert all(torch.equal(logs_a[key], logs_b[key]) for key in logs_b)
     # and the iteration really did train the critics and the actor
-    assert not torch.equal(a['q_r.net.net.0.weight'], a['q_r_target.net.net.0.weight'])
+    assert not torch.equal(a['q.net.net.0.weight'], a['q_target.net.net.0.weight'])
+
+
+def _separate_critics(model):
+    """Return copies of the model's stacked critics as the official code's separate networks."""
+    reward, feasibility = model.reward_heads, model.feasibility_heads
+    nets = {}
+    for name, stacked, heads in (('q_r', model.q, reward), ('q_h', model.q, feasibility),
+                                 ('q_r_target', model.q_target, reward),
+                                 ('q_h_target', model.q_target, feasibility),
+                                 ('v_r', model.v, fisor.VALUES['v_r']),
+                                 ('v_h', model.v, fisor.VALUES['v_h'])):
+        net = copy.deepcopy(stacked)
+        for layer in net.modules():
+            if isinstance(layer, VectorizedLinear):
+                layer.weight = torch.nn.Parameter(layer.weight.detach()[heads].clone())
+                layer.bias = torch.nn.Parameter(layer.bias.detach()[heads].clone())
+                layer.ensemble_size = layer.weight.shape[0]
+        nets[name] = net
+    return nets
+
+
+def test_stacked_critic_update_is_the_official_four_updates(ballcircle_arrays):
+    # The reward and the feasibility critics are stored stacked and stepped together; that must
+    # be the official code's V_r, Q_r, V_h, Q_h updates with four optimisers, in its order.
+    task = get_task('BallCircle')
+    config = fisor.resolve_config(fisor.make_config('test'), task)
+    torch.manual_seed(0)
+    model = fisor.build_model(task.obs_dim, task.act_dim, config)
+    trainer = fisor.make_trainer(model, config)
+    nets, initial = _separate_critics(model), _separate_critics(model)
+    opts = {name: adam(nets[name].parameters(), lr=config.critic_lr if name[0] == 'q'
+                       else config.value_lr) for name in ('v_r', 'q_r', 'v_h', 'q_h')}
+
+    def step(name, loss):
+        opts[name].zero_grad()
+        loss.backward()
+        opts[name].step()
+    buffer = ReplayBuffer(fisor.prepare_arrays(ballcircle_arrays, config), torch.device('cpu'),
+                          seed=0)
+    for _ in range(3):
+        batch = buffer.sample(config.critic_batch_size)
+        logs = trainer.critic_update(batch)
+        obs, act = batch['obs'], batch['act']
+        with torch.no_grad():
+            q_r_targets = nets['q_r_target'](obs, act)
+        v_r_loss = critics.reward_value_loss(q_r_targets, nets['v_r'](batch['obs'])[0],
+                                             config.expectile)
+        step('v_r', v_r_loss)
+        with torch.no_grad():
+            target = critics.reward_target(batch['reward'], nets['v_r'](batch['next_obs'])[0],
+                                           batch['mask'], config.gamma)
+        q_r_loss = fisor.critic_mse(nets['q_r'](obs, act), target)
+        step('q_r', q_r_loss)
+        soft_update(nets['q_r_target'], nets['q_r'], config.critic_tau)
+        with torch.no_grad():
+            q_h_targets = nets['q_h_target'](obs, act)
+        v_h_loss = fisor.feasible_value_loss(q_h_targets, nets['v_h'](batch['obs'])[0],
+                                             config.feasibility_expectile)
+        step('v_h', v_h_loss)
+        with torch.no_grad():
+            target = fisor.feasible_bellman_target(
+                batch['h'], nets['v_h'](batch['next_obs'])[0], batch['mask'], config.gamma)
+        q_h_loss = fisor.critic_mse(nets['q_h'](obs, act), target)
+        step('q_h', q_h_loss)
+        soft_update(nets['q_h_target'], nets['q_h'], config.critic_tau)
+        for key, loss in (('loss/v_r', v_r_loss), ('loss/q_r', q_r_loss),
+                          ('loss/v_h', v_h_loss), ('loss/q_h', q_h_loss)):
+            assert torch.allclose(logs[key], loss, rtol=1e-5, atol=1e-6), key
+    ours = _separate_critics(model)
+    for name, net in nets.items():
+        for (key, a), b in zip(net.state_dict().items(), ours[name].state_dict().values()):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (name, key)
+    # the critics did move: a comparison of untrained networks would prove nothing
+    for name in ('q_r', 'q_h', 'v_r', 'v_h'):
+        assert not torch.allclose(next(nets[name].parameters()),
+                                  next(initial[name].parameters())), name
+
+
+def _separate_layout(model_state, trainer_state):
+    """Return a checkpoint as saved before the critics were stacked (separate modules)."""
+    old = {}
+    for key, value in model_state.items():
+        for stacked, first, second in (('q.', 'q_r.', 'q_h.'),
+                                       ('q_target.', 'q_r_target.', 'q_h_target.')):
+            if key.startswith(stacked):
+                heads = value.shape[0] // 2
+                old[first + key[len(stacked):]] = value[:heads].clone()
+                old[second + key[len(stacked):]] = value[heads:].clone()
+                break
+        else:
+            if key.startswith('v.'):     # nn.Linear: weight [out, in], bias [out]
+                for member, name in enumerate(('v_r.', 'v_h.')):
+                    piece = value[member]
+                    old[name + key[2:]] = piece.T.clone() if key.endswith('weight') else piece[0]
+            else:
+                old[key] = value
+    trainer = {k: v for k, v in trainer_state.items() if k not in ('q_opt', 'v_opt')}
+    for stacked, names in (('q_opt', ('q_r_opt', 'q_h_opt')), ('v_opt', ('v_r_opt', 'v_h_opt'))):
+        for member, name in enumerate(names):
+            state = {}
+            for index, entry in trainer_state[stacked]['state'].items():
+                state[index] = {}
+                for field, value in entry.items():
+                    if value.dim() == 0:
+                        state[index][field] = value.clone()
+                    elif stacked == 'q_opt':
+                        heads = value.shape[0] // 2
+                        state[index][field] = value[member * heads:(member + 1) * heads].clone()
+                    else:
+                        piece = value[member]
+                        state[index][field] = piece.T.clone() if piece.shape[0] > 1 else piece[0]
+            trainer[name] = {'state': state,
+                             'param_groups': copy.deepcopy(trainer_state[stacked]['param_groups'])}
+    return old, trainer
+
+
+def test_a_checkpoint_with_separate_critics_resumes_exactly(ballcircle_arrays):
+    task = get_task('BallCircle')
+    config = fisor.resolve_config(fisor.make_config('test'), task)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = fisor.build_model(task.obs_dim, task.act_dim, config)
+        runs.append((model, fisor.make_trainer(model, config)))
+    (model, trainer), (resumed, resumed_trainer) = runs
+    buffer = ReplayBuffer(fisor.prepare_arrays(ballcircle_arrays, config), torch.device('cpu'),
+                          seed=0)
+    for _ in range(3):
+        trainer.critic_update(buffer.sample(config.critic_batch_size))
+    old_model, old_trainer = _separate_layout(model.state_dict(), trainer.state_dict())
+    assert 'q_r.net.net.0.weight' in old_model and 'v_h.net.2.weight' in old_model
+    with torch.no_grad():                # make sure loading really writes every tensor
+        for p in resumed.parameters():
+            p.zero_()
+    resumed.load_state_dict(old_model)
+    resumed_trainer.load_state_dict(old_trainer)
+    batch = buffer.sample(config.critic_batch_size)
+    trainer.critic_update(batch)
+    resumed_trainer.critic_update(batch)
+    a, b = model.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a checkpoint with only half of a critic is refused by name, not half-loaded
+    del old_model['v_h.net.2.weight']
+    with pytest.raises(RuntimeError, match='v_r.net.2.weight'):
+        resumed.load_state_dict(old_model)
 
 
 def test_ema_copy_stays_in_eval_mode():

@@ -214,13 +214,13 @@ def test_critics_first_trains_critics_then_the_actor_alone(dataset, tmp_path, sa
     # critic phase: the actor does not move; actor phase: the critics are frozen
     for key, value in params(runs[5], 'actor.').items():
         assert torch.equal(value, runs[10]['model'][key]), key
-    for prefix in ('q_r.', 'v_r.', 'q_h.', 'v_h.'):
+    for prefix in ('q.', 'q_target.', 'v.'):
         before, after = params(runs[10], prefix), params(runs[30], prefix)
         assert before and all(torch.equal(v, after[k]) for k, v in before.items()), prefix
     assert any(not torch.equal(v, runs[30]['model'][k])
                for k, v in params(runs[10], 'actor.').items())
     assert any(not torch.equal(v, runs[10]['model'][k])
-               for k, v in params(runs[5], 'q_h.').items())
+               for k, v in params(runs[5], 'q.').items())
     # a run resumed in the actor phase ends exactly where an uninterrupted one does
     resumed = tmp_path / 'resumed'
     train('fisor', TASK, seed=0, out=resumed, stop_after=15, **kwargs)

@@ -28,7 +28,7 @@ from offline_training.algos.batching import clip_actions, ReplayBuffer
 from offline_training.algos.critics import reward_target, reward_value_loss
 from offline_training.algos.diffusion import ddpm_sample, DiffusionSchedule, EpsilonNet
 from offline_training.algos.infrastructure import adam, config_from_preset
-from offline_training.algos.networks import QEnsemble, soft_update, ValueNet
+from offline_training.algos.networks import EnsembleMLP, QEnsemble, soft_update
 from offline_training.algos.protocol import batch_shape, ExportedMethod, ExportPlan, GraphSpec
 from saferl_ros.errors import ConfigError
 import torch
@@ -52,6 +52,9 @@ SELECTION_TEXT = {  # what a bundle manifest says its policy graph does
 # (`saferl-eval --set num_candidates=...`) must not be able to ask for unbounded memory; the
 # paper samples 16.
 MAX_CANDIDATES = 1024
+
+# The members of FisorModel.v: V_r, then V_h.
+VALUES = {'v_r': slice(0, 1), 'v_h': slice(1, 2)}
 
 
 @dataclass
@@ -265,10 +268,16 @@ class FisorModel(nn.Module):
     """
     All FISOR networks, plus sampling and action selection with explicit noise.
 
-    Networks: ``actor`` (trained noise model), ``actor_ema`` (its EMA, used for sampling),
-    ``q_r``/``q_r_target``/``v_r`` (reward), ``q_h``/``q_h_target``/``v_h`` (feasibility), and the
-    ``schedule`` buffers. Observations are raw (the official code does not normalise them);
-    actions live in [-1, 1].
+    Networks: ``actor`` (trained noise model), ``actor_ema`` (its EMA, used for sampling), the
+    critics ``q`` (the Q_r heads, then the Q_h heads), ``q_target`` and ``v`` (V_r, then V_h),
+    and the ``schedule`` buffers. ``q_r``, ``q_h``, ``q_r_target``, ``q_h_target``, ``v_r`` and
+    ``v_h`` evaluate one critic alone. Observations are raw (the official code does not
+    normalise them); actions live in [-1, 1].
+
+    The reward and the feasibility critics are independent networks with losses of their own (no
+    parameter is shared, no loss reads the other's parameters), as in the official code; they are
+    stored as one ensemble per kind so that a critic update evaluates both in one batched product
+    and steps them with one optimiser call (``FisorTrainer.critic_update``).
     """
 
     def __init__(self, obs_dim: int, act_dim: int, config: FisorConfig):
@@ -284,17 +293,36 @@ class FisorModel(nn.Module):
                                 config.actor_dropout, config.time_dim, config.cond_hidden,
                                 num_steps=config.diffusion_steps)
         self.actor_ema = deepcopy(self.actor)
-        self.q_r = QEnsemble(obs_dim, act_dim, config.critic_hidden, config.num_q_heads)
-        self.q_r_target = deepcopy(self.q_r)
-        self.v_r = ValueNet(obs_dim, config.critic_hidden)
-        self.q_h = QEnsemble(obs_dim, act_dim, config.critic_hidden, config.num_q_heads)
-        self.q_h_target = deepcopy(self.q_h)
-        self.v_h = ValueNet(obs_dim, config.critic_hidden)
+        heads = config.num_q_heads
+        self.reward_heads, self.feasibility_heads = slice(0, heads), slice(heads, 2 * heads)
+        self.q = QEnsemble(obs_dim, act_dim, config.critic_hidden, 2 * heads)
+        self.q_target = deepcopy(self.q)
+        self.v = EnsembleMLP(obs_dim, config.critic_hidden, len(VALUES))
         self.schedule = DiffusionSchedule(config.diffusion_steps, config.beta_min,
                                           config.beta_max)
-        for frozen in (self.actor_ema, self.q_r_target, self.q_h_target):
+        for frozen in (self.actor_ema, self.q_target):
             frozen.requires_grad_(False)
         self.actor_ema.eval()
+        self.register_load_state_dict_pre_hook(_stack_separate_critics)
+
+    # one critic alone: [heads, B] for a Q, [B] for a V
+    def q_r(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        return self.q(obs, act, self.reward_heads)
+
+    def q_h(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        return self.q(obs, act, self.feasibility_heads)
+
+    def q_r_target(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        return self.q_target(obs, act, self.reward_heads)
+
+    def q_h_target(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        return self.q_target(obs, act, self.feasibility_heads)
+
+    def v_r(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.v(obs, VALUES['v_r'])[0]
+
+    def v_h(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.v(obs, VALUES['v_h'])[0]
 
     def train(self, mode: bool = True):
         """Set training mode; the EMA sampling copy always stays in eval mode (no dropout)."""
@@ -407,6 +435,45 @@ class FisorModel(nn.Module):
                 'fallback': ExportedMethod(self, 'fallback')}
 
 
+def _stack_separate_critics(module, state_dict, prefix, *_) -> None:
+    """
+    Read a model saved while the reward and feasibility critics were separate modules.
+
+    Before the critics were stacked (``FisorModel``), a checkpoint held ``q_r``/``q_h`` (and
+    their targets) as two ensembles and ``v_r``/``v_h`` as two ``nn.Linear`` MLPs; this rewrites
+    those entries into the stacked layout in place, so that an interrupted run resumes. Entries
+    without their counterpart stay as they are and load_state_dict reports them.
+    """
+    pairs = (('q.', 'q_r.', 'q_h.'), ('q_target.', 'q_r_target.', 'q_h_target.'),
+             ('v.', 'v_r.', 'v_h.'))
+    for stacked, first, second in pairs:
+        for key in [k for k in state_dict if k.startswith(prefix + first)]:
+            rest = key[len(prefix + first):]
+            other = prefix + second + rest
+            if other not in state_dict:
+                continue
+            pair = (state_dict.pop(key), state_dict.pop(other))
+            state_dict[prefix + stacked + rest] = (_linear_as_members(pair) if stacked == 'v.'
+                                                   else torch.cat(pair))
+
+
+def _linear_as_members(pair) -> torch.Tensor:
+    """Stack two nn.Linear tensors (weight [out, in], bias [out]) as ensemble members."""
+    return torch.stack([t.T if t.dim() == 2 else t.unsqueeze(0) for t in pair])
+
+
+def _stack_adam_states(first: dict, second: dict, linear: bool) -> dict:
+    """Merge the Adam states of two separate critics into the state of their stacked ensemble."""
+    def merge(a, b):
+        if not isinstance(a, torch.Tensor) or a.dim() == 0:
+            return a                              # the step count: the two were stepped together
+        return _linear_as_members((a, b)) if linear else torch.cat((a, b))
+    state = {index: {name: merge(value, second['state'][index][name])
+                     for name, value in entry.items()}
+             for index, entry in first['state'].items()}
+    return {'state': state, 'param_groups': first['param_groups']}
+
+
 def build_model(obs_dim: int, act_dim: int, config: FisorConfig) -> FisorModel:
     """Return a freshly initialised FisorModel."""
     return FisorModel(obs_dim, act_dim, config)
@@ -492,10 +559,10 @@ class FisorTrainer:
         # train() may change steps after the config was made (--steps): check again here.
         config.check_critic_phase()
         self.critic_cap = config.critic_phase_cap()
-        self.q_r_opt = adam(model.q_r.parameters(), lr=config.critic_lr)
-        self.v_r_opt = adam(model.v_r.parameters(), lr=config.value_lr)
-        self.q_h_opt = adam(model.q_h.parameters(), lr=config.critic_lr)
-        self.v_h_opt = adam(model.v_h.parameters(), lr=config.value_lr)
+        # Q_r and Q_h (and V_r and V_h) step in one call: Adam is elementwise and the two share
+        # their learning rate, so this is the official code's two optimisers exactly.
+        self.q_opt = adam(model.q.parameters(), lr=config.critic_lr)
+        self.v_opt = adam(model.v.parameters(), lr=config.value_lr)
 
     @staticmethod
     def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
@@ -512,8 +579,10 @@ class FisorTrainer:
         """Evaluate the target critics and the values on (obs, act): Eq. 13's and Eq. 8/15's."""
         m = self.model
         with torch.no_grad():
-            q_r_targets, q_h_targets = m.q_r_target(obs, act), m.q_h_target(obs, act)
-        return SharedForwards(q_r_targets, q_h_targets, m.v_r(obs), m.v_h(obs))
+            q_targets = m.q_target(obs, act)
+        values = m.v(obs)
+        return SharedForwards(q_targets[m.reward_heads], q_targets[m.feasibility_heads],
+                              values[VALUES['v_r']][0], values[VALUES['v_h']][0])
 
     def actor_update(self, batch: Dict[str, torch.Tensor],
                      weights: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
@@ -536,33 +605,35 @@ class FisorTrainer:
     def critic_update(self, batch: Dict[str, torch.Tensor],
                       shared: Optional[SharedForwards] = None) -> Dict[str, torch.Tensor]:
         """
-        V_r (Eq. 15), Q_r (Eq. 16), V_h (Eq. 8), Q_h (Eq. 9), in the code's order.
+        V_r (Eq. 15) and V_h (Eq. 8), then Q_r (Eq. 16) and Q_h (Eq. 9).
 
-        ``shared``: shared_forwards() of this batch's (obs, act) taken since the last critic
-        update (its V_r and V_h with their graphs), so that they are not evaluated twice.
+        The code's order is V_r, Q_r, V_h, Q_h; the reward and the feasibility critics never read
+        each other, so stepping both values and then both critics is the same update. Each step
+        takes the sum of the two losses: the two networks share no parameter, so every parameter
+        gets exactly its own loss's gradient. ``shared``: shared_forwards() of this batch's (obs,
+        act) taken since the last critic update (its V_r and V_h with their graphs), so that they
+        are not evaluated twice.
         """
         m, c = self.model, self.config
         obs, act, next_obs, mask = batch['obs'], batch['act'], batch['next_obs'], batch['mask']
         if shared is None:
             shared = self.shared_forwards(obs, act)
         v_r_loss = reward_value_loss(shared.q_r_targets, shared.v_r, c.expectile)
-        self._step(self.v_r_opt, v_r_loss)
-
-        with torch.no_grad():
-            target_r = reward_target(batch['reward'], m.v_r(next_obs), mask, c.gamma)
-        q_r_loss = critic_mse(m.q_r(obs, act), target_r)
-        self._step(self.q_r_opt, q_r_loss)
-        soft_update(m.q_r_target, m.q_r, c.critic_tau)
-
         v_h = shared.v_h
         v_h_loss = feasible_value_loss(shared.q_h_targets, v_h, c.feasibility_expectile)
-        self._step(self.v_h_opt, v_h_loss)
+        self._step(self.v_opt, v_r_loss + v_h_loss)
 
         with torch.no_grad():
-            target_h = feasible_bellman_target(batch['h'], m.v_h(next_obs), mask, c.gamma)
-        q_h_loss = critic_mse(m.q_h(obs, act), target_h)
-        self._step(self.q_h_opt, q_h_loss)
-        soft_update(m.q_h_target, m.q_h, c.critic_tau)
+            next_values = m.v(next_obs)
+            target_r = reward_target(batch['reward'], next_values[VALUES['v_r']][0], mask,
+                                     c.gamma)
+            target_h = feasible_bellman_target(batch['h'], next_values[VALUES['v_h']][0], mask,
+                                               c.gamma)
+        q = m.q(obs, act)
+        q_r_loss = critic_mse(q[m.reward_heads], target_r)
+        q_h_loss = critic_mse(q[m.feasibility_heads], target_h)
+        self._step(self.q_opt, q_r_loss + q_h_loss)
+        soft_update(m.q_target, m.q, c.critic_tau)
         return {'loss/v_r': v_r_loss.detach(), 'loss/q_r': q_r_loss.detach(),
                 'loss/v_h': v_h_loss.detach(), 'loss/q_h': q_h_loss.detach(),
                 'value/v_h_mean': v_h.detach().mean(),
@@ -699,8 +770,7 @@ class FisorTrainer:
         """Return the optimiser and scheduler states (the model is saved separately)."""
         return {'actor_opt': self.actor_opt.state_dict(),
                 'actor_sched': self.actor_sched.state_dict(),
-                'q_r_opt': self.q_r_opt.state_dict(), 'v_r_opt': self.v_r_opt.state_dict(),
-                'q_h_opt': self.q_h_opt.state_dict(), 'v_h_opt': self.v_h_opt.state_dict(),
+                'q_opt': self.q_opt.state_dict(), 'v_opt': self.v_opt.state_dict(),
                 'iteration': self.iteration, 'actor_start': self.actor_start,
                 'snapshot': self.snapshot}
 
@@ -713,8 +783,13 @@ class FisorTrainer:
             self._stretch_actor_schedule()
         self.actor_opt.load_state_dict(state['actor_opt'])
         self.actor_sched.load_state_dict(state['actor_sched'])
-        for name in ('q_r_opt', 'v_r_opt', 'q_h_opt', 'v_h_opt'):
-            getattr(self, name).load_state_dict(state[name])
+        if 'q_opt' not in state and 'q_r_opt' in state:
+            # saved while the reward and feasibility critics had optimisers of their own
+            state = {**state,
+                     'q_opt': _stack_adam_states(state['q_r_opt'], state['q_h_opt'], False),
+                     'v_opt': _stack_adam_states(state['v_r_opt'], state['v_h_opt'], True)}
+        self.q_opt.load_state_dict(state['q_opt'])
+        self.v_opt.load_state_dict(state['v_opt'])
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
