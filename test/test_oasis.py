@@ -175,10 +175,12 @@ def test_tiny_generator_reproduces_its_conditioned_returns(toy_model):
     drift = (arrays['next_observations'][:, 0] - arrays['observations'][:, 0]).reshape(
         2, config.num_starts, transitions)
     # The unsafe condition reproduces its behaviour's dynamics (x rises by 0.1 per step), the
-    # safe one moves x far less (its behaviour: -0.05 per step; the mixture of both: +0.025).
-    # (the margin allows other CPUs' float paths; the safe mixture's +0.025 stays outside it)
+    # safe one moves x far less (its behaviour: -0.05 per step) and less than the unconditioned
+    # mixture of both (+0.025), which a generator that ignored its condition would give both.
+    # The margins allow other CPUs' float paths: the unsafe drift read 0.086-0.115 on an Intel
+    # Xeon (seeds 0-2, both mish paths); on an AMD EPYC (Zen 4) safe 0.009, unsafe 0.086.
     assert abs(drift[1].mean() - 0.1) < 0.07 and (drift[1].mean(axis=1) > 0).mean() > 0.85
-    assert drift[0].mean() < drift[1].mean() - 0.08
+    assert drift[0].mean() < 0.025 and drift[0].mean() < drift[1].mean() - 0.06
     # ... and the labelled returns follow: more reward and cost under the unsafe condition.
     low, high = summary
     assert high['cost_per_step'] > low['cost_per_step'] + 0.2
