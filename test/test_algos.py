@@ -183,6 +183,9 @@ def test_width_one_ensemble_layer_is_the_batched_product():
                              (torch.randn(4, 3), torch.randn(4, 2)))
     graph = str(traced.inlined_graph)
     assert 'aten::baddbmm' in graph and 'PythonOp' not in graph
+    # an input for another number of members is refused, not read member by member
+    with pytest.raises(ValueError, match='for 3 members'):
+        layer(torch.randn(2, 5, 6, dtype=f64))
 
 
 def test_replay_buffer_vectorised_sampling_is_seeded():
@@ -518,29 +521,26 @@ def test_stacked_critic_update_is_the_official_four_updates(ballcircle_arrays):
     for _ in range(3):
         batch = buffer.sample(config.critic_batch_size)
         logs = trainer.critic_update(batch)
-        obs, act = batch['obs'], batch['act']
-        with torch.no_grad():
-            q_r_targets = nets['q_r_target'](obs, act)
-        v_r_loss = critics.reward_value_loss(q_r_targets, nets['v_r'](batch['obs'])[0],
-                                             config.expectile)
-        step('v_r', v_r_loss)
-        with torch.no_grad():
-            target = critics.reward_target(batch['reward'], nets['v_r'](batch['next_obs'])[0],
-                                           batch['mask'], config.gamma)
-        q_r_loss = fisor.critic_mse(nets['q_r'](obs, act), target)
-        step('q_r', q_r_loss)
-        soft_update(nets['q_r_target'], nets['q_r'], config.critic_tau)
-        with torch.no_grad():
-            q_h_targets = nets['q_h_target'](obs, act)
-        v_h_loss = fisor.feasible_value_loss(q_h_targets, nets['v_h'](batch['obs'])[0],
-                                             config.feasibility_expectile)
-        step('v_h', v_h_loss)
-        with torch.no_grad():
-            target = fisor.feasible_bellman_target(
-                batch['h'], nets['v_h'](batch['next_obs'])[0], batch['mask'], config.gamma)
-        q_h_loss = fisor.critic_mse(nets['q_h'](obs, act), target)
-        step('q_h', q_h_loss)
-        soft_update(nets['q_h_target'], nets['q_h'], config.critic_tau)
+        obs, act, mask = batch['obs'], batch['act'], batch['mask']
+
+        def official(kind, value_loss, expectile, bellman_target):
+            # the official code's update_v then update_q (or update_vc then update_qc)
+            with torch.no_grad():
+                q_targets = nets[f'q_{kind}_target'](obs, act)
+            v_loss = value_loss(q_targets, nets[f'v_{kind}'](obs)[0], expectile)
+            step(f'v_{kind}', v_loss)
+            with torch.no_grad():
+                target = bellman_target(nets[f'v_{kind}'](batch['next_obs'])[0])
+            q_loss = fisor.critic_mse(nets[f'q_{kind}'](obs, act), target)
+            step(f'q_{kind}', q_loss)
+            soft_update(nets[f'q_{kind}_target'], nets[f'q_{kind}'], config.critic_tau)
+            return v_loss, q_loss
+        v_r_loss, q_r_loss = official(
+            'r', critics.reward_value_loss, config.expectile,
+            lambda v_next: critics.reward_target(batch['reward'], v_next, mask, config.gamma))
+        v_h_loss, q_h_loss = official(
+            'h', fisor.feasible_value_loss, config.feasibility_expectile,
+            lambda v_next: fisor.feasible_bellman_target(batch['h'], v_next, mask, config.gamma))
         for key, loss in (('loss/v_r', v_r_loss), ('loss/q_r', q_r_loss),
                           ('loss/v_h', v_h_loss), ('loss/q_h', q_h_loss)):
             assert torch.allclose(logs[key], loss, rtol=1e-5, atol=1e-6), key
@@ -584,9 +584,9 @@ def _separate_layout(model_state, trainer_state):
                     elif stacked == 'q_opt':
                         heads = value.shape[0] // 2
                         state[index][field] = value[member * heads:(member + 1) * heads].clone()
-                    else:
+                    else:                # parameters alternate weight, bias
                         piece = value[member]
-                        state[index][field] = piece.T.clone() if piece.shape[0] > 1 else piece[0]
+                        state[index][field] = piece.T.clone() if index % 2 == 0 else piece[0]
             trainer[name] = {'state': state,
                              'param_groups': copy.deepcopy(trainer_state[stacked]['param_groups'])}
     return old, trainer
@@ -617,10 +617,29 @@ def test_a_checkpoint_with_separate_critics_resumes_exactly(ballcircle_arrays):
     resumed_trainer.critic_update(batch)
     a, b = model.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # a checkpoint with only half of a critic is refused by name, not half-loaded
-    del old_model['v_h.net.2.weight']
-    with pytest.raises(RuntimeError, match='v_r.net.2.weight'):
-        resumed.load_state_dict(old_model)
+    # a checkpoint with only half of a critic, with halves of other sizes than this model's
+    # heads, or with both layouts is refused by name, not loaded into the wrong places
+    for tamper, named in (('drop', 'v_r.net.2.weight'), ('uneven', 'q_r.net.net.0.weight'),
+                          ('both', 'q_r.net.net.0.weight')):
+        bad = dict(old_model)
+        if tamper == 'drop':
+            del bad['v_h.net.2.weight']
+        elif tamper == 'uneven':          # three reward heads and one feasibility head
+            bad['q_r.net.net.0.weight'] = torch.cat([bad['q_r.net.net.0.weight'],
+                                                     bad['q_h.net.net.0.weight'][:1]])
+            bad['q_h.net.net.0.weight'] = bad['q_h.net.net.0.weight'][1:]
+        else:
+            bad.update(model.state_dict())
+        with pytest.raises(RuntimeError, match=named):
+            resumed.load_state_dict(bad)
+    # optimiser states that do not pair up are a ValueError (a resume names the checkpoint)
+    unequal = copy.deepcopy(old_trainer)
+    for entry in unequal['q_h_opt']['state'].values():
+        entry['step'] = entry['step'] + 1
+    malformed = {**old_trainer, 'v_h_opt': {'state': [], 'param_groups': []}}
+    for bad, message in ((unequal, 'stepped'), (malformed, 'malformed')):
+        with pytest.raises(ValueError, match=message):
+            resumed_trainer.load_state_dict(bad)
 
 
 def test_ema_copy_stays_in_eval_mode():

@@ -441,20 +441,33 @@ def _stack_separate_critics(module, state_dict, prefix, *_) -> None:
 
     Before the critics were stacked (``FisorModel``), a checkpoint held ``q_r``/``q_h`` (and
     their targets) as two ensembles and ``v_r``/``v_h`` as two ``nn.Linear`` MLPs; this rewrites
-    those entries into the stacked layout in place, so that an interrupted run resumes. Entries
-    without their counterpart stay as they are and load_state_dict reports them.
+    those entries into the stacked layout in place, so that an interrupted run resumes. A
+    checkpoint that also holds stacked entries, or whose two halves do not have this model's
+    number of heads, is left as it is: load_state_dict then names the keys it cannot place.
     """
+    if any(key.startswith((prefix + 'q.', prefix + 'q_target.', prefix + 'v.'))
+           for key in state_dict):
+        return
+    heads = module.reward_heads.stop
     pairs = (('q.', 'q_r.', 'q_h.'), ('q_target.', 'q_r_target.', 'q_h_target.'),
              ('v.', 'v_r.', 'v_h.'))
     for stacked, first, second in pairs:
         for key in [k for k in state_dict if k.startswith(prefix + first)]:
             rest = key[len(prefix + first):]
             other = prefix + second + rest
-            if other not in state_dict:
+            pair = (state_dict[key], state_dict.get(other))
+            if not all(isinstance(t, torch.Tensor) for t in pair):
                 continue
-            pair = (state_dict.pop(key), state_dict.pop(other))
-            state_dict[prefix + stacked + rest] = (_linear_as_members(pair) if stacked == 'v.'
-                                                   else torch.cat(pair))
+            if stacked == 'v.':
+                if pair[0].shape != pair[1].shape or pair[0].dim() not in (1, 2):
+                    continue
+                merged = _linear_as_members(pair)
+            elif pair[0].dim() == 0 or any(t.shape[0] != heads for t in pair):
+                continue
+            else:
+                merged = torch.cat(pair)
+            del state_dict[key], state_dict[other]
+            state_dict[prefix + stacked + rest] = merged
 
 
 def _linear_as_members(pair) -> torch.Tensor:
@@ -463,15 +476,30 @@ def _linear_as_members(pair) -> torch.Tensor:
 
 
 def _stack_adam_states(first: dict, second: dict, linear: bool) -> dict:
-    """Merge the Adam states of two separate critics into the state of their stacked ensemble."""
-    def merge(a, b):
-        if not isinstance(a, torch.Tensor) or a.dim() == 0:
-            return a                              # the step count: the two were stepped together
+    """
+    Merge the Adam states of two separate critics into the state of their stacked ensemble.
+
+    Raises ValueError (a resume turns it into a ConfigError naming the checkpoint) when the two
+    states do not describe the same parameters stepped the same number of times.
+    """
+    def merge(name, a, b):
+        if not isinstance(a, torch.Tensor) or a.dim() == 0:   # the step count
+            if not (a == b if not isinstance(a, torch.Tensor) else torch.equal(a, b)):
+                raise ValueError(f'the two critics were stepped {a} and {b} times')
+            return a.clone() if isinstance(a, torch.Tensor) else a   # Adam steps it in place
+        if a.shape != b.shape:
+            raise ValueError(f'{name}: shapes {tuple(a.shape)} and {tuple(b.shape)}')
         return _linear_as_members((a, b)) if linear else torch.cat((a, b))
-    state = {index: {name: merge(value, second['state'][index][name])
-                     for name, value in entry.items()}
-             for index, entry in first['state'].items()}
-    return {'state': state, 'param_groups': first['param_groups']}
+    try:
+        if first['state'].keys() != second['state'].keys():
+            raise ValueError('the two critics have state for different parameters')
+        state = {index: {name: merge(name, value, second['state'][index][name])
+                         for name, value in entry.items()}
+                 for index, entry in first['state'].items()}
+        return {'state': state, 'param_groups': first['param_groups']}
+    except (AttributeError, KeyError, TypeError, IndexError) as error:
+        raise ValueError(f"the separate critics' optimiser states are malformed ({error!r})"
+                         ) from None
 
 
 def build_model(obs_dim: int, act_dim: int, config: FisorConfig) -> FisorModel:

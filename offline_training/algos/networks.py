@@ -156,6 +156,9 @@ class VectorizedLinear(nn.Module):
             weight, bias = weight[members], bias[members]
         if x.dim() == 2:
             x = x.unsqueeze(0).expand(weight.shape[0], -1, -1)
+        elif x.dim() != 3 or x.shape[0] != weight.shape[0]:
+            raise ValueError(f'VectorizedLinear: input of shape {tuple(x.shape)} for '
+                             f'{weight.shape[0]} members; give [B, in] or [members, B, in]')
         if self.out_features == 1 and _per_member_products(x):
             return _ThinEnsembleLinear.apply(x, weight, bias)
         return torch.baddbmm(bias, x, weight)
