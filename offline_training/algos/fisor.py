@@ -324,6 +324,11 @@ class FisorModel(nn.Module):
     def v_h(self, obs: torch.Tensor) -> torch.Tensor:
         return self.v(obs, VALUES['v_h'])[0]
 
+    @staticmethod
+    def split_values(values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Return (V_r, V_h), each [B], of the [2, B] output of ``v``."""
+        return values[VALUES['v_r']][0], values[VALUES['v_h']][0]
+
     def train(self, mode: bool = True):
         """Set training mode; the EMA sampling copy always stays in eval mode (no dropout)."""
         super().train(mode)
@@ -608,9 +613,8 @@ class FisorTrainer:
         m = self.model
         with torch.no_grad():
             q_targets = m.q_target(obs, act)
-        values = m.v(obs)
         return SharedForwards(q_targets[m.reward_heads], q_targets[m.feasibility_heads],
-                              values[VALUES['v_r']][0], values[VALUES['v_h']][0])
+                              *m.split_values(m.v(obs)))
 
     def actor_update(self, batch: Dict[str, torch.Tensor],
                      weights: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
@@ -652,11 +656,9 @@ class FisorTrainer:
         self._step(self.v_opt, v_r_loss + v_h_loss)
 
         with torch.no_grad():
-            next_values = m.v(next_obs)
-            target_r = reward_target(batch['reward'], next_values[VALUES['v_r']][0], mask,
-                                     c.gamma)
-            target_h = feasible_bellman_target(batch['h'], next_values[VALUES['v_h']][0], mask,
-                                               c.gamma)
+            v_r_next, v_h_next = m.split_values(m.v(next_obs))
+            target_r = reward_target(batch['reward'], v_r_next, mask, c.gamma)
+            target_h = feasible_bellman_target(batch['h'], v_h_next, mask, c.gamma)
         q = m.q(obs, act)
         q_r_loss = critic_mse(q[m.reward_heads], target_r)
         q_h_loss = critic_mse(q[m.feasibility_heads], target_h)

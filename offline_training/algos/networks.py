@@ -30,6 +30,17 @@ def init_linear(layer: nn.Linear, kind: str = 'xavier_uniform') -> nn.Linear:
     return layer
 
 
+def _eager_cpu_float(x: torch.Tensor) -> bool:
+    """
+    Whether ``x`` may take the project's CPU forms (mish's, width-1 ensemble layers').
+
+    A float32 or float64 CPU tensor outside tracing and ONNX export: a traced graph must hold
+    torch's own operators, which the exporter maps (a Python autograd function it cannot).
+    """
+    return (x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64)
+            and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export())
+
+
 class _SigmoidMish(torch.autograd.Function):
     """
     mish(x) = x tanh(softplus(x)) through the sigmoid, with its derivative written out.
@@ -93,8 +104,7 @@ def mish(x: torch.Tensor) -> torch.Tensor:
     kernel, in half precision it is the more accurate, and while a graph is traced for export it
     is aten::mish, which the exporter maps to ONNX operators of its own (export.py).
     """
-    if (x.device.type != 'cpu' or x.dtype not in (torch.float32, torch.float64)
-            or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+    if not _eager_cpu_float(x):
         return F.mish(x)
     if (x.dtype == torch.float32 and torch.get_num_threads() == 1
             and native.library() is not None):
@@ -159,15 +169,9 @@ class VectorizedLinear(nn.Module):
         elif x.dim() != 3 or x.shape[0] != weight.shape[0]:
             raise ValueError(f'VectorizedLinear: input of shape {tuple(x.shape)} for '
                              f'{weight.shape[0]} members; give [B, in] or [members, B, in]')
-        if self.out_features == 1 and _per_member_products(x):
+        if self.out_features == 1 and _eager_cpu_float(x):
             return _ThinEnsembleLinear.apply(x, weight, bias)
         return torch.baddbmm(bias, x, weight)
-
-
-def _per_member_products(x: torch.Tensor) -> bool:
-    """Whether a width-1 ensemble layer on ``x`` runs as per-member matrix-vector products."""
-    return (x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64)
-            and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export())
 
 
 class _ThinEnsembleLinear(torch.autograd.Function):
