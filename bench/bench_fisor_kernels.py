@@ -4,37 +4,44 @@ FISOR iterations with torch's own kernels against the project's, side by side in
     python bench/bench_fisor_kernels.py [--preset cpu] [--seconds 4] [--rounds 3] [--threads 1]
                                         [--kernels-only]
 
-Six choices in the training code are measured, each alone and together, against torch's
+Seven choices in the training code are measured, each alone and together, against torch's
 defaults and the plain order of the computation:
 
 - mish: ``networks.mish`` (the sigmoid form with its derivative written out, in torch's
   operators) against ``torch.nn.functional.mish``;
-- native mish: the same form in one compiled loop each way (``native``, when this machine can
-  build it; otherwise that row equals 'project mish');
-- Adam: the fused kernel (``infrastructure.adam``) against torch's default on a CPU, a Python
-  loop over the parameter tensors;
+- native kernels: the compiled loops of ``native`` when this machine can build them (mish in
+  one loop each way, the Adam step with the Polyak average of a target or EMA network in the
+  same pass, dropout masks from a Philox generator); otherwise that row equals 'project mish';
+- Adam: torch's fused kernel (``infrastructure.adam``) against torch's default on a CPU, a
+  Python loop over the parameter tensors;
 - shared forwards (joint iterations only): the target critics and the values evaluated once
   for the first actor half and the critic update (``FisorTrainer.share_forwards``), against
   evaluating them in both, as the iteration reads when written out step by step;
 - uniform dropout: ``diffusion.dropout`` (the mask as uniform >= p) against ``F.dropout``;
 - step table: the actor's time condition computed once per distinct diffusion step and gathered
-  (``EpsilonNet.time_condition`` with ``num_steps``) against computing it on every row.
+  (``EpsilonNet.time_condition`` with ``num_steps``) against computing it on every row;
+- one-node networks: the actor's MLPResNet and the critics' ReLU ensembles as one autograd node
+  each with the backward written out (``backward_written_out``; with the project's mish, which
+  that backward takes) against autograd through their modules.
 
 First the kernels alone, each beside torch's (median microseconds per call): mish forward and
 forward + backward on a [256, 512] activation (the `cpu` actor's inner layer at batch 256), the
-sigmoid form in torch's operators against the native loops, and one optimiser step for the `cpu`
-preset's actor and for a 256 x 256 Q ensemble. Then (unless ``--kernels-only``) whole
-iterations: each variant builds its own FISOR model and trainer (same seed, synthetic data with
-the task's dimensions) and times three kinds of iteration: a critic-only one (critics-first,
-phase 1), an actor-only one (phase 2, weighted sampling) and a joint one (the paper's schedule).
-Variants are timed in turns, ``--rounds`` times, so a change of machine load hits them alike;
-the table gives the median rate (iterations per CPU-second of the process) and its ratio to
-torch's defaults.
+sigmoid form in torch's operators against the native loops, one optimiser step for the `cpu`
+preset's actor and for a 256 x 256 Q ensemble, the actor's step with its EMA (torch's fused
+step and soft_update against the compiled loop), a [256, 128] dropout mask, and a forward +
+backward of the actor's MLPResNet and of a Q ensemble (modules against one node). Then (unless
+``--kernels-only``) whole iterations: each variant builds its own FISOR model and trainer (same
+seed, synthetic data with the task's dimensions) and times three kinds of iteration: a
+critic-only one (critics-first, phase 1), an actor-only one (phase 2, weighted sampling) and a
+joint one (the paper's schedule). Variants are timed in turns, ``--rounds`` times, so a change
+of machine load hits them alike; the table gives the median rate (iterations per CPU-second of
+the process) and its ratio to torch's defaults.
 Prints the machine.
 """
 
 import argparse
 import contextlib
+import copy
 import os
 import statistics
 import time
@@ -51,8 +58,9 @@ from saferl_ros.tasks import get_task
 import torch
 import torch.nn.functional as F
 
-VARIANTS = ('torch defaults', 'project mish', 'native mish', 'fused Adam', 'shared forwards',
-            'uniform dropout', 'step table', 'project (all) but native', 'project (all)')
+VARIANTS = ('torch defaults', 'project mish', 'native kernels', 'fused Adam', 'shared forwards',
+            'uniform dropout', 'step table', 'one-node networks', 'project (all) but native',
+            'project (all)')
 ALL = ('project (all) but native', 'project (all)')
 PHASES = ('critic-only', 'actor-only', 'joint')
 
@@ -76,11 +84,14 @@ def _per_row_condition(net, t):
 def variant(name: str):
     """Patch the training code to the kernels of ``name`` while the block runs."""
     patches = []
-    if name not in ('project mish', 'native mish', *ALL):
+    if name not in ('project mish', 'native kernels', 'one-node networks', *ALL):
         patches += [mock.patch.object(networks, 'mish', F.mish),
                     mock.patch.object(diffusion, 'mish', F.mish)]
-    if name not in ('native mish', 'project (all)'):
+    if name not in ('native kernels', 'project (all)'):
         patches.append(mock.patch.object(native, 'library', lambda: None))
+    if name not in ('one-node networks', *ALL):
+        patches += [mock.patch.object(diffusion.MLPResNet, 'backward_written_out', False),
+                    mock.patch.object(networks.EnsembleMLP, 'backward_written_out', False)]
     if name not in ('fused Adam', *ALL):
         patches += [mock.patch.object(torch.optim, 'Adam', _loop_adam(torch.optim.Adam)),
                     mock.patch.object(torch.optim, 'AdamW', _loop_adam(torch.optim.AdamW))]
@@ -110,7 +121,7 @@ def microseconds(call, repeats: int = 200) -> float:
 
 
 def kernel_rows(task, preset: str):
-    """Yield (kernel, torch's us, the project's us) for mish and for one optimiser step."""
+    """Yield (kernel, torch's us, the project's us): mish, optimiser steps, masks, networks."""
     x = torch.randn(256, 512, requires_grad=True)
     grad = torch.randn(256, 512)
 
@@ -144,6 +155,39 @@ def kernel_rows(task, preset: str):
         loop = torch.optim.Adam(net.parameters(), lr=1e-9, foreach=False)
         fused = adam(net.parameters(), lr=1e-9)
         yield label, microseconds(loop.step), microseconds(fused.step)
+    actor = nets['Adam step, actor']
+    if native.library() is not None:
+        average = copy.deepcopy(actor)
+        fused = adam(actor.parameters(), lr=1e-9, weight_decay=0.0)
+
+        def torch_step():
+            fused.step()
+            networks.soft_update(average, actor, 1e-3)
+        torch_step()                                  # the optimiser's state exists
+        yield ('Adam step + EMA, actor: torch fused + soft_update vs compiled loop',
+               microseconds(torch_step),
+               microseconds(lambda: native.adam_step(fused, average.parameters(), 1e-3)))
+        mask_like = torch.empty(256, config.actor_hidden)
+
+        def torch_mask():
+            with mock.patch.object(native, 'library', lambda: None):
+                return diffusion.dropout_mask(mask_like, 0.1)
+        yield (f'dropout mask [256, {config.actor_hidden}]: torch.rand_like vs Philox loop',
+               microseconds(torch_mask), microseconds(lambda: diffusion.dropout_mask(mask_like,
+                                                                                     0.1)))
+    body = actor.body.train()
+    rows = torch.randn(256, body.inp.in_features)
+    critic = nets['Adam step, Q ensemble'].net
+    states = torch.randn(256, critic.net[0].in_features)
+    for label, net, inputs in (('MLPResNet forward + backward, actor', body, rows),
+                               ('Q ensemble forward + backward', critic, states)):
+        def step(net=net, inputs=inputs):
+            net(inputs).sum().backward()
+
+        def by_modules(net=net, inputs=inputs):
+            with mock.patch.object(type(net), 'backward_written_out', False):
+                step(net, inputs)
+        yield f'{label}: modules vs one node', microseconds(by_modules), microseconds(step)
 
 
 def make_trainer(phase: str, preset: str, task, buffer_data):

@@ -10,7 +10,7 @@ from offline_training.algos import (ALGORITHMS, bc, bcq_lag, critics, fisor, get
 from offline_training.algos.batching import ReplayBuffer
 from offline_training.algos.critics import expectile_loss
 from offline_training.algos.diffusion import (ddpm_sample, DiffusionSchedule, dropout,
-                                              EpsilonNet, vp_beta_schedule)
+                                              EpsilonNet, MLPResNet, vp_beta_schedule)
 from offline_training.algos.fisor import cosine_decay, reversed_expectile_loss
 from offline_training.algos.infrastructure import adam
 from offline_training.algos.networks import Mish, mish, QEnsemble, soft_update, VectorizedLinear
@@ -186,6 +186,73 @@ def test_width_one_ensemble_layer_is_the_batched_product():
     # an input for another number of members is refused, not read member by member
     with pytest.raises(ValueError, match='for 3 members'):
         layer(torch.randn(2, 5, 6, dtype=f64))
+
+
+def _resnet_by_modules(net, x):
+    """Run MLPResNet's forward through its modules (autograd's backward, a node per operation)."""
+    h = net.inp(x)
+    for block in net.blocks:
+        h = block(h)
+    return net.out(mish(h))
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_resnet_backward_written_out_is_autograds_bit_for_bit(dtype):
+    # MLPResNet trains on a CPU through one autograd node with its backward written out: output
+    # and every gradient equal autograd's through the modules exactly (same dropout masks from
+    # the same generator state), in training and evaluation mode, with frozen parameters (no
+    # gradient asked, none computed) and with or without a gradient for the input
+    torch.manual_seed(0)
+    net = MLPResNet(20, 3, hidden=32, num_blocks=2, dropout=0.1).to(dtype)
+    direction = torch.linspace(-1.0, 1.0, 3, dtype=dtype)
+    for training, frozen, input_grad in ((True, False, True), (False, False, True),
+                                         (True, True, False)):
+        net.train(training)
+        net.blocks[1].requires_grad_(not frozen)
+        x = torch.randn(64, 20, dtype=dtype, requires_grad=input_grad)
+        results = []
+        for forward in (net, lambda x: _resnet_by_modules(net, x)):
+            torch.manual_seed(5)
+            y = forward(x)
+            inputs = [t for t in (x, *net.parameters()) if t.requires_grad]
+            results.append((y.detach(), *torch.autograd.grad((y * direction).sum(), inputs)))
+        assert len(results[0]) == len(results[1])
+        assert all(torch.equal(a, b) for a, b in zip(*results))
+    net.requires_grad_(True)
+    y = net(x)
+    assert y.grad_fn.name() == '_ResNetWithBackwardBackward'
+    # while tracing for export it is the modules' forward (operators the exporter maps)
+    net.eval()
+    traced = torch.jit.trace(net.float(), torch.randn(4, 20))
+    assert 'PythonOp' not in str(traced.inlined_graph)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_relu_ensemble_backward_written_out_is_autograds_bit_for_bit(dtype):
+    # the critics' ReLU ensembles train on a CPU through one autograd node: values and every
+    # gradient equal autograd's through the modules exactly, with and without a gradient for
+    # the input (DRCORL's and BCQ-Lag's actors differentiate Q through the action) and with a
+    # frozen layer; forward-only evaluations (targets) give the same values too
+    torch.manual_seed(0)
+    net = networks.EnsembleMLP(10, (32, 32), 4).to(dtype)
+    direction = torch.randn(4, 64, dtype=dtype)
+    for input_grad, frozen in ((True, False), (False, False), (True, True)):
+        net.net[2].requires_grad_(not frozen)
+        x = torch.randn(64, 10, dtype=dtype, requires_grad=input_grad)
+        results = []
+        for forward in (net, lambda x: net.net(x).squeeze(-1)):
+            y = forward(x)
+            inputs = [t for t in (x, *net.parameters()) if t.requires_grad]
+            results.append((y.detach(), *torch.autograd.grad((y * direction).sum(), inputs)))
+        assert len(results[0]) == len(results[1])
+        assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert net(x).grad_fn.next_functions[0][0].name() == '_ReluEnsembleWithBackwardBackward'
+    with torch.no_grad():
+        assert torch.equal(net(x), net.net(x).squeeze(-1))
+    # a selection of members, and tracing for export, take the modules
+    assert torch.equal(net(x, slice(1, 3)).detach(), net.net(x).squeeze(-1)[1:3].detach())
+    traced = torch.jit.trace(networks.EnsembleMLP(3, (8,), 2), torch.randn(4, 3))
+    assert 'PythonOp' not in str(traced.inlined_graph)
 
 
 def test_replay_buffer_vectorised_sampling_is_seeded():

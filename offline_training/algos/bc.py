@@ -11,7 +11,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 from offline_training.algos.batching import clip_actions, ReplayBuffer
-from offline_training.algos.infrastructure import adam, config_from_preset
+from offline_training.algos.infrastructure import adam, config_from_preset, descend
 from offline_training.algos.networks import mlp
 from offline_training.algos.protocol import batch_shape, ExportPlan, GraphSpec
 from offline_training.data.trajectories import trajectory_returns
@@ -132,9 +132,7 @@ class BCTrainer:
         """One gradient step on a batch."""
         batch = buffer.sample(self.config.batch_size)
         loss = bc_loss(self.model.act(batch['obs']), batch['act'])
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        descend(self.opt, loss)
         return {'loss/bc': loss.detach()}
 
     def state_dict(self) -> dict:

@@ -21,7 +21,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 from offline_training.algos.batching import clip_actions, ReplayBuffer
-from offline_training.algos.infrastructure import adam, config_from_preset, set_seed
+from offline_training.algos.infrastructure import adam, config_from_preset, descend, set_seed
 from offline_training.algos.networks import mlp, QEnsemble, soft_update
 from offline_training.algos.protocol import batch_shape, ExportedMethod, ExportPlan, GraphSpec
 import torch
@@ -296,12 +296,6 @@ class BCQLagTrainer:
         self.actor_opt = adam(model.actor.parameters(), lr=config.actor_lr)
         self.pid = PIDLagrangian(*config.pid, threshold=config.qc_threshold)
 
-    @staticmethod
-    def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
     def _next_value(self, target: nn.Module, next_obs: torch.Tensor, num: int) -> torch.Tensor:
         """Value of s' under BCQ: best of sample_action_num perturbed VAE actions."""
         m, c = self.model, self.config
@@ -318,20 +312,20 @@ class BCQLagTrainer:
 
         recon, mean, std = m.vae(obs, act)
         loss_vae = vae_loss(recon, act, mean, std, c.beta)
-        self._step(self.vae_opt, loss_vae)
+        descend(self.vae_opt, loss_vae)
 
         with torch.no_grad():
             backup = b['reward'] + c.gamma * (1 - b['done']) * self._next_value(
                 m.critic_target, b['next_obs'], m.num_q)
         loss_critic = critic_loss(m.critic(obs, act), backup)
-        self._step(self.critic_opt, loss_critic)
+        descend(self.critic_opt, loss_critic)
 
         with torch.no_grad():
             # OSRL bootstraps the cost critic without the done mask.
             cost_backup = b['cost'] + c.gamma * self._next_value(
                 m.cost_critic_target, b['next_obs'], m.num_qc)
         loss_cost = critic_loss(m.cost_critic(obs, act), cost_backup)
-        self._step(self.cost_critic_opt, loss_cost)
+        descend(self.cost_critic_opt, loss_cost)
 
         for net in (m.critic, m.cost_critic):
             net.requires_grad_(False)
@@ -341,7 +335,7 @@ class BCQLagTrainer:
         q_pi, qc_pi = m.reward_q(obs, pi), m.cost_q(obs, pi)
         multiplier = self.pid.control(qc_pi)
         loss_actor = lagrangian_actor_loss(q_pi, qc_pi, multiplier, self.pid.threshold)
-        self._step(self.actor_opt, loss_actor)
+        descend(self.actor_opt, loss_actor)
         for net in (m.critic, m.cost_critic):
             net.requires_grad_(True)
 

@@ -10,9 +10,12 @@ predictor of FISOR's policy and of DRCORL's behaviour model.
 import math
 from typing import Callable, Optional, Sequence
 
-from offline_training.algos.networks import init_linear, Mish, mish, mlp
+from offline_training.algos import native
+from offline_training.algos.networks import (eager_cpu_float, init_linear, Mish, mish,
+                                             mish_and_slope, mlp)
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 def vp_beta_schedule(timesteps: int, b_min: float = 0.1, b_max: float = 10.0) -> torch.Tensor:
@@ -114,12 +117,28 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
     The mask is drawn as uniform >= p (as jax.random.bernoulli draws it) rather than with
     ``bernoulli_``, which on this project's CPUs took ~1.8x as long forward and backward on a
-    [256, 128] activation (the same distribution; not the same random numbers as nn.Dropout).
+    [256, 128] activation; see :func:`dropout_mask` for the generator (the same distribution,
+    not the same random numbers as nn.Dropout).
     """
     if not training or p == 0.0:
         return x
+    return x * dropout_mask(x, p)
+
+
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """
+    Return the scaled keep mask of :func:`dropout` for ``x``: 1 / (1 - p) with probability 1 - p.
+
+    For float32 on one CPU thread it comes from the compiled Philox generator (native, ~2x as
+    fast as torch.rand_like's serial Mersenne Twister, seeded from torch's generator all the
+    same), elsewhere from torch.rand_like: a run is reproducible from its seed on one machine
+    with the same kernels, and the two draw different numbers from the same distribution.
+    """
+    if (x.dtype == torch.float32 and eager_cpu_float(x) and torch.get_num_threads() == 1
+            and native.library() is not None):
+        return native.dropout_mask(x.shape, p)
     keep = torch.rand_like(x).ge_(p)                  # 1.0 with probability 1 - p, else 0.0
-    return x * keep.mul_(1.0 / (1.0 - p))
+    return keep.mul_(1.0 / (1.0 - p))
 
 
 class MLPResNetBlock(nn.Module):
@@ -151,11 +170,95 @@ class MLPResNet(nn.Module):
             [MLPResNetBlock(hidden, dropout, layer_norm) for _ in range(num_blocks)])
         self.out = init_linear(nn.Linear(hidden, out_dim), 'xavier_uniform')
 
+    # training on a CPU through one autograd node (below); bench/bench_fisor_kernels.py turns it
+    # off to compare
+    backward_written_out = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.backward_written_out and torch.is_grad_enabled() and eager_cpu_float(x)
+                and x.dim() == 2
+                and all(isinstance(block.norm, nn.LayerNorm) for block in self.blocks)):
+            # training on a CPU: the same operations with the backward written out (one graph
+            # node for the network; autograd's ~10 per block cost more than their arithmetic)
+            masks = [dropout_mask(x.new_empty(x.shape[0], self.inp.out_features),
+                                  block.dropout_rate)
+                     if self.training and block.dropout_rate > 0.0 else None
+                     for block in self.blocks]
+            return _ResNetWithBackward.apply(x, masks, self.blocks[0].norm.eps if self.blocks
+                                             else 0.0, *self._parameters_in_order())
         x = self.inp(x)
         for block in self.blocks:
             x = block(x)
         return self.out(mish(x))
+
+    def _parameters_in_order(self):
+        yield from (self.inp.weight, self.inp.bias)
+        for block in self.blocks:
+            yield from (block.norm.weight, block.norm.bias, block.fc1.weight, block.fc1.bias,
+                        block.fc2.weight, block.fc2.bias)
+        yield from (self.out.weight, self.out.bias)
+
+
+class _ResNetWithBackward(torch.autograd.Function):
+    """
+    MLPResNet's forward (given its dropout masks) with the backward written out by hand.
+
+    The operations are the modules' own, in their order, and the backward takes each product as
+    torch's Linear backward takes it (dW = g^T a, dx = g W, db = the column sums of g), LayerNorm's
+    backward kernel and mish's CPU forms: the same numbers as autograd through the modules
+    (test_algos: bit for bit), as one autograd node where the modules make ~10 per block and
+    an actor update spent more in that bookkeeping than in the arithmetic around the products.
+    First derivatives only.
+    """
+
+    @staticmethod
+    def forward(ctx, x, masks, eps, *params):
+        w_in, b_in, w_out, b_out = params[0], params[1], params[-2], params[-1]
+        h = torch.addmm(b_in, x, w_in.t())
+        saved, slopes = [], []
+        for k, keep in enumerate(masks):
+            gamma, beta, w1, b1, w2, b2 = params[2 + 6 * k: 8 + 6 * k]
+            dropped = h if keep is None else h * keep
+            normed, mean, rstd = torch.native_layer_norm(dropped, (h.shape[-1],), gamma, beta, eps)
+            activation, slope = mish_and_slope(torch.addmm(b1, normed, w1.t()))
+            h = h + torch.addmm(b2, activation, w2.t())
+            saved.append((dropped, normed, mean, rstd, activation))
+            slopes.append(slope)
+        activation, slope = mish_and_slope(h)
+        ctx.x, ctx.masks, ctx.params, ctx.eps = x, masks, params, eps
+        ctx.saved, ctx.slopes, ctx.last = saved, slopes + [slope], activation
+        return torch.addmm(b_out, activation, w_out.t())
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, masks, params, slopes = ctx.x, ctx.masks, ctx.params, ctx.slopes
+        need = ctx.needs_input_grad[3:]
+        grads = [None] * len(params)
+
+        def linear(index, g, a, w, input_grad=True):
+            """Fill the weight and bias gradients of params[index:index + 2]; return g W."""
+            if need[index]:
+                grads[index] = g.t().mm(a)
+            if need[index + 1]:
+                grads[index + 1] = g.sum(0)
+            return g.mm(w) if input_grad else None
+
+        g = slopes[-1](linear(len(params) - 2, grad, ctx.last, params[-2]))
+        for k in reversed(range(len(masks))):
+            dropped, normed, mean, rstd, activation = ctx.saved[k]
+            first = 2 + 6 * k
+            gamma, beta, w1, _, w2, _ = params[first: first + 6]
+            g_z = slopes[k](linear(first + 4, g, activation, w2))
+            g_normed = linear(first + 2, g_z, normed, w1)
+            g_dropped, g_gamma, g_beta = torch.ops.aten.native_layer_norm_backward(
+                g_normed, dropped, [dropped.shape[-1]], mean, rstd, gamma, beta,
+                [True, need[first], need[first + 1]])
+            grads[first], grads[first + 1] = g_gamma, g_beta
+            g = g + (g_dropped if masks[k] is None else g_dropped * masks[k])
+        g_x = linear(0, g, x, params[0], ctx.needs_input_grad[0])
+        del ctx.saved, ctx.slopes, ctx.last
+        return (g_x, None, None, *grads)
 
 
 class EpsilonNet(nn.Module):

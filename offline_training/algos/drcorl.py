@@ -36,7 +36,7 @@ import numpy as np
 from offline_training.algos.batching import clip_actions, ReplayBuffer
 from offline_training.algos.critics import reward_target, reward_value_loss
 from offline_training.algos.diffusion import EpsilonNet
-from offline_training.algos.infrastructure import adam, config_from_preset
+from offline_training.algos.infrastructure import adam, config_from_preset, descend
 from offline_training.algos.networks import mlp, QEnsemble, soft_update, ValueNet
 from offline_training.algos.protocol import batch_shape, ExportedMethod, ExportPlan, GraphSpec
 from offline_training.data.trajectories import episode_spans
@@ -529,12 +529,6 @@ class DrcorlTrainer:
         self._env = None            # the 'rollout' estimate's simulator, made on first use
         self._initial_obs = None    # the dataset's first states ('initial' estimate)
 
-    @staticmethod
-    def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
     def update(self, buffer: ReplayBuffer) -> Dict[str, torch.Tensor]:
         """Run one iteration of the stage the iteration count is in; return its logs."""
         stage, index = self.config.stage_of(self.iteration)
@@ -572,7 +566,7 @@ class DrcorlTrainer:
         alpha, sigma = vp_alpha_sigma(t, c.beta_min, c.beta_max)
         eps = torch.randn_like(act)
         loss = behavior_loss(m.behavior(alpha * act + sigma * eps, obs, t), eps)
-        self._step(self.behavior_opt, loss)
+        descend(self.behavior_opt, loss)
         return {'loss/behavior': loss.detach()}
 
     # -- stages 2 and 4: critics ---------------------------------------------------------------
@@ -584,11 +578,11 @@ class DrcorlTrainer:
         with torch.no_grad():
             q_r_targets = m.q_r_target(obs, act)
         v_loss = reward_value_loss(q_r_targets, m.v_r(obs), c.expectile)   # Eq. 16
-        self._step(self.v_r_opt, v_loss)
+        descend(self.v_r_opt, v_loss)
         with torch.no_grad():
             target_r = reward_target(batch['reward'], m.v_r(next_obs), mask, c.gamma)   # Eq. 17
         q_r_loss = q_loss(m.q_r(obs, act), target_r)
-        self._step(self.q_r_opt, q_r_loss)
+        descend(self.q_r_opt, q_r_loss)
         logs = self._cost_td(batch, batch['next_act'], batch['next_known'])
         soft_update(m.q_r_target, m.q_r, c.critic_tau)
         return {'loss/v_r': v_loss.detach(), 'loss/q_r': q_r_loss.detach(), **logs}
@@ -603,7 +597,7 @@ class DrcorlTrainer:
             target_r = batch['reward'].unsqueeze(0) + c.gamma * mask.unsqueeze(0) * \
                 m.q_r_target(next_obs, next_act)
         q_r_loss = q_loss(m.q_r(obs, act), target_r)
-        self._step(self.q_r_opt, q_r_loss)
+        descend(self.q_r_opt, q_r_loss)
         logs = self._cost_td(batch, next_act, None)
         soft_update(m.q_r_target, m.q_r, c.critic_tau)
         return {'loss/q_r': q_r_loss.detach(), **logs}
@@ -644,7 +638,7 @@ class DrcorlTrainer:
                                              batch['mask'], c.gamma, c.cost_pessimism)
         heads = m.q_c(batch['obs'], batch['act'])
         loss = q_loss(heads, target, weight)
-        self._step(self.q_c_opt, loss)
+        descend(self.q_c_opt, loss)
         soft_update(m.q_c_target, m.q_c, c.critic_tau)
         _, std = ensemble_mean_std(heads.detach())
         return {'loss/q_c': loss.detach(), 'value/q_c_std': std.mean()}
@@ -682,7 +676,7 @@ class DrcorlTrainer:
 
         if index is None:
             loss = kl_only()
-            self._step(self.policy_opt, loss)
+            descend(self.policy_opt, loss)
             return {'loss/policy_kl': loss.detach()}
 
         length = c.policy_iterations()
@@ -712,11 +706,11 @@ class DrcorlTrainer:
         logs = {}
         if branch == 'reward':
             loss = reward_loss()
-            self._step(self.policy_opt, loss)
+            descend(self.policy_opt, loss)
             logs['loss/policy_reward'] = loss.detach()
         elif branch == 'cost':
             loss = cost_loss()
-            self._step(self.policy_opt, loss)
+            descend(self.policy_opt, loss)
             logs['loss/policy_cost'] = loss.detach()
         else:
             logs.update(self._combined_step(reward_loss, cost_loss))
@@ -759,12 +753,12 @@ class DrcorlTrainer:
         with torch.no_grad():
             theta0 = parameters_to_vector(params).clone()
         loss_r = reward_loss()
-        self._step(self.policy_opt, loss_r)
+        descend(self.policy_opt, loss_r)
         with torch.no_grad():
             delta_r = parameters_to_vector(params) - theta0
             _copy_into(params, theta0)
         loss_c = cost_loss()
-        self._step(self.policy_opt, loss_c)
+        descend(self.policy_opt, loss_c)
         with torch.no_grad():
             delta_c = parameters_to_vector(params) - theta0
             _copy_into(params, theta0 + pcgrad(delta_r, delta_c))

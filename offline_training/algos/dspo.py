@@ -34,7 +34,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 from offline_training.algos import bc
 from offline_training.algos.batching import clip_actions, ReplayBuffer
-from offline_training.algos.infrastructure import adam, config_from_preset
+from offline_training.algos.infrastructure import adam, config_from_preset, descend
 from offline_training.algos.networks import mlp
 from offline_training.algos.protocol import ExportPlan
 from offline_training.algos.trajectory_diffusion import (TrajectoryDiffusion,
@@ -590,12 +590,6 @@ class DspoTrainer:
         # D_phi so far and its score and iteration
         self.select: Optional[Dict[str, object]] = None
 
-    @staticmethod
-    def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
     def _randint(self, buffer: ReplayBuffer, high: int, size: int) -> torch.Tensor:
         return torch.randint(0, high, (size,), device=buffer.device, generator=buffer.generator)
 
@@ -667,7 +661,7 @@ class DspoTrainer:
         lo, hi = m.return_range
         bins = return_bin(data.returns[index], lo, hi, c.return_bins)
         q_step = q_loss(m.q(z.detach()), bins)                                # Eq. 5
-        self._step(self.q_opt, q_step)
+        descend(self.q_opt, q_step)
         eq1 = discriminator_loss(logits[:batch], logits[batch:])              # Eq. 1
         loss = eq1
         logs = {'loss/disc': eq1.detach(), 'loss/q': q_step.detach(),
@@ -678,7 +672,7 @@ class DspoTrainer:
             mi = vclub(m.q(z), bins, perm)                                    # Eq. 4
             loss = loss + c.mi_weight * mi
             logs['loss/vclub'] = mi.detach()
-        self._step(self.disc_opt, loss)
+        descend(self.disc_opt, loss)
         if self.select is not None and (self.iteration % c.disc_select_every == 0
                                         or self.iteration == c.disc_steps):
             logs.update(self._selection_step())
@@ -710,7 +704,7 @@ class DspoTrainer:
         self.model.diffusion.train()
         loss = self.model.diffusion.loss(x, self.condition(data.returns[traj],
                                                            self.labels[traj]))
-        self._step(self.diffusion_opt, loss)
+        descend(self.diffusion_opt, loss)
         return {'loss/diffusion': loss.detach()}
 
     # -- stage 3 -------------------------------------------------------------------------------
@@ -752,7 +746,7 @@ class DspoTrainer:
         g = self.generated
         index = self._randint(buffer, len(g['obs']), self.config.bc_batch_size)
         loss = bc.bc_loss(self.model.act(g['obs'][index]), g['act'][index])
-        self._step(self.bc_opt, loss)
+        descend(self.bc_opt, loss)
         return {'loss/bc': loss.detach()}
 
     def state_dict(self) -> dict:

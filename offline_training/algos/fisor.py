@@ -27,8 +27,8 @@ import numpy as np
 from offline_training.algos.batching import clip_actions, ReplayBuffer
 from offline_training.algos.critics import reward_target, reward_value_loss
 from offline_training.algos.diffusion import ddpm_sample, DiffusionSchedule, EpsilonNet
-from offline_training.algos.infrastructure import adam, config_from_preset
-from offline_training.algos.networks import EnsembleMLP, QEnsemble, soft_update
+from offline_training.algos.infrastructure import adam, config_from_preset, descend
+from offline_training.algos.networks import EnsembleMLP, QEnsemble
 from offline_training.algos.protocol import batch_shape, ExportedMethod, ExportPlan, GraphSpec
 from saferl_ros.errors import ConfigError
 import torch
@@ -597,12 +597,6 @@ class FisorTrainer:
         self.q_opt = adam(model.q.parameters(), lr=config.critic_lr)
         self.v_opt = adam(model.v.parameters(), lr=config.value_lr)
 
-    @staticmethod
-    def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
     def batch_weights(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """Return Eq. 13's weights of (obs, act) from the current critics and values."""
         with torch.no_grad():
@@ -628,9 +622,8 @@ class FisorTrainer:
         a_t = m.schedule.q_sample(act, t, eps)
         eps_pred = m.actor(a_t, obs, t.to(obs.dtype).unsqueeze(-1))
         loss = weighted_denoising_loss(eps_pred, eps, weights)
-        self._step(self.actor_opt, loss)
+        descend(self.actor_opt, loss, average=(m.actor_ema, m.actor, c.actor_ema))
         self.actor_sched.step()
-        soft_update(m.actor_ema, m.actor, c.actor_ema)
         return {'loss/actor': loss.detach(), 'weights/mean': weights.mean(),
                 'weights/zero_fraction': (weights == 0).float().mean()}
 
@@ -653,7 +646,7 @@ class FisorTrainer:
         v_r_loss = reward_value_loss(shared.q_r_targets, shared.v_r, c.expectile)
         v_h = shared.v_h
         v_h_loss = feasible_value_loss(shared.q_h_targets, v_h, c.feasibility_expectile)
-        self._step(self.v_opt, v_r_loss + v_h_loss)
+        descend(self.v_opt, v_r_loss + v_h_loss)
 
         with torch.no_grad():
             v_r_next, v_h_next = m.split_values(m.v(next_obs))
@@ -662,8 +655,7 @@ class FisorTrainer:
         q = m.q(obs, act)
         q_r_loss = critic_mse(q[m.reward_heads], target_r)
         q_h_loss = critic_mse(q[m.feasibility_heads], target_h)
-        self._step(self.q_opt, q_r_loss + q_h_loss)
-        soft_update(m.q_target, m.q, c.critic_tau)
+        descend(self.q_opt, q_r_loss + q_h_loss, average=(m.q_target, m.q, c.critic_tau))
         return {'loss/v_r': v_r_loss.detach(), 'loss/q_r': q_r_loss.detach(),
                 'loss/v_h': v_h_loss.detach(), 'loss/q_h': q_h_loss.detach(),
                 'value/v_h_mean': v_h.detach().mean(),

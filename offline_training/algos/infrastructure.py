@@ -10,9 +10,11 @@ import math
 import random
 import types
 import typing
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Mapping, Optional, Tuple
 
 import numpy as np
+from offline_training.algos import native
+from offline_training.algos.networks import soft_update
 from saferl_ros.errors import ConfigError, UnknownNameError
 import torch
 
@@ -169,6 +171,36 @@ def adam(params: Iterable[torch.nn.Parameter], lr: float,
 
     optimizer.register_load_state_dict_post_hook(keep_kernel)
     return optimizer
+
+
+def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+            average: Optional[Tuple[torch.nn.Module, torch.nn.Module, float]] = None) -> None:
+    """
+    One gradient step: clear the gradients, backpropagate ``loss`` and step ``optimizer``.
+
+    ``average=(target, source, tau)``: then move ``target``'s parameters toward ``source``'s by
+    ``tau`` (networks.soft_update: a target critic, an EMA policy). An Adam whose parameters
+    are float32 on a CPU thread steps in the compiled loop (native.adam_step), with the average
+    in the same pass when ``source``'s parameters are the optimizer's; torch's step() took ~6x
+    as long there (the fused kernel reads every tensor's step counter back one by one) plus a
+    separate pass for the average (`python bench/bench_fisor_kernels.py --kernels-only`).
+    The same update either way; anything else takes torch's step and soft_update.
+    """
+    for group in optimizer.param_groups:
+        for param in group['params']:
+            param.grad = None
+    loss.backward()
+    if average is None:
+        if not native.adam_step(optimizer):
+            optimizer.step()
+        return
+    target, source, tau = average
+    params = [param for group in optimizer.param_groups for param in group['params']]
+    sources = list(source.parameters())
+    if not (len(sources) == len(params) and all(a is b for a, b in zip(sources, params))
+            and native.adam_step(optimizer, target.parameters(), tau)):
+        optimizer.step()
+        soft_update(target, source, tau)
 
 
 # --------------------------------------------------------------------------- devices and seeding

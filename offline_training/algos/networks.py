@@ -6,7 +6,7 @@ torch defaults for OSRL's baselines); ``init_linear`` names them.
 """
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 from offline_training.algos import native
 import torch
@@ -30,7 +30,7 @@ def init_linear(layer: nn.Linear, kind: str = 'xavier_uniform') -> nn.Linear:
     return layer
 
 
-def _eager_cpu_float(x: torch.Tensor) -> bool:
+def eager_cpu_float(x: torch.Tensor) -> bool:
     """
     Whether ``x`` may take the project's CPU forms (mish's, width-1 ensemble layers').
 
@@ -60,22 +60,30 @@ class _SigmoidMish(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        s = torch.sigmoid(x)
-        p = torch.rsub(s, 2).mul_(s)                  # s (2 - s), in (0, 1]
-        soft_tanh = p.div_(torch.rsub(p, 2))          # p / (2 - p) = tanh(softplus(x))
+        s, soft_tanh = _sigmoid_and_soft_tanh(x)
         ctx.save_for_backward(x, s, soft_tanh)
         return x * soft_tanh
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, s, soft_tanh = ctx.saved_tensors
-        # 1 - tanh^2 in one pass (addcmul of the 0-d one), then times s, x, plus tanh, times grad
-        slope = torch.addcmul(_ONE.to(soft_tanh.dtype), soft_tanh, soft_tanh, value=-1)
-        return slope.mul_(s).mul_(x).add_(soft_tanh).mul_(grad)
+        return _sigmoid_mish_slope(*ctx.saved_tensors, grad)
 
 
 _ONE = torch.ones(())
+
+
+def _sigmoid_and_soft_tanh(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    s = torch.sigmoid(x)
+    p = torch.rsub(s, 2).mul_(s)                      # s (2 - s), in (0, 1]
+    return s, p.div_(torch.rsub(p, 2))                # p / (2 - p) = tanh(softplus(x))
+
+
+def _sigmoid_mish_slope(x: torch.Tensor, s: torch.Tensor, soft_tanh: torch.Tensor,
+                        grad: torch.Tensor) -> torch.Tensor:
+    # 1 - tanh^2 in one pass (addcmul of the 0-d one), then times s, x, plus tanh, times grad
+    slope = torch.addcmul(_ONE.to(soft_tanh.dtype), soft_tanh, soft_tanh, value=-1)
+    return slope.mul_(s).mul_(x).add_(soft_tanh).mul_(grad)
 
 
 class _NativeMish(torch.autograd.Function):
@@ -104,12 +112,25 @@ def mish(x: torch.Tensor) -> torch.Tensor:
     kernel, in half precision it is the more accurate, and while a graph is traced for export it
     is aten::mish, which the exporter maps to ONNX operators of its own (export.py).
     """
-    if not _eager_cpu_float(x):
+    if not eager_cpu_float(x):
         return F.mish(x)
     if (x.dtype == torch.float32 and torch.get_num_threads() == 1
             and native.library() is not None):
         return _NativeMish.apply(x)
     return _SigmoidMish.apply(x)
+
+
+def mish_and_slope(x: torch.Tensor) -> Tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """
+    Return mish(x) and ``slope``: grad -> grad * mish'(x), outside autograd (a CPU tensor).
+
+    The same forms as :func:`mish` takes on a CPU (the compiled loops for float32 on one thread,
+    else the sigmoid form), for backward passes written out by hand (diffusion's MLPResNet).
+    """
+    if x.dtype == torch.float32 and torch.get_num_threads() == 1 and native.library() is not None:
+        return native.mish_forward(x), lambda grad: native.mish_backward(x, grad)
+    s, soft_tanh = _sigmoid_and_soft_tanh(x)
+    return x * soft_tanh, lambda grad: _sigmoid_mish_slope(x, s, soft_tanh, grad)
 
 
 class Mish(nn.Module):
@@ -169,7 +190,7 @@ class VectorizedLinear(nn.Module):
         elif x.dim() != 3 or x.shape[0] != weight.shape[0]:
             raise ValueError(f'VectorizedLinear: input of shape {tuple(x.shape)} for '
                              f'{weight.shape[0]} members; give [B, in] or [members, B, in]')
-        if self.out_features == 1 and _eager_cpu_float(x):
+        if self.out_features == 1 and eager_cpu_float(x):
             return _ThinEnsembleLinear.apply(x, weight, bias)
         return torch.baddbmm(bias, x, weight)
 
@@ -192,26 +213,35 @@ class _ThinEnsembleLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
-        members, batch = x.shape[0], x.shape[1]
-        out = torch.empty(members, batch, 1, dtype=x.dtype, device=x.device)
-        for e in range(members):
-            torch.addmv(bias[e, 0].expand(batch), x[e], weight[e, :, 0], out=out[e, :, 0])
-        return out
+        return _thin_forward(x, weight, bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad * weight.transpose(1, 2)
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.empty_like(weight)
-            for e in range(x.shape[0]):
-                torch.mv(x[e].t(), grad[e, :, 0], out=grad_weight[e, :, 0])
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad.sum(dim=1, keepdim=True)
-        return grad_x, grad_weight, grad_bias
+        return _thin_backward(*ctx.saved_tensors, grad, ctx.needs_input_grad)
+
+
+def _thin_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    members, batch = x.shape[0], x.shape[1]
+    out = torch.empty(members, batch, 1, dtype=x.dtype, device=x.device)
+    for e in range(members):
+        torch.addmv(bias[e, 0].expand(batch), x[e], weight[e, :, 0], out=out[e, :, 0])
+    return out
+
+
+def _thin_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
+                   needs: Sequence[bool]) -> Tuple[Optional[torch.Tensor], ...]:
+    """Return the gradients of (x, weight, bias) that ``needs`` asks for (None for the rest)."""
+    grad_x = grad_weight = grad_bias = None
+    if needs[0]:
+        grad_x = grad * weight.transpose(1, 2)
+    if needs[1]:
+        grad_weight = torch.empty_like(weight)
+        for e in range(x.shape[0]):
+            torch.mv(x[e].t(), grad[e, :, 0], out=grad_weight[e, :, 0])
+    if needs[2]:
+        grad_bias = grad.sum(dim=1, keepdim=True)
+    return grad_x, grad_weight, grad_bias
 
 
 class EnsembleMLP(nn.Module):
@@ -228,14 +258,71 @@ class EnsembleMLP(nn.Module):
                 layers.append(activation())
         self.net = nn.Sequential(*layers)
         self.ensemble_size = ensemble_size
+        self._relu_layers = activation is nn.ReLU
+
+    # ReLU ensembles on a CPU through one autograd node (_ReluEnsembleWithBackward);
+    # bench/bench_fisor_kernels.py turns it off to compare
+    backward_written_out = True
 
     def forward(self, x: torch.Tensor, members: Optional[slice] = None) -> torch.Tensor:
         """Return [E, B], or [len(members), B] evaluating only the members ``members`` selects."""
+        if (members is None and self.backward_written_out and self._relu_layers
+                and eager_cpu_float(x) and x.dim() == 2):
+            # on a CPU: the same operations as one autograd node, activations rectified in place
+            return _ReluEnsembleWithBackward.apply(x, *self.parameters()).squeeze(-1)
         if members is None:
             return self.net(x).squeeze(-1)
         for layer in self.net:
             x = layer(x, members) if isinstance(layer, VectorizedLinear) else layer(x)
         return x.squeeze(-1)
+
+
+class _ReluEnsembleWithBackward(torch.autograd.Function):
+    """
+    An EnsembleMLP of ReLU layers on a shared [B, in] input, with its backward written out.
+
+    The modules' operations in their order (the batched products with their bias, ReLU, the
+    width-1 last layer's per-member products), and in the backward the products as torch's
+    baddbmm backward takes them, ReLU's mask, the input's gradient summed over the members as
+    the broadcast's backward sums it: the same numbers as autograd through the modules
+    (test_algos, bit for bit), as one autograd node, each activation rectified in place (the
+    modules allocate a second tensor for it). A FISOR critic update runs two with their
+    backward (Q, V) and forward-only ones (the target critics, the next states' values). First
+    derivatives only.
+    """
+
+    @staticmethod
+    def forward(ctx, x, *params):
+        weights, biases = params[0::2], params[1::2]
+        h = x.unsqueeze(0).expand(weights[0].shape[0], -1, -1)
+        inputs = []
+        for weight, bias in zip(weights[:-1], biases[:-1]):
+            inputs.append(h)
+            h = torch.baddbmm(bias, h, weight).relu_()
+        inputs.append(h)
+        ctx.inputs, ctx.weights = inputs, weights
+        return _thin_forward(h, weights[-1], biases[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        inputs, weights = ctx.inputs, ctx.weights
+        need = ctx.needs_input_grad
+        grads = [None] * (2 * len(weights))
+        last = len(weights) - 1
+        g, grads[2 * last], grads[2 * last + 1] = _thin_backward(
+            inputs[last], weights[last], grad, (True, need[1 + 2 * last], need[2 + 2 * last]))
+        for k in reversed(range(last)):
+            g = torch.ops.aten.threshold_backward(g, inputs[k + 1], 0)    # ReLU's backward
+            if need[1 + 2 * k]:
+                grads[2 * k] = inputs[k].transpose(1, 2).bmm(g)
+            if need[2 + 2 * k]:
+                grads[2 * k + 1] = g.sum(dim=1, keepdim=True)
+            if k > 0 or need[0]:
+                g = g.bmm(weights[k].transpose(1, 2))
+        grad_x = g.sum(dim=0) if need[0] else None
+        del ctx.inputs, ctx.weights
+        return (grad_x, *grads)
 
 
 class QEnsemble(nn.Module):

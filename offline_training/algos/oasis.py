@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from offline_training.algos import bcq_lag
-from offline_training.algos.infrastructure import (adam, config_from_preset, rng_state,
+from offline_training.algos.infrastructure import (adam, config_from_preset, descend, rng_state,
                                                    set_rng_state, set_seed)
 from offline_training.algos.networks import mlp, soft_update
 from offline_training.algos.trajectory_diffusion import (first_state_pin, TrajectoryDiffusion,
@@ -519,9 +519,7 @@ def train_labeller(model: OASISModel, data: Dict[str, np.ndarray], config: OASIS
             / lab.reward_std
         loss = reward_label_loss(reward_pred, target_r) + cost_label_loss(
             cost_pred, torch.as_tensor(costs[idx], device=device), binary)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        descend(opt, loss)
     return label_errors(model, data, held_idx, device)
 
 
