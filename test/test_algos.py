@@ -188,6 +188,25 @@ def test_width_one_ensemble_layer_is_the_batched_product():
         layer(torch.randn(2, 5, 6, dtype=f64))
 
 
+def _check_like_autograd_graphs(net, by_modules, x, direction):
+    """Check a one-node network's graph behaves as the modules': retained, guarded in place."""
+    results = []
+    for forward in (net, by_modules):
+        torch.manual_seed(5)
+        y = (forward(x) * direction).sum()
+        first = torch.autograd.grad(y, list(net.parameters()), retain_graph=True)
+        second = torch.autograd.grad(y, list(net.parameters()))      # the retained graph again
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
+        results.append(first)
+        torch.manual_seed(5)
+        y = (forward(x) * direction).sum()
+        with torch.no_grad():                      # an in-place change after the forward to
+            list(net.parameters())[-2].add_(0.0)   # the last weight, which both backwards read,
+        with pytest.raises(RuntimeError, match='modified by an inplace operation'):
+            y.backward()                           # is refused, not read silently
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 def _resnet_by_modules(net, x):
     """Run MLPResNet's forward through its modules (autograd's backward, a node per operation)."""
     h = net.inp(x)
@@ -221,6 +240,14 @@ def test_resnet_backward_written_out_is_autograds_bit_for_bit(dtype):
     net.requires_grad_(True)
     y = net(x)
     assert y.grad_fn.name() == '_ResNetWithBackwardBackward'
+    _check_like_autograd_graphs(net, lambda x: _resnet_by_modules(net, x), x, direction)
+    # a block in evaluation mode inside a network in training mode drops nothing
+    net.train()
+    net.blocks[0].eval()
+    torch.manual_seed(5)
+    ours = net(x)
+    torch.manual_seed(5)
+    assert torch.equal(ours, _resnet_by_modules(net, x))
     # while tracing for export it is the modules' forward (operators the exporter maps)
     net.eval()
     traced = torch.jit.trace(net.float(), torch.randn(4, 20))
@@ -247,6 +274,8 @@ def test_relu_ensemble_backward_written_out_is_autograds_bit_for_bit(dtype):
         assert len(results[0]) == len(results[1])
         assert all(torch.equal(a, b) for a, b in zip(*results))
     assert net(x).grad_fn.next_functions[0][0].name() == '_ReluEnsembleWithBackwardBackward'
+    net.requires_grad_(True)
+    _check_like_autograd_graphs(net, lambda x: net.net(x).squeeze(-1), x, direction)
     with torch.no_grad():
         assert torch.equal(net(x), net.net(x).squeeze(-1))
     # a selection of members, and tracing for export, take the modules

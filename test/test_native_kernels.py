@@ -142,14 +142,14 @@ def test_a_wrongly_built_kernel_is_caught_by_the_self_check(fresh_build):
 @needs_compiler
 def test_a_temporary_folder_that_cannot_map_code_loads_from_memory(fresh_build):
     # /tmp mounted noexec: dlopen of the built file fails; the bytes load from a memfd instead
-    real_cdll, opened = native.ctypes.CDLL, []
+    real_dll, opened = native.ctypes.PyDLL, []
 
-    def noexec_cdll(name, *args, **kwargs):
+    def noexec_dll(name, *args, **kwargs):
         opened.append(str(name))
         if not str(name).startswith('/proc/self/fd/'):
             raise OSError(f'{name}: failed to map segment from shared object')
-        return real_cdll(name, *args, **kwargs)
-    fresh_build.setattr(native.ctypes, 'CDLL', noexec_cdll)
+        return real_dll(name, *args, **kwargs)
+    fresh_build.setattr(native.ctypes, 'PyDLL', noexec_dll)
     assert native.library() is not None, native.status()
     assert opened[0].endswith('kernels.so') and opened[1].startswith('/proc/self/fd/')
     x = torch.linspace(-5.0, 5.0, 101)
@@ -282,10 +282,13 @@ def _stepped_net():
 
 
 @needs_compiler
-@pytest.mark.parametrize('case', ['two threads', 'amsgrad', 'maximize', 'tensor lr', 'float64',
-                                  'a missing gradient', 'a strided gradient', 'a step hook',
-                                  'an average too short', 'an average of another shape',
-                                  'the parameters as their own average', 'SGD'])
+@pytest.mark.parametrize('case', ['two threads', 'amsgrad', 'maximize', 'capturable',
+                                  'differentiable', 'tensor lr', 'float64', 'a missing gradient',
+                                  'a strided gradient', 'a zero-tensor gradient',
+                                  'a negated gradient', 'a step hook', 'an average too short',
+                                  'an average of another shape', 'a transposed average',
+                                  'the parameters as their own average', 'a partial state',
+                                  'SGD'])
 def test_the_compiled_adam_step_declines_what_it_does_not_implement(case):
     # each of these returns False with nothing changed: the caller takes torch's step
     net, optimizer = _stepped_net()
@@ -294,7 +297,7 @@ def test_the_compiled_adam_step_declines_what_it_does_not_implement(case):
     threads = torch.get_num_threads()
     torch.set_num_threads(2 if case == 'two threads' else 1)
     try:
-        if case in ('amsgrad', 'maximize'):
+        if case in ('amsgrad', 'maximize', 'capturable', 'differentiable'):
             group[case] = True
         elif case == 'tensor lr':
             group['lr'] = torch.tensor(1e-2)
@@ -305,6 +308,17 @@ def test_the_compiled_adam_step_declines_what_it_does_not_implement(case):
         elif case == 'a strided gradient':
             weight = net[0].weight
             weight.grad = torch.zeros(weight.shape[1], weight.shape[0]).t()
+        elif case == 'a zero-tensor gradient':          # no memory behind it at all
+            net[2].bias.grad = torch._efficientzerotensor(net[2].bias.shape)
+        elif case == 'a negated gradient':              # memory read with its sign flipped
+            net[2].bias.grad = torch._neg_view(torch.ones(net[2].bias.shape))
+        elif case == 'a transposed average':            # soft_update would refuse it
+            average[0] = average[0].t().contiguous()
+        elif case == 'a partial state':                 # torch stepped some parameters only
+            grad = net[2].bias.grad
+            net[2].bias.grad = None
+            optimizer.step()
+            net[2].bias.grad = grad
         elif case == 'a step hook':
             optimizer.register_step_post_hook(lambda *args: None)
         elif case == 'an average too short':
@@ -316,11 +330,12 @@ def test_the_compiled_adam_step_declines_what_it_does_not_implement(case):
         elif case == 'SGD':
             optimizer = torch.optim.SGD(net.parameters(), lr=1e-2)
         before = [p.detach().clone() for p in net.parameters()]
+        states = len(optimizer.state)
         assert not native.adam_step(optimizer, average, 0.5)
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
-    assert not optimizer.state                          # no state made either
+    assert len(optimizer.state) == states               # no state made either
 
 
 def test_descend_steps_and_averages_like_torch(monkeypatch):

@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence
 
 from offline_training.algos import native
 from offline_training.algos.networks import (eager_cpu_float, init_linear, Mish, mish,
-                                             mish_and_slope, mlp)
+                                             mish_gradient, mish_in_loops, mish_value, mlp)
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -182,7 +182,7 @@ class MLPResNet(nn.Module):
             # node for the network; autograd's ~10 per block cost more than their arithmetic)
             masks = [dropout_mask(x.new_empty(x.shape[0], self.inp.out_features),
                                   block.dropout_rate)
-                     if self.training and block.dropout_rate > 0.0 else None
+                     if block.training and block.dropout_rate > 0.0 else None
                      for block in self.blocks]
             return _ResNetWithBackward.apply(x, masks, self.blocks[0].norm.eps if self.blocks
                                              else 0.0, *self._parameters_in_order())
@@ -214,25 +214,31 @@ class _ResNetWithBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, masks, eps, *params):
         w_in, b_in, w_out, b_out = params[0], params[1], params[-2], params[-1]
+        loops = mish_in_loops(x)
         h = torch.addmm(b_in, x, w_in.t())
-        saved, slopes = [], []
+        saved = []
         for k, keep in enumerate(masks):
             gamma, beta, w1, b1, w2, b2 = params[2 + 6 * k: 8 + 6 * k]
             dropped = h if keep is None else h * keep
             normed, mean, rstd = torch.native_layer_norm(dropped, (h.shape[-1],), gamma, beta, eps)
-            activation, slope = mish_and_slope(torch.addmm(b1, normed, w1.t()))
+            inner = torch.addmm(b1, normed, w1.t())
+            activation = mish_value(inner, loops)
             h = h + torch.addmm(b2, activation, w2.t())
-            saved.append((dropped, normed, mean, rstd, activation))
-            slopes.append(slope)
-        activation, slope = mish_and_slope(h)
-        ctx.x, ctx.masks, ctx.params, ctx.eps = x, masks, params, eps
-        ctx.saved, ctx.slopes, ctx.last = saved, slopes + [slope], activation
+            saved += [dropped, normed, mean, rstd, inner, activation]
+        activation = mish_value(h, loops)
+        # saved as autograd saves: freed after the backward unless the graph is retained, and
+        # checked against in-place changes since the forward; masks may be None
+        ctx.save_for_backward(x, h, activation, *params, *masks, *saved)
+        ctx.blocks, ctx.eps, ctx.loops = len(masks), eps, loops
         return torch.addmm(b_out, activation, w_out.t())
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, masks, params, slopes = ctx.x, ctx.masks, ctx.params, ctx.slopes
+        x, h, last, *rest = ctx.saved_tensors
+        blocks, loops = ctx.blocks, ctx.loops
+        params, masks, saved = rest[:4 + 6 * blocks], rest[4 + 6 * blocks:4 + 7 * blocks], \
+            rest[4 + 7 * blocks:]
         need = ctx.needs_input_grad[3:]
         grads = [None] * len(params)
 
@@ -244,20 +250,19 @@ class _ResNetWithBackward(torch.autograd.Function):
                 grads[index + 1] = g.sum(0)
             return g.mm(w) if input_grad else None
 
-        g = slopes[-1](linear(len(params) - 2, grad, ctx.last, params[-2]))
-        for k in reversed(range(len(masks))):
-            dropped, normed, mean, rstd, activation = ctx.saved[k]
+        g = mish_gradient(h, linear(len(params) - 2, grad, last, params[-2]), loops)
+        for k in reversed(range(blocks)):
+            dropped, normed, mean, rstd, inner, activation = saved[6 * k: 6 * k + 6]
             first = 2 + 6 * k
             gamma, beta, w1, _, w2, _ = params[first: first + 6]
-            g_z = slopes[k](linear(first + 4, g, activation, w2))
-            g_normed = linear(first + 2, g_z, normed, w1)
+            g_inner = mish_gradient(inner, linear(first + 4, g, activation, w2), loops)
+            g_normed = linear(first + 2, g_inner, normed, w1)
             g_dropped, g_gamma, g_beta = torch.ops.aten.native_layer_norm_backward(
                 g_normed, dropped, [dropped.shape[-1]], mean, rstd, gamma, beta,
                 [True, need[first], need[first + 1]])
             grads[first], grads[first + 1] = g_gamma, g_beta
             g = g + (g_dropped if masks[k] is None else g_dropped * masks[k])
         g_x = linear(0, g, x, params[0], ctx.needs_input_grad[0])
-        del ctx.saved, ctx.slopes, ctx.last
         return (g_x, None, None, *grads)
 
 

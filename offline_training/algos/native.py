@@ -165,24 +165,41 @@ void saferl_dropout_mask(float *restrict out, ptrdiff_t n, uint64_t seed, uint32
 
 /* One Adam or AdamW step over `count` float32 tensors, torch's update (its fused CPU kernel):
    per tensor the float32 step counter goes up by one, then with c1 = 1 - beta1^t and
-   c2 = 1 - beta2^t (in double, as torch)
+   c2 = 1 - beta2^t (in double, as torch), where wd != 0
      AdamW: p = p (1 - lr wd)      Adam: g = g + wd p
      m = m + (1 - beta1) (g - m)   v = beta2 v + (1 - beta2) g^2
      p = p - (lr / c1) m / (sqrt(v) / sqrt(c2) + eps)
-   and, where `average` is given, the Polyak average a = a + tau (p - a) (soft_update) in the
-   same pass, while p is still in a register. */
+   and, where `average` is given, the Polyak average a = a + tau (p - a) (soft_update). The
+   operations round as in torch's fused CPU kernel (the two interpolations as one fused
+   multiply-add, nothing else contracted), so that the result is torch's to the last bit or
+   nearly (beta1 and tau below 1/2, where torch's lerp takes this form). */
+/* a + w (b - a) for a weight w below 1/2 (torch's lerp, one rounding where the machine has
+   fused multiply-add, as torch's vectorised kernels) */
+#ifdef __FMA__
+#define LERP(a, b, w) fmaf((w), (b) - (a), (a))
+#else
+#define LERP(a, b, w) ((a) + (w) * ((b) - (a)))
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
 void saferl_adam_step(ptrdiff_t count, float *const *param, const float *const *grad,
                       float *const *exp_avg, float *const *exp_avg_sq, float *const *step,
                       float *const *average, const ptrdiff_t *size, double lr, double beta1,
                       double beta2, double eps, double weight_decay, int decoupled, double tau)
 {
+#ifdef __clang__
+#pragma clang fp contract(off)
+#endif
     for (ptrdiff_t k = 0; k < count; ++k) {
         double t = (double)(*step[k] += 1.0f);
         float step_size = (float)(lr / (1.0 - pow(beta1, t)));
         float c2_sqrt = (float)sqrt(1.0 - pow(beta2, t));
         float b1 = (float)(1.0 - beta1), b2 = (float)beta2, b2c = (float)(1.0 - beta2);
-        float e = (float)eps, l2 = decoupled ? 0.0f : (float)weight_decay;
-        float shrink = decoupled ? (float)(1.0 - lr * weight_decay) : 1.0f;
+        float e = (float)eps, l2 = (float)weight_decay;
+        int decay = weight_decay != 0.0, add_l2 = decay && !decoupled, shrink = decay && decoupled;
+        float factor_f = (float)(1.0 - lr * weight_decay);      /* AdamW: p (1 - lr wd) */
         float w = (float)tau;
         float *restrict p = param[k], *restrict m = exp_avg[k], *restrict v = exp_avg_sq[k];
         const float *restrict g = grad[k];
@@ -190,11 +207,11 @@ void saferl_adam_step(ptrdiff_t count, float *const *param, const float *const *
         ptrdiff_t n = size[k];
 #pragma omp simd
         for (ptrdiff_t i = 0; i < n; ++i) {
-            float pi = p[i] * shrink;
-            float gi = g[i] + l2 * p[i];
-            float mi = m[i] + b1 * (gi - m[i]);
-            float vi = v[i] * b2 + gi * gi * b2c;
-            pi = pi - step_size * mi / (sqrtf(vi) / c2_sqrt + e);
+            float pi = shrink ? p[i] * factor_f : p[i];
+            float gi = add_l2 ? g[i] + p[i] * l2 : g[i];
+            float mi = LERP(m[i], gi, b1);
+            float vi = v[i] * b2 + b2c * gi * gi;
+            pi = pi + (-step_size * mi) / (sqrtf(vi) / c2_sqrt + e);
             m[i] = mi;
             v[i] = vi;
             p[i] = pi;
@@ -202,7 +219,7 @@ void saferl_adam_step(ptrdiff_t count, float *const *param, const float *const *
         if (a) {
 #pragma omp simd
             for (ptrdiff_t i = 0; i < n; ++i)
-                a[i] = a[i] + w * (p[i] - a[i]);
+                a[i] = LERP(a[i], p[i], w);
         }
     }
 }
@@ -320,19 +337,20 @@ def _open(path: Path) -> ctypes.CDLL:
     """
     Load the built library; it stays mapped after its folder is deleted.
 
-    Where the temporary folder's file system forbids mapping code from it (mounted noexec), the
-    bytes are loaded from an anonymous in-memory file instead (Linux memfd), which no mount
-    option covers.
+    As a PyDLL: its calls keep Python's global lock, so no other Python thread can free or
+    resize a tensor while a loop reads or writes it. Where the temporary folder's file system
+    forbids mapping code from it (mounted noexec), the bytes are loaded from an anonymous
+    in-memory file instead (Linux memfd), which no mount option covers.
     """
     try:
-        return ctypes.CDLL(str(path))
+        return ctypes.PyDLL(str(path))
     except OSError as first:
         if not hasattr(os, 'memfd_create'):
             raise
         descriptor = os.memfd_create('saferl-kernels')
         try:
             os.write(descriptor, path.read_bytes())
-            return ctypes.CDLL(f'/proc/self/fd/{descriptor}')
+            return ctypes.PyDLL(f'/proc/self/fd/{descriptor}')
         except OSError as second:
             raise OSError(f'{first}; from memory: {second}') from None
         finally:
@@ -503,8 +521,9 @@ def adam_step(optimizer: torch.optim.Optimizer, average=None, tau: float = 0.0) 
     if not (_dense(params, sizes) and _dense(grads, sizes)):
         return False
     if average is not None and not (_dense(average, sizes) and all(
-            mean.data_ptr() != param.data_ptr() for mean, param in zip(average, params))):
-        return False
+            mean.shape == param.shape and mean.data_ptr() != param.data_ptr()
+            for mean, param in zip(average, params))):
+        return False                 # soft_update would refuse another shape
     lib = library()
     if lib is None:
         return False
@@ -514,10 +533,11 @@ def adam_step(optimizer: torch.optim.Optimizer, average=None, tau: float = 0.0) 
             state[param] = {'step': torch.zeros((), dtype=torch.float32),
                             'exp_avg': torch.zeros_like(param, memory_format=PRESERVE),
                             'exp_avg_sq': torch.zeros_like(param, memory_format=PRESERVE)}
+    entries = [state.get(param, {}) for param in params]     # .get: state is a defaultdict
     try:
-        means = [state[param]['exp_avg'] for param in params]
-        squares = [state[param]['exp_avg_sq'] for param in params]
-        steps = [state[param]['step'] for param in params]
+        means = [entry['exp_avg'] for entry in entries]
+        squares = [entry['exp_avg_sq'] for entry in entries]
+        steps = [entry['step'] for entry in entries]
     except KeyError:                 # a state that torch's step made for some parameters only
         return False
     if not (_dense(means, sizes) and _dense(squares, sizes) and _dense(steps, [1] * len(steps))):
@@ -553,13 +573,25 @@ def _step_hooks(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def _dense(tensors, sizes) -> bool:
-    """Whether each tensor is contiguous float32 CPU memory of the matching size in ``sizes``."""
+    """
+    Whether each tensor is contiguous float32 CPU memory of the matching size in ``sizes``.
+
+    Plain tensors and parameters only (a subclass may not own its memory), and none that reads
+    its memory other than as it lies: torch's zero tensors (no memory at all), negated or
+    conjugated views (a flag applied on reading).
+    """
     try:
-        return all(tensor.dtype is torch.float32 and tensor.layout is torch.strided
-                   and tensor.is_cpu and tensor.is_contiguous() and tensor.numel() == size
+        return all(type(tensor) in _PLAIN and tensor.dtype is torch.float32
+                   and tensor.layout is torch.strided and tensor.is_cpu
+                   and tensor.is_contiguous() and tensor.numel() == size
+                   and not tensor._is_zerotensor() and not tensor.is_neg()
+                   and not tensor.is_conj() and (size == 0 or tensor.data_ptr() != 0)
                    for tensor, size in zip(tensors, sizes))
     except AttributeError:           # None (no gradient), or not a tensor at all
         return False
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _pointers(tensors) -> ctypes.Array:

@@ -114,23 +114,34 @@ def mish(x: torch.Tensor) -> torch.Tensor:
     """
     if not eager_cpu_float(x):
         return F.mish(x)
-    if (x.dtype == torch.float32 and torch.get_num_threads() == 1
-            and native.library() is not None):
+    if mish_in_loops(x):
         return _NativeMish.apply(x)
     return _SigmoidMish.apply(x)
 
 
-def mish_and_slope(x: torch.Tensor) -> Tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-    """
-    Return mish(x) and ``slope``: grad -> grad * mish'(x), outside autograd (a CPU tensor).
+def mish_in_loops(x: torch.Tensor) -> bool:
+    """Whether mish of CPU tensor ``x`` runs in the compiled loops (float32, one thread, built)."""
+    return (x.dtype == torch.float32 and torch.get_num_threads() == 1
+            and native.library() is not None)
 
-    The same forms as :func:`mish` takes on a CPU (the compiled loops for float32 on one thread,
-    else the sigmoid form), for backward passes written out by hand (diffusion's MLPResNet).
+
+def mish_value(x: torch.Tensor, loops: bool) -> torch.Tensor:
     """
-    if x.dtype == torch.float32 and torch.get_num_threads() == 1 and native.library() is not None:
-        return native.mish_forward(x), lambda grad: native.mish_backward(x, grad)
-    s, soft_tanh = _sigmoid_and_soft_tanh(x)
-    return x * soft_tanh, lambda grad: _sigmoid_mish_slope(x, s, soft_tanh, grad)
+    Return mish(x) of a CPU tensor outside autograd, in the loops or the sigmoid form.
+
+    With :func:`mish_gradient`, the forms :func:`mish` takes on a CPU, for backward passes written
+    out by hand (diffusion's MLPResNet); ``loops``: :func:`mish_in_loops` at the forward.
+    """
+    if loops:
+        return native.mish_forward(x)
+    return x * _sigmoid_and_soft_tanh(x)[1]
+
+
+def mish_gradient(x: torch.Tensor, grad: torch.Tensor, loops: bool) -> torch.Tensor:
+    """Return grad * mish'(x) in the form :func:`mish_value` took (``loops`` as there)."""
+    if loops:
+        return native.mish_backward(x, grad)
+    return _sigmoid_mish_slope(x, *_sigmoid_and_soft_tanh(x), grad)
 
 
 class Mish(nn.Module):
@@ -269,7 +280,9 @@ class EnsembleMLP(nn.Module):
         if (members is None and self.backward_written_out and self._relu_layers
                 and eager_cpu_float(x) and x.dim() == 2):
             # on a CPU: the same operations as one autograd node, activations rectified in place
-            return _ReluEnsembleWithBackward.apply(x, *self.parameters()).squeeze(-1)
+            params = [p for layer in self.net if isinstance(layer, VectorizedLinear)
+                      for p in (layer.weight, layer.bias)]
+            return _ReluEnsembleWithBackward.apply(x, *params).squeeze(-1)
         if members is None:
             return self.net(x).squeeze(-1)
         for layer in self.net:
@@ -300,16 +313,22 @@ class _ReluEnsembleWithBackward(torch.autograd.Function):
             inputs.append(h)
             h = torch.baddbmm(bias, h, weight).relu_()
         inputs.append(h)
-        ctx.inputs, ctx.weights = inputs, weights
+        # saved as autograd saves: freed after the backward unless the graph is retained, and
+        # checked against in-place changes since the forward
+        ctx.save_for_backward(x, *weights, *inputs[1:])
+        ctx.layers = len(weights)
         return _thin_forward(h, weights[-1], biases[-1])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        inputs, weights = ctx.inputs, ctx.weights
+        x, *saved = ctx.saved_tensors
+        layers = ctx.layers
+        weights = saved[:layers]
+        inputs = [x.unsqueeze(0).expand(weights[0].shape[0], -1, -1), *saved[layers:]]
         need = ctx.needs_input_grad
-        grads = [None] * (2 * len(weights))
-        last = len(weights) - 1
+        grads = [None] * (2 * layers)
+        last = layers - 1
         g, grads[2 * last], grads[2 * last + 1] = _thin_backward(
             inputs[last], weights[last], grad, (True, need[1 + 2 * last], need[2 + 2 * last]))
         for k in reversed(range(last)):
@@ -321,7 +340,6 @@ class _ReluEnsembleWithBackward(torch.autograd.Function):
             if k > 0 or need[0]:
                 g = g.bmm(weights[k].transpose(1, 2))
         grad_x = g.sum(dim=0) if need[0] else None
-        del ctx.inputs, ctx.weights
         return (grad_x, *grads)
 
 
