@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence
 
 from offline_training.algos import native
 from offline_training.algos.networks import (eager_cpu_float, init_linear, Mish, mish,
-                                             mish_gradient, mish_in_loops, mish_value, mlp)
+                                             mish_gradient, mish_value, mlp)
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -134,8 +134,7 @@ def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     same), elsewhere from torch.rand_like: a run is reproducible from its seed on one machine
     with the same kernels, and the two draw different numbers from the same distribution.
     """
-    if (x.dtype == torch.float32 and eager_cpu_float(x) and torch.get_num_threads() == 1
-            and native.library() is not None):
+    if eager_cpu_float(x) and native.loops_apply(x):
         return native.dropout_mask(x.shape, p)
     keep = torch.rand_like(x).ge_(p)                  # 1.0 with probability 1 - p, else 0.0
     return keep.mul_(1.0 / (1.0 - p))
@@ -214,7 +213,7 @@ class _ResNetWithBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, masks, eps, *params):
         w_in, b_in, w_out, b_out = params[0], params[1], params[-2], params[-1]
-        loops = mish_in_loops(x)
+        loops = native.loops_apply(x)
         h = torch.addmm(b_in, x, w_in.t())
         saved = []
         for k, keep in enumerate(masks):
@@ -229,7 +228,7 @@ class _ResNetWithBackward(torch.autograd.Function):
         # saved as autograd saves: freed after the backward unless the graph is retained, and
         # checked against in-place changes since the forward; masks may be None
         ctx.save_for_backward(x, h, activation, *params, *masks, *saved)
-        ctx.blocks, ctx.eps, ctx.loops = len(masks), eps, loops
+        ctx.blocks, ctx.loops = len(masks), loops
         return torch.addmm(b_out, activation, w_out.t())
 
     @staticmethod

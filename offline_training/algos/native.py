@@ -463,6 +463,17 @@ def _available() -> ctypes.CDLL:
     return lib
 
 
+def loops_apply(x: torch.Tensor) -> bool:
+    """
+    Whether the compiled loops take CPU tensor ``x``'s elementwise work (mish, dropout masks).
+
+    float32, one thread (with more, torch's operators run in parallel and the loops would not)
+    and the library built.
+    """
+    return (x.dtype == torch.float32 and x.device.type == 'cpu'
+            and torch.get_num_threads() == 1 and library() is not None)
+
+
 def mish_forward(x: torch.Tensor) -> torch.Tensor:
     """Return mish(x) for a float32 CPU tensor (the library must be available)."""
     lib = _available()

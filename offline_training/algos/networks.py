@@ -114,15 +114,9 @@ def mish(x: torch.Tensor) -> torch.Tensor:
     """
     if not eager_cpu_float(x):
         return F.mish(x)
-    if mish_in_loops(x):
+    if native.loops_apply(x):
         return _NativeMish.apply(x)
     return _SigmoidMish.apply(x)
-
-
-def mish_in_loops(x: torch.Tensor) -> bool:
-    """Whether mish of CPU tensor ``x`` runs in the compiled loops (float32, one thread, built)."""
-    return (x.dtype == torch.float32 and torch.get_num_threads() == 1
-            and native.library() is not None)
 
 
 def mish_value(x: torch.Tensor, loops: bool) -> torch.Tensor:
@@ -130,7 +124,7 @@ def mish_value(x: torch.Tensor, loops: bool) -> torch.Tensor:
     Return mish(x) of a CPU tensor outside autograd, in the loops or the sigmoid form.
 
     With :func:`mish_gradient`, the forms :func:`mish` takes on a CPU, for backward passes written
-    out by hand (diffusion's MLPResNet); ``loops``: :func:`mish_in_loops` at the forward.
+    out by hand (diffusion's MLPResNet); ``loops``: native.loops_apply(x) at the forward.
     """
     if loops:
         return native.mish_forward(x)
