@@ -154,7 +154,7 @@ def test_q_ensemble_heads_are_independent_networks():
 
 
 def test_width_one_ensemble_layer_is_the_batched_product():
-    # A critic's last layer (output width 1) runs as per-member matrix-vector products on a CPU;
+    # A critic's last layer (output width 1) runs as one transposed batched product on a CPU;
     # values and first derivatives are those of the batched product, for every member or a
     # selection of them, with [E, B, in] or a shared [B, in] input; a traced graph keeps baddbmm.
     torch.manual_seed(0)
@@ -449,8 +449,9 @@ def test_step_table_is_the_per_row_condition():
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match='integer time steps 0..4'):
         table(x, obs, steps + 0.5)
-    with pytest.raises(IndexError):
-        table(x, obs, torch.full((64, 1), 5.0, dtype=torch.float64))
+    for outside in (5.0, -1.0):      # -1 would take the last row if it were not refused
+        with pytest.raises(IndexError, match='takes time steps 0..4'):
+            table(x, obs, torch.full((64, 1), outside, dtype=torch.float64))
 
 
 def test_dropout_zeroes_a_fraction_p_and_keeps_the_mean():

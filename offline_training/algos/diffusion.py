@@ -302,7 +302,13 @@ class EpsilonNet(nn.Module):
             raise ValueError(f'EpsilonNet with num_steps={self.num_steps} takes integer time '
                              f'steps 0..{self.num_steps - 1}, got non-integer t')
         table = self.cond(self.time_features(self.step_grid.to(t.dtype)))
-        return table[index]        # an index outside 0..num_steps-1 raises IndexError
+        try:
+            # index_select refuses a negative step too (indexing would take a row from the end)
+            return table.index_select(0, index)
+        except IndexError:
+            raise IndexError(f'EpsilonNet with num_steps={self.num_steps} takes time steps '
+                             f'0..{self.num_steps - 1}, got {int(index.min())}..'
+                             f'{int(index.max())}') from None
 
     def forward(self, x_t: torch.Tensor, obs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.body(torch.cat([x_t, obs, self.time_condition(t)], dim=-1))
