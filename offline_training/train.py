@@ -228,7 +228,10 @@ def train(algo: str, task, preset: str = 'paper', seed: int = 0, dataset=None,
                     'train_cpu_s': round(train_cpu_s + time.process_time() - cpu_mark, 1),
                     'train_wall_s': round(train_wall_s + time.time() - start_time, 1),
                     'machine': machine_info(), 'allocator': allocator_setting(),
-                    'kernels': native.run_summary(), 'last_logs': last_logs}, run_dir / SUMMARY)
+                    'kernels': native.run_summary(),
+                    'compiled_steps': getattr(trainer, 'compiled_status',
+                                              'compiled steps: none for this algorithm'),
+                    'last_logs': last_logs}, run_dir / SUMMARY)
     return run_dir
 
 

@@ -274,6 +274,48 @@ def test_the_compiled_adam_step_is_torchs_update(kind, decay):
                                   atol=1e-9)
 
 
+@pytest.mark.parametrize('kind, decay', [('Adam', 0.0), ('Adam', 0.01), ('AdamW', 0.01)])
+def test_adam_in_tensor_operations_is_torchs_update(kind, decay):
+    # infrastructure.adam_update_ (the body of FISOR's compiled steps, here run eager): five
+    # steps and a Polyak average on the optimizer's own state, against torch's step and
+    # soft_update; torch's step carries on from the state it leaves
+    from offline_training.algos.infrastructure import adam_tensors, adam_update_
+    nets = {name: _two_layer_net(0) for name in ('tensor ops', 'torch')}
+    averages = {name: _two_layer_net(1) for name in nets}
+    optimizers = {name: getattr(torch.optim, kind)(net.parameters(), lr=3e-3, weight_decay=decay)
+                  for name, net in nets.items()}
+    for step in range(5):
+        for name, net in nets.items():
+            optimizers[name].zero_grad()
+            _loss(net, step).backward()
+        tensors = adam_tensors(optimizers['tensor ops'])
+        grads = [p.grad for p in nets['tensor ops'].parameters()]
+        adam_update_(tensors, grads, torch.tensor(3e-3),
+                     [p.detach() for p in averages['tensor ops'].parameters()], 0.1)
+        optimizers['torch'].step()
+        soft_update(averages['torch'], nets['torch'], 0.1)
+    for name, net in nets.items():
+        optimizers[name].zero_grad()
+        _loss(net, 5).backward()
+        optimizers[name].step()
+    for first, second in ((nets['tensor ops'], nets['torch']),
+                          (averages['tensor ops'], averages['torch'])):
+        for a, b in zip(first.parameters(), second.parameters()):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    states = [optimizers[name].state_dict()['state'] for name in nets]
+    for key in states[0]:
+        assert float(states[0][key]['step']) == float(states[1][key]['step']) == 6.0
+        for moment in ('exp_avg', 'exp_avg_sq'):     # to rounding: 1e-6 of the moment's scale
+            a, b = states[0][key][moment], states[1][key][moment]
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+    # what it does not implement is declined (None): the caller keeps torch's step
+    net = _two_layer_net(0)
+    assert adam_tensors(torch.optim.Adam(net.parameters(), amsgrad=True)) is None
+    assert adam_tensors(torch.optim.Adam([{'params': net[0].parameters()},
+                                          {'params': net[2].parameters()}])) is None
+    assert adam_tensors(torch.optim.SGD(net.parameters(), lr=0.1)) is None
+
+
 def _stepped_net():
     net = _two_layer_net(0)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)

@@ -10,7 +10,7 @@ import sys
 import time
 
 import numpy as np
-from offline_training.algos import bcq_lag, get_algorithm, native
+from offline_training.algos import bcq_lag, fisor, get_algorithm, native
 from offline_training.algos.batching import ReplayBuffer
 from offline_training.algos.infrastructure import set_seed
 from offline_training.data.dataset import write_dataset
@@ -63,6 +63,96 @@ def _train_steps(algo, data, steps):
     def mean(key, part):
         return float(np.mean([h[key] for h in part]))
     return history, mean
+
+
+def _fisor_trainer(data, **overrides):
+    set_seed(0)
+    config = fisor.resolve_config(fisor.make_config('cpu', **{**TINY['fisor'], **overrides}),
+                                  get_task(TASK))
+    buffer = ReplayBuffer(fisor.prepare_arrays(data, config), 'cpu', seed=0)
+    model = fisor.build_model(buffer.data['obs'].shape[1], buffer.data['act'].shape[1], config)
+    return fisor.make_trainer(model, config), buffer
+
+
+def test_compiled_steps_follow_the_eager_steps(dataset):
+    # compiled_steps='always': FISOR's gradient steps (the actor's with its EMA, the values' and
+    # critics' with the targets' average, Eq. 13's weights) run as programs compiled by
+    # torch.compile. From one seed they draw the random numbers the eager steps draw and make
+    # the same updates to rounding, on the joint schedule and in both phases of critics-first,
+    # and the optimiser state they leave is torch's: an eager trainer loads it and steps on
+    schedules = {'joint': {'schedule': 'joint', 'steps': 100},
+                 'critics-first': {'schedule': 'critics-first', 'steps': 100,
+                                   'critic_steps': 3, 'critic_check_every': 2,
+                                   'actor_sampling': 'weighted-sampling'}}
+    for name, schedule in schedules.items():
+        runs = {}
+        for mode in ('never', 'always'):
+            trainer, buffer = _fisor_trainer(dataset, compiled_steps=mode, **schedule)
+            logs = [trainer.update(buffer) for _ in range(5)]
+            runs[mode] = (trainer, logs)
+        eager, compiled = runs['never'][0], runs['always'][0]
+        assert eager.compiled is None and eager.compiled_status.startswith('compiled steps: off')
+        ran = 'actor, critics, weights' if name == 'joint' else 'actor, critics'
+        assert compiled.compiled_status == f'compiled steps: on ({ran} compiled by torch.compile)'
+        for logs_off, logs_on in zip(runs['never'][1], runs['always'][1]):
+            assert logs_off.keys() == logs_on.keys()
+            for key in logs_off:
+                assert np.isclose(float(logs_off[key]), float(logs_on[key]), rtol=1e-3,
+                                  atol=1e-5), (name, key)
+        for (key, a), b in zip(eager.model.state_dict().items(),
+                               compiled.model.state_dict().values()):
+            assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), (name, key)
+        for opt in ('actor_opt', 'q_opt', 'v_opt'):
+            state_off = getattr(eager, opt).state_dict()['state']
+            state_on = getattr(compiled, opt).state_dict()['state']
+            assert state_off.keys() == state_on.keys()
+            for entry_off, entry_on in zip(state_off.values(), state_on.values()):
+                assert entry_on['step'].dtype == torch.float32
+                assert float(entry_off['step']) == float(entry_on['step']) > 0
+                assert torch.allclose(entry_off['exp_avg'], entry_on['exp_avg'], rtol=1e-2,
+                                      atol=1e-6)
+    # the compiled run's state (model and optimisers) carries on in an eager trainer
+    resumed, buffer = _fisor_trainer(dataset, compiled_steps='never', **schedules['joint'])
+    resumed.model.load_state_dict(runs['always'][0].model.state_dict())
+    resumed.load_state_dict(runs['always'][0].state_dict())
+    before = resumed.model.actor.body.out.weight.detach().clone()
+    assert all(np.isfinite(float(v)) for v in resumed.update(buffer).values())
+    assert not torch.equal(before, resumed.model.actor.body.out.weight)
+
+
+def test_compiled_steps_fall_back_to_eager_when_compiling_fails(dataset, monkeypatch):
+    # a machine where torch.compile cannot build (no C++ compiler, say): the run goes on with
+    # eager steps, warns, and says why in compiled_status (the run summary's compiled_steps);
+    # nothing was drawn or stepped before the failure, so the run is the eager run exactly
+    def without_a_compiler(function, **options):
+        def call(*args, **kwargs):
+            raise RuntimeError('no C++ compiler found\nsecond line')
+        return call
+    schedule = {'schedule': 'critics-first', 'steps': 100, 'critic_steps': 2}
+    eager, buffer = _fisor_trainer(dataset, compiled_steps='never', **schedule)
+    for _ in range(4):
+        eager.update(buffer)
+    monkeypatch.setattr(torch, 'compile', without_a_compiler)
+    trainer, buffer = _fisor_trainer(dataset, compiled_steps='always', **schedule)
+    with pytest.warns(RuntimeWarning, match='torch.compile failed: RuntimeError: no C'):
+        trainer.update(buffer)
+    for _ in range(3):
+        trainer.update(buffer)
+    assert trainer.compiled is None
+    assert trainer.compiled_status == ('compiled steps: off (torch.compile failed: '
+                                       'RuntimeError: no C++ compiler found); eager steps')
+    for a, b in zip(eager.model.state_dict().values(), trainer.model.state_dict().values()):
+        assert torch.equal(a, b)
+    # 'auto' compiles long CPU runs only; anything else is refused by name
+    short, _ = _fisor_trainer(dataset, compiled_steps='auto', steps=100)
+    assert short.compiled is None and 'auto: 100 iterations' in short.compiled_status
+    long, _ = _fisor_trainer(dataset, compiled_steps='auto', steps=fisor.COMPILE_MIN_STEPS)
+    assert long.compiled is not None
+    with pytest.raises(ConfigError, match="'sometimes': use one of auto, always, never"):
+        fisor.make_config('cpu', compiled_steps='sometimes')
+    # a boolean (YAML's on/off on the command line) is refused with the field's type
+    with pytest.raises(ConfigError, match="'compiled_steps' should be a string, found bool False"):
+        fisor.make_config('cpu', compiled_steps=False)
 
 
 # Loss -> the factor by which the mean of the last 30 steps must be below the first 30.
@@ -140,6 +230,9 @@ def test_seeding_is_deterministic(dataset, tmp_path):
     if torch.get_num_threads() == 1 and native.library() is not None:
         assert summary['kernels'].startswith('mish, Adam and dropout in the compiled loops '
                                              '(native kernels: mish, Adam, dropout')
+    # and why its gradient steps ran eager: 'auto' compiles runs of 20 000 iterations or more
+    assert summary['compiled_steps'] == ('compiled steps: off (auto: 10 iterations, fewer than '
+                                         'the 20000 that repay compiling)')
     key = 'actor.body.out.weight'
     assert not torch.equal(a['model'][key], c['model'][key])
 

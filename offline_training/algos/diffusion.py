@@ -153,9 +153,10 @@ class MLPResNetBlock(nn.Module):
         self.fc1 = init_linear(nn.Linear(hidden, 4 * hidden), 'lecun_normal')
         self.fc2 = init_linear(nn.Linear(4 * hidden, hidden), 'lecun_normal')
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc2(mish(self.fc1(self.norm(dropout(x, self.dropout_rate, self.training)))))
-        return x + y
+    def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``keep``: this block's dropout mask (:func:`dropout_mask`), drawn here when None."""
+        dropped = dropout(x, self.dropout_rate, self.training) if keep is None else x * keep
+        return x + self.fc2(mish(self.fc1(self.norm(dropped))))
 
 
 class MLPResNet(nn.Module):
@@ -173,21 +174,25 @@ class MLPResNet(nn.Module):
     # off to compare
     backward_written_out = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def dropout_masks(self, x: torch.Tensor) -> list:
+        """Draw each block's dropout mask for input ``x`` [B, in] (None where it drops nothing)."""
+        return [dropout_mask(x.new_empty(x.shape[0], self.inp.out_features), block.dropout_rate)
+                if block.training and block.dropout_rate > 0.0 else None
+                for block in self.blocks]
+
+    def forward(self, x: torch.Tensor, masks: Optional[list] = None) -> torch.Tensor:
+        """``masks``: :meth:`dropout_masks` drawn beforehand (a compiled step takes them in)."""
         if (self.backward_written_out and torch.is_grad_enabled() and eager_cpu_float(x)
                 and x.dim() == 2
                 and all(isinstance(block.norm, nn.LayerNorm) for block in self.blocks)):
             # training on a CPU: the same operations with the backward written out (one graph
             # node for the network; autograd's ~10 per block cost more than their arithmetic)
-            masks = [dropout_mask(x.new_empty(x.shape[0], self.inp.out_features),
-                                  block.dropout_rate)
-                     if block.training and block.dropout_rate > 0.0 else None
-                     for block in self.blocks]
-            return _ResNetWithBackward.apply(x, masks, self.blocks[0].norm.eps if self.blocks
-                                             else 0.0, *self._parameters_in_order())
+            return _ResNetWithBackward.apply(
+                x, self.dropout_masks(x) if masks is None else masks,
+                self.blocks[0].norm.eps if self.blocks else 0.0, *self._parameters_in_order())
         x = self.inp(x)
-        for block in self.blocks:
-            x = block(x)
+        for k, block in enumerate(self.blocks):
+            x = block(x, None if masks is None else masks[k])
         return self.out(mish(x))
 
     def _parameters_in_order(self):
@@ -298,7 +303,8 @@ class EpsilonNet(nn.Module):
         if self.num_steps is None:
             return self.cond(self.time_features(t))
         index = t.reshape(-1).long()
-        if not torch.jit.is_tracing() and not torch.equal(index.to(t.dtype), t.reshape(-1)):
+        if (not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+                and not torch.equal(index.to(t.dtype), t.reshape(-1))):
             raise ValueError(f'EpsilonNet with num_steps={self.num_steps} takes integer time '
                              f'steps 0..{self.num_steps - 1}, got non-integer t')
         table = self.cond(self.time_features(self.step_grid.to(t.dtype)))
@@ -310,5 +316,7 @@ class EpsilonNet(nn.Module):
                              f'0..{self.num_steps - 1}, got {int(index.min())}..'
                              f'{int(index.max())}') from None
 
-    def forward(self, x_t: torch.Tensor, obs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.body(torch.cat([x_t, obs, self.time_condition(t)], dim=-1))
+    def forward(self, x_t: torch.Tensor, obs: torch.Tensor, t: torch.Tensor,
+                masks: Optional[list] = None) -> torch.Tensor:
+        """``masks``: the body's dropout masks (MLPResNet.dropout_masks), drawn when None."""
+        return self.body(torch.cat([x_t, obs, self.time_condition(t)], dim=-1), masks)

@@ -22,21 +22,28 @@ from copy import deepcopy
 from dataclasses import dataclass, replace
 import math
 from typing import Dict, Optional, Tuple
+import warnings
 
 import numpy as np
 from offline_training.algos.batching import clip_actions, ReplayBuffer
 from offline_training.algos.critics import reward_target, reward_value_loss
 from offline_training.algos.diffusion import ddpm_sample, DiffusionSchedule, EpsilonNet
-from offline_training.algos.infrastructure import adam, config_from_preset, descend
+from offline_training.algos.infrastructure import (adam, adam_tensors, adam_update_,
+                                                   config_from_preset, descend)
 from offline_training.algos.networks import EnsembleMLP, QEnsemble
 from offline_training.algos.protocol import batch_shape, ExportedMethod, ExportPlan, GraphSpec
 from saferl_ros.errors import ConfigError
 import torch
 from torch import nn
+from torch.func import functional_call, grad_and_value
 
 NAME = 'fisor'
 SCHEDULES = ('joint', 'critics-first')
 ACTOR_SAMPLING = ('weighted-loss', 'weighted-sampling')
+COMPILED_STEPS = ('auto', 'always', 'never')     # not on/off: YAML reads those as booleans
+# 'auto' compiles the steps of runs this long: 3-6 ms saved per `cpu` iteration repays the
+# 24-35 s of compiling after 5 000-10 000 iterations
+COMPILE_MIN_STEPS = 20_000
 # Action selection among the N candidates: 'minqc' is the paper's and the official code's (argmin
 # of max-of-heads Q_h); 'feasible-maxq' is ours: argmax of Q_r among the candidates whose Q_h <= 0,
 # argmin Q_h when none is.
@@ -121,6 +128,13 @@ class FisorConfig:
     # or 'weighted-sampling' (transitions drawn in proportion to w, unweighted loss times mean w:
     # the same objective in expectation, less gradient noise at small batches).
     actor_sampling: str = 'weighted-loss'
+    # 'always': each gradient step (the actor's, with its EMA; the values' and critics', with the
+    # targets' average) runs as one program compiled by torch.compile on a CPU, where eager
+    # execution's fixed cost per operation was the gap to the official code's jitted update
+    # (docs/algorithms.md "One compiled program per gradient step"); if compiling fails the run
+    # goes on eager and says so in its summary. 'never': eager operations. 'auto': compiled for
+    # CPU runs of at least COMPILE_MIN_STEPS iterations (compiling takes ~30 s), eager otherwise.
+    compiled_steps: str = 'auto'
 
     def __post_init__(self):
         self.critic_hidden = tuple(int(h) for h in self.critic_hidden)
@@ -146,6 +160,9 @@ class FisorConfig:
         if self.critic_check_every < 1 or self.settle_probe_size < 2:
             raise ConfigError(f'critic_check_every ({self.critic_check_every}) must be >= 1 and '
                               f'settle_probe_size ({self.settle_probe_size}) >= 2')
+        if self.compiled_steps not in COMPILED_STEPS:
+            raise ConfigError(f'compiled_steps {self.compiled_steps!r}: use one of '
+                              f'{", ".join(COMPILED_STEPS)}')
         if not 0 < self.critic_fraction < 1:
             raise ConfigError(f'critic_fraction ({self.critic_fraction}) must lie in (0, 1)')
         self.check_critic_phase()
@@ -556,13 +573,14 @@ class SharedForwards:
     The target critics and the values on one batch, read by Eq. 13's weights and by the critics.
 
     q_r_targets, q_h_targets: [heads, B] target Q_r and Q_h (no graph); v_r, v_h: [B] with their
-    graphs, so that Eq. 15's and Eq. 8's losses can use them.
+    graphs, so that Eq. 15's and Eq. 8's losses can use them (None where compiled steps evaluate
+    the values themselves).
     """
 
     q_r_targets: torch.Tensor
     q_h_targets: torch.Tensor
-    v_r: torch.Tensor
-    v_h: torch.Tensor
+    v_r: Optional[torch.Tensor]
+    v_h: Optional[torch.Tensor]
 
     def weights(self, config: FisorConfig) -> torch.Tensor:
         """Return the policy weights of Eq. 13 (min over the Q_r heads, max over the Q_h heads)."""
@@ -596,6 +614,19 @@ class FisorTrainer:
         # their learning rate, so this is the official code's two optimisers exactly.
         self.q_opt = adam(model.q.parameters(), lr=config.critic_lr)
         self.v_opt = adam(model.v.parameters(), lr=config.value_lr)
+        # the gradient steps as compiled programs (compiled_steps, on a CPU); the summary
+        # of a run reports compiled_status
+        self.compiled: Optional[CompiledSteps] = None
+        if config.compiled_steps == 'never':
+            self.compiled_status = 'compiled steps: off (compiled_steps=never)'
+        elif next(model.parameters()).device.type != 'cpu':
+            self.compiled_status = 'compiled steps: off (measured on CPUs only; eager steps)'
+        elif config.compiled_steps == 'auto' and config.steps < COMPILE_MIN_STEPS:
+            self.compiled_status = (f'compiled steps: off (auto: {config.steps} iterations, fewer '
+                                    f'than the {COMPILE_MIN_STEPS} that repay compiling)')
+        else:
+            self.compiled_status = 'compiled steps: on, not compiled yet'
+            self.compiled = CompiledSteps(self)
 
     def batch_weights(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """Return Eq. 13's weights of (obs, act) from the current critics and values."""
@@ -619,10 +650,13 @@ class FisorTrainer:
             weights = self.batch_weights(obs, act)
         t = torch.randint(0, c.diffusion_steps, (obs.shape[0],), device=obs.device)
         eps = torch.randn_like(act)
-        a_t = m.schedule.q_sample(act, t, eps)
-        eps_pred = m.actor(a_t, obs, t.to(obs.dtype).unsqueeze(-1))
-        loss = weighted_denoising_loss(eps_pred, eps, weights)
-        descend(self.actor_opt, loss, average=(m.actor_ema, m.actor, c.actor_ema))
+        loss = None if self.compiled is None else self.compiled.actor_step(obs, act, weights,
+                                                                           t, eps)
+        if loss is None:
+            a_t = m.schedule.q_sample(act, t, eps)
+            eps_pred = m.actor(a_t, obs, t.to(obs.dtype).unsqueeze(-1))
+            loss = weighted_denoising_loss(eps_pred, eps, weights)
+            descend(self.actor_opt, loss, average=(m.actor_ema, m.actor, c.actor_ema))
         self.actor_sched.step()
         return {'loss/actor': loss.detach(), 'weights/mean': weights.mean(),
                 'weights/zero_fraction': (weights == 0).float().mean()}
@@ -641,7 +675,22 @@ class FisorTrainer:
         """
         m, c = self.model, self.config
         obs, act, next_obs, mask = batch['obs'], batch['act'], batch['next_obs'], batch['mask']
-        if shared is None:
+        if self.compiled is not None:
+            if shared is None:
+                with torch.no_grad():
+                    q_targets = m.q_target(obs, act)
+                q_r_targets = q_targets[m.reward_heads]
+                q_h_targets = q_targets[m.feasibility_heads]
+            else:
+                q_r_targets, q_h_targets = shared.q_r_targets, shared.q_h_targets
+            losses = self.compiled.critic_step(q_r_targets, q_h_targets, batch)
+            if losses is not None:
+                v_r_loss, q_r_loss, v_h_loss, q_h_loss, v_h = losses
+                return {'loss/v_r': v_r_loss, 'loss/q_r': q_r_loss, 'loss/v_h': v_h_loss,
+                        'loss/q_h': q_h_loss, 'value/v_h_mean': v_h.mean(),
+                        'value/feasible_fraction': (v_h <= 0).float().mean()}
+            shared = None                 # compiling failed: the eager step, graphs included
+        if shared is None or shared.v_r is None:
             shared = self.shared_forwards(obs, act)
         v_r_loss = reward_value_loss(shared.q_r_targets, shared.v_r, c.expectile)
         v_h = shared.v_h
@@ -686,7 +735,15 @@ class FisorTrainer:
             part = slice(k * c.actor_batch_size, (k + 1) * c.actor_batch_size)
             half = {key: v[part] for key, v in batch.items()}
             weights = None
-            if self.share_forwards and k == 0 and c.critic_batch_size == c.actor_batch_size:
+            share = self.share_forwards and k == 0 and c.critic_batch_size == c.actor_batch_size
+            if self.compiled is not None:
+                # Eq. 13's weights of the half, and its target critics for the critic step
+                targets = self.compiled.targets_and_weights(half['obs'], half['act'])
+                if targets is not None:
+                    weights = targets[2]
+                    if share:
+                        shared = SharedForwards(targets[0], targets[1], None, None)
+            elif share:
                 # The critic update below reads these same rows with the same (not yet updated)
                 # target critics and values: evaluate them once for both, as the official code's
                 # single jitted update does (XLA merges the repeated computation). Same numbers.
@@ -812,6 +869,130 @@ class FisorTrainer:
                      'v_opt': _stack_adam_states(state['v_r_opt'], state['v_h_opt'], True)}
         self.q_opt.load_state_dict(state['q_opt'])
         self.v_opt.load_state_dict(state['v_opt'])
+
+
+class CompiledSteps:
+    """
+    FISOR's gradient steps as programs compiled by torch.compile (FisorConfig.compiled_steps).
+
+    Each program holds what an eager step issues operation by operation: the loss through the
+    model's own modules (torch.func.functional_call; while compiling, the networks take their
+    torch-operator forms), its gradient (torch.func.grad_and_value), the optimiser's update on
+    its own state and the average of the EMA or target network (infrastructure.adam_update_).
+    Random numbers are drawn outside, in the eager step's order (time steps, noise, dropout
+    masks), so a compiled run draws the numbers an eager run draws; the arithmetic is the same
+    to rounding. A program that fails to compile on its first call (no C++ compiler, an
+    operator the compiler refuses) turns compiled steps off for the run, with a warning and
+    the reason in ``FisorTrainer.compiled_status`` (the run's summary).
+    """
+
+    def __init__(self, trainer: 'FisorTrainer'):
+        self.trainer = trainer
+        m = trainer.model
+        self.names = {'actor': [n for n, _ in m.actor.named_parameters()],
+                      'v': [n for n, _ in m.v.named_parameters()],
+                      'q': [n for n, _ in m.q.named_parameters()]}
+        self.programs = {'actor': torch.compile(self._actor_program, fullgraph=True),
+                         'critics': torch.compile(self._critic_program, fullgraph=True),
+                         'weights': torch.compile(self._weights_program, fullgraph=True)}
+        self.ran = set()
+
+    def targets_and_weights(self, obs, act):
+        """Return (target Q_r [heads, B], target Q_h [heads, B], Eq. 13's weights [B]) or None."""
+        with torch.no_grad():
+            return self._run('weights', obs, act)
+
+    def actor_step(self, obs, act, weights, t, eps) -> Optional[torch.Tensor]:
+        """Eq. 14's step (with the EMA); the loss, or None where it ran no compiled program."""
+        tr, m = self.trainer, self.trainer.model
+        tensors = adam_tensors(tr.actor_opt)
+        if tensors is None:
+            return self._off('the actor optimiser is not a one-group Adam the step implements')
+        masks = m.actor.body.dropout_masks(obs)
+        ema = [p.detach() for p in m.actor_ema.parameters()]
+        lr = torch.tensor(tr.actor_opt.param_groups[0]['lr'], dtype=torch.float32)
+        return self._run('actor', tensors, ema, lr, obs, act, weights, t, eps, masks)
+
+    def critic_step(self, q_r_targets, q_h_targets, batch):
+        """V_r, V_h (Eq. 15, 8), then Q_r, Q_h (Eq. 16, 9) with the targets' average."""
+        tr, m = self.trainer, self.trainer.model
+        v_tensors, q_tensors = adam_tensors(tr.v_opt), adam_tensors(tr.q_opt)
+        if v_tensors is None or q_tensors is None:
+            return self._off('a critic optimiser is not a one-group Adam the step implements')
+        lrs = [torch.tensor(o.param_groups[0]['lr'], dtype=torch.float32)
+               for o in (tr.v_opt, tr.q_opt)]
+        targets = [p.detach() for p in m.q_target.parameters()]
+        return self._run('critics', v_tensors, q_tensors, targets, *lrs, q_r_targets,
+                         q_h_targets, batch['obs'], batch['act'], batch['next_obs'],
+                         batch['reward'], batch['h'], batch['mask'])
+
+    def _run(self, name, *args):
+        if name in self.ran:
+            return self.programs[name](*args)
+        try:
+            out = self.programs[name](*args)
+        except Exception as error:   # noqa: B902 -- whatever stopped the compiler, said below
+            text = (str(error).strip().splitlines() or [''])[0][:200]
+            return self._off(f'torch.compile failed: {type(error).__name__}: {text}')
+        self.ran.add(name)
+        self.trainer.compiled_status = ('compiled steps: on (' + ', '.join(sorted(self.ran))
+                                        + ' compiled by torch.compile)')
+        return out
+
+    def _off(self, reason: str) -> None:
+        self.trainer.compiled = None
+        self.trainer.compiled_status = f'compiled steps: off ({reason}); eager steps'
+        warnings.warn(self.trainer.compiled_status, RuntimeWarning, stacklevel=3)
+        return None
+
+    def _weights_program(self, obs, act):
+        m, c = self.trainer.model, self.trainer.config
+        q_targets = m.q_target(obs, act)
+        v_r, v_h = m.split_values(m.v(obs))
+        q_r, q_h = q_targets[m.reward_heads], q_targets[m.feasibility_heads]
+        return q_r, q_h, policy_weights(q_r.min(dim=0).values, v_r, q_h.max(dim=0).values, v_h, c)
+
+    def _actor_program(self, tensors, ema, lr, obs, act, weights, t, eps, masks):
+        m, c = self.trainer.model, self.trainer.config
+
+        def loss(params):
+            a_t = m.schedule.q_sample(act, t, eps)
+            eps_pred = functional_call(m.actor, dict(zip(self.names['actor'], params)),
+                                       (a_t, obs, t.to(obs.dtype).unsqueeze(-1)),
+                                       {'masks': masks})
+            return weighted_denoising_loss(eps_pred, eps, weights)
+        grads, value = grad_and_value(loss)(tensors.params)
+        adam_update_(tensors, grads, lr, ema, c.actor_ema)
+        return value.detach()
+
+    def _critic_program(self, v_tensors, q_tensors, targets, v_lr, q_lr, q_r_targets,
+                        q_h_targets, obs, act, next_obs, reward, h, mask):
+        m, c = self.trainer.model, self.trainer.config
+
+        def value_loss(params):
+            v_r, v_h = m.split_values(functional_call(m.v, dict(zip(self.names['v'], params)),
+                                                      (obs,)))
+            v_r_loss = reward_value_loss(q_r_targets, v_r, c.expectile)
+            v_h_loss = feasible_value_loss(q_h_targets, v_h, c.feasibility_expectile)
+            return v_r_loss + v_h_loss, (v_r_loss, v_h_loss, v_h)
+        grads, (_, (v_r_loss, v_h_loss, v_h)) = grad_and_value(value_loss, has_aux=True)(
+            v_tensors.params)
+        adam_update_(v_tensors, grads, v_lr)
+        v_r_next, v_h_next = m.split_values(
+            functional_call(m.v, dict(zip(self.names['v'], v_tensors.params)), (next_obs,)))
+        target_r = reward_target(reward, v_r_next, mask, c.gamma)
+        target_h = feasible_bellman_target(h, v_h_next, mask, c.gamma)
+
+        def critic_loss(params):
+            q = functional_call(m.q, dict(zip(self.names['q'], params)), (obs, act))
+            q_r_loss = critic_mse(q[m.reward_heads], target_r)
+            q_h_loss = critic_mse(q[m.feasibility_heads], target_h)
+            return q_r_loss + q_h_loss, (q_r_loss, q_h_loss)
+        grads, (_, (q_r_loss, q_h_loss)) = grad_and_value(critic_loss, has_aux=True)(
+            q_tensors.params)
+        adam_update_(q_tensors, grads, q_lr, targets, c.critic_tau)
+        return (v_r_loss.detach(), q_r_loss.detach(), v_h_loss.detach(), q_h_loss.detach(),
+                v_h.detach())
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -203,6 +203,87 @@ def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor,
         soft_update(target, source, tau)
 
 
+class AdamTensors(typing.NamedTuple):
+    """One Adam/AdamW's parameters (detached aliases) and state, for a compiled step."""
+
+    params: list
+    exp_avgs: list
+    exp_avg_sqs: list
+    steps: list
+    betas: Tuple[float, float]
+    eps: float
+    weight_decay: float
+    decoupled: bool
+
+
+def adam_tensors(optimizer: torch.optim.Optimizer) -> Optional[AdamTensors]:
+    """
+    Return the tensors a compiled step updates for ``optimizer``, or None where it cannot.
+
+    A torch Adam or AdamW with one parameter group, float hyperparameters and none of amsgrad,
+    maximize, capturable or differentiable. Its state is created as torch creates it on the
+    first step (float32 step counters, zero moments) when it has none, and taken from
+    ``optimizer.state`` on every call (loading a state dict replaces those tensors). The
+    parameters come as detached aliases: the compiled step updates them in place.
+    """
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or \
+            len(optimizer.param_groups) != 1:
+        return None
+    group = optimizer.param_groups[0]
+    if any(group.get(name) for name in ('amsgrad', 'maximize', 'capturable', 'differentiable')) \
+            or not all(type(v) in (int, float) for v in (group['lr'], group['eps'],
+                                                         group['weight_decay'], *group['betas'])):
+        return None
+    params, state = group['params'], optimizer.state
+    if not any(param in state for param in params):
+        for param in params:
+            state[param] = {'step': torch.zeros((), dtype=torch.float32),
+                            'exp_avg': torch.zeros_like(param, memory_format=native.PRESERVE),
+                            'exp_avg_sq': torch.zeros_like(param, memory_format=native.PRESERVE)}
+    entries = [state.get(param, {}) for param in params]
+    if not all({'step', 'exp_avg', 'exp_avg_sq'} <= entry.keys() for entry in entries):
+        return None
+    optimizer._opt_called = True     # what torch's LR schedulers' wrapper of step() records
+    return AdamTensors([param.detach() for param in params],
+                       [entry['exp_avg'] for entry in entries],
+                       [entry['exp_avg_sq'] for entry in entries],
+                       [entry['step'] for entry in entries],
+                       tuple(float(b) for b in group['betas']), float(group['eps']),
+                       float(group['weight_decay']),
+                       bool(group.get('decoupled_weight_decay'))
+                       or type(optimizer) is torch.optim.AdamW)
+
+
+def adam_update_(tensors: AdamTensors, grads, lr: torch.Tensor, average=None,
+                 tau: float = 0.0) -> None:
+    """
+    Apply torch's Adam/AdamW update to ``tensors`` (adam_tensors), in tensor operations.
+
+    ``grads`` pairs with the parameters. The body of a compiled training step (torch.compile
+    fuses it into a few loops): torch's single-tensor algorithm (bias corrections from the
+    float32 step counter, AdamW's decoupled or Adam's L2 decay), then ``average`` (tensors
+    paired with the parameters) moved toward the new parameters by ``tau``
+    (networks.soft_update). ``lr``: a 0-d tensor, so that a changing learning rate does not
+    recompile the step. The same update to rounding.
+    """
+    beta1, beta2 = tensors.betas
+    decay = tensors.weight_decay
+    for k, (param, grad) in enumerate(zip(tensors.params, grads)):
+        step = tensors.steps[k]
+        step.add_(1)
+        if decay and tensors.decoupled:
+            param.mul_(1 - lr * decay)
+        elif decay:
+            grad = grad.add(param, alpha=decay)
+        tensors.exp_avgs[k].lerp_(grad, 1 - beta1)
+        tensors.exp_avg_sqs[k].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step_size = lr / (1 - beta1 ** step)
+        denom = (tensors.exp_avg_sqs[k].sqrt() / (1 - beta2 ** step).sqrt()).add_(tensors.eps)
+        param.sub_(step_size * tensors.exp_avgs[k] / denom)
+        if average is not None:
+            average[k].lerp_(param, tau)
+
+
 # --------------------------------------------------------------------------- devices and seeding
 
 class DeviceError(ConfigError, RuntimeError):

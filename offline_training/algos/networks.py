@@ -38,7 +38,8 @@ def eager_cpu_float(x: torch.Tensor) -> bool:
     torch's own operators, which the exporter maps (a Python autograd function it cannot).
     """
     return (x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64)
-            and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export())
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not torch.onnx.is_in_onnx_export())
 
 
 class _SigmoidMish(torch.autograd.Function):
@@ -113,6 +114,10 @@ def mish(x: torch.Tensor) -> torch.Tensor:
     is aten::mish, which the exporter maps to ONNX operators of its own (export.py).
     """
     if not eager_cpu_float(x):
+        if torch.compiler.is_compiling() and x.device.type == 'cpu':
+            # inductor fuses the sigmoid form into a few passes (its own mish kernel on a CPU
+            # took ~10x as long)
+            return x * _sigmoid_and_soft_tanh(x)[1]
         return F.mish(x)
     if native.loops_apply(x):
         return _NativeMish.apply(x)
@@ -197,6 +202,10 @@ class VectorizedLinear(nn.Module):
                              f'{weight.shape[0]} members; give [B, in] or [members, B, in]')
         if self.out_features == 1 and eager_cpu_float(x):
             return _ThinEnsembleLinear.apply(x, weight, bias)
+        if self.out_features == 1 and torch.compiler.is_compiling() and x.device.type == 'cpu':
+            # compiled (FISOR's compiled steps): one fused multiply-and-sum each way, where the
+            # batched product of this shape takes MKL's slow batched routine (_ThinEnsembleLinear)
+            return (x * weight.transpose(1, 2)).sum(dim=-1, keepdim=True) + bias
         return torch.baddbmm(bias, x, weight)
 
 
