@@ -197,7 +197,8 @@ def make_trainer(phase: str, preset: str, task, buffer_data):
     # critic-only: a critic phase longer than the timing; actor-only: a short one, run through
     critic_steps = 10 if phase == 'actor-only' else 999_999
     config = fisor.resolve_config(fisor.make_config(
-        preset, schedule=schedule, steps=1_000_000, critic_steps=critic_steps), task)
+        preset, schedule=schedule, steps=1_000_000, critic_steps=critic_steps,
+        compiled_steps='never'), task)      # the eager kernels are what this bench compares
     buffer = ReplayBuffer(fisor.prepare_arrays(buffer_data, config), torch.device('cpu'))
     model = fisor.build_model(task.obs_dim, task.act_dim, config)
     trainer = fisor.make_trainer(model, config)

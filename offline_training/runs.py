@@ -34,11 +34,12 @@ CONFIG = 'config.yaml'
 SUMMARY = 'summary.yaml'
 CHECKPOINTS = 'checkpoints'   # RUN/checkpoints/step_<N>.pt: copies kept at chosen steps
 CHECKPOINT_KEYS = ('algorithm', 'seed', 'step', 'model', 'trainer', 'buffer', 'rng')
-# Config fields a resumed run may change: the step budget and inference-only settings (they shape
-# the exported graphs, not the training).
+# Config fields a resumed run may change: the step budget, inference-only settings (they shape
+# the exported graphs, not the training) and how FISOR's gradient steps execute (compiled or
+# eager: the same update to rounding).
 INFERENCE_SETTINGS = frozenset({'num_candidates', 'fallback_candidates', 'clip_sampler',
                                 'ddpm_temperature', 'selection'})
-RESUME_MAY_CHANGE = INFERENCE_SETTINGS | {'steps'}
+RESUME_MAY_CHANGE = INFERENCE_SETTINGS | {'steps', 'compiled_steps'}
 RESUME_FIX = 'choose another --out, or delete the run folder to start over'
 # Most layers (or residual blocks) one network of a run may have: the models here have 2-6, and
 # a config file asking for thousands would take minutes to build before its size is known.

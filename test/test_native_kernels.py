@@ -314,6 +314,9 @@ def test_adam_in_tensor_operations_is_torchs_update(kind, decay):
     assert adam_tensors(torch.optim.Adam([{'params': net[0].parameters()},
                                           {'params': net[2].parameters()}])) is None
     assert adam_tensors(torch.optim.SGD(net.parameters(), lr=0.1)) is None
+    hooked = torch.optim.Adam(net.parameters())
+    hooked.register_step_post_hook(lambda *args: None)    # torch's step() would run it
+    assert adam_tensors(hooked) is None
 
 
 def _stepped_net():

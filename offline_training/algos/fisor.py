@@ -650,11 +650,15 @@ class FisorTrainer:
             weights = self.batch_weights(obs, act)
         t = torch.randint(0, c.diffusion_steps, (obs.shape[0],), device=obs.device)
         eps = torch.randn_like(act)
-        loss = None if self.compiled is None else self.compiled.actor_step(obs, act, weights,
-                                                                           t, eps)
+        loss = masks = None
+        if self.compiled is not None:
+            # drawn here, in the order the eager forward draws them, and kept for it should
+            # the program fail to compile: the run then draws what an eager run draws
+            masks = m.actor.body.dropout_masks(obs)
+            loss = self.compiled.actor_step(obs, act, weights, t, eps, masks)
         if loss is None:
             a_t = m.schedule.q_sample(act, t, eps)
-            eps_pred = m.actor(a_t, obs, t.to(obs.dtype).unsqueeze(-1))
+            eps_pred = m.actor(a_t, obs, t.to(obs.dtype).unsqueeze(-1), masks)
             loss = weighted_denoising_loss(eps_pred, eps, weights)
             descend(self.actor_opt, loss, average=(m.actor_ema, m.actor, c.actor_ema))
         self.actor_sched.step()
@@ -902,13 +906,12 @@ class CompiledSteps:
         with torch.no_grad():
             return self._run('weights', obs, act)
 
-    def actor_step(self, obs, act, weights, t, eps) -> Optional[torch.Tensor]:
+    def actor_step(self, obs, act, weights, t, eps, masks) -> Optional[torch.Tensor]:
         """Eq. 14's step (with the EMA); the loss, or None where it ran no compiled program."""
         tr, m = self.trainer, self.trainer.model
         tensors = adam_tensors(tr.actor_opt)
         if tensors is None:
             return self._off('the actor optimiser is not a one-group Adam the step implements')
-        masks = m.actor.body.dropout_masks(obs)
         ema = [p.detach() for p in m.actor_ema.parameters()]
         lr = torch.tensor(tr.actor_opt.param_groups[0]['lr'], dtype=torch.float32)
         return self._run('actor', tensors, ema, lr, obs, act, weights, t, eps, masks)

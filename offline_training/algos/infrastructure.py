@@ -220,14 +220,15 @@ def adam_tensors(optimizer: torch.optim.Optimizer) -> Optional[AdamTensors]:
     """
     Return the tensors a compiled step updates for ``optimizer``, or None where it cannot.
 
-    A torch Adam or AdamW with one parameter group, float hyperparameters and none of amsgrad,
-    maximize, capturable or differentiable. Its state is created as torch creates it on the
-    first step (float32 step counters, zero moments) when it has none, and taken from
-    ``optimizer.state`` on every call (loading a state dict replaces those tensors). The
-    parameters come as detached aliases: the compiled step updates them in place.
+    A torch Adam or AdamW with one parameter group, float hyperparameters, no step hooks and
+    none of amsgrad, maximize, capturable or differentiable. Its state is created as torch
+    creates it on the first step (float32 step counters, zero moments) when it has none, and
+    taken from ``optimizer.state`` on every call (loading a state dict replaces those tensors).
+    The parameters come as detached aliases: the compiled step updates them in place.
     """
+    # (torch's step() runs step hooks; this update would not)
     if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or \
-            len(optimizer.param_groups) != 1:
+            len(optimizer.param_groups) != 1 or native._step_hooks(optimizer):
         return None
     group = optimizer.param_groups[0]
     if any(group.get(name) for name in ('amsgrad', 'maximize', 'capturable', 'differentiable')) \
