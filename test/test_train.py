@@ -128,21 +128,25 @@ def test_compiled_steps_fall_back_to_eager_when_compiling_fails(dataset, monkeyp
         def call(*args, **kwargs):
             raise RuntimeError('no C++ compiler found\nsecond line')
         return call
-    schedule = {'schedule': 'critics-first', 'steps': 100, 'critic_steps': 2}
-    eager, buffer = _fisor_trainer(dataset, compiled_steps='never', **schedule)
-    for _ in range(4):
-        eager.update(buffer)
-    monkeypatch.setattr(torch, 'compile', without_a_compiler)
-    trainer, buffer = _fisor_trainer(dataset, compiled_steps='always', **schedule)
-    with pytest.warns(RuntimeWarning, match='torch.compile failed: RuntimeError: no C'):
-        trainer.update(buffer)
-    for _ in range(3):
-        trainer.update(buffer)
-    assert trainer.compiled is None
+
+    def matches_the_eager_run(compiler, schedule, iterations):
+        """Train eager, then with ``compiler`` as torch.compile; check the same parameters."""
+        eager, buffer = _fisor_trainer(dataset, compiled_steps='never', **schedule)
+        for _ in range(iterations):
+            eager.update(buffer)
+        monkeypatch.setattr(torch, 'compile', compiler)
+        trainer, buffer = _fisor_trainer(dataset, compiled_steps='always', **schedule)
+        with pytest.warns(RuntimeWarning, match='torch.compile failed: RuntimeError: no C'):
+            for _ in range(iterations):
+                trainer.update(buffer)
+        assert trainer.compiled is None
+        for a, b in zip(eager.model.state_dict().values(), trainer.model.state_dict().values()):
+            assert torch.equal(a, b)
+        return trainer
+    trainer = matches_the_eager_run(
+        without_a_compiler, {'schedule': 'critics-first', 'steps': 100, 'critic_steps': 2}, 4)
     assert trainer.compiled_status == ('compiled steps: off (torch.compile failed: '
                                        'RuntimeError: no C++ compiler found); eager steps')
-    for a, b in zip(eager.model.state_dict().values(), trainer.model.state_dict().values()):
-        assert torch.equal(a, b)
     # the actor's program failing after another ran (joint: Eq. 13's weights first, here run
     # as a plain function): the dropout masks already drawn go to the eager step, so the run
     # is still the eager run exactly
@@ -150,18 +154,7 @@ def test_compiled_steps_fall_back_to_eager_when_compiling_fails(dataset, monkeyp
     def actor_without_a_compiler(function, **options):
         return without_a_compiler(function) if function.__name__ == '_actor_program' \
             else function
-    joint = {'schedule': 'joint', 'steps': 100}
-    eager, buffer = _fisor_trainer(dataset, compiled_steps='never', **joint)
-    for _ in range(3):
-        eager.update(buffer)
-    monkeypatch.setattr(torch, 'compile', actor_without_a_compiler)
-    trainer, buffer = _fisor_trainer(dataset, compiled_steps='always', **joint)
-    with pytest.warns(RuntimeWarning, match='torch.compile failed: RuntimeError: no C'):
-        for _ in range(3):
-            trainer.update(buffer)
-    assert trainer.compiled is None
-    for a, b in zip(eager.model.state_dict().values(), trainer.model.state_dict().values()):
-        assert torch.equal(a, b)
+    matches_the_eager_run(actor_without_a_compiler, {'schedule': 'joint', 'steps': 100}, 3)
     # 'auto' compiles long CPU runs only; anything else is refused by name
     short, _ = _fisor_trainer(dataset, compiled_steps='auto', steps=100)
     assert short.compiled is None and 'auto: 100 iterations' in short.compiled_status
