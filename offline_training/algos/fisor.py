@@ -949,11 +949,8 @@ class CompiledSteps:
         return None
 
     def _weights_program(self, obs, act):
-        m, c = self.trainer.model, self.trainer.config
-        q_targets = m.q_target(obs, act)
-        v_r, v_h = m.split_values(m.v(obs))
-        q_r, q_h = q_targets[m.reward_heads], q_targets[m.feasibility_heads]
-        return q_r, q_h, policy_weights(q_r.min(dim=0).values, v_r, q_h.max(dim=0).values, v_h, c)
+        shared = self.trainer.shared_forwards(obs, act)
+        return shared.q_r_targets, shared.q_h_targets, shared.weights(self.trainer.config)
 
     def _actor_program(self, tensors, ema, lr, obs, act, weights, t, eps, masks):
         m, c = self.trainer.model, self.trainer.config

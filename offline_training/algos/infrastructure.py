@@ -236,11 +236,7 @@ def adam_tensors(optimizer: torch.optim.Optimizer) -> Optional[AdamTensors]:
                                                          group['weight_decay'], *group['betas'])):
         return None
     params, state = group['params'], optimizer.state
-    if not any(param in state for param in params):
-        for param in params:
-            state[param] = {'step': torch.zeros((), dtype=torch.float32),
-                            'exp_avg': torch.zeros_like(param, memory_format=native.PRESERVE),
-                            'exp_avg_sq': torch.zeros_like(param, memory_format=native.PRESERVE)}
+    native.initial_adam_state(state, params)
     entries = [state.get(param, {}) for param in params]
     if not all({'step', 'exp_avg', 'exp_avg_sq'} <= entry.keys() for entry in entries):
         return None

@@ -539,11 +539,7 @@ def adam_step(optimizer: torch.optim.Optimizer, average=None, tau: float = 0.0) 
     if lib is None:
         return False
     state = optimizer.state
-    if not any(param in state for param in params):     # the first step: torch's initial state
-        for param in params:
-            state[param] = {'step': torch.zeros((), dtype=torch.float32),
-                            'exp_avg': torch.zeros_like(param, memory_format=PRESERVE),
-                            'exp_avg_sq': torch.zeros_like(param, memory_format=PRESERVE)}
+    initial_adam_state(state, params)
     entries = [state.get(param, {}) for param in params]     # .get: state is a defaultdict
     try:
         means = [entry['exp_avg'] for entry in entries]
@@ -571,6 +567,15 @@ def adam_step(optimizer: torch.optim.Optimizer, average=None, tau: float = 0.0) 
             float(beta2), float(group['eps']), float(group['weight_decay']), int(decoupled),
             float(tau))
     return True
+
+
+def initial_adam_state(state, params) -> None:
+    """Give ``params`` the state torch makes at a first step, if none of them has a state."""
+    if not any(param in state for param in params):
+        for param in params:
+            state[param] = {'step': torch.zeros((), dtype=torch.float32),
+                            'exp_avg': torch.zeros_like(param, memory_format=PRESERVE),
+                            'exp_avg_sq': torch.zeros_like(param, memory_format=PRESERVE)}
 
 
 def _step_hooks(optimizer: torch.optim.Optimizer) -> bool:
